@@ -1,0 +1,204 @@
+"""WordPiece tokenizer shared by every task: trained locally with the `tokenizers` library, or loaded
+from a BERT `vocab.txt` / `tokenizer.json`. Nothing is downloaded.
+
+A `vocab.txt` is turned into the same pipeline `transformers.BertTokenizerFast` builds (BERT normaliser,
+BERT pre-tokeniser, WordPiece with `##` continuation, `[CLS] A [SEP] B [SEP]` template), so both tokenize
+identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+class TokenizerError(ValueError):
+    """A vocabulary or tokenizer file that cannot be used, with the file named in the message."""
+
+
+def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _add_template(tok: Tokenizer) -> Tokenizer:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return tok
+
+
+def read_vocab_txt(path: str | os.PathLike) -> dict[str, int]:
+    """Read a BERT `vocab.txt` (one token a line, the line number is the id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise TokenizerError(f"{path}: not valid UTF-8 ({err})") from None
+    vocab: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        token = line.rstrip("\n")
+        if token and token not in vocab:
+            vocab[token] = i
+    return vocab
+
+
+def wordpiece_from_vocab(path: str | os.PathLike, lowercase: bool = True) -> Tokenizer:
+    vocab = read_vocab_txt(path)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    return _add_template(_bert_pipeline(tok, lowercase))
+
+
+def train_wordpiece(
+    texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2
+) -> Tokenizer:
+    """Train a BERT-style WordPiece vocabulary on `texts` with the Rust trainer."""
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return _add_template(tok)
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` with the special-token ids and batch helpers the tasks need."""
+
+    def __init__(self, tokenizer: Tokenizer, source: str = "<memory>") -> None:
+        self.tokenizer = tokenizer
+        self.source = source
+        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise TokenizerError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[t] for t in SPECIAL_TOKENS)
+        self.special_ids = frozenset(ids.values())
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, lowercase: bool = True) -> TextTokenizer:
+        """Load a `vocab.txt`, a `tokenizer.json`, or a folder holding one of them."""
+        path = Path(path)
+        if path.is_dir():
+            for name in ("tokenizer.json", "vocab.txt"):
+                if (path / name).is_file():
+                    return cls.from_file(path / name, lowercase)
+            raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt")
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        if path.suffix == ".json":
+            try:
+                tok = Tokenizer.from_file(str(path))
+            except Exception as err:  # the Rust error names no file
+                raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
+            return cls(tok, str(path))
+        return cls(wordpiece_from_vocab(path, lowercase), str(path))
+
+    @classmethod
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2
+    ) -> TextTokenizer:
+        return cls(train_wordpiece(texts, vocab_size, lowercase, min_frequency), "<trained>")
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write `tokenizer.json` and a BERT `vocab.txt` (ids in line order) into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        vocab = self.tokenizer.get_vocab()
+        by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+        (folder / "vocab.txt").write_text("".join(t + "\n" for t, _ in by_id), encoding="utf-8")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
+
+    # use ----------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without special tokens."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def word_starts(self, ids: Sequence[int]) -> list[bool]:
+        """True where a token begins a word (no `##` prefix); used by whole-word masking."""
+        return [not self.tokenizer.id_to_token(i).startswith("##") for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        """`[CLS] text [SEP]`, truncated to `max_length` and right-padded to the longest in the batch."""
+        body = self.encode_batch(texts)
+        rows = [[self.cls_id, *ids[: max_length - 2], self.sep_id] for ids in body]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention_mask[i, : len(r)] = True
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def build_tokenizer(
+    path: str | None,
+    texts: Iterable[str] | None,
+    cache_dir: str | os.PathLike,
+    vocab_size: int,
+    lowercase: bool,
+    key: str = "",
+) -> TextTokenizer:
+    """Load `path` when given; otherwise train on `texts` once and cache the result under `cache_dir`.
+
+    `key` identifies the training corpus (for example a hash of its files), so a changed corpus or
+    setting trains a new vocabulary instead of reusing a stale one.
+    """
+    if path:
+        return TextTokenizer.from_file(path, lowercase)
+    if texts is None:
+        raise ValueError("no tokenizer path given and no texts to train one on")
+    digest = hashlib.sha256(json.dumps([key, vocab_size, lowercase]).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"wordpiece-{digest}"
+    if (folder / "tokenizer.json").is_file():
+        return TextTokenizer.from_file(folder / "tokenizer.json")
+    log.info("training a WordPiece vocabulary of %d tokens (lowercase=%s)", vocab_size, lowercase)
+    tok = TextTokenizer.train(texts, vocab_size, lowercase)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Write to a temporary folder, then rename: a half-written vocabulary is never picked up.
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-wordpiece-"))
+    tok.save(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process won the race; use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TextTokenizer.from_file(folder / "tokenizer.json")
