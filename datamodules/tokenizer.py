@@ -78,7 +78,9 @@ def train_wordpiece(
     texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2
 ) -> Tokenizer:
     """Train a BERT-style WordPiece vocabulary on `texts` with the Rust trainer."""
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase)
+    tok = _bert_pipeline(
+        Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase
+    )
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,

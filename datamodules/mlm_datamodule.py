@@ -1,0 +1,229 @@
+"""DataModule for BERT pretraining on Wikipedia dumps and BookCorpus."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
+from datamodules.masking import MLMCollator
+from datamodules.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
+from datamodules.sample_corpus import generate_sample_corpus
+from datamodules.tokenizer import TextTokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class MLMInstanceDataset(Dataset):
+    """Prepared instances of one split; the epoch lives in shared memory so forked workers see updates."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.shards = InstanceShards(folder, split)
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> dict:
+        tokens, a_len, nsp = self.shards[i]
+        token_type_ids = np.zeros(tokens.size, dtype=np.int64)
+        if a_len:
+            token_type_ids[a_len:] = 1
+        sample = {
+            "input_ids": tokens,
+            "token_type_ids": token_type_ids,
+            "index": i,
+            "epoch": int(self._epoch),
+        }
+        if a_len:  # an NSP pair; packed FULL-SENTENCES instances have no segment B
+            sample["nsp_label"] = nsp
+        return sample
+
+
+class MLMDataModule(L.LightningDataModule):
+    """Reads the corpora, trains or loads the tokenizer, prepares instance shards once, serves masked batches.
+
+    With no corpus given it generates the bundled sample corpus (a MediaWiki XML dump and BookCorpus-style
+    lines) under `cache_dir`, so the quickstart needs no download.
+    """
+
+    def __init__(
+        self,
+        wikipedia: list[str] | None = None,
+        bookcorpus: list[str] | None = None,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 30522,
+        lowercase: bool = True,
+        tokenizer_train_docs: int = 200_000,
+        max_seq_length: int = 128,
+        nsp: bool = True,
+        short_seq_prob: float = 0.1,
+        dupe_factor: int = 1,
+        mask_prob: float = 0.15,
+        whole_word_masking: bool = False,
+        val_fraction: float = 0.005,
+        test_fraction: float = 0.005,
+        lines_per_document: int = 2000,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        num_proc: int | None = None,
+        cache_dir: str = "data_cache",
+        seed: int = 12345,
+    ) -> None:
+        """
+        Args:
+            wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
+            bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
+            tokenizer: a BERT vocab.txt or tokenizer.json; None trains WordPiece on the corpus.
+            tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
+            lowercase: lowercase text (uncased BERT).
+            tokenizer_train_docs: documents read to train the vocabulary.
+            max_seq_length: tokens per instance, [CLS] and [SEP] included.
+            nsp: next-sentence-prediction pairs; False packs full sentences (RoBERTa).
+            short_seq_prob: probability of a shorter target length (NSP instances).
+            dupe_factor: times each document is turned into instances, with different segment choices.
+            mask_prob: fraction of tokens chosen for prediction (0.15 in BERT; 0.3 also works).
+            whole_word_masking: choose whole words instead of single word pieces.
+            val_fraction: documents held out for validation (by a stable hash of the document).
+            test_fraction: documents held out for test.
+            lines_per_document: BookCorpus lines per document when a file has no blank-line boundaries.
+            batch_size: training batch size per device.
+            eval_batch_size: validation/test batch size (defaults to batch_size).
+            num_workers: DataLoader worker processes.
+            num_proc: preprocessing processes (default: CPU count, at most 8).
+            cache_dir: where the sample corpus, the tokenizer and prepared shards are kept.
+            seed: seed of instance creation and masking.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.wikipedia = list(wikipedia or [])
+        self.bookcorpus = list(bookcorpus or [])
+        if not self.wikipedia and not self.bookcorpus:
+            sample = generate_sample_corpus(Path(cache_dir) / "sample_corpus")
+            self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
+        resolve_paths([*self.wikipedia, *self.bookcorpus])  # fail now, naming a missing path
+        self.settings = PrepareSettings(
+            max_seq_length=max_seq_length,
+            nsp=nsp,
+            short_seq_prob=short_seq_prob,
+            dupe_factor=dupe_factor,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            lines_per_document=lines_per_document,
+            seed=seed,
+        )
+        self._tokenizer: TextTokenizer | None = None
+        self.folder: Path | None = None
+        self.datasets: dict[str, MLMInstanceDataset] = {}
+
+    # tokenizer --------------------------------------------------------------------------------
+    def _training_texts(self):
+        stats = ReadStats()
+        docs = iter_documents(self.wikipedia, self.bookcorpus, stats, self.settings.lines_per_document)
+        for doc in itertools.islice(docs, self.hparams.tokenizer_train_docs):
+            yield from split_sentences(to_plain_text(doc))
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
+            key = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
+            self._tokenizer = build_tokenizer(
+                self.hparams.tokenizer,
+                self._training_texts(),
+                Path(self.hparams.cache_dir) / "tokenizers",
+                self.hparams.tokenizer_vocab_size,
+                self.hparams.lowercase,
+                key=f"{key}|{self.hparams.tokenizer_train_docs}",
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    # data -------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        prepare_mlm_cache(
+            self.wikipedia,
+            self.bookcorpus,
+            self.tokenizer,
+            self.settings,
+            self.hparams.cache_dir,
+            self.hparams.num_proc,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.folder is None:
+            # prepare_data ran on rank 0; this finds its output (same key) without redoing the work
+            self.folder = prepare_mlm_cache(
+                self.wikipedia,
+                self.bookcorpus,
+                self.tokenizer,
+                self.settings,
+                self.hparams.cache_dir,
+                self.hparams.num_proc,
+            )
+        for split in ("train", "val", "test"):
+            if split not in self.datasets:
+                self.datasets[split] = MLMInstanceDataset(self.folder, split)
+        for split in ("val", "test"):
+            if len(self.datasets[split]) == 0:
+                log.warning("the %s split is empty; raise %s_fraction", split, split)
+
+    def set_epoch(self, epoch: int) -> None:
+        if "train" in self.datasets:
+            self.datasets["train"].set_epoch(epoch)
+
+    def collator(self, eval_seed_offset: int = 0) -> MLMCollator:
+        tok = self.tokenizer
+        word_start = np.asarray(tok.word_starts(range(tok.vocab_size)), dtype=bool)
+        return MLMCollator(
+            vocab_size=tok.vocab_size,
+            pad_id=tok.pad_id,
+            mask_id=tok.mask_id,
+            special_ids=sorted(tok.special_ids),
+            mask_prob=self.hparams.mask_prob,
+            whole_word=self.hparams.whole_word_masking,
+            word_start=word_start,
+            seed=self.hparams.seed + eval_seed_offset,
+        )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.hparams.batch_size
+            if train
+            else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            shuffle=train,
+            drop_last=train,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            # evaluation masks are fixed (epoch 0, their own seed) so validation numbers are comparable
+            collate_fn=self.collator(0 if train else 1),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

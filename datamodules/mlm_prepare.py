@@ -1,0 +1,410 @@
+"""Preprocessing for MLM pretraining: documents -> sentences -> token ids -> training instances -> shards.
+
+Stage 1 streams the corpora; worker processes turn each document into plain text, sentences and token ids
+(batched through the Rust tokenizer) and the main process appends them to a per-split sentence store on
+disk (flat token array + sentence and document offsets), so memory stays constant whatever the corpus size.
+Stage 2 builds training instances from document ranges in parallel, one shard per range:
+
+* with NSP, as Google's `create_pretraining_data.py`: document-aware segment pairs A/B, B the actual next
+  segment or (50%) a segment of a random other document, target length `max_seq_length - 3` or, with
+  probability `short_seq_prob`, a random shorter one; the longer segment is truncated first;
+* without NSP, RoBERTa's FULL-SENTENCES: whole sentences packed up to `max_seq_length - 2` across
+  document boundaries (a [SEP] marks each boundary), so almost no position is padding.
+
+Everything is written into a temporary folder renamed into place at the end: an interrupted run never
+leaves a cache that a later run would load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from datamodules.corpora import (
+    Document,
+    ReadStats,
+    iter_bookcorpus,
+    iter_wikipedia,
+    resolve_paths,
+    split_sentences,
+)
+from datamodules.corpora import to_plain_text as _to_plain_text
+from datamodules.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    max_seq_length: int = 128
+    nsp: bool = True
+    short_seq_prob: float = 0.1
+    nsp_random_prob: float = 0.5
+    dupe_factor: int = 1
+    val_fraction: float = 0.005
+    test_fraction: float = 0.005
+    lines_per_document: int = 2000
+    seed: int = 12345
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: documents -> token ids
+# ---------------------------------------------------------------------------------------------
+def iter_documents(
+    wikipedia: list[str], bookcorpus: list[str], stats: ReadStats, lines_per_document: int
+) -> Iterator[Document]:
+    if wikipedia:
+        yield from iter_wikipedia(wikipedia, stats)
+    if bookcorpus:
+        yield from iter_bookcorpus(bookcorpus, stats, lines_per_document=lines_per_document)
+
+
+def split_of(doc: Document, val_fraction: float, test_fraction: float) -> str:
+    """Assign a document to a split by a stable hash of its identity, so the split never changes."""
+    u = zlib.crc32(f"{doc.source}\x00{doc.doc_id}".encode()) / 2**32
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+_WORKER_TOKENIZER: TextTokenizer | None = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    from tokenizers import Tokenizer
+
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = TextTokenizer(Tokenizer.from_str(tokenizer_json))
+
+
+def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[tuple[str, list[np.ndarray], int]]:
+    """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk."""
+    texts = [split_sentences(_to_plain_text(d)) for _, d in docs]
+    flat = [s for sents in texts for s in sents]
+    ids = _WORKER_TOKENIZER.encode_batch(flat) if flat else []
+    out, k = [], 0
+    for (split, _), sents in zip(docs, texts):
+        arrays = [np.asarray(x, dtype=np.int32) for x in ids[k : k + len(sents)] if x]
+        k += len(sents)
+        out.append((split, arrays, sum(a.size for a in arrays)))
+    return out
+
+
+def _chunks(docs: Iterable[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
+    chunk = []
+    for d in docs:
+        chunk.append(d)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _SentenceStore:
+    """Append-only writer of one split's sentences: tokens.bin, sentence offsets, document offsets."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.dtype = folder, dtype
+        self.tokens = open(folder / "tokens.bin", "wb")  # noqa: SIM115 - closed in close()
+        self.sent_ends: list[int] = []  # flushed to disk in chunks below
+        self.sent_file = open(folder / "sent_ends.bin", "wb")  # noqa: SIM115
+        self.doc_ends: list[int] = []
+        self.n_tokens = self.n_sents = 0
+
+    def add(self, sentences: list[np.ndarray]) -> None:
+        for s in sentences:
+            self.tokens.write(s.astype(self.dtype).tobytes())
+            self.n_tokens += s.size
+            self.sent_ends.append(self.n_tokens)
+        self.n_sents += len(sentences)
+        self.doc_ends.append(self.n_sents)
+        if len(self.sent_ends) > 100_000:
+            self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
+            self.sent_ends.clear()
+
+    def close(self) -> dict:
+        self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
+        self.tokens.close()
+        self.sent_file.close()
+        np.save(self.folder / "doc_ends.npy", np.asarray(self.doc_ends, dtype=np.int64))
+        return {"documents": len(self.doc_ends), "sentences": self.n_sents, "tokens": self.n_tokens}
+
+
+class SentenceStore:
+    """Read side of `_SentenceStore`, memory-mapped."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        self.tokens = (
+            np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")
+            if (folder / "tokens.bin").stat().st_size
+            else np.zeros(0, dtype)
+        )
+        ends = np.fromfile(folder / "sent_ends.bin", dtype=np.int64)
+        self.sent_starts = np.r_[0, ends[:-1]] if ends.size else ends
+        self.sent_ends = ends
+        doc_ends = np.load(folder / "doc_ends.npy")
+        self.doc_starts = np.r_[0, doc_ends[:-1]] if doc_ends.size else doc_ends
+        self.doc_ends = doc_ends
+
+    @property
+    def num_docs(self) -> int:
+        return self.doc_ends.size
+
+    def document(self, d: int) -> list[np.ndarray]:
+        s0, s1 = self.doc_starts[d], self.doc_ends[d]
+        return [np.asarray(self.tokens[a:b]) for a, b in zip(self.sent_starts[s0:s1], self.sent_ends[s0:s1])]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: sentences -> instances
+# ---------------------------------------------------------------------------------------------
+def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: np.random.Generator) -> None:
+    """Trim the longer segment first, from the front or back at random (as in BERT), in place."""
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+def nsp_instances(
+    store: SentenceStore, doc: int, s: PrepareSettings, cls_id: int, sep_id: int, rng: np.random.Generator
+) -> Iterator[tuple[list[int], int, int]]:
+    """(tokens, length of [CLS] A [SEP], is_random_next) for one document, as in BERT's data creation."""
+    document = store.document(doc)
+    max_tokens = s.max_seq_length - 3
+    target = max_tokens if rng.random() >= s.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+    chunk: list[np.ndarray] = []
+    length, i = 0, 0
+    while i < len(document):
+        chunk.append(document[i])
+        length += document[i].size
+        if i == len(document) - 1 or length >= target:
+            if chunk:
+                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+                a = [t for seg in chunk[:a_end] for t in seg.tolist()]
+                b: list[int] = []
+                random_next = len(chunk) == 1 or rng.random() < s.nsp_random_prob
+                if random_next and store.num_docs > 1:
+                    target_b = max(1, target - len(a))
+                    other = int(rng.integers(0, store.num_docs - 1))
+                    other += other >= doc  # any document but this one
+                    other_doc = store.document(other)
+                    if other_doc:
+                        start = int(rng.integers(0, len(other_doc)))
+                        for seg in other_doc[start:]:
+                            b.extend(seg.tolist())
+                            if len(b) >= target_b:
+                                break
+                    i -= len(chunk) - a_end  # the unused segments go back into the stream
+                else:
+                    random_next = False
+                    b = [t for seg in chunk[a_end:] for t in seg.tolist()]
+                truncate_pair(a, b, max_tokens, rng)
+                if a and b:
+                    tokens = [cls_id, *a, sep_id, *b, sep_id]
+                    yield tokens, len(a) + 2, int(random_next)
+            chunk, length = [], 0
+            target = max_tokens if rng.random() >= s.short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        i += 1
+
+
+def packed_instances(
+    store: SentenceStore, docs: range, s: PrepareSettings, cls_id: int, sep_id: int
+) -> Iterator[tuple[list[int], int, int]]:
+    """FULL-SENTENCES: whole sentences packed to max_seq_length - 2, crossing document boundaries."""
+    budget = s.max_seq_length - 2
+    cur: list[int] = []
+    for d in docs:
+        for sent in store.document(d):
+            sent = sent.tolist()
+            while sent:
+                if cur and len(cur) + len(sent) > budget:
+                    yield [cls_id, *cur, sep_id], 0, 0
+                    cur = []
+                take = sent[:budget]  # a sentence longer than the budget is split
+                cur.extend(take)
+                sent = sent[budget:]
+        if cur and len(cur) < budget:
+            cur.append(sep_id)  # document boundary
+    if cur:
+        yield [cls_id, *cur, sep_id], 0, 0
+
+
+def _write_shard(args: tuple) -> dict:
+    folder, split, shard, d0, d1, settings, cls_id, sep_id, dtype = args
+    s = PrepareSettings(**settings)
+    store = SentenceStore(Path(folder) / "sentences" / split, np.dtype(dtype))
+    prefix = Path(folder) / split / f"shard-{shard:05d}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    ends, a_lens, labels = [], [], []
+    n = 0
+    with open(f"{prefix}.tokens.bin", "wb") as f:
+        for dupe in range(s.dupe_factor):
+            rng = np.random.default_rng([s.seed, zlib.crc32(split.encode()), shard, dupe])
+            if s.nsp:
+                gen = (x for d in range(d0, d1) for x in nsp_instances(store, d, s, cls_id, sep_id, rng))
+            else:
+                gen = packed_instances(store, range(d0, d1), s, cls_id, sep_id)
+            for tokens, a_len, label in gen:
+                f.write(np.asarray(tokens, dtype=dtype).tobytes())
+                n += len(tokens)
+                ends.append(n)
+                a_lens.append(a_len)
+                labels.append(label)
+    np.save(f"{prefix}.ends.npy", np.asarray(ends, dtype=np.int64))
+    np.save(f"{prefix}.a_lens.npy", np.asarray(a_lens, dtype=np.int32))
+    np.save(f"{prefix}.nsp.npy", np.asarray(labels, dtype=np.int8))
+    return {"split": split, "name": prefix.name, "instances": len(ends), "tokens": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def cache_key(inputs: list[Path], tokenizer: TextTokenizer, settings: PrepareSettings) -> str:
+    files = []
+    for p in inputs:
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                st = f.stat()
+                files.append([str(f.resolve()), st.st_size, int(st.st_mtime)])
+    blob = json.dumps([FORMAT_VERSION, files, tokenizer.fingerprint(), asdict(settings)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_mlm_cache(
+    wikipedia: list[str],
+    bookcorpus: list[str],
+    tokenizer: TextTokenizer,
+    settings: PrepareSettings,
+    cache_dir: str | os.PathLike,
+    num_proc: int | None = None,
+    docs_per_task: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Build (or find) the instance shards for these inputs and return the cache folder."""
+    inputs = resolve_paths([*wikipedia, *bookcorpus])
+    key = cache_key(inputs, tokenizer, settings)
+    final = Path(cache_dir) / f"mlm-{key}"
+    if (final / "index.json").is_file():
+        log.info("reusing prepared MLM data in %s", final)
+        return final
+    num_proc = num_proc or max(1, min(8, os.cpu_count() or 1))
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(cache_dir) / f".tmp-mlm-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.int32)
+    stats = ReadStats()
+    stores = {sp: _SentenceStore(tmp / "sentences" / sp, dtype) for sp in SPLITS}
+    docs = (
+        (split_of(d, settings.val_fraction, settings.test_fraction), d)
+        for d in iter_documents(wikipedia, bookcorpus, stats, settings.lines_per_document)
+    )
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    n_docs = n_tok = 0
+    bar = tqdm(desc="tokenizing documents", unit=" docs", disable=not progress)
+    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
+        for result in pool.imap(_tokenize_documents, _chunks(docs, docs_per_task)):
+            for split, sentences, n in result:
+                if sentences:
+                    stores[split].add(sentences)
+                    n_docs += 1
+                    n_tok += n
+            bar.update(len(result))
+            bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
+    bar.close()
+    sentence_stats = {sp: st.close() for sp, st in stores.items()}
+    if sentence_stats["train"]["tokens"] == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ValueError(f"no text found in the inputs {[str(p) for p in inputs]} (reader stats: {stats})")
+
+    tasks = []
+    for split, st in sentence_stats.items():
+        n = st["documents"]
+        if n == 0:
+            continue
+        per_shard = max(1, -(-n // num_proc))  # one shard per worker; packing restarts at shard edges
+        for shard, d0 in enumerate(range(0, n, per_shard)):
+            args = (str(tmp), split, shard, d0, min(n, d0 + per_shard), asdict(settings))
+            tasks.append((*args, tokenizer.cls_id, tokenizer.sep_id, dtype.str))
+    with ctx.Pool(num_proc) as pool:
+        shards = list(
+            tqdm(
+                pool.imap(_write_shard, tasks),
+                total=len(tasks),
+                desc="building instances",
+                disable=not progress,
+            )
+        )
+    shutil.rmtree(tmp / "sentences")
+    index = {
+        "format": FORMAT_VERSION,
+        "dtype": dtype.str,
+        "settings": asdict(settings),
+        "tokenizer": tokenizer.fingerprint(),
+        "vocab_size": tokenizer.vocab_size,
+        "inputs": [str(p) for p in inputs],
+        "reader_stats": asdict(stats),
+        "sentences": sentence_stats,
+        "shards": {sp: [s for s in shards if s["split"] == sp] for sp in SPLITS},
+    }
+    (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # a concurrent run finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    counts = {sp: sum(s["instances"] for s in index["shards"][sp]) for sp in SPLITS}
+    log.info("prepared %s: %s documents kept, %s tokens, instances %s", final, n_docs, n_tok, counts)
+    return final
+
+
+class InstanceShards:
+    """Random access to the instances of one split, memory-mapped lazily (safe across forked workers)."""
+
+    def __init__(self, folder: str | os.PathLike, split: str) -> None:
+        self.folder = Path(folder)
+        index = json.loads((self.folder / "index.json").read_text())
+        self.dtype = np.dtype(index["dtype"])
+        self.shards = [s for s in index["shards"][split] if s["instances"]]
+        self.split = split
+        self.cum = np.cumsum([0] + [s["instances"] for s in self.shards])
+        self._maps: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+    def _shard(self, k: int) -> tuple:
+        if k not in self._maps:
+            prefix = self.folder / self.split / self.shards[k]["name"]
+            ends = np.load(f"{prefix}.ends.npy")
+            self._maps[k] = (
+                np.memmap(f"{prefix}.tokens.bin", dtype=self.dtype, mode="r"),
+                np.r_[0, ends[:-1]],
+                ends,
+                np.load(f"{prefix}.a_lens.npy"),
+                np.load(f"{prefix}.nsp.npy"),
+            )
+        return self._maps[k]
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.cum, i, side="right") - 1)
+        tokens, starts, ends, a_lens, nsp = self._shard(k)
+        j = i - self.cum[k]
+        return np.asarray(tokens[starts[j] : ends[j]], dtype=np.int64), int(a_lens[j]), int(nsp[j])

@@ -1,0 +1,144 @@
+"""BERT (Devlin et al. 2019) on the shared encoder: embeddings, the encoder, pooler and pretraining heads.
+
+Parameter names follow the structure, not Hugging Face's; `hf_interop.py` maps between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, cls_pool, masked_mean_pool
+
+
+@dataclass
+class BertConfig(EncoderConfig):
+    """Encoder shape plus the text embedding tables."""
+
+    vocab_size: int = 30522
+    """WordPiece vocabulary size."""
+    max_position_embeddings: int = 512
+    """Longest sequence the learned position table covers."""
+    type_vocab_size: int = 2
+    """Segment (token type) ids: 2 for sentence A / B."""
+    pad_token_id: int = 0
+    """Id of [PAD]; its embedding row starts at zero."""
+
+
+class BertEmbeddings(nn.Module):
+    """E = LN(token + position + segment), then dropout."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings), persistent=False)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        n = input_ids.shape[1]
+        x = self.word(input_ids) + self.position(self.position_ids[:n])
+        x = x + (self.segment(token_type_ids) if token_type_ids is not None else self.segment.weight[0])
+        return self.dropout(self.norm(x))
+
+
+class BertModel(nn.Module):
+    """Token ids in, hidden states out; `pool` gives one vector per sequence."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = TransformerEncoder(cfg)
+        self.pooler = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.apply(lambda m: init_bert_weights(m, 0.02))
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        need_weights: bool = False,
+    ):
+        """`attention_mask` is (B, L), True (or 1) at real tokens, as in Hugging Face."""
+        mask = attention_mask.bool() if attention_mask is not None else None
+        return self.encoder(self.embeddings(input_ids, token_type_ids), mask, need_weights)
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor | None = None, mode: str = "cls") -> Tensor:
+        """'cls': BERT's tanh pooler on [CLS]; 'first': raw [CLS] state; 'mean': masked mean."""
+        if mode == "cls":
+            return torch.tanh(self.pooler(cls_pool(hidden)))
+        if mode == "first":
+            return cls_pool(hidden)
+        if mode == "mean":
+            return masked_mean_pool(hidden, attention_mask.bool() if attention_mask is not None else None)
+        raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
+
+
+class MLMHead(nn.Module):
+    """logits = LN(GELU(h W + b)) Eᵀ + b_vocab, with E the (tied) input embedding matrix."""
+
+    def __init__(self, cfg: BertConfig, embedding: nn.Embedding) -> None:
+        super().__init__()
+        self.transform = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embedding = embedding  # tied: the decoder weight is the input embedding table
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.activation = cfg.activation
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        h = self.norm(
+            F.gelu(self.transform(hidden), approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        )
+        return F.linear(h, self.embedding.weight, self.bias)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the masked-LM head (tied decoder) and the next-sentence head."""
+
+    def __init__(self, cfg: BertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        self.mlm = MLMHead(cfg, self.bert.embeddings.word)
+        self.nsp = nn.Linear(cfg.hidden_size, 2)
+        self.mlm.apply(lambda m: init_bert_weights(m, 0.02))
+        init_bert_weights(self.nsp, 0.02)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        masked_positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """MLM logits and NSP logits.
+
+        With `masked_positions` (a (B, L) bool map) the MLM head runs only at those positions and returns
+        (M, V) logits for the M masked tokens in row-major order; the vocabulary projection is the costliest
+        matmul of a small BERT, and ~85% of its rows would be thrown away. Without it, (B, L, V).
+        """
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        selected = hidden[masked_positions] if masked_positions is not None else hidden
+        return self.mlm(selected), self.nsp(self.bert.pool(hidden))
+
+
+def init_bert_weights(module: nn.Module, std: float) -> None:
+    """BERT's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorm, zero padding embedding."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

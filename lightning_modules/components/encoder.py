@@ -1,0 +1,183 @@
+"""The one Transformer encoder every task uses: the BERT text model, the CLIP text tower and the speech tower.
+
+It reads like the paper (Vaswani et al. 2017):
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V
+    MultiHead(X)       = Concat(head_1, ..., head_h) W^O,  head_i = Attention(X W_i^Q, X W_i^K, X W_i^V)
+    post-LN (BERT):    X = LN(X + Dropout(MultiHead(X)));   X = LN(X + Dropout(FFN(X)))
+    pre-LN (option):   X = X + Dropout(MultiHead(LN(X)));   X = X + Dropout(FFN(LN(X)))
+    FFN(X)             = GELU(X W_1 + b_1) W_2 + b_2
+The softmax product is computed by `torch.nn.functional.scaled_dot_product_attention`, which picks a fused
+kernel (flash / memory-efficient / CPU flash) for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SizeName = Literal["tiny", "mini", "small", "medium", "base", "large"]
+
+# (layers, hidden) of the BERT paper (base, large) and of the miniature BERTs of Turc et al. 2019;
+# heads = hidden / 64 and the feed-forward width = 4 x hidden, as in both papers.
+SIZES: dict[str, tuple[int, int]] = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+
+
+@dataclass
+class EncoderConfig:
+    """Shape and regularisation of a Transformer encoder (BERT defaults)."""
+
+    hidden_size: int = 768
+    """Model width d_model."""
+    num_layers: int = 12
+    """Number of encoder blocks."""
+    num_heads: int = 12
+    """Attention heads; d_k = hidden_size / num_heads."""
+    intermediate_size: int | None = None
+    """Feed-forward width; None means 4 x hidden_size."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention output and feed-forward output."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT uses 1e-12)."""
+    norm_first: bool = False
+    """Pre-LN blocks (with a final LayerNorm) instead of BERT's post-LN."""
+    activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+    """Feed-forward non-linearity (BERT: exact GELU)."""
+
+    def __post_init__(self) -> None:
+        if self.intermediate_size is None:
+            self.intermediate_size = 4 * self.hidden_size
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @classmethod
+    def from_size(cls, size: SizeName, **overrides) -> EncoderConfig:
+        if size not in SIZES:
+            raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+        layers, hidden = SIZES[size]
+        cfg = cls(hidden_size=hidden, num_layers=layers, num_heads=hidden // 64)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return replace(cfg, **overrides) if overrides else cfg
+
+
+def _activation(name: str) -> nn.Module:
+    return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """MultiHead(X) = Concat(head_1..head_h) W^O with the three input projections fused in one matmul."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # [W^Q; W^K; W^V]
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # W^O
+        self.attention_dropout = cfg.attention_dropout
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        p = self.attention_dropout if self.training else 0.0
+        if need_weights:  # explicit softmax(QKᵀ/√d_k), for looking inside the model
+            scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
+            if attn_mask is not None:
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            weights = F.dropout(scores.softmax(-1), p)
+            heads = weights @ v
+        else:
+            weights = None
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        return self.out(heads.transpose(1, 2).reshape(b, n, d)), weights
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__(
+            nn.Linear(cfg.hidden_size, cfg.intermediate_size),
+            _activation(cfg.activation),
+            nn.Linear(cfg.intermediate_size, cfg.hidden_size),
+        )
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        self.attention = MultiHeadSelfAttention(cfg)
+        self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False):
+        if self.norm_first:
+            a, w = self.attention(self.attention_norm(x), attn_mask, need_weights)
+            x = x + self.dropout(a)
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        else:
+            a, w = self.attention(x, attn_mask, need_weights)
+            x = self.attention_norm(x + self.dropout(a))
+            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x, w
+
+
+def attention_mask_from_padding(key_padding_mask: Tensor | None) -> Tensor | None:
+    """(B, L) bool, True for real tokens -> (B, 1, 1, L) mask that SDPA broadcasts over heads and queries.
+
+    Returns None when nothing is padded so SDPA can use its fastest mask-free kernel.
+    """
+    if key_padding_mask is None or bool(key_padding_mask.all()):
+        return None
+    return key_padding_mask[:, None, None, :].bool()
+
+
+class TransformerEncoder(nn.Module):
+    """Embeddings in, hidden states out. `key_padding_mask` is (B, L) with True at real positions."""
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_first else None
+        self.gradient_checkpointing = False
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        mask = attention_mask_from_padding(key_padding_mask)
+        weights = []
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training and not need_weights:
+                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x, w = block(x, mask, need_weights)
+            weights.append(w)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return (x, weights) if need_weights else x
+
+
+def cls_pool(hidden: Tensor) -> Tensor:
+    """The first position's state (BERT's [CLS])."""
+    return hidden[:, 0]
+
+
+def masked_mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over real positions only, so padding never changes the pooled vector."""
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)

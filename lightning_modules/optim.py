@@ -1,0 +1,63 @@
+"""AdamW and the warmup-then-decay schedule shared by every task."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+Schedule = Literal["linear", "cosine", "constant"]
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+    """Decay matrices only: biases, LayerNorm/BatchNorm parameters and named scalars (e.g. the logit scale)
+    get no weight decay, as in BERT and CLIP."""
+    decay, no_decay, seen = [], [], set()
+    norm_types = (nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:  # tied weights appear twice
+                continue
+            seen.add(id(p))
+            full = f"{module_name}.{name}" if module_name else name
+            if p.ndim < 2 or isinstance(module, norm_types) or any(n in full for n in no_decay_names):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_decay(
+    step: int, warmup_steps: int, total_steps: int, schedule: Schedule, min_ratio: float = 0.0
+) -> float:
+    """LR multiplier: linear warmup from 0 to 1 over `warmup_steps`, then linear or cosine decay to `min_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
+    warmup_steps: int | float,
+    total_steps: int,
+    schedule: Schedule,
+    no_decay_names: tuple[str, ...] = (),
+) -> dict:
+    """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`."""
+    if isinstance(warmup_steps, float) and warmup_steps < 1:
+        warmup_steps = int(warmup_steps * total_steps)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay, no_decay_names), lr=lr, betas=betas, eps=eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_decay(s, int(warmup_steps), total_steps, schedule)
+    )
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
