@@ -1,0 +1,610 @@
+"""LibriSpeech for speech-text contrastive alignment: an index of (FLAC, transcript) pairs, batches
+bucketed by duration under a padded-seconds budget, and a collate that pads audio and tokenizes text.
+
+Tree: `LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac`, and per chapter a
+`<speaker>-<chapter>.trans.txt` with lines `<utt-id> TRANSCRIPT`.
+
+Distributed training: `DurationBucketBatchSampler` shards batches over ranks itself, so Lightning must
+not wrap it. Run with `Trainer(use_distributed_sampler=False)`; the speech configs set
+`trainer.use_distributed_sampler: false`. (With the flag left on, Lightning refuses the sampler on
+more than one device with a TypeError that says the same.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.distributed as dist
+import torchaudio
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.tokenizer import TextTokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+_INDEX_VERSION = 1
+# FLAC leaves total_samples at 0 when the encoder did not know it; libsndfile then reports SF_COUNT_MAX.
+_UNKNOWN_FRAMES = 1 << 62
+
+
+class AudioDecodeError(ValueError):
+    """An audio file that cannot be decoded (corrupt, truncated or empty), named in the message."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    key: str  # "<speaker>-<chapter>-<utt>"
+    path: str
+    transcript: str  # as written in trans.txt
+    frames: int  # at the file's own sample rate
+    file_rate: int
+    speaker: int
+    chapter: int
+
+    @property
+    def duration(self) -> float:
+        return self.frames / self.file_rate
+
+
+@dataclass(frozen=True)
+class Speaker:
+    id: int
+    sex: str
+    subset: str
+    minutes: float
+    name: str
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmpretrain"
+
+
+def normalise_transcript(text: str, lowercase: bool = True) -> str:
+    """The text the tokenizer sees; also what decides whether two transcripts are the same."""
+    text = " ".join(text.split())
+    return text.lower() if lowercase else text
+
+
+def parse_speakers(path: str | os.PathLike) -> dict[int, Speaker]:
+    """Parse `SPEAKERS.TXT`: `;` comments, then `ID | SEX | SUBSET | MINUTES | NAME` rows."""
+    speakers: dict[int, Speaker] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.lstrip().startswith(";"):
+            continue
+        # A reader's NAME may itself contain "|", so split off only the first four fields.
+        fields = [f.strip() for f in line.split("|", maxsplit=4)]
+        try:
+            sid, sex, subset, minutes, name = fields
+            speakers[int(sid)] = Speaker(int(sid), sex, subset, float(minutes), name)
+        except ValueError:
+            log.debug("%s: skipping malformed line %r", path, line)
+    return speakers
+
+
+def read_transcripts(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """`<utt-id> TRANSCRIPT` lines -> ({utt_id: transcript}, malformed lines). A missing final newline is fine."""
+    out: dict[str, str] = {}
+    malformed: list[str] = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if not parts:
+            continue
+        if len(parts) < 2:
+            malformed.append(line.strip())
+            continue
+        out[parts[0]] = parts[1]
+    return out, malformed
+
+
+def load_audio(
+    path: str | os.PathLike, sample_rate: int | None = None, expected_frames: int | None = None
+) -> torch.Tensor:
+    """Decode to a mono float32 waveform at `sample_rate` (the file's own rate when None).
+
+    Raises `AudioDecodeError` for an unreadable file, no samples, or fewer frames than the header promised.
+    """
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
+        raise AudioDecodeError(f"{path}: {err}") from None
+    if expected_frames is not None and expected_frames < _UNKNOWN_FRAMES and len(data) < expected_frames:
+        raise AudioDecodeError(f"{path}: truncated ({len(data)} of {expected_frames} frames)")
+    if len(data) == 0:
+        raise AudioDecodeError(f"{path}: no audio samples")
+    wave = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+    if sample_rate is not None and rate != sample_rate:
+        wave = torchaudio.functional.resample(wave, rate, sample_rate)
+    return wave.contiguous()
+
+
+# -- index ----------------------------------------------------------------------------------------
+
+
+def _chapter_signature(chapter_dir: Path) -> list[list[Any]]:
+    # Name, size and mtime of every file: any added, removed or rewritten file invalidates the chapter.
+    return sorted(
+        [e.name, e.stat().st_size, e.stat().st_mtime_ns] for e in os.scandir(chapter_dir) if e.is_file()
+    )
+
+
+def _index_chapter(chapter_dir: Path) -> dict[str, list]:
+    """Pair a chapter's FLAC files with its transcript lines; JSON-able so it can be cached."""
+    transcripts: dict[str, str] = {}
+    malformed: list[str] = []
+    for trans in sorted(chapter_dir.glob("*.trans.txt")):
+        found, bad = read_transcripts(trans)
+        transcripts.update(found)
+        malformed += [f"{trans}: {line!r}" for line in bad]
+    audio = {p.name[: -len(".flac")]: p for p in sorted(chapter_dir.glob("*.flac"))}
+    out: dict[str, list] = {
+        "utts": [],
+        "no_audio": [f"{chapter_dir}/{u}" for u in sorted(set(transcripts) - set(audio))],
+        "no_transcript": [],
+        "unreadable": [],
+        "empty": [],
+        "malformed": malformed,
+    }
+    for utt_id, path in audio.items():
+        if utt_id not in transcripts:
+            out["no_transcript"].append(str(path))
+            continue
+        if path.stat().st_size == 0:
+            out["empty"].append(str(path))
+            continue
+        try:
+            info = sf.info(str(path))
+            frames, rate = info.frames, info.samplerate
+            if frames >= _UNKNOWN_FRAMES:  # length not in the header: decode once to count
+                frames = len(load_audio(path))
+        except (RuntimeError, OSError, ValueError) as err:
+            out["unreadable"].append(f"{path} ({err})")
+            continue
+        if frames == 0:
+            out["empty"].append(str(path))
+            continue
+        out["utts"].append([utt_id, path.name, transcripts[utt_id], frames, rate])
+    return out
+
+
+def index_subset(
+    subset_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> tuple[list[Utterance], dict[str, list[str]]]:
+    """Walk one subset; returns its utterances and the problems found, by kind, as example strings.
+
+    With `cache_dir`, per-chapter results are cached (keyed by the files' names, sizes and mtimes), so a
+    second run reads no audio headers.
+    """
+    subset_dir = Path(subset_dir).resolve()
+    cache_file = None
+    cached: dict[str, Any] = {}
+    if cache_dir is not None:
+        digest = hashlib.sha256(str(subset_dir).encode()).hexdigest()[:12]
+        cache_file = Path(cache_dir) / "librispeech-index" / f"{subset_dir.name}-{digest}.json"
+        try:
+            payload = json.loads(cache_file.read_text())
+            if payload.get("version") == _INDEX_VERSION:
+                cached = payload["chapters"]
+        except (OSError, ValueError, KeyError):
+            cached = {}
+    chapters: dict[str, Any] = {}
+    changed = False
+    utterances: list[Utterance] = []
+    problems: dict[str, list[str]] = {}
+    for chapter_dir in sorted(p for p in subset_dir.glob("*/*") if p.is_dir()):
+        rel = f"{chapter_dir.parent.name}/{chapter_dir.name}"
+        sig = _chapter_signature(chapter_dir)
+        entry = cached.get(rel)
+        if entry is None or entry["sig"] != sig:
+            entry = {"sig": sig, "data": _index_chapter(chapter_dir)}
+            changed = True
+        chapters[rel] = entry
+        data = entry["data"]
+        for kind, items in data.items():
+            if kind != "utts":
+                problems.setdefault(kind, []).extend(items)
+        speaker, chapter = chapter_dir.parent.name, chapter_dir.name
+        for utt_id, name, transcript, frames, rate in data["utts"]:
+            utterances.append(
+                Utterance(
+                    utt_id,
+                    str(chapter_dir / name),
+                    transcript,
+                    frames,
+                    rate,
+                    int(speaker) if speaker.isdigit() else -1,
+                    int(chapter) if chapter.isdigit() else -1,
+                )
+            )
+    if cache_file is not None and (changed or set(chapters) != set(cached)):
+        try:  # temporary file then rename: concurrent ranks never read a half-written index
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=".tmp-index-")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": _INDEX_VERSION, "chapters": chapters}, f)
+            os.replace(tmp, cache_file)
+        except OSError as err:
+            log.debug("could not write the index cache %s: %s", cache_file, err)
+    return utterances, {k: v for k, v in problems.items() if v}
+
+
+# -- dataset, collate, sampler --------------------------------------------------------------------
+
+
+class LibriSpeechDataset(Dataset):
+    """Utterances of one split. An undecodable file yields None (warned once per file) for the collate to drop."""
+
+    def __init__(
+        self, utterances: Sequence[Utterance], sample_rate: int = 16000, lowercase: bool = True
+    ) -> None:
+        self.utterances = list(utterances)
+        self.sample_rate = sample_rate
+        self.texts = [normalise_transcript(u.transcript, lowercase) for u in self.utterances]
+        # Identical normalised transcripts share an id, so a contrastive loss can treat them as
+        # positives of each other instead of as negatives.
+        ids: dict[str, int] = {}
+        self.text_ids = [ids.setdefault(t, len(ids)) for t in self.texts]
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    @property
+    def durations(self) -> list[float]:
+        return [u.duration for u in self.utterances]
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        utt = self.utterances[i]
+        try:
+            wave = load_audio(utt.path, self.sample_rate, expected_frames=utt.frames)
+        except AudioDecodeError as err:
+            if utt.path not in self._warned:
+                self._warned.add(utt.path)
+                log.warning("skipping undecodable audio %s", err)
+            return None
+        return {
+            "waveform": wave,
+            "text": self.texts[i],
+            "transcript": utt.transcript,
+            "utt_key": i,
+            "text_id": self.text_ids[i],
+        }
+
+
+class SpeechTextCollator:
+    """Zero-pads waveforms, tokenizes the normalised transcripts, and drops items the dataset gave up on."""
+
+    def __init__(self, tokenizer: TextTokenizer, context_length: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [it for it in items if it is not None]
+        lengths = torch.tensor([it["waveform"].numel() for it in kept], dtype=torch.long)
+        waveforms = torch.zeros(len(kept), int(lengths.max()) if kept else 0)
+        for row, it in enumerate(kept):
+            waveforms[row, : lengths[row]] = it["waveform"]
+        if kept:
+            text = self.tokenizer([it["text"] for it in kept], max_length=self.context_length)
+        else:  # every file in the batch was bad: an empty batch the module should skip
+            text = {
+                "input_ids": torch.zeros(0, 0, dtype=torch.long),
+                "attention_mask": torch.zeros(0, 0, dtype=torch.bool),
+            }
+        return {
+            "waveforms": waveforms,
+            "wave_lengths": lengths,
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "utt_keys": torch.tensor([it["utt_key"] for it in kept], dtype=torch.long),
+            "text_ids": torch.tensor([it["text_id"] for it in kept], dtype=torch.long),
+            "transcripts": [it["transcript"] for it in kept],
+            "skipped": len(items) - len(kept),
+        }
+
+
+class DurationBucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length utterances whose padded size, `len(batch) * max duration`, stays within
+    `max_batch_seconds`: padded seconds, not summed seconds, is what the encoder pays for.
+
+    Utterances are sorted by duration and split into `num_buckets` equal-count buckets; each bucket gets
+    a fixed batch size, `floor(max_batch_seconds / longest in bucket)` (at least 1, so a single utterance
+    longer than the budget still forms a batch). With `shuffle`, each epoch reshuffles utterances within
+    their bucket (new batch compositions) and the order of all batches, from `(seed, epoch)`: reproducible,
+    and the same on every rank. The batch count never changes between epochs, so `len()` is exact.
+
+    Distributed: rank `r` of `num_replicas` takes batches `r, r + R, ...`. When the count does not divide
+    evenly, the first batches are repeated to fill the last round, so every rank runs the same number of
+    steps (DDP would hang otherwise); those few utterances are seen twice that epoch. `utt_keys` in the
+    batch let evaluation drop the repeats. On one rank every utterance appears exactly once per epoch.
+    """
+
+    def __init__(
+        self,
+        durations: Sequence[float],
+        max_batch_seconds: float,
+        num_buckets: int = 10,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if max_batch_seconds <= 0:
+            raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds}")
+        if num_buckets < 1:
+            raise ValueError(f"num_buckets must be at least 1, got {num_buckets}")
+        distributed = dist.is_available() and dist.is_initialized()
+        self.num_replicas = (
+            num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        )
+        self.rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside [0, {self.num_replicas})")
+        self.max_batch_seconds = max_batch_seconds
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        dur = np.asarray(durations, dtype=np.float64)
+        order = np.argsort(dur, kind="stable")
+        self.buckets = [b for b in np.array_split(order, min(num_buckets, max(len(order), 1))) if len(b)]
+        self.batch_sizes = [max(1, int(max_batch_seconds // max(dur[b].max(), 1e-9))) for b in self.buckets]
+        self.num_batches = sum(math.ceil(len(b) / bs) for b, bs in zip(self.buckets, self.batch_sizes))
+        # Lightning calls set_epoch on `dataloader.batch_sampler.sampler`, not on the batch sampler itself.
+        self.sampler = self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_batches(self) -> list[list[int]]:
+        """All batches of the current epoch, before sharding over ranks."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches: list[list[int]] = []
+        for bucket, size in zip(self.buckets, self.batch_sizes):
+            idx = rng.permutation(bucket) if self.shuffle else bucket
+            batches += [idx[i : i + size].tolist() for i in range(0, len(idx), size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_batches / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.epoch_batches()
+        if not batches:
+            return iter(())
+        total = len(self) * self.num_replicas
+        padded = [batches[i % len(batches)] for i in range(total)]
+        return iter(padded[self.rank :: self.num_replicas])
+
+
+# -- the DataModule -------------------------------------------------------------------------------
+
+
+class LibriSpeechDataModule(LightningDataModule):
+    """LibriSpeech (or the synthetic tone set) as padded waveform + token batches for speech-text alignment.
+
+    Batch: `waveforms` (B, T) float32 zero-padded at `sample_rate`; `wave_lengths` (B,) samples;
+    `input_ids` / `attention_mask` (B, L) long / bool, `[CLS] text [SEP]` with L <= context_length;
+    `utt_keys` (B,) index of the utterance in its split; `text_ids` (B,) id of the normalised transcript,
+    equal for identical transcripts (treat as positives); `transcripts` list[str]; `skipped` int, items
+    dropped from this batch because their audio could not be decoded (B may even be 0).
+
+    Needs `Trainer(use_distributed_sampler=False)` under DDP: the batch sampler shards by rank itself.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_subsets: Sequence[str] = ("train-clean-100",),
+        val_subsets: Sequence[str] = ("dev-clean",),
+        test_subsets: Sequence[str] = ("test-clean",),
+        sample_rate: int = 16000,
+        max_duration: float = 20.0,
+        max_batch_seconds: float = 200.0,
+        num_buckets: int = 10,
+        num_workers: int = 4,
+        tokenizer: str | None = None,
+        vocab_size: int = 8192,
+        lowercase: bool = True,
+        context_length: int = 64,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        generate_if_missing: bool = False,
+    ) -> None:
+        """
+        Args:
+            root: the folder holding `LibriSpeech/`, or the `LibriSpeech` folder itself.
+            train_subsets: subset folders for training, e.g. `train-clean-100`, `train-clean-360`.
+            val_subsets: subset folders for validation.
+            test_subsets: subset folders for testing.
+            sample_rate: audio is resampled to this rate (Hz) when a file differs.
+            max_duration: utterances longer than this (seconds) are dropped and counted.
+            max_batch_seconds: padded audio seconds per batch (batch size x longest utterance).
+            num_buckets: duration buckets; more buckets mean less padding but less mixing.
+            num_workers: DataLoader worker processes.
+            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder); None trains WordPiece on the
+                training transcripts once and caches it.
+            vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file).
+            lowercase: lowercase transcripts (LibriSpeech is UPPER CASE) before tokenizing.
+            context_length: maximum tokens per transcript, including [CLS] and [SEP].
+            cache_dir: where the trained tokenizer and the audio index are cached
+                (default `$XDG_CACHE_HOME/mmpretrain`).
+            seed: seed of the per-epoch batch shuffle.
+            generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree.
+        """
+        super().__init__()
+        if max_duration > max_batch_seconds:
+            raise ValueError(
+                f"max_duration ({max_duration} s) exceeds max_batch_seconds ({max_batch_seconds} s): "
+                "the longest utterances would not fit in a batch"
+            )
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.subsets = {"train": list(train_subsets), "val": list(val_subsets), "test": list(test_subsets)}
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.datasets: dict[str, LibriSpeechDataset] = {}
+        self.problems: dict[str, dict[str, int]] = {}  # split -> kind of problem -> count
+        self._tokenizer: TextTokenizer | None = None
+        self._speakers: dict[int, Speaker] | None = None
+
+    # data location -------------------------------------------------------------------------------
+    def librispeech_dir(self) -> Path:
+        """The `LibriSpeech` folder, generating the synthetic set first when allowed and needed."""
+        for candidate in (self.root / "LibriSpeech", self.root):
+            if candidate.is_dir() and (
+                candidate.name == "LibriSpeech"
+                or any((candidate / s).is_dir() for subs in self.subsets.values() for s in subs)
+            ):
+                return candidate
+        if self.hparams.generate_if_missing:
+            return generate_tone_librispeech(
+                self.root, sample_rate=self.hparams.sample_rate, seed=self.hparams.seed
+            )
+        what = "does not exist" if not self.root.exists() else "holds no LibriSpeech tree"
+        raise FileNotFoundError(
+            f"{self.root} {what} (expected {self.root}/LibriSpeech/<subset>/<speaker>/<chapter>/*.flac); "
+            "set generate_if_missing=True to write the synthetic tone set there"
+        )
+
+    def subset_dirs(self, split: str) -> list[Path]:
+        base = self.librispeech_dir()
+        missing = [s for s in self.subsets[split] if not (base / s).is_dir()]
+        if missing:
+            found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise FileNotFoundError(
+                f"LibriSpeech subset(s) {', '.join(missing)} not found under {base}; "
+                f"subsets found: {', '.join(found) or 'none'}"
+            )
+        return [base / s for s in self.subsets[split]]
+
+    @property
+    def speakers(self) -> dict[int, Speaker]:
+        """Speaker metadata from `SPEAKERS.TXT` ({} when the file is absent)."""
+        if self._speakers is None:
+            path = self.librispeech_dir() / "SPEAKERS.TXT"
+            self._speakers = parse_speakers(path) if path.is_file() else {}
+        return self._speakers
+
+    # tokenizer -----------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """Loaded or trained on first use, so `vocab_size` is known before `setup` (e.g. for CLI links)."""
+        if self._tokenizer is None:
+            texts = None
+            key = ""
+            if not self.hparams.tokenizer:
+                texts = []
+                for subset in self.subset_dirs("train"):
+                    for trans in sorted(subset.glob("*/*/*.trans.txt")):
+                        found, _ = read_transcripts(trans)
+                        texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
+                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+            self._tokenizer = build_tokenizer(
+                self.hparams.tokenizer,
+                texts,
+                self.cache_dir,
+                self.hparams.vocab_size,
+                self.hparams.lowercase,
+                key,
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """The actual vocabulary size (a small corpus can train fewer tokens than requested)."""
+        return self.tokenizer.vocab_size
+
+    # Lightning hooks -----------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        # Rank 0 generates the data and trains the tokenizer; the other ranks then load the cached copy.
+        self.librispeech_dir()
+        _ = self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in splits.get(stage or "", ("train", "val", "test")):
+            if split not in self.datasets:
+                self.datasets[split] = self._build_split(split)
+
+    def _build_split(self, split: str) -> LibriSpeechDataset:
+        utterances: list[Utterance] = []
+        problems: dict[str, list[str]] = {}
+        for subset_dir in self.subset_dirs(split):
+            utts, found = index_subset(subset_dir, self.cache_dir)
+            utterances += utts
+            for kind, items in found.items():
+                problems.setdefault(kind, []).extend(items)
+        too_long = [u.path for u in utterances if u.duration > self.hparams.max_duration]
+        if too_long:
+            problems["too_long"] = too_long
+            utterances = [u for u in utterances if u.duration <= self.hparams.max_duration]
+        descriptions = {
+            "no_audio": "transcript line(s) without audio",
+            "no_transcript": "audio file(s) without a transcript line",
+            "unreadable": "unreadable audio file(s)",
+            "empty": "zero-length audio file(s)",
+            "malformed": "malformed transcript line(s)",
+            "too_long": f"utterance(s) longer than {self.hparams.max_duration} s",
+        }
+        for kind, items in problems.items():
+            level = logging.INFO if kind == "too_long" else logging.WARNING
+            log.log(
+                level,
+                "%s: dropped %d %s, e.g. %s",
+                split,
+                len(items),
+                descriptions[kind],
+                "; ".join(items[:3]),
+            )
+        self.problems[split] = {kind: len(items) for kind, items in problems.items()}
+        dataset = LibriSpeechDataset(utterances, self.hparams.sample_rate, self.hparams.lowercase)
+        hours = sum(dataset.durations) / 3600
+        log.info(
+            "%s: %d utterances, %.2f h, from %s", split, len(dataset), hours, ", ".join(self.subsets[split])
+        )
+        return dataset
+
+    def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        sampler = DurationBucketBatchSampler(
+            dataset.durations,
+            self.hparams.max_batch_seconds,
+            num_buckets=self.hparams.num_buckets,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+        )
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=SpeechTextCollator(self.tokenizer, self.hparams.context_length),
+            pin_memory=torch.cuda.is_available(),
+            # Workers keep their "already warned about this file" memory across epochs.
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", shuffle=False)
