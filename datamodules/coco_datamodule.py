@@ -1,0 +1,502 @@
+"""COCO Captions for CLIP-style image-text training and retrieval evaluation.
+
+Where the data is read from:
+
+    official layout   root/annotations/captions_<split>.json, images in root/<split>/<file_name>
+                      (file_name comes from the JSON, so 2014 names like COCO_val2014_000000042.jpg work too)
+    karpathy_json     dataset_coco.json decides the splits (train + restval / val / test), images in
+                      root/<filepath>/<filename>
+
+Batches, the contract with the image-text LightningModule:
+
+    train  images (B, 3, H, W) float, input_ids (B, L) long, attention_mask (B, L) bool, image_ids (B,) long,
+           caption_ids (B,) long annotation ids, skipped: int = images of this batch that failed to decode.
+           One caption per image, drawn afresh each epoch, seeded by (seed, epoch, image id).
+    eval   the same keys, but input_ids, attention_mask and caption_ids have one row per caption of every image
+           in the batch (N >= B rows), and caption_image_ids (N,) long holds each caption's image id, so the
+           retrieval metric sees every image once and every caption.
+
+A file that cannot be decoded never ends a run: its item comes back as None, the collate function drops it
+together with its captions and counts it in `skipped`. Missing files are found and dropped up front in `setup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from datamodules.synthetic_shapes import generate_shapes_coco
+from datamodules.tokenizer import TextTokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class CaptionedImage:
+    """One image and all its captions (5 to 7 in COCO), in annotation-file order."""
+
+    image_id: int
+    path: str
+    captions: tuple[str, ...]
+    caption_ids: tuple[int, ...]
+
+
+def clean_caption(text: str) -> str:
+    """Strip and collapse runs of whitespace, line breaks included, to one space."""
+    return " ".join(text.split())
+
+
+def _captioned_images(
+    entries: Iterable[tuple[int, Path, list[tuple[int, str | None]]]], source: Path
+) -> list[CaptionedImage]:
+    out, empty, uncaptioned = [], 0, 0
+    for image_id, path, pairs in entries:
+        pairs = [(cid, clean_caption(str(text or ""))) for cid, text in pairs]
+        empty += sum(1 for _, text in pairs if not text)
+        pairs = [(cid, text) for cid, text in pairs if text]
+        if not pairs:
+            uncaptioned += 1
+            continue
+        out.append(
+            CaptionedImage(image_id, str(path), tuple(t for _, t in pairs), tuple(c for c, _ in pairs))
+        )
+    if empty:
+        log.warning("%s: %d empty captions dropped", source, empty)
+    if uncaptioned:
+        log.info("%s: %d images without captions left out", source, uncaptioned)
+    return out
+
+
+def load_coco_captions(
+    annotation_file: str | os.PathLike, image_dir: str | os.PathLike
+) -> list[CaptionedImage]:
+    """Read an official `captions_<split>.json`; captions that name an unknown image id are reported and dropped."""
+    annotation_file, image_dir = Path(annotation_file), Path(image_dir)
+    if not annotation_file.is_file():
+        raise FileNotFoundError(
+            f"COCO captions file {annotation_file} not found: expected the official layout "
+            f"<root>/annotations/captions_<split>.json with images in <root>/<split>/ "
+            "(or set generate_if_missing=true for the synthetic quickstart set)"
+        )
+    with annotation_file.open(encoding="utf-8") as f:
+        data = json.load(f)
+    file_names = {int(im["id"]): im["file_name"] for im in data["images"]}
+    captions: dict[int, list[tuple[int, str | None]]] = {image_id: [] for image_id in file_names}
+    unknown: list[int] = []
+    for ann in data["annotations"]:
+        image_id = int(ann["image_id"])
+        if image_id in captions:
+            captions[image_id].append((int(ann["id"]), ann.get("caption")))
+        else:
+            unknown.append(image_id)
+    if unknown:
+        examples = ", ".join(str(i) for i in sorted(set(unknown))[:5])
+        log.warning(
+            "%s: %d captions name image ids missing from its image list (e.g. %s); dropped",
+            annotation_file,
+            len(unknown),
+            examples,
+        )
+    entries = ((i, image_dir / file_names[i], captions[i]) for i in file_names)
+    return _captioned_images(entries, annotation_file)
+
+
+def load_karpathy_splits(
+    karpathy_json: str | os.PathLike, root: str | os.PathLike
+) -> dict[str, list[CaptionedImage]]:
+    """Read Karpathy's `dataset_coco.json` into {"train": train + restval, "val": ..., "test": ...}."""
+    karpathy_json, root = Path(karpathy_json), Path(root)
+    if not karpathy_json.is_file():
+        raise FileNotFoundError(
+            f"Karpathy split file {karpathy_json} not found: expected dataset_coco.json with images "
+            f"under {root}/<filepath>/<filename>"
+        )
+    with karpathy_json.open(encoding="utf-8") as f:
+        data = json.load(f)
+    entries: dict[str, list[tuple[int, Path, list[tuple[int, str]]]]] = defaultdict(list)
+    for im in data["images"]:
+        split = KARPATHY_SPLITS.get(im.get("split", ""))
+        if split is None:
+            continue
+        pairs = [(int(s["sentid"]), s.get("raw") or " ".join(s.get("tokens", []))) for s in im["sentences"]]
+        image_id = int(im.get("cocoid", im.get("imgid")))
+        entries[split].append((image_id, root / im.get("filepath", "") / im["filename"], pairs))
+    return {split: _captioned_images(entries[split], karpathy_json) for split in ("train", "val", "test")}
+
+
+def read_rgb(path: str) -> Tensor:
+    """Decode an image file to a (3, H, W) uint8 tensor, whatever its colour mode or true format.
+
+    torchvision's decoders (libjpeg-turbo, libpng, ...) sniff the format from the bytes, so a PNG named .jpg
+    decodes, and convert grayscale, CMYK and palette images to RGB. EXIF orientation is not applied: COCO
+    annotations refer to the stored pixels. Raises on a corrupt, truncated or missing file.
+    """
+    data = read_file(path)
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        # Formats torchvision has no decoder for (BMP, TIFF, ...) still open with Pillow.
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+def train_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.5
+) -> v2.Compose:
+    # No horizontal flip: captions say "left" and "right".
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(
+                image_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
+            ),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+class CocoCaptionsDataset(Dataset):
+    """One item per image: in training with one caption drawn per epoch, in evaluation with all its captions.
+
+    An image that cannot be decoded gives None (warned once per file and process); `CaptionCollate` drops it.
+    """
+
+    def __init__(
+        self,
+        images: Sequence[CaptionedImage],
+        transform: Callable[[Tensor], Tensor],
+        train: bool,
+        seed: int = 0,
+    ) -> None:
+        self.images = list(images)
+        self.transform = transform
+        self.train = train
+        self.seed = seed
+        # Shared memory: persistent workers keep their own copy of the dataset but see this tensor change.
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
+        self._warned: set[str] = set()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record = self.images[index]
+        try:
+            pixels = read_rgb(record.path)
+        except Exception as err:  # any failure of one file, whatever library raised it, must not end the run
+            if record.path not in self._warned:
+                self._warned.add(record.path)
+                log.warning(
+                    "skipping unreadable image %s (image id %d): %s", record.path, record.image_id, err
+                )
+            return None
+        item: dict[str, Any] = {"image": self.transform(pixels), "image_id": record.image_id}
+        if self.train:
+            # Seeded by (seed, epoch, image id): reproducible, independent of worker count and shuffle order.
+            rng = np.random.default_rng([self.seed, int(self._epoch), record.image_id])
+            k = int(rng.integers(len(record.captions)))
+            item["captions"], item["caption_ids"] = record.captions[k : k + 1], record.caption_ids[k : k + 1]
+        else:
+            item["captions"], item["caption_ids"] = record.captions, record.caption_ids
+        return item
+
+
+class CaptionCollate:
+    """Drops undecodable items (their captions go with them), stacks images and tokenizes the captions."""
+
+    def __init__(self, tokenizer: TextTokenizer, context_length: int, image_size: int, train: bool) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.image_size = image_size
+        self.train = train
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Tensor | int]:
+        kept = [item for item in items if item is not None]
+        captions = [c for item in kept for c in item["captions"]]
+        caption_image_ids = [item["image_id"] for item in kept for _ in item["captions"]]
+        if kept:
+            images = torch.stack([item["image"] for item in kept])
+            tokens = self.tokenizer(captions, self.context_length)
+        else:  # every image of the batch failed: an empty batch the module can detect by its size
+            images = torch.empty(0, 3, self.image_size, self.image_size)
+            tokens = {
+                "input_ids": torch.empty(0, 0, dtype=torch.long),
+                "attention_mask": torch.empty(0, 0, dtype=torch.bool),
+            }
+        batch: dict[str, Tensor | int] = {
+            "images": images,
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "image_ids": torch.tensor([item["image_id"] for item in kept], dtype=torch.long),
+            "caption_ids": torch.tensor([c for item in kept for c in item["caption_ids"]], dtype=torch.long),
+            "skipped": len(items) - len(kept),
+        }
+        if not self.train:
+            batch["caption_image_ids"] = torch.tensor(caption_image_ids, dtype=torch.long)
+        return batch
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch before each pass.
+
+    Lightning calls `set_epoch` on samplers only, and workers start fetching as soon as `iter()` is called, so
+    the epoch is written here, before `super().__iter__()`. `epoch_fn` gives the trainer's epoch (right after a
+    resume too); without one, or when it returns None, the loader counts its own passes.
+    """
+
+    def __init__(
+        self, dataset: CocoCaptionsDataset, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(dataset, **kwargs)
+        self.epoch_fn = epoch_fn
+        self._passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = self.epoch_fn() if self.epoch_fn is not None else None
+        self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        self._passes += 1
+        return super().__iter__()
+
+
+class CocoCaptionsDataModule(LightningDataModule):
+    """COCO Captions (or any set in its format) for contrastive image-text training and retrieval evaluation.
+
+    Args:
+        root: dataset folder: annotations/captions_<split>.json and one image folder per split.
+        train_split: split trained on (official layout).
+        val_split: split validated on (official layout).
+        test_split: split tested on; None tests on `val_split`, since COCO's test2017 has no public captions.
+        karpathy_json: Karpathy's dataset_coco.json; when given it decides membership (train + restval / val /
+            test), the three split arguments are ignored and images are read from root/<filepath>/<filename>.
+        image_size: side of the square crops fed to the image encoder.
+        mean: per-channel normalisation mean (CLIP's by default).
+        std: per-channel normalisation standard deviation (CLIP's by default).
+        batch_size: training images per batch and device.
+        eval_batch_size: images per evaluation batch; None means batch_size.
+        num_workers: DataLoader worker processes per device.
+        tokenizer: a vocab.txt / tokenizer.json (or a folder with one); None trains a WordPiece vocabulary on the
+            training captions once and caches it under cache_dir.
+        vocab_size: size of the trained vocabulary (ignored when `tokenizer` is given).
+        lowercase: lowercase text before tokenizing.
+        context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
+        cache_dir: where the trained vocabulary is cached; None means root/.cache.
+        seed: seeds the per-epoch caption draw.
+        generate_if_missing: write the synthetic shapes set into root when it has no annotations (quickstart).
+        min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/coco",
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str | None = None,
+        karpathy_json: str | None = None,
+        image_size: int = 224,
+        mean: tuple[float, float, float] = CLIP_MEAN,
+        std: tuple[float, float, float] = CLIP_STD,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        tokenizer: str | None = None,
+        vocab_size: int = 8192,
+        lowercase: bool = True,
+        context_length: int = 64,
+        cache_dir: str | None = None,
+        seed: int = 0,
+        generate_if_missing: bool = False,
+        min_scale: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split
+        self.karpathy_json = karpathy_json
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.tokenizer_path = tokenizer
+        self.target_vocab_size = vocab_size
+        self.lowercase = lowercase
+        self.context_length = context_length
+        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".cache"
+        self.seed = seed
+        self.generate_if_missing = generate_if_missing
+        self.min_scale = min_scale
+
+        self._tokenizer: TextTokenizer | None = None
+        self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
+        self.datasets: dict[str, CocoCaptionsDataset] = {}  # by role: "train", "val", "test"
+        self.missing_images: dict[str, int] = {}  # by role: files listed but absent, found in setup()
+        self.skipped_images = 0  # undecodable images met in batches on this process (counted from `skipped`)
+
+    # data on disk --------------------------------------------------------------------------------------------
+    def _annotation_file(self, split: str) -> Path:
+        return self.root / "annotations" / f"captions_{split}.json"
+
+    def _ensure_data(self) -> None:
+        if (
+            self.generate_if_missing
+            and not self.karpathy_json
+            and not self._annotation_file(self.train_split).exists()
+        ):
+            log.info("no annotations under %s: writing the synthetic shapes set there", self.root)
+            generate_shapes_coco(self.root)
+
+    def _split_name(self, role: str) -> str:
+        return {"train": self.train_split, "val": self.val_split, "test": self.test_split or self.val_split}[
+            role
+        ]
+
+    def records(self, role: str) -> list[CaptionedImage]:
+        """All images listed for `role` ("train", "val" or "test"), parsed once and kept."""
+        if self.karpathy_json:
+            if not self._loaded:
+                self._loaded = load_karpathy_splits(self.karpathy_json, self.root)
+            return self._loaded[role]
+        split = self._split_name(role)
+        if split not in self._loaded:
+            self._ensure_data()
+            self._loaded[split] = load_coco_captions(self._annotation_file(split), self.root / split)
+        return self._loaded[split]
+
+    def _existing(self, images: list[CaptionedImage], role: str) -> list[CaptionedImage]:
+        # One directory listing per folder instead of a stat per file: cheap even for 118k files on a network disk.
+        listings: dict[str, set[str]] = {}
+        present, missing = [], []
+        for record in images:
+            folder, name = os.path.split(record.path)
+            if folder not in listings:
+                listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+            (present if name in listings[folder] else missing).append(record)
+        self.missing_images[role] = len(missing)
+        if missing:
+            log.warning(
+                "%s: %d of %d image files are missing and left out with their captions (e.g. %s)",
+                role,
+                len(missing),
+                len(images),
+                ", ".join(r.path for r in missing[:3]),
+            )
+        return present
+
+    # tokenizer -------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """The text tokenizer, loaded or trained (and cached) on first use, so it works before setup()."""
+        if self._tokenizer is None:
+            texts = None
+            key = ""
+            if not self.tokenizer_path:
+                texts = [c for r in self.records("train") for c in r.captions]
+                # The corpus itself is the cache key: other captions or splits train a new vocabulary.
+                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+            self._tokenizer = build_tokenizer(
+                self.tokenizer_path, texts, self.cache_dir, self.target_vocab_size, self.lowercase, key
+            )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    # LightningDataModule hooks ---------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._ensure_data()
+        _ = self.tokenizer  # trains and caches the vocabulary once, on the first process
+
+    def setup(self, stage: str | None = None) -> None:
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
+            stage, ("train", "val", "test")
+        )
+        if stage == "test" and not (self.test_split or self.karpathy_json):
+            log.info("no test_split given: testing on %s", self.val_split)
+        for role in roles:
+            if role in self.datasets:
+                continue
+            train = role == "train"
+            transform = (
+                train_transform(self.image_size, self.mean, self.std, self.min_scale)
+                if train
+                else eval_transform(self.image_size, self.mean, self.std)
+            )
+            images = self._existing(self.records(role), role)
+            self.datasets[role] = CocoCaptionsDataset(images, transform, train=train, seed=self.seed)
+
+    def _current_epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def _loader(self, role: str) -> DataLoader:
+        if role not in self.datasets:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[role])
+        train = role == "train"
+        kwargs: dict[str, Any] = {
+            "batch_size": self.batch_size if train else self.eval_batch_size,
+            "shuffle": train,
+            "drop_last": train,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+            "collate_fn": CaptionCollate(self.tokenizer, self.context_length, self.image_size, train),
+        }
+        if train:
+            return EpochDataLoader(self.datasets[role], epoch_fn=self._current_epoch, **kwargs)
+        return DataLoader(self.datasets[role], **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Workers cannot share a counter cheaply; the batches they send can.
+        self.skipped_images += int(batch["skipped"])
+        return batch
