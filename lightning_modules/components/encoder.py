@@ -87,9 +87,15 @@ class MultiHeadSelfAttention(nn.Module):
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)  # W^O
         self.attention_dropout = cfg.attention_dropout
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False, unpad: Unpadded | None = None
+    ):
+        qkv = self.qkv(x)
+        if unpad is not None:  # tokens (T, 3d) back to the (B, L, 3d) layout attention needs
+            qkv = unpad.pad(qkv)
+        b, n, three_d = qkv.shape
+        d = three_d // 3
+        q, k, v = qkv.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.attention_dropout if self.training else 0.0
         if need_weights:  # explicit softmax(QKᵀ/√d_k), for looking inside the model
             scores = q @ k.transpose(-2, -1) / self.head_dim**0.5
@@ -100,7 +106,10 @@ class MultiHeadSelfAttention(nn.Module):
         else:
             weights = None
             heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        return self.out(heads.transpose(1, 2).reshape(b, n, d)), weights
+        heads = heads.transpose(1, 2).reshape(b, n, d)
+        if unpad is not None:
+            heads = unpad.unpad(heads)
+        return self.out(heads), weights
 
 
 class FeedForward(nn.Sequential):
@@ -122,16 +131,37 @@ class EncoderBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False):
+    def forward(
+        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False, unpad: Unpadded | None = None
+    ):
         if self.norm_first:
-            a, w = self.attention(self.attention_norm(x), attn_mask, need_weights)
+            a, w = self.attention(self.attention_norm(x), attn_mask, need_weights, unpad)
             x = x + self.dropout(a)
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         else:
-            a, w = self.attention(x, attn_mask, need_weights)
+            a, w = self.attention(x, attn_mask, need_weights, unpad)
             x = self.attention_norm(x + self.dropout(a))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, w
+
+
+class Unpadded:
+    """Indices of the real tokens of a padded (B, L) batch.
+
+    Everything but attention works per token, so the encoder runs it on the (T, d) real tokens only
+    (as MosaicBERT does) and pads just around the attention product: no work is spent on padding.
+    """
+
+    def __init__(self, key_padding_mask: Tensor) -> None:
+        self.batch, self.length = key_padding_mask.shape
+        self.index = key_padding_mask.reshape(-1).nonzero().squeeze(1)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        return x.reshape(self.batch * self.length, -1)[self.index]
+
+    def pad(self, tokens: Tensor) -> Tensor:
+        out = tokens.new_zeros(self.batch * self.length, tokens.shape[-1])
+        return out.index_copy(0, self.index, tokens).view(self.batch, self.length, -1)
 
 
 def attention_mask_from_padding(key_padding_mask: Tensor | None) -> Tensor | None:
@@ -153,20 +183,26 @@ class TransformerEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.num_layers))
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_first else None
         self.gradient_checkpointing = False
+        self.unpad = True
 
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         mask = attention_mask_from_padding(key_padding_mask)
+        unpad = Unpadded(key_padding_mask) if mask is not None and self.unpad and not need_weights else None
+        if unpad is not None:
+            x = unpad.unpad(x)
         weights = []
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and not need_weights:
-                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, False, unpad, use_reentrant=False)
             else:
-                x, w = block(x, mask, need_weights)
+                x, w = block(x, mask, need_weights, unpad)
             weights.append(w)
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if unpad is not None:
+            x = unpad.pad(x)  # padded positions come back as zeros
         return (x, weights) if need_weights else x
 
 
