@@ -1,0 +1,850 @@
+"""Streaming readers for the BERT pretraining corpora (English Wikipedia and BookCorpus).
+
+Every reader yields `Document`s one at a time and keeps memory constant in the size of the input: XML
+dumps are parsed incrementally with `mwxml`, text files are decoded chunk by chunk, Parquet files are read
+in row-group batches. Formats are detected per file from its content, not its name, so WikiExtractor's
+extension-less `AA/wiki_00` files and compressed files (`.bz2`, `.gz`, `.xz`) need no configuration.
+
+Bad input is survived, not fatal: a truncated or malformed file keeps what was read before the break,
+bytes that are not UTF-8 are replaced with U+FFFD, empty documents are dropped; each case is counted in
+`ReadStats` and logged with the file name. A missing path raises `FileNotFoundError` and a file of an
+unknown format raises `ValueError`, both naming the path, since those are configuration mistakes.
+
+Wikitext cleaning (`wikitext_to_text`) is a pure function so the preprocessing code can run it in worker
+processes; the readers themselves only read.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import glob
+import gzip
+import html
+import json
+import logging
+import lzma
+import os
+import re
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+from xml.etree.ElementTree import ParseError
+
+import mwparserfromhell
+import mwxml
+from mwparserfromhell.nodes import (
+    ExternalLink,
+    Heading,
+    HTMLEntity,
+    Tag,
+    Template,
+    Text,
+    Wikilink,
+)
+from mwparserfromhell.wikicode import Wikicode
+from mwxml.element_iterator import ElementIterator
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass
+class Document:
+    source: str  # file path it came from
+    doc_id: str  # page title / book name / line-range id
+    text: str  # raw text; wikitext when markup == "wikitext"
+    markup: Literal["plain", "wikitext"] = "plain"
+
+
+@dataclass
+class ReadStats:
+    """Counters of one or more reads; pass the same instance to several readers to accumulate."""
+
+    files_read: int = 0
+    pages_read: int = 0  # Wikipedia records seen before any filtering (XML pages, JSON lines, rows)
+    lines_read: int = 0  # BookCorpus lines seen
+    documents_yielded: int = 0
+    redirects_skipped: int = 0
+    non_article_skipped: int = 0  # namespace != 0, or a content model other than wikitext
+    empty_skipped: int = 0
+    malformed_records: int = 0  # JSON lines that do not parse or lack a string `text`
+    invalid_utf8_files: int = 0  # files decoded with replacement characters
+    truncated_files: int = 0  # files that ended early or broke mid-way (truncated or malformed)
+    problem_files: list[str] = field(default_factory=list)  # files behind the last two counters
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int)}
+
+    def merge(self, other: ReadStats) -> ReadStats:
+        """Add another instance's counters to this one (e.g. stats from worker processes)."""
+        for key, value in other.as_dict().items():
+            setattr(self, key, getattr(self, key) + value)
+        self.problem_files.extend(p for p in other.problem_files if p not in self.problem_files)
+        return self
+
+    def log(self, what: str, level: int = logging.INFO) -> None:
+        counts = ", ".join(f"{k}={v}" for k, v in self.as_dict().items() if v)
+        log.log(level, "%s: %s", what, counts or "nothing read")
+
+    def _problem(self, path: Path) -> None:
+        if str(path) not in self.problem_files:
+            self.problem_files.append(str(path))
+
+
+# --------------------------------------------------------------------------------------------- paths
+
+
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def resolve_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Expand globs (`**` included) and folders (recursively, sorted) into a de-duplicated file list.
+
+    Hidden files and folders (`.name`) inside a folder are ignored. Raises `FileNotFoundError` naming
+    the first path that does not exist or glob that matches nothing.
+    """
+    if isinstance(paths, (str, os.PathLike)):  # a lone string is a Sequence of characters: not meant
+        paths = [paths]
+    out: dict[Path, None] = {}  # ordered set
+    for raw in paths:
+        pattern = os.path.expanduser(os.fspath(raw))
+        if _GLOB_CHARS.search(pattern):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"input path {raw} does not exist (the glob matches no file)")
+        else:
+            if not os.path.exists(pattern):
+                raise FileNotFoundError(f"input path {raw} does not exist")
+            matches = [pattern]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                for sub in sorted(path.rglob("*")):
+                    hidden = any(part.startswith(".") for part in sub.relative_to(path).parts)
+                    if sub.is_file() and not hidden:
+                        out[sub] = None
+            elif path.is_file():
+                out[path] = None
+    return list(out)
+
+
+# -------------------------------------------------------------------------------------- file access
+
+_MAGIC = ((b"BZh", bz2.open), (b"\x1f\x8b", gzip.open), (b"\xfd7zXZ\x00", lzma.open))
+# errors that mean "the (compressed) stream or its markup ended or broke here"
+_BROKEN = (EOFError, ParseError, mwxml.errors.MalformedXML, OSError, zlib.error, lzma.LZMAError)
+
+
+def _sniff_magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(8)
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    """Open a file, transparently decompressing by magic bytes (bz2 handles multistream files)."""
+    magic = _sniff_magic(path)
+    for prefix, opener in _MAGIC:
+        if magic.startswith(prefix):
+            return opener(path, "rb")
+    return open(path, "rb")
+
+
+class _TextStream:
+    """UTF-8 text view of a binary stream, decoded chunk by chunk.
+
+    Decodes strictly until the first invalid byte, then switches to replacement characters; the file is
+    counted once in `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports
+    `read(size)` (what `xml.etree.iterparse` uses) and line iteration, plus pushing text back after
+    sniffing the head of the file.
+    """
+
+    def __init__(self, raw: IO[bytes], path: Path, stats: ReadStats) -> None:
+        self._path, self._stats = path, stats
+        # read1: one decompressor call at a time, so bytes decoded before a truncation are not lost
+        # inside a BufferedReader that was filling a larger request when EOFError struck
+        self._read_raw = getattr(raw, "read1", raw.read)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self._offset = 0  # bytes consumed from `raw`
+        self._pushback = ""
+        self._eof = False
+        self._error: BaseException | None = None  # hit while sniffing; raised once the head is consumed
+        self._at_start = True  # a UTF-8 byte-order mark is dropped there
+        self.invalid_at: int | None = None
+
+    def _decode(self, data: bytes, final: bool) -> str:
+        pending = self._decoder.getstate()[0]
+        try:
+            return self._decoder.decode(data, final)
+        except UnicodeDecodeError as err:
+            self.invalid_at = self._offset - len(data) - len(pending) + err.start
+            self._stats.invalid_utf8_files += 1
+            self._stats._problem(self._path)
+            log.warning(
+                "%s: invalid UTF-8 at byte %d; decoding the rest with replacement characters",
+                self._path,
+                self.invalid_at,
+            )
+            self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            return self._decoder.decode(pending + data, final)
+
+    def read(self, size: int = -1) -> str:
+        if self._pushback:
+            text, self._pushback = self._pushback, ""
+            return text
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        while not self._eof:
+            data = self._read_raw(size if size and size > 0 else _CHUNK_BYTES)
+            self._offset += len(data)
+            self._eof = not data
+            text = self._decode(data, final=self._eof)
+            if text and self._at_start:
+                text, self._at_start = text.removeprefix("\ufeff"), False
+            if text:  # empty when the chunk ended inside a multi-byte character (or was only a BOM)
+                return text
+        return ""
+
+    def head(self, min_chars: int = 4096) -> str:
+        """Read at least `min_chars` characters (fewer at EOF) without consuming them."""
+        parts = [self._pushback]
+        self._pushback = ""
+        total = len(parts[0])
+        while total < min_chars and self._error is None:
+            try:
+                chunk = self.read(_CHUNK_BYTES)
+            except _BROKEN as err:  # a tiny truncated file: let the format reader report it
+                self._error = err
+                break
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+        self._pushback = "".join(parts)
+        return self._pushback
+
+    @property
+    def error(self) -> BaseException | None:
+        """The error that stopped `head()` early, if any (it is raised again by the next `read`)."""
+        return self._error
+
+    def push(self, text: str) -> None:
+        self._pushback = text + self._pushback
+
+    def __iter__(self) -> Iterator[str]:
+        """Lines without their terminator; splits on "\\n" only (JSON strings may hold U+2028)."""
+        rest: list[str] = []
+        while chunk := self.read(_CHUNK_BYTES):
+            lines = chunk.split("\n")
+            if len(lines) == 1:
+                rest.append(chunk)
+                continue
+            lines[0] = "".join(rest) + lines[0]
+            rest = [lines.pop()]
+            for line in lines:
+                yield line[:-1] if line.endswith("\r") else line
+        tail = "".join(rest)
+        if tail:
+            yield tail[:-1] if tail.endswith("\r") else tail
+
+
+def _broke(
+    path: Path, stats: ReadStats, err: BaseException, count: int, last: str | None, unit: str = "records"
+) -> None:
+    stats.truncated_files += 1
+    stats._problem(path)
+    where = f"after {count} {unit}" + (f" (last good: {last!r})" if last is not None else "")
+    log.warning(
+        "%s: truncated or malformed (%s: %s); keeping what was read %s", path, type(err).__name__, err, where
+    )
+
+
+# ---------------------------------------------------------------------------------------- Wikipedia
+
+_REDIRECT = re.compile(r"\s*#redirect", re.IGNORECASE)
+_MEDIAWIKI_TAG = re.compile(r"<mediawiki\b[^>]*>")
+_DOC_OPEN = re.compile(r"<doc\b([^>]*)>\s*$")
+_ATTR = re.compile(r'(\w+)="([^"]*)"')
+
+
+def iter_wikipedia(paths: Sequence[str], stats: ReadStats | None = None) -> Iterator[Document]:
+    """Yield Wikipedia articles from any mix of supported files, in path order.
+
+    Formats, detected per file from its content (compressed with bz2/gzip/xz or not):
+
+    * MediaWiki XML export (`pages-articles*.xml[.bz2]`, multistream too): namespace 0 only, redirects
+      skipped, the last revision of each page yielded with `markup="wikitext"`; doc_id is the title.
+    * WikiExtractor `<doc id= url= title=>` output: HTML entities unescaped, the repeated title line
+      dropped; `markup="plain"`.
+    * JSON lines with a `text` field (WikiExtractor `--json`, the Hugging Face wikimedia/wikipedia
+      export); doc_id is `title`, else `id`, else `<file>:<line>`.
+    * Parquet with a `text` column (wikimedia/wikipedia), read in row-group batches.
+    """
+    stats = stats if stats is not None else ReadStats()
+    for path in resolve_paths(paths):
+        stats.files_read += 1
+        if _sniff_magic(path).startswith(b"PAR1"):
+            yield from _iter_parquet(path, stats)
+            continue
+        with _open_binary(path) as raw:
+            stream = _TextStream(raw, path, stats)
+            head = stream.head().lstrip("\ufeff \t\r\n")
+            if not head and stream.error is not None:
+                _broke(path, stats, stream.error, 0, None)
+            elif not head:
+                log.warning("%s: empty file", path)
+            elif head.startswith("<doc"):
+                yield from _iter_wikiextractor_doc(path, stream, stats)
+            elif head.startswith("{"):
+                yield from _iter_jsonl(path, stream, stats)
+            elif head.startswith("<mediawiki") or (head.startswith("<?xml") and "<mediawiki" in head):
+                yield from _iter_mediawiki_xml(path, stream, stats)
+            else:
+                raise ValueError(
+                    f"{path}: unrecognised Wikipedia file format (expected a MediaWiki XML dump, "
+                    "WikiExtractor output, JSON lines or Parquet)"
+                )
+    stats.log("iter_wikipedia")
+
+
+def _wiki_document(
+    path: Path, doc_id: str, text: str, stats: ReadStats, markup: Literal["plain", "wikitext"] = "plain"
+) -> Document | None:
+    if not text.strip():
+        stats.empty_skipped += 1
+        return None
+    stats.documents_yielded += 1
+    return Document(source=str(path), doc_id=doc_id, text=text, markup=markup)
+
+
+def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
+    # mwxml insists on a <siteinfo> block, which some exports lack: give those an empty one right after
+    # the root tag.
+    head = stream.head(1 << 16)
+    if root := _MEDIAWIKI_TAG.search(head):
+        after = head[root.end() :]
+        page_at = after.find("<page")
+        if "<siteinfo" not in (after if page_at < 0 else after[:page_at]):
+            text = stream.read()  # the pushed-back head
+            stream.push(text[: root.end()] + "<siteinfo></siteinfo>" + text[root.end() :])
+    pages, last_title = 0, None
+    try:
+        root = ElementIterator.from_file(stream)
+        for page in mwxml.Dump.from_element(root):
+            if not isinstance(page, mwxml.Page):  # <logitem> in log dumps
+                continue
+            # The last revision is the latest; all must be consumed anyway to move to the next page.
+            latest = deque(page, maxlen=1)
+            revision = latest[0] if latest else None
+            # mwxml empties each finished <page> but leaves it attached to <mediawiki>: drop it, or
+            # memory grows by ~100 bytes a page (~2 GB over enwiki's 20M+ pages).
+            root.element.clear()
+            pages += 1
+            stats.pages_read += 1
+            last_title = page.title
+            text = (revision.text if revision is not None else None) or ""
+            if page.redirect is not None or _REDIRECT.match(text):
+                stats.redirects_skipped += 1
+            elif (page.namespace or 0) != 0 or (
+                revision is not None and revision.model not in (None, "wikitext")
+            ):
+                stats.non_article_skipped += 1
+            elif doc := _wiki_document(path, page.title, text, stats, markup="wikitext"):
+                yield doc
+    except _BROKEN as err:
+        _broke(path, stats, err, pages, last_title, unit="pages")
+
+
+def _iter_wikiextractor_doc(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
+    attrs: dict[str, str] | None = None  # None while outside a <doc>
+    body: list[str] = []
+    docs, last = 0, None
+    try:
+        for line in stream:
+            if attrs is None:
+                if m := _DOC_OPEN.match(line.strip()):
+                    attrs, body = dict(_ATTR.findall(m.group(1))), []
+                elif line.strip():
+                    stats.malformed_records += 1
+                continue
+            if line.strip() != "</doc>":
+                body.append(line)
+                continue
+            title = html.unescape(attrs.get("title", ""))
+            # WikiExtractor repeats the title as the first line
+            if body and html.unescape(body[0]).strip() == title.strip():
+                body = body[1:]
+            docs += 1
+            stats.pages_read += 1
+            last = title or attrs.get("id", "")
+            doc_id = title or attrs.get("id") or f"{path.name}:{docs}"
+            if doc := _wiki_document(path, doc_id, html.unescape("\n".join(body)).strip(), stats):
+                yield doc
+            attrs = None
+    except _BROKEN as err:
+        _broke(path, stats, err, docs, last)
+        return
+    if attrs is not None:
+        _broke(path, stats, EOFError("file ended inside a <doc>"), docs, last)
+
+
+def _iter_jsonl(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
+    records, last, first = 0, None, True
+    try:
+        for lineno, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+                if not isinstance(text, str):
+                    raise TypeError("`text` is not a string")
+            except (ValueError, KeyError, TypeError) as err:
+                if first:  # not a bad record but a different format (e.g. pretty-printed JSON)
+                    raise ValueError(
+                        f"{path}: not JSON lines with a `text` field ({err!r} on line {lineno})"
+                    ) from None
+                stats.malformed_records += 1
+                log.warning("%s:%d: skipping malformed record (%s)", path, lineno, err)
+                continue
+            first = False
+            records += 1
+            stats.pages_read += 1
+            doc_id = str(record.get("title") or record.get("id") or f"{path.name}:{lineno}")
+            last = doc_id
+            if doc := _wiki_document(path, doc_id, text, stats):
+                yield doc
+    except _BROKEN as err:
+        _broke(path, stats, err, records, last)
+
+
+def _iter_parquet(path: Path, stats: ReadStats, batch_rows: int = 256) -> Iterator[Document]:
+    import pyarrow as pa  # local: only Parquet inputs need it
+    import pyarrow.parquet as pq
+
+    rows, last = 0, None
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if "text" not in names:
+            raise ValueError(f"{path}: Parquet file has no `text` column (columns: {names})")
+        columns = [c for c in ("id", "title", "text") if c in names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+            data = batch.to_pydict()
+            ids, titles = data.get("id"), data.get("title")
+            for i, text in enumerate(data["text"]):
+                rows += 1
+                stats.pages_read += 1
+                doc_id = str((titles and titles[i]) or (ids and ids[i]) or f"{path.name}:{rows}")
+                last = doc_id
+                if doc := _wiki_document(path, doc_id, text or "", stats):
+                    yield doc
+    except (pa.ArrowException, OSError, EOFError) as err:
+        _broke(path, stats, err, rows, last)
+
+
+# --------------------------------------------------------------------------------------- BookCorpus
+
+
+def iter_bookcorpus(
+    paths: Sequence[str], stats: ReadStats | None = None, lines_per_document: int = 2000
+) -> Iterator[Document]:
+    """Yield BookCorpus documents (`markup="plain"`, one sentence a line as in the source).
+
+    Two layouts are supported, told apart by file name:
+
+    * The original release's concatenated files (names starting with `books_large`, e.g.
+      `books_large_p1.txt`): one sentence a line, lowercased and PTB-tokenized, with no book boundaries.
+      They are cut into documents at blank lines and, where there are none (the usual case), every
+      `lines_per_document` lines, so next-sentence pairs mostly come from the same book while documents
+      stay bounded. doc_id is `<file name>:<first line>-<last line>` (1-based, inclusive).
+    * Any other text file is one book (the `<Category>/<name>.txt` layout); doc_id is
+      `<Category>/<name>`.
+
+    Files may be bz2/gzip/xz compressed. A binary file raises `ValueError`.
+    """
+    if lines_per_document < 1:
+        raise ValueError(f"lines_per_document must be >= 1, got {lines_per_document}")
+    stats = stats if stats is not None else ReadStats()
+    for path in resolve_paths(paths):
+        stats.files_read += 1
+        with _open_binary(path) as raw:
+            stream = _TextStream(raw, path, stats)
+            if "\x00" in stream.head() or _sniff_magic(path).startswith(b"PAR1"):
+                raise ValueError(f"{path}: unrecognised BookCorpus file format (expected UTF-8 text)")
+            if path.name.startswith("books_large"):
+                yield from _iter_book_lines(path, stream, stats, lines_per_document)
+            else:
+                yield from _iter_book(path, stream, stats)
+    stats.log("iter_bookcorpus")
+
+
+def _book_document(path: Path, doc_id: str, lines: list[str], stats: ReadStats) -> Document | None:
+    text = "\n".join(lines).strip("\n")
+    if not text.strip():
+        stats.empty_skipped += 1
+        return None
+    stats.documents_yielded += 1
+    return Document(source=str(path), doc_id=doc_id, text=text)
+
+
+def _iter_book_lines(path: Path, stream: _TextStream, stats: ReadStats, per_doc: int) -> Iterator[Document]:
+    lines: list[str] = []
+    first = lineno = 0
+    try:
+        for lineno, line in enumerate(stream, 1):
+            stats.lines_read += 1
+            line = line.rstrip()
+            if line:
+                if not lines:
+                    first = lineno
+                lines.append(line)
+            if lines and (not line or len(lines) == per_doc):
+                end = lineno if line else lineno - 1
+                if doc := _book_document(path, f"{path.name}:{first}-{end}", lines, stats):
+                    yield doc
+                lines = []
+    except _BROKEN as err:
+        _broke(path, stats, err, lineno, None, unit="lines")
+    if lines and (doc := _book_document(path, f"{path.name}:{first}-{first + len(lines) - 1}", lines, stats)):
+        yield doc
+
+
+def _iter_book(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
+    name = path.name
+    for suffix in (".bz2", ".gz", ".xz", ".txt"):
+        name = name.removesuffix(suffix)
+    lines: list[str] = []
+    try:
+        for line in stream:
+            stats.lines_read += 1
+            lines.append(line.rstrip())
+    except _BROKEN as err:
+        _broke(path, stats, err, len(lines), None, unit="lines")
+    if doc := _book_document(path, f"{path.parent.name}/{name}", lines, stats):
+        yield doc
+
+
+# ----------------------------------------------------------------------------------- text cleaning
+
+# Links to these namespaces render as images, category tags or nothing, never as prose.
+_DROP_LINK_NAMESPACES = frozenset({"file", "image", "media", "category"})
+# `[[de:Foo]]` without a leading colon is an interlanguage link, shown in the sidebar, not the text.
+_INTERLANGUAGE = re.compile(r"[a-z]{2,3}(?:-[a-z]+)*:")
+# Tags whose content is not prose (references, tables, math, media, wiki-only machinery).
+_DROP_TAGS = frozenset(
+    {
+        "ref", "references", "table", "tr", "td", "th", "caption", "gallery", "math", "chem", "ce",
+        "score", "timeline", "graph", "imagemap", "mapframe", "maplink", "syntaxhighlight", "source",
+        "templatestyles", "templatedata", "noinclude", "hiero", "inputbox", "categorytree", "hr", "br",
+        "section", "indicator", "style", "script", "includeonly",
+    }
+)  # fmt: skip
+_BLOCK_TAGS = frozenset({"blockquote", "poem", "div", "p", "center", "pre"})  # paragraphs of their own
+_LIST_MARKUP = frozenset({"*", "#", ";"})  # bullet, numbered and definition-term lines
+# Trailing sections made of citations and link lists, not article prose.
+_STOP_SECTIONS = frozenset(
+    {"references", "external links", "see also", "further reading", "notes", "bibliography", "sources",
+     "citations", "footnotes", "notes and references", "references and notes"}
+)  # fmt: skip
+
+# The few inline templates whose visible output is prose; every other template is dropped.
+_TEMPLATES_LAST_PARAM = frozenset({"lang", "transl", "transliteration"})  # and every "lang-xx"
+_TEMPLATES_FIRST_PARAM = frozenset(
+    {"nowrap", "nobr", "small", "big", "sic", "not a typo", "smallcaps", "ill", "nobold", "noitalic"}
+)
+_TEMPLATES_CONVERT = frozenset({"convert", "cvt"})
+_TEMPLATES_LITERAL = {
+    "nbsp": " ", "space": " ", "ndash": " – ", "snd": " – ", "spaced ndash": " – ", "spnd": " – ",
+    "mdash": " — ", "spaced mdash": " — ",
+}  # fmt: skip
+_KEPT_TEMPLATES = frozenset(
+    {"as of", *_TEMPLATES_LAST_PARAM, *_TEMPLATES_FIRST_PARAM, *_TEMPLATES_CONVERT, *_TEMPLATES_LITERAL}
+)
+_CONVERT_RANGE = re.compile(r"[-+\d.,/]+|to|and|or|by|x|-|–")
+
+# Pre-pass, before parsing: these are always dropped and are most of the markup of a typical article
+# (citations, infoboxes, navboxes, tables). Building mwparserfromhell's tree is the bottleneck, so
+# cutting them first roughly doubles throughput; the parser still handles everything that is kept.
+_PRE_STRIP = re.compile(
+    r"<!--.*?(?:-->|$)|<ref\b[^>]*?/>|<ref\b[^>]*>.*?</ref\s*>"
+    r"|<(math|gallery|timeline|score|graph|imagemap|syntaxhighlight|source|hiero|chem|ce)\b[^>]*>.*?</\1\s*>",
+    re.DOTALL | re.IGNORECASE,
+)
+_BRACES = re.compile(r"\{\{|\}\}")
+_TEMPLATE_NAME = re.compile(r"\{\{\s*([^|{}<\n]*)")
+_TABLE_EDGE = re.compile(r"^[ \t:]*(\{\||\|\})", re.MULTILINE)  # tables open/close at line starts
+
+_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+_STYLE_QUOTES = re.compile(r"'{2,}")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]])")
+_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
+_PAREN_LEAD_PUNCT = re.compile(r"\(\s*[,;:]\s*")
+_TABLE_LINE = re.compile(r"\s*(?:\{\||\|)")  # stray table rows mwparserfromhell left as text
+
+
+def _template_name(raw: str) -> str:
+    return raw.strip().lower().replace("_", " ").removeprefix("template:")
+
+
+def _is_kept_template(name: str) -> bool:
+    return name in _KEPT_TEMPLATES or name.startswith("lang-")
+
+
+def _cut_templates(text: str) -> str:
+    """Remove balanced top-level `{{...}}` that are not kept, nested ones with them; unbalanced braces
+    are left for the parser, which treats them as text like MediaWiki does."""
+    out: list[str] = []
+    stack: list[tuple[int, bool]] = []  # (start offset, keep) of open templates
+    last = 0
+    for m in _BRACES.finditer(text):
+        if m.group() == "{{":
+            keep = False
+            if not stack:
+                name = _TEMPLATE_NAME.match(text, m.start())
+                keep = bool(name) and _is_kept_template(_template_name(name.group(1)))
+            stack.append((m.start(), keep))
+        elif stack:
+            start, keep = stack.pop()
+            if not stack and not keep and start >= last:
+                out.append(text[last:start])
+                last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _cut_tables(text: str) -> str:
+    """Replace balanced (possibly nested) `{| ... |}` tables by a paragraph break."""
+    out: list[str] = []
+    depth = start = last = 0
+    for m in _TABLE_EDGE.finditer(text):
+        if m.group(1) == "{|":
+            if depth == 0:
+                start = m.start()
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                out += (text[last:start], "\n\n")
+                last = m.end()
+    out.append(text[last:])
+    return "".join(out)
+
+
+def _param(template: Template, name: str | int) -> Wikicode | None:
+    key = str(name)
+    return template.get(key).value if template.has(key) else None
+
+
+def _template_text(template: Template, out: list[str]) -> None:
+    """Append the visible text of a kept inline template (see `_KEPT_TEMPLATES`)."""
+    name = _template_name(str(template.name))
+    if name in _TEMPLATES_LAST_PARAM or name.startswith("lang-"):
+        positional = [p for p in template.params if not p.showkey]
+        if positional:
+            _render(positional[-1].value, out)
+    elif name in _TEMPLATES_FIRST_PARAM:
+        if (value := _param(template, 1)) is not None:
+            _render(value, out)
+    elif name in _TEMPLATES_CONVERT:
+        words: list[str] = []
+        for param in template.params:  # numbers and range words, then the first unit
+            if not param.showkey:
+                words.append(str(param.value).strip())
+                if not _CONVERT_RANGE.fullmatch(words[-1]):
+                    break
+        out.append(" ".join(words))
+    elif name == "as of" and (value := _param(template, 1)) is not None:
+        out.append(f"As of {str(value).strip()}")
+    elif name in _TEMPLATES_LITERAL:
+        out.append(_TEMPLATES_LITERAL[name])
+
+
+def _render(code: Wikicode, out: list[str]) -> None:
+    """Append the visible prose of `code` to `out`, walking mwparserfromhell's node list once.
+
+    "\\n\\n" marks a paragraph break; single newlines are joined later, as MediaWiki renders them.
+    """
+    skip_line = False  # inside a list item: drop everything up to the next newline
+    stop_level = 0  # inside a trailing References/External links... section of this level
+    for node in code.nodes:
+        if isinstance(node, Heading):
+            # Headings are dropped (as in BERT's Wikipedia preprocessing) but end the paragraph.
+            skip_line = False
+            if stop_level and node.level > stop_level:
+                continue
+            title = node.title.strip_code().strip().lower()
+            stop_level = node.level if title in _STOP_SECTIONS else 0
+            out.append("\n\n")
+            continue
+        if stop_level:
+            continue
+        if isinstance(node, Text):
+            value = node.value
+            if skip_line:
+                cut = value.find("\n")
+                if cut < 0:
+                    continue
+                value, skip_line = value[cut:], False
+            out.append(value)
+        elif skip_line:
+            continue
+        elif isinstance(node, Wikilink):
+            title = str(node.title).strip()
+            prefix, colon, _ = title.partition(":")
+            if colon and prefix.strip().lower() in _DROP_LINK_NAMESPACES:
+                continue
+            if node.text is not None:
+                _render(node.text, out)
+            elif not _INTERLANGUAGE.match(title):
+                out.append(title.lstrip(":"))
+        elif isinstance(node, Tag):
+            tag = str(node.tag).strip().lower()
+            if node.wiki_markup in _LIST_MARKUP:
+                out.append("\n\n")
+                skip_line = True
+            elif node.wiki_markup == ":":  # an indented line is a paragraph of its own
+                out.append("\n\n")
+            elif tag in _DROP_TAGS:
+                out.append(" " if tag == "br" else "\n\n" if tag in ("table", "hr") else "")
+            elif node.contents is not None:
+                block = "\n\n" if tag in _BLOCK_TAGS else ""
+                out.append(block)
+                _render(node.contents, out)
+                out.append(block)
+        elif isinstance(node, Template):
+            _template_text(node, out)
+        elif isinstance(node, ExternalLink):
+            if node.title is not None:  # [http://x title] shows its title; bare and [n] links vanish
+                _render(node.title, out)
+        elif isinstance(node, HTMLEntity):
+            out.append(node.normalize())
+        # Comment and Argument nodes render as nothing
+
+
+def _clean_paragraph(lines: list[str]) -> str:
+    text = " ".join(" ".join(lines).split())
+    if "(" in text or "[" in text:  # "(; born 1900)" and "()" left by dropped templates
+        text = _PAREN_LEAD_PUNCT.sub("(", _EMPTY_PARENS.sub("", text))
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
+
+
+def wikitext_to_text(wikitext: str) -> str:
+    """Turn MediaWiki markup into plain prose, one paragraph a line.
+
+    Kept: paragraph text, the visible text of wikilinks (`[[a|b]]` -> b, `[[a]]` -> a) and of titled
+    external links, the contents of formatting tags, and the prose of a few inline templates (lang,
+    convert, nowrap, ...). Dropped: other templates, `<ref>`s, comments, tables, File:/Image: and
+    Category: links, interlanguage links, math, galleries, list items, headings (as in BERT's own
+    Wikipedia preprocessing; a heading still ends the paragraph before it) and trailing sections such as
+    References and External links. Bold/italic quotes are removed, whitespace is collapsed; lines of one
+    paragraph are joined and paragraphs are separated by a single "\\n".
+
+    Pure and picklable, meant to run in worker processes; parsing uses mwparserfromhell.
+    """
+    text = _cut_tables(_cut_templates(_PRE_STRIP.sub("", wikitext)))
+    # Style quotes ('' and ''') stay text and are removed afterwards: parsing them is the tokenizer's
+    # slowest path, and unbalanced quotes make it backtrack.
+    out: list[str] = []
+    _render(mwparserfromhell.parse(text, skip_style_tags=True), out)
+    text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub("", "".join(out)))
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in text.split("\n"):
+        if line.strip() and not _TABLE_LINE.match(line):
+            current.append(line)
+        elif current:
+            paragraphs.append(_clean_paragraph(current))
+            current = []
+    if current:
+        paragraphs.append(_clean_paragraph(current))
+    return "\n".join(p for p in paragraphs if any(c.isalnum() for c in p))
+
+
+def to_plain_text(doc: Document) -> str:
+    """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line."""
+    if doc.markup == "wikitext":
+        return wikitext_to_text(doc.text)
+    lines = (" ".join(line.split()) for line in doc.text.split("\n"))
+    return "\n".join(line for line in lines if line)
+
+
+# ---------------------------------------------------------------------------------------- sentences
+
+# Abbreviations that (almost) never end a sentence ("Dr. Smith", "e.g. this"): blingfire splits after
+# some of them, so both splitters re-join such splits.
+_NON_FINAL_ABBREVIATIONS = frozenset(
+    ("mr", "mrs", "ms", "dr", "prof", "st", "gen", "col", "lt", "sgt", "capt", "cpt", "maj", "rev", "hon",
+     "gov", "sen", "rep", "pres", "mt", "fr", "vs", "cf", "e.g", "i.e", "approx", "no")
+)  # fmt: skip
+_FALLBACK_BOUNDARY = re.compile(r"[.!?…]+[\"'”’)\]]*\s+")
+
+
+def _load_blingfire() -> Callable[[str], str] | None:
+    try:
+        from blingfire import text_to_sentences  # ships its model and native library in the wheel
+    except (ImportError, OSError) as err:  # OSError: no native library for this platform (e.g. arm64)
+        log.info("blingfire unavailable (%s); using the regex sentence splitter", err)
+        return None
+    return text_to_sentences
+
+
+_blingfire = _load_blingfire()
+
+
+def _last_word(text: str) -> str:
+    words = text.rsplit(None, 1)
+    return words[-1].lstrip("(\"'“‘").lower() if words else ""
+
+
+def _ends_with_abbreviation(sentence: str) -> bool:
+    return sentence.endswith(".") and _last_word(sentence[:-1]) in _NON_FINAL_ABBREVIATIONS
+
+
+def _regex_sentences(line: str) -> list[str]:
+    """Fallback splitter: a boundary is .!? (plus closing quotes) and a space, followed by a word that
+    does not start in lower case, unless the full stop ends an initial ("J."), an acronym ("U.S.") or
+    a known abbreviation."""
+    out, start = [], 0
+    for m in _FALLBACK_BOUNDARY.finditer(line):
+        nxt = line[m.end() : m.end() + 2].lstrip("\"'“‘([")[:1]
+        if not nxt or nxt.islower():
+            continue
+        if line[m.start()] == ".":
+            word = _last_word(line[start : m.start()])
+            if len(word) == 1 or "." in word or word in _NON_FINAL_ABBREVIATIONS:
+                continue
+        out.append(line[start : m.end()].strip())
+        start = m.end()
+    out.append(line[start:].strip())
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split text into sentences; every line is at least one sentence.
+
+    Lines are split independently (paragraphs from `to_plain_text`, or BookCorpus's one sentence a line,
+    must not be glued together). Within a line blingfire's model does the work when the `blingfire`
+    wheel loads on this platform, else a regex splitter (used where blingfire's native library is missing,
+    e.g. Linux arm64); both then re-join splits after abbreviations such as "Dr." and "e.g.". Nothing is
+    downloaded. Like most splitters, all-lowercase text is rarely split within a line.
+    """
+    sentences: list[str] = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        parts = _blingfire(line).split("\n") if _blingfire is not None else _regex_sentences(line)
+        merged: list[str] = []  # merges stay within the line
+        for part in parts:
+            if merged and _ends_with_abbreviation(merged[-1]):
+                merged[-1] = f"{merged[-1]} {part}"
+            elif part:
+                merged.append(part)
+        sentences.extend(merged)
+    return sentences
