@@ -51,9 +51,11 @@ def export_hf(argv: list[str]) -> Path:
     if not Path(a.ckpt_path).is_file():
         raise SystemExit(f"error: checkpoint {a.ckpt_path} does not exist")
     ckpt = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
-    module = MLMPretrainingModule(
-        **{k: v for k, v in ckpt["hyper_parameters"].items() if k != "init_from_hf"}
-    )
+    # the architecture comes from the saved hyperparameters; the weights follow
+    hparams = {
+        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_") and k != "init_from_hf"
+    }
+    module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     tokenizer = None
     if "tokenizer_json" in ckpt:
@@ -77,7 +79,7 @@ def main(args: ArgsType = None) -> PretrainCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=argv,
+        args=args,  # None: LightningCLI reads sys.argv itself
     )
 
 

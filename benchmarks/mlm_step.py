@@ -34,8 +34,11 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     ids = torch.randint(5, VOCAB, (BATCH, SEQ), generator=g)
     ids[:, 0] = 2
     attention = torch.ones(BATCH, SEQ, dtype=torch.long)
-    lengths = torch.randint(SEQ // 2, SEQ + 1, (BATCH,), generator=g)
-    attention[torch.arange(SEQ)[None] >= lengths[:, None]] = 0  # NSP pairs are not all full length
+    # as BERT's NSP data: most pairs fill the sequence, 10% (short_seq_prob) have a random shorter target
+    lengths = torch.full((BATCH,), SEQ)
+    short = torch.rand(BATCH, generator=g) < 0.1
+    lengths[short] = torch.randint(8, SEQ, (int(short.sum()),), generator=g)
+    attention[torch.arange(SEQ)[None] >= lengths[:, None]] = 0
     types = (torch.arange(SEQ)[None] >= (lengths // 2)[:, None]).long() * attention
     chosen = (torch.rand(BATCH, SEQ, generator=g) < 0.15) & attention.bool()
     chosen[:, 0] = False
@@ -83,8 +86,8 @@ def bench_models(steps: int, warmup: int) -> tuple[float, float]:
         vocab_size=VOCAB, hidden_size=H, num_hidden_layers=L_, num_attention_heads=A, intermediate_size=4 * H
     )
     theirs = transformers.BertForPreTraining(hf_cfg).train()
-    opt_ours = torch.optim.AdamW(param_groups(ours, 0.01), lr=1e-4)
-    opt_theirs = torch.optim.AdamW(param_groups(theirs, 0.01), lr=1e-4)
+    opt_ours = torch.optim.AdamW(param_groups(ours, 0.01), lr=1e-4, fused=True)  # as our build_optimizer
+    opt_theirs = torch.optim.AdamW(param_groups(theirs, 0.01), lr=1e-4)  # the usual HF / PyTorch default
     batch = make_batch()
     for _ in range(warmup):
         ours_step(ours, opt_ours, batch)
@@ -109,6 +112,7 @@ def bench_dataloader(step_time: float, workers: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = MLMDataModule(
+            sample_corpus=True,
             tokenizer_vocab_size=VOCAB,
             max_seq_length=SEQ,
             batch_size=BATCH,

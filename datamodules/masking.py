@@ -61,11 +61,16 @@ class MLMCollator:
             # a word = a start piece and the `##` pieces that follow it
             starts = self.word_start[ids[candidates]] | np.r_[True, np.diff(candidates) != 1]
             word_id = np.cumsum(starts) - 1
-            order = rng.permutation(word_id[-1] + 1)
             sizes = np.bincount(word_id)
-            chosen_words = order[np.cumsum(sizes[order]) <= n_target]
-            if chosen_words.size == 0:  # the first word alone is longer than the budget
-                chosen_words = order[:1]
+            chosen_words, total = [], 0
+            for w in rng.permutation(sizes.size):  # as BERT: a word that would overflow is skipped
+                if total + sizes[w] <= n_target:
+                    chosen_words.append(w)
+                    total += sizes[w]
+                    if total == n_target:
+                        break
+            if not chosen_words:  # every word alone is longer than the budget
+                chosen_words = [int(np.argmin(sizes))]
             chosen = candidates[np.isin(word_id, chosen_words)]
         else:
             chosen = rng.choice(candidates, size=n_target, replace=False)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
+from datamodules.loading import ResumableDataLoader, ResumableSampler
 from datamodules.masking import MLMCollator
 from datamodules.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
 from datamodules.sample_corpus import generate_sample_corpus
@@ -60,6 +61,7 @@ class MLMDataModule(L.LightningDataModule):
         self,
         wikipedia: list[str] | None = None,
         bookcorpus: list[str] | None = None,
+        sample_corpus: bool = False,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 30522,
         lowercase: bool = True,
@@ -84,6 +86,7 @@ class MLMDataModule(L.LightningDataModule):
         Args:
             wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
             bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
+            sample_corpus: use the bundled sample corpus (generated under cache_dir) when no corpus is given.
             tokenizer: a BERT vocab.txt or tokenizer.json; None trains WordPiece on the corpus.
             tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
             lowercase: lowercase text (uncased BERT).
@@ -109,6 +112,11 @@ class MLMDataModule(L.LightningDataModule):
         self.wikipedia = list(wikipedia or [])
         self.bookcorpus = list(bookcorpus or [])
         if not self.wikipedia and not self.bookcorpus:
+            if not sample_corpus:
+                raise ValueError(
+                    "no corpus given: pass --data.wikipedia '[dump.xml.bz2, ...]' and/or --data.bookcorpus "
+                    "'[books_large_p1.txt, ...]', or --data.sample_corpus true for the bundled sample"
+                )
             sample = generate_sample_corpus(Path(cache_dir) / "sample_corpus")
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
         resolve_paths([*self.wikipedia, *self.bookcorpus])  # fail now, naming a missing path
@@ -203,14 +211,27 @@ class MLMDataModule(L.LightningDataModule):
             seed=self.hparams.seed + eval_seed_offset,
         )
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        world, rank = (
+            (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        )
+        # An explicit, seeded sampler: the order of epoch e depends on (seed, e) only, on one device or many,
+        # and the loader's position is checkpointed, so a resumed run sees what an unbroken one would.
+        sampler = ResumableSampler(
             self.datasets[split],
+            num_replicas=world,
+            rank=rank,
+            shuffle=train,
+            seed=self.hparams.seed,
+            drop_last=train,
+        )
+        return ResumableDataLoader(
+            self.datasets[split],
+            sampler=sampler,
             batch_size=self.hparams.batch_size
             if train
             else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            shuffle=train,
             drop_last=train,
             num_workers=workers,
             persistent_workers=workers > 0,

@@ -235,7 +235,7 @@ def packed_instances(
             sent = sent.tolist()
             while sent:
                 if cur and len(cur) + len(sent) > budget:
-                    yield [cls_id, *cur, sep_id], 0, 0
+                    yield [cls_id, *_strip_sep(cur, sep_id), sep_id], 0, 0
                     cur = []
                 take = sent[:budget]  # a sentence longer than the budget is split
                 cur.extend(take)
@@ -243,7 +243,12 @@ def packed_instances(
         if cur and len(cur) < budget:
             cur.append(sep_id)  # document boundary
     if cur:
-        yield [cls_id, *cur, sep_id], 0, 0
+        yield [cls_id, *_strip_sep(cur, sep_id), sep_id], 0, 0
+
+
+def _strip_sep(tokens: list[int], sep_id: int) -> list[int]:
+    """A document-boundary [SEP] at the very end would double the closing one."""
+    return tokens[:-1] if tokens and tokens[-1] == sep_id else tokens
 
 
 def _write_shard(args: tuple) -> dict:
@@ -364,6 +369,8 @@ def prepare_mlm_cache(
         "shards": {sp: [s for s in shards if s["split"] == sp] for sp in SPLITS},
     }
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    if final.exists() and not (final / "index.json").is_file():
+        shutil.rmtree(final, ignore_errors=True)  # debris of an interrupted removal; never loaded
     try:
         os.replace(tmp, final)
     except OSError:  # a concurrent run finished first; keep its copy

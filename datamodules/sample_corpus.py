@@ -112,7 +112,7 @@ def _page(title: str, page_id: int, text: str, ns: int = 0, redirect: str | None
 def generate_sample_corpus(
     root: str | os.PathLike, articles_per_town: int = 30, story_lines: int = 6000, seed: int = 0
 ) -> dict[str, Path]:
-    """Write `root/enwiki-sample-pages-articles.xml.bz2` and `root/bookcorpus/books_sample.txt`.
+    """Write `root/enwiki-sample-pages-articles.xml.bz2` and `root/bookcorpus/books_large_sample.txt`.
 
     Idempotent: an existing complete sample is reused; a new one is written to a temporary folder and
     renamed into place, so an interrupted run leaves nothing half-written.
@@ -120,7 +120,7 @@ def generate_sample_corpus(
     root = Path(root)
     paths = {
         "wikipedia": root / "enwiki-sample-pages-articles.xml.bz2",
-        "bookcorpus": root / "bookcorpus" / "books_sample.txt",
+        "bookcorpus": root / "bookcorpus" / "books_large_sample.txt",
     }
     if all(p.is_file() for p in paths.values()):
         return paths
@@ -147,7 +147,7 @@ def generate_sample_corpus(
         f.write(header + "".join(pages) + "</mediawiki>\n")
     (tmp / "bookcorpus").mkdir()
     lines = _story_lines(facts, rng, story_lines)
-    (tmp / "bookcorpus" / "books_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (tmp / "bookcorpus" / "books_large_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if root.exists():
         shutil.rmtree(root)
     os.replace(tmp, root)

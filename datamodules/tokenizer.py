@@ -71,6 +71,7 @@ def wordpiece_from_vocab(path: str | os.PathLike, lowercase: bool = True) -> Tok
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.add_special_tokens(list(SPECIAL_TOKENS))  # kept whole, as BertTokenizerFast does
     return _add_template(_bert_pipeline(tok, lowercase))
 
 
@@ -161,6 +162,8 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         """`[CLS] text [SEP]`, truncated to `max_length` and right-padded to the longest in the batch."""
+        if max_length < 2:
+            raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
         body = self.encode_batch(texts)
         rows = [[self.cls_id, *ids[: max_length - 2], self.sep_id] for ids in body]
         width = max(len(r) for r in rows)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_modules.components.losses import build_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.optim import Schedule, build_optimizer
+from lightning_modules.rng import rng_state, set_rng_state
 
 
 @dataclass
@@ -139,6 +140,13 @@ class ContrastiveModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_state"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_state" in checkpoint:
+            set_rng_state(checkpoint["rng_state"])
 
     def configure_optimizers(self):
         total = max(1, int(self.trainer.estimated_stepping_batches))

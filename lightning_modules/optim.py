@@ -56,7 +56,12 @@ def build_optimizer(
     """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`."""
     if isinstance(warmup_steps, float) and warmup_steps < 1:
         warmup_steps = int(warmup_steps * total_steps)
-    opt = torch.optim.AdamW(param_groups(model, weight_decay, no_decay_names), lr=lr, betas=betas, eps=eps)
+    groups = param_groups(model, weight_decay, no_decay_names)
+    # the fused kernel (CPU and CUDA) updates all parameters in one pass instead of a loop of small ops
+    fused = all(
+        p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"]
+    )
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_decay(s, int(warmup_steps), total_steps, schedule)
     )

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, cls_pool, masked_mean_pool
+from lightning_modules.components.encoder import (
+    EncoderConfig,
+    TransformerEncoder,
+    activation,
+    cls_pool,
+    masked_mean_pool,
+)
 
 
 @dataclass
@@ -89,12 +95,10 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embedding = embedding  # tied: the decoder weight is the input embedding table
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.activation = cfg.activation
+        self.activation = activation(cfg.activation)  # BERT's head uses the encoder's hidden_act
 
     def forward(self, hidden: Tensor) -> Tensor:
-        h = self.norm(
-            F.gelu(self.transform(hidden), approximate="tanh" if self.activation == "gelu_tanh" else "none")
-        )
+        h = self.norm(self.activation(self.transform(hidden)))
         return F.linear(h, self.embedding.weight, self.bias)
 
 

@@ -72,7 +72,7 @@ class EncoderConfig:
         return replace(cfg, **overrides) if overrides else cfg
 
 
-def _activation(name: str) -> nn.Module:
+def activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
 
 
@@ -88,7 +88,11 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention_dropout = cfg.attention_dropout
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False, unpad: Unpadded | None = None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+        unpad: Unpadded | None = None,
     ):
         qkv = self.qkv(x)
         if unpad is not None:  # tokens (T, 3d) back to the (B, L, 3d) layout attention needs
@@ -116,7 +120,7 @@ class FeedForward(nn.Sequential):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__(
             nn.Linear(cfg.hidden_size, cfg.intermediate_size),
-            _activation(cfg.activation),
+            activation(cfg.activation),
             nn.Linear(cfg.intermediate_size, cfg.hidden_size),
         )
 
@@ -132,7 +136,11 @@ class EncoderBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, need_weights: bool = False, unpad: Unpadded | None = None
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        need_weights: bool = False,
+        unpad: Unpadded | None = None,
     ):
         if self.norm_first:
             a, w = self.attention(self.attention_norm(x), attn_mask, need_weights, unpad)

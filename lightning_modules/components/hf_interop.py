@@ -148,9 +148,10 @@ def load_hf_bert(folder: str | os.PathLike, strict_heads: bool = False) -> BertF
 
 def save_hf_bert(model: BertForPreTraining, folder: str | os.PathLike, tokenizer=None) -> Path:
     """Write `model` as a Hugging Face `BertForPreTraining` folder (plus vocab.txt when a tokenizer is given)."""
+    cfg = model.cfg
+    hf_config = config_to_hf(cfg)  # refuses what the format cannot hold before anything is written
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg
     sd = model.state_dict()
     out: dict[str, Tensor] = {hf: sd[mine] for mine, hf in _name_map(cfg.num_layers).items()}
     h = cfg.hidden_size
@@ -161,7 +162,7 @@ def save_hf_bert(model: BertForPreTraining, folder: str | os.PathLike, tokenizer
                 out[f"bert.encoder.layer.{i}.attention.self.{name}.{p}"] = t
     out = {k: v.detach().contiguous().cpu() for k, v in out.items()}
     save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder

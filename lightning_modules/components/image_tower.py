@@ -1,0 +1,111 @@
+"""The image tower of image-text alignment: a torchvision backbone, its pooled features, a linear projection.
+
+    ViT     images -> patches + [class] token -> pre-LN Transformer -> final LN -> class-token state
+    ResNet  images -> ResNet-50 trunk -> global average pool (2048-d)
+    both    pooled features -> W_proj (no bias) -> embed_dim (not normalised: the loss normalises)
+
+The ViTs are torchvision's `VisionTransformer`: `vit_b_16` and `vit_b_32` have exactly the shape of
+`torchvision.models.vit_b_16/vit_b_32` (built here directly so the image size is free), `vit_tiny` is a CPU size
+for the quickstart and the tests, and `vit_custom` starts from the benchmark's shape (patch 32, 4 layers,
+width 256). Any ViT field given in `ImageTowerConfig` overrides its preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+ImageArch = Literal["vit_b_16", "vit_b_32", "vit_tiny", "vit_custom", "resnet50"]
+
+# (patch size, layers, width, heads); the MLP is 4 x width as in ViT-B.
+VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "vit_b_16": (16, 12, 768, 12),
+    "vit_b_32": (32, 12, 768, 12),
+    "vit_tiny": (8, 4, 128, 4),
+    "vit_custom": (32, 4, 256, 4),
+}
+
+
+@dataclass
+class ImageTowerConfig:
+    """Backbone choice and, for the ViTs, their shape."""
+
+    arch: ImageArch = "vit_b_16"
+    """Backbone: a ViT preset or torchvision's ResNet-50."""
+    image_size: int = 224
+    """Side of the square input; a ViT's position table is made for exactly this size."""
+    patch_size: int | None = None
+    """ViT patch side; None keeps the preset's. image_size must be a multiple of it."""
+    layers: int | None = None
+    """ViT encoder blocks; None keeps the preset's."""
+    width: int | None = None
+    """ViT width; None keeps the preset's."""
+    heads: int | None = None
+    """ViT attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
+    mlp_dim: int | None = None
+    """ViT feed-forward width; None means 4 x width."""
+    dropout: float = 0.0
+    """ViT dropout after attention, in the MLP and on the embeddings (CLIP uses none)."""
+    attention_dropout: float = 0.0
+    """ViT dropout on attention probabilities."""
+
+    def __post_init__(self) -> None:
+        if self.arch == "resnet50":
+            return
+        if self.arch not in VIT_PRESETS:
+            raise ValueError(
+                f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
+            )
+        patch, layers, width, heads = VIT_PRESETS[self.arch]
+        if self.heads is None and self.width is not None:
+            self.heads = max(1, self.width // 64)
+        self.patch_size = self.patch_size or patch
+        self.layers = self.layers or layers
+        self.width = self.width or width
+        self.heads = self.heads or heads
+        self.mlp_dim = self.mlp_dim or 4 * self.width
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"ViT width {self.width} is not divisible by heads {self.heads}")
+
+
+class ImageTower(nn.Module):
+    """Images (B, 3, H, W) -> (B, embed_dim) joint-space embeddings (not normalised)."""
+
+    def __init__(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.arch == "resnet50":
+            self.backbone = torchvision.models.resnet50(weights=None)
+            features = self.backbone.fc.in_features
+            self.backbone.fc = nn.Identity()  # keep the global-average-pooled 2048-d features
+            # NHWC lets the convolutions use their faster kernels (cuDNN tensor cores, oneDNN on CPU).
+            self.backbone.to(memory_format=torch.channels_last)
+        else:
+            self.backbone = VisionTransformer(
+                image_size=cfg.image_size,
+                patch_size=cfg.patch_size,
+                num_layers=cfg.layers,
+                num_heads=cfg.heads,
+                hidden_dim=cfg.width,
+                mlp_dim=cfg.mlp_dim,
+                dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout,
+            )
+            features = cfg.width
+            self.backbone.heads = nn.Identity()  # the classifier head goes; the class-token state stays
+        self.proj = nn.Linear(features, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=features**-0.5)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.cfg.arch == "resnet50":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.proj(self.backbone(images))

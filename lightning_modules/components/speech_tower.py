@@ -1,0 +1,238 @@
+"""The speech tower of speech-text alignment: waveform -> log-mel -> SpecAugment -> 4x conv subsampling ->
+Transformer (the shared encoder) or Conformer -> masked mean -> projection into the joint space.
+
+Padding never changes an utterance's embedding (in eval mode). Every stage that mixes neighbouring frames
+sees, past an utterance's end, exactly what it would see if the utterance were alone:
+  * the STFT is uncentred, so frame t reads samples [t·hop, t·hop + win) and never the padding;
+  * padded frames are zeroed before each convolution, which is what the convolution's own zero padding
+    shows the utterance when it is alone;
+  * attention gets a key-padding mask, and pooling averages real frames only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torchaudio
+from torch import Tensor, nn
+
+from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+
+
+@dataclass
+class SpeechTowerConfig:
+    """Front end and encoder choice of the speech tower; the encoder's shape is an `EncoderConfig`."""
+
+    sample_rate: int = 16000
+    """Waveform sample rate (Hz)."""
+    n_mels: int = 80
+    """Mel filterbank channels."""
+    win_ms: float = 25.0
+    """Analysis window (and FFT) length in milliseconds."""
+    hop_ms: float = 10.0
+    """Frame shift in milliseconds."""
+    log_floor: float = 1e-6
+    """log(max(mel power, floor)): silence and digital zeros stay finite."""
+    freq_masks: int = 2
+    """SpecAugment frequency masks per utterance (training only)."""
+    freq_mask_width: int = 27
+    """Widest frequency mask, in mel channels."""
+    time_masks: int = 2
+    """SpecAugment time masks per utterance (training only)."""
+    time_mask_width: int = 40
+    """Widest time mask, in 10 ms frames."""
+    conv_channels: int = 256
+    """Channels of the two subsampling convolutions."""
+    encoder: Literal["transformer", "conformer"] = "transformer"
+    """The shared TransformerEncoder, or torchaudio's Conformer."""
+    conformer_kernel_size: int = 31
+    """Depthwise convolution kernel of the Conformer blocks (odd)."""
+
+    @property
+    def win_length(self) -> int:
+        return round(self.sample_rate * self.win_ms / 1000)
+
+    @property
+    def hop_length(self) -> int:
+        return round(self.sample_rate * self.hop_ms / 1000)
+
+
+def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
+    """(B,) lengths -> (B, max_length) bool, True at real positions."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
+class LogMel(nn.Module):
+    """Waveforms (B, T) with lengths -> per-utterance normalised log-mel frames (B, N, n_mels) and frame counts.
+
+    `num_frames(T) = 1 + (max(T, win) - win) // hop`: the STFT is uncentred and a waveform shorter than one
+    window is zero-extended to one frame. Each mel channel is normalised to zero mean and unit variance over
+    the utterance's real frames (cepstral mean and variance normalisation); padded frames come out as 0.
+    """
+
+    def __init__(self, cfg: SpeechTowerConfig) -> None:
+        super().__init__()
+        self.win = cfg.win_length
+        self.hop = cfg.hop_length
+        self.floor = cfg.log_floor
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate,
+            n_fft=self.win,
+            win_length=self.win,
+            hop_length=self.hop,
+            n_mels=cfg.n_mels,
+            center=False,  # centring would reflect-pad the end of the batch, not of each utterance
+            power=2.0,
+        )
+
+    def num_frames(self, samples: Tensor) -> Tensor:
+        return 1 + (samples.clamp_min(self.win) - self.win) // self.hop
+
+    def forward(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        frames = self.num_frames(lengths)
+        needed = self.win + (int(frames.max()) - 1) * self.hop  # crop trailing batch padding no one uses
+        if waveforms.shape[1] < needed:
+            waveforms = nn.functional.pad(waveforms, (0, needed - waveforms.shape[1]))
+        # features in float32 even under autocast: bf16 would quantise the mel energies
+        with torch.autocast(waveforms.device.type, enabled=False):
+            x = self.mel(waveforms[:, :needed].float()).clamp_min(self.floor).log().transpose(1, 2)
+        mask = lengths_to_mask(frames, x.shape[1]).unsqueeze(-1)  # (B, N, 1)
+        count = frames[:, None, None].to(x.dtype)
+        mean = (x * mask).sum(1, keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum(1, keepdim=True) / count
+        return (x - mean) * torch.rsqrt(var + 1e-5) * mask, frames
+
+
+class ConvSubsampling(nn.Module):
+    """Two 3x3 stride-2 convolutions with ReLU over (time, mel), then a linear map to the model width.
+
+    With padding 1 each halves a length L to ceil(L / 2), so the output has ceil(ceil(N / 2) / 2) frames.
+    """
+
+    def __init__(self, n_mels: int, channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, channels, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.proj = nn.Linear(channels * self.output_length(self.output_length(n_mels)), hidden_size)
+
+    @staticmethod
+    def output_length(length: Tensor | int) -> Tensor | int:
+        return (length - 1) // 2 + 1  # floor((L + 2·1 - 3) / 2) + 1
+
+    def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, N, F) features with (B,) lengths -> (B, N', hidden) and (B,) lengths N'."""
+        x = x.unsqueeze(1)  # (B, 1, N, F): time is the conv's height
+        for conv in (self.conv1, self.conv2):
+            x = x * lengths_to_mask(lengths, x.shape[2])[:, None, :, None].to(x.dtype)
+            x = torch.relu(conv(x))
+            lengths = self.output_length(lengths)
+        b, c, n, f = x.shape
+        return self.proj(x.permute(0, 2, 1, 3).reshape(b, n, c * f)), lengths
+
+
+def sinusoidal_positions(length: int, dim: int, device: torch.device | None = None) -> Tensor:
+    """PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(p / 10000^(2i/d)) (Vaswani et al. 2017): (length, dim)."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(
+        torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim)
+    )
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(position * inv_freq)
+    pe[:, 1::2] = torch.cos(position * inv_freq[: dim // 2])
+    return pe
+
+
+class MaskedConformer(nn.Module):
+    """`torchaudio.models.Conformer` with padded frames zeroed in front of every depthwise convolution.
+
+    torchaudio masks attention by length, but its convolution module slides its kernel across the padding,
+    so an utterance's last frames would see whatever the padding holds after the first block. A pre-hook on
+    each depthwise convolution zeroes it, as the convolution's own zero padding would for a lone utterance.
+    The BatchNorm of the convolution module counts padded frames in its training statistics; in eval mode it
+    is per-frame and exact.
+    """
+
+    def __init__(self, cfg: EncoderConfig, kernel_size: int) -> None:
+        super().__init__()
+        self.conformer = torchaudio.models.Conformer(
+            input_dim=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            ffn_dim=cfg.intermediate_size,
+            num_layers=cfg.num_layers,
+            depthwise_conv_kernel_size=kernel_size,
+            dropout=cfg.dropout,
+        )
+        self._mask: Tensor | None = None
+        for layer in self.conformer.conformer_layers:
+            depthwise = layer.conv_module.sequential[2]  # pointwise, GLU, *depthwise*, norm, SiLU, pointwise
+            depthwise.register_forward_pre_hook(self._zero_padding)
+
+    def _zero_padding(self, module: nn.Module, args: tuple[Tensor]) -> tuple[Tensor] | None:
+        if self._mask is None:
+            return None
+        (x,) = args  # (B, C, N)
+        return (x * self._mask[:, None, :].to(x.dtype),)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor) -> Tensor:
+        self._mask = key_padding_mask
+        try:
+            out, _ = self.conformer(x, key_padding_mask.sum(1))
+        finally:
+            self._mask = None
+        return out
+
+
+class SpeechTower(nn.Module):
+    """Waveforms (B, T) + lengths (B,) in samples -> (B, embed_dim) utterance embeddings (not normalised)."""
+
+    def __init__(self, cfg: SpeechTowerConfig, encoder_cfg: EncoderConfig, embed_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        hidden = encoder_cfg.hidden_size
+        self.features = LogMel(cfg)
+        self.spec_augment = nn.Sequential(
+            *(
+                torchaudio.transforms.FrequencyMasking(cfg.freq_mask_width, iid_masks=True)
+                for _ in range(cfg.freq_masks)
+            ),
+            *(
+                torchaudio.transforms.TimeMasking(cfg.time_mask_width, iid_masks=True)
+                for _ in range(cfg.time_masks)
+            ),
+        )
+        self.subsample = ConvSubsampling(cfg.n_mels, cfg.conv_channels, hidden)
+        self.input_scale = math.sqrt(hidden)
+        self.dropout = nn.Dropout(encoder_cfg.dropout)
+        if cfg.encoder == "transformer":
+            self.encoder: nn.Module = TransformerEncoder(encoder_cfg)
+        elif cfg.encoder == "conformer":
+            self.encoder = MaskedConformer(encoder_cfg, cfg.conformer_kernel_size)
+        else:
+            raise ValueError(f"unknown speech encoder {cfg.encoder!r}; choose transformer or conformer")
+        self.proj = nn.Linear(hidden, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=hidden**-0.5)
+
+    def output_lengths(self, samples: Tensor) -> Tensor:
+        """Encoder frames per utterance: 4x fewer than the 10 ms log-mel frames, rounded up."""
+        frames = self.features.num_frames(samples)
+        return ConvSubsampling.output_length(ConvSubsampling.output_length(frames))
+
+    def encode(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden states (B, N', hidden) and their (B, N') mask, True at real frames."""
+        x, frames = self.features(waveforms, lengths)
+        if self.training and len(self.spec_augment):
+            # (B, F, N) for torchaudio; a time mask over the padding is harmless, the mask below re-zeroes it
+            x = self.spec_augment(x.transpose(1, 2)).transpose(1, 2)
+        x, frames = self.subsample(x, frames)
+        mask = lengths_to_mask(frames, x.shape[1])
+        # scaled by √d as in the Transformer paper, so the positions do not drown the content at init
+        x = x * self.input_scale + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
+        x = self.dropout(x)
+        return self.encoder(x, mask), mask
+
+    def forward(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        hidden, mask = self.encode(waveforms, lengths)
+        return self.proj(masked_mean_pool(hidden, mask))
