@@ -18,6 +18,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 # the task packages must be importable for class_path resolution
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
+from lightning_modules.callbacks import MetricCurves
 
 
 class PretrainCLI(LightningCLI):
@@ -79,6 +80,8 @@ def main(args: ArgsType = None) -> PretrainCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger
+        trainer_defaults={"callbacks": [MetricCurves()]},
         args=args,  # None: LightningCLI reads sys.argv itself
     )
 
