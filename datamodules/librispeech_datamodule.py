@@ -418,7 +418,7 @@ class LibriSpeechDataModule(LightningDataModule):
         num_buckets: int = 10,
         num_workers: int = 4,
         tokenizer: str | None = None,
-        vocab_size: int = 8192,
+        tokenizer_vocab_size: int = 8192,
         lowercase: bool = True,
         context_length: int = 64,
         cache_dir: str | None = None,
@@ -438,7 +438,8 @@ class LibriSpeechDataModule(LightningDataModule):
             num_workers: DataLoader worker processes.
             tokenizer: a `vocab.txt` / `tokenizer.json` (or folder); None trains WordPiece on the
                 training transcripts once and caches it.
-            vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file).
+            tokenizer_vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file);
+                the `vocab_size` property gives the size actually trained.
             lowercase: lowercase transcripts (LibriSpeech is UPPER CASE) before tokenizing.
             context_length: maximum tokens per transcript, including [CLS] and [SEP].
             cache_dir: where the trained tokenizer and the audio index are cached
@@ -517,7 +518,7 @@ class LibriSpeechDataModule(LightningDataModule):
                 self.hparams.tokenizer,
                 texts,
                 self.cache_dir,
-                self.hparams.vocab_size,
+                self.hparams.tokenizer_vocab_size,
                 self.hparams.lowercase,
                 key,
             )

@@ -224,7 +224,7 @@ class SpeechTower(nn.Module):
         """Hidden states (B, N', hidden) and their (B, N') mask, True at real frames."""
         x, frames = self.features(waveforms, lengths)
         if self.training and len(self.spec_augment):
-            # (B, F, N) for torchaudio; a time mask over the padding is harmless, the mask below re-zeroes it
+            # (B, F, N) for torchaudio; a mask landing on padding is harmless: the subsampling re-zeroes it
             x = self.spec_augment(x.transpose(1, 2)).transpose(1, 2)
         x, frames = self.subsample(x, frames)
         mask = lengths_to_mask(frames, x.shape[1])
