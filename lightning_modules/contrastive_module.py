@@ -161,4 +161,5 @@ class ContrastiveModule(L.LightningModule):
             total,
             o["schedule"],
             no_decay_names=("log_scale", "logit_bias", "position", "cls_token", "class_token"),
+            fused=not self.trainer.gradient_clip_val,
         )

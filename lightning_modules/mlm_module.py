@@ -202,8 +202,17 @@ class MLMPretrainingModule(L.LightningModule):
     def configure_optimizers(self):
         h = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
+        clipping = bool(self.trainer.gradient_clip_val)
         return build_optimizer(
-            self.model, h.lr, h.weight_decay, h.betas, h.eps, h.warmup_steps, total, h.schedule
+            self.model,
+            h.lr,
+            h.weight_decay,
+            h.betas,
+            h.eps,
+            h.warmup_steps,
+            total,
+            h.schedule,
+            fused=not clipping,
         )
 
     # interop ----------------------------------------------------------------------------------

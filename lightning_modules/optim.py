@@ -52,8 +52,11 @@ def build_optimizer(
     total_steps: int,
     schedule: Schedule,
     no_decay_names: tuple[str, ...] = (),
+    fused: bool = True,
 ) -> dict:
-    """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`."""
+    """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`.
+
+    `fused` asks for the fused AdamW kernel; pass False when the trainer clips gradients."""
     if isinstance(warmup_steps, float) and warmup_steps < 1:
         warmup_steps = int(warmup_steps * total_steps)
     groups = param_groups(model, weight_decay, no_decay_names)

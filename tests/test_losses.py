@@ -226,7 +226,7 @@ DIST_IDS = {
 DIST_LOSSES = ["infonce", "siglip", "triplet", "circle", "npair"]
 
 
-def _dist_problem(loss_name: str, rows: slice, ids: torch.Tensor | None):
+def _dist_problem(loss_name: str, rows: slice, ids: torch.Tensor | None, weight: float = 1.0):
     """Loss and parameter gradients of a tiny two-tower model on the given rows of a fixed batch."""
     gen = torch.Generator().manual_seed(0)
     proj_a = torch.nn.Linear(IN_DIM, EMB_DIM, dtype=torch.float64)
@@ -242,7 +242,7 @@ def _dist_problem(loss_name: str, rows: slice, ids: torch.Tensor | None):
     a = F.normalize(proj_a(x_a[rows]), dim=1)
     b = F.normalize(proj_b(x_b[rows]), dim=1)
     loss_fn = build_loss(loss_name, gather=True)
-    loss = loss_fn(a, b, log_scale.exp(), bias, ids=None if ids is None else ids[rows])
+    loss = weight * loss_fn(a, b, log_scale.exp(), bias, ids=None if ids is None else ids[rows])
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return loss.detach(), grads
@@ -260,6 +260,15 @@ def _dist_worker(rank: int, init_file: str, out_file: str) -> None:
             for g in grads:  # DDP averages gradients over ranks
                 dist.all_reduce(g)
             results[loss_name, ids_name] = (loss / WORLD, [g / WORLD for g in grads])
+        # uneven batches (as duration bucketing gives): rank 0 holds 3 rows, rank 1 holds 5; weighting each
+        # rank's mean by its row count must give the one-process sum over all 8 rows
+        uneven = slice(0, 3) if rank == 0 else slice(3, 2 * HALF)
+        n = uneven.stop - uneven.start
+        loss, grads = _dist_problem(loss_name, uneven, DIST_IDS["spanning"], weight=n)
+        dist.all_reduce(loss)
+        for g in grads:
+            dist.all_reduce(g)
+        results[loss_name, "uneven"] = (loss, grads)
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()
@@ -283,3 +292,12 @@ def test_two_ranks_match_one_process(two_rank_results, loss_name, ids_name):
     for got, want in zip(dist_grads, grads):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads)  # the comparison is not vacuous
+
+
+@pytest.mark.parametrize("loss_name", DIST_LOSSES)
+def test_uneven_rank_batches_gather_every_column(two_rank_results, loss_name):
+    dist_sum, dist_grads = two_rank_results[loss_name, "uneven"]
+    loss, grads = _dist_problem(loss_name, slice(None), DIST_IDS["spanning"])
+    torch.testing.assert_close(dist_sum, loss * 2 * HALF, rtol=0, atol=1e-6)
+    for got, want in zip(dist_grads, grads):
+        torch.testing.assert_close(got, want * 2 * HALF, rtol=0, atol=1e-6)

@@ -14,10 +14,12 @@ Every loss has the same call signature::
 
 Distributed semantics (``gather=True``, the default, and a process group with world size > 1): every rank
 scores its B local rows against the W*B columns gathered from all ranks with gradient; the positive of local row
-i is global column ``rank * B + i``. The per-rank loss is normalised by the local batch size, so the mean of the
-per-rank losses equals the loss of one process holding the whole W*B batch; gradients flowing back through the
-gather are summed on the owning rank, so DDP's gradient averaging reproduces the single-process gradient too.
-All ranks must hold the same batch size (all_gather needs equal shapes).
+i is global column ``offset + i``, offset being the row count of the lower ranks (``rank * B`` when all ranks
+hold B rows). The per-rank loss is normalised by the local batch size, so the mean of the per-rank losses
+equals the loss of one process holding the whole W*B batch; gradients flowing back through the gather are
+summed on the owning rank, so DDP's gradient averaging reproduces the single-process gradient too. Ranks may
+hold different row counts (duration bucketing makes such batches): the gather pads and trims, every row still
+meets every global column, and the rank mean then weights each rank's rows by 1 / its batch size.
 """
 
 from __future__ import annotations
@@ -56,28 +58,46 @@ def _rank() -> int:
     return 0
 
 
-def gather_with_grad(x: Tensor) -> Tensor:
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Row counts of every rank (batches may differ, e.g. with duration bucketing)."""
+    if _world_size() == 1:
+        return [n]
+    mine = torch.tensor([n], device=device)
+    sizes = [torch.zeros_like(mine) for _ in range(_world_size())]
+    dist.all_gather(sizes, mine)
+    return [int(s) for s in sizes]
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])]) if rows > x.shape[0] else x
+
+
+def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Concatenate ``x`` from all ranks along dim 0, keeping the autograd graph.
 
-    The backward pass sums the incoming gradients of each slice onto the rank that owns it.
+    The backward pass sums the incoming gradients of each slice onto the rank that owns it. Ranks may hold
+    different numbers of rows (`sizes`, from `gather_sizes`): rows are padded to the largest count for the
+    collective and the padding is cut away again. Identity when not distributed or with world size 1.
+    """
+    if _world_size() == 1:
+        return x
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    parts = dist_fn.all_gather(_pad_rows(x.contiguous(), max(sizes)))
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 without gradient (for ids, labels); uneven sizes allowed.
+
     Identity when not distributed or with world size 1.
     """
     if _world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
-
-
-def gather_no_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` from all ranks along dim 0 without gradient (for ids, labels).
-
-    Identity when not distributed or with world size 1.
-    """
-    if _world_size() == 1:
-        return x
-    x = x.contiguous()
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    x = _pad_rows(x.contiguous(), max(sizes))
     parts = [torch.empty_like(x) for _ in range(_world_size())]
     dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
 def _similarity(x: Tensor, y: Tensor) -> Tensor:
@@ -109,9 +129,10 @@ class PairwiseLoss(nn.Module):
             raise ValueError(f"a and b must both be (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
         batch = a.shape[0]
         distributed = self.gather and _world_size() > 1
-        a_cols = gather_with_grad(a) if distributed else a
-        b_cols = gather_with_grad(b) if distributed else b
-        offset = batch * _rank() if distributed else 0
+        sizes = gather_sizes(batch, a.device) if distributed else [batch]
+        a_cols = gather_with_grad(a, sizes) if distributed else a
+        b_cols = gather_with_grad(b, sizes) if distributed else b
+        offset = sum(sizes[: _rank()]) if distributed else 0  # this rank's first global column
 
         pos = torch.arange(batch, device=a.device) + offset
         diag = torch.arange(a_cols.shape[0], device=a.device)[None, :] == pos[:, None]
@@ -120,7 +141,7 @@ class PairwiseLoss(nn.Module):
         else:
             if ids.shape != (batch,):
                 raise ValueError(f"ids must have shape ({batch},), got {tuple(ids.shape)}")
-            ids_cols = gather_no_grad(ids) if distributed else ids
+            ids_cols = gather_no_grad(ids, sizes) if distributed else ids
             same = ids[:, None] == ids_cols[None, :]
         return _Columns(a_cols, b_cols, pos, diag, same)
 
