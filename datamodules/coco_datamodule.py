@@ -311,7 +311,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         num_workers: DataLoader worker processes per device.
         tokenizer: a vocab.txt / tokenizer.json (or a folder with one); None trains a WordPiece vocabulary on the
             training captions once and caches it under cache_dir.
-        vocab_size: size of the trained vocabulary (ignored when `tokenizer` is given).
+        tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given); the
+            `vocab_size` property gives the size actually trained.
         lowercase: lowercase text before tokenizing.
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
         cache_dir: where the trained vocabulary is cached; None means root/.cache.
@@ -334,7 +335,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 4,
         tokenizer: str | None = None,
-        vocab_size: int = 8192,
+        tokenizer_vocab_size: int = 8192,
         lowercase: bool = True,
         context_length: int = 64,
         cache_dir: str | None = None,
@@ -356,7 +357,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.tokenizer_path = tokenizer
-        self.target_vocab_size = vocab_size
+        self.target_vocab_size = tokenizer_vocab_size
         self.lowercase = lowercase
         self.context_length = context_length
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".cache"

@@ -27,28 +27,6 @@ log = logging.getLogger(__name__)
 BLANK_ID = -1  # key and group of the stand-in rows of an empty batch; COCO ids are never negative
 
 
-def repeat_to(e: PairEmbeddings, size: int) -> PairEmbeddings:
-    """Repeat the rows of `a` (each with its pair in `b`) cyclically until there are `size` of them.
-
-    A repeated row shares its group with the original, so the loss never uses one as a negative of the other:
-    the only effect is that those pairs weigh twice in the mean. Retrieval keeps one row per key.
-    """
-    n = e.a.shape[0]
-    if n >= size:
-        return e
-    rows = torch.arange(size, device=e.a.device) % n
-    pairs = e.pair_index if e.pair_index is not None else torch.arange(n, device=e.a.device)
-    return PairEmbeddings(
-        a=e.a[rows],
-        b=e.b,
-        a_keys=e.a_keys[rows],
-        a_groups=e.a_groups[rows],
-        b_keys=e.b_keys,
-        b_groups=e.b_groups,
-        pair_index=pairs[rows],
-    )
-
-
 class ImageTextModule(ContrastiveModule):
     """Aligns images with captions; logs `val/i2t_R@K` (image -> text) and `val/t2i_R@K`."""
 
@@ -161,9 +139,6 @@ class ImageTextModule(ContrastiveModule):
         self.text = TextTower(text_cfg, embed_dim, text_pooling)
         if text_init_ckpt:
             load_mlm_encoder(self.text, text_init_ckpt)
-        if text_pooling != "cls":
-            # BERT's tanh pooler is unused then; frozen, DDP does not wait for its gradient and AdamW skips it
-            self.text.bert.pooler.requires_grad_(False)
         self.text.bert.encoder.gradient_checkpointing = gradient_checkpointing
 
     def setup(self, stage: str) -> None:
@@ -206,20 +181,18 @@ class ImageTextModule(ContrastiveModule):
             e = PairEmbeddings(
                 images, captions, image_ids, image_ids, batch["caption_ids"], caption_image_ids, first
             )
-        if self._equal_batches():
-            # Skipped images shrink this rank's batch; the all_gather of the loss needs the same size everywhere.
-            e = repeat_to(e, len(image_ids) + int(batch.get("skipped", 0)))
         return e
 
     # Empty batches (every image in it failed to decode) --------------------------------------
     # Training returns a zero loss connected to every parameter, never None: under DDP every rank must join
-    # the gradient all-reduce of every step, and a rank that returned None would hang the others. When the
-    # loss gathers embeddings across ranks, an empty rank must also join that all_gather: it embeds a blank
-    # image and an empty caption in place of its batch (other ranks see them as a few extra negatives) and
+    # the gradient all-reduce of every step, and a rank that returned None would hang the others. Batches
+    # that only lost some images need nothing: the loss gathers uneven per-rank batches. But when it gathers,
+    # an empty rank must still join its all_gather, and a loss over zero rows is NaN: such a rank embeds one
+    # blank image and one empty caption in place of its batch (the other ranks see one extra negative) and
     # multiplies its own loss by zero.
-    def _equal_batches(self) -> bool:
-        gathering = bool(getattr(self.loss_fn, "gather", False))
-        return gathering and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    def _gathering(self) -> bool:
+        gather = bool(getattr(self.loss_fn, "gather", False))
+        return gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _blank(self, batch: dict) -> PairEmbeddings:
         images = batch["images"].new_zeros(1, *batch["images"].shape[1:])
@@ -227,15 +200,14 @@ class ImageTextModule(ContrastiveModule):
         a = self.image(images)
         b = self.text(ids, torch.ones_like(ids, dtype=torch.bool))
         blank = torch.tensor([BLANK_ID], device=a.device)
-        e = PairEmbeddings(a, b, blank, blank, blank, blank)
-        return repeat_to(e, max(1, int(batch.get("skipped", 0))))
+        return PairEmbeddings(a, b, blank, blank, blank, blank)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if len(batch["image_ids"]):
             return super().training_step(batch, batch_idx)
         log.warning("training batch %d is empty (all %d images undecodable)", batch_idx, batch["skipped"])
         self._log_skipped(batch, "train")
-        if self._equal_batches():
+        if self._gathering():
             return self.pair_loss(self.embed(batch, "train")) * 0.0
         return torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
 
@@ -250,5 +222,5 @@ class ImageTextModule(ContrastiveModule):
             self._eval_step(batch, stage)
             return
         self._log_skipped(batch, stage)
-        if self._equal_batches():  # join the other ranks' all_gather; the blank rows are not scored
+        if self._gathering():  # join the other ranks' all_gather; the blank row is not scored
             self.pair_loss(self.embed(batch, stage))

@@ -25,6 +25,9 @@ class TextTower(nn.Module):
         self.pooling = pooling
         self.proj = nn.Linear(cfg.hidden_size, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.hidden_size**-0.5)
+        if pooling != "cls":
+            # BERT's tanh pooler is unused then; frozen, DDP does not wait for its gradient and AdamW skips it
+            self.bert.pooler.requires_grad_(False)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids, attention_mask)

@@ -1,0 +1,260 @@
+"""Training-step throughput of our image-text module against open_clip's `CLIP` + `ClipLoss`, side by side.
+
+What is compared: one full training step (forward of both towers, the symmetric InfoNCE loss, backward, AdamW
+step) at the same configuration for both:
+
+    image  ViT, 224 px, patch 32 (49 patches + class token), 4 layers, width 256, 4 heads, MLP 1024
+    text   4 layers, width 256, 4 heads, MLP 1024, context 64, vocabulary 49408 (CLIP's BPE size)
+    joint  embed_dim 256; batch 64 image-caption pairs; fp32; CPU; learnable temperature
+
+Both get the same pixels and the same captions: real COCO captions (from the genuine sample when present)
+tokenised with open_clip's own BPE tokenizer. open_clip always runs its text Transformer over all 64 positions
+(causal mask, pooling at the end-of-text token), as its tokenizer pads every caption to the context length.
+Ours receives what our collate function produces, the same ids padded to the longest caption of the batch with
+an attention mask, and its encoder runs the per-token work (projections, feed-forward, LayerNorms) on the real
+tokens only. Each side uses its own training recipe's optimiser: ours `lightning_modules.optim.build_optimizer`,
+open_clip's `torch.optim.AdamW` with its default implementation, plus its logit-scale clamp after the step.
+
+The two steps are interleaved in one process after warm-up, alternating which goes first, and the median step
+time of each is reported as pairs/s; `ratio: X` = our pairs/s / open_clip's. One torch thread by default
+(`--threads 0` keeps torch's default): timings with threads competing for a busy shared CPU are not repeatable.
+
+It also measures how many training images per second ONE DataLoader worker reads, decodes (JPEG),
+augments (RandomResizedCrop to 224) and collates (with tokenisation), from the genuine COCO sample at
+../shared/data/real/coco when present, else from generated 512 px JPEGs, and how many such workers one
+training process of this size would need.
+
+    python benchmarks/clip_step.py [--steps 10] [--warmup 2] [--threads 1] [--skip-data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
+from lightning_modules.optim import build_optimizer  # noqa: E402
+
+IMAGE, PATCH, LAYERS, WIDTH, HEADS = 224, 32, 4, 256, 4
+CONTEXT, VOCAB, EMBED, BATCH = 64, 49408, 256, 64
+LR, WD, BETAS, EPS = 5e-4, 0.2, (0.9, 0.98), 1e-6
+REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco"
+
+
+def captions(n: int) -> list[str]:
+    """n real COCO captions (cycled) from the genuine sample, else synthetic shape captions."""
+    ann = REAL_COCO / "annotations" / "captions_val2017.json"
+    if ann.is_file():
+        texts = [a["caption"] for a in json.loads(ann.read_text(encoding="utf-8"))["annotations"]]
+    else:
+        from datamodules.synthetic_shapes import generate_shapes_coco
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = generate_shapes_coco(Path(tmp) / "shapes", n_train=4, n_val=n // 5 + 1, image_size=16)
+            data = json.loads((root / "annotations" / "captions_val2017.json").read_text(encoding="utf-8"))
+            texts = [a["caption"] for a in data["annotations"]]
+    return [texts[i % len(texts)] for i in range(n)]
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    import open_clip
+
+    g = torch.Generator().manual_seed(0)
+    clip_ids = open_clip.tokenize(captions(BATCH), context_length=CONTEXT)  # (B, 64), zero-padded
+    mask = clip_ids != 0
+    width = int(mask.sum(1).max())
+    return {
+        "images": torch.randn(BATCH, 3, IMAGE, IMAGE, generator=g),
+        "clip_ids": clip_ids,
+        # ours: the same ids, padded to the longest caption of the batch, as our collate function does
+        "input_ids": clip_ids[:, :width].contiguous(),
+        "attention_mask": mask[:, :width].contiguous(),
+        "image_ids": torch.arange(BATCH),
+        "caption_ids": torch.arange(BATCH),
+        "skipped": 0,
+    }
+
+
+def build_ours() -> tuple[ImageTextModule, torch.optim.Optimizer]:
+    module = ImageTextModule(
+        vocab_size=VOCAB,
+        embed_dim=EMBED,
+        image_arch="vit_custom",
+        image_size=IMAGE,
+        vit_patch_size=PATCH,
+        vit_layers=LAYERS,
+        vit_width=WIDTH,
+        vit_heads=HEADS,
+        text_size="mini",
+        text_layers=LAYERS,
+        text_hidden=WIDTH,
+        text_heads=HEADS,
+        max_text_len=CONTEXT,
+        lr=LR,
+        weight_decay=WD,
+        betas=BETAS,
+        eps=EPS,
+    ).train()
+    opt = build_optimizer(module, LR, WD, BETAS, EPS, 0, 1000, "constant")["optimizer"]
+    return module, opt
+
+
+def build_theirs():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    vision = CLIPVisionCfg(
+        layers=LAYERS, width=WIDTH, head_width=WIDTH // HEADS, patch_size=PATCH, image_size=IMAGE
+    )
+    text = CLIPTextCfg(context_length=CONTEXT, vocab_size=VOCAB, width=WIDTH, heads=HEADS, layers=LAYERS)
+    model = open_clip.model.CLIP(EMBED, vision_cfg=vision, text_cfg=text).train()
+
+    # as open_clip's training script: no weight decay on gains, biases and the logit scale; default AdamW
+    def exclude(n: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": WD},
+    ]
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
+    return model, open_clip.loss.ClipLoss(), opt
+
+
+def ours_step(module: ImageTextModule, opt: torch.optim.Optimizer, b: dict) -> float:
+    loss = module.pair_loss(module.embed(b, "train"))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def theirs_step(model, loss_fn, opt: torch.optim.Optimizer, b: dict) -> float:
+    image_features, text_features, logit_scale = model(b["images"], b["clip_ids"])
+    loss = loss_fn(image_features, text_features, logit_scale)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss.item()
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def bench_models(steps: int, warmup: int) -> tuple[float, float]:
+    torch.manual_seed(0)
+    ours, opt_ours = build_ours()
+    theirs, loss_fn, opt_theirs = build_theirs()
+    b = make_batch()
+    real = int(b["attention_mask"].sum())
+    print(
+        f"trainable parameters: ours {count(ours) / 1e6:.2f} M, open_clip {count(theirs) / 1e6:.2f} M; "
+        f"caption tokens: {real} real of {BATCH} x {CONTEXT} = {BATCH * CONTEXT} "
+        f"(ours pads to {b['input_ids'].shape[1]})"
+    )
+    run_ours = functools.partial(ours_step, ours, opt_ours, b)
+    run_theirs = functools.partial(theirs_step, theirs, loss_fn, opt_theirs, b)
+    for _ in range(warmup):
+        run_ours()
+        run_theirs()
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for i in range(steps):  # interleaved, alternating who goes first, so drift hits both alike
+        pair = [("ours", run_ours), ("theirs", run_theirs)]
+        for name, fn in pair if i % 2 == 0 else pair[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    m_ours, m_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    print(f"ours:      {m_ours:.3f} s/step  {BATCH / m_ours:7.1f} pairs/s")
+    print(f"open_clip: {m_theirs:.3f} s/step  {BATCH / m_theirs:7.1f} pairs/s")
+    return m_ours, m_theirs
+
+
+def _jpeg_root(tmp: Path) -> tuple[Path, str]:
+    if (REAL_COCO / "annotations" / "captions_val2017.json").is_file():
+        return REAL_COCO, "genuine COCO sample"
+    from datamodules.synthetic_shapes import generate_shapes_coco
+
+    return generate_shapes_coco(tmp / "shapes", n_train=4, n_val=20, image_size=512), "generated 512 px JPEGs"
+
+
+def bench_dataloader(step_time: float) -> None:
+    from torch.utils.data import DataLoader
+
+    from datamodules.coco_datamodule import (
+        CLIP_MEAN,
+        CLIP_STD,
+        CaptionCollate,
+        CocoCaptionsDataset,
+        load_coco_captions,
+        train_transform,
+    )
+    from datamodules.tokenizer import TextTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root, source = _jpeg_root(Path(tmp))
+        records = load_coco_captions(root / "annotations" / "captions_val2017.json", root / "val2017")
+        tokenizer = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=500)
+        repeats = max(1, 400 // len(records))  # a few hundred images, however small the sample
+        dataset = CocoCaptionsDataset(
+            records * repeats, train_transform(IMAGE, CLIP_MEAN, CLIP_STD), train=True
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=16,
+            shuffle=True,
+            num_workers=1,
+            collate_fn=CaptionCollate(tokenizer, CONTEXT, IMAGE, train=True),
+        )
+        n, t0 = 0, None
+        for batch in loader:
+            if t0 is None:  # start the clock once the worker is up and has sent its first batch
+                t0 = time.perf_counter()
+                continue
+            n += len(batch["image_ids"])
+        rate = n / (time.perf_counter() - t0)
+    need = BATCH / step_time / rate
+    print(
+        f"dataloader: {rate:.1f} images/s decoded + augmented by ONE worker ({source}, {IMAGE} px crops); "
+        f"the model trains {BATCH / step_time:.1f} pairs/s, so it needs {math.ceil(need)} such worker(s)"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    # One thread by default: on a shared, oversubscribed CPU, OpenMP threads that wait on each other while other
+    # processes hold the cores make multi-threaded timings swing by several times from run to run.
+    p.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default")
+    p.add_argument("--skip-data", action="store_true")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; ViT {IMAGE}px/{PATCH} {LAYERS}x{WIDTH}, "
+        f"text {LAYERS}x{WIDTH} context {CONTEXT}, vocab {VOCAB}, embed {EMBED}, batch {BATCH}, fp32"
+    )
+    m_ours, m_theirs = bench_models(a.steps, a.warmup)
+    if not a.skip_data:
+        bench_dataloader(m_ours)
+    print(f"ratio: {m_theirs / m_ours:.2f}")
+
+
+if __name__ == "__main__":
+    main()

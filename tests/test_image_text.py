@@ -1,0 +1,337 @@
+"""Image-text (CLIP) alignment: towers, temperature, same-image positives, MLM init, learning, CLI."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import torchvision
+
+from cli import main
+from datamodules.coco_datamodule import CocoCaptionsDataModule
+from datamodules.synthetic_shapes import generate_shapes_coco
+from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
+from lightning_modules.image_text_module import BLANK_ID, ImageTextModule
+from lightning_modules.mlm_module import MLMPretrainingModule
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 60
+
+
+def tiny_module(**kwargs) -> ImageTextModule:
+    defaults = dict(
+        vocab_size=VOCAB,
+        embed_dim=32,
+        image_arch="vit_tiny",
+        image_size=16,
+        vit_layers=1,
+        vit_width=32,
+        vit_heads=2,
+        text_size="tiny",
+        text_layers=1,
+        text_hidden=32,
+        text_heads=2,
+        max_text_len=16,
+    )
+    return ImageTextModule(**{**defaults, **kwargs})
+
+
+def train_batch(image_ids: list[int], size: int = 16, length: int = 7, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = len(image_ids)
+    ids = torch.randint(5, VOCAB, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.bool)
+    mask[0, 4:] = False  # one padded caption
+    ids[~mask] = 0
+    return {
+        "images": torch.randn(n, 3, size, size, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "image_ids": torch.tensor(image_ids),
+        "caption_ids": torch.arange(100, 100 + n),
+        "skipped": 0,
+    }
+
+
+# -- towers --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "overrides"),
+    [
+        ("vit_tiny", 32, {}),
+        ("vit_custom", 64, {}),
+        ("vit_custom", 48, {"patch_size": 16, "layers": 1, "width": 64}),
+        ("vit_b_32", 64, {}),
+        ("vit_b_16", 32, {}),
+        ("resnet50", 32, {}),
+    ],
+)
+def test_tower_gives_one_unnormalised_embedding_per_image(arch: str, size: int, overrides: dict) -> None:
+    torch.manual_seed(0)
+    tower = ImageTower(ImageTowerConfig(arch, image_size=size, **overrides), embed_dim=24).eval()
+    with torch.no_grad():
+        out = tower(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 24)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out.norm(dim=-1), torch.ones(2))  # the loss normalises, not the tower
+    assert not torch.allclose(out[0], out[1])  # depends on the image
+
+
+def test_vit_presets_have_torchvision_shapes() -> None:
+    with torch.device("meta"):  # shapes only: no time spent initialising 86 M parameters
+        for arch, reference in (
+            ("vit_b_16", torchvision.models.vit_b_16),
+            ("vit_b_32", torchvision.models.vit_b_32),
+        ):
+            ours = ImageTower(ImageTowerConfig(arch), embed_dim=512).backbone.state_dict()
+            theirs = {k: v for k, v in reference().state_dict().items() if not k.startswith("heads.")}
+            assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    cfg = ImageTowerConfig("vit_custom")
+    assert (cfg.patch_size, cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim) == (32, 4, 256, 4, 1024)
+    assert ImageTowerConfig("vit_tiny", width=256).heads == 4
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ImageTowerConfig("vit_b_16", image_size=100)
+
+
+# -- temperature ---------------------------------------------------------------------------------------
+
+
+def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100() -> None:
+    module = tiny_module()
+    assert module.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        module.log_scale.fill_(math.log(1000.0))
+    assert module.logit_scale.item() == pytest.approx(100.0, rel=1e-6)
+    module.logit_scale.backward()
+    assert module.log_scale.grad.item() == 0.0  # clamped: no gradient pushes it further
+
+
+# -- batches -------------------------------------------------------------------------------------------
+
+
+def test_captions_of_the_same_image_are_not_negatives_in_training() -> None:
+    torch.manual_seed(0)
+    module = tiny_module().train()
+    batch = train_batch([7, 3, 7, 9])  # rows 0 and 2 are two captions of image 7
+    e = module.embed(batch, "train")
+    assert torch.equal(e.a_groups, torch.tensor([7, 3, 7, 9]))
+    assert torch.equal(e.b_groups, e.a_groups) and torch.equal(e.b_keys, batch["caption_ids"])
+    loss = module.pair_loss(e)
+
+    a, b = F.normalize(e.a, dim=-1), F.normalize(e.b, dim=-1)
+    logits = module.logit_scale * a @ b.T
+    masked = logits.clone()
+    masked[0, 2] = masked[2, 0] = float("-inf")  # the other caption / image of image 7 is no negative
+    target = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(masked, target) + F.cross_entropy(masked.T, target))
+    unmasked = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    torch.testing.assert_close(loss, expected)
+    assert not torch.isclose(loss, unmasked)
+
+
+def test_eval_embeds_each_image_once_against_all_its_captions() -> None:
+    module = tiny_module().eval()
+    batch = train_batch([11, 11, 11, 12, 12], seed=1)  # 5 caption rows for 2 images
+    batch["images"] = batch["images"][:2]
+    batch["caption_image_ids"] = batch.pop("image_ids")
+    batch["image_ids"] = torch.tensor([11, 12])
+    with torch.no_grad():
+        e = module.embed(batch, "val")
+        loss = module.pair_loss(e)
+    assert e.a.shape == (2, 32) and e.b.shape == (5, 32)
+    assert torch.equal(e.pair_index, torch.tensor([0, 3]))  # each image's first caption
+    assert torch.equal(e.b_groups, torch.tensor([11, 11, 11, 12, 12]))
+    assert torch.equal(e.b_keys, torch.arange(100, 105))
+    assert torch.isfinite(loss)
+
+
+def test_empty_batch_gives_a_zero_loss_that_reaches_every_parameter() -> None:
+    module = tiny_module().train()
+    batch = train_batch([1, 2])
+    empty = {
+        "images": batch["images"][:0],
+        "input_ids": torch.empty(0, 0, dtype=torch.long),
+        "attention_mask": torch.empty(0, 0, dtype=torch.bool),
+        "image_ids": torch.empty(0, dtype=torch.long),
+        "caption_ids": torch.empty(0, dtype=torch.long),
+        "skipped": 2,
+    }
+    loss = module.training_step(empty, 0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
+    module.validation_step({**empty, "caption_image_ids": torch.empty(0, dtype=torch.long)}, 0)
+    assert not module.retrieval["val"].update_called
+
+
+def test_unused_bert_pooler_is_frozen_so_ddp_needs_no_unused_parameter_search() -> None:
+    assert not any(p.requires_grad for p in tiny_module().text.bert.pooler.parameters())
+    assert all(p.requires_grad for p in tiny_module(text_pooling="cls").text.bert.pooler.parameters())
+
+
+# -- DDP: a rank whose whole batch failed to decode ---------------------------------------------------------
+
+
+def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    module = tiny_module().train()
+    batch = train_batch([1, 2, 3], seed=rank)
+    batch["skipped"] = 1  # 3 of 4 images decoded
+    if rank == 1:  # all 4 failed
+        batch = {k: v[:0] if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch["input_ids"] = torch.empty(0, 0, dtype=torch.long)
+        batch["attention_mask"] = torch.empty(0, 0, dtype=torch.bool)
+        batch["skipped"] = 4
+    e = module.embed(batch, "train")
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
+    dist.all_reduce(grad)
+    out = {"keys": e.a_keys.tolist(), "loss": loss.item(), "grad": grad}
+    gathered = [None, None]
+    dist.all_gather_object(gathered, out)
+    if rank == 0:
+        torch.save(gathered, out_file)
+    dist.destroy_process_group()
+
+
+def test_ddp_rank_with_an_empty_batch_joins_the_gather(tmp_path: Path) -> None:
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert r0["keys"] == [1, 2, 3] and r1["keys"] == [BLANK_ID]  # one blank row stands in for the empty batch
+    assert r1["loss"] == 0.0 and torch.isfinite(r0["grad"]).all() and r0["grad"].abs().sum() > 0
+    # Rank 0's loss: its 3 rows against 4 columns, its own 3 and the blank row of rank 1.
+    torch.manual_seed(0)
+    module = tiny_module().train()
+    batch = train_batch([1, 2, 3], seed=0)
+    with torch.no_grad():
+        e, blank = module.embed(batch, "train"), module._blank(batch)
+        a = F.normalize(torch.cat([e.a, blank.a]), dim=-1)
+        b = F.normalize(torch.cat([e.b, blank.b]), dim=-1)
+        logits = module.logit_scale * a[:3] @ b.T
+        logits_t = module.logit_scale * b[:3] @ a.T
+    target = torch.arange(3)
+    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits_t, target))
+    assert r0["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+# -- MLM initialisation ----------------------------------------------------------------------------------
+
+
+def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    mlm = MLMPretrainingModule(
+        size="tiny", vocab_size=VOCAB, hidden_size=32, num_heads=2, num_layers=1, max_position_embeddings=16
+    )
+    ckpt = tmp_path / "mlm.ckpt"
+    torch.save({"state_dict": mlm.state_dict(), "hyper_parameters": dict(mlm.hparams)}, ckpt)
+
+    torch.manual_seed(2)
+    module = tiny_module(text_init_ckpt=str(ckpt))
+    fresh = tiny_module()
+    ours = module.text.bert.state_dict()
+    for name, value in mlm.model.bert.state_dict().items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=0)
+    assert not torch.equal(
+        ours["embeddings.word.weight"], fresh.text.bert.state_dict()["embeddings.word.weight"]
+    )
+    with pytest.raises(ValueError, match="shapes differ"):
+        tiny_module(text_init_ckpt=str(ckpt), text_hidden=64)
+
+
+# -- learning --------------------------------------------------------------------------------------------
+
+
+def test_learns_shape_retrieval_far_above_chance(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one busy thread beats two fighting other processes for the cores
+    try:
+        n_val = 100
+        root = generate_shapes_coco(tmp_path / "shapes", n_train=1000, n_val=n_val, image_size=32)
+        L.seed_everything(0)
+        dm = CocoCaptionsDataModule(
+            str(root),
+            image_size=32,
+            min_scale=1.0,
+            batch_size=64,
+            eval_batch_size=100,
+            num_workers=0,
+            tokenizer_vocab_size=200,
+            context_length=32,
+            cache_dir=str(tmp_path / "cache"),
+        )
+        module = ImageTextModule(
+            vocab_size=dm.vocab_size,
+            embed_dim=128,
+            image_arch="vit_tiny",
+            image_size=32,
+            vit_layers=2,
+            text_size="tiny",
+            text_heads=2,
+            max_text_len=32,
+            init_logit_scale=10.0,
+            lr=3e-3,
+            weight_decay=0.05,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=300,
+            val_check_interval=300,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, dm)
+    finally:
+        torch.set_num_threads(threads)
+    metrics = trainer.callback_metrics
+    i2t, t2i = metrics["val/i2t_R@1"].item(), metrics["val/t2i_R@1"].item()
+    # i2t: 5 hits among 5 x n_val captions; t2i: 1 hit among n_val images. Both are 1 / n_val at random.
+    chance = 1 / n_val
+    print(f"held-out R@1: i2t {i2t:.3f}, t2i {t2i:.3f}; chance {chance:.3f}")
+    assert i2t >= 10 * chance and t2i >= 10 * chance
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
+    common = [
+        "--config",
+        str(ROOT / "configs/clip/quickstart.yaml"),
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--data.root={tmp_path / 'shapes'}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.num_workers=0",
+        "--data.batch_size=8",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+    ]
+    cli = main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
+    assert "val/i2t_R@5" in cli.trainer.callback_metrics
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
+    cli = main(["test", *common, f"--ckpt_path={last}"])
+    assert "test/t2i_R@10" in cli.trainer.callback_metrics
+
+
+def test_gpu_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs/clip/coco_vit_b16.yaml"), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "image_arch: vit_b_16" in printed and "precision: bf16-mixed" in printed
