@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from datamodules.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
 from datamodules.loading import ResumableDataLoader, ResumableSampler
@@ -138,7 +139,9 @@ class MLMDataModule(L.LightningDataModule):
     def _training_texts(self):
         stats = ReadStats()
         docs = iter_documents(self.wikipedia, self.bookcorpus, stats, self.settings.lines_per_document)
-        for doc in itertools.islice(docs, self.hparams.tokenizer_train_docs):
+        docs = itertools.islice(docs, self.hparams.tokenizer_train_docs)
+        # reading and cleaning 200k Wikipedia articles takes minutes: show that it moves
+        for doc in tqdm(docs, desc="reading documents for the tokenizer", unit=" docs"):
             yield from split_sentences(to_plain_text(doc))
 
     @property

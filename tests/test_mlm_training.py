@@ -202,6 +202,6 @@ def test_quickstart_model_learns(cache_dir: str) -> None:
         f"held-out MLM accuracy {acc:.3f} vs majority-token baseline {majority:.3f} ({targets.numel()} targets)"
     )
     assert targets.numel() > 200
-    # measured here: 0.25 against 0.10 after 400 steps (from-scratch BERT first sits on the unigram plateau)
+    # measured here: 0.20-0.25 against 0.10 after 300-400 steps (from-scratch BERT first sits on the unigram plateau)
     assert acc > majority + 0.08
     assert acc > 2 * majority
