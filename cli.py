@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from lightning_modules.callbacks import MetricCurves
+from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
 # under the subcommand (`fit.trainer...`) on the merged config
@@ -209,7 +210,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
             save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger
-            trainer_defaults={"callbacks": [MetricCurves()]},
+            # appended too: a last checkpoint on SIGTERM, and checkpoint files written atomically
+            trainer_defaults={"callbacks": [MetricCurves(), PreemptionCheckpoint(), AtomicCheckpoints()]},
             args=args,  # None: LightningCLI reads sys.argv itself
         )
     except Exception as err:

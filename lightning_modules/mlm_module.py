@@ -16,6 +16,7 @@ from lightning_modules.components.bert import BertConfig, BertForPreTraining
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
+from lightning_modules.resilience import finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
 
 IGNORE_INDEX = -100
@@ -50,6 +51,7 @@ class MLMPretrainingModule(L.LightningModule):
         schedule: Schedule = "linear",
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        max_nonfinite_in_row: int = 20,
     ) -> None:
         """
         Args:
@@ -73,6 +75,7 @@ class MLMPretrainingModule(L.LightningModule):
             schedule: decay after warmup: linear, cosine or constant.
             gradient_checkpointing: recompute encoder blocks in backward to save memory.
             compile: wrap the model in torch.compile.
+            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -100,7 +103,9 @@ class MLMPretrainingModule(L.LightningModule):
             )
             self.model = BertForPreTraining(cfg)
         self.model.bert.encoder.gradient_checkpointing = gradient_checkpointing
-        self.forward_fn = torch.compile(self.model) if compile else self.model
+        if compile:
+            # in place: the parameters keep their names, so checkpoints and the HF export are unchanged
+            self.model.compile()
         vocab = self.model.cfg.vocab_size
         self.metrics = torch.nn.ModuleDict(
             {
@@ -120,21 +125,19 @@ class MLMPretrainingModule(L.LightningModule):
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         masked = batch["labels"] != IGNORE_INDEX
-        return self.forward_fn(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masked
-        )
+        return self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masked)
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         mlm_logits, nsp_logits = self(batch)
         targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        mlm_loss = F.cross_entropy(mlm_logits.float(), targets)
+        mlm_loss = self.mlm_loss(mlm_logits, targets, stage)
         nsp_loss = None
         if "nsp_labels" in batch:  # the DataModule decides: NSP pairs carry labels, packed text none
             nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
         loss = mlm_loss if nsp_loss is None else mlm_loss + nsp_loss
         if stage == "train":
             # per-step figures of the batch at hand; epoch-level metrics are kept for val/test only
-            self.log("train/mlm_loss", mlm_loss)
+            self.log("train/mlm_loss", mlm_loss, sync_dist=True)
             self.log("train/mlm_acc", (mlm_logits.argmax(-1) == targets).float().mean())
             if nsp_loss is not None:
                 self.log("train/nsp_loss", nsp_loss)
@@ -149,6 +152,22 @@ class MLMPretrainingModule(L.LightningModule):
             m["nsp_acc"].update(nsp_logits.detach(), batch["nsp_labels"])
         return loss
 
+    def mlm_loss(self, logits: Tensor, targets: Tensor, stage: str) -> Tensor:
+        """Mean cross-entropy over the masked tokens of the whole global batch.
+
+        Ranks hold different numbers of masked tokens, so with several ranks each one's summed loss is divided by
+        the global count (one scalar all-reduce) and multiplied by the world size, which DDP's gradient average
+        divides out again: 2 ranks x batch B then give the gradient of 1 rank x batch 2B, not an average of
+        per-rank means. Averaged over ranks for logging, it is the global mean.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if stage != "train" or world == 1:
+            return F.cross_entropy(logits.float(), targets)
+        count = self.trainer.strategy.reduce(
+            torch.tensor(float(targets.numel()), device=logits.device), reduce_op="sum"
+        )
+        return F.cross_entropy(logits.float(), targets, reduction="sum") * world / count.clamp_min(1.0)
+
     # training ---------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -158,11 +177,11 @@ class MLMPretrainingModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         loss = self.model_step(batch, "train")
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0)
-        return loss
+        return finite_or_skip(self, loss, self.hparams.max_nonfinite_in_row)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._step_start is not None:
