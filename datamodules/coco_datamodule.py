@@ -18,11 +18,17 @@ Batches, the contract with the image-text LightningModule:
 
 A file that cannot be decoded never ends a run: its item comes back as None, the collate function drops it
 together with its captions and counts it in `skipped`. Missing files are found and dropped up front in `setup`.
+
+Training reads either the folder layout above, through a seeded sampler whose position is saved in checkpoints
+(a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`train_shards`, see
+datamodules/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
+layout: retrieval ranks every caption against every image of the split.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -37,11 +43,12 @@ import torch
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from datamodules.loading import ResumableDataLoader, ResumableSampler
 from datamodules.synthetic_shapes import generate_shapes_coco
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
@@ -145,20 +152,26 @@ def load_karpathy_splits(
     return {split: _captioned_images(entries[split], karpathy_json) for split in ("train", "val", "test")}
 
 
-def read_rgb(path: str) -> Tensor:
-    """Decode an image file to a (3, H, W) uint8 tensor, whatever its colour mode or true format.
+def decode_rgb(data: Tensor | bytes) -> Tensor:
+    """Decode encoded image bytes to a (3, H, W) uint8 tensor, whatever their colour mode or true format.
 
     torchvision's decoders (libjpeg-turbo, libpng, ...) sniff the format from the bytes, so a PNG named .jpg
     decodes, and convert grayscale, CMYK and palette images to RGB. EXIF orientation is not applied: COCO
-    annotations refer to the stored pixels. Raises on a corrupt, truncated or missing file.
+    annotations refer to the stored pixels. Raises on corrupt or truncated data.
     """
-    data = read_file(path)
+    if isinstance(data, bytes):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError:
         # Formats torchvision has no decoder for (BMP, TIFF, ...) still open with Pillow.
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return pil_to_tensor(image.convert("RGB"))
+
+
+def read_rgb(path: str) -> Tensor:
+    """`decode_rgb` of a file's bytes; raises on a corrupt, truncated or missing file."""
+    return decode_rgb(read_file(path))
 
 
 def train_transform(
@@ -185,6 +198,21 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float])
             v2.Normalize(list(mean), list(std)),
         ]
     )
+
+
+def caption_item(record: CaptionedImage, image: Tensor, train: bool, seed: int, epoch: int) -> dict[str, Any]:
+    """The item of one decoded, transformed image: in training with one caption, in evaluation with all.
+
+    The training caption is drawn with a generator seeded by (seed, epoch, image id): reproducible, and the same
+    whatever the worker count, the shuffle order or the storage (image folder or tar shards).
+    """
+    item: dict[str, Any] = {"image": image, "image_id": record.image_id}
+    if train:
+        k = int(np.random.default_rng([seed, epoch, record.image_id]).integers(len(record.captions)))
+        item["captions"], item["caption_ids"] = record.captions[k : k + 1], record.caption_ids[k : k + 1]
+    else:
+        item["captions"], item["caption_ids"] = record.captions, record.caption_ids
+    return item
 
 
 class CocoCaptionsDataset(Dataset):
@@ -225,15 +253,7 @@ class CocoCaptionsDataset(Dataset):
                     "skipping unreadable image %s (image id %d): %s", record.path, record.image_id, err
                 )
             return None
-        item: dict[str, Any] = {"image": self.transform(pixels), "image_id": record.image_id}
-        if self.train:
-            # Seeded by (seed, epoch, image id): reproducible, independent of worker count and shuffle order.
-            rng = np.random.default_rng([self.seed, int(self._epoch), record.image_id])
-            k = int(rng.integers(len(record.captions)))
-            item["captions"], item["caption_ids"] = record.captions[k : k + 1], record.caption_ids[k : k + 1]
-        else:
-            item["captions"], item["caption_ids"] = record.captions, record.caption_ids
-        return item
+        return caption_item(record, self.transform(pixels), self.train, self.seed, int(self._epoch))
 
 
 class CaptionCollate:
@@ -271,26 +291,38 @@ class CaptionCollate:
         return batch
 
 
-class EpochDataLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch before each pass.
+class EpochDataLoader(ResumableDataLoader):
+    """The training loader of the folder layout: resumable mid-epoch, and it tells its dataset the epoch.
 
-    Lightning calls `set_epoch` on samplers only, and workers start fetching as soon as `iter()` is called, so
-    the epoch is written here, before `super().__iter__()`. `epoch_fn` gives the trainer's epoch (right after a
-    resume too); without one, or when it returns None, the loader counts its own passes.
+    Lightning calls `set_epoch` on samplers only, and workers start fetching as soon as the underlying iterator
+    is made, so the epoch (for the shuffle and the caption draw) is written here first. `epoch_fn` gives the
+    trainer's epoch (right after a resume too); without one, or when it returns None, the loader counts its own
+    passes. The position in the epoch is checkpointed by `ResumableDataLoader`.
     """
 
     def __init__(
-        self, dataset: CocoCaptionsDataset, epoch_fn: Callable[[], int | None] | None = None, **kwargs: Any
+        self,
+        dataset: CocoCaptionsDataset,
+        sampler: ResumableSampler,
+        batch_size: int,
+        epoch_fn: Callable[[], int | None] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(dataset, **kwargs)
+        super().__init__(dataset, sampler, batch_size, **kwargs)
         self.epoch_fn = epoch_fn
         self._passes = 0
 
     def __iter__(self) -> Iterator[Any]:
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
-        self.dataset.set_epoch(self._passes if epoch is None else epoch)
+        epoch = self._passes if epoch is None else epoch
         self._passes += 1
-        return super().__iter__()
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        yield from super().__iter__()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        super().load_state_dict(state)
+        self._passes = state["epoch"]  # without a trainer, the resumed pass is the saved epoch
 
 
 class CocoCaptionsDataModule(LightningDataModule):
@@ -319,6 +351,13 @@ class CocoCaptionsDataModule(LightningDataModule):
         seed: seeds the per-epoch caption draw.
         generate_if_missing: write the synthetic shapes set into root when it has no annotations (quickstart).
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
+        train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
+            (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by
+            `python -m datamodules.webdataset_shards`. They are streamed, split by rank and DataLoader worker;
+            validation and test still read the folder layout. Without `tokenizer`, the vocabulary is trained
+            on the training split's annotations when they exist, else on the captions stored in the shards.
+        shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
+            about this times the mean image file size per worker.
     """
 
     def __init__(
@@ -342,6 +381,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         seed: int = 0,
         generate_if_missing: bool = False,
         min_scale: float = 0.5,
+        train_shards: str | None = None,
+        shuffle_buffer: int = 1000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -364,10 +405,13 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.seed = seed
         self.generate_if_missing = generate_if_missing
         self.min_scale = min_scale
+        self.train_shards = train_shards
+        self.shuffle_buffer = shuffle_buffer
 
         self._tokenizer: TextTokenizer | None = None
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
-        self.datasets: dict[str, CocoCaptionsDataset] = {}  # by role: "train", "val", "test"
+        # by role: "train", "val", "test"; training from shards is a ShardStream (an IterableDataset)
+        self.datasets: dict[str, CocoCaptionsDataset | IterableDataset] = {}
         self.missing_images: dict[str, int] = {}  # by role: files listed but absent, found in setup()
         self.skipped_images = 0  # undecodable images met in batches on this process (counted from `skipped`)
 
@@ -429,13 +473,25 @@ class CocoCaptionsDataModule(LightningDataModule):
             texts = None
             key = ""
             if not self.tokenizer_path:
-                texts = [c for r in self.records("train") for c in r.captions]
+                texts = self._training_captions()
                 # The corpus itself is the cache key: other captions or splits train a new vocabulary.
                 key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
             self._tokenizer = build_tokenizer(
                 self.tokenizer_path, texts, self.cache_dir, self.target_vocab_size, self.lowercase, key
             )
         return self._tokenizer
+
+    def _training_captions(self) -> list[str]:
+        # Annotations first, so shards and folder train the same vocabulary; shards alone when there are none.
+        annotated = self.karpathy_json or self._annotation_file(self.train_split).is_file()
+        if self.train_shards and not annotated:
+            from datamodules.webdataset_shards import expand_shards, shard_captions
+
+            log.info(
+                "no training annotations under %s: training the vocabulary on the shards' captions", self.root
+            )
+            return list(shard_captions(expand_shards(self.train_shards)))
+        return [c for r in self.records("train") for c in r.captions]
 
     @property
     def vocab_size(self) -> int:
@@ -465,8 +521,33 @@ class CocoCaptionsDataModule(LightningDataModule):
                 if train
                 else eval_transform(self.image_size, self.mean, self.std)
             )
+            if train and self.train_shards:
+                self.datasets[role] = self._shard_stream(transform)
+                continue
             images = self._existing(self.records(role), role)
             self.datasets[role] = CocoCaptionsDataset(images, transform, train=train, seed=self.seed)
+
+    def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
+        # Imported here: webdataset_shards builds on this module.
+        from datamodules.webdataset_shards import ShardStream, expand_shards
+
+        rank, world = self._topology()
+        return ShardStream(
+            expand_shards(self.train_shards),
+            transform,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            rank=rank,
+            world_size=world,
+        )
+
+    def _topology(self) -> tuple[int | None, int | None]:
+        # The trainer's rank and world size; None lets the shard stream ask torch.distributed itself.
+        if self.trainer is None:
+            return None, None
+        return self.trainer.global_rank, self.trainer.world_size
 
     def _current_epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
@@ -475,18 +556,28 @@ class CocoCaptionsDataModule(LightningDataModule):
         if role not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[role])
         train = role == "train"
+        dataset = self.datasets[role]
         kwargs: dict[str, Any] = {
             "batch_size": self.batch_size if train else self.eval_batch_size,
-            "shuffle": train,
             "drop_last": train,
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
             "collate_fn": CaptionCollate(self.tokenizer, self.context_length, self.image_size, train),
         }
-        if train:
-            return EpochDataLoader(self.datasets[role], epoch_fn=self._current_epoch, **kwargs)
-        return DataLoader(self.datasets[role], **kwargs)
+        if not train:
+            return DataLoader(dataset, **kwargs)
+        if isinstance(dataset, IterableDataset):
+            from datamodules.webdataset_shards import ShardLoader
+
+            return ShardLoader(dataset, epoch_fn=self._current_epoch, **kwargs)
+        rank, world = self._topology()
+        # An explicit seeded sampler: the order of epoch e depends on (seed, e) only, on one device or many, and
+        # its position is checkpointed. Being a DistributedSampler, Lightning keeps it under DDP.
+        sampler = ResumableSampler(
+            dataset, num_replicas=world or 1, rank=rank or 0, shuffle=True, seed=self.seed, drop_last=True
+        )
+        return EpochDataLoader(dataset, sampler, epoch_fn=self._current_epoch, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
