@@ -30,6 +30,8 @@ BLANK_ID = -1  # key and group of the stand-in rows of an empty batch; COCO ids 
 class ImageTextModule(ContrastiveModule):
     """Aligns images with captions; logs `val/i2t_R@K` (image -> text) and `val/t2i_R@K`."""
 
+    row_keys = ("images", "input_ids", "attention_mask", "image_ids", "caption_ids")
+
     def __init__(
         self,
         vocab_size: int = 30522,
@@ -62,6 +64,8 @@ class ImageTextModule(ContrastiveModule):
         eps: float = 1e-6,
         warmup_steps: int | float = 0.05,
         schedule: Schedule = "cosine",
+        max_nonfinite_in_row: int = 20,
+        grad_cache_chunks: int = 1,
     ) -> None:
         """
         Args:
@@ -98,6 +102,12 @@ class ImageTextModule(ContrastiveModule):
             eps: AdamW epsilon.
             warmup_steps: linear warmup steps, or a fraction of all steps when < 1.
             schedule: decay after warmup: linear, cosine or constant.
+            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            grad_cache_chunks: gradient caching: embed each training batch in this many chunks and backpropagate
+                the whole batch's loss chunk by chunk, so the loss sees the whole batch while activations are held
+                for one chunk; same gradients (BatchNorm aside: it normalises per chunk) for about one more
+                forward pass of compute. 1 = off. Optimises manually (the trainer's gradient_clip_val still
+                applies); accumulate_grad_batches must be 1.
         """
         super().__init__(
             loss=loss,
@@ -112,6 +122,8 @@ class ImageTextModule(ContrastiveModule):
             eps=eps,
             warmup_steps=warmup_steps,
             schedule=schedule,
+            max_nonfinite_in_row=max_nonfinite_in_row,
+            grad_cache_chunks=grad_cache_chunks,
         )
         self.save_hyperparameters()
         image_cfg = ImageTowerConfig(
@@ -142,6 +154,7 @@ class ImageTextModule(ContrastiveModule):
         self.text.bert.encoder.gradient_checkpointing = gradient_checkpointing
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         hp = getattr(dm, "hparams", {})
         if hp.get("context_length", 0) > self.hparams.max_text_len:
@@ -208,8 +221,10 @@ class ImageTextModule(ContrastiveModule):
         log.warning("training batch %d is empty (all %d images undecodable)", batch_idx, batch["skipped"])
         self._log_skipped(batch, "train")
         if self._gathering():
-            return self.pair_loss(self.embed(batch, "train")) * 0.0
-        return torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+            loss = self.pair_loss(self.embed(batch, "train")) * 0.0
+        else:
+            loss = torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+        return self._manual_zero_loss_step(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_or_skip(batch, batch_idx, "val")

@@ -61,7 +61,7 @@ def build_optimizer(
         warmup_steps = int(warmup_steps * total_steps)
     groups = param_groups(model, weight_decay, no_decay_names)
     # the fused kernel (CPU and CUDA) updates all parameters in one pass instead of a loop of small ops
-    fused = all(
+    fused = fused and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"]
     )
     opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 class SpeechTextModule(ContrastiveModule):
     """Aligns utterances with transcripts; logs `val/a2t_R@K` (speech -> text) and `val/t2a_R@K`."""
 
+    row_keys = (
+        "waveforms",
+        "wave_lengths",
+        "input_ids",
+        "attention_mask",
+        "utt_keys",
+        "text_ids",
+        "transcripts",
+    )
+
     def __init__(
         self,
         vocab_size: int = 30522,
@@ -63,6 +73,8 @@ class SpeechTextModule(ContrastiveModule):
         eps: float = 1e-6,
         warmup_steps: int | float = 0.05,
         schedule: Schedule = "cosine",
+        max_nonfinite_in_row: int = 20,
+        grad_cache_chunks: int = 1,
     ) -> None:
         """
         Args:
@@ -104,6 +116,12 @@ class SpeechTextModule(ContrastiveModule):
             eps: AdamW epsilon.
             warmup_steps: linear warmup steps, or a fraction of all steps when < 1.
             schedule: decay after warmup: linear, cosine or constant.
+            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            grad_cache_chunks: gradient caching: embed each training batch in this many chunks and backpropagate
+                the whole batch's loss chunk by chunk, so the loss sees the whole batch while activations are held
+                for one chunk; same gradients (BatchNorm aside: it normalises per chunk) for about one more
+                forward pass of compute. 1 = off. Optimises manually (the trainer's gradient_clip_val still
+                applies); accumulate_grad_batches must be 1.
         """
         super().__init__(
             loss=loss,
@@ -118,6 +136,8 @@ class SpeechTextModule(ContrastiveModule):
             eps=eps,
             warmup_steps=warmup_steps,
             schedule=schedule,
+            max_nonfinite_in_row=max_nonfinite_in_row,
+            grad_cache_chunks=grad_cache_chunks,
         )
         self.save_hyperparameters()
         speech_cfg = EncoderConfig.from_size(
@@ -163,6 +183,7 @@ class SpeechTextModule(ContrastiveModule):
             self.speech.encoder.gradient_checkpointing = gradient_checkpointing
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         dm = self.trainer.datamodule if self._trainer is not None else None
         hp = getattr(dm, "hparams", {})
         if hp.get("context_length", 0) > self.hparams.max_text_len:
@@ -190,7 +211,8 @@ class SpeechTextModule(ContrastiveModule):
         if len(batch["utt_keys"]) == 0:
             log.warning("training batch %d is empty (all %d files undecodable)", batch_idx, batch["skipped"])
             self._log_skipped(batch, "train")
-            return torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+            loss = torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+            return self._manual_zero_loss_step(loss)
         return super().training_step(batch, batch_idx)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

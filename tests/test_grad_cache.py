@@ -1,0 +1,324 @@
+"""Gradient caching: chunked backward passes give the parameter gradients of one pass over the whole batch, with
+the random state of dropout and SpecAugment replayed, inside Lightning's manual optimisation (clipping, LR
+schedule, non-finite skip, DDP)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+import lightning_modules.contrastive_module as contrastive_module
+from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.speech_text_module import SpeechTextModule
+
+VOCAB = 60
+GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
+# Adam moves a weight by about lr * sign(g) once |g| >> eps, even where g is float noise around zero (attention's
+# key bias): runs whose gradients agree to 1e-7 would then differ by lr. eps = 1e-3 keeps such moves at noise level.
+ADAM_EPS = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; OpenMP threads only fight other jobs for the cores
+    yield
+    torch.set_num_threads(threads)
+
+
+def image_text(dropout: float = 0.0, **kwargs) -> ImageTextModule:
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=VOCAB, embed_dim=16, image_arch="vit_tiny", image_size=16, vit_layers=1)
+    sizes.update(vit_width=32, vit_heads=2, text_size="tiny", text_layers=1, text_hidden=32, text_heads=2)
+    return ImageTextModule(**sizes, max_text_len=16, image_dropout=dropout, text_dropout=dropout, **kwargs)
+
+
+def image_text_batch(image_ids: list[int], seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = len(image_ids)
+    ids = torch.randint(5, VOCAB, (n, 7), generator=g)
+    mask = torch.ones(n, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    ids[~mask] = 0
+    return {
+        "images": torch.randn(n, 3, 16, 16, generator=g),
+        "input_ids": ids,
+        "attention_mask": mask,
+        "image_ids": torch.tensor(image_ids),
+        "caption_ids": torch.arange(100, 100 + n),
+        "skipped": 0,
+    }
+
+
+def speech_text(dropout: float = 0.0, masks: int = 0, **kwargs) -> SpeechTextModule:
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=VOCAB, embed_dim=16, n_mels=16, speech_size="tiny", speech_layers=1)
+    sizes.update(speech_hidden=32, speech_heads=2, conv_channels=4, text_size="tiny", text_layers=1)
+    sizes.update(text_hidden=32, text_heads=2, max_text_len=16, freq_masks=masks, freq_mask_width=4)
+    sizes.update(time_masks=masks, time_mask_width=5)
+    return SpeechTextModule(**sizes, speech_dropout=dropout, text_dropout=dropout, **kwargs)
+
+
+def speech_text_batch(text_ids: list[int], seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n = len(text_ids)
+    lengths = torch.tensor([4000 - 300 * i for i in range(n)])
+    waves = 0.1 * torch.randn(n, int(lengths.max()), generator=g)
+    waves[torch.arange(waves.shape[1])[None, :] >= lengths[:, None]] = 0.0
+    return {
+        "waveforms": waves,
+        "wave_lengths": lengths,
+        "input_ids": torch.randint(5, VOCAB, (n, 6), generator=g),
+        "attention_mask": torch.ones(n, 6, dtype=torch.bool),
+        "utt_keys": torch.arange(n) + 10,
+        "text_ids": torch.tensor(text_ids),
+        "transcripts": [f"t{i}" for i in text_ids],
+        "skipped": 0,
+    }
+
+
+# rows sharing a group (same image / transcript) sit in different chunks: the loss must see the whole batch
+GROUPS = [7, 3, 7, 9, 3, 5]
+
+
+def grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(ours: dict, expected: dict) -> None:
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], **GRAD_TOL, msg=name)
+
+
+# -- splitting ------------------------------------------------------------------------------------------
+
+
+def test_split_batch_cuts_every_row_entry_at_the_same_rows() -> None:
+    module = speech_text()
+    batch = speech_text_batch(GROUPS)
+    chunks = module.split_batch(batch, 4)
+    assert [len(c["utt_keys"]) for c in chunks] == [1, 2, 1, 2]
+    assert [t for c in chunks for t in c["transcripts"]] == batch["transcripts"]
+    for key in set(module.row_keys) - {"transcripts"}:
+        assert torch.equal(torch.cat([c[key] for c in chunks]), batch[key]), key
+    assert all(c["skipped"] == 0 and c["waveforms"].shape[1] == 4000 for c in chunks)
+    assert len(module.split_batch(batch, 10)) == 6  # never an empty chunk
+
+
+# -- gradients ------------------------------------------------------------------------------------------
+
+
+CASES = {  # no dropout, no SpecAugment: the chunks' random draws cannot match one pass's
+    "image-text": (image_text, image_text_batch),
+    "image-text-siglip": (
+        lambda **kw: image_text(loss="siglip", init_logit_bias=-2.0, **kw),
+        image_text_batch,
+    ),
+    "speech-text": (speech_text, speech_text_batch),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cached_gradients_equal_one_pass_over_the_whole_batch(case: str) -> None:
+    build, make_batch = CASES[case]
+    batch = make_batch(GROUPS)
+    plain = build().train()
+    plain.pair_loss(plain.embed(batch, "train")).backward()
+    expected = grads(plain)
+
+    cached = build(grad_cache_chunks=3).train()
+    loss, finite = cached.cached_backward(batch)
+    assert finite
+    torch.testing.assert_close(loss, plain.pair_loss(plain.embed(batch, "train")).detach())
+    ours = grads(cached)
+    assert_same_grads(ours, expected)
+    assert ours["log_scale"].abs() > 1e-4  # the temperature's gradient, counted once
+    if "siglip" in case:
+        assert ours["logit_bias"].abs() > 1e-4
+
+
+RANDOM_CASES = {  # dropout everywhere, and SpecAugment in the speech tower
+    "image-text": (lambda **kw: image_text(dropout=0.2, **kw), image_text_batch),
+    "image-text-checkpointed": (
+        lambda **kw: image_text(dropout=0.2, gradient_checkpointing=True, **kw),
+        image_text_batch,
+    ),
+    "speech-text": (lambda **kw: speech_text(dropout=0.2, masks=2, **kw), speech_text_batch),
+    "speech-text-conformer": (  # BatchNorm: its running statistics move once per chunk, as in one pass
+        lambda **kw: speech_text(dropout=0.2, masks=2, encoder="conformer", conformer_kernel_size=3, **kw),
+        speech_text_batch,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(RANDOM_CASES))
+def test_cached_gradients_replay_the_random_state_of_each_chunk(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With dropout (and SpecAugment), the large batch is the chunks' forward passes under one graph: the
+    random draws are those of pass 1, and pass 2 must draw the same again."""
+    build, make_batch = RANDOM_CASES[case]
+    batch = make_batch(GROUPS)
+    reference = build(grad_cache_chunks=3).train()
+    torch.manual_seed(1)
+    parts = [reference.embed(chunk, "train") for chunk in reference.split_batch(batch, 3)]
+    fields = contrastive_module._ROW_FIELDS
+    e = contrastive_module.PairEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+    reference.pair_loss(e).backward()
+    expected = grads(reference)
+
+    cached = build(grad_cache_chunks=3).train()
+    torch.manual_seed(1)
+    cached.cached_backward(batch)
+    assert_same_grads(grads(cached), expected)
+    buffers = dict(reference.named_buffers())
+    for name, value in cached.named_buffers():
+        torch.testing.assert_close(value, buffers[name], msg=name)
+
+    # without the replay pass 2 draws other masks, and the gradients are wrong
+    monkeypatch.setattr(contrastive_module, "set_rng_state", lambda state: None)
+    unreplayed = build(grad_cache_chunks=3).train()
+    torch.manual_seed(1)
+    unreplayed.cached_backward(batch)
+    wrong = grads(unreplayed)
+    assert not all(torch.allclose(wrong[n], expected[n], **GRAD_TOL) for n in expected)
+
+
+# -- training through Lightning -------------------------------------------------------------------------
+
+
+class GradNorms(Callback):
+    """Total gradient norm before clipping (callbacks' hook runs before the module's) and at the step's end."""
+
+    def __init__(self) -> None:
+        self.before, self.after = [], []
+
+    @staticmethod
+    def _norm(module: L.LightningModule) -> float:
+        return torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]).norm().item()
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        self.before.append(self._norm(module))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > len(self.after):
+            self.after.append(self._norm(module))
+
+
+def fit(module: ContrastiveModule, batches: list[dict], root: Path, **trainer_kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    trainer = L.Trainer(**{**defaults, **trainer_kwargs})
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    return trainer
+
+
+def assert_same_parameters(ours: torch.nn.Module, expected: torch.nn.Module) -> None:
+    theirs = dict(expected.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p, theirs[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def moved(module: torch.nn.Module, initial: dict[str, torch.Tensor]) -> float:
+    return max((p - initial[n]).abs().max().item() for n, p in module.named_parameters())
+
+
+def test_trainer_steps_with_grad_cache_match_plain_training(tmp_path: Path) -> None:
+    batches = [image_text_batch(GROUPS, seed=s) for s in range(3)]
+    kwargs = dict(lr=1e-2, warmup_steps=1, schedule="cosine", eps=ADAM_EPS)  # the LR changes every step
+    clip = dict(gradient_clip_val=0.05, max_steps=3)
+    initial = copy.deepcopy(image_text(**kwargs).state_dict())
+    plain = image_text(**kwargs)
+    plain_trainer = fit(plain, batches, tmp_path / "plain", **clip)
+    cached, norms = image_text(grad_cache_chunks=3, **kwargs), GradNorms()
+    trainer = fit(cached, batches, tmp_path / "cached", callbacks=[norms], **clip)
+
+    assert not cached.automatic_optimization and trainer.global_step == plain_trainer.global_step == 3
+    assert_same_parameters(cached, plain)
+    assert moved(cached, initial) > 1e-3  # it trained
+    # the trainer's gradient_clip_val applies in manual optimisation too
+    assert min(norms.before) > 0.05 and norms.after == pytest.approx([0.05] * 3, rel=1e-4)
+    for key in ("train/loss", "train/logit_scale"):
+        torch.testing.assert_close(trainer.callback_metrics[key], plain_trainer.callback_metrics[key])
+    lr = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    assert lr == plain_trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.0, 0.0]  # cosine's end
+
+
+def test_nonfinite_loss_skips_the_step_with_grad_cache(tmp_path: Path) -> None:
+    good = speech_text_batch(GROUPS)
+    bad = copy.deepcopy(good)
+    bad["waveforms"][0, 0] = float("nan")
+    kwargs = dict(grad_cache_chunks=2, warmup_steps=0, schedule="constant")
+    module = speech_text(**kwargs)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        trainer = fit(module, [bad, good], tmp_path / "skipped")
+    reference = speech_text(**kwargs)
+    fit(reference, [good], tmp_path / "reference")
+    assert trainer.global_step == 1
+    assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 1.0
+    assert_same_parameters(module, reference)  # the NaN batch changed nothing
+
+
+def test_empty_batch_still_steps_with_grad_cache(tmp_path: Path) -> None:
+    """A batch whose images all failed to decode steps with a zero gradient, as in automatic optimisation (under
+    DDP this rank must join the others' all-reduce)."""
+    good = image_text_batch(GROUPS)
+    empty = {k: v[:0] if torch.is_tensor(v) else v for k, v in good.items()}
+    empty.update(
+        input_ids=torch.empty(0, 0, dtype=torch.long), attention_mask=torch.empty(0, 0, dtype=torch.bool)
+    )
+    kwargs = dict(lr=1e-2, warmup_steps=0, eps=ADAM_EPS)
+    plain = image_text(**kwargs)
+    fit(plain, [empty, good, good], tmp_path / "plain")
+    cached = image_text(grad_cache_chunks=2, **kwargs)
+    trainer = fit(cached, [empty, good, good], tmp_path / "cached")
+    assert trainer.global_step == 3
+    assert_same_parameters(cached, plain)
+
+
+def test_grad_cache_rejects_gradient_accumulation(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        fit(image_text(grad_cache_chunks=2), [image_text_batch(GROUPS)], tmp_path, accumulate_grad_batches=2)
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~25 s: two spawned processes
+def test_ddp_two_ranks_with_grad_cache_match_one_process_plain(tmp_path: Path, monkeypatch) -> None:
+    """2 gloo ranks x 3 rows, 2 chunks each, negatives gathered across ranks, gradients all-reduced once per
+    step == one process, plain, 6 rows."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    halves = [
+        image_text_batch(GROUPS[:3], seed=s) if s % 2 == 0 else image_text_batch(GROUPS[3:], seed=s)
+        for s in range(4)
+    ]
+    wholes = [
+        {k: torch.cat([x[k], y[k]]) if torch.is_tensor(x[k]) else x[k] for k in x}
+        for x, y in zip(halves[0::2], halves[1::2])
+    ]
+    kwargs = dict(lr=1e-2, warmup_steps=1, eps=ADAM_EPS)
+    initial = copy.deepcopy(image_text(**kwargs).state_dict())
+    plain = image_text(**kwargs)
+    fit(plain, wholes, tmp_path / "plain", max_steps=2)
+    cached = image_text(grad_cache_chunks=2, **kwargs)
+    fit(cached, halves, tmp_path / "ddp", max_steps=2, strategy="ddp_spawn", devices=2)
+    assert_same_parameters(cached, plain)
+    assert moved(cached, initial) > 1e-3  # it trained
