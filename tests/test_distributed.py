@@ -156,3 +156,37 @@ def test_torchrun_two_nodes_on_localhost(
     for node, out in zip(nodes, outputs):
         assert node.returncode == 0, out[-3000:]
     _assert_same_run(tmp_path, one_process_double_batch)
+
+
+@pytest.mark.parametrize(
+    "experiment, snippet, strategy",
+    [
+        ("configs/clip/coco_vit_b16.yaml", "ddp", "lightning.pytorch.strategies.DDPStrategy"),
+        ("configs/mlm/bert_base.yaml", "fsdp", "lightning_modules.strategies.BlockFSDPStrategy"),
+        (
+            "configs/speech/librispeech_base.yaml",
+            "deepspeed",
+            "lightning.pytorch.strategies.DeepSpeedStrategy",
+        ),
+    ],
+)
+def test_strategy_snippets_compose_with_experiment_configs(
+    experiment: str, snippet: str, strategy: str
+) -> None:
+    cmd = [
+        sys.executable,
+        "cli.py",
+        "fit",
+        "--config",
+        experiment,
+        "--config",
+        f"configs/strategy/{snippet}.yaml",
+    ]
+    result = subprocess.run(
+        [*cmd, "--print_config"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = result.stdout
+    assert f"class_path: {strategy}" in config
+    # the experiment keeps its own settings: the snippet only chooses the strategy
+    assert "precision: bf16-mixed" in config
