@@ -173,29 +173,38 @@ def _small(**kw) -> BertForPreTraining:
     return BertForPreTraining(cfg).eval()
 
 
-def test_masked_only_mlm_loss_and_gradients_equal_dense() -> None:
+@pytest.mark.parametrize("variant", ["post_ln", "pre_ln", "no_padding", "checkpointed"])
+def test_masked_only_mlm_loss_and_gradients_equal_dense(variant: str) -> None:
+    """The masked-only path (MLM head at the masked positions, last block for those and [CLS] only) gives the
+    dense path's logits, loss and gradients."""
     ids, mask, types = _batch(seed=3)
+    if variant == "no_padding":
+        mask = torch.ones_like(mask)
     labels = torch.full_like(ids, -100)
     chosen = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.3) & mask.bool()
     chosen[0, 1] = True
     labels[chosen] = ids[chosen]
+    nsp_labels = torch.arange(len(ids)) % 2
 
-    dense_model, sparse_model = _small(dropout=0.0), _small(dropout=0.0)
-    dense_logits, _ = dense_model(ids, mask, types)
+    kw = {"dropout": 0.0, "attention_dropout": 0.0, "norm_first": variant == "pre_ln"}
+    dense_model, sparse_model = _small(**kw), _small(**kw)
+    if variant == "checkpointed":
+        for m in (dense_model, sparse_model):
+            m.train().bert.encoder.gradient_checkpointing = True
+    dense_logits, dense_nsp = dense_model(ids, mask, types)
     dense = F.cross_entropy(dense_logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
-    dense.backward()
-    masked_logits, _ = sparse_model(ids, mask, types, masked_positions=labels != -100)
+    (dense + F.cross_entropy(dense_nsp, nsp_labels)).backward()
+    masked_logits, sparse_nsp = sparse_model(ids, mask, types, masked_positions=labels != -100)
     assert masked_logits.shape == (int(chosen.sum()), VOCAB)
     # row-major order of the masked positions
     assert torch.allclose(masked_logits, dense_logits[chosen], atol=1e-5)
+    assert torch.allclose(sparse_nsp, dense_nsp, atol=1e-6)
     sparse = F.cross_entropy(masked_logits, labels[labels != -100])
     assert sparse.item() == pytest.approx(dense.item(), abs=1e-5)
-    sparse.backward()
+    (sparse + F.cross_entropy(sparse_nsp, nsp_labels)).backward()
     for (name, p), q in zip(dense_model.named_parameters(), sparse_model.parameters()):
-        if p.grad is None:  # the NSP head and pooler get no gradient from the MLM loss
-            assert q.grad is None or q.grad.abs().max() == 0, name
-        else:
-            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+        assert p.grad is not None and q.grad is not None, name
+        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
 def test_padding_does_not_change_real_positions() -> None:

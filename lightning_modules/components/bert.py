@@ -70,15 +70,22 @@ class BertModel(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         need_weights: bool = False,
+        output_positions: Tensor | None = None,
     ):
-        """`attention_mask` is (B, L), True (or 1) at real tokens, as in Hugging Face."""
+        """`attention_mask` is (B, L), True (or 1) at real tokens, as in Hugging Face. `output_positions`: see
+        `TransformerEncoder` (then (R, d) states of those flat positions only)."""
         mask = attention_mask.bool() if attention_mask is not None else None
-        return self.encoder(self.embeddings(input_ids, token_type_ids), mask, need_weights)
+        x = self.embeddings(input_ids, token_type_ids)
+        return self.encoder(x, mask, need_weights, output_positions)
+
+    def cls_pooler(self, first: Tensor) -> Tensor:
+        """BERT's pooler: tanh(W h_[CLS] + b)."""
+        return torch.tanh(self.pooler(first))
 
     def pool(self, hidden: Tensor, attention_mask: Tensor | None = None, mode: str = "cls") -> Tensor:
         """'cls': BERT's tanh pooler on [CLS]; 'first': raw [CLS] state; 'mean': masked mean."""
         if mode == "cls":
-            return torch.tanh(self.pooler(cls_pool(hidden)))
+            return self.cls_pooler(cls_pool(hidden))
         if mode == "first":
             return cls_pool(hidden)
         if mode == "mean":
@@ -123,13 +130,22 @@ class BertForPreTraining(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """MLM logits and NSP logits.
 
-        With `masked_positions` (a (B, L) bool map) the MLM head runs only at those positions and returns
-        (M, V) logits for the M masked tokens in row-major order; the vocabulary projection is the costliest
-        matmul of a small BERT, and ~85% of its rows would be thrown away. Without it, (B, L, V).
+        With `masked_positions` (a (B, L) bool map of real tokens) the MLM head runs only at those positions
+        and returns (M, V) logits for the M masked tokens in row-major order; the vocabulary projection is the
+        costliest matmul of a small BERT, and ~85% of its rows would be thrown away. The last encoder block, too,
+        runs its per-token work only for the masked positions and [CLS], the only outputs the two heads read.
+        Without it, (B, L, V).
         """
-        hidden = self.bert(input_ids, attention_mask, token_type_ids)
-        selected = hidden[masked_positions] if masked_positions is not None else hidden
-        return self.mlm(selected), self.nsp(self.bert.pool(hidden))
+        if masked_positions is None:
+            hidden = self.bert(input_ids, attention_mask, token_type_ids)
+            return self.mlm(hidden), self.nsp(self.bert.pool(hidden))
+        wanted = masked_positions.clone()
+        wanted[:, 0] = True  # [CLS], for NSP
+        positions = wanted.reshape(-1).nonzero().squeeze(1)  # ascending: row-major order
+        states = self.bert(input_ids, attention_mask, token_type_ids, output_positions=positions)
+        is_masked = masked_positions.reshape(-1)[positions]
+        is_first = positions % masked_positions.shape[1] == 0
+        return self.mlm(states[is_masked]), self.nsp(self.bert.cls_pooler(states[is_first]))
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:

@@ -93,7 +93,10 @@ class MultiHeadSelfAttention(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         unpad: Unpadded | None = None,
+        rows: Tensor | None = None,
     ):
+        """`rows`: return only these token rows (of the unpadded (T, d) layout, or of the flattened (B*L, d)
+        one): every key and value is still attended to, but W^O runs for the wanted queries only."""
         qkv = self.qkv(x)
         if unpad is not None:  # tokens (T, 3d) back to the (B, L, 3d) layout attention needs
             qkv = unpad.pad(qkv)
@@ -113,6 +116,8 @@ class MultiHeadSelfAttention(nn.Module):
         heads = heads.transpose(1, 2).reshape(b, n, d)
         if unpad is not None:
             heads = unpad.unpad(heads)
+        if rows is not None:
+            heads = heads.reshape(-1, d)[rows]
         return self.out(heads), weights
 
 
@@ -141,14 +146,17 @@ class EncoderBlock(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         unpad: Unpadded | None = None,
+        rows: Tensor | None = None,
     ):
+        """With `rows`, only those token rows come out (see `TransformerEncoder`)."""
+        residual = x if rows is None else x.reshape(-1, x.shape[-1])[rows]
         if self.norm_first:
-            a, w = self.attention(self.attention_norm(x), attn_mask, need_weights, unpad)
-            x = x + self.dropout(a)
+            a, w = self.attention(self.attention_norm(x), attn_mask, need_weights, unpad, rows)
+            x = residual + self.dropout(a)
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         else:
-            a, w = self.attention(x, attn_mask, need_weights, unpad)
-            x = self.attention_norm(x + self.dropout(a))
+            a, w = self.attention(x, attn_mask, need_weights, unpad, rows)
+            x = self.attention_norm(residual + self.dropout(a))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, w
 
@@ -183,7 +191,13 @@ def attention_mask_from_padding(key_padding_mask: Tensor | None) -> Tensor | Non
 
 
 class TransformerEncoder(nn.Module):
-    """Embeddings in, hidden states out. `key_padding_mask` is (B, L) with True at real positions."""
+    """Embeddings in, hidden states out. `key_padding_mask` is (B, L) with True at real positions.
+
+    `output_positions` (flat indices b * L + l of real tokens, ascending) asks for the final states of those
+    positions only, returned as (R, d): the last block then runs W^O, the feed-forward and its LayerNorms for
+    them alone (keys and values still come from every token), as MosaicBERT does for the masked positions of
+    MLM. The result is the same as selecting those rows from the full output.
+    """
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -194,21 +208,37 @@ class TransformerEncoder(nn.Module):
         self.unpad = True
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        output_positions: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
         mask = attention_mask_from_padding(key_padding_mask)
         unpad = Unpadded(key_padding_mask) if mask is not None and self.unpad and not need_weights else None
         if unpad is not None:
             x = unpad.unpad(x)
+        rows = None
+        if output_positions is not None and not need_weights:
+            # the wanted positions as rows of the layout the blocks work in
+            rows = output_positions if unpad is None else torch.searchsorted(unpad.index, output_positions)
         weights = []
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            block_rows = rows if i == last else None
             if self.gradient_checkpointing and self.training and not need_weights:
-                x, w = torch.utils.checkpoint.checkpoint(block, x, mask, False, unpad, use_reentrant=False)
+                x, w = torch.utils.checkpoint.checkpoint(
+                    block, x, mask, False, unpad, block_rows, use_reentrant=False
+                )
             else:
-                x, w = block(x, mask, need_weights, unpad)
+                x, w = block(x, mask, need_weights, unpad, block_rows)
             weights.append(w)
+        if rows is not None and not self.blocks:
+            x = x.reshape(-1, x.shape[-1])[rows]
         if self.final_norm is not None:
             x = self.final_norm(x)
+        if rows is not None:
+            return x
         if unpad is not None:
             x = unpad.pad(x)  # padded positions come back as zeros
         return (x, weights) if need_weights else x
