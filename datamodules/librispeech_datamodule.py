@@ -31,6 +31,7 @@ import torchaudio
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.loading import ResumableBatchDataLoader, take_skip
 from datamodules.synthetic_tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
@@ -326,6 +327,10 @@ class DurationBucketBatchSampler(Sampler[list[int]]):
     their bucket (new batch compositions) and the order of all batches, from `(seed, epoch)`: reproducible,
     and the same on every rank. The batch count never changes between epochs, so `len()` is exact.
 
+    Resuming: `skip` batches of the next pass are left out when `skip_epoch` is None or the current epoch
+    (`ResumableBatchDataLoader` sets both from a checkpoint), so a resumed run continues with the next unseen
+    batch; the batches themselves, being drawn from `(seed, epoch)`, are the same as in the unbroken run.
+
     Distributed: rank `r` of `num_replicas` takes batches `r, r + R, ...`. When the count does not divide
     evenly, the first batches are repeated to fill the last round, so every rank runs the same number of
     steps (DDP would hang otherwise); those few utterances are seen twice that epoch. `utt_keys` in the
@@ -357,6 +362,8 @@ class DurationBucketBatchSampler(Sampler[list[int]]):
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # batches of this rank to leave out of the next pass
+        self.skip_epoch: int | None = None
         dur = np.asarray(durations, dtype=np.float64)
         order = np.argsort(dur, kind="stable")
         self.buckets = [b for b in np.array_split(order, min(num_buckets, max(len(order), 1))) if len(b)]
@@ -383,12 +390,15 @@ class DurationBucketBatchSampler(Sampler[list[int]]):
         return math.ceil(self.num_batches / self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
+        # a generator, so the skip is taken when the first batch is asked for: a DataLoader with workers calls
+        # `iter()` on its batch sampler twice when it starts a pass and uses only the second iterator
+        skip = take_skip(self)
         batches = self.epoch_batches()
         if not batches:
-            return iter(())
+            return
         total = len(self) * self.num_replicas
         padded = [batches[i % len(batches)] for i in range(total)]
-        return iter(padded[self.rank :: self.num_replicas])
+        yield from padded[self.rank :: self.num_replicas][skip:]
 
 
 # -- the DataModule -------------------------------------------------------------------------------
@@ -591,7 +601,9 @@ class LibriSpeechDataModule(LightningDataModule):
             seed=self.hparams.seed,
         )
         workers = self.hparams.num_workers
-        return DataLoader(
+        # the training loader's position is checkpointed, so a run killed mid-epoch resumes at the next batch
+        loader_cls = ResumableBatchDataLoader if split == "train" else DataLoader
+        return loader_cls(
             dataset,
             batch_sampler=sampler,
             num_workers=workers,
