@@ -25,7 +25,7 @@ from lightning_modules.components.losses import build_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import finite_or_skip
-from lightning_modules.rng import rng_state, set_rng_state
+from lightning_modules.rng import restore_rng_state, rng_state, rng_states_of_all_ranks, set_rng_state
 
 
 @dataclass
@@ -283,11 +283,10 @@ class ContrastiveModule(L.LightningModule):
         self._log_retrieval("test")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
+        checkpoint["rng_states"] = rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_state" in checkpoint:
-            set_rng_state(checkpoint["rng_state"])
+        restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
     def configure_optimizers(self):
         total = max(1, int(self.trainer.estimated_stepping_batches))

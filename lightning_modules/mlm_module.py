@@ -17,7 +17,7 @@ from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import finite_or_skip
-from lightning_modules.rng import rng_state, set_rng_state
+from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
 
 IGNORE_INDEX = -100
 
@@ -236,14 +236,13 @@ class MLMPretrainingModule(L.LightningModule):
 
     # interop ----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_state"] = rng_state()
+        checkpoint["rng_states"] = rng_states_of_all_ranks()
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
         if dm is not None and hasattr(dm, "tokenizer"):
             checkpoint["tokenizer_json"] = dm.tokenizer.tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "rng_state" in checkpoint:
-            set_rng_state(checkpoint["rng_state"])
+        restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
     def export_hf(self, folder: str | Path, tokenizer=None) -> Path:
         """Write a Hugging Face `BertForPreTraining` folder (config.json, model.safetensors, vocab.txt)."""

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 def rng_state() -> dict:
@@ -30,3 +31,23 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(mt.tolist()), py_gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_states_of_all_ranks() -> list[dict]:
+    """Every rank's RNG state, gathered (all ranks call this while a checkpoint is dumped), so that after a
+    resume each rank draws the dropout masks it would have drawn; only rank 0 writes the file."""
+    state = rng_state()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+    return [state]
+
+
+def restore_rng_state(checkpoint: dict, rank: int, world_size: int) -> None:
+    """This rank's state when the checkpoint was written by as many ranks; else rank 0's (another world size)."""
+    states = checkpoint.get("rng_states")
+    if states:
+        set_rng_state(states[rank] if len(states) == world_size else states[0])
+    elif "rng_state" in checkpoint:  # checkpoints written before every rank's state was kept
+        set_rng_state(checkpoint["rng_state"])
