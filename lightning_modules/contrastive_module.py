@@ -284,6 +284,10 @@ class ContrastiveModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
+        # the vocabulary travels with the weights: zero-shot and fine-tuning need no data cache
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        if dm is not None and hasattr(dm, "tokenizer"):
+            checkpoint["tokenizer_json"] = dm.tokenizer.tokenizer.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
