@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +37,21 @@ _SPLITS = (("train-clean-100", 8, 2, 100), ("dev-clean", 4, 1, 900))  # subset, 
 _FADE_S = 0.01
 
 
-def _lexicon() -> dict[str, list[tuple[float, float]]]:
-    """word -> [(frequency Hz, duration s), ...]: 2 or 3 tones, each pattern unique."""
+def tone_lexicon(
+    words: Sequence[str] = VOCABULARY, durations: tuple[float, float] = (0.12, 0.2)
+) -> dict[str, list[tuple[float, float]]]:
+    """word -> [(frequency Hz, duration s), ...]: 2 or 3 tones, each pattern unique, durations drawn from
+    `durations`. Seeded: the same word list always sounds the same."""
     rng = np.random.default_rng(_LEXICON_SEED)
     seen: set[tuple[int, ...]] = set()
     lexicon: dict[str, list[tuple[float, float]]] = {}
-    for word in VOCABULARY:
-        while True:
+    for word in words:
+        tones: tuple[int, ...] = ()
+        while not tones or tones in seen:
             n = int(rng.integers(2, 4))
             tones = tuple(int(t) for t in rng.choice(len(_TONE_FREQS), size=n, replace=False))
-            if tones not in seen:
-                break
         seen.add(tones)
-        lexicon[word] = [(float(_TONE_FREQS[t]), float(rng.uniform(0.12, 0.2))) for t in tones]
+        lexicon[word] = [(float(_TONE_FREQS[t]), float(rng.uniform(*durations))) for t in tones]
     return lexicon
 
 
@@ -72,7 +75,7 @@ def render_sentence(
     lexicon: dict[str, list[tuple[float, float]]] | None = None,
 ) -> np.ndarray:
     """Render `words` as tone patterns with per-utterance amplitude, speed, pitch and noise variation."""
-    lexicon = lexicon or _lexicon()
+    lexicon = lexicon or tone_lexicon()
     speed = rng.uniform(0.9, 1.1)
     amplitude = rng.uniform(0.25, 0.6)
     pitch = pitch * rng.uniform(0.98, 1.02)
@@ -157,7 +160,7 @@ def generate_tone_librispeech(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-LibriSpeech-"))
     try:
-        lexicon = _lexicon()
+        lexicon = tone_lexicon()
         speaker_lines = [
             "; Synthetic tone corpus written by datamodules/synthetic_tones.py\n",
             ";ID  |SEX| SUBSET           |MINUTES| NAME\n",

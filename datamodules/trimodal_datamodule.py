@@ -1,0 +1,318 @@
+"""Image-text and speech-text batches for one tri-modal model: the COCO and LibriSpeech DataModules, composed,
+with ONE vocabulary for both.
+
+Shared vocabulary: without `tokenizer`, one WordPiece is trained on the COCO training captions together with
+the LibriSpeech training transcripts (cached like every vocabulary here), and both DataModules are configured
+with it through their own `tokenizer` argument: the text tower sees the same ids for the same words, whichever
+task the text comes from.
+
+Batches:
+
+    train  {"image_text": <COCO training batch>, "speech_text": <LibriSpeech training batch>}, one of each per
+           step, from Lightning's CombinedLoader (`train_mode`: "min_size" ends the epoch with the shorter
+           loader, each loader reshuffled every epoch; "max_size_cycle" runs the longer one to its end and
+           restarts the shorter one, which repeats its order within the epoch).
+    eval   two loaders, in `TASKS` order: COCO (image-text), then LibriSpeech (speech-text). When the speech
+           set is spoken captions (below), each speech batch also holds `image_ids` (B,) long: the image whose
+           caption the utterance speaks, -1 for none, so image <-> speech retrieval can be scored.
+
+Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set (datamodules/
+synthetic_shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as tone patterns
+(datamodules/synthetic_tones.py `render_sentence`): training utterances speak training captions, dev-clean
+utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
+which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
+image-text and speech-text retrieval are reported.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from datamodules.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
+from datamodules.librispeech_datamodule import LibriSpeechDataModule, normalise_transcript, read_transcripts
+from datamodules.synthetic_shapes import generate_shapes_coco
+from datamodules.synthetic_tones import render_sentence, tone_lexicon
+from datamodules.tokenizer import TextTokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
+
+TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders
+PAIRS_FILE = "SPOKEN_CAPTIONS.json"
+_SUBSETS = (("train2017", "train-clean-100"), ("val2017", "dev-clean"))  # COCO split -> LibriSpeech subset
+_LEXICON_SEED = 20240917
+_TONE_FREQS = np.geomspace(300.0, 3400.0, 16)
+
+
+def caption_words(caption: str) -> list[str]:
+    """The words a caption is spoken as: letters only, upper case, as LibriSpeech transcripts are written."""
+    return re.findall(r"[A-Z]+", caption.upper())
+
+
+def caption_lexicon(words: Sequence[str]) -> dict[str, list[tuple[float, float]]]:
+    """word -> 2 or 3 tones [(Hz, seconds)], unique per word, in `render_sentence`'s format. Shorter tones than
+    the tone corpus's (80-120 ms): captions are long sentences and the quickstart runs on a CPU."""
+    # sorted: the same word sounds the same whatever the captions
+    return tone_lexicon(sorted(set(words)), durations=(0.08, 0.12))
+
+
+def generate_spoken_captions(
+    image_text_root: str | os.PathLike,
+    speech_root: str | os.PathLike,
+    captions_per_image: tuple[int, int] = (2, 1),
+    n_speakers: int = 4,
+    sample_rate: int = 16000,
+    seed: int = 0,
+) -> Path:
+    """Speak captions of the shapes set as tones into `speech_root/LibriSpeech/{train-clean-100,dev-clean}`;
+    returns `speech_root/LibriSpeech`.
+
+    `captions_per_image`: (train, val) captions spoken per image, the first ones of each image. Utterance
+    `<speaker>-<chapter>-<n>` of subset s speaks a caption of image `SPOKEN_CAPTIONS.json[s][utterance]`.
+    Idempotent and atomic like the tone corpus: an existing tree is kept, a new one is renamed into place.
+    """
+    image_text_root, target = Path(image_text_root), Path(speech_root) / "LibriSpeech"
+    if target.is_dir():
+        return target
+    splits = {
+        subset: load_coco_captions(
+            image_text_root / "annotations" / f"captions_{split}.json", image_text_root
+        )
+        for split, subset in _SUBSETS
+    }
+    lexicon = caption_lexicon(
+        [w for records in splits.values() for r in records for c in r.captions for w in caption_words(c)]
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-LibriSpeech-"))
+    try:
+        pairs: dict[str, dict[str, int]] = {}
+        for i, ((subset, records), per_image) in enumerate(zip(splits.items(), captions_per_image)):
+            rng = np.random.default_rng([seed, i])
+            first = 100 * (i + 1)  # speaker ids differ between subsets
+            pitches = {first + s: float(rng.uniform(0.93, 1.07)) for s in range(n_speakers)}  # "voices"
+            lines: dict[int, list[str]] = {spk: [] for spk in pitches}
+            pairs[subset] = {}
+            for n, (record, caption) in enumerate((r, c) for r in records for c in r.captions[:per_image]):
+                spk = first + n % n_speakers
+                utt_id = f"{spk}-{spk}-{len(lines[spk]):04d}"
+                words = caption_words(caption)
+                wave = render_sentence(words, sample_rate, rng, pitches[spk], lexicon)
+                folder = tmp / subset / str(spk) / str(spk)
+                folder.mkdir(parents=True, exist_ok=True)
+                sf.write(folder / f"{utt_id}.flac", wave, sample_rate, subtype="PCM_16", format="FLAC")
+                lines[spk].append(f"{utt_id} {' '.join(words)}\n")
+                pairs[subset][utt_id] = record.image_id
+            for spk, spoken in lines.items():
+                if spoken:
+                    (tmp / subset / str(spk) / str(spk) / f"{spk}-{spk}.trans.txt").write_text(
+                        "".join(spoken)
+                    )
+        (tmp / PAIRS_FILE).write_text(json.dumps(pairs))
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if target.is_dir():  # another process finished first; use its copy
+            return target
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "spoke %s captions of %s as tones into %s",
+        {s: len(p) for s, p in pairs.items()},
+        image_text_root,
+        target,
+    )
+    return target
+
+
+class PairedSpeechCollate:
+    """The speech collate, plus `image_ids`: the image each utterance's caption describes (-1 for none)."""
+
+    def __init__(self, collate: Any, image_of_utterance: torch.Tensor) -> None:
+        self.collate = collate
+        self.image_of_utterance = image_of_utterance
+
+    def __call__(self, items: list) -> dict[str, Any]:
+        batch = self.collate(items)
+        batch["image_ids"] = self.image_of_utterance[batch["utt_keys"]]
+        return batch
+
+
+class TriModalDataModule(LightningDataModule):
+    """COCO captions and LibriSpeech together, tokenized with one vocabulary, for `TriModalModule`.
+
+    Needs `Trainer(use_distributed_sampler=False)`, as LibriSpeech alone does: its batch sampler and the COCO
+    training sampler shard by rank themselves (under DDP every rank then also evaluates the whole COCO split;
+    the retrieval metric keeps one row per key, so the figures are unchanged).
+    """
+
+    def __init__(
+        self,
+        image_text: dict[str, Any] | None = None,
+        speech_text: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        tokenizer_vocab_size: int = 8192,
+        lowercase: bool = True,
+        cache_dir: str = "data_cache",
+        train_mode: Literal["min_size", "max_size_cycle"] = "min_size",
+        generate_if_missing: bool = False,
+        spoken_captions_per_image: tuple[int, int] = (2, 1),
+    ) -> None:
+        """
+        Args:
+            image_text: `CocoCaptionsDataModule` arguments (root, image_size, batch_size, ...).
+            speech_text: `LibriSpeechDataModule` arguments (root, subsets, max_batch_seconds, ...).
+            tokenizer: a vocab.txt / tokenizer.json (or folder) for both tasks; None trains one WordPiece on the
+                COCO training captions and the LibriSpeech training transcripts together, cached in cache_dir.
+            tokenizer_vocab_size: size of that WordPiece vocabulary; `vocab_size` gives the size trained.
+            lowercase: lowercase text before tokenizing, in both tasks (LibriSpeech is upper case).
+            cache_dir: where the shared vocabulary is cached; also both DataModules' cache_dir unless they set one.
+            train_mode: CombinedLoader mode of training: "min_size" or "max_size_cycle" (see the module doc).
+            generate_if_missing: write the shapes set into image_text's root and its spoken captions into
+                speech_text's root when they are missing (the quickstart).
+            spoken_captions_per_image: (train, val) captions of each image spoken in the generated speech set.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        # Arguments, not DataModules: LightningCLI gives every DataModule it instantiates the hyperparameters of
+        # the top-level one, so nested DataModules built by the CLI would not know their own settings.
+        self._args: dict[str, dict[str, Any]] = {}
+        for name, args in (("image_text", image_text), ("speech_text", speech_text)):
+            shared = sorted((args or {}).keys() & {"tokenizer", "tokenizer_vocab_size", "lowercase"})
+            if shared:
+                raise ValueError(f"data.{name} sets {shared}: set them once, as data.<name>, for both tasks")
+            self._args[name] = {"cache_dir": cache_dir, **(args or {}), "lowercase": lowercase}
+        # as configured: they give the texts the vocabulary is trained on, and generate the quickstart data
+        self._readers: dict[str, LightningDataModule] = {}
+        self._tasks: dict[str, LightningDataModule] = {}  # the same, tokenizing with the shared vocabulary
+        self._tokenizer: TextTokenizer | None = None
+        self._tokenizer_path: str | None = tokenizer
+
+    def _build(self, name: str, tokenizer: str | None) -> LightningDataModule:
+        cls = CocoCaptionsDataModule if name == "image_text" else LibriSpeechDataModule
+        # in an empty context: outside LightningCLI's, whose hyperparameters it would otherwise take for its own
+        return contextvars.Context().run(cls, **self._args[name], tokenizer=tokenizer)
+
+    def _reader(self, name: str) -> LightningDataModule:
+        if name not in self._readers:
+            self._readers[name] = self._build(name, None)
+        return self._readers[name]
+
+    # data on disk ------------------------------------------------------------------------------------------
+    def _ensure_data(self) -> None:
+        if not self.hparams.generate_if_missing:
+            return
+        coco, speech = self._reader("image_text"), self._reader("speech_text")
+        generate_shapes_coco(coco.root)  # keeps a complete set
+        if not (speech.root / "LibriSpeech").is_dir():
+            generate_spoken_captions(
+                coco.root,
+                speech.root,
+                tuple(self.hparams.spoken_captions_per_image),
+                sample_rate=speech.hparams.sample_rate,
+                seed=speech.hparams.seed,
+            )
+
+    def _training_texts(self) -> list[str]:
+        coco, speech = self._reader("image_text"), self._reader("speech_text")
+        texts = [c for r in coco.records("train") for c in r.captions]
+        for subset in speech.subset_dirs("train"):
+            for trans in sorted(subset.glob("*/*/*.trans.txt")):
+                found, _ = read_transcripts(trans)
+                texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
+        return texts
+
+    # the shared tokenizer and the two DataModules that use it -------------------------------------------
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        """One vocabulary for captions and transcripts, loaded or trained (and cached) on first use."""
+        if self._tokenizer is None:
+            if not self._tokenizer_path:
+                self._ensure_data()
+                texts = self._training_texts()
+                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+                hp = self.hparams
+                tok = build_tokenizer(None, texts, hp.cache_dir, hp.tokenizer_vocab_size, hp.lowercase, key)
+                self._tokenizer_path = tok.source  # the cached tokenizer.json
+            self._tokenizer = TextTokenizer.from_file(self._tokenizer_path, self.hparams.lowercase)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def task(self, name: str) -> LightningDataModule:
+        """The DataModule of task `name` ("image_text" or "speech_text"), tokenizing with the shared vocabulary."""
+        if name not in self._tasks:
+            _ = self.tokenizer
+            self._tasks[name] = self._build(name, self._tokenizer_path)
+            self._tasks[name].trainer = self.trainer  # its epoch and rank, for the seeded samplers
+        return self._tasks[name]
+
+    @property
+    def image_text(self) -> CocoCaptionsDataModule:
+        return self.task("image_text")
+
+    @property
+    def speech_text(self) -> LibriSpeechDataModule:
+        return self.task("speech_text")
+
+    # LightningDataModule hooks -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self._ensure_data()
+        for name in TASKS:
+            self.task(name).prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        for name in TASKS:
+            self.task(name).trainer = self.trainer
+            self.task(name).setup(stage)
+
+    def train_dataloader(self) -> CombinedLoader:
+        loaders = {name: self.task(name).train_dataloader() for name in TASKS}
+        return CombinedLoader(loaders, mode=self.hparams.train_mode)
+
+    def _eval_loaders(self, role: str) -> list[DataLoader]:
+        image_text = getattr(self.image_text, f"{role}_dataloader")()
+        speech_text = getattr(self.speech_text, f"{role}_dataloader")()
+        image_of_utterance = self._image_of_utterance(role)
+        if image_of_utterance is not None:
+            speech_text.collate_fn = PairedSpeechCollate(speech_text.collate_fn, image_of_utterance)
+        return [image_text, speech_text]
+
+    def _image_of_utterance(self, role: str) -> torch.Tensor | None:
+        """(N,) the image each utterance of the `role` split speaks about, -1 for none; None without pairs."""
+        speech = self.speech_text
+        pairs_file = speech.librispeech_dir() / PAIRS_FILE
+        if not pairs_file.is_file():
+            return None
+        pairs = json.loads(pairs_file.read_text())
+        image_of = {
+            utt: image for subset in speech.subsets[role] for utt, image in pairs.get(subset, {}).items()
+        }
+        keys = [u.key for u in speech.datasets[role].utterances]
+        return torch.tensor([image_of.get(k, -1) for k in keys], dtype=torch.long)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
