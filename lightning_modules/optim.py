@@ -53,13 +53,15 @@ def build_optimizer(
     schedule: Schedule,
     no_decay_names: tuple[str, ...] = (),
     fused: bool = True,
+    groups: list[dict] | None = None,
 ) -> dict:
     """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`.
 
     `fused` asks for the fused AdamW kernel; pass False when the trainer clips gradients."""
     if isinstance(warmup_steps, float) and warmup_steps < 1:
         warmup_steps = int(warmup_steps * total_steps)
-    groups = param_groups(model, weight_decay, no_decay_names)
+    # groups may carry their own lr (layer-wise decay); LambdaLR scales each group's initial lr alike
+    groups = groups if groups is not None else param_groups(model, weight_decay, no_decay_names)
     # the fused kernel (CPU and CUDA) updates all parameters in one pass instead of a loop of small ops
     fused = fused and all(
         p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for g in groups for p in g["params"]

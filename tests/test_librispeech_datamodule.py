@@ -21,7 +21,7 @@ from datamodules.librispeech_datamodule import (
     load_audio,
     parse_speakers,
 )
-from datamodules.synthetic_tones import _lexicon, generate_tone_librispeech, render_sentence
+from datamodules.synthetic_tones import generate_tone_librispeech, render_sentence, tone_lexicon
 
 N_TRAIN, N_VAL = 24, 8
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "librispeech"
@@ -78,7 +78,7 @@ def test_generator_is_reproducible_and_words_sound_alike(tmp_path: Path) -> None
     assert [f.name for f in fa] == [f.name for f in fb]
     assert np.array_equal(sf.read(str(fa[0]))[0], sf.read(str(fb[0]))[0])
     # A word is rendered with its own tones: the loudest frequency is one of them (pitch varies by ~2%).
-    lexicon = _lexicon()
+    lexicon = tone_lexicon()
     assert [f for f, _ in lexicon["CAT"]] != [f for f, _ in lexicon["WIND"]]
     rng = np.random.default_rng(0)
     for word in ("CAT", "WIND", "THE"):
