@@ -74,8 +74,11 @@ def iter_documents(
 
 
 def split_of(doc: Document, val_fraction: float, test_fraction: float) -> str:
-    """Assign a document to a split by a stable hash of its identity, so the split never changes."""
-    u = zlib.crc32(f"{doc.source}\x00{doc.doc_id}".encode()) / 2**32
+    """Assign a document to a split by a stable hash of its identity, so the split never changes.
+
+    The identity is the file's name (not its folder: moving the corpus must not move documents between splits)
+    and the document's id within it."""
+    u = zlib.crc32(f"{os.path.basename(doc.source)}\x00{doc.doc_id}".encode()) / 2**32
     return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
 
 
