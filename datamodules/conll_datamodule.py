@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.glue_datamodule import NO_TOKENIZER, load_tokenizer
-from datamodules.loading import ResumableDataLoader, ResumableSampler
+from datamodules.loading import ResumableDataLoader, seeded_loader
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -256,29 +256,16 @@ class CoNLLDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self._encode(split)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        world, rank = (
-            (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        )
-        sampler = ResumableSampler(
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        return seeded_loader(
             self.datasets[split],
-            num_replicas=world,
-            rank=rank,
-            shuffle=train,
-            seed=self.hparams.seed,
-            drop_last=train,
-        )
-        workers = self.hparams.num_workers
-        return ResumableDataLoader(
-            self.datasets[split],
-            sampler=sampler,
-            batch_size=self.hparams.batch_size
-            if train
-            else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=NERCollator(self.tokenizer.pad_id),
+            self.trainer,
+            train,
+            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            self.hparams.seed,
+            self.hparams.num_workers,
+            NERCollator(self.tokenizer.pad_id),
+            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:

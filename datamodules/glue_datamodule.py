@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.loading import ResumableDataLoader, ResumableSampler
+from datamodules.loading import ResumableDataLoader, seeded_loader
 from datamodules.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
@@ -297,29 +297,16 @@ class GlueDataModule(L.LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self._encode(split, file, labelled=split != "predict")
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        world, rank = (
-            (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        )
-        sampler = ResumableSampler(
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        return seeded_loader(
             self.datasets[split],
-            num_replicas=world,
-            rank=rank,
-            shuffle=train,
-            seed=self.hparams.seed,
-            drop_last=train,
-        )
-        workers = self.hparams.num_workers
-        return ResumableDataLoader(
-            self.datasets[split],
-            sampler=sampler,
-            batch_size=self.hparams.batch_size
-            if train
-            else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=PadCollator(self.tokenizer.pad_id),
+            self.trainer,
+            train,
+            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            self.hparams.seed,
+            self.hparams.num_workers,
+            PadCollator(self.tokenizer.pad_id),
+            drop_last=False,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -140,3 +140,33 @@ class ResumableBatchDataLoader(_PositionedLoader):
 
     def _per_batch(self) -> int:
         return 1
+
+
+def seeded_loader(
+    dataset: Any,
+    trainer: Any,
+    train: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    collate_fn: Any,
+    drop_last: bool | None = None,
+) -> ResumableDataLoader:
+    """The loader every map-style DataModule serves: an explicit, seeded sampler, so the order of epoch e depends
+    on (seed, e) only, on one device or many (rank and world size from `trainer`), with its position checkpointed.
+    Training shuffles and gives every rank the same number of samples; `drop_last` (default: when training)
+    also drops the last partial batch."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = ResumableSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=train, seed=seed, drop_last=train
+    )
+    return ResumableDataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size,
+        drop_last=train if drop_last is None else drop_last,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
+    )

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
-from datamodules.loading import ResumableDataLoader, ResumableSampler
+from datamodules.loading import ResumableDataLoader, seeded_loader
 from datamodules.masking import MLMCollator
 from datamodules.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
 from datamodules.sample_corpus import generate_sample_corpus
@@ -215,32 +215,15 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
-        workers = self.hparams.num_workers
-        world, rank = (
-            (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        )
-        # An explicit, seeded sampler: the order of epoch e depends on (seed, e) only, on one device or many,
-        # and the loader's position is checkpointed, so a resumed run sees what an unbroken one would.
-        sampler = ResumableSampler(
+        return seeded_loader(
             self.datasets[split],
-            num_replicas=world,
-            rank=rank,
-            shuffle=train,
-            seed=self.hparams.seed,
-            drop_last=train,
-        )
-        return ResumableDataLoader(
-            self.datasets[split],
-            sampler=sampler,
-            batch_size=self.hparams.batch_size
-            if train
-            else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            drop_last=train,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            self.trainer,
+            train,
+            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            self.hparams.seed,
+            self.hparams.num_workers,
             # evaluation masks are fixed (epoch 0, their own seed) so validation numbers are comparable
-            collate_fn=self.collator(0 if train else 1),
+            self.collator(0 if train else 1),
         )
 
     def train_dataloader(self) -> DataLoader:
