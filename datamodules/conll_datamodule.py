@@ -13,12 +13,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules.glue_datamodule import NO_TOKENIZER, load_tokenizer
-from datamodules.loading import ResumableDataLoader, seeded_loader
+from datamodules.glue_datamodule import NO_TOKENIZER, FineTuneDataModule
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -158,7 +156,7 @@ class NERCollator:
         }
 
 
-class CoNLLDataModule(L.LightningDataModule):
+class CoNLLDataModule(FineTuneDataModule):
     """CoNLL-2003-format train / validation / test files of one folder, tagged with word pieces."""
 
     def __init__(
@@ -206,15 +204,8 @@ class CoNLLDataModule(L.LightningDataModule):
         self.datasets: dict[str, NERDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+    def collator(self) -> NERCollator:
+        return NERCollator(self.tokenizer.pad_id)
 
     def split_path(self, split: str) -> Path:
         root = Path(self.hparams.root)
@@ -255,33 +246,3 @@ class CoNLLDataModule(L.LightningDataModule):
         for split in wanted.get(stage, ("train", "val")):
             if split not in self.datasets:
                 self.datasets[split] = self._encode(split)
-
-    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
-        return seeded_loader(
-            self.datasets[split],
-            self.trainer,
-            train,
-            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            self.hparams.seed,
-            self.hparams.num_workers,
-            NERCollator(self.tokenizer.pad_id),
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        # a plain loader: Lightning swaps in its own batch sampler to track which example each prediction is
-        return DataLoader(
-            self.datasets["test"],
-            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            collate_fn=NERCollator(self.tokenizer.pad_id),
-        )

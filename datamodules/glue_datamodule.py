@@ -218,7 +218,59 @@ class PadCollator:
         }
 
 
-class GlueDataModule(L.LightningDataModule):
+class FineTuneDataModule(L.LightningDataModule):
+    """What the fine-tuning DataModules share: the tokenizer (from `hparams.tokenizer`, see `load_tokenizer`), and
+    seeded, resumable loaders over `self.datasets`. A subclass sets `test_split` and `predict_split` and gives
+    its `collator()`."""
+
+    test_split = "test"
+    predict_split = "test"
+
+    def collator(self):
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        return seeded_loader(
+            self.datasets[split],
+            self.trainer,
+            train,
+            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            self.hparams.seed,
+            self.hparams.num_workers,
+            self.collator(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_split, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        # a plain loader: Lightning swaps in its own batch sampler to track which example each prediction is
+        return DataLoader(
+            self.datasets[self.predict_split],
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self.collator(),
+        )
+
+
+class GlueDataModule(FineTuneDataModule):
     """A GLUE task folder: train.tsv for fit, the dev file for validate and test, the test file for predict."""
 
     def __init__(
@@ -257,15 +309,11 @@ class GlueDataModule(L.LightningDataModule):
         self.datasets: dict[str, EncodedDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 
-    @property
-    def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
-        return self._tokenizer
+    test_split = "val"  # GLUE's test labels are not public: `test` scores dev.tsv
+    predict_split = "predict"
 
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
+    def collator(self) -> PadCollator:
+        return PadCollator(self.tokenizer.pad_id)
 
     @property
     def labels(self) -> list[str]:
@@ -296,33 +344,3 @@ class GlueDataModule(L.LightningDataModule):
         for split, file in wanted.get(stage, wanted["fit"]):
             if split not in self.datasets:
                 self.datasets[split] = self._encode(split, file, labelled=split != "predict")
-
-    def _loader(self, split: str, train: bool) -> ResumableDataLoader:
-        return seeded_loader(
-            self.datasets[split],
-            self.trainer,
-            train,
-            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            self.hparams.seed,
-            self.hparams.num_workers,
-            PadCollator(self.tokenizer.pad_id),
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        # a plain loader: Lightning swaps in its own batch sampler to track which example each prediction is
-        return DataLoader(
-            self.datasets["predict"],
-            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
-            collate_fn=PadCollator(self.tokenizer.pad_id),
-        )
