@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torchaudio
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from datamodules.loading import ResumableBatchDataLoader, take_skip
 from datamodules.synthetic_tones import generate_tone_librispeech
@@ -205,7 +206,11 @@ def index_subset(
     changed = False
     utterances: list[Utterance] = []
     problems: dict[str, list[str]] = {}
-    for chapter_dir in sorted(p for p in subset_dir.glob("*/*") if p.is_dir()):
+    chapter_dirs = sorted(p for p in subset_dir.glob("*/*") if p.is_dir())
+    # train-960 has ~5,700 chapters: reading their audio headers the first time takes minutes, so show it moves
+    for chapter_dir in tqdm(
+        chapter_dirs, desc=f"indexing {subset_dir.name}", unit=" chapters", disable=len(chapter_dirs) < 50
+    ):
         rel = f"{chapter_dir.parent.name}/{chapter_dir.name}"
         sig = _chapter_signature(chapter_dir)
         entry = cached.get(rel)
