@@ -10,14 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from cli import main
-from datamodules.coco_datamodule import CocoCaptionsDataModule
 from datamodules.imagefolder_datamodule import ImageFolderDataModule
 from datamodules.librispeech_datamodule import LibriSpeechDataModule
-from datamodules.synthetic_shapes import generate_shapes_coco
 from datamodules.synthetic_shapes_folder import generate_shapes_imagefolder
 from datamodules.synthetic_tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.linear_probe import (
     extract_embeddings,
     few_shot_indices,
@@ -55,44 +52,16 @@ def quiet_trainer(**kwargs) -> L.Trainer:
 
 
 @pytest.fixture(scope="module")
-def clip_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny CLIP trained 250 steps on the captioned shapes (about 40 s), saved as a checkpoint; and the shape
-    classes in ImageFolder layout, drawn the same way."""
-    tmp = tmp_path_factory.mktemp("clip")
-    torch.set_num_threads(1)
-    coco = generate_shapes_coco(tmp / "shapes", n_train=1000, n_val=100, image_size=32)
-    L.seed_everything(0)
-    dm = CocoCaptionsDataModule(
-        str(coco),
-        image_size=32,
-        min_scale=1.0,
-        batch_size=64,
-        num_workers=0,
-        tokenizer_vocab_size=200,
-        context_length=32,
-        cache_dir=str(tmp / "cache"),
-    )
-    module = ImageTextModule(
-        vocab_size=dm.vocab_size,
-        embed_dim=128,
-        image_arch="vit_tiny",
-        image_size=32,
-        vit_layers=2,
-        text_size="tiny",
-        text_heads=2,
-        max_text_len=32,
-        init_logit_scale=10.0,
-        lr=3e-3,
-        weight_decay=0.05,
-    )
-    trainer = quiet_trainer(max_steps=250, limit_val_batches=0)
-    trainer.fit(module, dm)
-    ckpt = tmp / "clip.ckpt"
-    trainer.save_checkpoint(ckpt)
+def clip_run(tiny_clip: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The shared tiny CLIP (300 steps on the captioned shapes) and the shape classes in ImageFolder layout,
+    drawn the same way."""
     folder = generate_shapes_imagefolder(
-        tmp / "classes", shapes=TEST_SHAPES, per_class={"train": 10, "val": 5, "test": 10}, image_size=32
+        tmp_path_factory.mktemp("classes") / "classes",
+        shapes=TEST_SHAPES,
+        per_class={"train": 10, "val": 5, "test": 10},
+        image_size=32,
     )
-    return {"ckpt": ckpt, "classes": folder, "tokenizer": Path(dm.tokenizer.source)}
+    return {"ckpt": tiny_clip["ckpt"], "classes": folder, "tokenizer": tiny_clip["tokenizer"]}
 
 
 def class_folder_dm(root: Path, **kwargs) -> ImageFolderDataModule:
@@ -139,10 +108,17 @@ def test_zero_shot_accuracy_far_above_chance_after_short_image_text_training(cli
     assert sum(per_class) / n == pytest.approx(acc, abs=1e-6)  # equal class sizes: the mean is the accuracy
 
 
-def test_checkpoint_tokenizer_found_through_its_datamodule_equals_the_training_file(clip_run: dict) -> None:
-    _, found, length = load_image_text(clip_run["ckpt"])  # the checkpoint has no tokenizer_json
+def test_checkpoint_tokenizer_equals_the_training_file(clip_run: dict, tmp_path: Path) -> None:
+    """The tokenizer travels in the checkpoint; an older checkpoint without it finds it through its DataModule."""
     _, given, _ = load_image_text(clip_run["ckpt"], tokenizer=str(clip_run["tokenizer"]))
-    assert found.fingerprint() == given.fingerprint() and length == 32
+    ckpt = torch.load(clip_run["ckpt"], map_location="cpu", weights_only=True)
+    assert "tokenizer_json" in ckpt
+    _, stored, length = load_image_text(clip_run["ckpt"])
+    assert stored.fingerprint() == given.fingerprint() and length == 32
+    del ckpt["tokenizer_json"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    _, found, _ = load_image_text(tmp_path / "old.ckpt")
+    assert found.fingerprint() == given.fingerprint()
 
 
 def test_cli_zero_shot_test_smoke(clip_run: dict, tmp_path: Path) -> None:

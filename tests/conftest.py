@@ -1,0 +1,76 @@
+"""Fixtures more than one test file uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.coco_datamodule import CocoCaptionsDataModule
+from datamodules.synthetic_shapes import generate_shapes_coco
+from lightning_modules.image_text_module import ImageTextModule
+
+TINY_CLIP_VAL_IMAGES = 100
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny CLIP trained 300 steps on 32 px captioned shapes (about 35 s on 2 cores), validated once at the end
+    and saved: the image-text learning test reads its retrieval figures, the zero-shot and probe tests load it.
+
+    Returns the validation metrics, the checkpoint, the tokenizer file and the shapes set's root."""
+    tmp = tmp_path_factory.mktemp("tiny_clip")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one busy thread beats two fighting other processes for the cores
+    try:
+        root = generate_shapes_coco(tmp / "shapes", n_train=1000, n_val=TINY_CLIP_VAL_IMAGES, image_size=32)
+        L.seed_everything(0)
+        dm = CocoCaptionsDataModule(
+            str(root),
+            image_size=32,
+            min_scale=1.0,
+            batch_size=64,
+            eval_batch_size=100,
+            num_workers=0,
+            tokenizer_vocab_size=200,
+            context_length=32,
+            cache_dir=str(tmp / "cache"),
+        )
+        module = ImageTextModule(
+            vocab_size=dm.vocab_size,
+            embed_dim=128,
+            image_arch="vit_tiny",
+            image_size=32,
+            vit_layers=2,
+            text_size="tiny",
+            text_heads=2,
+            max_text_len=32,
+            init_logit_scale=10.0,
+            lr=3e-3,
+            weight_decay=0.05,
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=300,
+            val_check_interval=300,
+            check_val_every_n_epoch=None,
+            num_sanity_val_steps=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, dm)
+        ckpt = tmp / "clip.ckpt"
+        trainer.save_checkpoint(ckpt)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "metrics": {k: v.item() for k, v in trainer.callback_metrics.items()},
+        "ckpt": ckpt,
+        "tokenizer": Path(dm.tokenizer.source),
+        "root": root,
+        "n_val": TINY_CLIP_VAL_IMAGES,
+    }
