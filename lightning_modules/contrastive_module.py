@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from lightning_modules.components.losses import build_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import finite_or_skip
+from lightning_modules.resilience import SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import restore_rng_state, rng_state, rng_states_of_all_ranks, set_rng_state
 
 
@@ -62,7 +61,7 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-class ContrastiveModule(L.LightningModule):
+class ContrastiveModule(SkipNonFiniteSteps):
     def __init__(
         self,
         loss: str = "infonce",
@@ -148,7 +147,7 @@ class ContrastiveModule(L.LightningModule):
         e = self.embed(batch, "train")
         loss = self.pair_loss(e)
         self._log_train(batch, loss, len(e.a))
-        return finite_or_skip(self, loss, self.max_nonfinite_in_row)
+        return self.skip_if_nonfinite(loss)
 
     # gradient caching -------------------------------------------------------------------------
     def split_batch(self, batch: dict, chunks: int) -> list[dict]:

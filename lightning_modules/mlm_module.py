@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,13 +15,13 @@ from lightning_modules.components.bert import BertConfig, BertForPreTraining
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import finite_or_skip
+from lightning_modules.resilience import SkipNonFiniteSteps
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
 
 IGNORE_INDEX = -100
 
 
-class MLMPretrainingModule(L.LightningModule):
+class MLMPretrainingModule(SkipNonFiniteSteps):
     """loss = CE(MLM logits at masked positions) + CE(NSP logits) when the batch holds NSP pairs.
 
     The MLM head runs only at the masked positions: the same loss as the dense computation (tested), at a
@@ -79,6 +78,7 @@ class MLMPretrainingModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.max_nonfinite_in_row = max_nonfinite_in_row
         if init_from_hf:
             self.model = load_hf_bert(init_from_hf)
             if self.model.cfg.vocab_size != vocab_size:
@@ -177,11 +177,11 @@ class MLMPretrainingModule(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch, "train")
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0)
-        return finite_or_skip(self, loss, self.hparams.max_nonfinite_in_row)
+        return self.skip_if_nonfinite(loss)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._step_start is not None:

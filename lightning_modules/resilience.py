@@ -54,6 +54,41 @@ def finite_or_skip(module: L.LightningModule, loss: Tensor, max_in_row: int) -> 
     return None if in_row else loss
 
 
+def zero_loss(module: L.LightningModule) -> Tensor:
+    """A loss of exactly zero that reaches every trainable parameter: its backward gives zero gradients, touches
+    nothing non-finite, and lets every rank join DDP's gradient all-reduce."""
+    return torch.stack([(p * 0).sum() for p in module.parameters() if p.requires_grad]).sum()
+
+
+class SkipNonFiniteSteps(L.LightningModule):
+    """Automatic optimisation that survives NaN/Inf losses, also under DDP.
+
+    Lightning refuses a `training_step` that returns None in distributed training, so a step with a non-finite loss
+    (on any rank: `finite_or_skip` all-reduces the decision) returns `zero_loss` instead, every rank runs its
+    backward, and `optimizer_step` leaves the optimizer untouched: no update, no Adam moment change, no weight
+    decay. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
+    """
+
+    max_nonfinite_in_row: int = 20
+    _skip_update: bool = False
+
+    def skip_if_nonfinite(self, loss: Tensor) -> Tensor:
+        if finite_or_skip(self, loss, self.max_nonfinite_in_row) is not None:
+            return loss
+        self._skip_update = True  # sticky over accumulated micro-batches until the optimizer step
+        return zero_loss(self)
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()  # training_step and backward, as Lightning's own step would run them
+        skip, self._skip_update = self._skip_update, False
+        if not skip:
+            optimizer.step(closure=lambda: loss)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, flushes it to disk, then renames it over the
     target. A process killed in the middle of a write leaves the previous checkpoint whole and loadable."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextvars
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,14 +29,14 @@ from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.contrastive_module import ContrastiveModule, PairEmbeddings
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import finite_or_skip
+from lightning_modules.resilience import SkipNonFiniteSteps
 from lightning_modules.speech_text_module import SpeechTextModule
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
 _ROWS = {"image_text": "image_ids", "speech_text": "utt_keys"}  # a batch entry with one item per row
 
 
-class TriModalModule(L.LightningModule):
+class TriModalModule(SkipNonFiniteSteps):
     """Aligns images, speech and text; logs `val/{i2t,t2i,a2t,t2a,i2a,a2i}_R@K` and `train/loss`."""
 
     def __init__(
@@ -104,6 +103,7 @@ class TriModalModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.max_nonfinite_in_row = max_nonfinite_in_row
         shared = dict(
             vocab_size=vocab_size,
             embed_dim=embed_dim,
@@ -216,7 +216,7 @@ class TriModalModule(L.LightningModule):
                     f"train/{task}_skipped_items", skipped, reduce_fx="sum", on_step=False, on_epoch=True
                 )
         self.log("train/loss", loss, prog_bar=True)
-        return finite_or_skip(self, loss, self.hparams.max_nonfinite_in_row)
+        return self.skip_if_nonfinite(loss)
 
     # evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int, stage: str) -> None:

@@ -34,7 +34,8 @@ VOCAB, LENGTH = 64, 16
 class RandomMLMBatches(Dataset):
     """Fixed random token sequences with 15% of positions to predict: enough for a model to take steps."""
 
-    def __init__(self, n: int = 48, seed: int = 0) -> None:
+    def __init__(self, n: int = 48, seed: int = 0, nsp: bool = False) -> None:
+        self.nsp = nsp
         g = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(5, VOCAB, (n, LENGTH), generator=g)
         self.chosen = torch.rand(n, LENGTH, generator=g) < 0.15
@@ -45,7 +46,8 @@ class RandomMLMBatches(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         labels = torch.where(self.chosen[i], self.ids[i], IGNORE_INDEX)
-        return {
+        nsp = {"nsp_labels": torch.tensor(i % 2)} if self.nsp else {}
+        return nsp | {
             "input_ids": torch.where(self.chosen[i], 4, self.ids[i]),
             "attention_mask": torch.ones(LENGTH, dtype=torch.long),
             "token_type_ids": torch.zeros(LENGTH, dtype=torch.long),
@@ -148,6 +150,34 @@ def test_nan_losses_in_a_row_stop_the_run_with_a_message(tmp_path: Path) -> None
     model = tiny_mlm(NaNAtCalls, nan_calls={1, 2, 3, 4, 5}, max_nonfinite_in_row=3)
     with pytest.raises(NonFiniteLossError, match="NaN or Inf 3 steps in a row"):
         trainer(tmp_path, max_steps=10).fit(model, loader(RandomMLMBatches()))
+
+
+class NaNOnRankOne(MLMPretrainingModule):
+    """Rank 1's second training call gives NaN; rank 0's losses stay finite."""
+
+    def model_step(self, batch, stage):
+        loss = super().model_step(batch, stage)
+        if stage == "train":
+            self.calls = getattr(self, "calls", -1) + 1
+            if self.global_rank == 1 and self.calls == 1:
+                loss = loss * float("nan")
+        return loss
+
+
+def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
+    """Under DDP the decision is all-reduced: rank 0 skips too (a rank skipping alone would leave the other in the
+    gradient all-reduce for ever), and training goes on."""
+    torch.manual_seed(0)
+    model = tiny_mlm(NaNOnRankOne)
+    initial = {name: p.clone() for name, p in model.state_dict().items()}
+    t = trainer(tmp_path, max_steps=4, strategy="ddp_spawn", devices=2)
+    # NSP labels: DDP wants a gradient for every parameter, the NSP head's included
+    t.fit(model, torch.utils.data.DataLoader(RandomMLMBatches(32, nsp=True), batch_size=4))
+    # callback_metrics come back from rank 0, whose own losses were all finite
+    assert t.callback_metrics["train/nonfinite_skipped"].item() == 1
+    # the weights come back from rank 0: finite, and trained by the three other steps
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, initial[name]) for name, p in model.state_dict().items())
 
 
 # preemption ----------------------------------------------------------------------------------------
