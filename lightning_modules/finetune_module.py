@@ -7,7 +7,6 @@ trained from scratch, a baseline. `layer_decay` turns on layer-wise learning-rat
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,12 +20,12 @@ from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.ner_metrics import EntityF1
 from lightning_modules.llrd import build_llrd_optimizer
 from lightning_modules.optim import Schedule
-from lightning_modules.resilience import finite_or_skip
+from lightning_modules.resilience import SkipNonFiniteSteps
 
 STAGES = ("val", "test")
 
 
-class FineTuneModule(L.LightningModule):
+class FineTuneModule(SkipNonFiniteSteps):
     """What both tasks share: the pretrained encoder, the optimizer with optional LLRD, the training step."""
 
     def __init__(
@@ -69,6 +68,7 @@ class FineTuneModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.max_nonfinite_in_row = max_nonfinite_in_row
 
     def pretrained_encoder(self) -> tuple[BertModel, float]:
         """The encoder the head goes on, and the head's dropout."""
@@ -95,12 +95,12 @@ class FineTuneModule(L.LightningModule):
     def model_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         raise NotImplementedError
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch, "train")
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         # the last group is the head's, at the full lr also with layer_decay
         self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer else 0.0)
-        return finite_or_skip(self, loss, self.hparams.max_nonfinite_in_row)
+        return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self.model_step(batch, "val")
