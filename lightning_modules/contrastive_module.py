@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from lightning_modules.components.losses import build_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import SkipNonFiniteSteps, finite_or_skip
-from lightning_modules.rng import restore_rng_state, rng_state, rng_states_of_all_ranks, set_rng_state
+from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
+from lightning_modules.rng import rng_state, set_rng_state
 
 
 @dataclass
@@ -61,7 +61,7 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-class ContrastiveModule(SkipNonFiniteSteps):
+class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
     def __init__(
         self,
         loss: str = "infonce",
@@ -280,16 +280,6 @@ class ContrastiveModule(SkipNonFiniteSteps):
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states_of_all_ranks()
-        # the vocabulary travels with the weights: zero-shot and fine-tuning need no data cache
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        if dm is not None and hasattr(dm, "tokenizer"):
-            checkpoint["tokenizer_json"] = dm.tokenizer.tokenizer.to_str()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
     def configure_optimizers(self):
         total = max(1, int(self.trainer.estimated_stepping_batches))

@@ -20,12 +20,12 @@ from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.ner_metrics import EntityF1
 from lightning_modules.llrd import build_llrd_optimizer
 from lightning_modules.optim import Schedule
-from lightning_modules.resilience import SkipNonFiniteSteps
+from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 STAGES = ("val", "test")
 
 
-class FineTuneModule(SkipNonFiniteSteps):
+class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
     """What both tasks share: the pretrained encoder, the optimizer with optional LLRD, the training step."""
 
     def __init__(
@@ -145,12 +145,6 @@ class FineTuneModule(SkipNonFiniteSteps):
             h.schedule,
             fused=not self.trainer.gradient_clip_val,
         )
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # the tokenizer travels with the weights, so `--data.tokenizer this.ckpt` works for test and predict
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        if dm is not None and hasattr(dm, "tokenizer"):
-            checkpoint["tokenizer_json"] = dm.tokenizer.tokenizer.to_str()
 
 
 class SequenceClassificationModule(FineTuneModule):

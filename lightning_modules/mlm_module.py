@@ -15,13 +15,12 @@ from lightning_modules.components.bert import BertConfig, BertForPreTraining
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import SkipNonFiniteSteps
-from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
+from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 IGNORE_INDEX = -100
 
 
-class MLMPretrainingModule(SkipNonFiniteSteps):
+class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     """loss = CE(MLM logits at masked positions) + CE(NSP logits) when the batch holds NSP pairs.
 
     The MLM head runs only at the masked positions: the same loss as the dense computation (tested), at a
@@ -235,15 +234,6 @@ class MLMPretrainingModule(SkipNonFiniteSteps):
         )
 
     # interop ----------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states_of_all_ranks()
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        if dm is not None and hasattr(dm, "tokenizer"):
-            checkpoint["tokenizer_json"] = dm.tokenizer.tokenizer.to_str()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
-
     def export_hf(self, folder: str | Path, tokenizer=None) -> Path:
         """Write a Hugging Face `BertForPreTraining` folder (config.json, model.safetensors, vocab.txt)."""
         return save_hf_bert(self.model, folder, tokenizer)

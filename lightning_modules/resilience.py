@@ -16,6 +16,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
+
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +60,22 @@ def zero_loss(module: L.LightningModule) -> Tensor:
     """A loss of exactly zero that reaches every trainable parameter: its backward gives zero gradients, touches
     nothing non-finite, and lets every rank join DDP's gradient all-reduce."""
     return torch.stack([(p * 0).sum() for p in module.parameters() if p.requires_grad]).sum()
+
+
+class CheckpointExtras(L.LightningModule):
+    """What every system's checkpoint carries besides weights and loop state: every rank's RNG state, so a resumed
+    run draws the dropout masks an unbroken one would, and the DataModule's tokenizer (`tokenizer_json`), so
+    zero-shot, fine-tuning and the HF export need no data cache."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states_of_all_ranks()
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is not None:
+            checkpoint["tokenizer_json"] = tokenizer.tokenizer.to_str()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
 
 class SkipNonFiniteSteps(L.LightningModule):

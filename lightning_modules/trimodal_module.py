@@ -29,14 +29,14 @@ from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.contrastive_module import ContrastiveModule, PairEmbeddings
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.optim import Schedule, build_optimizer
-from lightning_modules.resilience import SkipNonFiniteSteps
+from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.speech_text_module import SpeechTextModule
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
 _ROWS = {"image_text": "image_ids", "speech_text": "utt_keys"}  # a batch entry with one item per row
 
 
-class TriModalModule(SkipNonFiniteSteps):
+class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
     """Aligns images, speech and text; logs `val/{i2t,t2i,a2t,t2a,i2a,a2i}_R@K` and `train/loss`."""
 
     def __init__(
