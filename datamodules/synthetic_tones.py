@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,24 @@ def _write_subset(
     ]
 
 
+@contextmanager
+def written_whole(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to write a whole tree into; renamed to `target` when the block ends,
+    removed when it raises. If another process renamed its own copy into place first, that copy is kept."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
+    try:
+        yield tmp
+        os.rename(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def generate_tone_librispeech(
     root: str | os.PathLike,
     n_train_utts: int = 600,
@@ -157,9 +176,7 @@ def generate_tone_librispeech(
         if marker.is_file() and json.loads(marker.read_text()) != params:
             log.warning("%s already holds a synthetic set made with other settings; keeping it", target)
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-LibriSpeech-"))
-    try:
+    with written_whole(target) as tmp:
         lexicon = tone_lexicon()
         speaker_lines = [
             "; Synthetic tone corpus written by datamodules/synthetic_tones.py\n",
@@ -174,14 +191,5 @@ def generate_tone_librispeech(
             )
         (tmp / "SPEAKERS.TXT").write_text("".join(speaker_lines))
         (tmp / "SYNTHETIC.json").write_text(json.dumps(params))
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if target.is_dir():  # another process finished first; use its copy
-            return target
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote a synthetic tone LibriSpeech (%d train, %d dev utterances) to %s", *counts, target)
     return target

@@ -32,8 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +46,7 @@ from torch.utils.data import DataLoader
 from datamodules.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
 from datamodules.librispeech_datamodule import LibriSpeechDataModule, normalise_transcript, read_transcripts
 from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.synthetic_tones import render_sentence, tone_lexicon
+from datamodules.synthetic_tones import render_sentence, tone_lexicon, written_whole
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -99,9 +97,7 @@ def generate_spoken_captions(
     lexicon = caption_lexicon(
         [w for records in splits.values() for r in records for c in r.captions for w in caption_words(c)]
     )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-LibriSpeech-"))
-    try:
+    with written_whole(target) as tmp:
         pairs: dict[str, dict[str, int]] = {}
         for i, ((subset, records), per_image) in enumerate(zip(splits.items(), captions_per_image)):
             rng = np.random.default_rng([seed, i])
@@ -125,15 +121,6 @@ def generate_spoken_captions(
                         "".join(spoken)
                     )
         (tmp / PAIRS_FILE).write_text(json.dumps(pairs))
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if target.is_dir():  # another process finished first; use its copy
-            return target
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "spoke %s captions of %s as tones into %s",
         {s: len(p) for s, p in pairs.items()},
