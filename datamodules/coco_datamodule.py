@@ -295,7 +295,8 @@ class EpochDataLoader(ResumableDataLoader):
     """The training loader of the folder layout: resumable mid-epoch, and it tells its dataset the epoch.
 
     Lightning calls `set_epoch` on samplers only, and workers start fetching as soon as the underlying iterator
-    is made, so the epoch (for the shuffle and the caption draw) is written here first. `epoch_fn` gives the
+    is made, so the epoch (for the shuffle and the caption draw) is set on the sampler here first; the base class
+    gives the dataset the sampler's epoch. `epoch_fn` gives the
     trainer's epoch (right after a resume too); without one, or when it returns None, the loader counts its own
     passes. The position in the epoch is checkpointed by `ResumableDataLoader`.
     """
@@ -316,8 +317,7 @@ class EpochDataLoader(ResumableDataLoader):
         epoch = self.epoch_fn() if self.epoch_fn is not None else None
         epoch = self._passes if epoch is None else epoch
         self._passes += 1
-        self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)  # `ResumableDataLoader` passes it on to the dataset
         yield from super().__iter__()
 
     def load_state_dict(self, state: dict[str, int]) -> None:

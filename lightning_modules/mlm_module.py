@@ -168,11 +168,6 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         return F.cross_entropy(logits.float(), targets, reduction="sum") * world / count.clamp_min(1.0)
 
     # training ---------------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "set_epoch"):
-            dm.set_epoch(self.current_epoch)
-
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
 
