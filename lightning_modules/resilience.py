@@ -59,7 +59,7 @@ def finite_or_skip(module: L.LightningModule, loss: Tensor, max_in_row: int) -> 
 def zero_loss(module: L.LightningModule) -> Tensor:
     """A loss of exactly zero that reaches every trainable parameter: its backward gives zero gradients, touches
     nothing non-finite, and lets every rank join DDP's gradient all-reduce."""
-    return torch.stack([(p * 0).sum() for p in module.parameters() if p.requires_grad]).sum()
+    return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
 
 
 class CheckpointExtras(L.LightningModule):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from lightning_modules.components.bert import BertConfig
@@ -18,6 +17,7 @@ from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerCo
 from lightning_modules.components.text_tower import TextTower, load_mlm_encoder
 from lightning_modules.contrastive_module import ContrastiveModule, PairEmbeddings
 from lightning_modules.optim import Schedule
+from lightning_modules.resilience import zero_loss
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class SpeechTextModule(ContrastiveModule):
         if len(batch["utt_keys"]) == 0:
             log.warning("training batch %d is empty (all %d files undecodable)", batch_idx, batch["skipped"])
             self._log_skipped(batch, "train")
-            loss = torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+            loss = zero_loss(self)
             return self._manual_zero_loss_step(loss)
         return super().training_step(batch, batch_idx)
 
