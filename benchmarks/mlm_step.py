@@ -54,9 +54,9 @@ def make_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def ours_step(model, opt, b) -> float:
-    masked = b["labels"] != -100
-    mlm, nsp = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], masked)
-    loss = F.cross_entropy(mlm, b["labels"][masked]) + F.cross_entropy(nsp, b["nsp"])
+    # what MLMPretrainingModule.model_step computes (one process): masked-only heads, fused vocabulary loss
+    out = model.pretraining_outputs(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"])
+    loss = out.mlm_loss_sum / out.mlm_targets.numel() + F.cross_entropy(out.nsp_logits, b["nsp"])
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -103,16 +103,16 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             self.model = BertForPreTraining(cfg)
         self.model.bert.encoder.gradient_checkpointing = gradient_checkpointing
         if compile:
-            # in place: the parameters keep their names, so checkpoints and the HF export are unchanged
-            self.model.compile()
-        vocab = self.model.cfg.vocab_size
+            # the encoder, in place: the parameters keep their names, so checkpoints and the HF export are
+            # unchanged; the heads' fused loss stays eager
+            self.model.bert.compile()
         self.metrics = torch.nn.ModuleDict(
             {
                 stage: MetricCollection(
                     {
                         "loss": MeanMetric(),
                         "mlm_loss": MeanMetric(),
-                        "mlm_acc": MulticlassAccuracy(vocab, average="micro"),
+                        "mlm_acc": MeanMetric(),  # top-1 hits over all masked tokens
                         "nsp_acc": MulticlassAccuracy(2, average="micro"),
                     },
                     prefix=f"{stage}/",
@@ -127,45 +127,52 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         return self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masked)
 
     def model_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
-        mlm_logits, nsp_logits = self(batch)
-        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        mlm_loss = self.mlm_loss(mlm_logits, targets, stage)
+        out = self.model.pretraining_outputs(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            batch["labels"],
+            IGNORE_INDEX,
+        )
+        targets = out.mlm_targets
+        mlm_loss = self.mlm_loss(out.mlm_loss_sum, targets.numel(), stage)
         nsp_loss = None
         if "nsp_labels" in batch:  # the DataModule decides: NSP pairs carry labels, packed text none
-            nsp_loss = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
+            nsp_loss = F.cross_entropy(out.nsp_logits.float(), batch["nsp_labels"])
         loss = mlm_loss if nsp_loss is None else mlm_loss + nsp_loss
         if stage == "train":
             # per-step figures of the batch at hand; epoch-level metrics are kept for val/test only
             self.log("train/mlm_loss", mlm_loss, sync_dist=True)
-            self.log("train/mlm_acc", (mlm_logits.argmax(-1) == targets).float().mean())
+            self.log("train/mlm_acc", out.mlm_hits.float().mean())
             if nsp_loss is not None:
                 self.log("train/nsp_loss", nsp_loss)
-                self.log("train/nsp_acc", (nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
+                self.log("train/nsp_acc", (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
             return loss
         m = self.metrics[stage]
         n = targets.numel()
         m["loss"].update(loss.detach(), n)
         m["mlm_loss"].update(mlm_loss.detach(), n)
-        m["mlm_acc"].update(mlm_logits.detach(), targets)
+        m["mlm_acc"].update(out.mlm_hits.float(), n)
         if nsp_loss is not None:
-            m["nsp_acc"].update(nsp_logits.detach(), batch["nsp_labels"])
+            m["nsp_acc"].update(out.nsp_logits.detach(), batch["nsp_labels"])
         return loss
 
-    def mlm_loss(self, logits: Tensor, targets: Tensor, stage: str) -> Tensor:
-        """Mean cross-entropy over the masked tokens of the whole global batch.
+    def mlm_loss(self, loss_sum: Tensor, count: int, stage: str) -> Tensor:
+        """Mean cross-entropy over the masked tokens of the whole global batch, from the local sum and count.
 
         Ranks hold different numbers of masked tokens, so with several ranks each one's summed loss is divided by
         the global count (one scalar all-reduce) and multiplied by the world size, which DDP's gradient average
         divides out again: 2 ranks x batch B then give the gradient of 1 rank x batch 2B, not an average of
-        per-rank means. Averaged over ranks for logging, it is the global mean.
+        per-rank means. Averaged over ranks for logging, it is the global mean. No masked token at all gives NaN
+        (0 / 0), which the non-finite guard skips.
         """
         world = self.trainer.world_size if self._trainer is not None else 1
         if stage != "train" or world == 1:
-            return F.cross_entropy(logits.float(), targets)
-        count = self.trainer.strategy.reduce(
-            torch.tensor(float(targets.numel()), device=logits.device), reduce_op="sum"
+            return loss_sum / count
+        total = self.trainer.strategy.reduce(
+            torch.tensor(float(count), device=loss_sum.device), reduce_op="sum"
         )
-        return F.cross_entropy(logits.float(), targets, reduction="sum") * world / count.clamp_min(1.0)
+        return loss_sum * world / total.clamp_min(1.0)
 
     # training ---------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

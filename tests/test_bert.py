@@ -308,3 +308,31 @@ def test_attention_weights_are_distributions_over_real_keys() -> None:
         full, w_full = model.bert(ids[:1], None, types[:1], need_weights=True)
     assert torch.allclose(w_full[0].sum(-1), torch.ones(1, 4, 12), atol=1e-5)
     assert (full - fused[:1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("padding", [True, False])
+def test_pretraining_outputs_fused_loss_equals_dense(padding: bool) -> None:
+    """`pretraining_outputs` (last block on the wanted rows, fused chunked vocabulary loss) gives the dense
+    path's MLM loss, top-1 hits and every gradient."""
+    ids, mask, types = _batch(seed=7)
+    if not padding:
+        mask = torch.ones_like(mask)
+    labels = torch.full_like(ids, -100)
+    chosen = (torch.rand(ids.shape, generator=torch.Generator().manual_seed(8)) < 0.3) & mask.bool()
+    labels[chosen] = ids[chosen]
+    nsp_labels = torch.arange(len(ids)) % 2
+    kw = {"dropout": 0.0, "attention_dropout": 0.0}
+    dense_model, fused_model = _small(**kw).train(), _small(**kw).train()
+    dense_logits, dense_nsp = dense_model(ids, mask, types)
+    dense = F.cross_entropy(dense_logits.view(-1, VOCAB), labels.view(-1), ignore_index=-100)
+    (dense + F.cross_entropy(dense_nsp, nsp_labels)).backward()
+    out = fused_model.pretraining_outputs(ids, mask, types, labels)
+    n = int(chosen.sum())
+    assert out.mlm_targets.tolist() == ids[chosen].tolist()
+    assert out.mlm_hits.tolist() == (dense_logits[chosen].argmax(-1) == ids[chosen]).tolist()
+    assert (out.mlm_loss_sum / n).item() == pytest.approx(dense.item(), abs=1e-5)
+    torch.testing.assert_close(out.nsp_logits, dense_nsp, atol=1e-6, rtol=0)
+    (out.mlm_loss_sum / n + F.cross_entropy(out.nsp_logits, nsp_labels)).backward()
+    for (name, p), q in zip(dense_model.named_parameters(), fused_model.parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        torch.testing.assert_close(q.grad, p.grad, atol=2e-6, rtol=1e-4, msg=name)

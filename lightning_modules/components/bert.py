@@ -6,18 +6,21 @@ Parameter names follow the structure, not Hugging Face's; `hf_interop.py` maps b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.components.encoder import (
+    Dropout,
     EncoderConfig,
     TransformerEncoder,
     activation,
     cls_pool,
     masked_mean_pool,
 )
+from lightning_modules.components.lm_loss import linear_cross_entropy
 
 
 @dataclass
@@ -43,7 +46,7 @@ class BertEmbeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.segment = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings), persistent=False)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
@@ -104,9 +107,29 @@ class MLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.activation = activation(cfg.activation)  # BERT's head uses the encoder's hidden_act
 
+    def transform_states(self, hidden: Tensor) -> Tensor:
+        return self.norm(self.activation(self.transform(hidden)))
+
     def forward(self, hidden: Tensor) -> Tensor:
-        h = self.norm(self.activation(self.transform(hidden)))
-        return F.linear(h, self.embedding.weight, self.bias)
+        return F.linear(self.transform_states(hidden), self.embedding.weight, self.bias)
+
+    def loss(self, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed cross-entropy, top-1 hits) of the rows of `hidden` against `targets`, through the fused
+        chunked vocabulary projection (`linear_cross_entropy`): the (N, V) logits never exist at once."""
+        return linear_cross_entropy(self.transform_states(hidden), self.embedding.weight, self.bias, targets)
+
+
+class PretrainingOutput(NamedTuple):
+    """What the pretraining losses and metrics need, without the (M, V) MLM logits."""
+
+    mlm_loss_sum: Tensor
+    """Cross-entropy summed over the M masked tokens (divide by the count to average)."""
+    mlm_hits: Tensor
+    """(M,) bool: the target token has the top logit, per masked position in row-major order."""
+    mlm_targets: Tensor
+    """(M,) original token ids at the masked positions."""
+    nsp_logits: Tensor
+    """(B, 2) next-sentence logits."""
 
 
 class BertForPreTraining(nn.Module):
@@ -139,13 +162,42 @@ class BertForPreTraining(nn.Module):
         if masked_positions is None:
             hidden = self.bert(input_ids, attention_mask, token_type_ids)
             return self.mlm(hidden), self.nsp(self.bert.pool(hidden))
-        wanted = masked_positions.clone()
+        masked_states, cls_states = self._masked_and_cls_states(
+            input_ids, attention_mask, token_type_ids, masked_positions
+        )
+        return self.mlm(masked_states), self.nsp(self.bert.cls_pooler(cls_states))
+
+    def pretraining_outputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        token_type_ids: Tensor | None,
+        labels: Tensor,
+        ignore_index: int = -100,
+    ) -> PretrainingOutput:
+        """The MLM loss (summed), top-1 hits and targets at the positions where `labels` != `ignore_index`, and
+        the NSP logits: the work of `forward(..., masked_positions)` plus the loss, with the vocabulary projection
+        and its cross-entropy fused (`MLMHead.loss`)."""
+        masked = labels != ignore_index
+        masked_states, cls_states = self._masked_and_cls_states(
+            input_ids, attention_mask, token_type_ids, masked
+        )
+        targets = labels[masked]
+        loss_sum, hits = self.mlm.loss(masked_states, targets)
+        return PretrainingOutput(loss_sum, hits, targets, self.nsp(self.bert.cls_pooler(cls_states)))
+
+    def _masked_and_cls_states(
+        self, input_ids: Tensor, attention_mask: Tensor | None, token_type_ids: Tensor | None, masked: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Final states of the masked positions (row-major) and of [CLS], from an encoder whose last block
+        works on those rows only."""
+        wanted = masked.clone()
         wanted[:, 0] = True  # [CLS], for NSP
         positions = wanted.reshape(-1).nonzero().squeeze(1)  # ascending: row-major order
         states = self.bert(input_ids, attention_mask, token_type_ids, output_positions=positions)
-        is_masked = masked_positions.reshape(-1)[positions]
-        is_first = positions % masked_positions.shape[1] == 0
-        return self.mlm(states[is_masked]), self.nsp(self.bert.cls_pooler(states[is_first]))
+        is_masked = masked.reshape(-1)[positions]
+        is_first = positions % masked.shape[1] == 0
+        return states[is_masked], states[is_first]
 
 
 def init_bert_weights(module: nn.Module, std: float) -> None:

@@ -13,7 +13,7 @@ kernel (flash / memory-efficient / CPU flash) for the device.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,25 @@ def activation(name: str) -> nn.Module:
     return {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}[name]
 
 
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (same module, same state) that draws its mask faster on CPU.
+
+    The mask is the same Bernoulli(1 - p) keep-mask with 1 / (1 - p) scaling, from the same global generator.
+    On CPU, `bernoulli_` (behind `F.dropout`) runs single-threaded at about half the speed of `torch.rand`,
+    so the keep-mask is drawn as `rand >= p` there: dropout's share of a small BERT's CPU training step halves.
+    Elsewhere (CUDA's fused kernel) it is `F.dropout`.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.p
+        if not self.training or p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if p == 1.0:
+            return x * 0.0
+        keep = torch.rand(x.shape, dtype=torch.float32, device=x.device) >= p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - p)))
+
+
 class MultiHeadSelfAttention(nn.Module):
     """MultiHead(X) = Concat(head_1..head_h) W^O with the three input projections fused in one matmul."""
 
@@ -93,10 +112,13 @@ class MultiHeadSelfAttention(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         unpad: Unpadded | None = None,
-        rows: Tensor | None = None,
+        rows: RowSelection | None = None,
     ):
-        """`rows`: return only these token rows (of the unpadded (T, d) layout, or of the flattened (B*L, d)
-        one): every key and value is still attended to, but W^O runs for the wanted queries only."""
+        """`rows`: return only those token rows (of the unpadded (T, d) layout, or of the flattened (B*L, d)
+        one): every key and value is still computed from every token, but queries, attention and W^O only for
+        the wanted rows."""
+        if rows is not None and not need_weights:
+            return self._selected_rows(x, attn_mask, unpad, rows), None
         qkv = self.qkv(x)
         if unpad is not None:  # tokens (T, 3d) back to the (B, L, 3d) layout attention needs
             qkv = unpad.pad(qkv)
@@ -116,9 +138,27 @@ class MultiHeadSelfAttention(nn.Module):
         heads = heads.transpose(1, 2).reshape(b, n, d)
         if unpad is not None:
             heads = unpad.unpad(heads)
-        if rows is not None:
-            heads = heads.reshape(-1, d)[rows]
         return self.out(heads), weights
+
+    def _selected_rows(
+        self, x: Tensor, attn_mask: Tensor | None, unpad: Unpadded | None, rows: RowSelection
+    ) -> Tensor:
+        """Attention output of the selected rows only: K and V of every token, Q of the selected ones, packed
+        per sequence into a (B, rows.width) block of queries (unused slots attend too, and are dropped)."""
+        d = x.shape[-1]
+        w, bias = self.qkv.weight, self.qkv.bias
+        kv = F.linear(x, w[d:], None if bias is None else bias[d:])
+        if unpad is not None:
+            kv = unpad.pad(kv)
+        b, n = kv.shape[:2]
+        k, v = kv.view(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q_rows = F.linear(x.reshape(-1, d)[rows.index], w[:d], None if bias is None else bias[:d])
+        q = q_rows.new_zeros(b, rows.width, d).index_put((rows.batch, rows.slot), q_rows)
+        q = q.view(b, rows.width, self.num_heads, self.head_dim).transpose(1, 2)
+        p = self.attention_dropout if self.training else 0.0
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+        heads = heads.transpose(1, 2).reshape(b, rows.width, d)[rows.batch, rows.slot]
+        return self.out(heads)
 
 
 class FeedForward(nn.Sequential):
@@ -138,7 +178,7 @@ class EncoderBlock(nn.Module):
         self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -146,10 +186,10 @@ class EncoderBlock(nn.Module):
         attn_mask: Tensor | None = None,
         need_weights: bool = False,
         unpad: Unpadded | None = None,
-        rows: Tensor | None = None,
+        rows: RowSelection | None = None,
     ):
         """With `rows`, only those token rows come out (see `TransformerEncoder`)."""
-        residual = x if rows is None else x.reshape(-1, x.shape[-1])[rows]
+        residual = x if rows is None else x.reshape(-1, x.shape[-1])[rows.index]
         if self.norm_first:
             a, w = self.attention(self.attention_norm(x), attn_mask, need_weights, unpad, rows)
             x = residual + self.dropout(a)
@@ -178,6 +218,27 @@ class Unpadded:
     def pad(self, tokens: Tensor) -> Tensor:
         out = tokens.new_zeros(self.batch * self.length, tokens.shape[-1])
         return out.index_copy(0, self.index, tokens).view(self.batch, self.length, -1)
+
+
+class RowSelection(NamedTuple):
+    """Token rows wanted from the last block: `index` into the block's (T, d) or (B*L, d) row layout, and for
+    each the sequence it belongs to (`batch`) and its rank among that sequence's wanted rows (`slot`); `width`
+    is the most rows any one sequence has."""
+
+    index: Tensor
+    batch: Tensor
+    slot: Tensor
+    width: int
+
+    @classmethod
+    def of(cls, positions: Tensor, length: int, batch_size: int, index: Tensor) -> RowSelection:
+        """`positions`: ascending flat positions b * length + l; `index`: the same rows in the block layout."""
+        batch = positions // length
+        counts = torch.bincount(batch, minlength=batch_size)
+        first = counts.cumsum(0) - counts
+        slot = torch.arange(positions.numel(), device=positions.device) - first[batch]
+        width = int(counts.max()) if positions.numel() else 0
+        return cls(index, batch, slot, width)
 
 
 def attention_mask_from_padding(key_padding_mask: Tensor | None) -> Tensor | None:
@@ -221,7 +282,9 @@ class TransformerEncoder(nn.Module):
         rows = None
         if output_positions is not None and not need_weights:
             # the wanted positions as rows of the layout the blocks work in
-            rows = output_positions if unpad is None else torch.searchsorted(unpad.index, output_positions)
+            index = output_positions if unpad is None else torch.searchsorted(unpad.index, output_positions)
+            batch_size, length = x.shape[:2] if unpad is None else (unpad.batch, unpad.length)
+            rows = RowSelection.of(output_positions, length, batch_size, index)
         weights = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -234,7 +297,7 @@ class TransformerEncoder(nn.Module):
                 x, w = block(x, mask, need_weights, unpad, block_rows)
             weights.append(w)
         if rows is not None and not self.blocks:
-            x = x.reshape(-1, x.shape[-1])[rows]
+            x = x.reshape(-1, x.shape[-1])[rows.index]
         if self.final_norm is not None:
             x = self.final_norm(x)
         if rows is not None:

@@ -1,0 +1,112 @@
+"""Cross-entropy of a vocabulary projection, fused and chunked: loss = Σ_i [logsumexp(z_i) - z_i[t_i]], z = h Wᵀ + b.
+
+The vocabulary projection of a language-model head makes an (N, V) logits tensor (614 x 30522 floats = 75 MB
+for BERT's masked tokens of a batch of 32 x 128), then log-softmax makes a second one and backward two more.
+`linear_cross_entropy` never holds more than one (chunk, V) block: for each chunk of rows it computes the logits,
+the loss, and at once the gradients (∂loss/∂z = softmax(z) - onehot(t) is known in the forward pass), which it
+multiplies into ∂h, ∂W and ∂b. Backward then only scales those by the incoming gradient. The FLOPs are the three
+matmuls of the plain computation, no recomputation; what goes is the memory traffic of the big intermediates
+(and, on CPU, the page faults of allocating them anew every step).
+
+The logits are computed as W hᵀ (V, chunk), the matmul orientation that BLAS runs fastest for a short inner
+dimension (hidden size) and a long vocabulary, and the softmax works on that vocabulary-major block in place. The loss is exact: the same value and gradients as
+`F.cross_entropy(F.linear(h, W, b), t, reduction="sum")` (tested), in fp32; under autocast the three matmuls
+run in the autocast dtype and softmax and accumulation in fp32, as autocast does for the plain computation.
+Without gradients (evaluation) it is the plain computation, since nothing is kept for backward there anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["linear_cross_entropy"]
+
+
+def linear_cross_entropy(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """(summed cross-entropy over the N rows, (N,) bool top-1 hits) of logits = hidden @ weight.T + bias.
+
+    `hidden` (N, d), `weight` (V, d), `bias` (V,) or None, `targets` (N,) int64 class ids (all valid: select
+    the rows to score beforehand). Divide the sum by the count you want to average over. A row is a hit when
+    its target's logit is the row's maximum (top-1 accuracy; a max shared with another class counts as a hit).
+    The hits come from a max, not an argmax: on CPU argmax over a vocabulary costs as much as the softmax.
+    `chunk_rows`: rows per block; by default 192 on CPU (a (V, 192) fp32 block stays off the page-faulting
+    large-allocation path and runs the three matmuls at full speed) and 2048 on accelerators.
+    """
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad or hidden.shape[0] == 0:
+        logits = F.linear(hidden, weight, bias).float()
+        hits = logits.gather(1, targets[:, None]).squeeze(1) >= logits.amax(-1)
+        return F.cross_entropy(logits, targets, reduction="sum"), hits
+    if chunk_rows is None:
+        chunk_rows = 192 if hidden.device.type == "cpu" else 2048
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor, targets: Tensor, chunk_rows: int):
+        device = hidden.device.type
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        with torch.autocast(device, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            b = bias.float()
+            n, vocab = h.shape[0], w.shape[0]
+            grad_h = torch.empty_like(hidden)
+            grad_w = None
+            grad_b = torch.zeros(vocab, dtype=torch.float32, device=bias.device)
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
+            arange = torch.arange(min(chunk_rows, n), device=hidden.device)
+            for start in range(0, n, chunk_rows):
+                hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
+                rows = arange[: hc.shape[0]]
+                # W hᵀ: (V, c), vocabulary-major, so every softmax step is a column-wise (vectorised) pass
+                z = torch.mm(w, hc.t()).float()
+                z += b[:, None]
+                target = z[tc, rows]
+                top = z.amax(0)
+                hits[start : start + hc.shape[0]] = target >= top
+                g = z.sub_(top).exp_()  # exp(z - max), in place
+                total = g.sum(0)
+                loss += (top + total.log() - target).sum()  # logsumexp(z) - z[t]
+                g.mul_(total.reciprocal())  # softmax
+                g[tc, rows] -= 1.0  # ∂/∂z of the summed loss = softmax - onehot
+                if want_b:
+                    grad_b += g.sum(1)
+                g = g.to(dtype)
+                if want_h:
+                    grad_h[start : start + hc.shape[0]] = torch.mm(g.t(), w)
+                if not want_w:
+                    continue
+                if grad_w is None:
+                    grad_w = torch.mm(g, hc).float()
+                elif dtype == torch.float32:
+                    grad_w.addmm_(g, hc)
+                else:
+                    grad_w += torch.mm(g, hc)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype)
+        ctx.used = False
+        ctx.mark_non_differentiable(hits)
+        return loss, hits
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_hits: Tensor | None):
+        if ctx.used:  # the stored gradients are scaled in place, so a second pass would be wrong
+            raise RuntimeError("linear_cross_entropy does not support backward through the same graph twice")
+        ctx.used = True
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_w.mul_(grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = grad_b.mul_(grad_loss).to(b_dtype) if ctx.needs_input_grad[2] else None
+        return grad_h, grad_w, grad_b, None, None
