@@ -33,7 +33,7 @@ def linear_cross_entropy(
     the rows to score beforehand). Divide the sum by the count you want to average over. A row is a hit when
     its target's logit is the row's maximum (top-1 accuracy; a max shared with another class counts as a hit).
     The hits come from a max, not an argmax: on CPU argmax over a vocabulary costs as much as the softmax.
-    `chunk_rows`: rows per block; by default 192 on CPU (a (V, 192) fp32 block stays off the page-faulting
+    `chunk_rows`: most rows per block (the rows are split into equal blocks); by default 192 on CPU (a (V, 192) fp32 block stays off the page-faulting
     large-allocation path and runs the three matmuls at full speed) and 2048 on accelerators.
     """
     if hidden.shape[0] != targets.shape[0]:
@@ -47,7 +47,11 @@ def linear_cross_entropy(
         return F.cross_entropy(logits, targets, reduction="sum"), hits
     if chunk_rows is None:
         chunk_rows = 192 if hidden.device.type == "cpu" else 2048
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, max(1, chunk_rows))
+    n = hidden.shape[0]
+    blocks = -(-n // max(1, chunk_rows))
+    # equal blocks: every block streams the whole weight matrix three times, so a small remainder block costs
+    # nearly as much as a full one
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, -(-n // blocks))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
