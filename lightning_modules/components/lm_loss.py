@@ -70,11 +70,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
             arange = torch.arange(min(chunk_rows, n), device=hidden.device)
+            block = torch.empty(vocab * min(chunk_rows, n), dtype=dtype, device=hidden.device)  # reused
             for start in range(0, n, chunk_rows):
                 hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
                 rows = arange[: hc.shape[0]]
                 # W hᵀ: (V, c), vocabulary-major, so every softmax step is a column-wise (vectorised) pass
-                z = torch.mm(w, hc.t()).float()
+                z = torch.mm(w, hc.t(), out=block[: vocab * hc.shape[0]].view(vocab, hc.shape[0])).float()
                 z += b[:, None]
                 target = z[tc, rows]
                 top = z.amax(0)
