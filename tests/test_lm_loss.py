@@ -100,3 +100,55 @@ def test_cpu_dropout_keeps_one_minus_p_scales_and_routes_gradients() -> None:
     assert torch.equal(x.grad, y.detach())  # d y / d x = mask / (1 - p)
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_no_bias_and_frozen_parameters_get_the_plain_gradients() -> None:
+    h, w, _, t = _problem(21)
+    w.requires_grad_(False)
+    loss, _ = linear_cross_entropy(h, w, None, t, chunk_rows=8)
+    loss.backward()
+    fused = h.grad.clone()
+    h.grad = None
+    F.cross_entropy(F.linear(h, w), t, reduction="sum").backward()
+    torch.testing.assert_close(fused, h.grad, rtol=1e-5, atol=1e-6)
+    assert w.grad is None
+
+
+def test_fp16_takes_the_plain_path_that_loss_scaling_protects() -> None:
+    """Under fp16 the fused path would round softmax - onehot to fp16 before the loss scale applies; the plain
+    autograd path (what GradScaler protects) is used instead: the same loss and gradients as writing it out."""
+    h, w, b, t = _problem(6, vocab=400)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _ = linear_cross_entropy(h, w, b, t)
+    assert loss.grad_fn is not None and "LinearCrossEntropy" not in type(loss.grad_fn).__name__
+    (loss * 1024.0).backward()
+    fused = w.grad.clone()
+    w.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        plain = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="sum")
+    (plain * 1024.0).backward()
+    assert loss.item() == plain.item()
+    assert torch.equal(fused, w.grad)
+
+
+def test_module_mlm_accuracy_weights_every_masked_token_once() -> None:
+    """val/mlm_acc over batches with different numbers of masked tokens is hits / masked tokens overall."""
+    from lightning_modules.mlm_module import IGNORE_INDEX
+    from tests.test_resilience import tiny_mlm
+
+    module = tiny_mlm(dropout=0.0, attention_dropout=0.0).eval()
+    with torch.no_grad():
+        module.model.mlm.bias[7] = 100.0  # the model always predicts token 7
+    batches = []
+    for n_masked, n_sevens in ((12, 12), (3, 0)):  # batch-wise accuracy 1.0 and 0.0
+        ids = torch.randint(8, 64, (2, 16), generator=torch.Generator().manual_seed(n_masked))
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        where = torch.arange(1, 1 + n_masked)
+        labels.view(-1)[where] = 8
+        labels.view(-1)[where[:n_sevens]] = 7
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    with torch.no_grad():
+        for batch in batches:
+            module.model_step(batch, "val")
+    acc = module.metrics["val"]["mlm_acc"].compute().item()
+    assert acc == pytest.approx(12 / 15)  # not the mean of batch accuracies (0.5), nor weighted twice (0.94)

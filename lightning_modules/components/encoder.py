@@ -138,6 +138,8 @@ class MultiHeadSelfAttention(nn.Module):
         heads = heads.transpose(1, 2).reshape(b, n, d)
         if unpad is not None:
             heads = unpad.unpad(heads)
+        if rows is not None:  # with need_weights: every query was computed, keep the wanted rows
+            heads = heads.reshape(-1, d)[rows.index]
         return self.out(heads), weights
 
     def _selected_rows(
@@ -255,9 +257,9 @@ class TransformerEncoder(nn.Module):
     """Embeddings in, hidden states out. `key_padding_mask` is (B, L) with True at real positions.
 
     `output_positions` (flat indices b * L + l of real tokens, ascending) asks for the final states of those
-    positions only, returned as (R, d): the last block then runs W^O, the feed-forward and its LayerNorms for
-    them alone (keys and values still come from every token), as MosaicBERT does for the masked positions of
-    MLM. The result is the same as selecting those rows from the full output.
+    positions only, returned as (R, d): the last block then computes queries, attention, W^O, the feed-forward
+    and its LayerNorms for them alone (keys and values still come from every token), as MosaicBERT does for the
+    masked positions of MLM. The result is the same as selecting those rows from the full output.
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:

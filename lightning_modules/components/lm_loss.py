@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["linear_cross_entropy"]
 
@@ -33,15 +34,24 @@ def linear_cross_entropy(
     the rows to score beforehand). Divide the sum by the count you want to average over. A row is a hit when
     its target's logit is the row's maximum (top-1 accuracy; a max shared with another class counts as a hit).
     The hits come from a max, not an argmax: on CPU argmax over a vocabulary costs as much as the softmax.
-    `chunk_rows`: most rows per block (the rows are split into equal blocks); by default 192 on CPU (a (V, 192) fp32 block stays off the page-faulting
-    large-allocation path and runs the three matmuls at full speed) and 2048 on accelerators.
+    `chunk_rows`: most rows per block (the rows are split into equal blocks); by default 192 on CPU (a
+    (V, 192) fp32 block stays off the page-faulting large-allocation path and runs the three matmuls at full
+    speed) and 2048 on accelerators.
+
+    Under fp16 (autocast or fp16 tensors) it is the plain computation: the fused path casts softmax - onehot
+    to the matmul dtype before the loss scale of fp16 training is applied, and fp16 would flush the small
+    probabilities to zero.
     """
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
     if bias is None:
         bias = weight.new_zeros(weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, weight, bias))
-    if not needs_grad or hidden.shape[0] == 0:
+    device = hidden.device.type
+    fp16 = torch.float16 in (hidden.dtype, weight.dtype) or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
+    if not needs_grad or fp16 or hidden.shape[0] == 0:
         logits = F.linear(hidden, weight, bias).float()
         hits = logits.gather(1, targets[:, None]).squeeze(1) >= logits.amax(-1)
         return F.cross_entropy(logits, targets, reduction="sum"), hits
@@ -64,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, w = hidden.to(dtype), weight.to(dtype)
             b = bias.float()
             n, vocab = h.shape[0], w.shape[0]
-            grad_h = torch.empty_like(hidden)
+            grad_h = torch.empty_like(hidden) if want_h else None
             grad_w = None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=bias.device)
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -105,13 +115,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss, hits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: Tensor, _grad_hits: Tensor | None):
         if ctx.used:  # the stored gradients are scaled in place, so a second pass would be wrong
             raise RuntimeError("linear_cross_entropy does not support backward through the same graph twice")
         ctx.used = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
-        grad_h = grad_h * grad_loss.to(grad_h.dtype) if ctx.needs_input_grad[0] else None
+        grad_h = (grad_h.float() * grad_loss).to(grad_h.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_w.mul_(grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = grad_b.mul_(grad_loss).to(b_dtype) if ctx.needs_input_grad[2] else None
         return grad_h, grad_w, grad_b, None, None
