@@ -1,21 +1,25 @@
-"""Cross-entropy of a vocabulary projection, fused and chunked: loss = Σ_i [logsumexp(z_i) - z_i[t_i]], z = h Wᵀ + b.
+"""Cross-entropy of a vocabulary projection, fused and blocked: loss = Σ_i [logsumexp(z_i) - z_i[t_i]], z = h Wᵀ + b.
 
-The vocabulary projection of a language-model head makes an (N, V) logits tensor (614 x 30522 floats = 75 MB
-for BERT's masked tokens of a batch of 32 x 128), then log-softmax makes a second one and backward two more.
-`linear_cross_entropy` never holds more than one (chunk, V) block: for each chunk of rows it computes the logits,
-the loss, and at once the gradients (∂loss/∂z = softmax(z) - onehot(t) is known in the forward pass), which it
-multiplies into ∂h, ∂W and ∂b. Backward then only scales those by the incoming gradient. The FLOPs are the three
-matmuls of the plain computation, no recomputation; what goes is the memory traffic of the big intermediates
-(and, on CPU, the page faults of allocating them anew every step).
+The vocabulary projection of a language-model head makes an (N, V) logits tensor (584 x 30522 floats = 71 MB
+for BERT's masked tokens of a batch of 32 x 128); log-softmax makes a second one and backward two more.
+`linear_cross_entropy` works on blocks of rows instead: for each block it computes the logits, the loss and at
+once the gradients (∂loss/∂z = softmax(z) - onehot(t) is known in the forward pass), which it multiplies into
+∂h, ∂W and ∂b; backward then only scales those by the incoming gradient. The FLOPs are the three matmuls of the
+plain computation, no recomputation; what goes is the memory traffic of the big intermediates, and on CPU the
+cost of allocating them anew every step (a large allocation is a fresh mapping whose pages fault in one by
+one): the block lives in a workspace kept between calls there.
 
-The logits are computed as W hᵀ (V, chunk), the matmul orientation that BLAS runs fastest for a short inner
-dimension (hidden size) and a long vocabulary, and the softmax works on that vocabulary-major block in place. The loss is exact: the same value and gradients as
-`F.cross_entropy(F.linear(h, W, b), t, reduction="sum")` (tested), in fp32; under autocast the three matmuls
-run in the autocast dtype and softmax and accumulation in fp32, as autocast does for the plain computation.
-Without gradients (evaluation) it is the plain computation, since nothing is kept for backward there anyway.
+The logits are computed as W hᵀ (V, block), the matmul orientation that BLAS runs fastest for a short inner
+dimension (the hidden size) and a long vocabulary, and the softmax works in place on that vocabulary-major
+block. The loss is exact: the same value and gradients as `F.cross_entropy(F.linear(h, W, b), t,
+reduction="sum")` (tested) in fp32; under bf16 autocast the three matmuls run in bf16 and the softmax and the
+accumulation in fp32, as autocast does for the plain computation. Without gradients (evaluation) and under
+fp16 it is the plain computation.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +38,9 @@ def linear_cross_entropy(
     the rows to score beforehand). Divide the sum by the count you want to average over. A row is a hit when
     its target's logit is the row's maximum (top-1 accuracy; a max shared with another class counts as a hit).
     The hits come from a max, not an argmax: on CPU argmax over a vocabulary costs as much as the softmax.
-    `chunk_rows`: most rows per block (the rows are split into equal blocks); by default 192 on CPU (a
-    (V, 192) fp32 block stays off the page-faulting large-allocation path and runs the three matmuls at full
-    speed) and 2048 on accelerators.
+    `chunk_rows`: most rows per block (the rows are split into equal blocks; each block streams the weight
+    matrix three times); by default 1024 on CPU, where the block lives in a workspace kept between calls, and
+    2048 on accelerators.
 
     Under fp16 (autocast or fp16 tensors) it is the plain computation: the fused path casts softmax - onehot
     to the matmul dtype before the loss scale of fp16 training is applied, and fp16 would flush the small
@@ -56,12 +60,27 @@ def linear_cross_entropy(
         hits = logits.gather(1, targets[:, None]).squeeze(1) >= logits.amax(-1)
         return F.cross_entropy(logits, targets, reduction="sum"), hits
     if chunk_rows is None:
-        chunk_rows = 192 if hidden.device.type == "cpu" else 2048
+        chunk_rows = 1024 if hidden.device.type == "cpu" else 2048
     n = hidden.shape[0]
     blocks = -(-n // max(1, chunk_rows))
     # equal blocks: every block streams the whole weight matrix three times, so a small remainder block costs
     # nearly as much as a full one
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, -(-n // blocks))
+
+
+_WORKSPACES: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+
+def _workspace(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A logits block kept between calls on CPU, where a large fresh allocation is a new mapping whose pages
+    fault in one by one every step; accelerators' caching allocators already recycle memory."""
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    key = (threading.get_ident(), device, dtype)  # one per thread: a block is in use only inside one call
+    buf = _WORKSPACES.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACES[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -80,7 +99,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             hits = torch.empty(n, dtype=torch.bool, device=hidden.device)
             arange = torch.arange(min(chunk_rows, n), device=hidden.device)
-            block = torch.empty(vocab * min(chunk_rows, n), dtype=dtype, device=hidden.device)  # reused
+            block = _workspace(vocab * min(chunk_rows, n), dtype, hidden.device)
             for start in range(0, n, chunk_rows):
                 hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
                 rows = arange[: hc.shape[0]]
