@@ -39,8 +39,8 @@ def linear_cross_entropy(
     its target's logit is the row's maximum (top-1 accuracy; a max shared with another class counts as a hit).
     The hits come from a max, not an argmax: on CPU argmax over a vocabulary costs as much as the softmax.
     `chunk_rows`: most rows per block (the rows are split into equal blocks; each block streams the weight
-    matrix three times); by default 1024 on CPU, where the block lives in a workspace kept between calls, and
-    2048 on accelerators.
+    matrix three times); by default on CPU, where the block lives in a workspace kept between calls, as many
+    as fit in 128 MiB of fp32 logits (between 64 and 1024), and 2048 on accelerators.
 
     Under fp16 (autocast or fp16 tensors) it is the plain computation: the fused path casts softmax - onehot
     to the matmul dtype before the loss scale of fp16 training is applied, and fp16 would flush the small
@@ -60,7 +60,8 @@ def linear_cross_entropy(
         hits = logits.gather(1, targets[:, None]).squeeze(1) >= logits.amax(-1)
         return F.cross_entropy(logits, targets, reduction="sum"), hits
     if chunk_rows is None:
-        chunk_rows = 1024 if hidden.device.type == "cpu" else 2048
+        # on CPU the block stays in a workspace: up to 128 MiB of fp32 logits (1099 rows of BERT's vocabulary)
+        chunk_rows = max(64, min(1024, (128 << 20) // (4 * weight.shape[0]))) if device == "cpu" else 2048
     n = hidden.shape[0]
     blocks = -(-n // max(1, chunk_rows))
     # equal blocks: every block streams the whole weight matrix three times, so a small remainder block costs
