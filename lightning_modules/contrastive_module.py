@@ -26,6 +26,10 @@ from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
 
+# parameters, besides biases and norms, that AdamW does not decay in the contrastive systems: the temperature,
+# SigLIP's bias, position tables and the ViT class token
+NO_DECAY_NAMES = ("log_scale", "logit_bias", "position", "cls_token", "class_token")
+
 
 @dataclass
 class PairEmbeddings:
@@ -293,6 +297,6 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
             o["warmup_steps"],
             total,
             o["schedule"],
-            no_decay_names=("log_scale", "logit_bias", "position", "cls_token", "class_token"),
+            no_decay_names=NO_DECAY_NAMES,
             fused=not self.trainer.gradient_clip_val,
         )

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.retrieval import RetrievalRecall
-from lightning_modules.contrastive_module import ContrastiveModule, PairEmbeddings
+from lightning_modules.contrastive_module import NO_DECAY_NAMES, ContrastiveModule, PairEmbeddings
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, zero_loss
@@ -285,6 +285,6 @@ class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
             hp.warmup_steps,
             total,
             hp.schedule,
-            no_decay_names=("log_scale", "logit_bias", "position", "cls_token", "class_token"),
+            no_decay_names=NO_DECAY_NAMES,
             fused=not self.trainer.gradient_clip_val,
         )
