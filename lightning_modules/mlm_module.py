@@ -135,8 +135,8 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             batch["labels"],
             IGNORE_INDEX,
         )
-        targets = out.mlm_targets
-        mlm_loss = self.mlm_loss(out.mlm_loss_sum, targets.numel(), stage)
+        n = out.mlm_targets.numel()
+        mlm_loss = self.mlm_loss(out.mlm_loss_sum, n, stage)
         nsp_loss = None
         if "nsp_labels" in batch:  # the DataModule decides: NSP pairs carry labels, packed text none
             nsp_loss = F.cross_entropy(out.nsp_logits.float(), batch["nsp_labels"])
@@ -150,7 +150,6 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
                 self.log("train/nsp_acc", (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
             return loss
         m = self.metrics[stage]
-        n = targets.numel()
         m["loss"].update(loss.detach(), n)
         m["mlm_loss"].update(mlm_loss.detach(), n)
         m["mlm_acc"].update(out.mlm_hits.float())  # one weight per masked token

@@ -103,13 +103,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             block = _workspace(vocab * min(chunk_rows, n), dtype, hidden.device)
             for start in range(0, n, chunk_rows):
                 hc, tc = h[start : start + chunk_rows], targets[start : start + chunk_rows]
-                rows = arange[: hc.shape[0]]
+                c = hc.shape[0]
+                rows = arange[:c]
                 # W hᵀ: (V, c), vocabulary-major, so every softmax step is a column-wise (vectorised) pass
-                z = torch.mm(w, hc.t(), out=block[: vocab * hc.shape[0]].view(vocab, hc.shape[0])).float()
+                z = torch.mm(w, hc.t(), out=block[: vocab * c].view(vocab, c)).float()
                 z += b[:, None]
                 target = z[tc, rows]
                 top = z.amax(0)
-                hits[start : start + hc.shape[0]] = target >= top
+                hits[start : start + c] = target >= top
                 g = z.sub_(top).exp_()  # exp(z - max), in place
                 total = g.sum(0)
                 loss += (top + total.log() - target).sum()  # logsumexp(z) - z[t]
@@ -119,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_b += g.sum(1)
                 g = g.to(dtype)
                 if want_h:
-                    grad_h[start : start + hc.shape[0]] = torch.mm(g.t(), w)
+                    grad_h[start : start + c] = torch.mm(g.t(), w)
                 if not want_w:
                     continue
                 if grad_w is None:
