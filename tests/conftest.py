@@ -11,6 +11,7 @@ import torch
 from datamodules.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic_shapes import generate_shapes_coco
 from lightning_modules.image_text_module import ImageTextModule
+from tests.helpers import quiet_trainer
 
 TINY_CLIP_VAL_IMAGES = 100
 
@@ -51,16 +52,12 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
             lr=3e-3,
             weight_decay=0.05,
         )
-        trainer = L.Trainer(
-            accelerator="cpu",
+        trainer = quiet_trainer(
             max_steps=300,
             val_check_interval=300,
             check_val_every_n_epoch=None,
             num_sanity_val_steps=0,
-            logger=False,
             enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(module, dm)
         ckpt = tmp / "clip.ckpt"

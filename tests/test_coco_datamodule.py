@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from PIL import Image
 
 import datamodules.coco_datamodule as coco
 from datamodules.coco_datamodule import CocoCaptionsDataModule, read_rgb
 from datamodules.synthetic_shapes import COLOURS, generate_shapes_coco
+from tests.helpers import quiet_trainer
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.coco_datamodule"
@@ -306,15 +307,11 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
     # 14 files on disk, batches of 7: no batch is dropped, so both bad files are met every epoch.
     dm = make_dm(root, tmp_path, batch_size=7)
     model = Recorder()
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=2,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
     assert dm.skipped_images == 4

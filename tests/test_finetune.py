@@ -26,6 +26,7 @@ from lightning_modules.components.ner_metrics import EntityF1, entity_spans
 from lightning_modules.finetune_module import SequenceClassificationModule, TokenClassificationModule
 from lightning_modules.llrd import llrd_param_groups
 from lightning_modules.mlm_module import MLMPretrainingModule
+from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs/finetune"
@@ -191,12 +192,8 @@ def mlm_ckpt(tmp_path_factory) -> Path:
     model = MLMPretrainingModule(
         size="tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=64, warmup_steps=0
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True)],
     )
     trainer.fit(model, datamodule=Data())

@@ -17,6 +17,7 @@ import lightning_modules.contrastive_module as contrastive_module
 from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.speech_text_module import SpeechTextModule
+from tests.helpers import quiet_trainer
 
 VOCAB = 60
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
@@ -215,17 +216,13 @@ class GradNorms(Callback):
 
 def fit(module: ContrastiveModule, batches: list[dict], root: Path, **trainer_kwargs) -> L.Trainer:
     defaults = dict(
-        accelerator="cpu",
         max_epochs=1,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
     )
-    trainer = L.Trainer(**{**defaults, **trainer_kwargs})
+    trainer = quiet_trainer(**{**defaults, **trainer_kwargs})
     trainer.fit(module, DataLoader(batches, batch_size=None))
     return trainer
 

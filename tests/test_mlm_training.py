@@ -11,6 +11,7 @@ import torch
 from cli import main
 from datamodules.mlm_datamodule import MLMDataModule
 from lightning_modules.mlm_module import MLMPretrainingModule
+from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/mlm/quickstart.yaml")
@@ -106,14 +107,10 @@ def _fit(
     model = MLMPretrainingModule(
         size="tiny", vocab_size=dm.vocab_size, max_position_embeddings=64, lr=1e-3, warmup_steps=2
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
         limit_train_batches=4,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=ckpt_dir,
         callbacks=[
             L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=1),
@@ -183,12 +180,8 @@ def test_quickstart_model_learns(cache_dir: str) -> None:
         lr=1e-3,
         warmup_steps=0.05,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=400,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=False,
         limit_val_batches=0,
     )

@@ -26,6 +26,7 @@ from lightning_modules.resilience import (
     NonFiniteLossError,
     PreemptionCheckpoint,
 )
+from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, LENGTH = 64, 16
@@ -74,17 +75,8 @@ def loader(dataset: Dataset, batch_size: int = 4) -> ResumableDataLoader:
 
 
 def trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=root,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        deterministic=True,
-    )
-    return L.Trainer(**{**defaults, **kwargs})
+    defaults = dict(devices=1, default_root_dir=root, limit_val_batches=0, deterministic=True)
+    return quiet_trainer(**{**defaults, **kwargs})
 
 
 # non-finite losses ---------------------------------------------------------------------------------

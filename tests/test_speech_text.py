@@ -24,6 +24,7 @@ from lightning_modules.components.speech_tower import (
 )
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.speech_text_module import SpeechTextModule
+from tests.helpers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
@@ -278,14 +279,10 @@ def test_learns_tone_retrieval_far_above_chance(tmp_path: Path) -> None:
         weight_decay=0.01,
         warmup_steps=10,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=STEPS,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         use_distributed_sampler=False,
     )
     start = time.perf_counter()

@@ -16,6 +16,7 @@ from datamodules.synthetic_shapes import generate_shapes_coco
 from datamodules.synthetic_tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import TriModalDataModule, caption_words, generate_spoken_captions
 from lightning_modules.trimodal_module import TriModalModule
+from tests.helpers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
@@ -240,13 +241,10 @@ def test_trimodal_quickstart_improves_both_retrieval_tasks(tmp_path: Path) -> No
         weight_decay=0.01,
         warmup_steps=10,
     )
-    quiet = dict(
-        logger=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False
-    )
-    evaluator = L.Trainer(accelerator="cpu", **quiet)
+    evaluator = quiet_trainer(use_distributed_sampler=False)
     before = evaluator.validate(model, dm, verbose=False)[0]
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, limit_val_batches=0, enable_checkpointing=False, **quiet
+    trainer = quiet_trainer(
+        max_steps=steps, limit_val_batches=0, enable_checkpointing=False, use_distributed_sampler=False
     )
     start = time.perf_counter()
     trainer.fit(model, dm)

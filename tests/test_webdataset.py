@@ -32,6 +32,7 @@ from datamodules.webdataset_shards import (
     shard_sizes,
 )
 from lightning_modules.image_text_module import ImageTextModule
+from tests.helpers import quiet_trainer
 from tests.test_coco_datamodule import (
     CORRUPT,
     MISSING,
@@ -310,8 +311,8 @@ def test_fit_from_shards_smoke(shapes: Path, shards: Path, tmp_path: Path) -> No
         text_heads=2,
         max_text_len=16,
     )
-    trainer = L.Trainer(
-        accelerator="cpu", fast_dev_run=2, logger=False, enable_progress_bar=False, enable_model_summary=False
+    trainer = quiet_trainer(
+        fast_dev_run=2,
     )
     trainer.fit(module, dm)
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
@@ -352,13 +353,9 @@ def test_fit_resumed_mid_epoch_sees_the_batches_an_unbroken_run_sees(
         extra = {"train_shards": str(shards), "num_workers": 2} if source == "shards" else {}
         dm = make_dm(shapes, tmp_path, **extra)
         model = Recorder()
-        trainer = L.Trainer(
-            accelerator="cpu",
+        trainer = quiet_trainer(
             max_epochs=2,
             limit_val_batches=0,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             callbacks=[
                 L.pytorch.callbacks.ModelCheckpoint(
                     dirpath=tmp_path / run, save_last=True, every_n_train_steps=1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,6 +24,7 @@ from lightning_modules.linear_probe import (
 )
 from lightning_modules.speech_text_module import SpeechTextModule
 from lightning_modules.zero_shot import ZeroShotClassifier, class_embeddings, fill_template, load_image_text
+from tests.helpers import quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_TEMPLATES = ["a {}", "a picture of a {}", "there is a {}", "a {} on a gray background", "a single {}"]
@@ -38,17 +38,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +85,7 @@ def test_prompt_ensemble_is_the_normalised_mean_of_normalised_prompt_embeddings(
 def test_zero_shot_accuracy_far_above_chance_after_short_image_text_training(clip_run: dict) -> None:
     dm = class_folder_dm(clip_run["classes"])
     model = ZeroShotClassifier(str(clip_run["ckpt"]), templates=SHAPES_TEMPLATES, per_class=True)
-    metrics = quiet_trainer().test(model, dm, verbose=False)[0]
+    metrics = quiet_trainer(enable_checkpointing=False).test(model, dm, verbose=False)[0]
     n = dm.num_classes
     chance = 1 / n
     acc, top5 = metrics["test/zero_shot_acc"], metrics["test/zero_shot_acc_top5"]
