@@ -58,7 +58,7 @@ def captions(n: int) -> list[str]:
     if ann.is_file():
         texts = [a["caption"] for a in json.loads(ann.read_text(encoding="utf-8"))["annotations"]]
     else:
-        from datamodules.synthetic_shapes import generate_shapes_coco
+        from datamodules.synthetic.shapes import generate_shapes_coco
 
         with tempfile.TemporaryDirectory() as tmp:
             root = generate_shapes_coco(Path(tmp) / "shapes", n_train=4, n_val=n // 5 + 1, image_size=16)
@@ -188,7 +188,7 @@ def bench_models(steps: int, warmup: int) -> tuple[float, float]:
 def _jpeg_root(tmp: Path) -> tuple[Path, str]:
     if (REAL_COCO / "annotations" / "captions_val2017.json").is_file():
         return REAL_COCO, "genuine COCO sample"
-    from datamodules.synthetic_shapes import generate_shapes_coco
+    from datamodules.synthetic.shapes import generate_shapes_coco
 
     return generate_shapes_coco(tmp / "shapes", n_train=4, n_val=20, image_size=512), "generated 512 px JPEGs"
 
@@ -196,7 +196,7 @@ def _jpeg_root(tmp: Path) -> tuple[Path, str]:
 def bench_dataloader(step_time: float) -> None:
     from torch.utils.data import DataLoader
 
-    from datamodules.coco_datamodule import (
+    from datamodules.image.coco_datamodule import (
         CLIP_MEAN,
         CLIP_STD,
         CaptionCollate,

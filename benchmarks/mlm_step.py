@@ -108,7 +108,7 @@ def bench_models(steps: int, warmup: int) -> tuple[float, float]:
 
 
 def bench_dataloader(step_time: float, workers: int) -> None:
-    from datamodules.mlm_datamodule import MLMDataModule
+    from datamodules.text.mlm_datamodule import MLMDataModule
 
     with tempfile.TemporaryDirectory() as tmp:
         dm = MLMDataModule(
@@ -138,7 +138,7 @@ def bench_dataloader(step_time: float, workers: int) -> None:
 
 
 def bench_reader(path: Path | None) -> None:
-    from datamodules.corpora import iter_wikipedia, wikitext_to_text
+    from datamodules.text.corpora import iter_wikipedia, wikitext_to_text
 
     if path is None or not path.is_file():
         print("wikipedia reader: skipped (no dump found; pass --wiki)")

@@ -18,7 +18,7 @@ Batches:
 
 Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set (datamodules/
 synthetic_shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as tone patterns
-(datamodules/synthetic_tones.py `render_sentence`): training utterances speak training captions, dev-clean
+(datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
 utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
 which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
 image-text and speech-text retrieval are reported.
@@ -43,10 +43,14 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
-from datamodules.librispeech_datamodule import LibriSpeechDataModule, normalise_transcript, read_transcripts
-from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.synthetic_tones import render_sentence, tone_lexicon, written_whole
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
+from datamodules.speech.librispeech_datamodule import (
+    LibriSpeechDataModule,
+    normalise_transcript,
+    read_transcripts,
+)
+from datamodules.synthetic.shapes import generate_shapes_coco
+from datamodules.synthetic.tones import render_sentence, tone_lexicon, written_whole
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

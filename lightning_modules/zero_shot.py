@@ -77,7 +77,7 @@ def class_embeddings(
 
 def _datamodule_class(class_path: str | None) -> type:
     if not class_path:
-        from datamodules.coco_datamodule import CocoCaptionsDataModule
+        from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 
         return CocoCaptionsDataModule
     module, _, name = class_path.rpartition(".")

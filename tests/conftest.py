@@ -8,8 +8,8 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.coco_datamodule import CocoCaptionsDataModule
-from datamodules.synthetic_shapes import generate_shapes_coco
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule
+from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.image_text_module import ImageTextModule
 from tests.helpers import quiet_trainer
 

@@ -15,13 +15,13 @@ import torch
 from lightning.pytorch import LightningModule
 from PIL import Image
 
-import datamodules.coco_datamodule as coco
-from datamodules.coco_datamodule import CocoCaptionsDataModule, read_rgb
-from datamodules.synthetic_shapes import COLOURS, generate_shapes_coco
+import datamodules.image.coco_datamodule as coco
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule, read_rgb
+from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
 from tests.helpers import quiet_trainer
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "coco"
-LOGGER = "datamodules.coco_datamodule"
+LOGGER = "datamodules.image.coco_datamodule"
 RED = (200, 30, 30)
 # Fixture ids: 1-8 plain RGB JPEGs, then one of each awkward case.
 GOOD_RGB = list(range(1, 9))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import corpora
-from datamodules.corpora import (
+from datamodules.text.corpora import (
     Document,
     ReadStats,
     iter_bookcorpus,
@@ -186,7 +186,7 @@ def test_truncated_bz2_keeps_pages_read_so_far(xml_dump: Path, tmp_path: Path, c
     path = tmp_path / "cut.xml.bz2"
     path.write_bytes(data[: len(data) - 30])  # inside the last page's stream
     stats = ReadStats()
-    with caplog.at_level(logging.WARNING, logger="datamodules.corpora"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.text.corpora"):
         docs = list(iter_wikipedia([str(path)], stats))
     assert [d.doc_id for d in docs] == ["Alphaland", "Beta"]
     assert stats.truncated_files == 1 and stats.problem_files == [str(path)]

@@ -194,8 +194,8 @@ def test_error_wandb_log_model_with_offline_flag(cache_dir: str, tmp_path: Path,
 
 @pytest.mark.parametrize("task", ["speech", "clip"])
 def test_wandb_retrieval_tables(task: str, offline_wandb: Path) -> None:
-    from datamodules.synthetic_shapes import generate_shapes_coco
-    from datamodules.synthetic_tones import generate_tone_librispeech
+    from datamodules.synthetic.shapes import generate_shapes_coco
+    from datamodules.synthetic.tones import generate_tone_librispeech
 
     root = offline_wandb
     if task == "speech":

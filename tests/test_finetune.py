@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from cli import main
-from datamodules.conll_datamodule import (
+from datamodules.text.conll_datamodule import (
     IGNORE_INDEX,
     CoNLLDataModule,
     NERCollator,
     encode_words,
     read_conll,
 )
-from datamodules.glue_datamodule import GLUE_TASKS, encode_texts, load_tokenizer, read_glue_tsv
+from datamodules.text.glue_datamodule import GLUE_TASKS, encode_texts, load_tokenizer, read_glue_tsv
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.components.bert_finetune import mlm_bert_config
 from lightning_modules.components.hf_interop import save_hf_bert

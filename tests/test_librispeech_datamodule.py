@@ -14,18 +14,18 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
-import datamodules.librispeech_datamodule as lsdm
-from datamodules.librispeech_datamodule import (
+import datamodules.speech.librispeech_datamodule as lsdm
+from datamodules.speech.librispeech_datamodule import (
     DurationBucketBatchSampler,
     LibriSpeechDataModule,
     load_audio,
     parse_speakers,
 )
-from datamodules.synthetic_tones import generate_tone_librispeech, render_sentence, tone_lexicon
+from datamodules.synthetic.tones import generate_tone_librispeech, render_sentence, tone_lexicon
 
 N_TRAIN, N_VAL = 24, 8
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "librispeech"
-LOGGER = "datamodules.librispeech_datamodule"
+LOGGER = "datamodules.speech.librispeech_datamodule"
 
 
 @pytest.fixture(scope="module")

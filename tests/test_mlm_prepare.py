@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from datamodules import mlm_prepare
-from datamodules.mlm_datamodule import MLMDataModule, MLMInstanceDataset
-from datamodules.mlm_prepare import InstanceShards, PrepareSettings, prepare_mlm_cache
+from datamodules.text.mlm_datamodule import MLMDataModule, MLMInstanceDataset
+from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, prepare_mlm_cache
 from datamodules.tokenizer import TextTokenizer
 
 COMMON_WORDS = (

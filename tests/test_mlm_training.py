@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cli import main
-from datamodules.mlm_datamodule import MLMDataModule
+from datamodules.text.mlm_datamodule import MLMDataModule
 from lightning_modules.mlm_module import MLMPretrainingModule
 from tests.helpers import quiet_trainer
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.librispeech_datamodule import DurationBucketBatchSampler
 from datamodules.loading import ResumableBatchDataLoader, ResumableDataLoader, ResumableSampler
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler
+from datamodules.synthetic.tones import generate_tone_librispeech
 from tests.resume_helpers import read_records
 
 REPO = Path(__file__).resolve().parents[1]

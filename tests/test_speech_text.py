@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.librispeech_datamodule import LibriSpeechDataModule
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
+from datamodules.synthetic.tones import generate_tone_librispeech
 from lightning_modules.components.encoder import EncoderConfig
 from lightning_modules.components.speech_tower import (
     ConvSubsampling,

@@ -10,10 +10,10 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
-from datamodules.librispeech_datamodule import read_transcripts
-from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
+from datamodules.speech.librispeech_datamodule import read_transcripts
+from datamodules.synthetic.shapes import generate_shapes_coco
+from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import TriModalDataModule, caption_words, generate_spoken_captions
 from lightning_modules.trimodal_module import TriModalModule
 from tests.helpers import quiet_trainer

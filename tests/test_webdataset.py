@@ -15,14 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from cli import main as cli_main
-from datamodules.coco_datamodule import (
+from datamodules.image.coco_datamodule import (
     CocoCaptionsDataModule,
     CocoCaptionsDataset,
     eval_transform,
     load_coco_captions,
 )
-from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.webdataset_shards import (
+from datamodules.image.webdataset_shards import (
     ShardLoader,
     ShardStream,
     coco_to_shards,
@@ -31,6 +30,7 @@ from datamodules.webdataset_shards import (
     main,
     shard_sizes,
 )
+from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.image_text_module import ImageTextModule
 from tests.helpers import quiet_trainer
 from tests.test_coco_datamodule import (
@@ -45,7 +45,7 @@ from tests.test_coco_datamodule import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real" / "coco"
-LOGGER = "datamodules.webdataset_shards"
+LOGGER = "datamodules.image.webdataset_shards"
 N_TRAIN = 24
 
 

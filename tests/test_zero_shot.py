@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from cli import main
-from datamodules.imagefolder_datamodule import ImageFolderDataModule
-from datamodules.librispeech_datamodule import LibriSpeechDataModule
-from datamodules.synthetic_shapes_folder import generate_shapes_imagefolder
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.image.imagefolder_datamodule import ImageFolderDataModule
+from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
+from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
+from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.linear_probe import (
     extract_embeddings,

@@ -179,7 +179,7 @@ def generate_tone_librispeech(
     with written_whole(target) as tmp:
         lexicon = tone_lexicon()
         speaker_lines = [
-            "; Synthetic tone corpus written by datamodules/synthetic_tones.py\n",
+            "; Synthetic tone corpus written by datamodules/synthetic/tones.py\n",
             ";ID  |SEX| SUBSET           |MINUTES| NAME\n",
         ]
         counts = (n_train_utts, n_val_utts)

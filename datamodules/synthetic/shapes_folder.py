@@ -1,7 +1,7 @@
 """A classification set of coloured shapes in ImageFolder layout, drawn like the shapes quickstart's images.
 
 One shape per image; its class is colour and shape ("red circle"), its size and place vary as in the captioned
-set (`datamodules/synthetic_shapes.py`, whose drawing code this reuses), so an image-text model trained on the
+set (`datamodules/synthetic/shapes.py`, whose drawing code this reuses), so an image-text model trained on the
 quickstart can be tested zero-shot on it:
 
     root/<split>/<colour>_<shape>/<n>.jpg        split in train, val, test
@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.synthetic_shapes import COLOURS, POSITIONS, SHAPES, _random_object, _render
+from datamodules.synthetic.shapes import COLOURS, POSITIONS, SHAPES, _random_object, _render
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.coco_datamodule import (
+from datamodules.image.coco_datamodule import (
     CaptionedImage,
     caption_item,
     clean_caption,
@@ -632,7 +632,7 @@ class ShardLoader(DataLoader):
 # command line -------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
-        prog="python -m datamodules.webdataset_shards",
+        prog="python -m datamodules.image.webdataset_shards",
         description="Convert a COCO captions split to WebDataset tar shards ({prefix}-000000.tar, ...).",
     )
     parser.add_argument("--root", required=True, help="COCO folder: annotations/ and one folder per split")

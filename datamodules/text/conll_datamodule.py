@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.glue_datamodule import NO_TOKENIZER, FineTuneDataModule
+from datamodules.text.glue_datamodule import NO_TOKENIZER, FineTuneDataModule
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)

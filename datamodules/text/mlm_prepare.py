@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from datamodules.corpora import (
+from datamodules.text.corpora import (
     Document,
     ReadStats,
     iter_bookcorpus,
@@ -39,7 +39,7 @@ from datamodules.corpora import (
     resolve_paths,
     split_sentences,
 )
-from datamodules.corpora import to_plain_text as _to_plain_text
+from datamodules.text.corpora import to_plain_text as _to_plain_text
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ together with its captions and counts it in `skipped`. Missing files are found a
 
 Training reads either the folder layout above, through a seeded sampler whose position is saved in checkpoints
 (a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`train_shards`, see
-datamodules/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
+datamodules/image/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
 layout: retrieval ranks every caption against every image of the split.
 """
 
@@ -49,7 +49,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from datamodules.loading import ResumableDataLoader, ResumableSampler
-from datamodules.synthetic_shapes import generate_shapes_coco
+from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -353,7 +353,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
             (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by
-            `python -m datamodules.webdataset_shards`. They are streamed, split by rank and DataLoader worker;
+            `python -m datamodules.image.webdataset_shards`. They are streamed, split by rank and DataLoader worker;
             validation and test still read the folder layout. Without `tokenizer`, the vocabulary is trained
             on the training split's annotations when they exist, else on the captions stored in the shards.
         shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
@@ -485,7 +485,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         # Annotations first, so shards and folder train the same vocabulary; shards alone when there are none.
         annotated = self.karpathy_json or self._annotation_file(self.train_split).is_file()
         if self.train_shards and not annotated:
-            from datamodules.webdataset_shards import expand_shards, shard_captions
+            from datamodules.image.webdataset_shards import expand_shards, shard_captions
 
             log.info(
                 "no training annotations under %s: training the vocabulary on the shards' captions", self.root
@@ -529,7 +529,7 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
         # Imported here: webdataset_shards builds on this module.
-        from datamodules.webdataset_shards import ShardStream, expand_shards
+        from datamodules.image.webdataset_shards import ShardStream, expand_shards
 
         rank, world = self._topology()
         return ShardStream(
@@ -568,7 +568,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         if not train:
             return DataLoader(dataset, **kwargs)
         if isinstance(dataset, IterableDataset):
-            from datamodules.webdataset_shards import ShardLoader
+            from datamodules.image.webdataset_shards import ShardLoader
 
             return ShardLoader(dataset, epoch_fn=self._current_epoch, **kwargs)
         rank, world = self._topology()

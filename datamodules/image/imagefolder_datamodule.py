@@ -25,8 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from datamodules.coco_datamodule import CLIP_MEAN, CLIP_STD, eval_transform, read_rgb
-from datamodules.synthetic_shapes_folder import generate_shapes_imagefolder
+from datamodules.image.coco_datamodule import CLIP_MEAN, CLIP_STD, eval_transform, read_rgb
+from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
 log = logging.getLogger(__name__)
 

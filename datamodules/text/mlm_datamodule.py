@@ -12,11 +12,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
 from datamodules.loading import ResumableDataLoader, seeded_loader
 from datamodules.masking import MLMCollator
-from datamodules.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
-from datamodules.sample_corpus import generate_sample_corpus
+from datamodules.synthetic.sample_corpus import generate_sample_corpus
+from datamodules.text.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
+from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

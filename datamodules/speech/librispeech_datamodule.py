@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from datamodules.loading import ResumableBatchDataLoader, take_skip
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Images: COCO captions and WebDataset shards readers, the COCO and ImageFolder DataModules."""

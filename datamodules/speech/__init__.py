@@ -1,0 +1,1 @@
+"""Speech: the LibriSpeech reader and DataModule."""
