@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+# the label of positions that take no loss (cross_entropy's default); every module imports it from here
 IGNORE_INDEX = -100
 
 

@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
-from datamodules.text.conll_datamodule import CONLL2003_LABELS, IGNORE_INDEX
+from datamodules.masking import IGNORE_INDEX
+from datamodules.text.conll_datamodule import CONLL2003_LABELS
 from lightning_modules.components.bert import BertConfig, BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
 from lightning_modules.components.encoder import SizeName

@@ -11,13 +11,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.masking import IGNORE_INDEX
 from lightning_modules.components.bert import BertConfig, BertForPreTraining
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
-
-IGNORE_INDEX = -100
 
 
 class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):

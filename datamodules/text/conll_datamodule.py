@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from datamodules.masking import IGNORE_INDEX
 from datamodules.text.glue_datamodule import NO_TOKENIZER, FineTuneDataModule
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 CONLL2003_LABELS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 # names of the splits as distributed: the original (eng.*) and the common text versions
 SPLIT_FILES = {

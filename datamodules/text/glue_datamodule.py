@@ -25,7 +25,6 @@ from datamodules.tokenizer import TextTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 NO_TOKENIZER = (
     "no tokenizer: pass --model.init_ckpt (the checkpoint's tokenizer is used) or --data.tokenizer "
     "(vocab.txt, tokenizer.json, a Hugging Face BERT folder or a .ckpt)"
