@@ -76,6 +76,16 @@ class PretrainCLI(LightningCLI):
             }
         check_precision(str(trainer.precision), str(trainer.accelerator))
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps an error of a link's compute_fn (the DataModule reading its data to know the
+            # vocabulary) in one that dumps the whole DataModule; the original names the file and the problem
+            if str(err).startswith("Call to compute_fn") and isinstance(err.__cause__, Exception):
+                raise err.__cause__ from None
+            raise
+
     def instantiate_trainer(self, **kwargs):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = trainer.get("callbacks") or []
