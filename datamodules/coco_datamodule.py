@@ -384,8 +384,9 @@ class CocoCaptionsDataModule(LightningDataModule):
         batch_size: training images per batch and device.
         eval_batch_size: images per evaluation batch; None means batch_size.
         num_workers: DataLoader worker processes per device.
-        tokenizer: a vocab.txt / tokenizer.json (or a folder with one); None trains a WordPiece vocabulary on the
-            training captions once and caches it under cache_dir.
+        tokenizer: a vocab.txt / tokenizer.json (or a folder with one) or a checkpoint (.ckpt) of this framework;
+            None trains a WordPiece vocabulary on the training captions once and caches it under cache_dir. The
+            CLI's validate and test set it to --ckpt_path, so only that stage's split needs to be on the machine.
         tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given); the
             `vocab_size` property gives the size actually trained.
         lowercase: lowercase text before tokenizing.
@@ -516,7 +517,13 @@ class CocoCaptionsDataModule(LightningDataModule):
             texts = None
             key = ""
             if not self.tokenizer_path:
-                texts = self._training_captions()
+                try:
+                    texts = self._training_captions()
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(
+                        f"{err}. The vocabulary is trained on the training captions: to evaluate without them, "
+                        "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+                    ) from None
                 # The corpus itself is the cache key: other captions or splits train a new vocabulary.
                 key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
             self._tokenizer = build_tokenizer(
