@@ -1,9 +1,9 @@
 """`validate` / `test` / `predict` with a checkpoint on a machine that holds only that stage's data.
 
-For each task a tiny model is fitted one step on a full data root (the training machine), then evaluated through
-the CLI on a second root that holds only the evaluation split (the evaluation machine) with a fresh cache, so any
-read of training data, or any vocabulary trained anew, would fail. The DataModule must load the tokenizer the
-checkpoint carries.
+For each task `fit` sets up a tiny model on a full data root (the training machine) and saves it after zero steps
+(the tokenizer is in the checkpoint all the same); then the CLI evaluates it on a second root that holds only the
+evaluation split (the evaluation machine), with a fresh cache, so any read of training data, or any vocabulary
+trained anew, would fail. The DataModule must load the tokenizer the checkpoint carries.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from datamodules.tokenizer import TextTokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-ONE_STEP = ["--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1"]
+NO_STEPS = ["--trainer.max_steps=0", "--trainer.limit_val_batches=0"]
 WORDS = [
     "the",
     "a",
@@ -51,8 +51,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def fit_one_step(config: str, tmp_path: Path, *args: str) -> Path:
-    """Fit one step through the CLI and save a checkpoint (it carries the DataModule's tokenizer)."""
+def fit_checkpoint(config: str, tmp_path: Path, *args: str) -> Path:
+    """Run `fit` for zero steps through the CLI and save a checkpoint: it carries the DataModule's tokenizer."""
     run = tmp_path / "train_run"
     cli = main(
         [
@@ -61,11 +61,11 @@ def fit_one_step(config: str, tmp_path: Path, *args: str) -> Path:
             str(CONFIGS / config),
             f"--trainer.default_root_dir={run}",
             *QUIET,
-            *ONE_STEP,
+            *NO_STEPS,
             *args,
         ]
     )
-    assert cli.trainer.global_step == 1
+    assert cli.trainer.global_step == 0
     ckpt = tmp_path / "model.ckpt"
     cli.trainer.save_checkpoint(ckpt)
     return ckpt
@@ -103,7 +103,7 @@ def test_coco_test_reads_only_the_test_split(tmp_path: Path) -> None:
     generate_shapes_coco(tmp_path / "train_root", n_train=8, n_val=4, image_size=32)
     small = ["--data.image_size=32", "--model.image_size=32", "--data.num_workers=0", "--data.batch_size=4"]
     small += ["--data.eval_batch_size=4", "--data.generate_if_missing=false"]
-    ckpt = fit_one_step(
+    ckpt = fit_checkpoint(
         "clip/quickstart.yaml",
         tmp_path,
         f"--data.root={tmp_path / 'train_root'}",
@@ -137,7 +137,7 @@ def test_librispeech_test_reads_only_the_test_subsets(tmp_path: Path) -> None:
     """The command of the issue: `test --data.root DIR --data.test_subsets '[test-clean]' --ckpt_path C`."""
     generate_tone_librispeech(tmp_path / "train_root", n_train_utts=8, n_val_utts=4)
     common = ["--data.num_workers=0", "--trainer.use_distributed_sampler=false"]
-    ckpt = fit_one_step(
+    ckpt = fit_checkpoint(
         "speech/quickstart.yaml",
         tmp_path,
         f"--data.root={tmp_path / 'train_root'}",
@@ -183,7 +183,7 @@ def write_books(path: Path, n_docs: int, seed: int = 0) -> None:
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
 
 
-def test_mlm_test_reads_only_the_prepared_test_split(tmp_path: Path) -> None:
+def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) -> None:
     books = tmp_path / "corpus" / "books_large_p1.txt"
     write_books(books, n_docs=40)
     small = [
@@ -192,7 +192,7 @@ def test_mlm_test_reads_only_the_prepared_test_split(tmp_path: Path) -> None:
         "--data.batch_size=4",
         "--model.max_position_embeddings=64",
     ]
-    ckpt = fit_one_step(
+    ckpt = fit_checkpoint(
         "mlm/quickstart.yaml",
         tmp_path,
         f"--data.bookcorpus=[{books}]",
@@ -224,6 +224,20 @@ def test_mlm_test_reads_only_the_prepared_test_split(tmp_path: Path) -> None:
     assert set(cli.datamodule.datasets) == {"test"}
     assert len(cli.datamodule.datasets["test"]) > 0
     assert float(cli.trainer.callback_metrics["test/loss"]) > 0
+    # validate needs the validation instances alone
+    shutil.rmtree(eval_prepared / "test")
+    shutil.copytree(prepared / "val", eval_prepared / "val")
+    cli = evaluate(
+        "validate",
+        "mlm/quickstart.yaml",
+        ckpt,
+        tmp_path,
+        f"--data.prepared={eval_prepared}",
+        f"--data.cache_dir={tmp_path / 'eval_cache'}",
+        *small,
+    )
+    assert set(cli.datamodule.datasets) == {"val"} and len(cli.datamodule.datasets["val"]) > 0
+    assert float(cli.trainer.callback_metrics["val/loss"]) > 0
     assert not (tmp_path / "eval_cache").exists()  # no vocabulary trained, no corpus prepared
 
 
@@ -284,7 +298,7 @@ def test_glue_test_and_predict_read_only_their_file(tmp_path: Path) -> None:
         f"--data.tokenizer={tokenizer}",
         "--trainer.accelerator=cpu",
     ]
-    ckpt = fit_one_step("finetune/sst2.yaml", tmp_path, *args, *FRESH_TINY)
+    ckpt = fit_checkpoint("finetune/sst2.yaml", tmp_path, *args, *FRESH_TINY)
     shutil.rmtree(tmp_path / "tokenizer")  # the checkpoint carries it
     # test scores dev.tsv (GLUE's test labels are not public): a root with only that file
     write_glue(tmp_path / "dev_root", {"dev.tsv": 12}, seed=1)
@@ -318,7 +332,7 @@ def write_conll(path: Path, n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def test_conll_test_reads_only_the_test_file(tmp_path: Path) -> None:
+def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
     texts = write_conll(tmp_path / "train_root/train.txt", 16)
     texts += write_conll(tmp_path / "train_root/valid.txt", 8, seed=1)
     tokenizer = save_tokenizer(texts, tmp_path / "tokenizer")
@@ -327,7 +341,7 @@ def test_conll_test_reads_only_the_test_file(tmp_path: Path) -> None:
         f"--data.tokenizer={tokenizer}",
         "--trainer.accelerator=cpu",
     ]
-    ckpt = fit_one_step("finetune/conll2003.yaml", tmp_path, *args, *FRESH_TINY)
+    ckpt = fit_checkpoint("finetune/conll2003.yaml", tmp_path, *args, *FRESH_TINY)
     write_conll(tmp_path / "test_root/test.txt", 6, seed=2)
     cli = evaluate(
         "test",
@@ -341,3 +355,17 @@ def test_conll_test_reads_only_the_test_file(tmp_path: Path) -> None:
     assert_checkpoint_tokenizer(cli, ckpt)
     assert set(cli.datamodule.datasets) == {"test"} and len(cli.datamodule.datasets["test"]) == 6
     assert 0.0 <= float(cli.trainer.callback_metrics["test/f1"]) <= 1.0
+    # validate reads the validation file alone
+    write_conll(tmp_path / "val_root/valid.txt", 5, seed=3)
+    cli = evaluate(
+        "validate",
+        "finetune/conll2003.yaml",
+        ckpt,
+        tmp_path,
+        f"--data.root={tmp_path / 'val_root'}",
+        "--trainer.accelerator=cpu",
+        *FRESH_TINY,
+    )
+    assert_checkpoint_tokenizer(cli, ckpt)
+    assert set(cli.datamodule.datasets) == {"val"} and len(cli.datamodule.datasets["val"]) == 5
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/f1"]) <= 1.0
