@@ -91,8 +91,8 @@ class PretrainCLI(LightningCLI):
 
         try:
             saved = TextTokenizer.from_checkpoint(ckpt)
-        except Exception as err:  # a checkpoint that cannot be read is for Lightning to report
-            logging.getLogger(__name__).info("%s: no tokenizer taken from it (%s)", ckpt, err)
+        except Exception as err:  # whether the checkpoint loads at all is for Lightning to report
+            rank_zero_warn(f"no tokenizer read from {ckpt} ({err}): the DataModule loads or trains its own")
             return
         given = init_args.get("tokenizer")
         if given and str(given) != str(ckpt):

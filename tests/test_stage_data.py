@@ -369,3 +369,33 @@ def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
     assert_checkpoint_tokenizer(cli, ckpt)
     assert set(cli.datamodule.datasets) == {"val"} and len(cli.datamodule.datasets["val"]) == 5
     assert 0.0 <= float(cli.trainer.callback_metrics["val/f1"]) <= 1.0
+
+
+def test_cli_hands_the_checkpoint_tokenizer_only_when_there_is_one(tmp_path: Path) -> None:
+    from jsonargparse import Namespace
+
+    from cli import PretrainCLI
+
+    def config(ckpt: Path, **init_args) -> Namespace:
+        return Namespace(
+            ckpt_path=str(ckpt), data=Namespace(class_path="dm", init_args=Namespace(**init_args))
+        )
+
+    with_tokenizer, without = tmp_path / "new.ckpt", tmp_path / "old.ckpt"
+    tok = TextTokenizer.train(sentences(random.Random(0), 30), vocab_size=60, min_frequency=1)
+    torch.save({"state_dict": {}, "tokenizer_json": tok.tokenizer.to_str()}, with_tokenizer)
+    torch.save({"state_dict": {}}, without)
+
+    cfg = config(with_tokenizer, tokenizer="vocab.txt")
+    PretrainCLI._tokenizer_from_checkpoint(cfg)
+    assert cfg.data.init_args.tokenizer == str(with_tokenizer)
+    cfg = config(without, tokenizer="vocab.txt")
+    with pytest.warns(UserWarning, match=rf"no tokenizer read from {without} \(.*holds no tokenizer"):
+        PretrainCLI._tokenizer_from_checkpoint(cfg)
+    assert cfg.data.init_args.tokenizer == "vocab.txt"  # the configured one stays
+    cfg = config(with_tokenizer, root="images")  # a DataModule without a tokenizer argument
+    PretrainCLI._tokenizer_from_checkpoint(cfg)
+    assert "tokenizer" not in cfg.data.init_args
+    cfg = config(tmp_path / "best", tokenizer=None)  # not a file: nothing to read
+    PretrainCLI._tokenizer_from_checkpoint(cfg)
+    assert cfg.data.init_args.tokenizer is None
