@@ -436,6 +436,15 @@ GOOD_CAPTIONS = {
         ),
         (json.dumps({**GOOD_CAPTIONS, "images": [{"id": 1}]}), "images[0] lacks the key 'file_name'"),
     ],
+    ids=[
+        "truncated",
+        "bad-syntax",
+        "no-images",
+        "annotations-not-a-list",
+        "not-an-object",
+        "no-image_id",
+        "no-file_name",
+    ],
 )
 def test_cli_names_the_captions_file_and_what_is_wrong(
     tmp_path: Path, capsys: pytest.CaptureFixture, text: str, expected: str
