@@ -75,6 +75,44 @@ class PretrainCLI(LightningCLI):
                 "init_args": {"save_dir": trainer.default_root_dir or ".", "name": "csv"},
             }
         check_precision(str(trainer.precision), str(trainer.accelerator))
+        if self.subcommand in ("validate", "test", "predict"):
+            self._tokenizer_from_checkpoint(cfg)
+
+    @staticmethod
+    def _tokenizer_from_checkpoint(cfg) -> None:
+        """Evaluating a checkpoint, the DataModule loads the tokenizer the checkpoint carries: the one the model was
+        trained with, and the only way to know the vocabulary without the training data, which the machine may not
+        hold (a trained vocabulary would otherwise be rebuilt from the training captions, transcripts or corpora)."""
+        ckpt = Path(str(cfg.get("ckpt_path") or ""))
+        init_args = (cfg.get("data") or {}).get("init_args") or {}
+        if not ckpt.is_file() or "tokenizer" not in init_args:
+            return  # no checkpoint file ("best", "last" or none), or a DataModule without a tokenizer argument
+        from datamodules.tokenizer import TextTokenizer
+
+        try:
+            saved = TextTokenizer.from_checkpoint(ckpt)
+        except Exception as err:  # whether the checkpoint loads at all is for Lightning to report
+            rank_zero_warn(f"no tokenizer read from {ckpt} ({err}): the DataModule loads or trains its own")
+            return
+        given = init_args.get("tokenizer")
+        if given and str(given) != str(ckpt):
+            logging.getLogger(__name__).info(
+                "%s: using the checkpoint's tokenizer (%d tokens) instead of data.tokenizer %s",
+                ckpt,
+                saved.vocab_size,
+                given,
+            )
+        init_args["tokenizer"] = str(ckpt)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # jsonargparse wraps an error of a link's compute_fn (the DataModule reading its data to know the
+            # vocabulary) in one that dumps the whole DataModule; the original names the file and the problem
+            if str(err).startswith("Call to compute_fn") and isinstance(err.__cause__, Exception):
+                raise err.__cause__ from None
+            raise
 
     def instantiate_trainer(self, **kwargs):
         trainer = self._get(self.config_init, "trainer", default={})

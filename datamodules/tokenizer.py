@@ -109,13 +109,16 @@ class TextTokenizer:
     # construction -------------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike, lowercase: bool = True) -> TextTokenizer:
-        """Load a `vocab.txt`, a `tokenizer.json`, or a folder holding one of them."""
+        """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, or a checkpoint (`.ckpt`) of this
+        framework, whose saved tokenizer is used."""
         path = Path(path)
         if path.is_dir():
             for name in ("tokenizer.json", "vocab.txt"):
                 if (path / name).is_file():
                     return cls.from_file(path / name, lowercase)
             raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt")
+        if path.suffix == ".ckpt":
+            return cls.from_checkpoint(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         if path.suffix == ".json":
@@ -125,6 +128,20 @@ class TextTokenizer:
                 raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
             return cls(tok, str(path))
         return cls(wordpiece_from_vocab(path, lowercase), str(path))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike) -> TextTokenizer:
+        """The tokenizer a checkpoint of this framework carries (`tokenizer_json`), read with weights_only=True."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        # mmap: the weights are not read, only the few kilobytes of the tokenizer
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "tokenizer_json" not in ckpt:
+            raise TokenizerError(
+                f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer"
+            )
+        return cls(Tokenizer.from_str(ckpt["tokenizer_json"]), str(path))
 
     @classmethod
     def train(

@@ -400,3 +400,80 @@ def test_real_coco_sample_one_eval_epoch(tmp_path: Path) -> None:
     train = next(iter(dm.train_dataloader()))
     assert train["images"].shape == (8, 3, 224, 224) and train["input_ids"].shape[0] == 8
     assert all(owner[c] == i for c, i in zip(train["caption_ids"].tolist(), train["image_ids"].tolist()))
+
+
+# -- unreadable captions files, as the command line reports them ----------------------------------------------
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "clip" / "quickstart.yaml"
+GOOD_CAPTIONS = {
+    "images": [{"id": 1, "file_name": "1.jpg"}],
+    "annotations": [{"id": 10, "image_id": 1, "caption": "a red square"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # cut mid-caption, as an interrupted download leaves it
+        (
+            json.dumps(GOOD_CAPTIONS)[:-10],
+            "is not valid JSON: Unterminated string starting at: line 1 column 100 (char 99) (it does not end "
+            "with '}': an interrupted download or copy?)",
+        ),
+        (
+            '{"images": [], "annotations": [],}',
+            "is not valid JSON: Expecting property name enclosed in double",
+        ),
+        (
+            json.dumps({"annotations": []}),
+            "has no 'images' list: a captions file holds 'images' and 'annotations'",
+        ),
+        (json.dumps({"images": [], "annotations": {}}), "has a non-list 'annotations' list"),
+        (json.dumps([GOOD_CAPTIONS]), "the top level is a JSON list, not an object"),
+        (
+            json.dumps({**GOOD_CAPTIONS, "annotations": [*GOOD_CAPTIONS["annotations"], {"id": 11}]}),
+            "annotations[1] lacks the key 'image_id'",
+        ),
+        (json.dumps({**GOOD_CAPTIONS, "images": [{"id": 1}]}), "images[0] lacks the key 'file_name'"),
+    ],
+    ids=[
+        "truncated",
+        "bad-syntax",
+        "no-images",
+        "annotations-not-a-list",
+        "not-an-object",
+        "no-image_id",
+        "no-file_name",
+    ],
+)
+def test_cli_names_the_captions_file_and_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture, text: str, expected: str
+) -> None:
+    from cli import main
+
+    captions = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    captions.parent.mkdir(parents=True)
+    captions.write_text(text)
+    args = ["fit", "--config", str(QUICKSTART), f"--data.root={tmp_path / 'coco'}"]
+    args += ["--data.generate_if_missing=false", f"--data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], friendly_errors=True)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: {captions}")
+    assert expected in errors[0]
+    assert captions.read_text() == text  # read, never rewritten
+
+
+def test_karpathy_file_errors_name_the_file_and_the_image(tmp_path: Path) -> None:
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"dataset": "coco"}))
+    with pytest.raises(coco.CaptionsFileError, match=r"dataset_coco\.json has no 'images' list"):
+        coco.load_karpathy_splits(karpathy, tmp_path)
+    image = {"filepath": "val2014", "filename": "a.jpg", "cocoid": 1, "split": "val"}
+    karpathy.write_text(json.dumps({"images": [{**image, "sentences": []}, image]}))
+    with pytest.raises(
+        coco.CaptionsFileError, match=r"dataset_coco\.json: images\[1\] lacks the key 'sentences'"
+    ):
+        coco.load_karpathy_splits(karpathy, tmp_path)

@@ -95,6 +95,38 @@ def _captioned_images(
     return out
 
 
+class CaptionsFileError(ValueError):
+    """A captions file that cannot be read as COCO or Karpathy JSON, with the file and the place named."""
+
+
+def _read_json(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    # json's own messages name neither the file nor, for a missing key, what the key is for
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        # a JSON object that does not end with "}" is what an interrupted download or copy leaves
+        truncated = not err.doc.rstrip().endswith("}")
+        hint = " (it does not end with '}': an interrupted download or copy?)" if truncated else ""
+        raise CaptionsFileError(f"{path} is not valid JSON: {err}{hint}") from None
+    except UnicodeDecodeError as err:
+        raise CaptionsFileError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
+    if not isinstance(data, dict):
+        raise CaptionsFileError(f"{path}: the top level is a JSON {type(data).__name__}, not an object")
+    for key in required:
+        if not isinstance(data.get(key), list):
+            problem = "has no" if key not in data else "has a non-list"
+            raise CaptionsFileError(
+                f"{path} {problem} {key!r} list: a captions file holds {' and '.join(map(repr, required))}"
+            )
+    return data
+
+
+def _entry_error(path: Path, where: str, err: Exception) -> CaptionsFileError:
+    reason = f"lacks the key {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
+    return CaptionsFileError(f"{path}: {where} {reason}")
+
+
 def load_coco_captions(
     annotation_file: str | os.PathLike, image_dir: str | os.PathLike
 ) -> list[CaptionedImage]:
@@ -106,15 +138,22 @@ def load_coco_captions(
             f"<root>/annotations/captions_<split>.json with images in <root>/<split>/ "
             "(or set generate_if_missing=true for the synthetic quickstart set)"
         )
-    with annotation_file.open(encoding="utf-8") as f:
-        data = json.load(f)
-    file_names = {int(im["id"]): im["file_name"] for im in data["images"]}
+    data = _read_json(annotation_file, ("images", "annotations"))
+    file_names: dict[int, str] = {}
+    for k, im in enumerate(data["images"]):
+        try:
+            file_names[int(im["id"])] = im["file_name"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise _entry_error(annotation_file, f"images[{k}]", err) from None
     captions: dict[int, list[tuple[int, str | None]]] = {image_id: [] for image_id in file_names}
     unknown: list[int] = []
-    for ann in data["annotations"]:
-        image_id = int(ann["image_id"])
+    for k, ann in enumerate(data["annotations"]):
+        try:
+            image_id, caption = int(ann["image_id"]), (int(ann["id"]), ann.get("caption"))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise _entry_error(annotation_file, f"annotations[{k}]", err) from None
         if image_id in captions:
-            captions[image_id].append((int(ann["id"]), ann.get("caption")))
+            captions[image_id].append(caption)
         else:
             unknown.append(image_id)
     if unknown:
@@ -139,16 +178,20 @@ def load_karpathy_splits(
             f"Karpathy split file {karpathy_json} not found: expected dataset_coco.json with images "
             f"under {root}/<filepath>/<filename>"
         )
-    with karpathy_json.open(encoding="utf-8") as f:
-        data = json.load(f)
+    data = _read_json(karpathy_json, ("images",))
     entries: dict[str, list[tuple[int, Path, list[tuple[int, str]]]]] = defaultdict(list)
-    for im in data["images"]:
-        split = KARPATHY_SPLITS.get(im.get("split", ""))
-        if split is None:
-            continue
-        pairs = [(int(s["sentid"]), s.get("raw") or " ".join(s.get("tokens", []))) for s in im["sentences"]]
-        image_id = int(im.get("cocoid", im.get("imgid")))
-        entries[split].append((image_id, root / im.get("filepath", "") / im["filename"], pairs))
+    for k, im in enumerate(data["images"]):
+        try:
+            split = KARPATHY_SPLITS.get(im.get("split", ""))
+            if split is None:
+                continue
+            pairs = [
+                (int(s["sentid"]), s.get("raw") or " ".join(s.get("tokens", []))) for s in im["sentences"]
+            ]
+            image_id = int(im.get("cocoid", im.get("imgid")))
+            entries[split].append((image_id, root / im.get("filepath", "") / im["filename"], pairs))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise _entry_error(karpathy_json, f"images[{k}]", err) from None
     return {split: _captioned_images(entries[split], karpathy_json) for split in ("train", "val", "test")}
 
 
@@ -341,8 +384,9 @@ class CocoCaptionsDataModule(LightningDataModule):
         batch_size: training images per batch and device.
         eval_batch_size: images per evaluation batch; None means batch_size.
         num_workers: DataLoader worker processes per device.
-        tokenizer: a vocab.txt / tokenizer.json (or a folder with one); None trains a WordPiece vocabulary on the
-            training captions once and caches it under cache_dir.
+        tokenizer: a vocab.txt / tokenizer.json (or a folder with one) or a checkpoint (.ckpt) of this framework;
+            None trains a WordPiece vocabulary on the training captions once and caches it under cache_dir. The
+            CLI's validate and test set it to --ckpt_path, so only that stage's split needs to be on the machine.
         tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given); the
             `vocab_size` property gives the size actually trained.
         lowercase: lowercase text before tokenizing.
@@ -473,7 +517,13 @@ class CocoCaptionsDataModule(LightningDataModule):
             texts = None
             key = ""
             if not self.tokenizer_path:
-                texts = self._training_captions()
+                try:
+                    texts = self._training_captions()
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(
+                        f"{err}. The vocabulary is trained on the training captions: to evaluate without them, "
+                        "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+                    ) from None
                 # The corpus itself is the cache key: other captions or splits train a new vocabulary.
                 key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
             self._tokenizer = build_tokenizer(

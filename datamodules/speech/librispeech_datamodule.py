@@ -39,6 +39,10 @@ from datamodules.tokenizer import TextTokenizer, build_tokenizer
 log = logging.getLogger(__name__)
 
 _INDEX_VERSION = 1
+NO_TRAINING_DATA = (
+    "The vocabulary is trained on the training transcripts: to evaluate without them, pass --ckpt_path "
+    "(validate, test and predict use the checkpoint's tokenizer) or --data.tokenizer"
+)
 # FLAC leaves total_samples at 0 when the encoder did not know it; libsndfile then reports SF_COUNT_MAX.
 _UNKNOWN_FRAMES = 1 << 62
 
@@ -451,8 +455,9 @@ class LibriSpeechDataModule(LightningDataModule):
             max_batch_seconds: padded audio seconds per batch (batch size x longest utterance).
             num_buckets: duration buckets; more buckets mean less padding but less mixing.
             num_workers: DataLoader worker processes.
-            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder); None trains WordPiece on the
-                training transcripts once and caches it.
+            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder) or a checkpoint (.ckpt) of this framework;
+                None trains WordPiece on the training transcripts once and caches it. The CLI's validate, test
+                and predict set it to --ckpt_path, so only that stage's subsets need to be on the machine.
             tokenizer_vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file);
                 the `vocab_size` property gives the size actually trained.
             lowercase: lowercase transcripts (LibriSpeech is UPPER CASE) before tokenizing.
@@ -523,8 +528,12 @@ class LibriSpeechDataModule(LightningDataModule):
             texts = None
             key = ""
             if not self.hparams.tokenizer:
+                try:
+                    train_dirs = self.subset_dirs("train")
+                except FileNotFoundError as err:
+                    raise FileNotFoundError(f"{err}. {NO_TRAINING_DATA}") from None
                 texts = []
-                for subset in self.subset_dirs("train"):
+                for subset in train_dirs:
                     for trans in sorted(subset.glob("*/*/*.trans.txt")):
                         found, _ = read_transcripts(trans)
                         texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]

@@ -17,11 +17,10 @@ from typing import Literal
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loading import ResumableDataLoader, seeded_loader
-from datamodules.tokenizer import TextTokenizer, TokenizerError
+from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -134,17 +133,7 @@ def load_tokenizer(path: str | os.PathLike | None, lowercase: bool = True) -> Te
     framework (`.ckpt`, read with weights_only=True) whose saved `tokenizer_json` is used."""
     if not path:
         raise ValueError(NO_TOKENIZER)
-    path = Path(path)
-    if path.suffix != ".ckpt":
-        return TextTokenizer.from_file(path, lowercase)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "tokenizer_json" not in ckpt:
-        raise TokenizerError(
-            f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer"
-        )
-    return TextTokenizer(Tokenizer.from_str(ckpt["tokenizer_json"]), str(path))
+    return TextTokenizer.from_file(path, lowercase)
 
 
 def encode_texts(

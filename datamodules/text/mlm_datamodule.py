@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class MLMDataModule(L.LightningDataModule):
         wikipedia: list[str] | None = None,
         bookcorpus: list[str] | None = None,
         sample_corpus: bool = False,
+        prepared: str | None = None,
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 30522,
         lowercase: bool = True,
@@ -88,7 +90,12 @@ class MLMDataModule(L.LightningDataModule):
             wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
             bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
             sample_corpus: use the bundled sample corpus (generated under cache_dir) when no corpus is given.
-            tokenizer: a BERT vocab.txt or tokenizer.json; None trains WordPiece on the corpus.
+            prepared: a folder of instances prepared earlier (`<cache_dir>/mlm-<key>`, holding index.json), read
+                instead of the corpora, which then need not exist; its own settings (max_seq_length, nsp, ...)
+                apply. To evaluate on a machine without the corpora, copy index.json and the val/ or test/
+                folder: a stage opens only its own split. Needs the tokenizer the instances were made with.
+            tokenizer: a BERT vocab.txt or tokenizer.json, or a checkpoint (.ckpt) of this framework; None trains
+                WordPiece on the corpus. The CLI's validate and test set it to --ckpt_path.
             tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
             lowercase: lowercase text (uncased BERT).
             tokenizer_train_docs: documents read to train the vocabulary.
@@ -112,7 +119,14 @@ class MLMDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.wikipedia = list(wikipedia or [])
         self.bookcorpus = list(bookcorpus or [])
-        if not self.wikipedia and not self.bookcorpus:
+        self.prepared = Path(prepared) if prepared else None
+        if self.prepared is not None:
+            if not (self.prepared / "index.json").is_file():
+                raise FileNotFoundError(
+                    f"prepared MLM folder {self.prepared} holds no index.json: expected a <cache_dir>/mlm-<key> "
+                    "folder written by an earlier run"
+                )
+        elif not self.wikipedia and not self.bookcorpus:
             if not sample_corpus:
                 raise ValueError(
                     "no corpus given: pass --data.wikipedia '[dump.xml.bz2, ...]' and/or --data.bookcorpus "
@@ -120,7 +134,8 @@ class MLMDataModule(L.LightningDataModule):
                 )
             sample = generate_sample_corpus(Path(cache_dir) / "sample_corpus")
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
-        resolve_paths([*self.wikipedia, *self.bookcorpus])  # fail now, naming a missing path
+        if self.prepared is None:
+            resolve_paths([*self.wikipedia, *self.bookcorpus])  # fail now, naming a missing path
         self.settings = PrepareSettings(
             max_seq_length=max_seq_length,
             nsp=nsp,
@@ -146,6 +161,13 @@ class MLMDataModule(L.LightningDataModule):
 
     @property
     def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None and self.prepared is not None:
+            if not self.hparams.tokenizer:
+                raise ValueError(
+                    f"data.prepared {self.prepared} needs the tokenizer its instances were made with: pass "
+                    "--ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+                )
+            self._tokenizer = TextTokenizer.from_file(self.hparams.tokenizer, self.hparams.lowercase)
         if self._tokenizer is None:
             inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
             key = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
@@ -168,7 +190,19 @@ class MLMDataModule(L.LightningDataModule):
         return self.tokenizer.pad_id
 
     # data -------------------------------------------------------------------------------------
+    def _check_prepared(self) -> Path:
+        index = json.loads((self.prepared / "index.json").read_text())
+        if index.get("tokenizer") != self.tokenizer.fingerprint():
+            # other ids for the same tokens: the model would be scored on text it cannot read
+            raise ValueError(
+                f"{self.prepared} was prepared with another tokenizer (fingerprint {index.get('tokenizer')}) than "
+                f"{self.tokenizer.source} ({self.tokenizer.fingerprint()})"
+            )
+        return self.prepared
+
     def prepare_data(self) -> None:
+        if self.prepared is not None:
+            return
         prepare_mlm_cache(
             self.wikipedia,
             self.bookcorpus,
@@ -179,7 +213,9 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.folder is None:
+        if self.folder is None and self.prepared is not None:
+            self.folder = self._check_prepared()
+        elif self.folder is None:
             # prepare_data ran on rank 0; this finds its output (same key) without redoing the work
             self.folder = prepare_mlm_cache(
                 self.wikipedia,
@@ -189,11 +225,13 @@ class MLMDataModule(L.LightningDataModule):
                 self.hparams.cache_dir,
                 self.hparams.num_proc,
             )
-        for split in ("train", "val", "test"):
-            if split not in self.datasets:
-                self.datasets[split] = MLMInstanceDataset(self.folder, split)
-        for split in ("val", "test"):
-            if len(self.datasets[split]) == 0:
+        # a stage opens only its own splits: an evaluation machine may hold no training shards
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        for split in splits.get(stage or "", ("train", "val", "test")):
+            if split in self.datasets:
+                continue
+            self.datasets[split] = MLMInstanceDataset(self.folder, split)
+            if split != "train" and len(self.datasets[split]) == 0:
                 log.warning("the %s split is empty; raise %s_fraction", split, split)
 
     def set_epoch(self, epoch: int) -> None:
