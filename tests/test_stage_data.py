@@ -17,8 +17,8 @@ import torch
 from tokenizers import Tokenizer
 
 from cli import main
-from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.synthetic.shapes import generate_shapes_coco
+from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -242,7 +242,7 @@ def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) ->
 
 
 def test_mlm_prepared_folder_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
-    from datamodules.mlm_datamodule import MLMDataModule
+    from datamodules.text.mlm_datamodule import MLMDataModule
 
     books = tmp_path / "books_large_p1.txt"
     write_books(books, n_docs=20)
