@@ -32,6 +32,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from datamodules.generated import default_cache_dir
 from datamodules.loading import ResumableBatchDataLoader, take_skip
 from datamodules.synthetic_tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
@@ -69,10 +70,6 @@ class Speaker:
     subset: str
     minutes: float
     name: str
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmpretrain"
 
 
 def normalise_transcript(text: str, lowercase: bool = True) -> str:
@@ -486,7 +483,9 @@ class LibriSpeechDataModule(LightningDataModule):
                 or any((candidate / s).is_dir() for subs in self.subsets.values() for s in subs)
             ):
                 return candidate
-        if self.hparams.generate_if_missing:
+        if (
+            self.hparams.generate_if_missing
+        ):  # refuses a root that holds other data (datamodules/generated.py)
             return generate_tone_librispeech(
                 self.root, sample_rate=self.hparams.sample_rate, seed=self.hparams.seed
             )
