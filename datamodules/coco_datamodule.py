@@ -351,7 +351,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
         cache_dir: where the trained vocabulary is cached; None means `$XDG_CACHE_HOME/mmpretrain`, never root.
         seed: seeds the per-epoch caption draw.
-        generate_if_missing: write the synthetic shapes set into root when it has no annotations (quickstart).
+        generate_if_missing: write the synthetic shapes set into root when a split it reads has no annotations
+            (quickstart); only into a root that is new, empty or a generated set, any other is refused.
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
             (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by

@@ -457,7 +457,8 @@ class LibriSpeechDataModule(LightningDataModule):
             cache_dir: where the trained tokenizer and the audio index are cached
                 (default `$XDG_CACHE_HOME/mmpretrain`).
             seed: seed of the per-epoch batch shuffle.
-            generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree.
+            generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree; only
+                into a root that is new, empty or a generated set, any other is refused.
         """
         super().__init__()
         if max_duration > max_batch_seconds:

@@ -87,7 +87,8 @@ class MLMDataModule(L.LightningDataModule):
         Args:
             wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
             bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
-            sample_corpus: use the bundled sample corpus (generated under cache_dir) when no corpus is given.
+            sample_corpus: use the bundled sample corpus (generated into cache_dir/sample_corpus, which must be
+                new, empty or a generated sample) when no corpus is given.
             tokenizer: a BERT vocab.txt or tokenizer.json; None trains WordPiece on the corpus.
             tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
             lowercase: lowercase text (uncased BERT).

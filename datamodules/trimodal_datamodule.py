@@ -188,7 +188,8 @@ class TriModalDataModule(LightningDataModule):
             cache_dir: where the shared vocabulary is cached; also both DataModules' cache_dir unless they set one.
             train_mode: CombinedLoader mode of training: "min_size" or "max_size_cycle" (see the module doc).
             generate_if_missing: write the shapes set into image_text's root and its spoken captions into
-                speech_text's root when they are missing (the quickstart).
+                speech_text's root when they are missing (the quickstart); only into roots that are new, empty
+                or generated sets, any other is refused.
             spoken_captions_per_image: (train, val) captions of each image spoken in the generated speech set.
         """
         super().__init__()
