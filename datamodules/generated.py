@@ -31,7 +31,7 @@ def generated_by(folder: str | os.PathLike) -> dict[str, Any] | None:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # unreadable: not a marker we can vouch for
-    return marker if isinstance(marker, dict) and "generator" in marker else None
+    return marker if isinstance(marker, dict) and {"generator", "params"} <= marker.keys() else None
 
 
 def _write_marker(folder: Path, generator: str, params: dict[str, Any], complete: bool) -> None:

@@ -180,7 +180,7 @@ def generate_tone_librispeech(
     }
     if target.is_dir():
         marker = generated_by(root)
-        if marker is not None and marker["params"] != params:
+        if marker is not None and marker["generator"] == GENERATOR and marker["params"] != params:
             log.warning("%s already holds a synthetic set made with other settings; keeping it", target)
         return target
     claim_folder(root, GENERATOR, params, root_advice(setting))

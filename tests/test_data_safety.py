@@ -261,6 +261,19 @@ def test_every_generator_refuses_a_folder_of_other_data_and_reuses_its_own(name:
     assert hashes(ours) == written
 
 
+def test_a_marked_folder_left_unfinished_is_generated_again(tmp_path: Path) -> None:
+    """An interrupted run leaves its marker saying "not complete" and debris; the next run replaces the debris."""
+    root = tmp_path / "shapes"
+    claim_folder(root, "datamodules.synthetic_shapes.generate_shapes_coco", {}, "advice")
+    (root / "val2017").mkdir()
+    (root / "val2017" / "half-written.jpg").write_bytes(b"\xff\xd8")
+    generate_shapes_coco(root, n_train=4, n_val=2, image_size=16)
+    assert sorted(p.name for p in (root / "val2017").iterdir()) == ["000000000005.jpg", "000000000006.jpg"]
+    marker = generated_by(root)
+    assert marker["complete"] is True and marker["params"]["n_train"] == 4
+    assert sorted(p.name for p in root.iterdir()) == [MARKER, "annotations", "train2017", "val2017"]
+
+
 # -- every quickstart config, pointed at genuine data ---------------------------------------------------------
 @pytest.mark.parametrize("stage", STAGES)
 def test_clip_quickstart_on_a_genuine_coco_val_folder(
