@@ -43,6 +43,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from datamodules.generated import claim_folder, mark_complete, root_advice
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
 from datamodules.speech.librispeech_datamodule import (
     LibriSpeechDataModule,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders
 PAIRS_FILE = "SPOKEN_CAPTIONS.json"
+SPOKEN_GENERATOR = "datamodules.trimodal_datamodule.generate_spoken_captions"
 _SUBSETS = (("train2017", "train-clean-100"), ("val2017", "dev-clean"))  # COCO split -> LibriSpeech subset
 _LEXICON_SEED = 20240917
 _TONE_FREQS = np.geomspace(300.0, 3400.0, 16)
@@ -81,13 +83,16 @@ def generate_spoken_captions(
     n_speakers: int = 4,
     sample_rate: int = 16000,
     seed: int = 0,
+    setting: str = "data.speech_text.root",
 ) -> Path:
     """Speak captions of the shapes set as tones into `speech_root/LibriSpeech/{train-clean-100,dev-clean}`;
     returns `speech_root/LibriSpeech`.
 
     `captions_per_image`: (train, val) captions spoken per image, the first ones of each image. Utterance
     `<speaker>-<chapter>-<n>` of subset s speaks a caption of image `SPOKEN_CAPTIONS.json[s][utterance]`.
-    Idempotent and atomic like the tone corpus: an existing tree is kept, a new one is renamed into place.
+    Idempotent and atomic like the tone corpus: an existing tree is kept, a new one is renamed into place. Like
+    every generator it writes only into a `speech_root` that does not exist, is empty or carries its marker;
+    any other folder raises `ForeignDataError` naming `setting`.
     """
     image_text_root, target = Path(image_text_root), Path(speech_root) / "LibriSpeech"
     if target.is_dir():
@@ -101,6 +106,14 @@ def generate_spoken_captions(
     lexicon = caption_lexicon(
         [w for records in splits.values() for r in records for c in r.captions for w in caption_words(c)]
     )
+    params = {
+        "image_text_root": str(image_text_root),
+        "captions_per_image": list(captions_per_image),
+        "n_speakers": n_speakers,
+        "sample_rate": sample_rate,
+        "seed": seed,
+    }
+    claim_folder(speech_root, SPOKEN_GENERATOR, params, root_advice(setting))
     with written_whole(target) as tmp:
         pairs: dict[str, dict[str, int]] = {}
         for i, ((subset, records), per_image) in enumerate(zip(splits.items(), captions_per_image)):
@@ -125,6 +138,7 @@ def generate_spoken_captions(
                         "".join(spoken)
                     )
         (tmp / PAIRS_FILE).write_text(json.dumps(pairs))
+    mark_complete(speech_root, SPOKEN_GENERATOR, params)
     log.info(
         "spoke %s captions of %s as tones into %s",
         {s: len(p) for s, p in pairs.items()},
@@ -178,7 +192,8 @@ class TriModalDataModule(LightningDataModule):
             cache_dir: where the shared vocabulary is cached; also both DataModules' cache_dir unless they set one.
             train_mode: CombinedLoader mode of training: "min_size" or "max_size_cycle" (see the module doc).
             generate_if_missing: write the shapes set into image_text's root and its spoken captions into
-                speech_text's root when they are missing (the quickstart).
+                speech_text's root when they are missing (the quickstart); only into roots that are new, empty
+                or generated sets, any other is refused.
             spoken_captions_per_image: (train, val) captions of each image spoken in the generated speech set.
         """
         super().__init__()
@@ -212,7 +227,8 @@ class TriModalDataModule(LightningDataModule):
         if not self.hparams.generate_if_missing:
             return
         coco, speech = self._reader("image_text"), self._reader("speech_text")
-        generate_shapes_coco(coco.root)  # keeps a complete set
+        # keeps a complete set, ours or a genuine COCO; refuses any other folder that is not empty
+        generate_shapes_coco(coco.root, setting="data.image_text.root")
         if not (speech.root / "LibriSpeech").is_dir():
             generate_spoken_captions(
                 coco.root,

@@ -150,18 +150,17 @@ def test_synthetic_shapes_is_deterministic_and_idempotent(shapes_root: Path, tmp
     stamp = (shapes_root / "annotations" / "captions_train2017.json").stat().st_mtime_ns
     assert generate_shapes_coco(shapes_root, n_train=16, n_val=6, image_size=48) == shapes_root
     assert (shapes_root / "annotations" / "captions_train2017.json").stat().st_mtime_ns == stamp
-    # A root that already holds other things (a cache) gets the set added beside them.
+    # An empty root gets the same bytes; a root holding anything else is refused (tests/test_data_safety.py).
     other = tmp_path / "other"
-    (other / ".cache").mkdir(parents=True)
+    other.mkdir()
     generate_shapes_coco(other, n_train=16, n_val=6, image_size=48)
-    assert (other / ".cache").is_dir()
     for name in (
         "annotations/captions_train2017.json",
         "train2017/000000000001.jpg",
         "val2017/000000000017.jpg",
     ):
         assert (other / name).read_bytes() == (shapes_root / name).read_bytes()
-    assert not list(tmp_path.glob(".other.tmp-*"))
+    assert not list(other.glob(".tmp-*"))
     # Held-out images are fresh draws, not copies of training images.
     assert (shapes_root / "val2017/000000000017.jpg").read_bytes() != (
         shapes_root / "train2017/000000000001.jpg"
@@ -174,11 +173,14 @@ def test_generate_if_missing_writes_the_set_into_root(
     monkeypatch.setattr(
         coco, "generate_shapes_coco", functools.partial(generate_shapes_coco, n_train=8, n_val=4)
     )
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = tmp_path / "quick"
     dm = CocoCaptionsDataModule(str(root), generate_if_missing=True, num_workers=0)
     assert dm.vocab_size > 20  # usable before setup(): the CLI links it to the model at instantiation
     assert len(list((root / "train2017").glob("*.jpg"))) == 8
-    assert any((root / ".cache").glob("wordpiece-*/tokenizer.json"))
+    # the vocabulary is cached in the per-user cache folder, not in the data root
+    assert any((tmp_path / "xdg" / "mmpretrain").glob("wordpiece-*/tokenizer.json"))
+    assert not (root / ".cache").exists()
 
 
 # -- batches -----------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from datamodules.generated import default_cache_dir
 from datamodules.loading import ResumableDataLoader, ResumableSampler
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
+_STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}  # what each stage reads
 
 
 @dataclass(frozen=True)
@@ -391,9 +393,10 @@ class CocoCaptionsDataModule(LightningDataModule):
             `vocab_size` property gives the size actually trained.
         lowercase: lowercase text before tokenizing.
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
-        cache_dir: where the trained vocabulary is cached; None means root/.cache.
+        cache_dir: where the trained vocabulary is cached; None means `$XDG_CACHE_HOME/mmpretrain`, never root.
         seed: seeds the per-epoch caption draw.
-        generate_if_missing: write the synthetic shapes set into root when it has no annotations (quickstart).
+        generate_if_missing: write the synthetic shapes set into root when a split it reads has no annotations
+            (quickstart); only into a root that is new, empty or a generated set, any other is refused.
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
             (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by
@@ -445,7 +448,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.target_vocab_size = tokenizer_vocab_size
         self.lowercase = lowercase
         self.context_length = context_length
-        self.cache_dir = Path(cache_dir) if cache_dir else self.root / ".cache"
+        # not root/.cache: the data root is the user's, the cache folder ours
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.seed = seed
         self.generate_if_missing = generate_if_missing
         self.min_scale = min_scale
@@ -463,13 +467,12 @@ class CocoCaptionsDataModule(LightningDataModule):
     def _annotation_file(self, split: str) -> Path:
         return self.root / "annotations" / f"captions_{split}.json"
 
-    def _ensure_data(self) -> None:
-        if (
-            self.generate_if_missing
-            and not self.karpathy_json
-            and not self._annotation_file(self.train_split).exists()
-        ):
-            log.info("no annotations under %s: writing the synthetic shapes set there", self.root)
+    def _ensure_data(self, split: str) -> None:
+        # Only a split that is read and missing asks for the synthetic set, so a genuine root without training
+        # annotations (an evaluation machine) is tested as it is; generate_shapes_coco itself refuses any
+        # folder that holds data it did not write.
+        if self.generate_if_missing and not self.karpathy_json and not self._annotation_file(split).exists():
+            log.info("no %s annotations under %s: writing the synthetic shapes set there", split, self.root)
             generate_shapes_coco(self.root)
 
     def _split_name(self, role: str) -> str:
@@ -485,7 +488,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             return self._loaded[role]
         split = self._split_name(role)
         if split not in self._loaded:
-            self._ensure_data()
+            self._ensure_data(split)
             self._loaded[split] = load_coco_captions(self._annotation_file(split), self.root / split)
         return self._loaded[split]
 
@@ -553,13 +556,14 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     # LightningDataModule hooks ---------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        self._ensure_data()
+        # the splits this run reads: a test run on a genuine validation split needs no training split
+        stage = self.trainer.state.fn if self.trainer is not None else None
+        for role in _STAGE_ROLES.get(str(stage.value) if stage else "", ("train", "val", "test")):
+            self._ensure_data(self._split_name(role))
         _ = self.tokenizer  # trains and caches the vocabulary once, on the first process
 
     def setup(self, stage: str | None = None) -> None:
-        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
-            stage, ("train", "val", "test")
-        )
+        roles = _STAGE_ROLES.get(stage or "", ("train", "val", "test"))
         if stage == "test" and not (self.test_split or self.karpathy_json):
             log.info("no test_split given: testing on %s", self.val_split)
         for role in roles:

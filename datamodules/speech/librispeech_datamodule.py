@@ -32,6 +32,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from datamodules.generated import default_cache_dir
 from datamodules.loading import ResumableBatchDataLoader, take_skip
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
@@ -73,10 +74,6 @@ class Speaker:
     subset: str
     minutes: float
     name: str
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmpretrain"
 
 
 def normalise_transcript(text: str, lowercase: bool = True) -> str:
@@ -465,7 +462,8 @@ class LibriSpeechDataModule(LightningDataModule):
             cache_dir: where the trained tokenizer and the audio index are cached
                 (default `$XDG_CACHE_HOME/mmpretrain`).
             seed: seed of the per-epoch batch shuffle.
-            generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree.
+            generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree; only
+                into a root that is new, empty or a generated set, any other is refused.
         """
         super().__init__()
         if max_duration > max_batch_seconds:
@@ -491,7 +489,9 @@ class LibriSpeechDataModule(LightningDataModule):
                 or any((candidate / s).is_dir() for subs in self.subsets.values() for s in subs)
             ):
                 return candidate
-        if self.hparams.generate_if_missing:
+        if (
+            self.hparams.generate_if_missing
+        ):  # refuses a root that holds other data (datamodules/generated.py)
             return generate_tone_librispeech(
                 self.root, sample_rate=self.hparams.sample_rate, seed=self.hparams.seed
             )

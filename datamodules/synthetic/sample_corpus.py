@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from datamodules.generated import claim_folder, mark_complete
+
+GENERATOR = "datamodules.synthetic.sample_corpus.generate_sample_corpus"
+
 TOWNS = ["Arlen", "Brisk", "Corvel", "Dunmore", "Elsby", "Fenwick", "Galder", "Hollin", "Ivra", "Jorvik"]
 RIVERS = ["Ash", "Bree", "Colne", "Derrow", "Esk", "Fal"]
 TRADES = ["bakers", "weavers", "smiths", "fishers", "potters", "brewers", "masons", "tanners"]
@@ -114,8 +118,10 @@ def generate_sample_corpus(
 ) -> dict[str, Path]:
     """Write `root/enwiki-sample-pages-articles.xml.bz2` and `root/bookcorpus/books_large_sample.txt`.
 
-    Idempotent: an existing complete sample is reused; a new one is written to a temporary folder and
-    renamed into place, so an interrupted run leaves nothing half-written.
+    Idempotent: an existing complete sample is reused. Writes only into a `root` that does not exist, is empty
+    or carries this generator's marker (`datamodules/generated.py`); any other folder raises `ForeignDataError`.
+    A new sample is written to a temporary folder inside `root` and moved into place, so an interrupted run
+    leaves nothing half-written.
     """
     root = Path(root)
     paths = {
@@ -124,31 +130,42 @@ def generate_sample_corpus(
     }
     if all(p.is_file() for p in paths.values()):
         return paths
+    params = {"articles_per_town": articles_per_town, "story_lines": story_lines, "seed": seed}
+    advice = (
+        "point data.cache_dir to an empty or new folder (the sample goes to its sample_corpus/), "
+        "or read a corpus of your own with data.wikipedia / data.bookcorpus"
+    )
+    claim_folder(root, GENERATOR, params, advice)
     rng = random.Random(seed)
     facts = _town_facts(rng)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".tmp-{root.name}-"))
-    pages, pid = [], 10
-    for k in range(articles_per_town):
-        for town in TOWNS:
-            title = town if k == 0 else f"{town} ({k})"
-            pages.append(_page(title, pid, _wikitext(town, facts[town], rng)))
-            pid += 1
-    pages.append(_page("Arlen Town", pid, "#REDIRECT [[Arlen]]", redirect="Arlen"))
-    pages.append(_page("Wikipedia:About", pid + 1, "A project page, not an article.", ns=4))
-    header = (
-        '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">\n'
-        "  <siteinfo>\n    <sitename>Sample</sitename>\n    <dbname>samplewiki</dbname>\n"
-        "    <base>https://example.org/wiki/Main_Page</base>\n    <generator>mmpretrain</generator>\n"
-        '    <case>first-letter</case>\n    <namespaces>\n      <namespace key="0" case="first-letter" />\n'
-        '      <namespace key="4" case="first-letter">Wikipedia</namespace>\n    </namespaces>\n  </siteinfo>\n'
-    )
-    with bz2.open(tmp / paths["wikipedia"].name, "wt", encoding="utf-8") as f:
-        f.write(header + "".join(pages) + "</mediawiki>\n")
-    (tmp / "bookcorpus").mkdir()
-    lines = _story_lines(facts, rng, story_lines)
-    (tmp / "bookcorpus" / "books_large_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        pages, pid = [], 10
+        for k in range(articles_per_town):
+            for town in TOWNS:
+                title = town if k == 0 else f"{town} ({k})"
+                pages.append(_page(title, pid, _wikitext(town, facts[town], rng)))
+                pid += 1
+        pages.append(_page("Arlen Town", pid, "#REDIRECT [[Arlen]]", redirect="Arlen"))
+        pages.append(_page("Wikipedia:About", pid + 1, "A project page, not an article.", ns=4))
+        header = (
+            '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/" version="0.10" xml:lang="en">\n'
+            "  <siteinfo>\n    <sitename>Sample</sitename>\n    <dbname>samplewiki</dbname>\n"
+            "    <base>https://example.org/wiki/Main_Page</base>\n    <generator>mmpretrain</generator>\n"
+            '    <case>first-letter</case>\n    <namespaces>\n      <namespace key="0" case="first-letter" />\n'
+            '      <namespace key="4" case="first-letter">Wikipedia</namespace>\n    </namespaces>\n'
+            "  </siteinfo>\n"
+        )
+        with bz2.open(tmp / paths["wikipedia"].name, "wt", encoding="utf-8") as f:
+            f.write(header + "".join(pages) + "</mediawiki>\n")
+        (tmp / "bookcorpus").mkdir()
+        lines = _story_lines(facts, rng, story_lines)
+        (tmp / "bookcorpus" / "books_large_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if (root / "bookcorpus").exists():  # debris of an interrupted run: root carries our marker
+            shutil.rmtree(root / "bookcorpus")
+        os.replace(tmp / "bookcorpus", root / "bookcorpus")
+        os.replace(tmp / paths["wikipedia"].name, paths["wikipedia"])  # last: its presence completes the set
+        mark_complete(root, GENERATOR, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return paths

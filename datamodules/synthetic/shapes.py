@@ -27,7 +27,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from datamodules.generated import claim_folder, mark_complete, root_advice
+
 log = logging.getLogger(__name__)
+
+GENERATOR = "datamodules.synthetic.shapes.generate_shapes_coco"
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -237,17 +241,24 @@ def _write_split(
 
 
 def generate_shapes_coco(
-    root: str | Path, n_train: int = 1200, n_val: int = 200, image_size: int = 64, seed: int = 0
+    root: str | Path,
+    n_train: int = 1200,
+    n_val: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+    setting: str = "data.root",
 ) -> Path:
     """Write the synthetic set into `root` unless it is already complete; returns `root`.
 
     Deterministic: the same arguments give byte-identical files, and train and val use different random draws.
-    The set is written to a temporary folder next to `root` and moved into place with the annotations last, so
-    an interrupted run never leaves something that looks complete.
+    Writes only into a folder that does not exist, is empty or carries this generator's marker
+    (`datamodules/generated.py`); any other folder raises `ForeignDataError` naming `setting`, the setting
+    that points at it. The set is written to a temporary folder inside `root` and moved into place with the
+    annotations last, so an interrupted run never leaves something that looks complete.
     """
     root = Path(root)
     params = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed}
-    if _is_complete(root):
+    if _is_complete(root):  # ours or anyone's: read as it is, never rewritten
         info = json.loads(_annotation_file(root, "val2017").read_text(encoding="utf-8")).get("info", {})
         if info.get("generator", params) != params:
             log.warning(
@@ -256,22 +267,18 @@ def generate_shapes_coco(
                 info["generator"],
             )
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    claim_folder(root, GENERATOR, params, root_advice(setting))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         _write_split(tmp, "train2017", n_train, image_size, seed, 1, 1, params)
         _write_split(tmp, "val2017", n_val, image_size, seed, n_train + 1, 5 * n_train + 1, params)
         if _is_complete(root):  # another process finished first; its files are identical
             return root
-        if root.is_dir() and any(root.iterdir()):
-            # Keep whatever else lives in root (a tokenizer cache, say); replace leftovers of an unfinished run.
-            for name in (*SPLITS, "annotations"):
-                if (root / name).exists():
-                    shutil.rmtree(root / name)
-                os.replace(tmp / name, root / name)
-        else:
-            tmp.chmod(0o755)  # mkdtemp makes it private
-            os.replace(tmp, root)  # also replaces an empty root folder
+        for name in (*SPLITS, "annotations"):
+            if (root / name).exists():  # debris of an interrupted run: root carries our marker
+                shutil.rmtree(root / name)
+            os.replace(tmp / name, root / name)
+        mark_complete(root, GENERATOR, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d + %d synthetic shape images to %s", n_train, n_val, root)

@@ -11,7 +11,6 @@ quickstart can be tested zero-shot on it:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,11 +19,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from datamodules.generated import claim_folder, generated_by, is_complete, mark_complete, root_advice
 from datamodules.synthetic.shapes import COLOURS, POSITIONS, SHAPES, _random_object, _render
 
 log = logging.getLogger(__name__)
 
-MARKER = "SYNTHETIC.json"  # written last: its presence marks a finished set
+GENERATOR = "datamodules.synthetic.shapes_folder.generate_shapes_imagefolder"
 
 
 def generate_shapes_imagefolder(
@@ -34,6 +34,7 @@ def generate_shapes_imagefolder(
     per_class: dict[str, int] | None = None,
     image_size: int = 64,
     seed: int = 0,
+    setting: str = "data.root",
 ) -> Path:
     """Write root/<split>/<colour>_<shape>/*.jpg unless a finished set is there already; returns `root`.
 
@@ -45,6 +46,8 @@ def generate_shapes_imagefolder(
         image_size: image side in pixels (the quickstart's is 64).
         seed: random draws of place, size, background and colour jitter; one stream per split, so changing
             one split's size leaves the others unchanged.
+        setting: the setting that points at `root`, named in the error when `root` holds other data: a folder
+            that exists, is not empty and carries no marker of this generator is never written into.
     """
     root = Path(root)
     per_class = per_class or {"train": 20, "val": 10, "test": 20}
@@ -58,14 +61,15 @@ def generate_shapes_imagefolder(
         "image_size": image_size,
         "seed": seed,
     }
-    if (root / MARKER).is_file():
-        if json.loads((root / MARKER).read_text()) != params:
+    marker = generated_by(root)
+    if is_complete(root, GENERATOR):
+        if marker["params"] != params:
             log.warning(
                 "%s already holds a shapes set made with other settings; delete it to regenerate", root
             )
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
+    claim_folder(root, GENERATOR, params, root_advice(setting))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         for split, n in per_class.items():
             rng = random.Random(f"{seed}:{split}")  # a string seed hashes the same in every process
@@ -81,13 +85,13 @@ def generate_shapes_imagefolder(
                             "colour": colour,
                         }
                         _render([obj], image_size, rng).save(folder / f"{i:05d}.jpg", "JPEG", quality=90)
-        (tmp / MARKER).write_text(json.dumps(params))
-        if (root / MARKER).is_file():  # another process finished first; its files are identical
+        if is_complete(root, GENERATOR):  # another process finished first; its files are identical
             return root
-        if root.is_dir() and any(root.iterdir()):  # the set is renamed into place whole, so this is not ours
-            raise FileExistsError(f"{root} exists and holds other files; choose an empty or new folder")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.replace(tmp, root)
+        for split in per_class:
+            if (root / split).exists():  # debris of an interrupted run: root carries our marker
+                shutil.rmtree(root / split)
+            os.replace(tmp / split, root / split)
+        mark_complete(root, GENERATOR, params)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d shape classes x %s images to %s", len(colours) * len(shapes), per_class, root)

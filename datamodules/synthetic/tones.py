@@ -8,7 +8,6 @@ The layout matches the real corpus (`LibriSpeech/<subset>/<speaker>/<chapter>/*.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,7 +19,11 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from datamodules.generated import claim_folder, generated_by, mark_complete, root_advice
+
 log = logging.getLogger(__name__)
+
+GENERATOR = "datamodules.synthetic.tones.generate_tone_librispeech"
 
 VOCABULARY = (
     "THE", "A", "RED", "BLUE", "GREEN", "CAT", "DOG", "BIRD", "RUNS", "JUMPS",
@@ -136,7 +139,8 @@ def _write_subset(
 @contextmanager
 def written_whole(target: Path) -> Iterator[Path]:
     """A temporary folder beside `target` to write a whole tree into; renamed to `target` when the block ends,
-    removed when it raises. If another process renamed its own copy into place first, that copy is kept."""
+    removed when it raises. If another process renamed its own copy into place first, that copy is kept.
+    Callers claim `target.parent` first (`generated.claim_folder`): the temporary folder is written there."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
     try:
@@ -157,11 +161,14 @@ def generate_tone_librispeech(
     n_val_utts: int = 100,
     sample_rate: int = 16000,
     seed: int = 0,
+    setting: str = "data.root",
 ) -> Path:
     """Write `root/LibriSpeech/{train-clean-100,dev-clean}` of tone sentences; returns `root/LibriSpeech`.
 
-    Idempotent: an existing `root/LibriSpeech` is left as it is. Atomic: the tree is written into a
-    temporary folder next to it and renamed into place, so an interrupted run leaves nothing half-done.
+    Idempotent: an existing `root/LibriSpeech` is left as it is. Writes only into a `root` that does not exist,
+    is empty or carries this generator's marker (`datamodules/generated.py`); any other folder raises
+    `ForeignDataError` naming `setting`, the setting that points at it. Atomic: the tree is written into a
+    temporary folder and renamed into place, so an interrupted run leaves nothing half-done.
     """
     root = Path(root)
     target = root / "LibriSpeech"
@@ -172,10 +179,11 @@ def generate_tone_librispeech(
         "seed": seed,
     }
     if target.is_dir():
-        marker = target / "SYNTHETIC.json"
-        if marker.is_file() and json.loads(marker.read_text()) != params:
+        marker = generated_by(root)
+        if marker is not None and marker["generator"] == GENERATOR and marker["params"] != params:
             log.warning("%s already holds a synthetic set made with other settings; keeping it", target)
         return target
+    claim_folder(root, GENERATOR, params, root_advice(setting))
     with written_whole(target) as tmp:
         lexicon = tone_lexicon()
         speaker_lines = [
@@ -190,6 +198,6 @@ def generate_tone_librispeech(
                 tmp, subset, n_utts, n_spk, n_chap, first_id, sample_rate, rng, lexicon
             )
         (tmp / "SPEAKERS.TXT").write_text("".join(speaker_lines))
-        (tmp / "SYNTHETIC.json").write_text(json.dumps(params))
+    mark_complete(root, GENERATOR, params)
     log.info("wrote a synthetic tone LibriSpeech (%d train, %d dev utterances) to %s", *counts, target)
     return target

@@ -89,7 +89,8 @@ class MLMDataModule(L.LightningDataModule):
         Args:
             wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
             bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
-            sample_corpus: use the bundled sample corpus (generated under cache_dir) when no corpus is given.
+            sample_corpus: use the bundled sample corpus (generated into cache_dir/sample_corpus, which must be
+                new, empty or a generated sample) when no corpus is given.
             prepared: a folder of instances prepared earlier (`<cache_dir>/mlm-<key>`, holding index.json), read
                 instead of the corpora, which then need not exist; its own settings (max_seq_length, nsp, ...)
                 apply. To evaluate on a machine without the corpora, copy index.json and the val/ or test/
