@@ -196,7 +196,7 @@ def _jpeg_root(tmp: Path) -> tuple[Path, str]:
 def bench_dataloader(step_time: float) -> None:
     from torch.utils.data import DataLoader
 
-    from datamodules.image.coco_datamodule import (
+    from datamodules.image.coco import (
         CLIP_MEAN,
         CLIP_STD,
         CaptionCollate,

@@ -44,7 +44,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from datamodules.generated import claim_folder, mark_complete, root_advice
-from datamodules.image.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
+from datamodules.image.coco import load_coco_captions
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.speech.librispeech_datamodule import (
     LibriSpeechDataModule,
     normalise_transcript,

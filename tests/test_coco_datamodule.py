@@ -16,7 +16,8 @@ from lightning.pytorch import LightningModule
 from PIL import Image
 
 import datamodules.image.coco_datamodule as coco
-from datamodules.image.coco_datamodule import CocoCaptionsDataModule, read_rgb
+from datamodules.image.coco import CaptionsFileError, load_karpathy_splits, read_rgb
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
 from tests.helpers import quiet_trainer
 
@@ -471,11 +472,9 @@ def test_cli_names_the_captions_file_and_what_is_wrong(
 def test_karpathy_file_errors_name_the_file_and_the_image(tmp_path: Path) -> None:
     karpathy = tmp_path / "dataset_coco.json"
     karpathy.write_text(json.dumps({"dataset": "coco"}))
-    with pytest.raises(coco.CaptionsFileError, match=r"dataset_coco\.json has no 'images' list"):
-        coco.load_karpathy_splits(karpathy, tmp_path)
+    with pytest.raises(CaptionsFileError, match=r"dataset_coco\.json has no 'images' list"):
+        load_karpathy_splits(karpathy, tmp_path)
     image = {"filepath": "val2014", "filename": "a.jpg", "cocoid": 1, "split": "val"}
     karpathy.write_text(json.dumps({"images": [{**image, "sentences": []}, image]}))
-    with pytest.raises(
-        coco.CaptionsFileError, match=r"dataset_coco\.json: images\[1\] lacks the key 'sentences'"
-    ):
-        coco.load_karpathy_splits(karpathy, tmp_path)
+    with pytest.raises(CaptionsFileError, match=r"dataset_coco\.json: images\[1\] lacks the key 'sentences'"):
+        load_karpathy_splits(karpathy, tmp_path)

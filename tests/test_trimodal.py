@@ -10,7 +10,8 @@ import lightning as L
 import pytest
 import torch
 
-from datamodules.image.coco_datamodule import CocoCaptionsDataModule, load_coco_captions
+from datamodules.image.coco import load_coco_captions
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.speech.librispeech_datamodule import read_transcripts
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech

@@ -15,12 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from cli import main as cli_main
-from datamodules.image.coco_datamodule import (
-    CocoCaptionsDataModule,
-    CocoCaptionsDataset,
-    eval_transform,
-    load_coco_captions,
-)
+from datamodules.image.coco import CocoCaptionsDataset, eval_transform, load_coco_captions
+from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.image.webdataset_shards import (
     ShardLoader,
     ShardStream,

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from datamodules.image.coco_datamodule import CLIP_MEAN, CLIP_STD, eval_transform, read_rgb
+from datamodules.image.coco import CLIP_MEAN, CLIP_STD, eval_transform, read_rgb
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
 log = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.image.coco_datamodule import (
+from datamodules.image.coco import (
     CaptionedImage,
     caption_item,
     clean_caption,
