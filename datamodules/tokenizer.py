@@ -4,6 +4,10 @@ from a BERT `vocab.txt` / `tokenizer.json`. Nothing is downloaded.
 A `vocab.txt` is turned into the same pipeline `transformers.BertTokenizerFast` builds (BERT normaliser,
 BERT pre-tokeniser, WordPiece with `##` continuation, `[CLS] A [SEP] B [SEP]` template), so both tokenize
 identically.
+
+Accents: as in BERT, `lowercase=True` also strips accents ("Việt Nam" -> "viet nam"), which suits English
+but erases meaning in Vietnamese, French, German...; `strip_accents=False` lowercases and keeps them.
+`strip_accents=None` follows `lowercase`.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ class TokenizerError(ValueError):
     """A vocabulary or tokenizer file that cannot be used, with the file named in the message."""
 
 
-def _bert_pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
+def _bert_pipeline(tok: Tokenizer, lowercase: bool, strip_accents: bool | None = None) -> Tokenizer:
+    # strip_accents=None is BertNormalizer's (and BERT-uncased's) rule: strip exactly when lowercasing
     tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        clean_text=True, handle_chinese_chars=True, strip_accents=strip_accents, lowercase=lowercase
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
@@ -65,22 +70,28 @@ def read_vocab_txt(path: str | os.PathLike) -> dict[str, int]:
     return vocab
 
 
-def wordpiece_from_vocab(path: str | os.PathLike, lowercase: bool = True) -> Tokenizer:
+def wordpiece_from_vocab(
+    path: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None
+) -> Tokenizer:
     vocab = read_vocab_txt(path)
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # kept whole, as BertTokenizerFast does
-    return _add_template(_bert_pipeline(tok, lowercase))
+    return _add_template(_bert_pipeline(tok, lowercase, strip_accents))
 
 
 def train_wordpiece(
-    texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2
+    texts: Iterable[str],
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    strip_accents: bool | None = None,
 ) -> Tokenizer:
     """Train a BERT-style WordPiece vocabulary on `texts` with the Rust trainer."""
     tok = _bert_pipeline(
-        Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase
+        Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase, strip_accents
     )
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
@@ -108,14 +119,19 @@ class TextTokenizer:
 
     # construction -------------------------------------------------------------------------------
     @classmethod
-    def from_file(cls, path: str | os.PathLike, lowercase: bool = True) -> TextTokenizer:
+    def from_file(
+        cls, path: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None
+    ) -> TextTokenizer:
         """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, or a checkpoint (`.ckpt`) of this
-        framework, whose saved tokenizer is used."""
+        framework, whose saved tokenizer is used.
+
+        `lowercase` and `strip_accents` apply to a `vocab.txt`; a `tokenizer.json` carries its own normaliser.
+        """
         path = Path(path)
         if path.is_dir():
             for name in ("tokenizer.json", "vocab.txt"):
                 if (path / name).is_file():
-                    return cls.from_file(path / name, lowercase)
+                    return cls.from_file(path / name, lowercase, strip_accents)
             raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt")
         if path.suffix == ".ckpt":
             return cls.from_checkpoint(path)
@@ -127,7 +143,7 @@ class TextTokenizer:
             except Exception as err:  # the Rust error names no file
                 raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
             return cls(tok, str(path))
-        return cls(wordpiece_from_vocab(path, lowercase), str(path))
+        return cls(wordpiece_from_vocab(path, lowercase, strip_accents), str(path))
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> TextTokenizer:
@@ -145,9 +161,14 @@ class TextTokenizer:
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int = 30522, lowercase: bool = True, min_frequency: int = 2
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 30522,
+        lowercase: bool = True,
+        min_frequency: int = 2,
+        strip_accents: bool | None = None,
     ) -> TextTokenizer:
-        return cls(train_wordpiece(texts, vocab_size, lowercase, min_frequency), "<trained>")
+        return cls(train_wordpiece(texts, vocab_size, lowercase, min_frequency, strip_accents), "<trained>")
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write `tokenizer.json` and a BERT `vocab.txt` (ids in line order) into `folder`."""
@@ -199,22 +220,33 @@ def build_tokenizer(
     vocab_size: int,
     lowercase: bool,
     key: str = "",
+    strip_accents: bool | None = None,
 ) -> TextTokenizer:
     """Load `path` when given; otherwise train on `texts` once and cache the result under `cache_dir`.
 
     `key` identifies the training corpus (for example a hash of its files), so a changed corpus or
-    setting trains a new vocabulary instead of reusing a stale one.
+    setting trains a new vocabulary instead of reusing a stale one. `strip_accents=None` strips accents
+    exactly when `lowercase` (BERT-uncased); False keeps them in lowercased text.
     """
     if path:
-        return TextTokenizer.from_file(path, lowercase)
+        return TextTokenizer.from_file(path, lowercase, strip_accents)
     if texts is None:
         raise ValueError("no tokenizer path given and no texts to train one on")
-    digest = hashlib.sha256(json.dumps([key, vocab_size, lowercase]).encode()).hexdigest()[:16]
+    settings: list = [key, vocab_size, lowercase]
+    if (lowercase if strip_accents is None else strip_accents) != lowercase:
+        # only a departure from BERT's rule is keyed: vocabularies cached before this setting stay valid
+        settings.append(f"strip_accents={strip_accents}")
+    digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"wordpiece-{digest}"
     if (folder / "tokenizer.json").is_file():
         return TextTokenizer.from_file(folder / "tokenizer.json")
-    log.info("training a WordPiece vocabulary of %d tokens (lowercase=%s)", vocab_size, lowercase)
-    tok = TextTokenizer.train(texts, vocab_size, lowercase)
+    log.info(
+        "training a WordPiece vocabulary of %d tokens (lowercase=%s, strip_accents=%s)",
+        vocab_size,
+        lowercase,
+        strip_accents,
+    )
+    tok = TextTokenizer.train(texts, vocab_size, lowercase, strip_accents=strip_accents)
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Write to a temporary folder, then rename: a half-written vocabulary is never picked up.
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-wordpiece-"))

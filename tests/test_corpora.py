@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from datamodules import corpora
+from datamodules.text import corpora
 from datamodules.text.corpora import (
     Document,
     ReadStats,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import mlm_prepare
+from datamodules.text import mlm_prepare
 from datamodules.text.mlm_datamodule import MLMDataModule, MLMInstanceDataset
 from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, prepare_mlm_cache
 from datamodules.tokenizer import TextTokenizer

@@ -166,9 +166,9 @@ def _count_training(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = TextTokenizer.train.__func__
 
-    def counting(cls, texts, vocab_size=30522, lowercase=True, min_frequency=2):
+    def counting(cls, texts, vocab_size=30522, lowercase=True, min_frequency=2, strip_accents=None):
         calls.append(vocab_size)
-        return real(cls, texts, vocab_size, lowercase, min_frequency)
+        return real(cls, texts, vocab_size, lowercase, min_frequency, strip_accents)
 
     monkeypatch.setattr(tokenizer_module.TextTokenizer, "train", classmethod(counting))
     return calls

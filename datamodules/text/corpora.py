@@ -5,10 +5,11 @@ dumps are parsed incrementally with `mwxml`, text files are decoded chunk by chu
 in row-group batches. Formats are detected per file from its content, not its name, so WikiExtractor's
 extension-less `AA/wiki_00` files and compressed files (`.bz2`, `.gz`, `.xz`) need no configuration.
 
-Bad input is survived, not fatal: a truncated or malformed file keeps what was read before the break,
-bytes that are not UTF-8 are replaced with U+FFFD, empty documents are dropped; each case is counted in
-`ReadStats` and logged with the file name. A missing path raises `FileNotFoundError` and a file of an
-unknown format raises `ValueError`, both naming the path, since those are configuration mistakes.
+Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian). Bad input is
+survived, not fatal: a truncated or malformed file keeps what was read before the break, bytes that do not
+decode are replaced with U+FFFD, empty documents are dropped; each case is counted in `ReadStats` and
+logged with the file name. A missing path or a folder with no files raises `FileNotFoundError` and a file
+of an unknown format raises `ValueError`, all naming the path, since those are configuration mistakes.
 
 Wikitext cleaning (`wikitext_to_text`) is a pure function so the preprocessing code can run it in worker
 processes; the readers themselves only read.
@@ -28,7 +29,7 @@ import os
 import re
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -53,12 +54,51 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 1 << 20
 
 
+# Canonical names of the namespaces whose links render as images, category tags or nothing, never as
+# prose: Media (-2), File (6, also "Image") and Category (14). Every wiki accepts them besides its own.
+HIDDEN_NAMESPACE_IDS = (-2, 6, 14)
+_CANONICAL_HIDDEN = ("media", "file", "image", "category")
+# Namespace aliases are not in the XML export. These are the local names of the old Image namespace,
+# which became File aliases when MediaWiki 1.14 renamed it and are still common in older articles
+# (`[[Hình:...]]` in Vietnamese). The dump's declared names cover everything else.
+_FILE_ALIASES = {
+    "bg": ("Картинка",), "de": ("Bild",), "es": ("Imagen",), "it": ("Immagine",), "nl": ("Afbeelding",),
+    "pl": ("Grafika",), "pt": ("Imagem",), "ru": ("Изображение",), "sv": ("Bild",), "vi": ("Hình",),
+}  # fmt: skip
+
+
+def namespace_key(name: str) -> str:
+    """A namespace name as links are matched against it: MediaWiki ignores case, and treats underscores
+    and runs of spaces as one space."""
+    return " ".join(name.replace("_", " ").split()).casefold()
+
+
+def hidden_link_namespaces(
+    declared: Mapping[int, str] | None = None, language: str | None = None
+) -> frozenset[str]:
+    """Names (as `namespace_key` gives them) of the namespaces whose links are not prose.
+
+    `declared` maps namespace ids to the names a dump's `<siteinfo>` gives them (only ids -2, 6 and 14 are
+    used); `language` (the dump's `xml:lang`, e.g. "vi") adds the built-in File aliases of that language.
+    The canonical English names are always included.
+    """
+    names = set(_CANONICAL_HIDDEN)
+    names.update(namespace_key(v) for k, v in (declared or {}).items() if k in HIDDEN_NAMESPACE_IDS and v)
+    names.update(namespace_key(a) for a in _FILE_ALIASES.get((language or "").split("-")[0].lower(), ()))
+    return frozenset(names)
+
+
+DEFAULT_HIDDEN_NAMESPACES = hidden_link_namespaces()
+
+
 @dataclass
 class Document:
     source: str  # file path it came from
     doc_id: str  # page title / book name / line-range id
     text: str  # raw text; wikitext when markup == "wikitext"
     markup: Literal["plain", "wikitext"] = "plain"
+    # wikitext only: the local and canonical names of File/Media/Category, whose links the cleaner drops
+    hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES
 
 
 @dataclass
@@ -73,7 +113,7 @@ class ReadStats:
     non_article_skipped: int = 0  # namespace != 0, or a content model other than wikitext
     empty_skipped: int = 0
     malformed_records: int = 0  # JSON lines that do not parse or lack a string `text`
-    invalid_utf8_files: int = 0  # files decoded with replacement characters
+    invalid_utf8_files: int = 0  # files decoded with replacement characters (UTF-8, or as their BOM says)
     truncated_files: int = 0  # files that ended early or broke mid-way (truncated or malformed)
     problem_files: list[str] = field(default_factory=list)  # files behind the last two counters
 
@@ -100,18 +140,25 @@ class ReadStats:
 
 
 _GLOB_CHARS = re.compile(r"[*?[]")
+WIKIPEDIA_FILES = (
+    "MediaWiki XML dumps (*.xml, *.xml.bz2), WikiExtractor output (wiki_*), *.jsonl or *.parquet"
+)
+BOOKCORPUS_FILES = "books_large_p*.txt or one *.txt file a book"
 
 
-def resolve_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_paths(paths: Sequence[str | os.PathLike], expected: str | None = None) -> list[Path]:
     """Expand globs (`**` included) and folders (recursively, sorted) into a de-duplicated file list.
 
     Hidden files and folders (`.name`) inside a folder are ignored. Raises `FileNotFoundError` naming
-    the first path that does not exist or glob that matches nothing.
+    the first path that does not exist, glob that matches nothing, or folder (or glob of folders) that
+    holds no file; `expected` (e.g. `WIKIPEDIA_FILES`) is added to that message.
     """
     if isinstance(paths, (str, os.PathLike)):  # a lone string is a Sequence of characters: not meant
         paths = [paths]
+    hint = f"; expected {expected}" if expected else ""
     out: dict[Path, None] = {}  # ordered set
     for raw in paths:
+        found = 0
         pattern = os.path.expanduser(os.fspath(raw))
         if _GLOB_CHARS.search(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
@@ -128,8 +175,17 @@ def resolve_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
                     hidden = any(part.startswith(".") for part in sub.relative_to(path).parts)
                     if sub.is_file() and not hidden:
                         out[sub] = None
+                        found += 1
             elif path.is_file():
                 out[path] = None
+                found += 1
+        if not found:  # caught here, not as "no text" after a vocabulary was trained on nothing
+            what = (
+                f"the folders matched by {raw} hold"
+                if _GLOB_CHARS.search(pattern)
+                else f"input folder {raw} holds"
+            )
+            raise FileNotFoundError(f"{what} no files (hidden ones are ignored){hint}")
     return list(out)
 
 
@@ -154,8 +210,18 @@ def _open_binary(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+# UTF-32 before UTF-16: the UTF-32-LE mark starts with the UTF-16-LE one
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+
+
 class _TextStream:
-    """UTF-8 text view of a binary stream, decoded chunk by chunk.
+    """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names.
 
     Decodes strictly until the first invalid byte, then switches to replacement characters; the file is
     counted once in `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports
@@ -168,13 +234,31 @@ class _TextStream:
         # read1: one decompressor call at a time, so bytes decoded before a truncation are not lost
         # inside a BufferedReader that was filling a larger request when EOFError struck
         self._read_raw = getattr(raw, "read1", raw.read)
-        self._decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        self.encoding = "utf-8"  # until a byte-order mark says otherwise
+        self._decoder = codecs.getincrementaldecoder(self.encoding)("strict")
         self._offset = 0  # bytes consumed from `raw`
         self._pushback = ""
         self._eof = False
         self._error: BaseException | None = None  # hit while sniffing; raised once the head is consumed
-        self._at_start = True  # a UTF-8 byte-order mark is dropped there
+        self._at_start = True  # a byte-order mark is looked for (and dropped) there
         self.invalid_at: int | None = None
+
+    def _take_bom(self, data: bytes) -> bytes:
+        """Choose the decoder from the byte-order mark at the start of `data`, and drop the mark."""
+        self._at_start = False
+        while len(data) < 4 and not self._eof:  # a mark split across tiny reads
+            more = self._read_raw(4 - len(data))
+            self._offset += len(more)
+            self._eof = not more
+            data += more
+        for bom, encoding in _BOMS:
+            if data.startswith(bom):
+                if encoding != "utf-8":
+                    log.info("%s: %s byte-order mark, decoding as %s", self._path, encoding.upper(), encoding)
+                self.encoding = encoding
+                self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+                return data[len(bom) :]
+        return data
 
     def _decode(self, data: bytes, final: bool) -> str:
         pending = self._decoder.getstate()[0]
@@ -185,11 +269,12 @@ class _TextStream:
             self._stats.invalid_utf8_files += 1
             self._stats._problem(self._path)
             log.warning(
-                "%s: invalid UTF-8 at byte %d; decoding the rest with replacement characters",
+                "%s: invalid %s at byte %d; decoding the rest with replacement characters",
                 self._path,
+                self.encoding.upper(),
                 self.invalid_at,
             )
-            self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            self._decoder = codecs.getincrementaldecoder(self.encoding)("replace")
             return self._decoder.decode(pending + data, final)
 
     def read(self, size: int = -1) -> str:
@@ -203,9 +288,9 @@ class _TextStream:
             data = self._read_raw(size if size and size > 0 else _CHUNK_BYTES)
             self._offset += len(data)
             self._eof = not data
+            if self._at_start:
+                data = self._take_bom(data)
             text = self._decode(data, final=self._eof)
-            if text and self._at_start:
-                text, self._at_start = text.removeprefix("\ufeff"), False
             if text:  # empty when the chunk ended inside a multi-byte character (or was only a BOM)
                 return text
         return ""
@@ -279,14 +364,18 @@ def iter_wikipedia(paths: Sequence[str], stats: ReadStats | None = None) -> Iter
 
     * MediaWiki XML export (`pages-articles*.xml[.bz2]`, multistream too): namespace 0 only, redirects
       skipped, the last revision of each page yielded with `markup="wikitext"`; doc_id is the title.
+      The File, Media and Category names its `<siteinfo>` declares go into each document's
+      `hidden_namespaces`, so the cleaner drops those links in any language.
     * WikiExtractor `<doc id= url= title=>` output: HTML entities unescaped, the repeated title line
       dropped; `markup="plain"`.
     * JSON lines with a `text` field (WikiExtractor `--json`, the Hugging Face wikimedia/wikipedia
       export); doc_id is `title`, else `id`, else `<file>:<line>`.
     * Parquet with a `text` column (wikimedia/wikipedia), read in row-group batches.
+
+    Text files are UTF-8 unless they start with a UTF-16 or UTF-32 byte-order mark.
     """
     stats = stats if stats is not None else ReadStats()
-    for path in resolve_paths(paths):
+    for path in resolve_paths(paths, WIKIPEDIA_FILES):
         stats.files_read += 1
         if _sniff_magic(path).startswith(b"PAR1"):
             yield from _iter_parquet(path, stats)
@@ -313,13 +402,34 @@ def iter_wikipedia(paths: Sequence[str], stats: ReadStats | None = None) -> Iter
 
 
 def _wiki_document(
-    path: Path, doc_id: str, text: str, stats: ReadStats, markup: Literal["plain", "wikitext"] = "plain"
+    path: Path,
+    doc_id: str,
+    text: str,
+    stats: ReadStats,
+    markup: Literal["plain", "wikitext"] = "plain",
+    hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES,
 ) -> Document | None:
     if not text.strip():
         stats.empty_skipped += 1
         return None
     stats.documents_yielded += 1
-    return Document(source=str(path), doc_id=doc_id, text=text, markup=markup)
+    return Document(str(path), doc_id, text, markup, hidden_namespaces)
+
+
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+_DBNAME_LANG = re.compile(r"([a-z][a-z_]*?)wiki")  # viwiki -> vi, zh_min_nanwiki -> zh_min_nan
+
+
+def _dump_hidden_namespaces(dump: mwxml.Dump, root: ElementIterator, path: Path) -> frozenset[str]:
+    site = dump.site_info
+    declared = {ns.id: ns.name for ns in site.namespaces or ()}
+    language = root.element.attrib.get(_XML_LANG)
+    if not language and site.dbname and (m := _DBNAME_LANG.fullmatch(site.dbname)):
+        language = m.group(1).replace("_", "-")
+    hidden = hidden_link_namespaces(declared, language)
+    if hidden != DEFAULT_HIDDEN_NAMESPACES:
+        log.info("%s: dropping links to the namespaces %s", path, ", ".join(sorted(hidden)))
+    return hidden
 
 
 def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
@@ -335,7 +445,9 @@ def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> It
     pages, last_title = 0, None
     try:
         root = ElementIterator.from_file(stream)
-        for page in mwxml.Dump.from_element(root):
+        dump = mwxml.Dump.from_element(root)
+        hidden = _dump_hidden_namespaces(dump, root, path)
+        for page in dump:
             if not isinstance(page, mwxml.Page):  # <logitem> in log dumps
                 continue
             # The last revision is the latest; all must be consumed anyway to move to the next page.
@@ -354,7 +466,7 @@ def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> It
                 revision is not None and revision.model not in (None, "wikitext")
             ):
                 stats.non_article_skipped += 1
-            elif doc := _wiki_document(path, page.title, text, stats, markup="wikitext"):
+            elif doc := _wiki_document(path, page.title, text, stats, "wikitext", hidden):
                 yield doc
     except _BROKEN as err:
         _broke(path, stats, err, pages, last_title, unit="pages")
@@ -466,12 +578,13 @@ def iter_bookcorpus(
     * Any other text file is one book (the `<Category>/<name>.txt` layout); doc_id is
       `<Category>/<name>`.
 
-    Files may be bz2/gzip/xz compressed. A binary file raises `ValueError`.
+    Files may be bz2/gzip/xz compressed, and are UTF-8 unless a byte-order mark says UTF-16 or UTF-32.
+    A binary file raises `ValueError`.
     """
     if lines_per_document < 1:
         raise ValueError(f"lines_per_document must be >= 1, got {lines_per_document}")
     stats = stats if stats is not None else ReadStats()
-    for path in resolve_paths(paths):
+    for path in resolve_paths(paths, BOOKCORPUS_FILES):
         stats.files_read += 1
         with _open_binary(path) as raw:
             stream = _TextStream(raw, path, stats)
@@ -532,8 +645,6 @@ def _iter_book(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Do
 
 # ----------------------------------------------------------------------------------- text cleaning
 
-# Links to these namespaces render as images, category tags or nothing, never as prose.
-_DROP_LINK_NAMESPACES = frozenset({"file", "image", "media", "category"})
 # `[[de:Foo]]` without a leading colon is an interlanguage link, shown in the sidebar, not the text.
 _INTERLANGUAGE = re.compile(r"[a-z]{2,3}(?:-[a-z]+)*:")
 # Tags whose content is not prose (references, tables, math, media, wiki-only machinery).
@@ -641,16 +752,16 @@ def _param(template: Template, name: str | int) -> Wikicode | None:
     return template.get(key).value if template.has(key) else None
 
 
-def _template_text(template: Template, out: list[str]) -> None:
+def _template_text(template: Template, out: list[str], hidden: frozenset[str]) -> None:
     """Append the visible text of a kept inline template (see `_KEPT_TEMPLATES`)."""
     name = _template_name(str(template.name))
     if name in _TEMPLATES_LAST_PARAM or name.startswith("lang-"):
         positional = [p for p in template.params if not p.showkey]
         if positional:
-            _render(positional[-1].value, out)
+            _render(positional[-1].value, out, hidden)
     elif name in _TEMPLATES_FIRST_PARAM:
         if (value := _param(template, 1)) is not None:
-            _render(value, out)
+            _render(value, out, hidden)
     elif name in _TEMPLATES_CONVERT:
         words: list[str] = []
         for param in template.params:  # numbers and range words, then the first unit
@@ -665,10 +776,11 @@ def _template_text(template: Template, out: list[str]) -> None:
         out.append(_TEMPLATES_LITERAL[name])
 
 
-def _render(code: Wikicode, out: list[str]) -> None:
+def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
     """Append the visible prose of `code` to `out`, walking mwparserfromhell's node list once.
 
     "\\n\\n" marks a paragraph break; single newlines are joined later, as MediaWiki renders them.
+    Links into the `hidden` namespaces (see `hidden_link_namespaces`) are dropped whole.
     """
     skip_line = False  # inside a list item: drop everything up to the next newline
     stop_level = 0  # inside a trailing References/External links... section of this level
@@ -697,10 +809,12 @@ def _render(code: Wikicode, out: list[str]) -> None:
         elif isinstance(node, Wikilink):
             title = str(node.title).strip()
             prefix, colon, _ = title.partition(":")
-            if colon and prefix.strip().lower() in _DROP_LINK_NAMESPACES:
+            # the whole link goes, image options and caption with it (their magic words are localised
+            # too); `[[:Category:X]]` has an empty prefix: a visible link that keeps its text
+            if colon and namespace_key(prefix) in hidden:
                 continue
             if node.text is not None:
-                _render(node.text, out)
+                _render(node.text, out, hidden)
             elif not _INTERLANGUAGE.match(title):
                 out.append(title.lstrip(":"))
         elif isinstance(node, Tag):
@@ -715,13 +829,13 @@ def _render(code: Wikicode, out: list[str]) -> None:
             elif node.contents is not None:
                 block = "\n\n" if tag in _BLOCK_TAGS else ""
                 out.append(block)
-                _render(node.contents, out)
+                _render(node.contents, out, hidden)
                 out.append(block)
         elif isinstance(node, Template):
-            _template_text(node, out)
+            _template_text(node, out, hidden)
         elif isinstance(node, ExternalLink):
             if node.title is not None:  # [http://x title] shows its title; bare and [n] links vanish
-                _render(node.title, out)
+                _render(node.title, out, hidden)
         elif isinstance(node, HTMLEntity):
             out.append(node.normalize())
         # Comment and Argument nodes render as nothing
@@ -734,15 +848,16 @@ def _clean_paragraph(lines: list[str]) -> str:
     return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
 
 
-def wikitext_to_text(wikitext: str) -> str:
+def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES) -> str:
     """Turn MediaWiki markup into plain prose, one paragraph a line.
 
     Kept: paragraph text, the visible text of wikilinks (`[[a|b]]` -> b, `[[a]]` -> a) and of titled
     external links, the contents of formatting tags, and the prose of a few inline templates (lang,
-    convert, nowrap, ...). Dropped: other templates, `<ref>`s, comments, tables, File:/Image: and
-    Category: links, interlanguage links, math, galleries, list items, headings (as in BERT's own
-    Wikipedia preprocessing; a heading still ends the paragraph before it) and trailing sections such as
-    References and External links. Bold/italic quotes are removed, whitespace is collapsed; lines of one
+    convert, nowrap, ...). Dropped: other templates, `<ref>`s, comments, tables, links into the
+    `hidden_namespaces` (File:/Image:/Media: with their options and caption, and Category:, under their
+    English names and the local ones a dump declares, see `hidden_link_namespaces`), interlanguage links,
+    math, galleries, list items, headings (as in BERT's own Wikipedia preprocessing; a heading still
+    ends the paragraph before it) and trailing sections such as References and External links. Bold/italic quotes are removed, whitespace is collapsed; lines of one
     paragraph are joined and paragraphs are separated by a single "\\n".
 
     Pure and picklable, meant to run in worker processes; parsing uses mwparserfromhell.
@@ -751,7 +866,7 @@ def wikitext_to_text(wikitext: str) -> str:
     # Style quotes ('' and ''') stay text and are removed afterwards: parsing them is the tokenizer's
     # slowest path, and unbalanced quotes make it backtrack.
     out: list[str] = []
-    _render(mwparserfromhell.parse(text, skip_style_tags=True), out)
+    _render(mwparserfromhell.parse(text, skip_style_tags=True), out, hidden_namespaces)
     text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub("", "".join(out)))
     paragraphs: list[str] = []
     current: list[str] = []
@@ -769,7 +884,7 @@ def wikitext_to_text(wikitext: str) -> str:
 def to_plain_text(doc: Document) -> str:
     """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line."""
     if doc.markup == "wikitext":
-        return wikitext_to_text(doc.text)
+        return wikitext_to_text(doc.text, doc.hidden_namespaces)
     lines = (" ".join(line.split()) for line in doc.text.split("\n"))
     return "\n".join(line for line in lines if line)
 

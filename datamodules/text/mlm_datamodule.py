@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 from datamodules.loading import ResumableDataLoader, seeded_loader
 from datamodules.masking import MLMCollator
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
-from datamodules.text.corpora import ReadStats, resolve_paths, split_sentences, to_plain_text
+from datamodules.text.corpora import (
+    BOOKCORPUS_FILES,
+    WIKIPEDIA_FILES,
+    ReadStats,
+    resolve_paths,
+    split_sentences,
+    to_plain_text,
+)
 from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
@@ -68,6 +75,7 @@ class MLMDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         tokenizer_vocab_size: int = 30522,
         lowercase: bool = True,
+        strip_accents: bool | None = None,
         tokenizer_train_docs: int = 200_000,
         max_seq_length: int = 128,
         nsp: bool = True,
@@ -98,7 +106,10 @@ class MLMDataModule(L.LightningDataModule):
             tokenizer: a BERT vocab.txt or tokenizer.json, or a checkpoint (.ckpt) of this framework; None trains
                 WordPiece on the corpus. The CLI's validate and test set it to --ckpt_path.
             tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
-            lowercase: lowercase text (uncased BERT).
+            lowercase: lowercase text (uncased BERT). Like BERT-uncased this also strips accents unless
+                `strip_accents` is False: "Việt Nam" becomes "viet nam".
+            strip_accents: remove accents (é -> e); None follows `lowercase` (BERT's rule). Set False for
+                languages where accents carry meaning (Vietnamese, French, German...) with lowercase true.
             tokenizer_train_docs: documents read to train the vocabulary.
             max_seq_length: tokens per instance, [CLS] and [SEP] included.
             nsp: next-sentence-prediction pairs; False packs full sentences (RoBERTa).
@@ -136,7 +147,9 @@ class MLMDataModule(L.LightningDataModule):
             sample = generate_sample_corpus(Path(cache_dir) / "sample_corpus")
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
         if self.prepared is None:
-            resolve_paths([*self.wikipedia, *self.bookcorpus])  # fail now, naming a missing path
+            # fail now, naming a missing path or a folder with no files, before any vocabulary is trained
+            resolve_paths(self.wikipedia, WIKIPEDIA_FILES)
+            resolve_paths(self.bookcorpus, BOOKCORPUS_FILES)
         self.settings = PrepareSettings(
             max_seq_length=max_seq_length,
             nsp=nsp,
@@ -157,8 +170,17 @@ class MLMDataModule(L.LightningDataModule):
         docs = iter_documents(self.wikipedia, self.bookcorpus, stats, self.settings.lines_per_document)
         docs = itertools.islice(docs, self.hparams.tokenizer_train_docs)
         # reading and cleaning 200k Wikipedia articles takes minutes: show that it moves
+        found = 0
         for doc in tqdm(docs, desc="reading documents for the tokenizer", unit=" docs"):
-            yield from split_sentences(to_plain_text(doc))
+            sentences = split_sentences(to_plain_text(doc))
+            found += len(sentences)
+            yield from sentences
+        if not found:  # raised inside the trainer's iterator: no vocabulary of nothing is saved
+            counts = ", ".join(f"{k}={v}" for k, v in stats.as_dict().items() if v) or "nothing read"
+            raise ValueError(
+                f"no text found in the inputs {[*self.wikipedia, *self.bookcorpus]} ({counts}); "
+                "nothing to train a tokenizer on"
+            )
 
     @property
     def tokenizer(self) -> TextTokenizer:
@@ -179,6 +201,7 @@ class MLMDataModule(L.LightningDataModule):
                 self.hparams.tokenizer_vocab_size,
                 self.hparams.lowercase,
                 key=f"{key}|{self.hparams.tokenizer_train_docs}",
+                strip_accents=self.hparams.strip_accents,
             )
         return self._tokenizer
 
