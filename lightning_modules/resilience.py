@@ -289,7 +289,9 @@ class PreemptionCheckpoint(L.Callback):
         folder = getattr(callback, "dirpath", None) if callback is not None else None
         return Path(folder or Path(trainer.default_root_dir) / "checkpoints") / self.filename
 
-    def _requeue_signal_of(self, trainer: L.Trainer) -> int | None:
+    def requeue_signal_for(self, trainer: L.Trainer) -> int | None:
+        """The signal that requeues the job: the SLURMEnvironment's when the strategy has one (multi-device
+        strategies do), else this callback's `requeue_signal`; None when requeueing is off."""
         environment = getattr(trainer.strategy, "cluster_environment", None)
         if isinstance(environment, SLURMEnvironment):
             return environment.requeue_signal if self.requeue and environment.auto_requeue else None
@@ -302,7 +304,7 @@ class PreemptionCheckpoint(L.Callback):
         # after Lightning registered its handlers, so ours replaces its SLURM one, and its signal connector puts back
         # the handlers of before the run when the run ends, also when it ends with an exception
         self._requeue_received = False
-        self._signum = self._requeue_signal_of(trainer)
+        self._signum = self.requeue_signal_for(trainer)
         if self._signum is not None and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
 

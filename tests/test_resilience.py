@@ -12,10 +12,12 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -291,6 +293,21 @@ def test_requeue_decision() -> None:
     assert slurm_requeue_target({usr1}, None, job) is None  # requeue switched off
     assert slurm_requeue_target({usr1}, usr1, {}) is None  # not a SLURM job
     assert signal_named("usr1") == signal_named("SIGUSR1") == usr1
+    # the signal comes from Lightning's SLURMEnvironment when the strategy has one, else from the callback
+    callback = PreemptionCheckpoint(requeue_signal="USR1")
+    single = SimpleNamespace(strategy=SimpleNamespace())
+    assert callback.requeue_signal_for(single) == usr1
+    slurm = SLURMEnvironment(requeue_signal=signal.SIGUSR2)
+    assert (
+        callback.requeue_signal_for(SimpleNamespace(strategy=SimpleNamespace(cluster_environment=slurm)))
+        == signal.SIGUSR2
+    )
+    slurm = SLURMEnvironment(auto_requeue=False)
+    assert (
+        callback.requeue_signal_for(SimpleNamespace(strategy=SimpleNamespace(cluster_environment=slurm)))
+        is None
+    )
+    assert PreemptionCheckpoint(requeue=False).requeue_signal_for(single) is None
     with pytest.raises(ValueError, match="'USR9' is no signal of this system; use the name of sbatch's"):
         PreemptionCheckpoint(requeue_signal="USR9")
 
