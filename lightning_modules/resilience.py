@@ -303,7 +303,7 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning registered its handlers, so ours replaces its SLURM one, and its signal connector puts back
         # the handlers of before the run when the run ends, also when it ends with an exception
-        self._requeue_received = False
+        self._requeue_received, self.saved_path, self.requeued_job = False, None, None
         self._signum = self.requeue_signal_for(trainer)
         if self._signum is not None and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
@@ -333,8 +333,11 @@ class PreemptionCheckpoint(L.Callback):
         log.warning("%s: wrote %s at step %d; resume with --ckpt_path last", name, path, trainer.global_step)
         job = slurm_requeue_target(received, self._signum, os.environ)
         if job and trainer.is_global_zero:
-            result = subprocess.run(["scontrol", "requeue", job], check=False)
-            log.warning("scontrol requeue %s: exit status %d", job, result.returncode)
-            self.requeued_job = job
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], check=False)
+                log.warning("scontrol requeue %s: exit status %d", job, result.returncode)
+                self.requeued_job = job if result.returncode == 0 else None
+            except FileNotFoundError:  # no SLURM client here: the checkpoint is written, resubmit by hand
+                log.warning("scontrol not found: job %s not requeued; resubmit it with --ckpt_path last", job)
         # every rank stops here together, also those that did not receive the signal themselves
         raise SIGTERMException
