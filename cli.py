@@ -248,7 +248,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
             save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
             # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger
-            # appended too: a last checkpoint on SIGTERM, and checkpoint files written atomically
+            # appended too: last.ckpt on SIGTERM or SLURM's requeue signal (and a requeue only on the latter), and
+            # checkpoint files written atomically in their folder, with dead writers' leftovers removed at start
             trainer_defaults={"callbacks": [MetricCurves(), PreemptionCheckpoint(), AtomicCheckpoints()]},
             args=args,  # None: LightningCLI reads sys.argv itself
         )

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.components.losses import build_loss
-from lightning_modules.components.retrieval import RetrievalRecall
+from lightning_modules.components.retrieval import RetrievalRecall, mean_recall
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
@@ -275,7 +275,9 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
         metric = self.retrieval[stage]
         if not metric.update_called:
             return
-        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}
+        recalls = metric.compute()
+        values = {f"{stage}/{k}": v for k, v in recalls.items()}
+        values[f"{stage}/R@mean"] = mean_recall(recalls)  # what the configs' best checkpoint monitors
         self.log_dict(values, prog_bar=stage == "val")
         metric.reset()
 

@@ -1,19 +1,28 @@
-"""What long runs need to survive: non-finite losses skipped and counted, checkpoints written atomically, a last
-checkpoint on SIGTERM (SLURM preemption) before the job exits and is requeued."""
+"""What long runs need to survive: non-finite losses skipped and counted, checkpoints written atomically (and the
+leftovers of killed writes removed), a last checkpoint on SIGTERM or on SLURM's requeue signal before the job exits,
+and a requeue only when the job asked for one."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import signal
+import socket
 import subprocess
+import threading
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
@@ -107,76 +116,228 @@ class SkipNonFiniteSteps(L.LightningModule):
             optimizer.step(closure=lambda: loss)
 
 
+def temporary_name(target: Path) -> Path:
+    """Where `target` is written before it is renamed into place: a hidden file beside it that names the writer's
+    host and process, so a later start on the same host can tell a dead writer's leftover from a live one's."""
+    return target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence and permission check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary checkpoint files in `folder` that a writer of this host left when it was killed.
+
+    Only names of the form `.<name>.tmp-<this host>-<pid>` are looked at (the framework's own), and only those whose
+    process no longer exists are removed: another host's files (a shared file system) and a live writer's are kept.
+    Returns the removed paths."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    own = re.compile(rf"^\..+\.tmp-{re.escape(socket.gethostname())}-(\d+)$")
+    removed = []
+    for path in folder.iterdir():
+        match = own.match(path.name)
+        if match is None or path.is_symlink() or not path.is_file():
+            continue
+        if _pid_is_alive(int(match.group(1))):
+            continue
+        path.unlink(missing_ok=True)  # missing_ok: another rank of this host may have removed it first
+        removed.append(path)
+    return removed
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable: without it a power loss can bring back the old directory entry."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except (
+        OSError
+    ) as err:  # some file systems (a few network ones) cannot fsync a directory: nothing more to do
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the same folder, flushes it to disk, then renames it over the
-    target. A process killed in the middle of a write leaves the previous checkpoint whole and loadable."""
+    """Writes each checkpoint straight into `.<name>.tmp-<host>-<pid>` beside the target, fsyncs it, renames it
+    over the target and fsyncs the folder. A process killed in the middle of a write leaves the previous checkpoint
+    whole and loadable; the next start removes its temporary file (`remove_stale_temporaries`).
+
+    Lightning's own writer serialises into memory and then goes through fsspec's transaction, a temporary file in
+    `$TMPDIR` moved over the target: every checkpoint written twice, and a move across file systems that is a copy,
+    not an atomic rename."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
-        target = Path(path)
         if "://" in str(path):  # object stores have no rename; their uploads are all-or-nothing anyway
             return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, which only "
+                "object-store paths take; remove them or write to an s3:// or gs:// path"
+            )
+        target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = temporary_name(target)
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
-            with open(tmp, "rb") as f:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)  # atomic on POSIX: readers see the old file or the new one, never half
+            _fsync_folder(target.parent)
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)  # after an error only: a renamed file is gone from this name
 
 
 class AtomicCheckpoints(L.Callback):
     """Makes the strategy write checkpoints with `AtomicCheckpointIO` when it uses plain torch.save files (DDP,
-    single device). FSDP's sharded and DeepSpeed's checkpoints are folders written by their own code: left as is."""
+    single device), and at the start of `fit` removes the temporary files that writers killed during an earlier
+    run of this host left in the checkpoint folders. FSDP's sharded and DeepSpeed's checkpoints are folders written
+    by their own code: left as is."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.local_rank != 0:  # one process per host looks; each host removes only its own files
+            return
+        folders = {Path(trainer.default_root_dir) / "checkpoints"}
+        folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        for folder in sorted(folders):
+            if "://" in str(folder):
+                continue
+            for path in remove_stale_temporaries(folder):
+                log.warning("removed %s, the temporary file of a checkpoint write that was killed", path)
+
+
+def slurm_requeue_target(
+    received: Collection[int], requeue_signal: int | None, env: Mapping[str, str]
+) -> str | None:
+    """The SLURM job id to requeue after the signals in `received`, or None.
+
+    Only the signal the job asked for (`#SBATCH --signal=USR1@120` and `requeue_signal` SIGUSR1) requeues. A plain
+    SIGTERM is `scancel`, or a preemption that SLURM itself requeues or cancels, so it never does, not even when it
+    comes together with the requeue signal: cancelling wins."""
+    job = env.get("SLURM_JOB_ID")
+    if requeue_signal is None or not job or requeue_signal not in received or signal.SIGTERM in received:
+        return None
+    array_job, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    return f"{array_job}_{task}" if array_job and task else job
+
+
+def signal_named(name: str) -> signal.Signals:
+    """`SIGUSR1`, `USR1` (as sbatch --signal spells it) or `usr1` -> signal.SIGUSR1."""
+    key = name.strip().upper()
+    key = key if key.startswith("SIG") else f"SIG{key}"
+    try:
+        return signal.Signals[key]
+    except KeyError:
+        raise ValueError(
+            f"PreemptionCheckpoint: requeue_signal {name!r} is no signal of this system; use the name of sbatch's "
+            "--signal, e.g. USR1 or SIGUSR2"
+        ) from None
+
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (SLURM preemption or time limit with `--signal=TERM@120`, Kubernetes eviction, `kill`), finish
-    the current step, write `last.ckpt`, requeue the SLURM job when asked, and exit; Lightning stops the run
-    right after this hook. Resume with `fit ... --ckpt_path last`.
+    """On SIGTERM (`scancel`, preemption, Kubernetes eviction, `kill`) or on the SLURM requeue signal (`#SBATCH
+    --signal=USR1@120`: the time limit is near), finish the current step, write `last.ckpt` and stop; after the
+    requeue signal, and only then, also requeue the SLURM job. Resume with `fit ... --ckpt_path last`.
 
-    Every rank takes the decision together (a rank saving alone would wait forever in the collective save).
+    Every rank takes the decision together (a rank saving alone would wait forever in the collective save), and
+    every rank stops by raising Lightning's `SIGTERMException`.
+
+    The requeue signal is that of Lightning's `SLURMEnvironment` when the strategy has one (`--trainer.plugins
+    SLURMEnvironment` with `requeue_signal` and `auto_requeue`; Lightning detects SLURM on its own under `srun`),
+    else `requeue_signal` here. This callback's handler for that signal replaces Lightning's, so Lightning does not
+    also write its `hpc_ckpt_*.ckpt` from inside the signal handler, in the middle of a step.
     """
 
-    def __init__(self, requeue: bool = True, filename: str = "last.ckpt") -> None:
+    def __init__(
+        self, requeue: bool = True, requeue_signal: str | None = "SIGUSR1", filename: str = "last.ckpt"
+    ) -> None:
         """
         Args:
-            requeue: under SLURM, run `scontrol requeue $SLURM_JOB_ID` after the checkpoint is written.
+            requeue: under SLURM, run `scontrol requeue <job>` after the requeue signal, once `last.ckpt` is written.
+            requeue_signal: the signal that asks for a requeue (the `--signal` of sbatch), when the strategy has no
+                SLURMEnvironment to say it; None: no requeue signal.
             filename: checkpoint file name, in the first ModelCheckpoint's folder.
         """
         self.requeue = requeue
+        self.requeue_signal = None if requeue_signal is None else signal_named(requeue_signal)
         self.filename = filename
         self.saved_path: Path | None = None
+        self.requeued_job: str | None = None
+        self._signum: int | None = None  # the requeue signal this run listens to
+        self._requeue_received = False
+        self._previous_handler: Any = None
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         callback = trainer.checkpoint_callback
         folder = getattr(callback, "dirpath", None) if callback is not None else None
         return Path(folder or Path(trainer.default_root_dir) / "checkpoints") / self.filename
 
+    def requeue_signal_for(self, trainer: L.Trainer) -> int | None:
+        """The signal that requeues the job: the SLURMEnvironment's when the strategy has one (multi-device
+        strategies do), else this callback's `requeue_signal`; None when requeueing is off."""
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if isinstance(environment, SLURMEnvironment):
+            return environment.requeue_signal if self.requeue and environment.auto_requeue else None
+        return self.requeue_signal if self.requeue else None
+
+    def _on_requeue_signal(self, signum: int, frame: Any) -> None:
+        self._requeue_received = True  # acted on after the step under way, never inside the handler
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after Lightning registered its handlers, so ours replaces its SLURM one, and its signal connector puts back
+        # the handlers of before the run when the run ends, also when it ends with an exception
+        self._requeue_received, self.saved_path, self.requeued_job = False, None, None
+        self._signum = self.requeue_signal_for(trainer)
+        if self._signum is not None and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        ours = (
+            signal.getsignal(self._signum) == self._on_requeue_signal if self._signum is not None else False
+        )
+        if ours and threading.current_thread() is threading.main_thread():  # Lightning did not put it back
+            signal.signal(self._signum, self._previous_handler)
+        self._previous_handler = None
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        received = bool(trainer.received_sigterm)
+        flags = torch.tensor([float(trainer.received_sigterm), float(self._requeue_received)])
         if trainer.world_size > 1:
-            received = trainer.strategy.reduce_boolean_decision(received, all=False)
-        if not received or self.saved_path is not None:
+            flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device), reduce_op="max").cpu()
+        sigterm, requeue = bool(flags[0]), bool(flags[1])
+        if not (sigterm or requeue) or self.saved_path is not None:
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
-        log.warning("SIGTERM: wrote %s at step %d; resume with --ckpt_path last", path, trainer.global_step)
-        job = os.environ.get("SLURM_JOB_ID")
-        if self.requeue and job and trainer.is_global_zero:
-            array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-            job = f"{array_job}_{task}" if array_job and task else job
-            result = subprocess.run(["scontrol", "requeue", job], check=False)
-            log.warning("scontrol requeue %s: exit status %d", job, result.returncode)
-        # every rank stops: those that did not receive the signal themselves too
-        trainer.should_stop = True
-        trainer._signal_connector.received_sigterm = True
+        received = {
+            s for s, on in ((signal.SIGTERM, sigterm), (self._signum, requeue)) if on and s is not None
+        }
+        name = " and ".join(signal.Signals(s).name for s in sorted(received))
+        log.warning("%s: wrote %s at step %d; resume with --ckpt_path last", name, path, trainer.global_step)
+        job = slurm_requeue_target(received, self._signum, os.environ)
+        if job and trainer.is_global_zero:
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], check=False)
+                log.warning("scontrol requeue %s: exit status %d", job, result.returncode)
+                self.requeued_job = job if result.returncode == 0 else None
+            except FileNotFoundError:  # no SLURM client here: the checkpoint is written, resubmit by hand
+                log.warning("scontrol not found: job %s not requeued; resubmit it with --ckpt_path last", job)
+        # every rank stops here together, also those that did not receive the signal themselves
+        raise SIGTERMException

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_modules.components.encoder import SizeName
-from lightning_modules.components.retrieval import RetrievalRecall
+from lightning_modules.components.retrieval import RetrievalRecall, mean_recall
 from lightning_modules.contrastive_module import NO_DECAY_NAMES, ContrastiveModule, PairEmbeddings
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.optim import Schedule, build_optimizer
@@ -36,7 +36,8 @@ _ROWS = {"image_text": "image_ids", "speech_text": "utt_keys"}  # a batch entry 
 
 
 class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
-    """Aligns images, speech and text; logs `val/{i2t,t2i,a2t,t2a,i2a,a2i}_R@K` and `train/loss`."""
+    """Aligns images, speech and text; logs `val/{i2t,t2i,a2t,t2a,i2a,a2i}_R@K`, `val/R@mean` (of
+    i2t, t2i, a2t, t2a) and `train/loss`."""
 
     def __init__(
         self,
@@ -248,11 +249,17 @@ class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
 
     def _log_eval(self, stage: str) -> None:
         values: dict[str, Tensor] = {}
+        # R@mean: of the two trained pairs, not of the emergent image<->speech (reported on spoken COCO only)
+        trained: dict[str, Tensor] = {}
         for task in TASKS:
             metric = self.system(task).retrieval[stage]
             if metric.update_called:
-                values.update({f"{stage}/{k}": v for k, v in metric.compute().items()})
+                recalls = metric.compute()
+                trained.update(recalls)
+                values.update({f"{stage}/{k}": v for k, v in recalls.items()})
             metric.reset()
+        if trained:
+            values[f"{stage}/R@mean"] = mean_recall(trained)
         image_speech = self.image_speech[stage]
         if any(len(k) for k in image_speech.a_keys) and any(len(k) for k in image_speech.b_keys):
             values.update({f"{stage}/{k}": v for k, v in image_speech.compute().items()})

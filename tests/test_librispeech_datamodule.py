@@ -310,12 +310,31 @@ def test_collate_of_an_all_bad_batch_is_empty(tone_root: Path, tmp_path: Path) -
     assert batch["skipped"] == 2 and batch["waveforms"].shape[0] == 0 and batch["input_ids"].shape[0] == 0
 
 
-def test_too_long_utterances_are_dropped(tone_root: Path, tmp_path: Path) -> None:
+def test_too_long_utterances_are_dropped(tone_root: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
     dm = make_dm(tone_root, tmp_path, max_duration=2.0)
     dm.setup("validate")
     kept = dm.datasets["val"].durations
     assert all(d <= 2.0 for d in kept)
-    assert len(kept) + dm.problems["val"].get("too_long", 0) == N_VAL and len(kept) < N_VAL
+    dropped = dm.problems["val"]["too_long"]
+    assert len(kept) + dropped == N_VAL and len(kept) < N_VAL
+    # a warning that counts them and names the setting, since validation then scores fewer utterances
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"val: max_duration=2.0 s drops {dropped} of {N_VAL} utterances" in warning
+    assert "they are not scored" in warning and "--data.init_args.max_duration" in warning
+
+
+def test_max_duration_10_warns_about_genuine_librispeech(tmp_path: Path, caplog) -> None:
+    """The speech quickstart's 10 s: one of the sample's four genuine utterances (10.4 s) goes."""
+    if not (REAL / "LibriSpeech" / "test-clean").is_dir():
+        pytest.skip(f"no LibriSpeech sample at {REAL}")
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    dm = make_dm(REAL, tmp_path, train_subsets=["test-clean"], max_duration=10.0)
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == 3
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("test: max_duration=10.0 s drops 1 of 4 utterances (25%), the longest 10.4 s")
+    assert "raise max_duration to 11 (--data.init_args.max_duration 11;" in warning
 
 
 def test_missing_root_or_subset_is_named(tone_root: Path, tmp_path: Path) -> None:

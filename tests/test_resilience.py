@@ -6,25 +6,34 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset
 
 from datamodules.loading import ResumableDataLoader, ResumableSampler
+from lightning_modules import resilience
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule
 from lightning_modules.resilience import (
     AtomicCheckpointIO,
     AtomicCheckpoints,
     NonFiniteLossError,
     PreemptionCheckpoint,
+    remove_stale_temporaries,
+    signal_named,
+    slurm_requeue_target,
 )
 from tests.helpers import quiet_trainer
 
@@ -175,15 +184,17 @@ def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
 # preemption ----------------------------------------------------------------------------------------
 
 
-class SigtermAt(L.Callback):
-    """Sends SIGTERM to this process at the start of one training step, as SLURM does on preemption."""
+class SignalAt(L.Callback):
+    """Sends a signal to this process at the start of one training step, as SLURM does on preemption (SIGTERM) or
+    before the time limit (the sbatch --signal)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
         self.step = step
+        self.signum = signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 class RecordIndices(L.Callback):
@@ -194,25 +205,44 @@ class RecordIndices(L.Callback):
         self.seen.append(batch["index"].tolist())
 
 
-def test_sigterm_writes_last_checkpoint_and_resume_is_exact(tmp_path: Path) -> None:
+@pytest.fixture
+def scontrol(monkeypatch) -> list[list[str]]:
+    """A SLURM job's environment, and the commands PreemptionCheckpoint runs instead of running them."""
+    for name in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    calls: list[list[str]] = []
+
+    def run(cmd, **kwargs):
+        calls.append(list(cmd))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(resilience.subprocess, "run", run)
+    return calls
+
+
+def _checkpointing(root: Path, *extra: L.Callback) -> list[L.Callback]:
+    ckpt = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=100)
+    return [ckpt, AtomicCheckpoints(), *extra]
+
+
+def test_sigterm_writes_last_checkpoint_and_resume_is_exact(tmp_path: Path, scontrol) -> None:
     data = RandomMLMBatches()  # 48 samples, 12 batches an epoch: the signal comes mid-epoch
     steps = 8
-
-    def callbacks(root: Path, *extra: L.Callback) -> list[L.Callback]:
-        ckpt = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, every_n_train_steps=100)
-        return [ckpt, AtomicCheckpoints(), *extra]
 
     torch.manual_seed(0)
     reference = RecordIndices()
     unbroken = tiny_mlm()
-    trainer(tmp_path / "u", max_steps=steps, callbacks=callbacks(tmp_path / "u", reference)).fit(
+    trainer(tmp_path / "u", max_steps=steps, callbacks=_checkpointing(tmp_path / "u", reference)).fit(
         unbroken, loader(data)
     )
 
     torch.manual_seed(0)
     first, preempted = RecordIndices(), PreemptionCheckpoint()
     t = trainer(
-        tmp_path / "p", max_steps=steps, callbacks=callbacks(tmp_path / "p", first, preempted, SigtermAt(3))
+        tmp_path / "p",
+        max_steps=steps,
+        callbacks=_checkpointing(tmp_path / "p", first, preempted, SignalAt(3)),
     )
     with pytest.raises(SIGTERMException):
         t.fit(tiny_mlm(), loader(data))
@@ -221,10 +251,12 @@ def test_sigterm_writes_last_checkpoint_and_resume_is_exact(tmp_path: Path) -> N
     # the step under way when the signal came was finished, then saved, and the run stopped there
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     assert len(first.seen) == 4
+    # SIGTERM is scancel (or a preemption SLURM handles itself): no requeue
+    assert scontrol == [] and preempted.requeued_job is None
 
     second = RecordIndices()
     resumed = tiny_mlm()
-    trainer(tmp_path / "p", max_steps=steps, callbacks=callbacks(tmp_path / "p", second)).fit(
+    trainer(tmp_path / "p", max_steps=steps, callbacks=_checkpointing(tmp_path / "p", second)).fit(
         resumed, loader(data), ckpt_path="last"
     )
     assert first.seen + second.seen == reference.seen  # no batch replayed, none skipped
@@ -232,31 +264,85 @@ def test_sigterm_writes_last_checkpoint_and_resume_is_exact(tmp_path: Path) -> N
         torch.testing.assert_close(resumed.state_dict()[name], a, msg=name)
 
 
+def test_requeue_signal_writes_last_checkpoint_and_requeues(tmp_path: Path, scontrol) -> None:
+    before = signal.getsignal(signal.SIGUSR2)
+    preempted = PreemptionCheckpoint(requeue_signal="USR2")  # as sbatch --signal=USR2@120 spells it
+    t = trainer(
+        tmp_path, max_steps=8, callbacks=_checkpointing(tmp_path, preempted, SignalAt(2, signal.SIGUSR2))
+    )
+    with pytest.raises(SIGTERMException):
+        t.fit(tiny_mlm(), loader(RandomMLMBatches()))
+    assert torch.load(preempted.saved_path, weights_only=True)["global_step"] == 3
+    assert preempted.saved_path == tmp_path / "checkpoints/last.ckpt"
+    assert scontrol == [["scontrol", "requeue", "4242"]] and preempted.requeued_job == "4242"
+    # a run that ends normally gives the signal back to whoever had it
+    t = trainer(tmp_path / "b", max_steps=1, callbacks=[PreemptionCheckpoint(requeue_signal="SIGUSR2")])
+    t.fit(tiny_mlm(), loader(RandomMLMBatches(8)))
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_requeue_decision() -> None:
+    usr1, term = signal.SIGUSR1, signal.SIGTERM
+    job = {"SLURM_JOB_ID": "17"}
+    assert slurm_requeue_target({usr1}, usr1, job) == "17"
+    array = {**job, "SLURM_ARRAY_JOB_ID": "16", "SLURM_ARRAY_TASK_ID": "3"}
+    assert slurm_requeue_target({usr1}, usr1, array) == "16_3"  # scontrol wants the array task, not its id
+    assert slurm_requeue_target({term}, usr1, job) is None  # scancel, or a preemption without --signal
+    assert slurm_requeue_target({usr1, term}, usr1, job) is None  # cancelled after the warning: no requeue
+    assert slurm_requeue_target({signal.SIGUSR2}, usr1, job) is None  # not the signal the job asked for
+    assert slurm_requeue_target({usr1}, None, job) is None  # requeue switched off
+    assert slurm_requeue_target({usr1}, usr1, {}) is None  # not a SLURM job
+    assert signal_named("usr1") == signal_named("SIGUSR1") == usr1
+    # the signal comes from Lightning's SLURMEnvironment when the strategy has one, else from the callback
+    callback = PreemptionCheckpoint(requeue_signal="USR1")
+    single = SimpleNamespace(strategy=SimpleNamespace())
+    assert callback.requeue_signal_for(single) == usr1
+    slurm = SLURMEnvironment(requeue_signal=signal.SIGUSR2)
+    assert (
+        callback.requeue_signal_for(SimpleNamespace(strategy=SimpleNamespace(cluster_environment=slurm)))
+        == signal.SIGUSR2
+    )
+    slurm = SLURMEnvironment(auto_requeue=False)
+    assert (
+        callback.requeue_signal_for(SimpleNamespace(strategy=SimpleNamespace(cluster_environment=slurm)))
+        is None
+    )
+    assert PreemptionCheckpoint(requeue=False).requeue_signal_for(single) is None
+    with pytest.raises(ValueError, match="'USR9' is no signal of this system; use the name of sbatch's"):
+        PreemptionCheckpoint(requeue_signal="USR9")
+
+
 # atomic checkpoints --------------------------------------------------------------------------------
 
 KILL_DURING_WRITE = """
-import os, signal, sys
+import io, os, signal, sys
 import torch
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning_modules.resilience import AtomicCheckpointIO
 
 path, atomic = sys.argv[1], sys.argv[2] == "atomic"
-io = AtomicCheckpointIO() if atomic else TorchCheckpointIO()
-io.save_checkpoint({"step": torch.tensor(1), "weights": torch.ones(1000)}, path)
+writer = AtomicCheckpointIO() if atomic else TorchCheckpointIO()
+writer.save_checkpoint({"step": torch.tensor(1), "weights": torch.ones(1000)}, path)
 
-def write_half_then_die(checkpoint, filepath):
-    # torch.save into memory, half of it onto the target, then the process is killed as by the OOM killer
-    import io as _io
-    buffer = _io.BytesIO()
-    torch.save(checkpoint, buffer)
-    with open(filepath, "wb") as f:
-        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        f.flush()
+def half_then_die(checkpoint, f):
+    # half of the serialised checkpoint reaches the file, then the process is killed as by the OOM killer
+    buffer = io.BytesIO()
+    real_save(checkpoint, buffer)
+    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    f.flush()
     os.kill(os.getpid(), signal.SIGKILL)
 
-torch_io._atomic_save = write_half_then_die
-io.save_checkpoint({"step": torch.tensor(2), "weights": torch.zeros(1000)}, path)
+def plain_half_then_die(checkpoint, filepath):
+    with open(filepath, "wb") as f:
+        half_then_die(checkpoint, f)
+
+real_save = torch.save
+if atomic:
+    torch.save = half_then_die  # AtomicCheckpointIO serialises straight into its open temporary file
+else:
+    torch_io._atomic_save = plain_half_then_die
+writer.save_checkpoint({"step": torch.tensor(2), "weights": torch.zeros(1000)}, path)
 """
 
 
@@ -266,18 +352,23 @@ def test_kill_during_checkpoint_write(tmp_path: Path, atomic: bool) -> None:
     script = tmp_path / "write.py"
     script.write_text(textwrap.dedent(KILL_DURING_WRITE))
     mode = "atomic" if atomic else "plain"
-    result = subprocess.run(
+    child = subprocess.Popen(
         [sys.executable, str(script), str(path), mode],
         cwd=REPO,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
-        capture_output=True,
-        timeout=120,
+        stderr=subprocess.PIPE,
     )
-    assert result.returncode == -signal.SIGKILL, result.stderr.decode()[-2000:]
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
     if atomic:
         # the previous checkpoint is whole; the half-written temporary file is beside it, never over it
         state = torch.load(path, map_location="cpu", weights_only=True)
         assert state["step"].item() == 1 and state["weights"].sum().item() == 1000
+        leftover = tmp_path / f".last.ckpt.tmp-{socket.gethostname()}-{child.pid}"
+        assert sorted(p.name for p in tmp_path.glob(".*")) == [leftover.name]
+        # the writer is dead (and reaped): the next start removes its leftover, and nothing else
+        assert remove_stale_temporaries(tmp_path) == [leftover]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "write.py"]
     else:  # what Lightning's plain writer leaves: the test above would catch it
         with pytest.raises(RuntimeError):
             torch.load(path, map_location="cpu", weights_only=True)
@@ -290,6 +381,73 @@ def test_atomic_checkpoints_replace_only_plain_torch_io(tmp_path: Path) -> None:
     t.save_checkpoint(tmp_path / "x.ckpt")
     assert torch.load(tmp_path / "x.ckpt", weights_only=True)["global_step"] == 1
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+
+
+def _dead_pid() -> int:
+    """The pid of a child that has exited and been reaped: no process has it (until the system reuses it)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_start_removes_only_dead_writers_temporaries_of_this_host(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    host = socket.gethostname()
+    dead = folder / f".last.ckpt.tmp-{host}-{_dead_pid()}"
+    live = folder / f".latest-step=4.ckpt.tmp-{host}-{os.getpid()}"  # a writer of this run at work
+    other_host = folder / f".last.ckpt.tmp-{host}x-{_dead_pid()}"  # its pids are not ours to look up
+    users = [folder / "notes.tmp-1", folder / f"last.ckpt.tmp-{host}-{_dead_pid()}", folder / "mine.ckpt"]
+    for path in (dead, live, other_host, *users):
+        path.write_bytes(b"x" * 100)
+    a_folder = folder / f".dir.tmp-{host}-{_dead_pid()}"  # the pattern, but a folder: not a file we wrote
+    a_folder.mkdir()
+
+    t = trainer(
+        tmp_path,
+        max_steps=1,
+        callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=0, save_last=True), AtomicCheckpoints()],
+    )
+    t.fit(tiny_mlm(), loader(RandomMLMBatches(8)))
+    assert not dead.exists()
+    assert all(p.is_file() for p in (live, other_host, *users)) and a_folder.is_dir()
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 1  # then written as usual
+
+
+def test_checkpoint_is_written_in_its_folder_not_in_tmpdir(tmp_path: Path, monkeypatch) -> None:
+    """Lightning's own writer goes through a temporary file of `$TMPDIR` (fsspec's transaction): the spy
+    sees it. The atomic writer creates nothing there."""
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    made: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def spy(*args, **kwargs):
+        fd, name = real_mkstemp(*args, **kwargs)
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    checkpoint = {"step": torch.tensor(7), "weights": torch.arange(10.0)}
+    TorchCheckpointIO().save_checkpoint(checkpoint, tmp_path / "plain.ckpt")
+    assert made and all(Path(name).parent == tmpdir for name in made)  # the spy works
+    made.clear()
+
+    t = trainer(
+        tmp_path / "run",
+        max_steps=2,
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "run/checkpoints", save_last=True, every_n_train_steps=1),
+            AtomicCheckpoints(),
+        ],
+    )
+    t.fit(tiny_mlm(), loader(RandomMLMBatches(8)))
+    assert made == [] and list(tmpdir.iterdir()) == []
+    state = torch.load(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    assert not list((tmp_path / "run/checkpoints").glob(".*"))  # no temporary file left behind
 
 
 # torch.compile -------------------------------------------------------------------------------------

@@ -573,22 +573,42 @@ class LibriSpeechDataModule(LightningDataModule):
             utterances += utts
             for kind, items in found.items():
                 problems.setdefault(kind, []).extend(items)
-        too_long = [u.path for u in utterances if u.duration > self.hparams.max_duration]
+        max_duration = self.hparams.max_duration
+        too_long = [u for u in utterances if u.duration > max_duration]
         if too_long:
-            problems["too_long"] = too_long
-            utterances = [u for u in utterances if u.duration <= self.hparams.max_duration]
+            problems["too_long"] = [u.path for u in too_long]
+            longest = max(u.duration for u in too_long)
+            # a warning, not a count at INFO: a short max_duration silently shrinks validation and test
+            # (10 s drops about three quarters of LibriSpeech's utterances)
+            keep = math.ceil(longest)
+            log.warning(
+                "%s: max_duration=%s s drops %d of %d utterances (%.0f%%), the longest %.1f s, e.g. %s; %s. To keep "
+                "them raise max_duration to %d (--data.init_args.max_duration %d; tri-modal: "
+                "--data.init_args.speech_text.max_duration %d) and max_batch_seconds to at least as much",
+                split,
+                max_duration,
+                len(too_long),
+                len(utterances),
+                100 * len(too_long) / len(utterances),
+                longest,
+                "; ".join(problems["too_long"][:3]),
+                "training never sees them" if split == "train" else "they are not scored",
+                keep,
+                keep,
+                keep,
+            )
+            utterances = [u for u in utterances if u.duration <= max_duration]
         descriptions = {
             "no_audio": "transcript line(s) without audio",
             "no_transcript": "audio file(s) without a transcript line",
             "unreadable": "unreadable audio file(s)",
             "empty": "zero-length audio file(s)",
             "malformed": "malformed transcript line(s)",
-            "too_long": f"utterance(s) longer than {self.hparams.max_duration} s",
         }
         for kind, items in problems.items():
-            level = logging.INFO if kind == "too_long" else logging.WARNING
-            log.log(
-                level,
+            if kind == "too_long":
+                continue  # said above, with the setting to change
+            log.warning(
                 "%s: dropped %d %s, e.g. %s",
                 split,
                 len(items),

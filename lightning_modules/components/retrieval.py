@@ -7,7 +7,7 @@ for speech an utterance and every transcript with identical text share group = t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["RetrievalRecall", "first_occurrence", "recall_at_k"]
+__all__ = ["RetrievalRecall", "first_occurrence", "mean_recall", "recall_at_k"]
 
 
 @torch.no_grad()
@@ -56,6 +56,16 @@ def recall_at_k(
         for i, k in enumerate(ks):
             hits[i] += match[:, :k].any(dim=1).sum()
     return {k: hits[i].item() / query.shape[0] for i, k in enumerate(ks)}
+
+
+def mean_recall(recalls: Mapping[str, Tensor]) -> Tensor:
+    """The mean of every `..._R@K` value in `recalls` (both directions, every K): the one retrieval score that
+    checkpoints monitor (`val/R@mean`, mode max). Unlike the in-batch contrastive loss it does not change with the
+    batch size."""
+    values = [v.float() for k, v in recalls.items() if "_R@" in k and not k.endswith("R@mean")]
+    if not values:
+        raise ValueError(f"no R@K value among {sorted(recalls)}")
+    return torch.stack(values).mean()
 
 
 def first_occurrence(keys: Tensor) -> Tensor:
