@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from cli import main
-from datamodules.synthetic_shapes import generate_shapes_coco
-from datamodules.synthetic_tones import generate_tone_librispeech
+from datamodules.synthetic.shapes import generate_shapes_coco
+from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import generate_spoken_captions
 from lightning_modules.components.retrieval import mean_recall
 
