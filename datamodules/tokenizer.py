@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -215,23 +215,30 @@ class TextTokenizer:
 
 def build_tokenizer(
     path: str | None,
-    texts: Iterable[str] | None,
+    texts: Iterable[str] | Callable[[], Iterable[str]] | None,
     cache_dir: str | os.PathLike,
     vocab_size: int,
     lowercase: bool,
-    key: str = "",
+    key: str | None = None,
     strip_accents: bool | None = None,
 ) -> TextTokenizer:
     """Load `path` when given; otherwise train on `texts` once and cache the result under `cache_dir`.
 
-    `key` identifies the training corpus (for example a hash of its files), so a changed corpus or
-    setting trains a new vocabulary instead of reusing a stale one. `strip_accents=None` strips accents
+    The one lazy-tokenizer helper of every DataModule: `texts` may be a function, called only when there is no
+    `path`, so giving a tokenizer (or a checkpoint's) never reads the training data. `key` identifies the
+    training corpus (for example a hash of its files), so a changed corpus or setting trains a new vocabulary
+    instead of reusing a stale one; None keys it by the texts themselves. `strip_accents=None` strips accents
     exactly when `lowercase` (BERT-uncased); False keeps them in lowercased text.
     """
     if path:
         return TextTokenizer.from_file(path, lowercase, strip_accents)
+    if callable(texts):
+        texts = texts()
     if texts is None:
         raise ValueError("no tokenizer path given and no texts to train one on")
+    if key is None:
+        texts = list(texts)
+        key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     settings: list = [key, vocab_size, lowercase]
     if (lowercase if strip_accents is None else strip_accents) != lowercase:
         # only a departure from BERT's rule is keyed: vocabularies cached before this setting stay valid

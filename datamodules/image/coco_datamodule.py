@@ -27,10 +27,10 @@ layout: retrieval ranks every caption against every image of the split.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,6 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.train_shards = train_shards
         self.shuffle_buffer = shuffle_buffer
 
-        self._tokenizer: TextTokenizer | None = None
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
         # by role: "train", "val", "test"; training from shards is a ShardStream (an IterableDataset)
         self.datasets: dict[str, CocoCaptionsDataset | IterableDataset] = {}
@@ -237,28 +236,28 @@ class CocoCaptionsDataModule(LightningDataModule):
         return present
 
     # tokenizer -------------------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def tokenizer(self) -> TextTokenizer:
-        """The text tokenizer, loaded or trained (and cached) on first use, so it works before setup()."""
-        if self._tokenizer is None:
-            texts = None
-            key = ""
-            if not self.tokenizer_path:
-                try:
-                    texts = self._training_captions()
-                except FileNotFoundError as err:
-                    raise FileNotFoundError(
-                        f"{err}. The vocabulary is trained on the training captions: to evaluate without them, "
-                        "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
-                    ) from None
-                # The corpus itself is the cache key: other captions or splits train a new vocabulary.
-                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-            self._tokenizer = build_tokenizer(
-                self.tokenizer_path, texts, self.cache_dir, self.target_vocab_size, self.lowercase, key
-            )
-        return self._tokenizer
+        """The text tokenizer, loaded or trained (and cached, keyed by the captions) on first use, so it works
+        before setup()."""
+        return build_tokenizer(
+            self.tokenizer_path,
+            self._training_captions,
+            self.cache_dir,
+            self.target_vocab_size,
+            self.lowercase,
+        )
 
     def _training_captions(self) -> list[str]:
+        try:
+            return self._read_training_captions()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}. The vocabulary is trained on the training captions: to evaluate without them, "
+                "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+            ) from None
+
+    def _read_training_captions(self) -> list[str]:
         # Annotations first, so shards and folder train the same vocabulary; shards alone when there are none.
         annotated = self.karpathy_json or self._annotation_file(self.train_split).is_file()
         if self.train_shards and not annotated:

@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -477,7 +478,6 @@ class LibriSpeechDataModule(LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.datasets: dict[str, LibriSpeechDataset] = {}
         self.problems: dict[str, dict[str, int]] = {}  # split -> kind of problem -> count
-        self._tokenizer: TextTokenizer | None = None
         self._speakers: dict[int, Speaker] | None = None
 
     # data location -------------------------------------------------------------------------------
@@ -521,32 +521,26 @@ class LibriSpeechDataModule(LightningDataModule):
         return self._speakers
 
     # tokenizer -----------------------------------------------------------------------------------
-    @property
+    @cached_property
     def tokenizer(self) -> TextTokenizer:
-        """Loaded or trained on first use, so `vocab_size` is known before `setup` (e.g. for CLI links)."""
-        if self._tokenizer is None:
-            texts = None
-            key = ""
-            if not self.hparams.tokenizer:
-                try:
-                    train_dirs = self.subset_dirs("train")
-                except FileNotFoundError as err:
-                    raise FileNotFoundError(f"{err}. {NO_TRAINING_DATA}") from None
-                texts = []
-                for subset in train_dirs:
-                    for trans in sorted(subset.glob("*/*/*.trans.txt")):
-                        found, _ = read_transcripts(trans)
-                        texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
-                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-            self._tokenizer = build_tokenizer(
-                self.hparams.tokenizer,
-                texts,
-                self.cache_dir,
-                self.hparams.tokenizer_vocab_size,
-                self.hparams.lowercase,
-                key,
-            )
-        return self._tokenizer
+        """Loaded or trained (keyed by the transcripts) on first use, so `vocab_size` is known before `setup`
+        (e.g. for CLI links)."""
+        hp = self.hparams
+        return build_tokenizer(
+            hp.tokenizer, self._training_transcripts, self.cache_dir, hp.tokenizer_vocab_size, hp.lowercase
+        )
+
+    def _training_transcripts(self) -> list[str]:
+        try:
+            train_dirs = self.subset_dirs("train")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}. {NO_TRAINING_DATA}") from None
+        texts = []
+        for subset in train_dirs:
+            for trans in sorted(subset.glob("*/*/*.trans.txt")):
+                found, _ = read_transcripts(trans)
+                texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
+        return texts
 
     @property
     def vocab_size(self) -> int:

@@ -200,7 +200,6 @@ class CoNLLDataModule(FineTuneDataModule):
         self.labels = list(labels or CONLL2003_LABELS)
         if not tokenizer:
             raise ValueError(NO_TOKENIZER)
-        self._tokenizer: TextTokenizer | None = None
         self.datasets: dict[str, NERDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 

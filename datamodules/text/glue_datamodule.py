@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -217,11 +218,9 @@ class FineTuneDataModule(L.LightningDataModule):
     def collator(self):
         raise NotImplementedError
 
-    @property
+    @cached_property
     def tokenizer(self) -> TextTokenizer:
-        if getattr(self, "_tokenizer", None) is None:
-            self._tokenizer = load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
-        return self._tokenizer
+        return load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -293,7 +292,6 @@ class GlueDataModule(FineTuneDataModule):
         self.task = GLUE_TASKS[task]
         if not tokenizer:
             raise ValueError(NO_TOKENIZER)
-        self._tokenizer: TextTokenizer | None = None
         self.datasets: dict[str, EncodedDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from functools import cached_property
 from pathlib import Path
 
 import lightning as L
@@ -160,7 +161,6 @@ class MLMDataModule(L.LightningDataModule):
             lines_per_document=lines_per_document,
             seed=seed,
         )
-        self._tokenizer: TextTokenizer | None = None
         self.folder: Path | None = None
         self.datasets: dict[str, MLMInstanceDataset] = {}
 
@@ -182,28 +182,29 @@ class MLMDataModule(L.LightningDataModule):
                 "nothing to train a tokenizer on"
             )
 
-    @property
+    @cached_property
     def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None and self.prepared is not None:
-            if not self.hparams.tokenizer:
-                raise ValueError(
-                    f"data.prepared {self.prepared} needs the tokenizer its instances were made with: pass "
-                    "--ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
-                )
-            self._tokenizer = TextTokenizer.from_file(self.hparams.tokenizer, self.hparams.lowercase)
-        if self._tokenizer is None:
-            inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
-            key = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
-            self._tokenizer = build_tokenizer(
-                self.hparams.tokenizer,
-                self._training_texts(),
-                Path(self.hparams.cache_dir) / "tokenizers",
-                self.hparams.tokenizer_vocab_size,
-                self.hparams.lowercase,
-                key=f"{key}|{self.hparams.tokenizer_train_docs}",
-                strip_accents=self.hparams.strip_accents,
+        """Loaded, or trained on the corpus (keyed by its files' names, sizes and times) on first use."""
+        hp = self.hparams
+        if self.prepared is not None and not hp.tokenizer:
+            raise ValueError(
+                f"data.prepared {self.prepared} needs the tokenizer its instances were made with: pass "
+                "--ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
             )
-        return self._tokenizer
+        key = None
+        if not hp.tokenizer:
+            inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
+            files = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
+            key = f"{files}|{hp.tokenizer_train_docs}"
+        return build_tokenizer(
+            hp.tokenizer,
+            self._training_texts,
+            Path(hp.cache_dir) / "tokenizers",
+            hp.tokenizer_vocab_size,
+            hp.lowercase,
+            key=key,
+            strip_accents=hp.strip_accents,
+        )
 
     @property
     def vocab_size(self) -> int:
