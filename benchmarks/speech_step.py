@@ -26,13 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datamodules.speech.librispeech_datamodule import (  # noqa: E402
-    DurationBucketBatchSampler,
-    LibriSpeechDataModule,
-    LibriSpeechDataset,
-    SpeechTextCollator,
-    index_subset,
-)
+from datamodules.speech.librispeech import LibriSpeechDataset, SpeechTextCollator, index_subset  # noqa: E402
+from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule  # noqa: E402
 from datamodules.synthetic.tones import generate_tone_librispeech  # noqa: E402
 from lightning_modules.components.speech_tower import LogMel, SpeechTowerConfig  # noqa: E402
 from lightning_modules.optim import param_groups  # noqa: E402

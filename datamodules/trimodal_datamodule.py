@@ -46,11 +46,8 @@ from torch.utils.data import DataLoader
 from datamodules.generated import claim_folder, mark_complete, root_advice
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.speech.librispeech_datamodule import (
-    LibriSpeechDataModule,
-    normalise_transcript,
-    read_transcripts,
-)
+from datamodules.speech.librispeech import normalise_transcript, read_transcripts
+from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import render_sentence, tone_lexicon, written_whole
 from datamodules.tokenizer import TextTokenizer, build_tokenizer

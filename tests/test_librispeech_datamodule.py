@@ -14,13 +14,10 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
+import datamodules.speech.librispeech as librispeech_reader
 import datamodules.speech.librispeech_datamodule as lsdm
-from datamodules.speech.librispeech_datamodule import (
-    DurationBucketBatchSampler,
-    LibriSpeechDataModule,
-    load_audio,
-    parse_speakers,
-)
+from datamodules.speech.librispeech import load_audio, parse_speakers
+from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule
 from datamodules.synthetic.tones import generate_tone_librispeech, render_sentence, tone_lexicon
 
 N_TRAIN, N_VAL = 24, 8
@@ -122,7 +119,7 @@ def test_index_cache_is_reused_and_invalidated(tone_copy: Path, tmp_path: Path, 
     make_dm(tone_copy, tmp_path).setup("validate")
     calls = []
     real_info = sf.info
-    monkeypatch.setattr(lsdm.sf, "info", lambda p: calls.append(p) or real_info(p))
+    monkeypatch.setattr(librispeech_reader.sf, "info", lambda p: calls.append(p) or real_info(p))
     dm = make_dm(tone_copy, tmp_path)
     dm.setup("validate")
     assert calls == [] and len(dm.datasets["val"]) == N_VAL  # served from the cache

@@ -12,7 +12,7 @@ import torch
 
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.speech.librispeech_datamodule import read_transcripts
+from datamodules.speech.librispeech import read_transcripts
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import TriModalDataModule, caption_words, generate_spoken_captions
