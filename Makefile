@@ -1,15 +1,18 @@
-# `make demo` and `make test` do all set-up themselves: each installs what setup.cfg asks for (once per
-# version of setup.cfg; the stamp makes later runs skip the install) and then runs.
+# `make demo` and `make test` do all set-up themselves: each installs the package in place (`pip install -e`) with
+# its dev extras at the exact versions of constraints.txt, once per version of setup.cfg, pyproject.toml and
+# constraints.txt (the stamp makes later runs skip the install), and then runs.
 PYTHON ?= python3
-STAMP := .cache/install-$(shell cksum setup.cfg | cut -d' ' -f1).stamp
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP := .cache/install-$(shell cat setup.cfg pyproject.toml constraints.txt | cksum | cut -d' ' -f1).stamp
 
 .PHONY: install demo test test-all lint bench
 
-$(STAMP): setup.cfg
+# The build backend that pyproject.toml names goes in first, so the package builds without an isolated
+# environment (which would download setuptools on every install).
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	@mkdir -p .cache
-	$(PYTHON) -c "import configparser as c; p = c.ConfigParser(); p.read('setup.cfg'); \
-	print(p['options']['install_requires']); print(p['options.extras_require']['dev'])" > .cache/requirements.txt
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r .cache/requirements.txt
+	$(PIP) "setuptools>=64" wheel
+	$(PIP) --no-build-isolation -e ".[dev]"
 	@touch $@
 
 install: $(STAMP)

@@ -1,25 +1,35 @@
-"""Command line: `python cli.py fit|validate|test|predict --config configs/<task>/<experiment>.yaml`.
+"""Command line: `multimodal-pretrain fit|validate|test|predict --config configs/<task>/<experiment>.yaml` (the
+console script of `pip install .`), or `python cli.py ...` from a clone.
 
 A LightningCLI with the omegaconf+ parser: `${trainer.default_root_dir}` style interpolation is resolved on
 the merged config, after every `--config` file and command-line override, so a snippet such as
 `configs/logger/wandb.yaml` may refer to keys of the experiment config. Tests call `main([...])` in-process.
-One extra command, `python cli.py export-hf --ckpt_path C --out DIR`, writes an MLM checkpoint as a Hugging
-Face BERT folder.
+One extra command, `export-hf --ckpt_path C --out DIR`, writes an MLM checkpoint as a Hugging Face BERT folder.
 
-From the command line, configuration errors (a missing dataset path, an unknown key, a precision the
-hardware cannot run) end with one line on stderr and exit status 2; `MMPRETRAIN_DEBUG=1` shows the traceback.
+From the command line, errors of configuration and input found before the first batch (a missing dataset
+path, an unknown key, a precision the hardware cannot run, a checkpoint that is truncated or of another system)
+end with one line on stderr and exit status 2; `MMPRETRAIN_DEBUG=1` shows the traceback. Errors raised once
+the first batch has started keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import logging
 import os
+import pickle
+import pkgutil
 import platform
+import re
 import sys
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import jsonargparse
+import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
@@ -32,7 +42,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from lightning_modules.callbacks import MetricCurves
-from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
+from lightning_modules.resilience import SYSTEM_CLASS_KEY, AtomicCheckpoints, PreemptionCheckpoint
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
 # under the subcommand (`fit.trainer...`) on the merged config
@@ -59,6 +69,15 @@ class SaveConfig(SaveConfigCallback):
 
 
 class PretrainCLI(LightningCLI):
+    def parse_arguments(self, parser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # Lightning reads the hyper-parameters of --ckpt_path right after parsing: a file that is no checkpoint
+        # of this framework, or one of another system, is named here, before it is unpickled
+        if self.config.get("subcommand"):
+            cfg = self.config[self.config.subcommand]
+            model = cfg.get("model")
+            check_checkpoint(cfg.get("ckpt_path"), getattr(model, "class_path", None), "the config")
+
     def add_arguments_to_parser(self, parser) -> None:
         # the text tower's vocabulary comes from the tokenizer the DataModule trained or loaded
         parser.link_arguments(
@@ -161,19 +180,18 @@ def check_precision(precision: str, accelerator: str) -> None:
         )
 
 
-def export_hf(argv: list[str]) -> Path:
+def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     from datamodules.tokenizer import TextTokenizer
     from lightning_modules.mlm_module import MLMPretrainingModule
 
     p = argparse.ArgumentParser(
-        prog="cli.py export-hf", description="Export an MLM checkpoint to a Hugging Face BERT folder"
+        prog=f"{prog} export-hf", description="Export an MLM checkpoint to a Hugging Face BERT folder"
     )
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    if not Path(a.ckpt_path).is_file():
-        raise SystemExit(f"error: checkpoint {a.ckpt_path} does not exist")
-    ckpt = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(a.ckpt_path)
+    check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
     # the architecture comes from the saved hyperparameters; the weights follow
     hparams = {
         k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_") and k != "init_from_hf"
@@ -190,6 +208,161 @@ def export_hf(argv: list[str]) -> Path:
     return out
 
 
+# Checkpoints --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
+
+
+def _kind_of_file(head: bytes) -> str:
+    """What a file that is no torch.save zip archive seems to be, from its first bytes."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "a JPEG image"
+    if head.startswith(b"\x89PNG"):
+        return "a PNG image"
+    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # torch's legacy magic number
+        return "a torch file in the format before torch 1.6"
+    if head.startswith(b"\x80"):
+        return "a plain pickle"
+    if head.startswith(b"PK"):
+        return "a zip archive that torch.save did not write"
+    if all(b >= 32 or b in b"\t\n\r" for b in head):
+        return "a text file"
+    return "a binary file of another format"
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The contents of a checkpoint file of this framework, read with `weights_only=True` (no code from the file
+    runs) and memory-mapped (tensors are read when used).
+
+    Raises CheckpointError, naming the file, when it is missing, truncated, or no checkpoint of this framework.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder (a sharded checkpoint?), not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head.startswith(b"PK\x03\x04"):  # torch.save has written zip archives since torch 1.6
+        raise CheckpointError(f"{path}: not a checkpoint of this framework ({_kind_of_file(head)})")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except zipfile.BadZipFile:
+        # a zip archive's directory is written last: a save or a copy cut short leaves none
+        size = path.stat().st_size
+        raise CheckpointError(
+            f"{path}: truncated ({size} bytes, the end of the file is missing: an interrupted save or copy)"
+        ) from None
+    if not any(m.endswith("/data.pkl") for m in members):
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this framework (a zip archive that torch.save did not write)"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses any class outside tensors and plain values, which is all a checkpoint here holds
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        such = f", such as {found.group(1)}," if found else ""
+        raise CheckpointError(
+            f"{path}: not a checkpoint of this framework (it holds Python objects{such} which are not loaded: "
+            "loading them would run code from the file)"
+        ) from None
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: damaged ({detail})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
+        what = "bare weights, without the hyper-parameters" if bare else "no state_dict"
+        raise CheckpointError(f"{path}: not a checkpoint of this framework (a torch file with {what})")
+    return ckpt
+
+
+def _resolve(class_path: str) -> type | None:
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_args(cls: type) -> set[str]:
+    """The keyword arguments `cls(...)` takes, following `**kwargs` up to the parent class that takes them."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _systems() -> list[type]:
+    """Every LightningModule defined in lightning_modules."""
+    found = []
+    for info in pkgutil.iter_modules(lightning_modules.__path__):
+        module = importlib.import_module(f"lightning_modules.{info.name}")
+        found += [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type) and issubclass(c, L.LightningModule) and c.__module__ == module.__name__
+        ]
+    return found
+
+
+def _system_from_hparams(hparams: dict, expected: type) -> str | None:
+    """For a checkpoint that does not name its system (written before `system_class_path` existed, from Python):
+    None when `expected` takes its hyper-parameters, else the system that does, or a description."""
+    names = {k for k in hparams if not k.startswith("_")}
+    if not names or names <= _init_args(expected):
+        return None
+    fits = [c for c in _systems() if names <= _init_args(c)]
+    if fits:
+        return min(fits, key=lambda c: len(_init_args(c) - names)).__name__  # the closest fit
+    foreign = ", ".join(sorted(names - _init_args(expected))[:4])
+    return f"a system with hyper-parameters that {expected.__name__} does not take ({foreign})"
+
+
+def check_system(path: str | Path, ckpt: dict, expected: type, asked_by: str) -> None:
+    """Raise CheckpointError unless `ckpt` was written by `expected` (or a subclass). The system is named by
+    CheckpointExtras (`system_class_path`) or by LightningCLI (`_class_path` among the hyper-parameters); without
+    either, the hyper-parameter names tell."""
+    hparams = ckpt.get("hyper_parameters") or {}
+    recorded = ckpt.get(SYSTEM_CLASS_KEY) or hparams.get("_class_path")
+    if recorded is None:
+        held = _system_from_hparams(hparams, expected)
+    else:
+        cls = _resolve(recorded)
+        ok = (
+            issubclass(cls, expected) if cls is not None else recorded.rpartition(".")[2] == expected.__name__
+        )
+        held = None if ok else recorded.rpartition(".")[2]
+    if held is not None:
+        raise CheckpointError(f"{path}: holds {held}, {asked_by} asks for {expected.__name__}")
+
+
+def check_checkpoint(ckpt_path: str | Path | None, model_class_path: str | None, asked_by: str) -> None:
+    """Check a `--ckpt_path` before Lightning loads it: an existing checkpoint file of this framework, written by
+    the system of `model_class_path`. Lightning's own names (best, last, hpc, registry), remote paths and
+    sharded checkpoint folders (FSDP, DeepSpeed) are left to Lightning."""
+    if not ckpt_path:
+        return
+    ckpt_path = str(ckpt_path)
+    if ckpt_path in ("best", "last", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return
+    if "://" in ckpt_path or Path(ckpt_path).is_dir():
+        return
+    ckpt = read_checkpoint(ckpt_path)
+    expected = _resolve(model_class_path) if model_class_path else None
+    if expected is not None:
+        check_system(ckpt_path, ckpt, expected, asked_by)
+
+
+# Errors -------------------------------------------------------------------------------------------------------
 def one_line(err: BaseException) -> str:
     """The part of an error message a person acts on, on one line.
 
@@ -227,38 +400,68 @@ def _is_wandb_error(err: BaseException) -> bool:
     return type(err).__module__.startswith("wandb.errors")
 
 
+class RunStarted(L.Callback):
+    """Marks the first batch of any loop (sanity check included). Errors before it come from the configuration
+    and the input: they get one line. Errors after it come from the run, maybe hours in: they keep their
+    traceback."""
+
+    started = False
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.started = True
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _start
+
+
+def _prog(args: ArgsType) -> str:
+    """The command as the user typed it, for messages that suggest one: the console script or `python cli.py`."""
+    name = Path(sys.argv[0]).name
+    return name if args is None and name and not name.endswith(".py") else "python cli.py"
+
+
 def main(args: ArgsType = None, friendly_errors: bool | None = None) -> PretrainCLI | None:
-    """Run the CLI. `friendly_errors` (default: only when reading sys.argv) turns configuration errors into one
-    line on stderr and `SystemExit(2)`; MMPRETRAIN_DEBUG=1 turns that off."""
+    """Run the CLI. `friendly_errors` (default: only when reading sys.argv) turns errors of configuration and
+    input raised before the first batch into one line on stderr and `SystemExit(2)`; MMPRETRAIN_DEBUG=1 turns
+    that off."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "export-hf":
-        export_hf(argv[1:])
-        return None
     friendly = (args is None if friendly_errors is None else friendly_errors) and not os.environ.get(
         "MMPRETRAIN_DEBUG"
     )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_float32_matmul_precision("high")
+    prog = _prog(args)
+    run_started = RunStarted()
     try:
+        if argv and argv[0] == "export-hf":
+            export_hf(argv[1:], prog)
+            return None
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        torch.set_float32_matmul_precision("high")
         cli = PretrainCLI(
             # exit_on_error=False: the parser raises instead of printing its usage, and the message is shortened below
-            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": not friendly},
+            parser_kwargs={
+                "parser_mode": "omegaconf+",
+                "exit_on_error": not friendly,
+                "description": "Pretraining of text, image-text and speech-text models. One more command: "
+                f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder.",
+            },
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=SaveConfig,
             save_config_kwargs={"overwrite": True},
-            # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger
-            # appended too: last.ckpt on SIGTERM or SLURM's requeue signal (and a requeue only on the latter), and
-            # checkpoint files written atomically in their folder, with dead writers' leftovers removed at start
-            trainer_defaults={"callbacks": [MetricCurves(), PreemptionCheckpoint(), AtomicCheckpoints()]},
+            # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger;
+            # last.ckpt on SIGTERM or SLURM's requeue signal (and a requeue only on the latter); checkpoint files
+            # written atomically in their folder, with dead writers' leftovers removed at start; the mark of the
+            # first batch, after which errors keep their traceback
+            trainer_defaults={
+                "callbacks": [MetricCurves(), PreemptionCheckpoint(), AtomicCheckpoints(), run_started]
+            },
             args=args,  # None: LightningCLI reads sys.argv itself
         )
     except Exception as err:
-        if not friendly or not (isinstance(err, ACTIONABLE) or _is_wandb_error(err)):
+        if not friendly or run_started.started or not (isinstance(err, ACTIONABLE) or _is_wandb_error(err)):
             raise
         message = one_line(err)
         if isinstance(err, jsonargparse.ArgumentError):
-            message += f" (python cli.py {argv[0] if argv else 'fit'} --help lists the options)"
+            message += f" ({prog} {argv[0] if argv else 'fit'} --help lists the options)"
         elif _is_wandb_error(err):
             message = (
                 f"W&B: {message} Or run without an account: WANDB_MODE=offline (upload later with "
@@ -272,6 +475,13 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()
     return cli
+
+
+def run() -> int:
+    """The `multimodal-pretrain` console script: `main()` on sys.argv. Console scripts hand the return value to
+    sys.exit, which would print main's PretrainCLI and exit 1: this returns 0."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

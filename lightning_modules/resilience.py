@@ -71,13 +71,19 @@ def zero_loss(module: L.LightningModule) -> Tensor:
     return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
 
 
+# where a checkpoint names the class of the system that wrote it
+SYSTEM_CLASS_KEY = "system_class_path"
+
+
 class CheckpointExtras(L.LightningModule):
     """What every system's checkpoint carries besides weights and loop state: every rank's RNG state, so a resumed
-    run draws the dropout masks an unbroken one would, and the DataModule's tokenizer (`tokenizer_json`), so
-    zero-shot, fine-tuning and the HF export need no data cache."""
+    run draws the dropout masks an unbroken one would, the DataModule's tokenizer (`tokenizer_json`), so
+    zero-shot, fine-tuning and the HF export need no data cache, and the system's class path
+    (`system_class_path`), so a checkpoint given to the wrong config is refused by name."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
+        checkpoint[SYSTEM_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
