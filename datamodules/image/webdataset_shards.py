@@ -491,6 +491,8 @@ def read_shard(
     delay = RETRY_DELAY if retry_delay is None else retry_delay
     given = 0
     for attempt in range(retries + 1):
+        if limit is not None and given >= limit:  # broke after its last sample was given: nothing left to read
+            return
         try:
             for sample in iter_tar_samples(url, skip + given, None if limit is None else limit - given, read):
                 given += 1
