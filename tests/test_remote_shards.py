@@ -267,3 +267,20 @@ def test_unreachable_shards_give_one_line_errors(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"none of the 3 shards can be read; the first: {urls[0]}: FileNotFoundError")
+
+
+def test_shards_without_sizes_files_use_train_num_samples(shards: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"  # shards of another tool: no _info.json, no sizes.json
+    bare.mkdir()
+    for i in range(5):
+        (bare / f"coco-{i:06d}.tar").write_bytes((shards / f"coco-{i:06d}.tar").read_bytes())
+    urls = expand_shards(f"pipe:cat {bare}/{BRACES}")
+    with pytest.raises(FileNotFoundError, match="5 remote shards have no sample counts"):
+        ShardStream(urls, TRANSFORM)
+    with pytest.raises(ValueError, match="train_num_samples=3 leaves 3 samples for the 5 shards"):
+        ShardStream(urls, TRANSFORM, num_samples=3)
+    data = ShardStream(urls, TRANSFORM, batch_size=2, num_samples=24)
+    assert data.sizes == [5, 5, 5, 5, 4]  # spread evenly, which is how these shards are filled
+    assert ids(data, 0) == ids(local(shards, batch_size=2), 0)
+    # A glob character in a URL's query (a signed URL) is not taken for a pattern to list.
+    assert expand_shards("https://example.org/x.tar?sig=a*b") == ["https://example.org/x.tar?sig=a*b"]

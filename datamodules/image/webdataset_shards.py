@@ -311,9 +311,16 @@ def _fsspec() -> Any:
         import fsspec
     except ImportError:
         raise ImportError(
-            "shard URLs are read through fsspec: pip install fsspec aiohttp (and s3fs for s3://, gcsfs for gs://)"
+            "shard URLs are read through fsspec: pip install -e .[remote] (fsspec, aiohttp, s3fs, gcsfs)"
         ) from None
     return fsspec
+
+
+def _open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
+    try:
+        return _fsspec().open(url, mode, **kwargs).open()
+    except ImportError as err:  # fsspec's own message names the missing backend (s3fs, gcsfs, aiohttp)
+        raise ImportError(f"cannot read {url}: {err} (pip install -e .[remote] installs them)") from None
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -356,7 +363,8 @@ def expand_shards(spec: str) -> list[str]:
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
     if _URL.match(spec):
-        if "{" in spec or not (glob.has_magic(spec) or spec.endswith("/")):
+        # listed only when it asks for it: a `?` may start a signed URL's query, not a glob
+        if "{" in spec or not ("*" in spec.split("?")[0] or spec.endswith("/")):
             return _expand_braces(spec)
         fs, path = _fsspec().core.url_to_fs(spec)
         paths = sorted(
@@ -393,7 +401,7 @@ class _RemoteBytes:
         else:
             # block_size=0: one streaming GET; fsspec's default asks HTTP servers for byte ranges
             kwargs = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
-            self._file = _fsspec().open(url, "rb", **kwargs).open()
+            self._file = _open_url(url, "rb", **kwargs)
 
     def read(self, size: int = -1) -> bytes:
         return self._file.read(size)
@@ -491,7 +499,9 @@ def read_shard(
     delay = RETRY_DELAY if retry_delay is None else retry_delay
     given = 0
     for attempt in range(retries + 1):
-        if limit is not None and given >= limit:  # broke after its last sample was given: nothing left to read
+        if (
+            limit is not None and given >= limit
+        ):  # broke after its last sample was given: nothing left to read
             return
         try:
             for sample in iter_tar_samples(url, skip + given, None if limit is None else limit - given, read):
@@ -534,28 +544,33 @@ def _located(shard: str) -> str | None:
     # (`aws s3 cp s3://b/coco-000001.tar -`), else the shard itself.
     if not shard.startswith("pipe:"):
         return shard
-    return next((w for w in shlex.split(shard[5:]) if _TAR_NAME.search(w)), None)
+    try:
+        words = shlex.split(shard[5:])
+    except ValueError:  # unbalanced quotes: the shell will say what is wrong when the command runs
+        return None
+    return next((w for w in words if _TAR_NAME.search(w.split("?")[0])), None)
 
 
 def _read_text(location: str) -> str:
     if _URL.match(location):
-        with _fsspec().open(location, "rt", encoding="utf-8") as f:
+        with _open_url(location, "rt", encoding="utf-8") as f:
             return f.read()
     with open(location, encoding="utf-8") as f:
         return f.read()
 
 
-def _folder_counts(folder: str) -> dict[str, int]:
+def _folder_counts(folder: str, from_command: bool) -> dict[str, int]:
     """Samples per shard file name from `_info.json` or else `sizes.json` in `folder` (a path or a URL)."""
     join = posixpath.join if _URL.match(folder) else os.path.join
+    errors = (ImportError, *READ_ERRORS) if from_command else READ_ERRORS
     for name in (INFO_FILE, SIZES_FILE):
         location = join(folder, name)
         try:
             data = json.loads(_read_text(location))
         except FileNotFoundError:
             continue
-        except (ImportError, *READ_ERRORS) as err:  # e.g. s3fs not installed for the s3:// of a pipe: command
-            log.warning("cannot read %s: %s", location, err)
+        except errors as err:  # a pipe: command may reach what fsspec cannot (`aws` without s3fs): not fatal
+            log.warning("%s", err if isinstance(err, ImportError) else f"cannot read {location}: {err}")
             continue
         except ValueError as err:
             raise ValueError(f"{location} is not valid JSON: {err}") from None
@@ -575,17 +590,21 @@ def shard_sizes(paths: Sequence[str], num_samples: int | None = None) -> list[in
     shards without counts; else, for local shards only, counted from the tar headers. Remote shards are never
     read whole to count them: without a sizes file or `num_samples` they raise.
     """
-    dirname = lambda p: posixpath.dirname(p) if _URL.match(p) else os.path.dirname(p)  # noqa: E731
+
+    def split(where: str) -> tuple[str, str]:  # (folder, file name); a URL's query is not part of the name
+        if _URL.match(where):
+            return posixpath.dirname(where.split("?")[0]), posixpath.basename(where.split("?")[0])
+        return os.path.split(where)
+
     counts: dict[str, dict[str, int]] = {}
     known: dict[str, int] = {}
     for p in paths:
         where = _located(p)
         if where is None:
             continue
-        folder = dirname(where)
+        folder, name = split(where)
         if folder not in counts:
-            counts[folder] = _folder_counts(folder)
-        name = posixpath.basename(where)
+            counts[folder] = _folder_counts(folder, from_command=p.startswith("pipe:"))
         if name in counts[folder]:
             known[p] = counts[folder][name]
     unknown = [p for p in paths if p not in known]
