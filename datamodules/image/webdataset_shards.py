@@ -499,9 +499,8 @@ def read_shard(
     delay = RETRY_DELAY if retry_delay is None else retry_delay
     given = 0
     for attempt in range(retries + 1):
-        if (
-            limit is not None and given >= limit
-        ):  # broke after its last sample was given: nothing left to read
+        # broke after its last sample was given: nothing is left to read
+        if limit is not None and given >= limit:
             return
         try:
             for sample in iter_tar_samples(url, skip + given, None if limit is None else limit - given, read):
@@ -652,7 +651,8 @@ def _sample_captions(sample: dict[str, Any]) -> tuple[int | None, list[str], lis
 
 def shard_captions(paths: Iterable[str], retries: int = 2, retry_delay: float | None = None) -> Iterator[str]:
     """Every caption stored in the shards, keeping only their .json and .txt members. Remote shards are read
-    whole (a tar stream cannot skip the images); a shard that stays unreadable after `retries` is skipped."""
+    whole (a tar stream cannot skip the images). A shard still unreadable after `retries` raises: a vocabulary
+    trained without it would differ from the one other ranks train, each reading the shards itself."""
     for path in paths:
         try:
             for sample in read_shard(
@@ -660,7 +660,10 @@ def shard_captions(paths: Iterable[str], retries: int = 2, retry_delay: float | 
             ):
                 yield from _sample_captions(sample)[1]
         except ShardUnreadable as err:
-            log.error("skipping shard %s for the vocabulary: %s", path, err)
+            raise ShardUnreadable(
+                f"the vocabulary is trained on the captions of every shard, and one cannot be read: {err}; "
+                "pass data.tokenizer (a vocabulary or checkpoint) to train without it"
+            ) from None
 
 
 def buffer_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
@@ -795,7 +798,7 @@ class ShardStream(IterableDataset):
                     self.shards[i], first, stop - first, retries=self.retries, retry_delay=self.retry_delay
                 )
             except ShardUnreadable as err:  # the run is padded to its length in __iter__
-                log.error("skipping shard %s: %s", self.shards[i], err)
+                log.error("skipping shard %s", err)  # the message starts with the shard's name
                 self._skipped[worker] += 1
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
