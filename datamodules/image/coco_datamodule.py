@@ -336,7 +336,8 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     @property
     def skipped_shards(self) -> int:
-        """Training shards given up after their retries on this process (0 without `train_shards`)."""
+        """Reads of training shards given up after their retries on this process, over all epochs (0 without
+        `train_shards`); a shard split between two workers' runs and lost to both counts twice."""
         stream = self.datasets.get("train")
         return int(getattr(stream, "skipped_shards", 0))
 

@@ -739,7 +739,8 @@ class ShardStream(IterableDataset):
 
     @property
     def skipped_shards(self) -> int:
-        """Shard reads given up after their retries, by all workers of this rank since the stream was built."""
+        """Shard reads given up after their retries, by all workers of this rank since the stream was built (a
+        shard split between two workers' runs and lost to both counts twice)."""
         return int(self._skipped.sum())
 
     def set_epoch(self, epoch: int) -> None:
