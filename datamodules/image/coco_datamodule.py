@@ -124,9 +124,16 @@ class CocoCaptionsDataModule(LightningDataModule):
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
             (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by
-            `python -m datamodules.image.webdataset_shards`. They are streamed, split by rank and DataLoader worker;
-            validation and test still read the folder layout. Without `tokenizer`, the vocabulary is trained
-            on the training split's annotations when they exist, else on the captions stored in the shards.
+            `python -m datamodules.image.webdataset_shards`; or remote: URLs (`https://host/coco-{000000..000023}.tar`,
+            `s3://`, `gs://` through fsspec) or `pipe:COMMAND` writing a shard to its output
+            (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`). They are streamed, split by rank and
+            DataLoader worker; validation and test still read the folder layout. Without `tokenizer`, the vocabulary
+            is trained on the training split's annotations when they exist, else on the captions stored in the
+            shards (which reads every shard once: for large remote sets pass `tokenizer`).
+        train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
+            (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
+        shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
+            after the samples it gave) before it is skipped, logged by name and counted in `skipped_shards`.
         shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
             about this times the mean image file size per worker.
     """
@@ -154,6 +161,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         min_scale: float = 0.5,
         train_shards: str | None = None,
         shuffle_buffer: int = 1000,
+        train_num_samples: int | None = None,
+        shard_retries: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -179,6 +188,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.min_scale = min_scale
         self.train_shards = train_shards
         self.shuffle_buffer = shuffle_buffer
+        self.train_num_samples = train_num_samples
+        self.shard_retries = shard_retries
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
         # by role: "train", "val", "test"; training from shards is a ShardStream (an IterableDataset)
@@ -266,7 +277,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             log.info(
                 "no training annotations under %s: training the vocabulary on the shards' captions", self.root
             )
-            return list(shard_captions(expand_shards(self.train_shards)))
+            return list(shard_captions(expand_shards(self.train_shards), retries=self.shard_retries))
         return [c for r in self.records("train") for c in r.captions]
 
     @property
@@ -318,7 +329,16 @@ class CocoCaptionsDataModule(LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             rank=rank,
             world_size=world,
+            num_samples=self.train_num_samples,
+            retries=self.shard_retries,
         )
+
+    @property
+    def skipped_shards(self) -> int:
+        """Reads of training shards given up after their retries on this process, over all epochs (0 without
+        `train_shards`); a shard split between two workers' runs and lost to both counts twice."""
+        stream = self.datasets.get("train")
+        return int(getattr(stream, "skipped_shards", 0))
 
     def _topology(self) -> tuple[int | None, int | None]:
         # The trainer's rank and world size; None lets the shard stream ask torch.distributed itself.

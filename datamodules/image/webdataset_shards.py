@@ -25,6 +25,14 @@ samples left over (fewer than ranks x workers x batch size) are dropped for the 
 epoch; every other sample is seen exactly once per epoch. A worker shuffles its run through a buffer of
 encoded samples, then decodes and transforms them with the map-style path's functions and draws one caption
 per image with the same rule, so shards and image folder give the same caption for an image in an epoch.
+
+Remote shards (`https://`, `s3://`, `gs://` through fsspec, or `pipe:COMMAND`) stream the same way, each shard
+read once from start to end in tar's stream mode. The runs need every shard's sample count before anything is
+read: it comes from `_info.json` / `sizes.json` beside the shards (fetched once per folder), else from
+`train_num_samples`; a remote shard is never downloaded just to count it. A shard that fails to open or is cut
+short is opened again, up to `retries` times, and read on after the samples it already gave (skipped again,
+not given twice); after that it is skipped, named in the log and counted, and the run is made up with None
+items (counted as skipped images), so every rank keeps the same number of steps.
 """
 
 from __future__ import annotations
@@ -39,7 +47,10 @@ import multiprocessing
 import os
 import posixpath
 import re
+import shlex
+import subprocess
 import tarfile
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,6 +78,7 @@ log = logging.getLogger(__name__)
 INFO_FILE = "_info.json"
 SIZES_FILE = "sizes.json"  # open_clip's per-shard sample counts
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+RETRY_DELAY = 1.0  # seconds before a shard's first retry, doubled at each further one
 T = TypeVar("T")
 
 # Lightning warns that an IterableDataset's length "could be inaccurate" with several workers; a ShardStream's
@@ -281,6 +293,52 @@ def coco_to_shards(
 
 
 # reading ------------------------------------------------------------------------------------------------------
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
+
+
+class ShardUnreadable(OSError):
+    """A shard that could not be opened or read to its end, after its retries."""
+
+
+def is_remote(shard: str) -> bool:
+    """Whether `shard` is a URL (`https://`, `s3://`, `gs://`, ...) or a `pipe:` command, not a local path."""
+    return shard.startswith("pipe:") or _URL.match(shard) is not None
+
+
+def _fsspec() -> Any:
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(
+            "shard URLs are read through fsspec: pip install -e .[remote] (fsspec, aiohttp, s3fs, gcsfs)"
+        ) from None
+    return fsspec
+
+
+def _open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
+    try:
+        return _fsspec().open(url, mode, **kwargs).open()
+    except ImportError as err:  # fsspec's own message names the missing backend (s3fs, gcsfs, aiohttp)
+        raise ImportError(f"cannot read {url}: {err} (pip install -e .[remote] installs them)") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    # What a flaky source raises: OSError (fsspec reports refused connections and 404 as FileNotFoundError),
+    # tar errors for a stream cut inside a member, and aiohttp's errors (a body shorter than its Content-Length).
+    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError]
+    try:
+        import aiohttp
+
+        errors.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+READ_ERRORS = _read_errors()
+
+
 def _expand_braces(spec: str) -> list[str]:
     match = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if match is None:
@@ -296,9 +354,23 @@ def _expand_braces(spec: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every
-    .tar in it), in sorted order. Raises when nothing matches or a named shard is missing."""
-    if os.path.isdir(spec):
+    """Shards from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every .tar in
+    it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through fsspec; a glob or
+    a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the shard to its
+    output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a named
+    local shard is missing; remote shards named by braces are not checked here (one request each) but when read.
+    """
+    if spec.startswith("pipe:"):
+        return _expand_braces(spec)
+    if _URL.match(spec):
+        # listed only when it asks for it: a `?` may start a signed URL's query, not a glob
+        if "{" in spec or not ("*" in spec.split("?")[0] or spec.endswith("/")):
+            return _expand_braces(spec)
+        fs, path = _fsspec().core.url_to_fs(spec)
+        paths = sorted(
+            fs.unstrip_protocol(p) for p in fs.glob(path + "*.tar" if spec.endswith("/") else path)
+        )
+    elif os.path.isdir(spec):
         paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
     elif glob.has_magic(spec) and "{" not in spec:
         paths = sorted(glob.glob(spec))
@@ -312,6 +384,45 @@ def expand_shards(spec: str) -> list[str]:
     if not paths:
         raise FileNotFoundError(f"no tar shards match {spec}")
     return paths
+
+
+class _RemoteBytes:
+    """The bytes of a remote shard as a stream: a URL through fsspec, or the output of a `pipe:` command."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._proc: subprocess.Popen | None = None
+        if url.startswith("pipe:"):
+            # stderr to a file, not a pipe: a chatty command must not block on a pipe nobody reads
+            self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+            self._proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+            assert self._proc.stdout is not None
+            self._file: Any = self._proc.stdout
+        else:
+            # block_size=0: one streaming GET; fsspec's default asks HTTP servers for byte ranges
+            kwargs = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
+            self._file = _open_url(url, "rb", **kwargs)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._file.read(size)
+
+    def check_exit(self) -> None:
+        """Raise when the command that wrote the shard failed (its output may look complete)."""
+        if self._proc is None:
+            return
+        code = self._proc.wait()
+        if code != 0:
+            self._stderr.seek(0)
+            why = " ".join(self._stderr.read()[-300:].decode(errors="replace").split())
+            raise OSError(f"`{self.url[5:]}` exited with status {code}: {why}")
+
+    def close(self) -> None:
+        self._file.close()
+        if self._proc is not None:
+            if self._proc.poll() is None:  # stopped early (a sample limit, an error): the rest is not wanted
+                self._proc.kill()
+            self._proc.wait()
+            self._stderr.close()
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -329,47 +440,196 @@ def iter_tar_samples(
 ) -> Iterator[dict[str, Any]]:
     """The samples of one shard, in file order, as {"__key__", "__url__", extension: bytes, ...}.
 
-    The first `skip` samples are passed over without reading their data (tarfile seeks over the members of an
-    uncompressed file), at most `limit` samples are given, and only members whose extension `read` accepts are
-    read.
+    The first `skip` samples are passed over without keeping their data, at most `limit` samples are given, and
+    only members whose extension `read` accepts are read. A local shard is opened as a file and skipped
+    samples are seeked over; a URL or `pipe:` shard is read as a stream (tar's stream mode), skipped samples
+    downloaded and dropped. A shard cut short raises (tarfile.ReadError, OSError or the HTTP client's error)
+    before its last, possibly incomplete, sample is given.
     """
-    with tarfile.open(path, "r:") as tar:
-        index, key, sample = -1, None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            member_key, ext = _split_name(member.name)
-            if member_key != key:
-                if key is not None and index >= skip:
-                    yield sample
-                index += 1
-                if limit is not None and index >= skip + limit:
-                    return
-                key, sample = member_key, {"__key__": member_key, "__url__": path}
-            if index >= skip and read(ext):
-                f = tar.extractfile(member)
-                assert f is not None
-                sample[ext] = f.read()
-        if key is not None and index >= skip:
-            yield sample
+    remote = _RemoteBytes(path) if is_remote(path) else None
+    source: Any = remote if remote is not None else open(path, "rb")  # noqa: SIM115 (closed below)
+    try:
+        with tarfile.open(fileobj=source, mode="r|*" if remote else "r:") as tar:
+            index, key, sample = -1, None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                member_key, ext = _split_name(member.name)
+                if member_key != key:
+                    if key is not None and index >= skip:
+                        yield sample
+                    index += 1
+                    if limit is not None and index >= skip + limit:
+                        return
+                    key, sample = member_key, {"__key__": member_key, "__url__": path}
+                if index >= skip and read(ext):
+                    f = tar.extractfile(member)
+                    assert f is not None
+                    sample[ext] = f.read()
+            # tarfile takes a stream that stops between two members (or inside a header) for the end of the
+            # archive: only the zero block that ends a tar says it is whole.
+            if remote is not None:
+                while tar.fileobj.read(1 << 16):
+                    pass
+                end = tar.fileobj.tell()  # bytes of tar data (after decompression)
+                remote.check_exit()
+            else:
+                end = os.fstat(source.fileno()).st_size
+            if end < tar.offset + tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(
+                    f"{path} is cut short: it ends at byte {end}, before the end of the archive"
+                )
+            if key is not None and index >= skip:
+                yield sample
+    finally:
+        source.close()
 
 
-def shard_sizes(paths: Sequence[str]) -> list[int]:
-    """Samples per shard, from `_info.json` or `sizes.json` beside the shards, else by counting keys."""
-    known: dict[str, int] = {}
-    for folder in {os.path.dirname(p) for p in paths}:
-        info, sizes = os.path.join(folder, INFO_FILE), os.path.join(folder, SIZES_FILE)
-        if os.path.isfile(info):
-            with open(info, encoding="utf-8") as f:
-                counts = {s["name"]: s["num_samples"] for s in json.load(f)["shards"]}
-        elif os.path.isfile(sizes):
-            with open(sizes, encoding="utf-8") as f:
-                counts = json.load(f)
-        else:
+def read_shard(
+    url: str,
+    skip: int = 0,
+    limit: int | None = None,
+    read: Callable[[str], bool] = lambda ext: True,
+    retries: int = 2,
+    retry_delay: float | None = None,
+) -> Iterator[dict[str, Any]]:
+    """`iter_tar_samples` that opens a shard again when it fails to open or is cut short, up to `retries` times
+    (waiting `retry_delay` seconds, doubled at each retry), and goes on after the samples it already gave, so
+    none is given twice. Raises `ShardUnreadable` when the last try fails too. `retry_delay` None: RETRY_DELAY."""
+    delay = RETRY_DELAY if retry_delay is None else retry_delay
+    given = 0
+    for attempt in range(retries + 1):
+        # broke after its last sample was given: nothing is left to read
+        if limit is not None and given >= limit:
+            return
+        try:
+            for sample in iter_tar_samples(url, skip + given, None if limit is None else limit - given, read):
+                given += 1
+                yield sample
+            return
+        except READ_ERRORS as err:
+            why = " ".join(f"{type(err).__name__}: {err}".split())
+            if attempt == retries:
+                raise ShardUnreadable(f"{url}: {why} ({attempt + 1} tries, {given} samples read)") from err
+            log.warning(
+                "shard %s failed after %d samples (%s); retry %d of %d", url, given, why, attempt + 1, retries
+            )
+            time.sleep(delay * 2**attempt)
+
+
+def first_readable(shards: Sequence[str], tries: int = 16) -> str:
+    """The first of `shards` whose first sample reads; a one-line `ShardUnreadable` when none of the first
+    `tries` does (a wrong address or missing credentials fail every shard alike)."""
+    errors: list[str] = []
+    for url in shards[:tries]:
+        try:
+            for _ in iter_tar_samples(url, limit=1, read=lambda ext: False):
+                pass
+            return url
+        except READ_ERRORS as err:
+            errors.append(" ".join(f"{url}: {type(err).__name__}: {err}".split()))
+            log.warning("cannot read shard %s", errors[-1])
+    if not errors:
+        raise ShardUnreadable("no shards given")
+    if len(errors) == len(shards):
+        head = f"none of the {len(shards)} shards can be read"
+    else:
+        head = f"none of the first {len(errors)} of {len(shards)} shards can be read"
+    raise ShardUnreadable(f"{head}; the first: {errors[0]}")
+
+
+def _located(shard: str) -> str | None:
+    # Where a shard lives, to look for sizes files beside it: the word of a pipe: command that names a tar
+    # (`aws s3 cp s3://b/coco-000001.tar -`), else the shard itself.
+    if not shard.startswith("pipe:"):
+        return shard
+    try:
+        words = shlex.split(shard[5:])
+    except ValueError:  # unbalanced quotes: the shell will say what is wrong when the command runs
+        return None
+    return next((w for w in words if _TAR_NAME.search(w.split("?")[0])), None)
+
+
+def _read_text(location: str) -> str:
+    if _URL.match(location):
+        with _open_url(location, "rt", encoding="utf-8") as f:
+            return f.read()
+    with open(location, encoding="utf-8") as f:
+        return f.read()
+
+
+def _folder_counts(folder: str, from_command: bool) -> dict[str, int]:
+    """Samples per shard file name from `_info.json` or else `sizes.json` in `folder` (a path or a URL)."""
+    join = posixpath.join if _URL.match(folder) else os.path.join
+    errors = (ImportError, *READ_ERRORS) if from_command else READ_ERRORS
+    for name in (INFO_FILE, SIZES_FILE):
+        location = join(folder, name)
+        try:
+            data = json.loads(_read_text(location))
+        except FileNotFoundError:
             continue
-        known.update({os.path.join(folder, name): int(n) for name, n in counts.items()})
+        except errors as err:  # a pipe: command may reach what fsspec cannot (`aws` without s3fs): not fatal
+            log.warning("%s", err if isinstance(err, ImportError) else f"cannot read {location}: {err}")
+            continue
+        except ValueError as err:
+            raise ValueError(f"{location} is not valid JSON: {err}") from None
+        try:
+            counts = {s["name"]: s["num_samples"] for s in data["shards"]} if name == INFO_FILE else data
+            return {str(k): int(v) for k, v in counts.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{location} does not hold sample counts per shard ({err!r})") from None
+    return {}
+
+
+def shard_sizes(paths: Sequence[str], num_samples: int | None = None) -> list[int]:
+    """Samples per shard, which decide each worker's run before anything is streamed.
+
+    From `_info.json` or `sizes.json` beside the shards (read once per folder; for URLs and `pipe:` commands
+    too, the folder of the tar a command names); else `num_samples` (`train_num_samples`) spread evenly over the
+    shards without counts; else, for local shards only, counted from the tar headers. Remote shards are never
+    read whole to count them: without a sizes file or `num_samples` they raise.
+    """
+
+    def split(where: str) -> tuple[str, str]:  # (folder, file name); a URL's query is not part of the name
+        if _URL.match(where):
+            return posixpath.dirname(where.split("?")[0]), posixpath.basename(where.split("?")[0])
+        return os.path.split(where)
+
+    counts: dict[str, dict[str, int]] = {}
+    known: dict[str, int] = {}
+    for p in paths:
+        where = _located(p)
+        if where is None:
+            continue
+        folder, name = split(where)
+        if folder not in counts:
+            counts[folder] = _folder_counts(folder, from_command=p.startswith("pipe:"))
+        if name in counts[folder]:
+            known[p] = counts[folder][name]
     unknown = [p for p in paths if p not in known]
-    if unknown:
+    if num_samples is not None and not unknown and num_samples != sum(known.values()):
+        log.warning(
+            "train_num_samples=%d ignored: the sizes files beside the shards count %d",
+            num_samples,
+            sum(known.values()),
+        )
+    if unknown and num_samples is not None:
+        left = num_samples - sum(known.values())
+        if left < len(unknown):
+            raise ValueError(
+                f"train_num_samples={num_samples} leaves {left} samples for the {len(unknown)} shards "
+                "without sizes files; it counts the samples of all the shards"
+            )
+        log.info("%d shards have no sample counts: %d samples assumed spread evenly", len(unknown), left)
+        share, extra = divmod(left, len(unknown))
+        known.update({p: share + (k < extra) for k, p in enumerate(unknown)})
+    elif unknown:
+        remote = [p for p in unknown if is_remote(p)]
+        if remote:
+            raise FileNotFoundError(
+                f"{len(remote)} remote shards have no sample counts (e.g. {remote[0]}): put the converter's "
+                f"{SIZES_FILE} beside them or set data.train_num_samples"
+            )
         log.info("%d shards have no sample counts beside them: counting their samples", len(unknown))
         for p in unknown:
             known[p] = sum(1 for _ in iter_tar_samples(p, read=lambda ext: False))
@@ -389,11 +649,21 @@ def _sample_captions(sample: dict[str, Any]) -> tuple[int | None, list[str], lis
     return image_id, [c for c, _ in pairs], [cid for _, cid in pairs]
 
 
-def shard_captions(paths: Iterable[str]) -> Iterator[str]:
-    """Every caption stored in the shards, reading only their .json and .txt members."""
+def shard_captions(paths: Iterable[str], retries: int = 2, retry_delay: float | None = None) -> Iterator[str]:
+    """Every caption stored in the shards, keeping only their .json and .txt members. Remote shards are read
+    whole (a tar stream cannot skip the images). A shard still unreadable after `retries` raises: a vocabulary
+    trained without it would differ from the one other ranks train, each reading the shards itself."""
     for path in paths:
-        for sample in iter_tar_samples(path, read=lambda ext: ext in ("json", "txt")):
-            yield from _sample_captions(sample)[1]
+        try:
+            for sample in read_shard(
+                path, read=lambda ext: ext in ("json", "txt"), retries=retries, retry_delay=retry_delay
+            ):
+                yield from _sample_captions(sample)[1]
+        except ShardUnreadable as err:
+            raise ShardUnreadable(
+                f"the vocabulary is trained on the captions of every shard, and one cannot be read: {err}; "
+                "pass data.tokenizer (a vocabulary or checkpoint) to train without it"
+            ) from None
 
 
 def buffer_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
@@ -426,7 +696,13 @@ class ShardStream(IterableDataset):
         shuffle_buffer: encoded samples each worker holds to shuffle its run.
         rank: this process's rank; None asks torch.distributed (0 when it is not initialised).
         world_size: number of ranks; None asks torch.distributed (1 when it is not initialised).
-        sizes: samples per shard; None reads them from `_info.json` / `sizes.json` (or counts them).
+        sizes: samples per shard; None reads them from `_info.json` / `sizes.json` (see `shard_sizes`).
+        num_samples: samples in all the shards, for shards without sizes files (`train_num_samples`).
+        retries: times a shard that fails to open or is cut short is opened again before it is skipped.
+        retry_delay: seconds before the first retry of a shard, doubled at each further one; None: RETRY_DELAY.
+
+    A shard skipped after its retries is logged by name and counted in `skipped_shards`; the samples it did not
+    give are made up at the end of the run by None items, so every rank still takes the same number of steps.
     """
 
     def __init__(
@@ -440,9 +716,13 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         sizes: Sequence[int] | None = None,
+        num_samples: int | None = None,
+        retries: int = 2,
+        retry_delay: float | None = None,
     ) -> None:
         self.shards = list(shards)
-        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards)
+        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards, num_samples)
+        first_readable(self.shards)  # a wrong address fails here, in one line, not as a run of empty batches
         self.num_samples = sum(self.sizes)
         self.transform = transform
         self.batch_size = batch_size
@@ -450,10 +730,18 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.rank, self.world_size = rank, world_size
+        self.retries, self.retry_delay = retries, retry_delay
         # Shared memory, so persistent workers see them change: the epoch, and where a resumed epoch restarts.
         self._epoch = torch.zeros((), dtype=torch.long).share_memory_()
         self._resume = torch.tensor([-1, 0], dtype=torch.long).share_memory_()  # (epoch, batches consumed)
+        self._skipped = torch.zeros(self.num_workers, dtype=torch.long).share_memory_()  # one slot per worker
         self._warned: set[str] = set()
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shard reads given up after their retries, by all workers of this rank since the stream was built (a
+        shard split between two workers' runs and lost to both counts twice)."""
+        return int(self._skipped.sum())
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(epoch)
@@ -504,12 +792,15 @@ class ShardStream(IterableDataset):
                 break
         return pieces
 
-    def _encoded(self, epoch: int, slot: int) -> Iterator[dict[str, Any]]:
+    def _encoded(self, epoch: int, slot: int, worker: int) -> Iterator[dict[str, Any]]:
         for i, first, stop in self.assignment(epoch, slot):
             try:
-                yield from iter_tar_samples(self.shards[i], skip=first, limit=stop - first)
-            except (OSError, tarfile.TarError) as err:  # the run is padded to its length below
-                log.warning("cannot read shard %s: %s", self.shards[i], err)
+                yield from read_shard(
+                    self.shards[i], first, stop - first, retries=self.retries, retry_delay=self.retry_delay
+                )
+            except ShardUnreadable as err:  # the run is padded to its length in __iter__
+                log.error("skipping shard %s", err)  # the message starts with the shard's name
+                self._skipped[worker] += 1
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         info = get_worker_info()
@@ -529,7 +820,9 @@ class ShardStream(IterableDataset):
         skip = max(0, (consumed - role + workers - 1) // workers) * self.batch_size
         slot = rank * workers + role
         samples = buffer_shuffle(
-            self._encoded(epoch, slot), self.shuffle_buffer, np.random.default_rng([self.seed, epoch, slot])
+            self._encoded(epoch, slot, worker),
+            self.shuffle_buffer,
+            np.random.default_rng([self.seed, epoch, slot]),
         )
         given = 0
         for given, sample in enumerate(samples, start=1):
