@@ -1,5 +1,6 @@
-"""MLM preprocessing: NSP pairs and packed FULL-SENTENCES instances, the on-disk cache (reuse, new keys,
-interrupted runs) and the MLM DataModule end to end, on a BookCorpus-style corpus written to tmp_path."""
+"""MLM preprocessing: NSP pairs and packed FULL-SENTENCES instances, the same bytes whatever `num_proc`,
+the on-disk cache (reuse, new keys, interrupted runs) and the MLM DataModule end to end, on BookCorpus-style
+and JSON-lines Wikipedia corpora written to tmp_path."""
 
 from __future__ import annotations
 
