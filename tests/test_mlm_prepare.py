@@ -1,8 +1,11 @@
-"""MLM preprocessing: NSP pairs and packed FULL-SENTENCES instances, the on-disk cache (reuse, new keys,
-interrupted runs) and the MLM DataModule end to end, on a BookCorpus-style corpus written to tmp_path."""
+"""MLM preprocessing: NSP pairs and packed FULL-SENTENCES instances, the same bytes whatever `num_proc`,
+the on-disk cache (reuse, new keys, interrupted runs) and the MLM DataModule end to end, on BookCorpus-style
+and JSON-lines Wikipedia corpora written to tmp_path."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import random
 from pathlib import Path
@@ -11,9 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.text import mlm_prepare
+from datamodules.text import corpora, mlm_prepare
 from datamodules.text.mlm_datamodule import MLMDataModule, MLMInstanceDataset
-from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, prepare_mlm_cache
+from datamodules.text.mlm_prepare import (
+    InstanceShards,
+    PrepareSettings,
+    cache_key,
+    plan_shards,
+    prepare_mlm_cache,
+    sentence_splitter,
+    truncate_pair,
+)
 from datamodules.tokenizer import TextTokenizer
 
 COMMON_WORDS = (
@@ -106,9 +117,11 @@ def test_short_sequences_follow_short_seq_prob(corpus, nsp_cache: Path, tmp_path
 def test_packed_instances_are_near_full_and_keep_token_order(corpus, tmp_path: Path) -> None:
     path, docs, tok = corpus
     max_len = 128
-    folder = _prepare(corpus, tmp_path, num_proc=2, nsp=False, max_seq_length=max_len)
+    folder = _prepare(
+        corpus, tmp_path, num_proc=2, nsp=False, max_seq_length=max_len, shards=3, min_shard_tokens=1
+    )
     shards = InstanceShards(folder, "train")
-    assert len(shards.shards) == 2  # one shard per process; packing restarts at each
+    assert len(shards.shards) == 3  # as many as `shards` asks, whatever num_proc; packing restarts at each
     lengths, stream = [], []
     for i in range(len(shards)):
         tokens, a_len, label = shards[i]
@@ -164,6 +177,102 @@ def test_changed_settings_or_inputs_give_a_new_folder(corpus, tmp_path: Path) ->
     b = prepare_mlm_cache([], [str(copy)], tok, _settings(), tmp_path, num_proc=1, progress=False)
     assert a != b
     assert sum(s["instances"] for s in json.loads((a / "index.json").read_text())["shards"]["train"]) > 0
+
+
+def test_plan_shards_cuts_at_equal_token_counts() -> None:
+    uniform = np.arange(1, 101) * 10  # 100 documents of 10 tokens
+    assert plan_shards(uniform, _settings(shards=4, min_shard_tokens=1)) == [
+        (0, 25),
+        (25, 50),
+        (50, 75),
+        (75, 100),
+    ]
+    # min_shard_tokens keeps small splits from being cut into slivers: 1000 tokens by 400
+    assert plan_shards(uniform, _settings(shards=4, min_shard_tokens=400)) == [(0, 40), (40, 80), (80, 100)]
+    # a document longer than a share takes the shares it covers
+    skewed = np.cumsum([10, 10, 10, 10, 460, 10, 10])
+    assert plan_shards(skewed, _settings(shards=4, min_shard_tokens=1)) == [(0, 5), (5, 7)]
+    assert plan_shards(np.zeros(0, np.int64), _settings()) == []
+
+
+def test_truncate_pair_trims_the_longer_segment_from_both_ends() -> None:
+    fronts = backs = 0
+    for seed in range(20):
+        a, b = list(range(10)), list(range(100, 103))
+        truncate_pair(a, b, 8, np.random.default_rng(seed))
+        assert b == [100, 101, 102] and len(a) == 5 and a == list(range(a[0], a[0] + 5))
+        fronts, backs = fronts + a[0], backs + 5 - a[0]
+        a, b = list(range(6)), list(range(100, 106))
+        truncate_pair(a, b, 8, np.random.default_rng(seed))
+        assert len(a) == len(b) == 4 and a == list(range(a[0], a[0] + 4)) and b == list(range(b[0], b[0] + 4))
+    assert fronts > 10 and backs > 10  # both ends are cut, at random
+
+
+def _write_wiki_jsonl(path: Path, n_docs: int, seed: int) -> None:
+    """JSON lines with capitalised multi-sentence paragraphs, so that the sentence splitter has work."""
+    rng = random.Random(seed)
+    lines = []
+    for k in range(n_docs):
+        paragraphs = [
+            " ".join(" ".join(rng.choices(WORDS, k=rng.randint(5, 12))).capitalize() + "." for _ in range(4))
+            for _ in range(rng.randint(3, 8))
+        ]
+        lines.append(json.dumps({"id": str(k), "title": f"Article {k}", "text": "\n".join(paragraphs)}))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _sha256_of_files(folder: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.mark.parametrize("nsp", [True, False])
+def test_instances_do_not_depend_on_num_proc(corpus, tmp_path: Path, nsp: bool) -> None:
+    _, _, tok = corpus
+    books = tmp_path / "books"
+    for i in range(3):
+        _write_books(books / f"book_{i}.txt", n_docs=5, sentences=(8, 30), seed=10 + i)
+    wiki = tmp_path / "wiki.jsonl"
+    _write_wiki_jsonl(wiki, n_docs=30, seed=3)
+    settings = _settings(nsp=nsp, dupe_factor=2, val_fraction=0.2, shards=6, min_shard_tokens=1)
+    folders = [
+        prepare_mlm_cache(
+            [str(wiki)], [str(books)], tok, settings, tmp_path / f"c{n}", num_proc=n, progress=False
+        )
+        for n in (1, 3)
+    ]
+    assert folders[0].name == folders[1].name  # one cache key
+    one, three = (_sha256_of_files(f) for f in folders)
+    assert one == three
+    index = json.loads((folders[0] / "index.json").read_text())
+    assert len(index["shards"]["train"]) > 3 and index["shards"]["val"]  # more shards than processes
+    assert len(one) == 1 + 4 * sum(len(v) for v in index["shards"].values())
+    assert index["toolchain"]["sentence_splitter"] == sentence_splitter()
+
+
+def test_cache_key_changes_with_the_sentence_splitter(corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, _, tok = corpus
+    real_version = importlib.metadata.version
+
+    def key(splitter, blingfire_version: str = "0.1.8") -> str:
+        monkeypatch.setattr(corpora, "_blingfire", splitter)
+        monkeypatch.setattr(
+            importlib.metadata,
+            "version",
+            lambda d: blingfire_version if d == "blingfire" else real_version(d),
+        )
+        return cache_key([path], tok, _settings())
+
+    blingfire = key(lambda text: text)
+    assert sentence_splitter() == "blingfire 0.1.8"
+    assert key(lambda text: text) == blingfire  # nothing changed, same key
+    fallback = key(None)
+    assert sentence_splitter() == "regex fallback"
+    newer = key(lambda text: text, "0.1.9")
+    assert len({blingfire, fallback, newer}) == 3
 
 
 def _instances(folder: Path) -> list[tuple[list[int], int, int]]:

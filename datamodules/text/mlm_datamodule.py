@@ -124,7 +124,8 @@ class MLMDataModule(L.LightningDataModule):
             batch_size: training batch size per device.
             eval_batch_size: validation/test batch size (defaults to batch_size).
             num_workers: DataLoader worker processes.
-            num_proc: preprocessing processes (default: CPU count, at most 8).
+            num_proc: preprocessing processes (default: the CPUs available, at most 8); the prepared data
+                is the same whatever the number.
             cache_dir: where the sample corpus, the tokenizer and prepared shards are kept.
             seed: seed of instance creation and masking.
         """
