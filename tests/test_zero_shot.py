@@ -14,6 +14,8 @@ from datamodules.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic_shapes_folder import generate_shapes_imagefolder
 from datamodules.synthetic_tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.linear_probe import (
     extract_embeddings,
     few_shot_indices,
@@ -173,16 +175,8 @@ def test_linear_probe_on_frozen_speech_embeddings_reads_the_word_count(tmp_path:
     model = SpeechTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=32,
-        speech_size="tiny",
-        speech_layers=1,
-        speech_hidden=64,
-        speech_heads=2,
-        conv_channels=8,
-        text_size="tiny",
-        text_layers=1,
-        text_hidden=64,
-        text_heads=2,
-        max_text_len=32,
+        speech=SpeechTowerConfig("tiny", layers=1, hidden=64, heads=2, conv_channels=8),
+        text=TextTowerConfig("tiny", layers=1, hidden=64, heads=2, dropout=0.1, max_len=32),
     )
     x, y = extract_embeddings(speech_encoder(model), dm.train_dataloader(), lambda b: words[b["utt_keys"]])
     assert len(y) == 240

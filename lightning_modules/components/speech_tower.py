@@ -19,13 +19,23 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.encoder import EncoderConfig, SizeName, TransformerEncoder, masked_mean_pool
 
 
 @dataclass
 class SpeechTowerConfig:
-    """Front end and encoder choice of the speech tower; the encoder's shape is an `EncoderConfig`."""
+    """The speech tower: encoder size preset and overrides, front end, SpecAugment and encoder choice."""
 
+    size: SizeName = "base"
+    """Encoder preset (tiny ... large, as for BERT); the three fields below override it."""
+    layers: int | None = None
+    """Encoder blocks; None keeps the preset's."""
+    hidden: int | None = None
+    """Encoder width; None keeps the preset's. Heads then default to width / 64."""
+    heads: int | None = None
+    """Attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
+    dropout: float = 0.1
+    """Dropout in the encoder (also on attention probabilities) and on its input."""
     sample_rate: int = 16000
     """Waveform sample rate (Hz)."""
     n_mels: int = 80
@@ -50,6 +60,20 @@ class SpeechTowerConfig:
     """The shared TransformerEncoder, or torchaudio's Conformer."""
     conformer_kernel_size: int = 31
     """Depthwise convolution kernel of the Conformer blocks (odd)."""
+    gradient_checkpointing: bool = False
+    """Recompute the Transformer blocks in backward to save memory (torchaudio's Conformer has no such switch)."""
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig.from_size(
+            self.size,
+            num_layers=self.layers,
+            hidden_size=self.hidden,
+            num_heads=self.heads or (self.hidden // 64 if self.hidden else None),
+            dropout=self.dropout,
+            attention_dropout=self.dropout,
+            norm_first=True,  # pre-LN: trains from scratch without the warmup tricks post-LN needs
+            layer_norm_eps=1e-5,
+        )
 
     @property
     def win_length(self) -> int:
@@ -188,9 +212,13 @@ class MaskedConformer(nn.Module):
 class SpeechTower(nn.Module):
     """Waveforms (B, T) + lengths (B,) in samples -> (B, embed_dim) utterance embeddings (not normalised)."""
 
-    def __init__(self, cfg: SpeechTowerConfig, encoder_cfg: EncoderConfig, embed_dim: int) -> None:
+    def __init__(
+        self, cfg: SpeechTowerConfig, embed_dim: int, encoder_cfg: EncoderConfig | None = None
+    ) -> None:
+        """`encoder_cfg` replaces the encoder shape `cfg.encoder_config()` gives (tests use other settings)."""
         super().__init__()
         self.cfg = cfg
+        encoder_cfg = encoder_cfg or cfg.encoder_config()
         hidden = encoder_cfg.hidden_size
         self.features = LogMel(cfg)
         self.spec_augment = nn.Sequential(
@@ -208,6 +236,7 @@ class SpeechTower(nn.Module):
         self.dropout = nn.Dropout(encoder_cfg.dropout)
         if cfg.encoder == "transformer":
             self.encoder: nn.Module = TransformerEncoder(encoder_cfg)
+            self.encoder.gradient_checkpointing = cfg.gradient_checkpointing
         elif cfg.encoder == "conformer":
             self.encoder = MaskedConformer(encoder_cfg, cfg.conformer_kernel_size)
         else:

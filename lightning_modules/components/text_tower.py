@@ -1,8 +1,13 @@
-"""The text tower of the alignment tasks: the shared BERT encoder, pooling and a linear projection."""
+"""The text tower of the alignment systems: the shared BERT encoder, pooling and a linear projection.
+
+`TextTowerConfig` is the `model.text` section of every alignment config and `build_text_tower` the one place a
+text tower is made, for image-text, speech-text and tri-modal alike.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -10,16 +15,58 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.bert import BertConfig, BertModel
+from lightning_modules.components.encoder import SizeName
 
 log = logging.getLogger(__name__)
+
+Pooling = Literal["cls", "first", "mean"]
+
+
+@dataclass
+class TextTowerConfig:
+    """A BERT text tower: a size preset, optional overrides of its shape, pooling and regularisation.
+
+    The vocabulary is not here: it is the system's `vocab_size`, linked from the DataModule's tokenizer.
+    """
+
+    size: SizeName = "base"
+    """BERT preset (tiny, mini, small, medium, base, large); the three fields below override it."""
+    layers: int | None = None
+    """Encoder blocks; None keeps the preset's."""
+    hidden: int | None = None
+    """Width; None keeps the preset's. Heads then default to width / 64."""
+    heads: int | None = None
+    """Attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention probabilities and block outputs (CLIP uses none)."""
+    pooling: Pooling = "first"
+    """'first' ([CLS] state), 'cls' (BERT's tanh pooler over it) or 'mean' (over real tokens)."""
+    max_len: int = 77
+    """Rows of the position table: at least the DataModule's context_length, and equal to the MLM
+    checkpoint's max_position_embeddings when `init_ckpt` is set."""
+    init_ckpt: str | None = None
+    """An `MLMPretrainingModule` checkpoint of this framework to start the encoder from (its sizes and its
+    tokenizer: pass its vocab as data.tokenizer)."""
+    gradient_checkpointing: bool = False
+    """Recompute the Transformer blocks in backward: less activation memory for about one more forward."""
+
+    def bert_config(self, vocab_size: int) -> BertConfig:
+        return BertConfig.from_size(
+            self.size,
+            num_layers=self.layers,
+            hidden_size=self.hidden,
+            num_heads=self.heads or (self.hidden // 64 if self.hidden else None),
+            dropout=self.dropout,
+            attention_dropout=self.dropout,
+            vocab_size=vocab_size,
+            max_position_embeddings=self.max_len,
+        )
 
 
 class TextTower(nn.Module):
     """Token ids -> BERT hidden states -> pooled vector -> projection into the joint space (not normalised)."""
 
-    def __init__(
-        self, cfg: BertConfig, embed_dim: int, pooling: Literal["cls", "first", "mean"] = "first"
-    ) -> None:
+    def __init__(self, cfg: BertConfig, embed_dim: int, pooling: Pooling = "first") -> None:
         super().__init__()
         self.bert = BertModel(cfg)
         self.pooling = pooling
@@ -32,6 +79,15 @@ class TextTower(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids, attention_mask)
         return self.proj(self.bert.pool(hidden, attention_mask, self.pooling))
+
+
+def build_text_tower(cfg: TextTowerConfig, vocab_size: int, embed_dim: int) -> TextTower:
+    """The text tower of `cfg`, initialised from its MLM checkpoint when it names one."""
+    tower = TextTower(cfg.bert_config(vocab_size), embed_dim, cfg.pooling)
+    if cfg.init_ckpt:
+        load_mlm_encoder(tower, cfg.init_ckpt)
+    tower.bert.encoder.gradient_checkpointing = cfg.gradient_checkpointing
+    return tower
 
 
 def load_mlm_encoder(tower: TextTower, ckpt_path: str | Path) -> None:
