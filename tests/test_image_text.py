@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+import yaml
 
 from cli import main
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
@@ -239,3 +240,28 @@ def test_gpu_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
     printed = capsys.readouterr().out
     assert "    image:\n      arch: vit_b_16\n" in printed and "precision: bf16-mixed" in printed
     assert "    text:\n      size: base\n" in printed  # each tower its own section
+
+
+TOWERS = {"clip": ("image", "text"), "speech": ("speech", "text"), "trimodal": ("image", "speech", "text")}
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        str(p.relative_to(ROOT))
+        for task in (*TOWERS, "zeroshot")
+        for p in (ROOT / "configs" / task).glob("*.yaml")
+    ),
+)
+def test_every_alignment_config_prints_its_tower_sections(config: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    task = Path(config).parent.name
+    if task == "zeroshot":
+        assert model["ckpt_path"].endswith("last.ckpt")
+        return
+    for tower in TOWERS[task]:  # each tower a section with its documented fields, its preset first
+        assert next(iter(model[tower])) in ("arch", "size"), tower
+    assert {"name", "init_logit_scale"} <= model["loss"].keys() and "lr" in model["optimizer"]
