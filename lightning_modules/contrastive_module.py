@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from lightning_modules.components.contrastive import (
     ContrastivePair,
     PairEmbeddings,
     as_config,
+    plain_sections,
 )
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
@@ -108,24 +110,60 @@ def log_empty(module: SkipNonFiniteSteps, batch: dict, rows: int, stage: str, ta
         )
 
 
-class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
+_LOSS, _OPTIMIZER = ContrastiveLossConfig(), OptimizerConfig()
+
+
+class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
+    """What every alignment system takes besides its towers; a system adds its towers' sections and passes the
+    rest on as `**kwargs`, so these arguments and their documentation exist once."""
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        embed_dim: int = 512,
+        loss: ContrastiveLossConfig = _LOSS,
+        optimizer: OptimizerConfig = _OPTIMIZER,
+        max_nonfinite_in_row: int = 20,
+    ) -> None:
+        """
+        Args:
+            vocab_size: text vocabulary (linked from the DataModule's tokenizer by the CLI).
+            embed_dim: width of the joint embedding space.
+            loss: the contrastive loss and the learnable temperature it starts from (one per task).
+            optimizer: AdamW and its learning-rate schedule.
+            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+        """
+        super().__init__()
+        self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s
+        plain_sections(self.hparams)
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        self.loss_config = as_config(ContrastiveLossConfig, loss)
+        self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        self.max_nonfinite_in_row = max_nonfinite_in_row
+
+    def configure_optimizers(self) -> dict:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return self.optimizer_config.build(self, total, fused=not self.trainer.gradient_clip_val)
+
+
+class ContrastiveModule(AlignmentModule):
     """Training, evaluation and the optimiser of one `ContrastivePair` (`self.pair`, built by the subclass)."""
 
     pair: ContrastivePair
 
-    def __init__(
-        self,
-        loss: ContrastiveLossConfig | dict,
-        optimizer: OptimizerConfig | dict,
-        max_nonfinite_in_row: int = 20,
-        grad_cache_chunks: int = 1,
-    ) -> None:
-        super().__init__()
+    def __init__(self, grad_cache_chunks: int = 1, **kwargs: Any) -> None:
+        """
+        Args:
+            grad_cache_chunks: gradient caching: embed each training batch in this many chunks and backpropagate
+                the whole batch's loss chunk by chunk, so the loss sees the whole batch while activations are held
+                for one chunk; same gradients (BatchNorm aside: it normalises per chunk) for about one more
+                forward pass of compute. 1 = off. Optimises manually (the trainer's gradient_clip_val still
+                applies); accumulate_grad_batches must be 1.
+            kwargs: `AlignmentModule`'s arguments.
+        """
+        super().__init__(**kwargs)
         if grad_cache_chunks < 1:
             raise ValueError(f"model.grad_cache_chunks must be at least 1, got {grad_cache_chunks}")
-        self.loss_config = as_config(ContrastiveLossConfig, loss)
-        self.optimizer_config = as_config(OptimizerConfig, optimizer)
-        self.max_nonfinite_in_row = max_nonfinite_in_row
         self.grad_cache_chunks = grad_cache_chunks
 
     def embed(self, batch: dict, stage: str) -> PairEmbeddings:
@@ -264,7 +302,3 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
-
-    def configure_optimizers(self) -> dict:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return self.optimizer_config.build(self, total, fused=not self.trainer.gradient_clip_val)

@@ -7,6 +7,8 @@ evaluation every image is embedded once against all its captions and Recall@K co
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -15,18 +17,12 @@ from lightning_modules.components.contrastive import (
     ContrastivePair,
     PairEmbeddings,
     as_config,
-    plain_sections,
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
-from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
+from lightning_modules.contrastive_module import ContrastiveModule
 
-_IMAGE, _TEXT, _LOSS, _OPTIMIZER = (
-    ImageTowerConfig(),
-    TextTowerConfig(),
-    ContrastiveLossConfig(),
-    OptimizerConfig(),
-)
+_IMAGE, _TEXT = ImageTowerConfig(), TextTowerConfig()
 
 
 class ImageTextPair(ContrastivePair):
@@ -60,40 +56,22 @@ class ImageTextModule(ContrastiveModule):
     """Aligns images with captions; logs `val/i2t_R@K` (image -> text), `val/t2i_R@K` and `val/loss`."""
 
     def __init__(
-        self,
-        vocab_size: int = 30522,
-        embed_dim: int = 512,
-        image: ImageTowerConfig = _IMAGE,
-        text: TextTowerConfig = _TEXT,
-        loss: ContrastiveLossConfig = _LOSS,
-        optimizer: OptimizerConfig = _OPTIMIZER,
-        max_nonfinite_in_row: int = 20,
-        grad_cache_chunks: int = 1,
+        self, image: ImageTowerConfig = _IMAGE, text: TextTowerConfig = _TEXT, **kwargs: Any
     ) -> None:
         """
         Args:
-            vocab_size: text vocabulary (linked from the DataModule's tokenizer by the CLI).
-            embed_dim: width of the joint embedding space.
             image: the image tower (model.image.arch, .image_size, ...).
             text: the text tower (model.text.size, .max_len, ...).
-            loss: the contrastive loss and its learnable temperature.
-            optimizer: AdamW and its learning-rate schedule.
-            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
-            grad_cache_chunks: gradient caching: embed each training batch in this many chunks and backpropagate
-                the whole batch's loss chunk by chunk, so the loss sees the whole batch while activations are held
-                for one chunk; same gradients (BatchNorm aside: it normalises per chunk) for about one more
-                forward pass of compute. 1 = off. Optimises manually (the trainer's gradient_clip_val still
-                applies); accumulate_grad_batches must be 1.
+            kwargs: `ContrastiveModule`'s and `AlignmentModule`'s arguments: vocab_size, embed_dim, loss, optimizer,
+                max_nonfinite_in_row, grad_cache_chunks.
         """
-        super().__init__(loss, optimizer, max_nonfinite_in_row, grad_cache_chunks)
-        self.save_hyperparameters()
-        plain_sections(self.hparams)
+        super().__init__(**kwargs)
         image, text = as_config(ImageTowerConfig, image), as_config(TextTowerConfig, text)
         self.image_config, self.text_config = image, text
         self.pair = ImageTextPair(
-            ImageTower(image, embed_dim),
-            build_text_tower(text, vocab_size, embed_dim),
-            embed_dim,
+            ImageTower(image, self.embed_dim),
+            build_text_tower(text, self.vocab_size, self.embed_dim),
+            self.embed_dim,
             self.loss_config,
         )
 

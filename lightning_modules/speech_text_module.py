@@ -6,6 +6,8 @@ other in the loss and in Recall@K, never negatives.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,16 +16,14 @@ from lightning_modules.components.contrastive import (
     ContrastivePair,
     PairEmbeddings,
     as_config,
-    plain_sections,
 )
 from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
-from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
+from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.image_text_module import check_text_length
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
 _SPEECH, _TEXT = SpeechTowerConfig(), TextTowerConfig(dropout=0.1, max_len=512)
-_LOSS, _OPTIMIZER = ContrastiveLossConfig(), OptimizerConfig()
 
 
 class SpeechTextPair(ContrastivePair):
@@ -58,37 +58,22 @@ class SpeechTextModule(ContrastiveModule):
     """Aligns utterances with transcripts; logs `val/a2t_R@K` (speech -> text), `val/t2a_R@K` and `val/loss`."""
 
     def __init__(
-        self,
-        vocab_size: int = 30522,
-        embed_dim: int = 512,
-        speech: SpeechTowerConfig = _SPEECH,
-        text: TextTowerConfig = _TEXT,
-        loss: ContrastiveLossConfig = _LOSS,
-        optimizer: OptimizerConfig = _OPTIMIZER,
-        max_nonfinite_in_row: int = 20,
-        grad_cache_chunks: int = 1,
+        self, speech: SpeechTowerConfig = _SPEECH, text: TextTowerConfig = _TEXT, **kwargs: Any
     ) -> None:
         """
         Args:
-            vocab_size: text vocabulary (linked from the DataModule's tokenizer by the CLI).
-            embed_dim: width of the joint embedding space.
             speech: the speech tower (model.speech.size, .encoder, SpecAugment, ...).
             text: the text tower (model.text.size, .max_len, ...); dropout 0.1 and 512 positions by default.
-            loss: the contrastive loss and its learnable temperature.
-            optimizer: AdamW and its learning-rate schedule.
-            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
-            grad_cache_chunks: embed each training batch in this many chunks for gradient caching (1 = off); see
-                `ImageTextModule`.
+            kwargs: `ContrastiveModule`'s and `AlignmentModule`'s arguments: vocab_size, embed_dim, loss, optimizer,
+                max_nonfinite_in_row, grad_cache_chunks.
         """
-        super().__init__(loss, optimizer, max_nonfinite_in_row, grad_cache_chunks)
-        self.save_hyperparameters()
-        plain_sections(self.hparams)
+        super().__init__(**kwargs)
         speech, text = as_config(SpeechTowerConfig, speech), as_config(TextTowerConfig, text)
         self.speech_config, self.text_config = speech, text
         self.pair = SpeechTextPair(
-            SpeechTower(speech, embed_dim),
-            build_text_tower(text, vocab_size, embed_dim),
-            embed_dim,
+            SpeechTower(speech, self.embed_dim),
+            build_text_tower(text, self.vocab_size, self.embed_dim),
+            self.embed_dim,
             self.loss_config,
         )
 

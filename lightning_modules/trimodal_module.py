@@ -15,71 +15,57 @@ spoken captions), i2a/a2i: an utterance is a hit for an image query when it spea
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_modules.components.contrastive import (
-    ContrastiveLossConfig,
     ContrastivePair,
     as_config,
-    plain_sections,
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
-from lightning_modules.contrastive_module import OptimizerConfig, log_empty
+from lightning_modules.contrastive_module import AlignmentModule, log_empty
 from lightning_modules.image_text_module import ImageTextPair, check_image_size, check_text_length
-from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.speech_text_module import SpeechTextPair, check_sample_rate
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
 _IMAGE, _SPEECH, _TEXT = ImageTowerConfig(), SpeechTowerConfig(), TextTowerConfig()
-_LOSS, _OPTIMIZER = ContrastiveLossConfig(), OptimizerConfig()
 
 
-class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
+class TriModalModule(AlignmentModule):
     """Aligns images, speech and text; logs `val/{i2t,t2i,a2t,t2a,i2a,a2i}_R@K` and `train/loss`."""
 
     def __init__(
         self,
-        vocab_size: int = 30522,
-        embed_dim: int = 512,
         image: ImageTowerConfig = _IMAGE,
         speech: SpeechTowerConfig = _SPEECH,
         text: TextTowerConfig = _TEXT,
-        loss: ContrastiveLossConfig = _LOSS,
         image_text_weight: float = 1.0,
         speech_text_weight: float = 1.0,
-        optimizer: OptimizerConfig = _OPTIMIZER,
-        max_nonfinite_in_row: int = 20,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            vocab_size: the shared text vocabulary (linked from the DataModule's tokenizer by the CLI).
-            embed_dim: width of the joint embedding space of all three modalities.
             image: the image tower (model.image.arch, .image_size, ...).
             speech: the speech tower (model.speech.size, .encoder, SpecAugment, ...).
             text: the one text tower both tasks train (model.text.size, .max_len, ...).
-            loss: the contrastive loss of both tasks; each task learns its own temperature from its settings.
             image_text_weight: weight of the image-text loss in the sum.
             speech_text_weight: weight of the speech-text loss in the sum.
-            optimizer: AdamW and its learning-rate schedule.
-            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            kwargs: `AlignmentModule`'s arguments: vocab_size, embed_dim, loss (each task learns its own
+                temperature from its settings), optimizer, max_nonfinite_in_row.
         """
-        super().__init__()
-        self.save_hyperparameters()
-        plain_sections(self.hparams)
-        self.max_nonfinite_in_row = max_nonfinite_in_row
+        super().__init__(**kwargs)
         self.image_config = as_config(ImageTowerConfig, image)
         self.speech_config = as_config(SpeechTowerConfig, speech)
         self.text_config = as_config(TextTowerConfig, text)
-        self.optimizer_config = as_config(OptimizerConfig, optimizer)
-        loss = as_config(ContrastiveLossConfig, loss)
-        shared_text = build_text_tower(
-            self.text_config, vocab_size, embed_dim
-        )  # one object: both tasks train it
+        vocab_size, embed_dim, loss = self.vocab_size, self.embed_dim, self.loss_config
+        # one object: both tasks train it
+        shared_text = build_text_tower(self.text_config, vocab_size, embed_dim)
         self.image_text = ImageTextPair(
             ImageTower(self.image_config, embed_dim), shared_text, embed_dim, loss
         )
@@ -192,7 +178,3 @@ class TriModalModule(SkipNonFiniteSteps, CheckpointExtras):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
-
-    def configure_optimizers(self) -> dict:
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        return self.optimizer_config.build(self, total, fused=not self.trainer.gradient_clip_val)

@@ -65,7 +65,7 @@ def image_text(dropout: float = 0.0, gradient_checkpointing: bool = False, **kwa
         max_len=16,
         gradient_checkpointing=gradient_checkpointing,
     )
-    return ImageTextModule(VOCAB, 16, image, text, **sections(kwargs))
+    return ImageTextModule(image, text, vocab_size=VOCAB, embed_dim=16, **sections(kwargs))
 
 
 def image_text_batch(image_ids: list[int], seed: int = 0) -> dict:
@@ -95,7 +95,7 @@ def speech_text(dropout: float = 0.0, masks: int = 0, **kwargs) -> SpeechTextMod
         speech, freq_masks=masks, freq_mask_width=4, time_masks=masks, time_mask_width=5, **encoder
     )
     text = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, dropout=dropout, max_len=16)
-    return SpeechTextModule(VOCAB, 16, speech, text, **sections(kwargs))
+    return SpeechTextModule(speech, text, vocab_size=VOCAB, embed_dim=16, **sections(kwargs))
 
 
 def speech_text_batch(text_ids: list[int], seed: int = 0) -> dict:
