@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.components.contrastive import (
@@ -25,6 +26,7 @@ from lightning_modules.components.contrastive import (
     as_config,
     plain_sections,
 )
+from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
@@ -165,9 +167,23 @@ class ContrastiveModule(AlignmentModule):
         if grad_cache_chunks < 1:
             raise ValueError(f"model.grad_cache_chunks must be at least 1, got {grad_cache_chunks}")
         self.grad_cache_chunks = grad_cache_chunks
+        self.tower_configs: dict[str, Any] = {}
+
+    def build_pair(self, pair: type[ContrastivePair], tower: nn.Module, text: TextTowerConfig) -> None:
+        """`self.pair`: the subclass's tower against the text tower of `text`."""
+        text_tower = build_text_tower(text, self.vocab_size, self.embed_dim)
+        self.pair = pair(tower, text_tower, self.embed_dim, self.loss_config)
+
+    def data_hparams(self) -> dict:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dict(getattr(dm, "hparams", {}))
 
     def embed(self, batch: dict, stage: str) -> PairEmbeddings:
         return self.pair.embed(batch, stage)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
+        return F.normalize(self.pair.text(input_ids, attention_mask), dim=-1)
 
     @property
     def logit_scale(self) -> Tensor:
@@ -259,6 +275,9 @@ class ContrastiveModule(AlignmentModule):
         return loss
 
     def setup(self, stage: str) -> None:
+        data = self.data_hparams()
+        for config in self.tower_configs.values():  # the DataModule's texts, images, audio fit the towers
+            config.check_data(data, "data")
         # Gradient caching runs several backward passes per step, so it optimises manually. The switch happens
         # here, after Lightning's configuration check, which rejects Trainer(gradient_clip_val) with manual
         # optimisation: the trainer's clipping is applied by `on_before_optimizer_step` instead.

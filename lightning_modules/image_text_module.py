@@ -19,7 +19,7 @@ from lightning_modules.components.contrastive import (
     as_config,
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
-from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
+from lightning_modules.components.text_tower import TextTower, TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule
 
 _IMAGE, _TEXT = ImageTowerConfig(), TextTowerConfig()
@@ -62,48 +62,15 @@ class ImageTextModule(ContrastiveModule):
         Args:
             image: the image tower (model.image.arch, .image_size, ...).
             text: the text tower (model.text.size, .max_len, ...).
-            kwargs: `ContrastiveModule`'s and `AlignmentModule`'s arguments: vocab_size, embed_dim, loss, optimizer,
-                max_nonfinite_in_row, grad_cache_chunks.
+            kwargs: vocab_size, embed_dim, loss, optimizer, max_nonfinite_in_row and grad_cache_chunks, the
+                arguments every contrastive system takes (`ContrastiveModule`, `AlignmentModule`).
         """
         super().__init__(**kwargs)
         image, text = as_config(ImageTowerConfig, image), as_config(TextTowerConfig, text)
-        self.image_config, self.text_config = image, text
-        self.pair = ImageTextPair(
-            ImageTower(image, self.embed_dim),
-            build_text_tower(text, self.vocab_size, self.embed_dim),
-            self.embed_dim,
-            self.loss_config,
-        )
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        check_text_length(getattr(dm, "hparams", {}), self.text_config, "data")
-        check_image_size(getattr(dm, "hparams", {}), self.image_config, "data")
+        self.tower_configs = {"image": image, "text": text}
+        self.build_pair(ImageTextPair, ImageTower(image, self.embed_dim), text)
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim) unit vectors."""
         return F.normalize(self.pair.image(images), dim=-1)
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
-        return F.normalize(self.pair.text(input_ids, attention_mask), dim=-1)
-
-
-def check_text_length(data: dict, text: TextTowerConfig, where: str) -> None:
-    """The DataModule's captions/transcripts must fit the text tower's position table."""
-    if data.get("context_length", 0) > text.max_len:
-        raise ValueError(
-            f"{where}.context_length ({data['context_length']}) exceeds model.text.max_len ({text.max_len}), "
-            "the text tower's position table"
-        )
-
-
-def check_image_size(data: dict, image: ImageTowerConfig, where: str) -> None:
-    """A ViT's position table is made for one image size: the DataModule's."""
-    if image.arch != "resnet50" and data.get("image_size", image.image_size) != image.image_size:
-        raise ValueError(
-            f"{where}.image_size ({data['image_size']}) differs from model.image.image_size ({image.image_size}), "
-            "the size the ViT's position table is made for"
-        )

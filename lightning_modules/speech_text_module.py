@@ -18,9 +18,8 @@ from lightning_modules.components.contrastive import (
     as_config,
 )
 from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
-from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
+from lightning_modules.components.text_tower import TextTower, TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule
-from lightning_modules.image_text_module import check_text_length
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
 _SPEECH, _TEXT = SpeechTowerConfig(), TextTowerConfig(dropout=0.1, max_len=512)
@@ -64,40 +63,14 @@ class SpeechTextModule(ContrastiveModule):
         Args:
             speech: the speech tower (model.speech.size, .encoder, SpecAugment, ...).
             text: the text tower (model.text.size, .max_len, ...); dropout 0.1 and 512 positions by default.
-            kwargs: `ContrastiveModule`'s and `AlignmentModule`'s arguments: vocab_size, embed_dim, loss, optimizer,
-                max_nonfinite_in_row, grad_cache_chunks.
+            kwargs: as for `ImageTextModule`.
         """
         super().__init__(**kwargs)
         speech, text = as_config(SpeechTowerConfig, speech), as_config(TextTowerConfig, text)
-        self.speech_config, self.text_config = speech, text
-        self.pair = SpeechTextPair(
-            SpeechTower(speech, self.embed_dim),
-            build_text_tower(text, self.vocab_size, self.embed_dim),
-            self.embed_dim,
-            self.loss_config,
-        )
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        dm = self.trainer.datamodule if self._trainer is not None else None
-        data = getattr(dm, "hparams", {})
-        check_text_length(data, self.text_config, "data")
-        check_sample_rate(data, self.speech_config, "data")
+        self.tower_configs = {"speech": speech, "text": text}
+        self.build_pair(SpeechTextPair, SpeechTower(speech, self.embed_dim), text)
 
     # inference --------------------------------------------------------------------------------
     def encode_speech(self, waveforms: Tensor, wave_lengths: Tensor) -> Tensor:
         """(B, T) zero-padded waveforms and their (B,) lengths -> (B, embed_dim) unit vectors."""
         return F.normalize(self.pair.speech(waveforms, wave_lengths), dim=-1)
-
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
-        return F.normalize(self.pair.text(input_ids, attention_mask), dim=-1)
-
-
-def check_sample_rate(data: dict, speech: SpeechTowerConfig, where: str) -> None:
-    """The log-mel front end is made for one sample rate: the DataModule's."""
-    if data.get("sample_rate", speech.sample_rate) != speech.sample_rate:
-        raise ValueError(
-            f"{where}.sample_rate ({data['sample_rate']}) differs from model.speech.sample_rate "
-            f"({speech.sample_rate})"
-        )

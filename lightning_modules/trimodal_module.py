@@ -30,8 +30,8 @@ from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import AlignmentModule, log_empty
-from lightning_modules.image_text_module import ImageTextPair, check_image_size, check_text_length
-from lightning_modules.speech_text_module import SpeechTextPair, check_sample_rate
+from lightning_modules.image_text_module import ImageTextPair
+from lightning_modules.speech_text_module import SpeechTextPair
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
 _IMAGE, _SPEECH, _TEXT = ImageTowerConfig(), SpeechTowerConfig(), TextTowerConfig()
@@ -60,18 +60,13 @@ class TriModalModule(AlignmentModule):
                 temperature from its settings), optimizer, max_nonfinite_in_row.
         """
         super().__init__(**kwargs)
-        self.image_config = as_config(ImageTowerConfig, image)
-        self.speech_config = as_config(SpeechTowerConfig, speech)
-        self.text_config = as_config(TextTowerConfig, text)
-        vocab_size, embed_dim, loss = self.vocab_size, self.embed_dim, self.loss_config
-        # one object: both tasks train it
-        shared_text = build_text_tower(self.text_config, vocab_size, embed_dim)
-        self.image_text = ImageTextPair(
-            ImageTower(self.image_config, embed_dim), shared_text, embed_dim, loss
-        )
-        self.speech_text = SpeechTextPair(
-            SpeechTower(self.speech_config, embed_dim), shared_text, embed_dim, loss
-        )
+        image, speech = as_config(ImageTowerConfig, image), as_config(SpeechTowerConfig, speech)
+        text = as_config(TextTowerConfig, text)
+        self.tower_configs = {"image": image, "speech": speech, "text": text}
+        embed_dim, loss = self.embed_dim, self.loss_config
+        shared_text = build_text_tower(text, self.vocab_size, embed_dim)  # one object: both tasks train it
+        self.image_text = ImageTextPair(ImageTower(image, embed_dim), shared_text, embed_dim, loss)
+        self.speech_text = SpeechTextPair(SpeechTower(speech, embed_dim), shared_text, embed_dim, loss)
         self.weights = {"image_text": image_text_weight, "speech_text": speech_text_weight}
         # images against utterances; the other four directions are the two pairs' own metrics
         self.image_speech = nn.ModuleDict(
@@ -93,10 +88,11 @@ class TriModalModule(AlignmentModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "task"):
             return
+        towers = self.tower_configs
         for task in TASKS:
-            check_text_length(dm.task(task).hparams, self.text_config, f"data.{task}")
-        check_image_size(dm.task("image_text").hparams, self.image_config, "data.image_text")
-        check_sample_rate(dm.task("speech_text").hparams, self.speech_config, "data.speech_text")
+            towers["text"].check_data(dm.task(task).hparams, f"data.{task}")
+        towers["image"].check_data(dm.task("image_text").hparams, "data.image_text")
+        towers["speech"].check_data(dm.task("speech_text").hparams, "data.speech_text")
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:

@@ -109,7 +109,7 @@ def load_image_text(
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    context_length = int(data_hp.get("context_length") or model.text_config.max_len)
+    context_length = int(data_hp.get("context_length") or model.tower_configs["text"].max_len)
     if tokenizer:
         tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
@@ -130,7 +130,7 @@ def load_image_text(
             f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the checkpoint's text tower "
             f"{model.hparams.vocab_size}: not the tokenizer the model was trained with"
         )
-    return model, tok, min(context_length, model.text_config.max_len)
+    return model, tok, min(context_length, model.tower_configs["text"].max_len)
 
 
 class ZeroShotClassifier(L.LightningModule):

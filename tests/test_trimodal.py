@@ -299,7 +299,8 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
     assert cli.trainer.global_step == 2
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the shared tokenizer
     # each tower its own section; the nested DataModules keep their own settings, not the CLI's top-level ones
-    assert cli.model.image_config.image_size == 32 and cli.model.speech_config.conv_channels == 16
+    towers = cli.model.tower_configs
+    assert towers["image"].image_size == 32 and towers["speech"].conv_channels == 16
     assert cli.model.hparams.image["image_size"] == 32 and cli.model.hparams.text["max_len"] == 32
     assert cli.datamodule.speech_text.hparams.max_batch_seconds == 20
     assert {"val/i2t_R@5", "val/a2t_R@5", "val/i2a_R@5", "val/loss"} <= cli.trainer.callback_metrics.keys()

@@ -81,6 +81,14 @@ class ImageTowerConfig:
         if vit.width % vit.heads:
             raise ValueError(f"ViT width {vit.width} is not divisible by heads {vit.heads}")
 
+    def check_data(self, data: dict, where: str) -> None:
+        """A ViT's position table is made for one image size: the DataModule's (its hyperparameters `data`)."""
+        if self.arch != "resnet50" and data.get("image_size", self.image_size) != self.image_size:
+            raise ValueError(
+                f"{where}.image_size ({data['image_size']}) differs from model.image.image_size "
+                f"({self.image_size}), the size the ViT's position table is made for"
+            )
+
     @property
     def vit(self) -> ViTShape:
         """The ViT's shape: the preset of `arch` with the given overrides."""

@@ -19,23 +19,17 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import EncoderConfig, SizeName, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.towers import EncoderShape
 
 
 @dataclass
-class SpeechTowerConfig:
-    """The speech tower: encoder size preset and overrides, front end, SpecAugment and encoder choice."""
+class SpeechTowerConfig(EncoderShape):
+    """The speech tower: encoder size preset and overrides (`EncoderShape`), front end, SpecAugment and encoder
+    choice."""
 
-    size: SizeName = "base"
-    """Encoder preset (tiny ... large, as for BERT); the three fields below override it."""
-    layers: int | None = None
-    """Encoder blocks; None keeps the preset's."""
-    hidden: int | None = None
-    """Encoder width; None keeps the preset's. Heads then default to width / 64."""
-    heads: int | None = None
-    """Attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
     dropout: float = 0.1
-    """Dropout in the encoder (also on attention probabilities) and on its input."""
+    """Dropout on the encoder's input, attention probabilities and block outputs."""
     sample_rate: int = 16000
     """Waveform sample rate (Hz)."""
     n_mels: int = 80
@@ -66,14 +60,18 @@ class SpeechTowerConfig:
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig.from_size(
             self.size,
-            num_layers=self.layers,
-            hidden_size=self.hidden,
-            num_heads=self.heads or (self.hidden // 64 if self.hidden else None),
-            dropout=self.dropout,
-            attention_dropout=self.dropout,
             norm_first=True,  # pre-LN: trains from scratch without the warmup tricks post-LN needs
             layer_norm_eps=1e-5,
+            **self.encoder_overrides(),
         )
+
+    def check_data(self, data: dict, where: str) -> None:
+        """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`)."""
+        if data.get("sample_rate", self.sample_rate) != self.sample_rate:
+            raise ValueError(
+                f"{where}.sample_rate ({data['sample_rate']}) differs from model.speech.sample_rate "
+                f"({self.sample_rate})"
+            )
 
     @property
     def win_length(self) -> int:

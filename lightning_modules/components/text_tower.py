@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.bert import BertConfig, BertModel
-from lightning_modules.components.encoder import SizeName
+from lightning_modules.components.towers import EncoderShape
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +23,12 @@ Pooling = Literal["cls", "first", "mean"]
 
 
 @dataclass
-class TextTowerConfig:
+class TextTowerConfig(EncoderShape):
     """A BERT text tower: a size preset, optional overrides of its shape, pooling and regularisation.
 
     The vocabulary is not here: it is the system's `vocab_size`, linked from the DataModule's tokenizer.
     """
 
-    size: SizeName = "base"
-    """BERT preset (tiny, mini, small, medium, base, large); the three fields below override it."""
-    layers: int | None = None
-    """Encoder blocks; None keeps the preset's."""
-    hidden: int | None = None
-    """Width; None keeps the preset's. Heads then default to width / 64."""
-    heads: int | None = None
-    """Attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
-    dropout: float = 0.0
-    """Dropout on embeddings, attention probabilities and block outputs (CLIP uses none)."""
     pooling: Pooling = "first"
     """'first' ([CLS] state), 'cls' (BERT's tanh pooler over it) or 'mean' (over real tokens)."""
     max_len: int = 77
@@ -52,15 +42,16 @@ class TextTowerConfig:
 
     def bert_config(self, vocab_size: int) -> BertConfig:
         return BertConfig.from_size(
-            self.size,
-            num_layers=self.layers,
-            hidden_size=self.hidden,
-            num_heads=self.heads or (self.hidden // 64 if self.hidden else None),
-            dropout=self.dropout,
-            attention_dropout=self.dropout,
-            vocab_size=vocab_size,
-            max_position_embeddings=self.max_len,
+            self.size, vocab_size=vocab_size, max_position_embeddings=self.max_len, **self.encoder_overrides()
         )
+
+    def check_data(self, data: dict, where: str) -> None:
+        """The DataModule's texts (its hyperparameters `data`) must fit the position table."""
+        if data.get("context_length", 0) > self.max_len:
+            raise ValueError(
+                f"{where}.context_length ({data['context_length']}) exceeds model.text.max_len ({self.max_len}), "
+                "the text tower's position table"
+            )
 
 
 class TextTower(nn.Module):
