@@ -64,8 +64,9 @@ class TriModalModule(AlignmentModule):
         text = as_config(TextTowerConfig, text)
         self.tower_configs = {"image": image, "speech": speech, "text": text}
         embed_dim, loss = self.embed_dim, self.loss_config
+        image_tower = ImageTower(image, embed_dim)  # built first, as in image-text: the same initial weights
         shared_text = build_text_tower(text, self.vocab_size, embed_dim)  # one object: both tasks train it
-        self.image_text = ImageTextPair(ImageTower(image, embed_dim), shared_text, embed_dim, loss)
+        self.image_text = ImageTextPair(image_tower, shared_text, embed_dim, loss)
         self.speech_text = SpeechTextPair(SpeechTower(speech, embed_dim), shared_text, embed_dim, loss)
         self.weights = {"image_text": image_text_weight, "speech_text": speech_text_weight}
         # images against utterances; the other four directions are the two pairs' own metrics
