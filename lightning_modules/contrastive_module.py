@@ -189,6 +189,11 @@ class ContrastiveModule(AlignmentModule):
     def logit_scale(self) -> Tensor:
         return self.pair.logit_scale
 
+    @property
+    def prefixes(self) -> tuple[str, str]:
+        """The retrieval directions, e.g. ("i2t", "t2i"), as the metric's keys and the W&B examples name them."""
+        return self.pair.prefixes
+
     def _log_train(self, batch: dict, loss: Tensor, rows: int) -> None:
         # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together
         self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
