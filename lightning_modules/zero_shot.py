@@ -99,10 +99,13 @@ def load_image_text(
         raise FileNotFoundError(f"image-text checkpoint {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    hparams["text"] = {
-        **hparams.get("text", {}),
-        "init_ckpt": None,
-    }  # the trained weights replace any MLM start
+    if "image_arch" in hparams or "max_text_len" in hparams:
+        raise ValueError(
+            f"{ckpt_path} was written before the towers became config sections (model.image, model.text): "
+            "this version cannot rebuild its model; train it again with the current configs"
+        )
+    # the trained weights below replace any MLM start
+    hparams["text"] = {**hparams.get("text", {}), "init_ckpt": None}
     # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (this loader's
     # caller) to every `save_hyperparameters` through a context variable, which would give them to this model.
     model = contextvars.Context().run(ImageTextModule, **hparams)
