@@ -33,8 +33,9 @@ DEADLINE_S = 120  # a hang would otherwise block the suite; a normal run takes s
 TOL = dict(rtol=1e-5, atol=1e-5)
 # no dropout, no SpecAugment: the two runs draw their random numbers in different orders
 IMAGE = ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2)
-SPEECH = SpeechTowerConfig("tiny", layers=1, hidden=32, heads=2, dropout=0.0, n_mels=16, conv_channels=4)
-SPEECH = SpeechTowerConfig(**{**SPEECH.__dict__, "freq_masks": 0, "time_masks": 0})
+SPEECH = SpeechTowerConfig(
+    "tiny", layers=1, hidden=32, heads=2, dropout=0.0, n_mels=16, conv_channels=4, freq_masks=0, time_masks=0
+)
 TEXT = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, max_len=16)
 
 
