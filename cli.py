@@ -46,7 +46,10 @@ from lightning_modules.resilience import SYSTEM_CLASS_KEY, AtomicCheckpoints, Pr
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
 # under the subcommand (`fit.trainer...`) on the merged config
-jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+jsonargparse.set_parsing_settings(
+    omegaconf_absolute_to_relative_paths=True,
+    docstring_parse_attribute_docstrings=True,  # config dataclasses document their fields as litgpt does
+)
 
 
 class SaveConfig(SaveConfigCallback):

@@ -43,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
+from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
 from lightning_modules.optim import build_optimizer  # noqa: E402
 
@@ -90,21 +92,10 @@ def build_ours() -> tuple[ImageTextModule, torch.optim.Optimizer]:
     module = ImageTextModule(
         vocab_size=VOCAB,
         embed_dim=EMBED,
-        image_arch="vit_custom",
-        image_size=IMAGE,
-        vit_patch_size=PATCH,
-        vit_layers=LAYERS,
-        vit_width=WIDTH,
-        vit_heads=HEADS,
-        text_size="mini",
-        text_layers=LAYERS,
-        text_hidden=WIDTH,
-        text_heads=HEADS,
-        max_text_len=CONTEXT,
-        lr=LR,
-        weight_decay=WD,
-        betas=BETAS,
-        eps=EPS,
+        image=ImageTowerConfig(
+            "vit_custom", IMAGE, patch_size=PATCH, layers=LAYERS, width=WIDTH, heads=HEADS
+        ),
+        text=TextTowerConfig("mini", layers=LAYERS, hidden=WIDTH, heads=HEADS, max_len=CONTEXT),
     ).train()
     opt = build_optimizer(module, LR, WD, BETAS, EPS, 0, 1000, "constant")["optimizer"]
     return module, opt
@@ -134,7 +125,7 @@ def build_theirs():
 
 
 def ours_step(module: ImageTextModule, opt: torch.optim.Optimizer, b: dict) -> float:
-    loss = module.pair_loss(module.embed(b, "train"))
+    loss = module.pair.loss(module.embed(b, "train"))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -24,6 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
+from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule  # noqa: E402
 from lightning_modules.optim import build_optimizer  # noqa: E402
@@ -81,7 +83,7 @@ def clip_step(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[Callable[[], None], int, str, list[torch.nn.Module]]:
     module = ImageTextModule(
-        embed_dim=512, image_arch="vit_b_16", image_size=224, text_size="base", max_text_len=77
+        embed_dim=512, image=ImageTowerConfig("vit_b_16", 224), text=TextTowerConfig("base")
     ).to(device)
     module.train()
     opt = build_optimizer(module, 5e-4, 0.2, (0.9, 0.98), 1e-6, 0, 1000, "constant")["optimizer"]
@@ -100,7 +102,7 @@ def clip_step(
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = module.pair_loss(module.embed(batch, "train"))
+            loss = module.pair.loss(module.embed(batch, "train"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,7 +111,7 @@ def clip_step(
         step,
         b,
         f"CLIP ViT-B/16 + BERT-base text, 224 px, 77 tokens, batch {b}",
-        [module.image, module.text],
+        [module.pair.image, module.pair.text],
     )
 
 

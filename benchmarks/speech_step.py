@@ -57,7 +57,7 @@ def train_rate(model: SpeechTextModule, data: list[dict], sample_rate: int) -> t
     times, audio = [], 0.0
     for i, batch in enumerate(data):
         start = time.perf_counter()
-        loss = model.pair_loss(model.embed(batch, "train"))
+        loss = model.pair.loss(model.embed(batch, "train"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -26,7 +26,6 @@ image-text and speech-text retrieval are reported.
 
 from __future__ import annotations
 
-import contextvars
 import hashlib
 import json
 import logging
@@ -212,8 +211,9 @@ class TriModalDataModule(LightningDataModule):
 
     def _build(self, name: str, tokenizer: str | None) -> LightningDataModule:
         cls = CocoCaptionsDataModule if name == "image_text" else LibriSpeechDataModule
-        # in an empty context: outside LightningCLI's, whose hyperparameters it would otherwise take for its own
-        return contextvars.Context().run(cls, **self._args[name], tokenizer=tokenizer)
+        # built on first use, never in __init__: LightningCLI hands the hyperparameters it instantiates this
+        # DataModule with to every `save_hyperparameters` run inside that call, which would give them to these
+        return cls(**self._args[name], tokenizer=tokenizer)
 
     def _reader(self, name: str) -> LightningDataModule:
         if name not in self._readers:

@@ -1,8 +1,6 @@
-"""What the image-text and speech-text systems share: two towers aligned by a loss from the one loss library,
-a learnable temperature, and retrieval evaluation with the one retrieval metric.
-
-A subclass builds its towers and implements `embed(batch)`, returning both sides' (unnormalised) embeddings
-with their keys and groups; this class normalises them, computes the loss and the metric, and logs.
+"""The LightningModule over one contrastive pair (components/contrastive.py): image-text and speech-text are
+thin subclasses that build their `ContrastivePair` and check their DataModule. Hooks, logging, the optimiser
+and gradient caching live here once.
 
 Gradient caching (`grad_cache_chunks` > 1; Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under
 Memory Limited Setup") trains on contrastive batches larger than the activations that fit in memory: the loss
@@ -11,20 +9,30 @@ still sees every pair of the batch, while the towers hold the activations of one
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.components.losses import build_loss
-from lightning_modules.components.retrieval import RetrievalRecall, mean_recall
+from lightning_modules.components.contrastive import (
+    ContrastiveLossConfig,
+    ContrastivePair,
+    PairEmbeddings,
+    as_config,
+    plain_sections,
+)
+from lightning_modules.components.retrieval import mean_recall
+from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
 
 # parameters, besides biases and norms, that AdamW does not decay in the contrastive systems: the temperature,
 # SigLIP's bias, position tables and the ViT class token
@@ -32,21 +40,36 @@ NO_DECAY_NAMES = ("log_scale", "logit_bias", "position", "cls_token", "class_tok
 
 
 @dataclass
-class PairEmbeddings:
-    """Both sides of a batch. Row i of `a` pairs with row `pair_index[i]` of `b` for the loss.
+class OptimizerConfig:
+    """AdamW with linear warmup, then a decay of the learning rate to zero."""
 
-    Training batches are 1:1 (`pair_index` = arange). Evaluation batches may hold one image and all its
-    captions; then `b` has more rows and `pair_index` picks one caption per image for the loss.
-    `groups` mark positives: equal group ids are the same image / the same transcript.
-    """
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.2
+    """Decoupled decay of the matrices (not of biases, norms, the temperature, position tables)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's moment decay rates (CLIP's)."""
+    eps: float = 1e-6
+    """Adam's epsilon."""
+    warmup_steps: int | float = 0.05
+    """Linear warmup steps, or a fraction of all steps when < 1."""
+    schedule: Schedule = "cosine"
+    """Decay after warmup: linear, cosine or constant."""
 
-    a: Tensor
-    b: Tensor
-    a_keys: Tensor
-    a_groups: Tensor
-    b_keys: Tensor
-    b_groups: Tensor
-    pair_index: Tensor | None = None
+    def build(self, model: nn.Module, total_steps: int, fused: bool) -> dict:
+        """Lightning's `configure_optimizers` answer for `model`."""
+        return build_optimizer(
+            model,
+            self.lr,
+            self.weight_decay,
+            tuple(self.betas),
+            self.eps,
+            self.warmup_steps,
+            total_steps,
+            self.schedule,
+            no_decay_names=NO_DECAY_NAMES,
+            fused=fused,
+        )
 
 
 _ROW_FIELDS = ("a", "b", "a_keys", "a_groups", "b_keys", "b_groups")  # of a training batch (no pair_index)
@@ -65,106 +88,127 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
+def log_empty(module: SkipNonFiniteSteps, batch: dict, rows: int, stage: str, task: str = "") -> None:
+    """Count empty batches (`{stage}/{task}empty_batches`, summed over ranks) and undecodable items. Logged on
+    every rank at every step, 0 or not, so the epoch-end sum finds the key on each."""
+    if not rows and stage == "train":
+        log.warning("training batch is empty (all %s items undecodable)", batch.get("skipped", "its"))
+    module.log(
+        f"{stage}/{task}empty_batches",
+        float(rows == 0),
+        reduce_fx="sum",
+        on_step=False,
+        on_epoch=True,
+        sync_dist=True,
+        add_dataloader_idx=False,
+    )
+    if "skipped" in batch:
+        module.log(
+            f"{stage}/{task}skipped_items",
+            float(batch["skipped"]),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            add_dataloader_idx=False,
+        )
+
+
+_LOSS, _OPTIMIZER = ContrastiveLossConfig(), OptimizerConfig()
+
+
+class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
+    """What every alignment system takes besides its towers; a system adds its towers' sections and passes the
+    rest on as `**kwargs`, so these arguments and their documentation exist once."""
+
     def __init__(
         self,
-        loss: str = "infonce",
-        loss_kwargs: dict | None = None,
-        init_logit_scale: float = 1 / 0.07,
-        max_logit_scale: float = 100.0,
-        init_logit_bias: float | None = None,
-        prefixes: tuple[str, str] = ("a2b", "b2a"),
-        lr: float = 5e-4,
-        weight_decay: float = 0.2,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int | float = 0.05,
-        schedule: Schedule = "cosine",
+        vocab_size: int = 30522,
+        embed_dim: int = 512,
+        loss: ContrastiveLossConfig = _LOSS,
+        optimizer: OptimizerConfig = _OPTIMIZER,
         max_nonfinite_in_row: int = 20,
-        grad_cache_chunks: int = 1,
     ) -> None:
+        """
+        Args:
+            vocab_size: text vocabulary (linked from the DataModule's tokenizer by the CLI).
+            embed_dim: width of the joint embedding space.
+            loss: the contrastive loss and the learnable temperature it starts from (one per task).
+            optimizer: AdamW and its learning-rate schedule.
+            max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+        """
         super().__init__()
-        if grad_cache_chunks < 1:
-            raise ValueError(f"grad_cache_chunks must be at least 1, got {grad_cache_chunks}")
+        self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s
+        plain_sections(self.hparams)
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        self.loss_config = as_config(ContrastiveLossConfig, loss)
+        self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.max_nonfinite_in_row = max_nonfinite_in_row
-        self.grad_cache_chunks = grad_cache_chunks
-        self.loss_fn = build_loss(loss, **(loss_kwargs or {}))
-        # the temperature is learned in log space: τ⁻¹ = exp(log_scale), clamped at max_logit_scale
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
-        self.logit_bias = (
-            nn.Parameter(torch.tensor(float(init_logit_bias))) if init_logit_bias is not None else None
-        )
-        self.max_log_scale = math.log(max_logit_scale)
-        self.prefixes = prefixes
-        self.retrieval = nn.ModuleDict(
-            {
-                stage: RetrievalRecall(prefix_a2b=prefixes[0], prefix_b2a=prefixes[1])
-                for stage in ("val", "test")
-            }
-        )
-        self._optim = dict(
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-        )
 
-    # to implement -----------------------------------------------------------------------------
-    row_keys: tuple[str, ...] = ()
-    """Entries of a training batch with one item per row (pair), which `split_batch` cuts into chunks."""
+    def configure_optimizers(self) -> dict:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return self.optimizer_config.build(self, total, fused=not self.trainer.gradient_clip_val)
+
+
+class ContrastiveModule(AlignmentModule):
+    """Training, evaluation and the optimiser of one `ContrastivePair` (`self.pair`, built by the subclass)."""
+
+    pair: ContrastivePair
+
+    def __init__(self, grad_cache_chunks: int = 1, **kwargs: Any) -> None:
+        """
+        Args:
+            grad_cache_chunks: gradient caching: embed each training batch in this many chunks and backpropagate
+                the whole batch's loss chunk by chunk, so the loss sees the whole batch while activations are held
+                for one chunk; same gradients (BatchNorm aside: it normalises per chunk) for about one more
+                forward pass of compute. 1 = off. Optimises manually (the trainer's gradient_clip_val still
+                applies); accumulate_grad_batches must be 1.
+            kwargs: `AlignmentModule`'s arguments.
+        """
+        super().__init__(**kwargs)
+        if grad_cache_chunks < 1:
+            raise ValueError(f"model.grad_cache_chunks must be at least 1, got {grad_cache_chunks}")
+        self.grad_cache_chunks = grad_cache_chunks
+        self.tower_configs: dict[str, Any] = {}
+
+    def build_pair(self, pair: type[ContrastivePair], tower: nn.Module, text: TextTowerConfig) -> None:
+        """`self.pair`: the subclass's tower against the text tower of `text`."""
+        text_tower = build_text_tower(text, self.vocab_size, self.embed_dim)
+        self.pair = pair(tower, text_tower, self.embed_dim, self.loss_config)
+
+    def data_hparams(self) -> dict:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return dict(getattr(dm, "hparams", {}))
 
     def embed(self, batch: dict, stage: str) -> PairEmbeddings:
-        raise NotImplementedError
+        return self.pair.embed(batch, stage)
 
-    # shared -----------------------------------------------------------------------------------
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
+        return F.normalize(self.pair.text(input_ids, attention_mask), dim=-1)
+
     @property
     def logit_scale(self) -> Tensor:
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return self.pair.logit_scale
 
-    def pair_loss(self, e: PairEmbeddings) -> Tensor:
-        a = F.normalize(e.a.float(), dim=-1)
-        b = F.normalize(e.b.float(), dim=-1)
-        if e.pair_index is not None:
-            b = b[e.pair_index]
-        return self.loss_fn(a, b, self.logit_scale, self.logit_bias, ids=e.a_groups)
-
-    def _log_skipped(self, batch: dict, stage: str) -> None:
-        if "skipped" in batch:
-            self.log(
-                f"{stage}/skipped_items",
-                float(batch["skipped"]),
-                reduce_fx="sum",
-                on_step=False,
-                on_epoch=True,
-            )
+    @property
+    def prefixes(self) -> tuple[str, str]:
+        """The retrieval directions, e.g. ("i2t", "t2i"), as the metric's keys and the W&B examples name them."""
+        return self.pair.prefixes
 
     def _log_train(self, batch: dict, loss: Tensor, rows: int) -> None:
-        self.log("train/loss", loss, prog_bar=True, batch_size=rows)
+        # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=rows)
-        self._log_skipped(batch, "train")
+        log_empty(self, batch, rows, "train")
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
         if not self.automatic_optimization:  # gradient caching
             return self._grad_cache_step(batch)
-        e = self.embed(batch, "train")
-        loss = self.pair_loss(e)
-        self._log_train(batch, loss, len(e.a))
+        loss, rows = self.pair.training_loss(batch)
+        self._log_train(batch, loss, rows)
         return self.skip_if_nonfinite(loss)
 
     # gradient caching -------------------------------------------------------------------------
-    def split_batch(self, batch: dict, chunks: int) -> list[dict]:
-        """Up to `chunks` consecutive, non-empty, near-equal row ranges of a training batch; entries not in
-        `row_keys` (e.g. the count of skipped items) are shared by all chunks."""
-        rows = len(batch[self.row_keys[0]])
-        bounds = [i * rows // chunks for i in range(chunks + 1)]
-        return [
-            {k: v[lo:hi] if k in self.row_keys else v for k, v in batch.items()}
-            for lo, hi in zip(bounds, bounds[1:])
-            if hi > lo
-        ]
-
     def cached_backward(self, batch: dict) -> tuple[Tensor, bool]:
         """Accumulate in `.grad` the gradient of the whole batch's loss, holding the activations of one chunk of
         rows at a time. Returns the loss (detached) and whether gradients were accumulated: not when the loss
@@ -176,30 +220,40 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
         and backpropagates sum(embedding * d loss / d embedding): by the chain rule, exactly this chunk's share
         of d loss / d parameters. The temperature's gradient joins the last chunk's backward, counted once.
         """
-        chunks = self.split_batch(batch, self.grad_cache_chunks)
+        pair = self.pair
+        rows = pair.rows(batch)
+        if rows == 0:  # nothing to chunk: the empty batch's connected zero, through the same collectives
+            loss = pair.training_loss(batch)[0]
+            if finite_or_skip(self, loss, self.max_nonfinite_in_row) is None:
+                return loss.detach(), False
+            self._backward(loss, sync=True)
+            return loss.detach(), True
+        chunks = pair.split_batch(batch, self.grad_cache_chunks)
         states, parts = [], []
         with torch.no_grad(), _running_stats_kept(self):  # pass 2 updates BatchNorm statistics, once
             for chunk in chunks:
                 states.append(rng_state())
-                parts.append(self.embed(chunk, "train"))
+                parts.append(pair.embed(chunk, "train"))
         e = PairEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS))
         a = e.a.detach().float().requires_grad_()
         b = e.b.detach().float().requires_grad_()
-        loss = self.pair_loss(replace(e, a=a, b=b))
+        loss = pair.loss(replace(e, a=a, b=b)) * pair.rank_weight(rows, a.device)
         if finite_or_skip(self, loss, self.max_nonfinite_in_row) is None:
             return loss.detach(), False
 
-        temperature = [p for p in (self.log_scale, self.logit_bias) if p is not None]
+        temperature = [p for p in (pair.log_scale, pair.logit_bias) if p is not None]
         grad_a, grad_b, *grad_t = torch.autograd.grad(loss, [a, b, *temperature], allow_unused=True)
         # losses on raw cosines (triplet, N-pair, circle) leave the temperature without a gradient, as usual
         temperature_term = sum((p * g).sum() for p, g in zip(temperature, grad_t) if g is not None)
         start = 0
         for i, (chunk, state) in enumerate(zip(chunks, states)):
             set_rng_state(state)
-            part = self.embed(chunk, "train")
-            rows = slice(start, start + len(part.a))
-            start = rows.stop
-            surrogate = (part.a.float() * grad_a[rows]).sum() + (part.b.float() * grad_b[rows]).sum()
+            part = pair.embed(chunk, "train")
+            rows_of_chunk = slice(start, start + len(part.a))
+            start = rows_of_chunk.stop
+            surrogate = (part.a.float() * grad_a[rows_of_chunk]).sum() + (
+                part.b.float() * grad_b[rows_of_chunk]
+            ).sum()
             last = i == len(chunks) - 1
             self._backward(surrogate + temperature_term if last else surrogate, sync=last)
         return loss.detach(), True
@@ -218,28 +272,18 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
     def _grad_cache_step(self, batch: dict) -> Tensor:
         self.optimizers().zero_grad()
         loss, finite = self.cached_backward(batch)
-        self._log_train(batch, loss, len(batch[self.row_keys[0]]))
+        self._log_train(batch, loss, self.pair.rows(batch))
         if finite:
-            self._optimizer_step()
-        return loss
-
-    def _optimizer_step(self) -> None:
-        """The optimizer and the per-step LR schedule, which Lightning leaves to the module in manual
-        optimisation. Gradients are clipped in `on_before_optimizer_step`, after AMP unscaling."""
-        self.optimizers().step()
-        self.lr_schedulers().step()
-
-    def _manual_zero_loss_step(self, loss: Tensor) -> Tensor:
-        """An empty batch's zero loss (see the subclasses): Lightning backpropagates it in automatic
-        optimisation; with gradient caching this rank steps here, joining the other ranks' all-reduce."""
-        if not self.automatic_optimization:
-            self.optimizers().zero_grad()
-            self.manual_backward(loss)
-            self._optimizer_step()
-            return loss.detach()
+            # the optimizer and the per-step LR schedule, which Lightning leaves to the module in manual
+            # optimisation; gradients are clipped in `on_before_optimizer_step`, after AMP unscaling
+            self.optimizers().step()
+            self.lr_schedulers().step()
         return loss
 
     def setup(self, stage: str) -> None:
+        data = self.data_hparams()
+        for config in self.tower_configs.values():  # the DataModule's texts, images, audio fit the towers
+            config.check_data(data, "data")
         # Gradient caching runs several backward passes per step, so it optimises manually. The switch happens
         # here, after Lightning's configuration check, which rejects Trainer(gradient_clip_val) with manual
         # optimisation: the trainer's clipping is applied by `on_before_optimizer_step` instead.
@@ -257,13 +301,12 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
         if not self.automatic_optimization:  # Lightning clips only in automatic optimisation
             self.clip_gradients(optimizer)  # the trainer's gradient_clip_val and algorithm; none when unset
 
+    # evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> None:
-        e = self.embed(batch, stage)
-        self.log(f"{stage}/loss", self.pair_loss(e), sync_dist=True, batch_size=len(e.a))
-        self._log_skipped(batch, stage)
-        a = F.normalize(e.a.float(), dim=-1)
-        b = F.normalize(e.b.float(), dim=-1)
-        self.retrieval[stage].update(a, e.a_keys, e.a_groups, b, e.b_keys, e.b_groups)
+        rows = self.pair.rows(batch)
+        loss, _ = self.pair.evaluate(batch, stage)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=rows)
+        log_empty(self, batch, rows, stage)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -272,7 +315,7 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
         self._eval_step(batch, "test")
 
     def _log_retrieval(self, stage: str) -> None:
-        metric = self.retrieval[stage]
+        metric = self.pair.retrieval[stage]
         if not metric.update_called:
             return
         recalls = metric.compute()
@@ -286,19 +329,3 @@ class ContrastiveModule(SkipNonFiniteSteps, CheckpointExtras):
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
-
-    def configure_optimizers(self):
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        o = self._optim
-        return build_optimizer(
-            self,
-            o["lr"],
-            o["weight_decay"],
-            o["betas"],
-            o["eps"],
-            o["warmup_steps"],
-            total,
-            o["schedule"],
-            no_decay_names=NO_DECAY_NAMES,
-            fused=not self.trainer.gradient_clip_val,
-        )

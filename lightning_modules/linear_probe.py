@@ -68,9 +68,7 @@ def speech_encoder(model: nn.Module) -> Callable[[dict], Tensor]:
     """Batch -> unit joint-space embeddings of its waveforms, by a `SpeechTextModule` (frozen, eval mode)."""
     model.eval()
     device = next(model.parameters()).device
-    return lambda batch: F.normalize(
-        model.speech(batch["waveforms"].to(device), batch["wave_lengths"].to(device)), dim=-1
-    )
+    return lambda batch: model.encode_speech(batch["waveforms"].to(device), batch["wave_lengths"].to(device))
 
 
 def speaker_labels(speakers: Sequence[int]) -> tuple[Callable[[dict], Tensor], list[int]]:

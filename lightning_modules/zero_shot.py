@@ -99,14 +99,20 @@ def load_image_text(
         raise FileNotFoundError(f"image-text checkpoint {ckpt_path} does not exist")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    hparams["text_init_ckpt"] = None  # the trained weights below replace any MLM start
+    if "image_arch" in hparams or "max_text_len" in hparams:
+        raise ValueError(
+            f"{ckpt_path} was written before the towers became config sections (model.image, model.text): "
+            "this version cannot rebuild its model; train it again with the current configs"
+        )
+    # the trained weights below replace any MLM start
+    hparams["text"] = {**hparams.get("text", {}), "init_ckpt": None}
     # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (this loader's
     # caller) to every `save_hyperparameters` through a context variable, which would give them to this model.
     model = contextvars.Context().run(ImageTextModule, **hparams)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    context_length = int(data_hp.get("context_length") or hparams.get("max_text_len", 77))
+    context_length = int(data_hp.get("context_length") or model.tower_configs["text"].max_len)
     if tokenizer:
         tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
@@ -127,7 +133,7 @@ def load_image_text(
             f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the checkpoint's text tower "
             f"{model.hparams.vocab_size}: not the tokenizer the model was trained with"
         )
-    return model, tok, min(context_length, model.hparams.max_text_len)
+    return model, tok, min(context_length, model.tower_configs["text"].max_len)
 
 
 class ZeroShotClassifier(L.LightningModule):

@@ -10,6 +10,10 @@ import torch
 
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
+from lightning_modules.components.contrastive import ContrastiveLossConfig
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from tests.helpers import quiet_trainer
 
@@ -42,15 +46,10 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
         module = ImageTextModule(
             vocab_size=dm.vocab_size,
             embed_dim=128,
-            image_arch="vit_tiny",
-            image_size=32,
-            vit_layers=2,
-            text_size="tiny",
-            text_heads=2,
-            max_text_len=32,
-            init_logit_scale=10.0,
-            lr=3e-3,
-            weight_decay=0.05,
+            image=ImageTowerConfig("vit_tiny", image_size=32, layers=2),
+            text=TextTowerConfig("tiny", heads=2, max_len=32),
+            loss=ContrastiveLossConfig(init_logit_scale=10.0),
+            optimizer=OptimizerConfig(lr=3e-3, weight_decay=0.05),
         )
         trainer = quiet_trainer(
             max_steps=300,

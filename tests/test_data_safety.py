@@ -29,6 +29,8 @@ from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
 from datamodules.trimodal_datamodule import generate_spoken_captions
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,14 +407,8 @@ def clip_checkpoint(tmp_path: Path) -> Path:
     model = ImageTextModule(
         vocab_size=tokenizer.vocab_size,
         embed_dim=16,
-        image_arch="vit_tiny",
-        image_size=64,
-        vit_patch_size=16,
-        vit_layers=1,
-        text_size="tiny",
-        text_layers=1,
-        text_heads=2,
-        max_text_len=16,
+        image=ImageTowerConfig("vit_tiny", image_size=64, patch_size=16, layers=1),
+        text=TextTowerConfig("tiny", layers=1, heads=2, max_len=16),
     )
     path = tmp_path / "clip.ckpt"
     state = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}

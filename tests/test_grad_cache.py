@@ -5,6 +5,7 @@ schedule, non-finite skip, DDP)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import fields, replace
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,11 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_modules.contrastive_module as contrastive_module
-from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.components.contrastive import ContrastiveLossConfig, PairEmbeddings
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.speech_text_module import SpeechTextModule
 from tests.helpers import quiet_trainer
@@ -34,11 +39,33 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def image_text(dropout: float = 0.0, **kwargs) -> ImageTextModule:
+def sections(kwargs: dict) -> dict:
+    """The tests' flat settings sorted into the module's config sections."""
+    out = {"grad_cache_chunks": kwargs.pop("grad_cache_chunks", 1)}
+    if "loss" in kwargs:
+        kwargs["name"] = kwargs.pop("loss")
+    for name, cls in (("loss", ContrastiveLossConfig), ("optimizer", OptimizerConfig)):
+        names = {f.name for f in fields(cls)}
+        out[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    assert not kwargs, f"no section takes {sorted(kwargs)}"
+    return out
+
+
+def image_text(dropout: float = 0.0, gradient_checkpointing: bool = False, **kwargs) -> ImageTextModule:
     torch.manual_seed(0)
-    sizes = dict(vocab_size=VOCAB, embed_dim=16, image_arch="vit_tiny", image_size=16, vit_layers=1)
-    sizes.update(vit_width=32, vit_heads=2, text_size="tiny", text_layers=1, text_hidden=32, text_heads=2)
-    return ImageTextModule(**sizes, max_text_len=16, image_dropout=dropout, text_dropout=dropout, **kwargs)
+    image = ImageTowerConfig(
+        "vit_tiny", 16, layers=1, width=32, heads=2, dropout=dropout, attention_dropout=dropout
+    )
+    text = TextTowerConfig(
+        "tiny",
+        layers=1,
+        hidden=32,
+        heads=2,
+        dropout=dropout,
+        max_len=16,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return ImageTextModule(image, text, vocab_size=VOCAB, embed_dim=16, **sections(kwargs))
 
 
 def image_text_batch(image_ids: list[int], seed: int = 0) -> dict:
@@ -60,11 +87,15 @@ def image_text_batch(image_ids: list[int], seed: int = 0) -> dict:
 
 def speech_text(dropout: float = 0.0, masks: int = 0, **kwargs) -> SpeechTextModule:
     torch.manual_seed(0)
-    sizes = dict(vocab_size=VOCAB, embed_dim=16, n_mels=16, speech_size="tiny", speech_layers=1)
-    sizes.update(speech_hidden=32, speech_heads=2, conv_channels=4, text_size="tiny", text_layers=1)
-    sizes.update(text_hidden=32, text_heads=2, max_text_len=16, freq_masks=masks, freq_mask_width=4)
-    sizes.update(time_masks=masks, time_mask_width=5)
-    return SpeechTextModule(**sizes, speech_dropout=dropout, text_dropout=dropout, **kwargs)
+    encoder = {k: kwargs.pop(k) for k in ("encoder", "conformer_kernel_size") if k in kwargs}
+    speech = SpeechTowerConfig(
+        "tiny", layers=1, hidden=32, heads=2, dropout=dropout, n_mels=16, conv_channels=4
+    )
+    speech = replace(
+        speech, freq_masks=masks, freq_mask_width=4, time_masks=masks, time_mask_width=5, **encoder
+    )
+    text = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, dropout=dropout, max_len=16)
+    return SpeechTextModule(speech, text, vocab_size=VOCAB, embed_dim=16, **sections(kwargs))
 
 
 def speech_text_batch(text_ids: list[int], seed: int = 0) -> dict:
@@ -105,13 +136,13 @@ def assert_same_grads(ours: dict, expected: dict) -> None:
 def test_split_batch_cuts_every_row_entry_at_the_same_rows() -> None:
     module = speech_text()
     batch = speech_text_batch(GROUPS)
-    chunks = module.split_batch(batch, 4)
+    chunks = module.pair.split_batch(batch, 4)
     assert [len(c["utt_keys"]) for c in chunks] == [1, 2, 1, 2]
     assert [t for c in chunks for t in c["transcripts"]] == batch["transcripts"]
-    for key in set(module.row_keys) - {"transcripts"}:
+    for key in set(module.pair.row_keys) - {"transcripts"}:
         assert torch.equal(torch.cat([c[key] for c in chunks]), batch[key]), key
     assert all(c["skipped"] == 0 and c["waveforms"].shape[1] == 4000 for c in chunks)
-    assert len(module.split_batch(batch, 10)) == 6  # never an empty chunk
+    assert len(module.pair.split_batch(batch, 10)) == 6  # never an empty chunk
 
 
 # -- gradients ------------------------------------------------------------------------------------------
@@ -132,18 +163,18 @@ def test_cached_gradients_equal_one_pass_over_the_whole_batch(case: str) -> None
     build, make_batch = CASES[case]
     batch = make_batch(GROUPS)
     plain = build().train()
-    plain.pair_loss(plain.embed(batch, "train")).backward()
+    plain.pair.loss(plain.embed(batch, "train")).backward()
     expected = grads(plain)
 
     cached = build(grad_cache_chunks=3).train()
     loss, finite = cached.cached_backward(batch)
     assert finite
-    torch.testing.assert_close(loss, plain.pair_loss(plain.embed(batch, "train")).detach())
+    torch.testing.assert_close(loss, plain.pair.loss(plain.embed(batch, "train")).detach())
     ours = grads(cached)
     assert_same_grads(ours, expected)
-    assert ours["log_scale"].abs() > 1e-4  # the temperature's gradient, counted once
+    assert ours["pair.log_scale"].abs() > 1e-4  # the temperature's gradient, counted once
     if "siglip" in case:
-        assert ours["logit_bias"].abs() > 1e-4
+        assert ours["pair.logit_bias"].abs() > 1e-4
 
 
 RANDOM_CASES = {  # dropout everywhere, and SpecAugment in the speech tower
@@ -170,10 +201,10 @@ def test_cached_gradients_replay_the_random_state_of_each_chunk(
     batch = make_batch(GROUPS)
     reference = build(grad_cache_chunks=3).train()
     torch.manual_seed(1)
-    parts = [reference.embed(chunk, "train") for chunk in reference.split_batch(batch, 3)]
+    parts = [reference.embed(chunk, "train") for chunk in reference.pair.split_batch(batch, 3)]
     fields = contrastive_module._ROW_FIELDS
-    e = contrastive_module.PairEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
-    reference.pair_loss(e).backward()
+    e = PairEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+    reference.pair.loss(e).backward()
     expected = grads(reference)
 
     cached = build(grad_cache_chunks=3).train()

@@ -7,36 +7,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
+import yaml
 
 from cli import main
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
-from lightning_modules.image_text_module import BLANK_ID, ImageTextModule
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.mlm_module import MLMPretrainingModule
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 60
 
 
-def tiny_module(**kwargs) -> ImageTextModule:
-    defaults = dict(
-        vocab_size=VOCAB,
-        embed_dim=32,
-        image_arch="vit_tiny",
-        image_size=16,
-        vit_layers=1,
-        vit_width=32,
-        vit_heads=2,
-        text_size="tiny",
-        text_layers=1,
-        text_hidden=32,
-        text_heads=2,
-        max_text_len=16,
+def tiny_module(text: dict | None = None, **kwargs) -> ImageTextModule:
+    image = ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2)
+    text = TextTowerConfig(
+        **{"size": "tiny", "layers": 1, "hidden": 32, "heads": 2, "max_len": 16, **(text or {})}
     )
-    return ImageTextModule(**{**defaults, **kwargs})
+    return ImageTextModule(vocab_size=VOCAB, embed_dim=32, image=image, text=text, **kwargs)
 
 
 def train_batch(image_ids: list[int], size: int = 16, length: int = 7, seed: int = 0) -> dict:
@@ -91,8 +81,15 @@ def test_vit_presets_have_torchvision_shapes() -> None:
             theirs = {k: v for k, v in reference().state_dict().items() if not k.startswith("heads.")}
             assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
     cfg = ImageTowerConfig("vit_custom")
-    assert (cfg.patch_size, cfg.layers, cfg.width, cfg.heads, cfg.mlp_dim) == (32, 4, 256, 4, 1024)
-    assert ImageTowerConfig("vit_tiny", width=256).heads == 4
+    assert (cfg.vit.patch_size, cfg.vit.layers, cfg.vit.width, cfg.vit.heads, cfg.vit.mlp_dim) == (
+        32,
+        4,
+        256,
+        4,
+        1024,
+    )
+    assert ImageTowerConfig("vit_tiny", width=256).vit.heads == 4
+    assert cfg.layers is None  # the override stays unset: another arch given later gets its own preset
     with pytest.raises(ValueError, match="multiple of patch_size"):
         ImageTowerConfig("vit_b_16", image_size=100)
 
@@ -101,7 +98,7 @@ def test_vit_presets_have_torchvision_shapes() -> None:
 
 
 def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100() -> None:
-    module = tiny_module()
+    module = tiny_module().pair
     assert module.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         module.log_scale.fill_(math.log(1000.0))
@@ -120,7 +117,7 @@ def test_captions_of_the_same_image_are_not_negatives_in_training() -> None:
     e = module.embed(batch, "train")
     assert torch.equal(e.a_groups, torch.tensor([7, 3, 7, 9]))
     assert torch.equal(e.b_groups, e.a_groups) and torch.equal(e.b_keys, batch["caption_ids"])
-    loss = module.pair_loss(e)
+    loss = module.pair.loss(e)
 
     a, b = F.normalize(e.a, dim=-1), F.normalize(e.b, dim=-1)
     logits = module.logit_scale * a @ b.T
@@ -141,7 +138,7 @@ def test_eval_embeds_each_image_once_against_all_its_captions() -> None:
     batch["image_ids"] = torch.tensor([11, 12])
     with torch.no_grad():
         e = module.embed(batch, "val")
-        loss = module.pair_loss(e)
+        loss = module.pair.loss(e)
     assert e.a.shape == (2, 32) and e.b.shape == (5, 32)
     assert torch.equal(e.pair_index, torch.tensor([0, 3]))  # each image's first caption
     assert torch.equal(e.b_groups, torch.tensor([11, 11, 11, 12, 12]))
@@ -166,60 +163,13 @@ def test_empty_batch_gives_a_zero_loss_that_reaches_every_parameter() -> None:
     trainable = [p for p in module.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and not p.grad.any() for p in trainable)
     module.validation_step({**empty, "caption_image_ids": torch.empty(0, dtype=torch.long)}, 0)
-    assert not module.retrieval["val"].update_called
+    # zero rows, so that under DDP this rank still has a state to give the metric's sync
+    assert [len(x) for x in module.pair.retrieval["val"].a_emb] == [0]
 
 
 def test_unused_bert_pooler_is_frozen_so_ddp_needs_no_unused_parameter_search() -> None:
-    assert not any(p.requires_grad for p in tiny_module().text.bert.pooler.parameters())
-    assert all(p.requires_grad for p in tiny_module(text_pooling="cls").text.bert.pooler.parameters())
-
-
-# -- DDP: a rank whose whole batch failed to decode ---------------------------------------------------------
-
-
-def _ddp_worker(rank: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    module = tiny_module().train()
-    batch = train_batch([1, 2, 3], seed=rank)
-    batch["skipped"] = 1  # 3 of 4 images decoded
-    if rank == 1:  # all 4 failed
-        batch = {k: v[:0] if torch.is_tensor(v) else v for k, v in batch.items()}
-        batch["input_ids"] = torch.empty(0, 0, dtype=torch.long)
-        batch["attention_mask"] = torch.empty(0, 0, dtype=torch.bool)
-        batch["skipped"] = 4
-    e = module.embed(batch, "train")
-    loss = module.training_step(batch, 0)
-    loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in module.parameters() if p.requires_grad])
-    dist.all_reduce(grad)
-    out = {"keys": e.a_keys.tolist(), "loss": loss.item(), "grad": grad}
-    gathered = [None, None]
-    dist.all_gather_object(gathered, out)
-    if rank == 0:
-        torch.save(gathered, out_file)
-    dist.destroy_process_group()
-
-
-def test_ddp_rank_with_an_empty_batch_joins_the_gather(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert r0["keys"] == [1, 2, 3] and r1["keys"] == [BLANK_ID]  # one blank row stands in for the empty batch
-    assert r1["loss"] == 0.0 and torch.isfinite(r0["grad"]).all() and r0["grad"].abs().sum() > 0
-    # Rank 0's loss: its 3 rows against 4 columns, its own 3 and the blank row of rank 1.
-    torch.manual_seed(0)
-    module = tiny_module().train()
-    batch = train_batch([1, 2, 3], seed=0)
-    with torch.no_grad():
-        e, blank = module.embed(batch, "train"), module._blank(batch)
-        a = F.normalize(torch.cat([e.a, blank.a]), dim=-1)
-        b = F.normalize(torch.cat([e.b, blank.b]), dim=-1)
-        logits = module.logit_scale * a[:3] @ b.T
-        logits_t = module.logit_scale * b[:3] @ a.T
-    target = torch.arange(3)
-    expected = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits_t, target))
-    assert r0["loss"] == pytest.approx(expected.item(), rel=1e-5)
+    assert not any(p.requires_grad for p in tiny_module().pair.text.bert.pooler.parameters())
+    assert all(p.requires_grad for p in tiny_module({"pooling": "cls"}).pair.text.bert.pooler.parameters())
 
 
 # -- MLM initialisation ----------------------------------------------------------------------------------
@@ -234,16 +184,16 @@ def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
     torch.save({"state_dict": mlm.state_dict(), "hyper_parameters": dict(mlm.hparams)}, ckpt)
 
     torch.manual_seed(2)
-    module = tiny_module(text_init_ckpt=str(ckpt))
+    module = tiny_module({"init_ckpt": str(ckpt)})
     fresh = tiny_module()
-    ours = module.text.bert.state_dict()
+    ours = module.pair.text.bert.state_dict()
     for name, value in mlm.model.bert.state_dict().items():
         torch.testing.assert_close(ours[name], value, rtol=0, atol=0)
     assert not torch.equal(
-        ours["embeddings.word.weight"], fresh.text.bert.state_dict()["embeddings.word.weight"]
+        ours["embeddings.word.weight"], fresh.pair.text.bert.state_dict()["embeddings.word.weight"]
     )
     with pytest.raises(ValueError, match="shapes differ"):
-        tiny_module(text_init_ckpt=str(ckpt), text_hidden=64)
+        tiny_module({"init_ckpt": str(ckpt), "hidden": 64})
 
 
 # -- learning --------------------------------------------------------------------------------------------
@@ -288,4 +238,30 @@ def test_gpu_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
         main(["fit", "--config", str(ROOT / "configs/clip/coco_vit_b16.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
     printed = capsys.readouterr().out
-    assert "image_arch: vit_b_16" in printed and "precision: bf16-mixed" in printed
+    assert "    image:\n      arch: vit_b_16\n" in printed and "precision: bf16-mixed" in printed
+    assert "    text:\n      size: base\n" in printed  # each tower its own section
+
+
+TOWERS = {"clip": ("image", "text"), "speech": ("speech", "text"), "trimodal": ("image", "speech", "text")}
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted(
+        str(p.relative_to(ROOT))
+        for task in (*TOWERS, "zeroshot")
+        for p in (ROOT / "configs" / task).glob("*.yaml")
+    ),
+)
+def test_every_alignment_config_prints_its_tower_sections(config: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / config), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    task = Path(config).parent.name
+    if task == "zeroshot":
+        assert model["ckpt_path"].endswith("last.ckpt")
+        return
+    for tower in TOWERS[task]:  # each tower a section with its documented fields, its preset first
+        assert next(iter(model[tower])) in ("arch", "size"), tower
+    assert {"name", "init_logit_scale"} <= model["loss"].keys() and "lr" in model["optimizer"]

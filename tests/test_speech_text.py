@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.tones import generate_tone_librispeech
-from lightning_modules.components.encoder import EncoderConfig
+from lightning_modules.components.contrastive import ContrastiveLossConfig
 from lightning_modules.components.speech_tower import (
     ConvSubsampling,
     LogMel,
@@ -22,6 +23,8 @@ from lightning_modules.components.speech_tower import (
     SpeechTowerConfig,
     lengths_to_mask,
 )
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.speech_text_module import SpeechTextModule
 from tests.helpers import quiet_trainer
@@ -29,19 +32,9 @@ from tests.helpers import quiet_trainer
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
 STEPS = 80  # of the learning test
-TINY = dict(
-    embed_dim=32,
-    speech_size="tiny",
-    speech_layers=1,
-    speech_hidden=64,
-    speech_heads=2,
-    conv_channels=8,
-    text_size="tiny",
-    text_layers=1,
-    text_hidden=64,
-    text_heads=2,
-    max_text_len=32,
-)
+TINY_SPEECH = SpeechTowerConfig("tiny", layers=1, hidden=64, heads=2, conv_channels=8)
+TINY_TEXT = TextTowerConfig("tiny", layers=1, hidden=64, heads=2, dropout=0.1, max_len=32)
+TINY = dict(embed_dim=32, speech=TINY_SPEECH, text=TINY_TEXT)
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +48,10 @@ def one_thread():
 
 
 def tower(encoder: str = "transformer", dropout: float = 0.0, **kw) -> SpeechTower:
-    cfg = SpeechTowerConfig(encoder=encoder, conv_channels=8, **kw)
-    enc = EncoderConfig(
-        hidden_size=64, num_layers=2, num_heads=4, dropout=dropout, attention_dropout=dropout, norm_first=True
+    cfg = SpeechTowerConfig(
+        hidden=64, layers=2, heads=4, dropout=dropout, encoder=encoder, conv_channels=8, **kw
     )
-    return SpeechTower(cfg, enc, embed_dim=32)
+    return SpeechTower(cfg, embed_dim=32)
 
 
 def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,9 +194,10 @@ def test_embed_pairs_speech_with_text_and_identical_transcripts_are_positives() 
     assert e.a_keys.tolist() == e.b_keys.tolist() == [10, 11, 12]
     assert e.a_groups.tolist() == e.b_groups.tolist() == [7, 7, 9]
     a, b = F.normalize(e.a, dim=-1), F.normalize(e.b, dim=-1)
-    assert torch.allclose(m.pair_loss(e), m.loss_fn(a, b, m.logit_scale, ids=torch.tensor([7, 7, 9])))
-    assert not torch.allclose(m.pair_loss(e), m.loss_fn(a, b, m.logit_scale))  # ids do matter here
-    assert m.prefixes == ("a2t", "t2a")
+    pair = m.pair
+    assert torch.allclose(pair.loss(e), pair.loss_fn(a, b, pair.logit_scale, ids=torch.tensor([7, 7, 9])))
+    assert not torch.allclose(pair.loss(e), pair.loss_fn(a, b, pair.logit_scale))  # ids do matter here
+    assert pair.prefixes == ("a2t", "t2a")
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -218,8 +211,8 @@ def test_empty_batch_gives_a_zero_loss_that_reaches_every_parameter() -> None:
     loss.backward()
     grads = [p.grad for p in m.parameters() if p.requires_grad]  # the unused BERT pooler is frozen
     assert all(g is not None and not g.any() for g in grads)  # DDP's all-reduce sees every parameter
-    m.validation_step(empty, 0)  # skipped, nothing accumulated
-    assert not m.retrieval["val"].update_called
+    m.validation_step(empty, 0)  # zero rows: under DDP this rank still has a state for the metric's sync
+    assert [len(x) for x in m.pair.retrieval["val"].a_emb] == [0]
 
 
 def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
@@ -229,15 +222,15 @@ def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
     )
     ckpt = tmp_path / "mlm.ckpt"
     torch.save({"state_dict": mlm.state_dict()}, ckpt)
-    m = SpeechTextModule(vocab_size=VOCAB, text_init_ckpt=str(ckpt), **TINY)
-    ours, theirs = m.text.bert.state_dict(), mlm.model.bert.state_dict()
+    m = SpeechTextModule(vocab_size=VOCAB, **{**TINY, "text": replace(TINY_TEXT, init_ckpt=str(ckpt))})
+    ours, theirs = m.pair.text.bert.state_dict(), mlm.model.bert.state_dict()
     assert ours.keys() == theirs.keys()
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
     fresh = SpeechTextModule(vocab_size=VOCAB, **TINY)
-    assert not torch.equal(fresh.text.bert.embeddings.word.weight, ours["embeddings.word.weight"])
+    assert not torch.equal(fresh.pair.text.bert.embeddings.word.weight, ours["embeddings.word.weight"])
     with pytest.raises(ValueError, match="shapes differ"):
-        SpeechTextModule(vocab_size=VOCAB + 1, text_init_ckpt=str(ckpt), **TINY)
+        SpeechTextModule(vocab_size=VOCAB + 1, **{**TINY, "text": replace(TINY_TEXT, init_ckpt=str(ckpt))})
 
 
 # -- learning and the CLI -------------------------------------------------------------------------
@@ -261,23 +254,12 @@ def test_learns_tone_retrieval_far_above_chance(tmp_path: Path) -> None:
     model = SpeechTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=64,
-        speech_size="tiny",
-        speech_layers=1,
-        speech_heads=2,
-        speech_dropout=0.0,
-        conv_channels=16,
-        freq_mask_width=10,
-        time_mask_width=10,
-        text_size="tiny",
-        text_layers=1,
-        text_heads=2,
-        text_dropout=0.0,
-        text_pooling="mean",
-        max_text_len=32,
-        init_logit_scale=10.0,
-        lr=2e-3,
-        weight_decay=0.01,
-        warmup_steps=10,
+        speech=SpeechTowerConfig(
+            "tiny", layers=1, heads=2, dropout=0.0, conv_channels=16, freq_mask_width=10, time_mask_width=10
+        ),
+        text=TextTowerConfig("tiny", layers=1, heads=2, dropout=0.0, pooling="mean", max_len=32),
+        loss=ContrastiveLossConfig(init_logit_scale=10.0),
+        optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.01, warmup_steps=10),
     )
     trainer = quiet_trainer(
         max_steps=STEPS,
@@ -323,7 +305,7 @@ def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
     ]
     cli = main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
     assert cli.trainer.global_step == 2
-    assert cli.model.text.bert.cfg.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
+    assert cli.model.pair.text.bert.cfg.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
     last = next((tmp_path / "run").rglob("last.ckpt"))
     cli = main(["test", *common, "--ckpt_path", str(last)])
     assert "test/a2t_R@5" in cli.trainer.callback_metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -16,6 +17,11 @@ from datamodules.speech.librispeech import read_transcripts
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import TriModalDataModule, caption_words, generate_spoken_captions
+from lightning_modules.components.contrastive import ContrastiveLossConfig
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.trimodal_module import TriModalModule
 from tests.helpers import quiet_trainer
 
@@ -23,22 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
 TINY = dict(
     embed_dim=32,
-    image_tower=dict(image_arch="vit_tiny", image_size=32, vit_layers=1),
-    speech_tower=dict(
-        speech_size="tiny",
-        speech_layers=1,
-        speech_hidden=64,
-        speech_heads=2,
+    image=ImageTowerConfig("vit_tiny", image_size=32, layers=1),
+    speech=SpeechTowerConfig(
+        "tiny",
+        layers=1,
+        hidden=64,
+        heads=2,
         conv_channels=8,
-        speech_dropout=0.0,
+        dropout=0.0,
         freq_masks=0,  # no SpecAugment: the gradient test compares repeated forward passes
         time_masks=0,
     ),
-    text_size="tiny",
-    text_layers=1,
-    text_hidden=64,
-    text_heads=2,
-    max_text_len=32,
+    text=TextTowerConfig("tiny", layers=1, hidden=64, heads=2, max_len=32),
 )
 
 
@@ -201,9 +203,30 @@ def test_both_losses_backpropagate_into_the_one_text_tower() -> None:
     assert m.image_text.log_scale is not m.speech_text.log_scale  # one temperature per task
 
 
-def test_text_settings_belong_to_both_tasks() -> None:
-    with pytest.raises(ValueError, match="text_layers"):
-        TriModalModule(vocab_size=VOCAB, **{**TINY, "image_tower": {"text_layers": 2}})
+def test_setup_names_the_task_whose_data_does_not_fit_the_towers() -> None:
+    m = TriModalModule(vocab_size=VOCAB, **TINY)
+    fits = {"context_length": 32, "image_size": 32, "sample_rate": 16000}
+    for task, bad, message in (
+        (
+            "speech_text",
+            {"context_length": 64},
+            r"data.speech_text.context_length \(64\) exceeds model.text.max_len \(32\)",
+        ),
+        (
+            "image_text",
+            {"image_size": 64},
+            r"data.image_text.image_size \(64\) differs from model.image.image_size \(32\)",
+        ),
+        ("speech_text", {"sample_rate": 8000}, r"data.speech_text.sample_rate \(8000\) differs"),
+    ):
+        hparams = {name: {**fits, **(bad if name == task else {})} for name in ("image_text", "speech_text")}
+        m._trainer = SimpleNamespace(
+            datamodule=SimpleNamespace(task=lambda name, h=hparams: SimpleNamespace(hparams=h[name]))
+        )
+        with pytest.raises(ValueError, match=message):
+            m.setup("fit")
+    m._trainer = SimpleNamespace(datamodule=SimpleNamespace(task=lambda name: SimpleNamespace(hparams=fits)))
+    m.setup("fit")  # all fit
 
 
 # -- learning and the CLI -------------------------------------------------------------------------
@@ -222,25 +245,13 @@ def test_trimodal_quickstart_improves_both_retrieval_tasks(tmp_path: Path) -> No
     model = TriModalModule(
         vocab_size=dm.vocab_size,
         embed_dim=64,
-        image_tower=dict(image_arch="vit_tiny", image_size=32, vit_layers=2),
-        speech_tower=dict(
-            speech_size="tiny",
-            speech_layers=1,
-            speech_heads=2,
-            speech_dropout=0.0,
-            conv_channels=16,
-            freq_mask_width=10,
-            time_mask_width=10,
+        image=ImageTowerConfig("vit_tiny", image_size=32, layers=2),
+        speech=SpeechTowerConfig(
+            "tiny", layers=1, heads=2, dropout=0.0, conv_channels=16, freq_mask_width=10, time_mask_width=10
         ),
-        text_size="tiny",
-        text_layers=2,
-        text_heads=2,
-        text_pooling="mean",
-        max_text_len=32,
-        init_logit_scale=10.0,
-        lr=2e-3,
-        weight_decay=0.01,
-        warmup_steps=10,
+        text=TextTowerConfig("tiny", layers=2, heads=2, pooling="mean", max_len=32),
+        loss=ContrastiveLossConfig(init_logit_scale=10.0),
+        optimizer=OptimizerConfig(lr=2e-3, weight_decay=0.01, warmup_steps=10),
     )
     evaluator = quiet_trainer(use_distributed_sampler=False)
     before = evaluator.validate(model, dm, verbose=False)[0]
@@ -288,7 +299,9 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
     )
     assert cli.trainer.global_step == 2
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the shared tokenizer
-    # the nested systems and DataModules keep their own settings, not the CLI's top-level ones
-    assert cli.model.image_text.hparams.image_size == 32 and cli.model.speech_text.hparams.conv_channels == 16
+    # each tower its own section; the nested DataModules keep their own settings, not the CLI's top-level ones
+    towers = cli.model.tower_configs
+    assert towers["image"].image_size == 32 and towers["speech"].conv_channels == 16
+    assert cli.model.hparams.image["image_size"] == 32 and cli.model.hparams.text["max_len"] == 32
     assert cli.datamodule.speech_text.hparams.max_batch_seconds == 20
     assert {"val/i2t_R@5", "val/a2t_R@5", "val/i2a_R@5", "val/loss"} <= cli.trainer.callback_metrics.keys()

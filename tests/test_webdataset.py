@@ -27,6 +27,8 @@ from datamodules.image.webdataset_shards import (
     shard_sizes,
 )
 from datamodules.synthetic.shapes import generate_shapes_coco
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from tests.helpers import quiet_trainer
 from tests.test_coco_datamodule import (
@@ -296,16 +298,8 @@ def test_fit_from_shards_smoke(shapes: Path, shards: Path, tmp_path: Path) -> No
     module = ImageTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=16,
-        image_arch="vit_tiny",
-        image_size=16,
-        vit_layers=1,
-        vit_width=32,
-        vit_heads=2,
-        text_size="tiny",
-        text_layers=1,
-        text_hidden=32,
-        text_heads=2,
-        max_text_len=16,
+        image=ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2),
+        text=TextTowerConfig("tiny", layers=1, hidden=32, heads=2, max_len=16),
     )
     trainer = quiet_trainer(
         fast_dev_run=2,

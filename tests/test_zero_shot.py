@@ -14,6 +14,8 @@ from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.linear_probe import (
     extract_embeddings,
     few_shot_indices,
@@ -110,6 +112,13 @@ def test_checkpoint_tokenizer_equals_the_training_file(clip_run: dict, tmp_path:
     assert found.fingerprint() == given.fingerprint()
 
 
+def test_checkpoint_from_before_the_tower_sections_is_refused_by_name(tmp_path: Path) -> None:
+    old = tmp_path / "flat.ckpt"
+    torch.save({"hyper_parameters": {"vocab_size": 60, "image_arch": "vit_tiny", "max_text_len": 16}}, old)
+    with pytest.raises(ValueError, match=r"flat.ckpt was written before the towers became config sections"):
+        load_image_text(old)
+
+
 def test_cli_zero_shot_test_smoke(clip_run: dict, tmp_path: Path) -> None:
     cli = main(
         [
@@ -173,16 +182,8 @@ def test_linear_probe_on_frozen_speech_embeddings_reads_the_word_count(tmp_path:
     model = SpeechTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=32,
-        speech_size="tiny",
-        speech_layers=1,
-        speech_hidden=64,
-        speech_heads=2,
-        conv_channels=8,
-        text_size="tiny",
-        text_layers=1,
-        text_hidden=64,
-        text_heads=2,
-        max_text_len=32,
+        speech=SpeechTowerConfig("tiny", layers=1, hidden=64, heads=2, conv_channels=8),
+        text=TextTowerConfig("tiny", layers=1, hidden=64, heads=2, dropout=0.1, max_len=32),
     )
     x, y = extract_embeddings(speech_encoder(model), dm.train_dataloader(), lambda b: words[b["utt_keys"]])
     assert len(y) == 240

@@ -13,7 +13,7 @@ width 256). Any ViT field given in `ImageTowerConfig` overrides its preset.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torchvision
@@ -31,14 +31,28 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+class ViTShape(NamedTuple):
+    """A ViT's shape once the preset and the overrides are combined."""
+
+    patch_size: int
+    layers: int
+    width: int
+    heads: int
+    mlp_dim: int
+
+
 @dataclass
 class ImageTowerConfig:
-    """Backbone choice and, for the ViTs, their shape."""
+    """Backbone choice and, for the ViTs, overrides of the preset's shape.
+
+    The override fields keep what was given (None = the preset's); `vit` combines them with the preset, so a
+    config that changes `arch` never inherits another preset's resolved shape.
+    """
 
     arch: ImageArch = "vit_b_16"
-    """Backbone: a ViT preset or torchvision's ResNet-50."""
+    """Backbone: a ViT preset (vit_b_16, vit_b_32, vit_tiny for CPU, vit_custom) or torchvision's ResNet-50."""
     image_size: int = 224
-    """Side of the square input; a ViT's position table is made for exactly this size."""
+    """Side of the square input; a ViT's position table is made for exactly this size (the DataModule's)."""
     patch_size: int | None = None
     """ViT patch side; None keeps the preset's. image_size must be a multiple of it."""
     layers: int | None = None
@@ -55,26 +69,40 @@ class ImageTowerConfig:
     """ViT dropout on attention probabilities."""
 
     def __post_init__(self) -> None:
-        if self.arch == "resnet50":
-            return
-        if self.arch not in VIT_PRESETS:
+        if self.arch != "resnet50" and self.arch not in VIT_PRESETS:
             raise ValueError(
                 f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
             )
-        patch, layers, width, heads = VIT_PRESETS[self.arch]
-        if self.heads is None and self.width is not None:
-            self.heads = max(1, self.width // 64)
-        self.patch_size = self.patch_size or patch
-        self.layers = self.layers or layers
-        self.width = self.width or width
-        self.heads = self.heads or heads
-        self.mlp_dim = self.mlp_dim or 4 * self.width
-        if self.image_size % self.patch_size:
+        if self.arch == "resnet50":
+            return
+        vit = self.vit
+        if self.image_size % vit.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {vit.patch_size}")
+        if vit.width % vit.heads:
+            raise ValueError(f"ViT width {vit.width} is not divisible by heads {vit.heads}")
+
+    def check_data(self, data: dict, where: str) -> None:
+        """A ViT's position table is made for one image size: the DataModule's (its hyperparameters `data`)."""
+        if self.arch != "resnet50" and data.get("image_size", self.image_size) != self.image_size:
             raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                f"{where}.image_size ({data['image_size']}) differs from model.image.image_size "
+                f"({self.image_size}), the size the ViT's position table is made for"
             )
-        if self.width % self.heads:
-            raise ValueError(f"ViT width {self.width} is not divisible by heads {self.heads}")
+
+    @property
+    def vit(self) -> ViTShape:
+        """The ViT's shape: the preset of `arch` with the given overrides."""
+        patch, layers, width, heads = VIT_PRESETS[self.arch]
+        if self.width is not None:
+            heads = self.heads or max(1, self.width // 64)
+        width = self.width or width
+        return ViTShape(
+            self.patch_size or patch,
+            self.layers or layers,
+            width,
+            self.heads or heads,
+            self.mlp_dim or 4 * width,
+        )
 
 
 class ImageTower(nn.Module):
@@ -90,17 +118,18 @@ class ImageTower(nn.Module):
             # NHWC lets the convolutions use their faster kernels (cuDNN tensor cores, oneDNN on CPU).
             self.backbone.to(memory_format=torch.channels_last)
         else:
+            vit = cfg.vit
             self.backbone = VisionTransformer(
                 image_size=cfg.image_size,
-                patch_size=cfg.patch_size,
-                num_layers=cfg.layers,
-                num_heads=cfg.heads,
-                hidden_dim=cfg.width,
-                mlp_dim=cfg.mlp_dim,
+                patch_size=vit.patch_size,
+                num_layers=vit.layers,
+                num_heads=vit.heads,
+                hidden_dim=vit.width,
+                mlp_dim=vit.mlp_dim,
                 dropout=cfg.dropout,
                 attention_dropout=cfg.attention_dropout,
             )
-            features = cfg.width
+            features = vit.width
             self.backbone.heads = nn.Identity()  # the classifier head goes; the class-token state stays
         self.proj = nn.Linear(features, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=features**-0.5)

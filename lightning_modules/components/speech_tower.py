@@ -20,12 +20,16 @@ import torchaudio
 from torch import Tensor, nn
 
 from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.towers import EncoderShape
 
 
 @dataclass
-class SpeechTowerConfig:
-    """Front end and encoder choice of the speech tower; the encoder's shape is an `EncoderConfig`."""
+class SpeechTowerConfig(EncoderShape):
+    """The speech tower: encoder size preset and overrides (`EncoderShape`), front end, SpecAugment and encoder
+    choice."""
 
+    dropout: float = 0.1
+    """Dropout on the encoder's input, attention probabilities and block outputs."""
     sample_rate: int = 16000
     """Waveform sample rate (Hz)."""
     n_mels: int = 80
@@ -50,6 +54,24 @@ class SpeechTowerConfig:
     """The shared TransformerEncoder, or torchaudio's Conformer."""
     conformer_kernel_size: int = 31
     """Depthwise convolution kernel of the Conformer blocks (odd)."""
+    gradient_checkpointing: bool = False
+    """Recompute the Transformer blocks in backward to save memory (torchaudio's Conformer has no such switch)."""
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig.from_size(
+            self.size,
+            norm_first=True,  # pre-LN: trains from scratch without the warmup tricks post-LN needs
+            layer_norm_eps=1e-5,
+            **self.encoder_overrides(),
+        )
+
+    def check_data(self, data: dict, where: str) -> None:
+        """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`)."""
+        if data.get("sample_rate", self.sample_rate) != self.sample_rate:
+            raise ValueError(
+                f"{where}.sample_rate ({data['sample_rate']}) differs from model.speech.sample_rate "
+                f"({self.sample_rate})"
+            )
 
     @property
     def win_length(self) -> int:
@@ -188,9 +210,13 @@ class MaskedConformer(nn.Module):
 class SpeechTower(nn.Module):
     """Waveforms (B, T) + lengths (B,) in samples -> (B, embed_dim) utterance embeddings (not normalised)."""
 
-    def __init__(self, cfg: SpeechTowerConfig, encoder_cfg: EncoderConfig, embed_dim: int) -> None:
+    def __init__(
+        self, cfg: SpeechTowerConfig, embed_dim: int, encoder_cfg: EncoderConfig | None = None
+    ) -> None:
+        """`encoder_cfg` replaces the encoder shape `cfg.encoder_config()` gives (tests use other settings)."""
         super().__init__()
         self.cfg = cfg
+        encoder_cfg = encoder_cfg or cfg.encoder_config()
         hidden = encoder_cfg.hidden_size
         self.features = LogMel(cfg)
         self.spec_augment = nn.Sequential(
@@ -208,6 +234,7 @@ class SpeechTower(nn.Module):
         self.dropout = nn.Dropout(encoder_cfg.dropout)
         if cfg.encoder == "transformer":
             self.encoder: nn.Module = TransformerEncoder(encoder_cfg)
+            self.encoder.gradient_checkpointing = cfg.gradient_checkpointing
         elif cfg.encoder == "conformer":
             self.encoder = MaskedConformer(encoder_cfg, cfg.conformer_kernel_size)
         else:

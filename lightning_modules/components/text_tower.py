@@ -1,8 +1,13 @@
-"""The text tower of the alignment tasks: the shared BERT encoder, pooling and a linear projection."""
+"""The text tower of the alignment systems: the shared BERT encoder, pooling and a linear projection.
+
+`TextTowerConfig` is the `model.text` section of every alignment config and `build_text_tower` the one place a
+text tower is made, for image-text, speech-text and tri-modal alike.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -10,16 +15,49 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.bert import BertConfig, BertModel
+from lightning_modules.components.towers import EncoderShape
 
 log = logging.getLogger(__name__)
+
+Pooling = Literal["cls", "first", "mean"]
+
+
+@dataclass
+class TextTowerConfig(EncoderShape):
+    """A BERT text tower: a size preset, optional overrides of its shape, pooling and regularisation.
+
+    The vocabulary is not here: it is the system's `vocab_size`, linked from the DataModule's tokenizer.
+    """
+
+    pooling: Pooling = "first"
+    """'first' ([CLS] state), 'cls' (BERT's tanh pooler over it) or 'mean' (over real tokens)."""
+    max_len: int = 77
+    """Rows of the position table: at least the DataModule's context_length, and equal to the MLM
+    checkpoint's max_position_embeddings when `init_ckpt` is set."""
+    init_ckpt: str | None = None
+    """An `MLMPretrainingModule` checkpoint of this framework to start the encoder from (its sizes and its
+    tokenizer: pass its vocab as data.tokenizer)."""
+    gradient_checkpointing: bool = False
+    """Recompute the Transformer blocks in backward: less activation memory for about one more forward."""
+
+    def bert_config(self, vocab_size: int) -> BertConfig:
+        return BertConfig.from_size(
+            self.size, vocab_size=vocab_size, max_position_embeddings=self.max_len, **self.encoder_overrides()
+        )
+
+    def check_data(self, data: dict, where: str) -> None:
+        """The DataModule's texts (its hyperparameters `data`) must fit the position table."""
+        if data.get("context_length", 0) > self.max_len:
+            raise ValueError(
+                f"{where}.context_length ({data['context_length']}) exceeds model.text.max_len ({self.max_len}), "
+                "the text tower's position table"
+            )
 
 
 class TextTower(nn.Module):
     """Token ids -> BERT hidden states -> pooled vector -> projection into the joint space (not normalised)."""
 
-    def __init__(
-        self, cfg: BertConfig, embed_dim: int, pooling: Literal["cls", "first", "mean"] = "first"
-    ) -> None:
+    def __init__(self, cfg: BertConfig, embed_dim: int, pooling: Pooling = "first") -> None:
         super().__init__()
         self.bert = BertModel(cfg)
         self.pooling = pooling
@@ -32,6 +70,15 @@ class TextTower(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids, attention_mask)
         return self.proj(self.bert.pool(hidden, attention_mask, self.pooling))
+
+
+def build_text_tower(cfg: TextTowerConfig, vocab_size: int, embed_dim: int) -> TextTower:
+    """The text tower of `cfg`, initialised from its MLM checkpoint when it names one."""
+    tower = TextTower(cfg.bert_config(vocab_size), embed_dim, cfg.pooling)
+    if cfg.init_ckpt:
+        load_mlm_encoder(tower, cfg.init_ckpt)
+    tower.bert.encoder.gradient_checkpointing = cfg.gradient_checkpointing
+    return tower
 
 
 def load_mlm_encoder(tower: TextTower, ckpt_path: str | Path) -> None:

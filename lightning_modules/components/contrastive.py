@@ -1,0 +1,182 @@
+"""The contrastive core every alignment system shares: two towers in one joint space, a learnable temperature,
+a loss from the one loss library and the one retrieval metric.
+
+A `ContrastivePair` subclass registers its two towers and says how a batch becomes `PairEmbeddings`
+(`embed`); this class normalises, scores and evaluates. Image-text and speech-text are thin LightningModules
+over one pair; the tri-modal system holds two pairs that share one text tower object.
+
+Empty and uneven batches, once for every system. A batch whose every item failed to decode has zero rows. Its
+rank still runs the same collectives as the others, in the same order: it contributes zero rows to the loss's
+cross-rank gather, its loss is a zero connected to every parameter of the pair (so DDP's gradient all-reduce
+finds a gradient for each), and it updates the retrieval metric with zero rows (so the metric's sync at the
+end of the epoch finds a state on every rank). The other ranks score their rows against the rows that exist.
+
+Training weights rank r's loss by W * n_r / N (W ranks, n_r local rows, N rows in all). The loss library
+normalises each rank's loss by its own row count; DDP averages the ranks' gradients; with this weight the
+average is the gradient of the mean over all N rows, the loss one process holding every row would compute,
+whether the ranks hold equal, uneven or zero rows. With equal rows the weight is 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.components.losses import build_loss, gather_sizes
+from lightning_modules.components.retrieval import RetrievalRecall
+
+LossName = Literal["infonce", "siglip", "triplet", "npair", "circle"]
+C = TypeVar("C")
+
+
+@dataclass
+class ContrastiveLossConfig:
+    """The loss of the shared loss library and the learnable temperature it is scaled by."""
+
+    name: LossName = "infonce"
+    """Loss: infonce (CLIP), siglip, triplet, npair or circle."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra arguments of the loss, e.g. {gather: false} (no cross-rank negatives) or {margin: 0.2}."""
+    init_logit_scale: float = 1 / 0.07
+    """Initial inverse temperature (CLIP: 1 / 0.07); learned in log space."""
+    max_logit_scale: float = 100.0
+    """Clamp of the inverse temperature (CLIP: 100)."""
+    init_logit_bias: float | None = None
+    """Initial logit bias (SigLIP: -10); None for no bias."""
+
+
+def as_config(cls: type[C], value: C | dict[str, Any]) -> C:
+    """A config section as its dataclass: checkpoints store the sections as plain dicts."""
+    return value if isinstance(value, cls) else cls(**value)
+
+
+def plain_sections(hparams: MutableMapping[str, Any]) -> None:
+    """Config sections saved as hyperparameters become plain dicts, in place: a checkpoint then loads with
+    `torch.load(weights_only=True)` and its hparams.yaml reads back without this code."""
+    for key, value in hparams.items():
+        if is_dataclass(value) and not isinstance(value, type):
+            hparams[key] = asdict(value)
+
+
+@dataclass
+class PairEmbeddings:
+    """Both sides of a batch. Row i of `a` pairs with row `pair_index[i]` of `b` for the loss.
+
+    Training batches are 1:1 (`pair_index` = None). Evaluation batches may hold one image and all its
+    captions; then `b` has more rows and `pair_index` picks one caption per image for the loss.
+    `groups` mark positives: equal group ids are the same image / the same transcript.
+    """
+
+    a: Tensor
+    b: Tensor
+    a_keys: Tensor
+    a_groups: Tensor
+    b_keys: Tensor
+    b_groups: Tensor
+    pair_index: Tensor | None = None
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class ContrastivePair(nn.Module):
+    """Two towers (registered by the subclass), the temperature, the loss and a retrieval metric per stage."""
+
+    rows_key: str = ""
+    """The batch entry with one item per row: its length is the batch's row count (0 for an empty batch)."""
+    row_keys: tuple[str, ...] = ()
+    """Entries of a training batch with one item per row, which gradient caching cuts into chunks."""
+
+    def __init__(self, embed_dim: int, loss: ContrastiveLossConfig, prefixes: tuple[str, str]) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.loss_fn = build_loss(loss.name, **loss.options)
+        # the temperature is learned in log space: τ⁻¹ = exp(log_scale), clamped at max_logit_scale
+        self.log_scale = nn.Parameter(torch.tensor(math.log(loss.init_logit_scale)))
+        self.logit_bias = (
+            nn.Parameter(torch.tensor(float(loss.init_logit_bias)))
+            if loss.init_logit_bias is not None
+            else None
+        )
+        self.max_log_scale = math.log(loss.max_logit_scale)
+        self.prefixes = prefixes
+        self.retrieval = nn.ModuleDict(
+            {
+                stage: RetrievalRecall(prefix_a2b=prefixes[0], prefix_b2a=prefixes[1])
+                for stage in ("val", "test")
+            }
+        )
+
+    def embed(self, batch: dict, stage: str) -> PairEmbeddings:
+        """Both sides' embeddings (not normalised) of a batch with at least one row."""
+        raise NotImplementedError
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.log_scale.clamp(max=self.max_log_scale).exp()
+
+    def rows(self, batch: dict) -> int:
+        return len(batch[self.rows_key])
+
+    def embeddings(self, batch: dict, stage: str) -> PairEmbeddings:
+        """`embed`, or for an empty batch zero rows that reach every parameter (see the module doc)."""
+        if self.rows(batch):
+            return self.embed(batch, stage)
+        device = self.log_scale.device
+        touch = torch.stack([p.sum() * 0.0 for p in self.parameters() if p.requires_grad]).sum()
+        none = torch.zeros(0, self.embed_dim, device=device) + touch
+        ids = torch.zeros(0, dtype=torch.long, device=device)
+        return PairEmbeddings(none, none, ids, ids, ids, ids)
+
+    def loss(self, e: PairEmbeddings) -> Tensor:
+        """This rank's loss, the mean over its rows against the columns of every rank; 0 without rows."""
+        a = F.normalize(e.a.float(), dim=-1)
+        b = F.normalize(e.b.float(), dim=-1)
+        if e.pair_index is not None:
+            b = b[e.pair_index]
+        loss = self.loss_fn(a, b, self.logit_scale, self.logit_bias, ids=e.a_groups)
+        # over zero rows the library's mean is 0 / 0; its gathers have run, and the gradient stays connected
+        return torch.nan_to_num(loss, nan=0.0) if len(a) == 0 else loss
+
+    def training_loss(self, batch: dict) -> tuple[Tensor, int]:
+        """The loss this rank backpropagates, weighted by W * n_r / N (module doc), and its row count."""
+        rows = self.rows(batch)
+        loss = self.loss(self.embeddings(batch, "train"))
+        return loss * self.rank_weight(rows, loss.device), rows
+
+    @staticmethod
+    def rank_weight(rows: int, device: torch.device) -> float:
+        world = _world_size()
+        if world == 1:
+            return 1.0
+        total = sum(gather_sizes(rows, device))
+        return world * rows / total if total else 0.0
+
+    def evaluate(self, batch: dict, stage: str) -> tuple[Tensor, PairEmbeddings]:
+        """The batch's loss (unweighted: the epoch mean weights it by the row count) and its unit embeddings,
+        added to the stage's retrieval metric."""
+        e = self.embeddings(batch, stage)
+        loss = self.loss(e)
+        a = F.normalize(e.a.float(), dim=-1)
+        b = F.normalize(e.b.float(), dim=-1)
+        self.retrieval[stage].update(a, e.a_keys, e.a_groups, b, e.b_keys, e.b_groups)
+        return loss.detach(), PairEmbeddings(a, b, e.a_keys, e.a_groups, e.b_keys, e.b_groups, e.pair_index)
+
+    def split_batch(self, batch: dict, chunks: int) -> list[dict]:
+        """Up to `chunks` consecutive, non-empty, near-equal row ranges of a training batch; entries not in
+        `row_keys` (e.g. the count of skipped items) are shared by all chunks."""
+        rows = self.rows(batch)
+        bounds = [i * rows // chunks for i in range(chunks + 1)]
+        return [
+            {k: v[lo:hi] if k in self.row_keys else v for k, v in batch.items()}
+            for lo, hi in zip(bounds, bounds[1:])
+            if hi > lo
+        ]

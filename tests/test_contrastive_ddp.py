@@ -1,0 +1,242 @@
+"""A rank whose whole batch failed to decode, under DDP with the loss gathering negatives across ranks.
+
+Two gloo processes run each alignment system's own training and validation steps (the contrastive core's gather
+path) with rank 0's batches empty; a single process runs them on rank 1's batches alone. The empty rank must join
+every collective (else the other rank waits forever), contribute zero rows, and leave the loss, the gradients and
+the retrieval figures those of the single process. A hang fails the test at its deadline instead of blocking.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning import LightningModule
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.speech_text_module import SpeechTextModule
+from lightning_modules.trimodal_module import TriModalModule
+
+VOCAB = 50
+DEADLINE_S = 120  # a hang would otherwise block the suite; a normal run takes seconds
+TOL = dict(rtol=1e-5, atol=1e-5)
+# no dropout, no SpecAugment: the two runs draw their random numbers in different orders
+IMAGE = ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2)
+SPEECH = SpeechTowerConfig(
+    "tiny", layers=1, hidden=32, heads=2, dropout=0.0, n_mels=16, conv_channels=4, freq_masks=0, time_masks=0
+)
+TEXT = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, max_len=16)
+
+
+def image_text_batches(g: torch.Generator) -> tuple[dict, dict]:
+    """A training batch (4 pairs, two captions of image 1) and an evaluation batch (2 images, 5 captions)."""
+    train = {
+        "images": torch.randn(4, 3, 16, 16, generator=g),
+        "input_ids": torch.randint(5, VOCAB, (4, 6), generator=g),
+        "attention_mask": torch.ones(4, 6, dtype=torch.bool),
+        "image_ids": torch.tensor([1, 2, 1, 3]),
+        "caption_ids": torch.arange(100, 104),
+        "skipped": 0,
+    }
+    val = {
+        "images": torch.randn(2, 3, 16, 16, generator=g),
+        "input_ids": torch.randint(5, VOCAB, (5, 6), generator=g),
+        "attention_mask": torch.ones(5, 6, dtype=torch.bool),
+        "image_ids": torch.tensor([7, 8]),
+        "caption_ids": torch.arange(200, 205),
+        "caption_image_ids": torch.tensor([7, 7, 7, 8, 8]),
+        "skipped": 0,
+    }
+    return train, val
+
+
+def speech_text_batch(g: torch.Generator, text_ids: list[int]) -> dict:
+    n = len(text_ids)
+    lengths = torch.tensor([3000 - 400 * i for i in range(n)])
+    waves = 0.1 * torch.randn(n, 3000, generator=g) * (torch.arange(3000)[None, :] < lengths[:, None])
+    return {
+        "waveforms": waves,
+        "wave_lengths": lengths,
+        "input_ids": torch.randint(5, VOCAB, (n, 6), generator=g),
+        "attention_mask": torch.ones(n, 6, dtype=torch.bool),
+        "utt_keys": torch.arange(n) + 10 * text_ids[0],
+        "text_ids": torch.tensor(text_ids),
+        "transcripts": [f"t{i}" for i in text_ids],
+        "skipped": 0,
+    }
+
+
+def emptied(batch: dict) -> dict:
+    """The batch the collate gives when every item failed to decode: zero rows (images keep their shape)."""
+    out = {
+        k: v[:0] if k == "images" else v.new_zeros((0,) * v.dim())
+        for k, v in batch.items()
+        if torch.is_tensor(v)
+    }
+    return {**out, "transcripts": [], "skipped": 3} if "transcripts" in batch else {**out, "skipped": 3}
+
+
+def image_text() -> tuple[LightningModule, dict, list[dict]]:
+    torch.manual_seed(0)
+    train, val = image_text_batches(torch.Generator().manual_seed(1))
+    return ImageTextModule(IMAGE, TEXT, vocab_size=VOCAB, embed_dim=16), train, [val]
+
+
+def speech_text() -> tuple[LightningModule, dict, list[dict]]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    train, val = speech_text_batch(g, [1, 2, 1, 3]), speech_text_batch(g, [4, 5, 6])
+    return SpeechTextModule(SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16), train, [val]
+
+
+def trimodal() -> tuple[LightningModule, dict, list[dict]]:
+    (_, image_train, (image_val,)), (_, speech_train, (speech_val,)) = image_text(), speech_text()
+    torch.manual_seed(0)
+    module = TriModalModule(IMAGE, SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16, speech_text_weight=2.0)
+    return module, {"image_text": image_train, "speech_text": speech_train}, [image_val, speech_val]
+
+
+SYSTEMS: dict[str, Callable[[], tuple[LightningModule, dict, list[dict]]]] = {
+    "image_text": image_text,
+    "speech_text": speech_text,
+    "trimodal": trimodal,
+}
+
+
+class TrainingStep(nn.Module):
+    """The module's training_step as DDP's forward, so DDP all-reduces the gradients as under Lightning."""
+
+    def __init__(self, module: LightningModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.module.training_step(batch, 0)
+
+
+def run_steps(system: str, empty: bool, ddp: bool) -> dict:
+    """One training step (loss, gradients) and one validation epoch, with what the module logs."""
+    module, train, vals = SYSTEMS[system]()
+    if empty:
+        train = {k: emptied(v) for k, v in train.items()} if system == "trimodal" else emptied(train)
+        vals = [emptied(v) for v in vals]
+    logged: list[tuple[str, float, int | None]] = []
+
+    def log(name: str, value: object, batch_size: int | None = None, **kwargs: object) -> None:
+        logged.append((name, float(value), batch_size))
+
+    module.log = log
+    module.log_dict = lambda values, **kwargs: [log(k, v) for k, v in values.items()]
+    step = DistributedDataParallel(TrainingStep(module)) if ddp else None  # alive until its all-reduce ran
+    loss = step(train) if step is not None else module.training_step(train, 0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.eval()
+    with torch.no_grad():
+        for idx, val in enumerate(vals):
+            module.validation_step(val, 0, idx) if system == "trimodal" else module.validation_step(val, 0)
+        module.on_validation_epoch_end()  # the metrics' compute syncs across ranks
+    return {"loss": loss.item(), "grads": grads, "logged": logged}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    results = {system: run_steps(system, empty=rank == 0, ddp=True) for system in SYSTEMS}
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def logged_values(result: dict, name: str) -> list[tuple[float, int | None]]:
+    return [(value, size) for key, value, size in result["logged"] if key == name]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("ddp_empty")
+    start = time.monotonic()
+    context = mp.start_processes(
+        _worker, args=(str(folder / "init"), str(folder)), nprocs=2, join=False, start_method="spawn"
+    )
+    while not context.join(timeout=1):  # raises if a rank failed
+        if time.monotonic() - start > DEADLINE_S:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"2 ranks, one with empty batches, did not finish in {DEADLINE_S} s: a rank hangs")
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def alone() -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {system: run_steps(system, empty=False, ddp=False) for system in SYSTEMS}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_empty_rank_training_step_equals_one_process_on_the_other_batch(
+    system: str, ranks: list[dict], alone: dict
+) -> None:
+    (empty, full), one = (r[system] for r in ranks), alone[system]
+    assert empty["loss"] == 0.0
+    # the mean of the ranks' losses is what DDP optimises, and what `train/loss` logs (synced)
+    assert (empty["loss"] + full["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-5)
+    logged = [logged_values(r, "train/loss")[0][0] for r in (empty, full)]
+    assert sum(logged) / 2 == pytest.approx(one["loss"], rel=1e-5)
+    for rank in (empty, full):  # DDP's averaged gradients, identical on both ranks
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, **TOL, msg=name)
+    assert max(g.abs().max() for n, g in one["grads"].items() if "log_scale" in n) > 0  # not all zeros
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_empty_rank_validation_equals_one_process_on_the_other_batch(
+    system: str, ranks: list[dict], alone: dict
+) -> None:
+    (empty, full), one = (r[system] for r in ranks), alone[system]
+    recalls = {k for k, _, _ in one["logged"] if "_R@" in k}
+    assert len(recalls) >= 6  # R@1, 5, 10 both ways (tri-modal: of both pairs)
+    for key in recalls:
+        expected = logged_values(one, key)
+        assert logged_values(empty, key) == pytest.approx(expected) and logged_values(full, key) == expected
+    if system == "trimodal":  # the per-task means are torchmetrics', synced across ranks
+        for key in ("val/image_text_loss", "val/speech_text_loss", "val/loss"):
+            ((expected, _),) = logged_values(one, key)
+            assert [v for r in (empty, full) for v, _ in logged_values(r, key)] == pytest.approx(
+                [expected] * 2
+            )
+        return
+    # Lightning's epoch mean of `val/loss`: each rank's value weighted by its batch size
+    (loss0, rows0), (loss1, rows1) = (logged_values(r, "val/loss")[0] for r in (empty, full))
+    assert rows0 == 0 and rows1 > 0
+    ((expected, _),) = logged_values(one, "val/loss")
+    assert (loss0 * rows0 + loss1 * rows1) / (rows0 + rows1) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_the_empty_batch_is_counted_in_the_logs(system: str, ranks: list[dict], alone: dict) -> None:
+    tasks = ("image_text_", "speech_text_") if system == "trimodal" else ("",)
+    for stage in ("train", "val"):
+        for task in tasks:
+            key = f"{stage}/{task}empty_batches"
+            counts = [logged_values(r[system], key) for r in ranks]
+            assert counts == [[(1.0, None)], [(0.0, None)]]  # summed over ranks and steps by Lightning: 1
+            assert logged_values(ranks[0][system], f"{stage}/{task}skipped_items") == [(3.0, None)]
+            assert logged_values(alone[system], key) == [(0.0, None)]
