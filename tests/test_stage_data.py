@@ -101,7 +101,12 @@ def save_tokenizer(texts: list[str], folder: Path) -> Path:
 
 def test_coco_test_reads_only_the_test_split(tmp_path: Path) -> None:
     generate_shapes_coco(tmp_path / "train_root", n_train=8, n_val=4, image_size=32)
-    small = ["--data.image_size=32", "--model.image.image_size=32", "--data.num_workers=0", "--data.batch_size=4"]
+    small = [
+        "--data.image_size=32",
+        "--model.image.image_size=32",
+        "--data.num_workers=0",
+        "--data.batch_size=4",
+    ]
     small += ["--data.eval_batch_size=4", "--data.generate_if_missing=false"]
     ckpt = fit_checkpoint(
         "clip/quickstart.yaml",

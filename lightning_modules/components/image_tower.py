@@ -20,6 +20,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from lightning_modules.components.towers import TowerTraining
+
 ImageArch = Literal["vit_b_16", "vit_b_32", "vit_tiny", "vit_custom", "resnet50"]
 
 # (patch size, layers, width, heads); the MLP is 4 x width as in ViT-B.
@@ -42,7 +44,7 @@ class ViTShape(NamedTuple):
 
 
 @dataclass
-class ImageTowerConfig:
+class ImageTowerConfig(TowerTraining):
     """Backbone choice and, for the ViTs, overrides of the preset's shape.
 
     The override fields keep what was given (None = the preset's); `vit` combines them with the preset, so a

@@ -20,11 +20,11 @@ import torchaudio
 from torch import Tensor, nn
 
 from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
-from lightning_modules.components.towers import EncoderShape
+from lightning_modules.components.towers import EncoderShape, TowerTraining
 
 
 @dataclass
-class SpeechTowerConfig(EncoderShape):
+class SpeechTowerConfig(EncoderShape, TowerTraining):
     """The speech tower: encoder size preset and overrides (`EncoderShape`), front end, SpecAugment and encoder
     choice."""
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.bert import BertConfig, BertModel
-from lightning_modules.components.towers import EncoderShape
+from lightning_modules.components.towers import EncoderShape, TowerTraining
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ Pooling = Literal["cls", "first", "mean"]
 
 
 @dataclass
-class TextTowerConfig(EncoderShape):
+class TextTowerConfig(EncoderShape, TowerTraining):
     """A BERT text tower: a size preset, optional overrides of its shape, pooling and regularisation.
 
     The vocabulary is not here: it is the system's `vocab_size`, linked from the DataModule's tokenizer.
