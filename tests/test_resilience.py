@@ -453,7 +453,20 @@ def test_checkpoint_is_written_in_its_folder_not_in_tmpdir(tmp_path: Path, monke
 # torch.compile -------------------------------------------------------------------------------------
 
 
-def test_compiled_mlm_matches_eager_and_trains(tmp_path: Path) -> None:
+# aot_eager traces with dynamo and AOT autograd as inductor does, without generating and compiling C++: the
+# default run checks graph capture, gradients and training in seconds; inductor's codegen (minutes on 2 cold
+# cores) runs with the slow tests
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_mlm_matches_eager_and_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    if backend != "inductor":
+        compile_module = torch.nn.Module.compile
+        monkeypatch.setattr(
+            torch.nn.Module,
+            "compile",
+            lambda self, *a, **kw: compile_module(self, *a, **{**kw, "backend": backend}),
+        )
     torch.manual_seed(0)
     eager = tiny_mlm(dropout=0.0, attention_dropout=0.0)
     compiled = tiny_mlm(dropout=0.0, attention_dropout=0.0, compile=True)
@@ -464,6 +477,7 @@ def test_compiled_mlm_matches_eager_and_trains(tmp_path: Path) -> None:
         m.model_step(batch, "val")
     loss_e = eager.model_step(batch, "val")
     loss_c = compiled.model_step(batch, "val")
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo captured the encoder
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
     loss_e.backward()
     loss_c.backward()
