@@ -282,7 +282,8 @@ def mlm_straight(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(
     "every,kill_at",
-    [(3, 11), (7, 9)],
+    # the second case (kill right after the checkpoint on an epoch's last batch) runs with the slow tests
+    [(3, 11), pytest.param(7, 9, marks=pytest.mark.slow)],
     ids=["mid_epoch_1", "checkpoint_on_last_batch_of_epoch_0"],
 )
 def test_mlm_kill9_and_resume_matches_unbroken_run(
