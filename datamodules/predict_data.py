@@ -182,3 +182,41 @@ class PredictCollate:
             batch.update(self.tokenizer(texts, self.context_length))
             batch["text_keys"] = [k for it in kept for k in it.get("text_keys", ())]
         return batch
+
+
+class MaskedLinesCollate:
+    """Lines with `[MASK]` tokens (from `TextLines`) to MLM inputs: the text between masks is tokenized and the
+    tokenizer's mask id put in place of each `[MASK]`, whatever the tokenizer's normaliser does to the string.
+
+    Batch: `input_ids` / `attention_mask` (B, L) `[CLS] ... [SEP]`, `predict_mask` (B, L) bool at the masks,
+    `index` (B,) line numbers, `text` list[str], `top_k` int. A line cut at `max_length` loses its later masks.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, max_length: int, top_k: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.top_k = top_k
+        self.mask_token = tokenizer.tokenizer.id_to_token(tokenizer.mask_id)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        tok = self.tokenizer
+        texts = [it["texts"][0] for it in items]
+        rows = []
+        for text in texts:
+            pieces = tok.encode_batch(text.split(self.mask_token))
+            body = [t for k, ids in enumerate(pieces) for t in ([tok.mask_id] if k else []) + ids]
+            rows.append([tok.cls_id, *body[: self.max_length - 2], tok.sep_id])
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention_mask[i, : len(r)] = True
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "predict_mask": input_ids == tok.mask_id,
+            "index": torch.tensor([int(it["text_keys"][0]) for it in items], dtype=torch.long),
+            "text": texts,
+            "top_k": self.top_k,
+        }

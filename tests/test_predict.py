@@ -118,3 +118,90 @@ def test_predict_without_inputs_is_one_clear_error(shapes: Path, tmp_path: Path)
     dm = _clip_data(shapes, tmp_path)
     with pytest.raises(ValueError, match="nothing to predict: set --data.predict_split"):
         _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
+
+
+# text systems --------------------------------------------------------------------------------------------
+WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "park", "john", "lives", "in", "paris", "."]
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("vocab") / "vocab.txt"
+    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return path
+
+
+def test_glue_submission_tsv_has_the_label_names_and_every_index_once(vocab: Path, tmp_path: Path) -> None:
+    from datamodules.text.glue_datamodule import GlueDataModule
+    from lightning_modules.finetune_module import SequenceClassificationModule
+
+    task = tmp_path / "RTE"
+    task.mkdir()
+    rows = ["index\tsentence1\tsentence2", *(f"{i}\tthe cat sat\t{WORDS[i]} ran" for i in range(7))]
+    (task / "test.tsv").write_text("\n".join(rows) + "\n")
+    dm = GlueDataModule(str(task), task="rte", tokenizer=str(vocab), batch_size=3)
+    torch.manual_seed(0)
+    module = SequenceClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
+    meta = _predict(module, dm, tmp_path / "out")
+
+    lines = (tmp_path / "out" / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and meta["files"] == ["RTE.tsv"]
+    index, labels = zip(*(line.split("\t") for line in lines[1:]))
+    assert list(index) == [str(i) for i in range(7)]
+    dm.setup("predict")
+    batch = dm.collator()([dm.datasets["predict"][i] for i in range(7)])
+    with torch.no_grad():
+        expected = module(batch).argmax(-1).tolist()
+    assert list(labels) == [("entailment", "not_entailment")[c] for c in expected]
+
+
+def test_conll_predictions_add_a_tag_column_to_the_input_file(vocab: Path, tmp_path: Path) -> None:
+    from datamodules.text.conll_datamodule import CoNLLDataModule
+    from lightning_modules.finetune_module import TokenClassificationModule
+
+    text = "-DOCSTART- -X- -X- O\n\njohn NNP B-NP I-PER\nlives VBZ B-VP O\n\nthe DT B-NP O\ncat NN I-NP O\nsat VBD O O\n"
+    (tmp_path / "test.txt").write_text(text)
+    dm = CoNLLDataModule(str(tmp_path), tokenizer=str(vocab), batch_size=1)
+    torch.manual_seed(0)
+    module = TokenClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
+    _predict(module, dm, tmp_path / "out")
+
+    written = (tmp_path / "out" / "predictions.conll").read_text().splitlines()
+    original = text.splitlines()
+    assert len(written) == len(original)
+    dm.setup("predict")
+    batch = dm.collator()([dm.datasets["test"][i] for i in range(2)])
+    with torch.no_grad():
+        tags = module.predict_step(batch, 0)["tags"]
+    token_lines = [n for n, line in enumerate(original) if line and not line.startswith("-DOCSTART-")]
+    for n, tag in zip(token_lines, [t for sentence in tags for t in sentence]):
+        assert written[n] == f"{original[n]} {tag}" and tag in module.labels
+    assert written[0] == original[0] and written[1] == ""  # the rest of the file as it was
+
+
+def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path) -> None:
+    from datamodules.text.mlm_datamodule import MLMDataModule
+    from lightning_modules.mlm_module import MLMPretrainingModule
+
+    masked = tmp_path / "masked.txt"
+    masked.write_text("the [MASK] sat on the mat .\n\nno masks here\njohn [MASK] in [MASK] .\n")
+    dm = MLMDataModule(
+        tokenizer=str(vocab), predict_texts=str(masked), predict_top_k=3, batch_size=2, num_workers=0
+    )
+    torch.manual_seed(0)
+    module = MLMPretrainingModule(size="tiny", vocab_size=dm.vocab_size, num_layers=1).eval()
+    meta = _predict(module, dm, tmp_path / "out")
+
+    rows = [json.loads(line) for line in (tmp_path / "out" / "fill_mask.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3, 4] and meta["counts"] == {"rows": 3}
+    assert [len(r["masks"]) for r in rows] == [1, 0, 2]
+    # line 1 as the model sees it, [MASK] at position 2: [CLS] the [MASK] sat on the mat . [SEP]
+    tokens = [dm.tokenizer.cls_id, 5, dm.tokenizer.mask_id, 7, 8, 5, 9, 18, dm.tokenizer.sep_id]
+    assert dm.tokenizer.encode_batch(["the cat sat on the mat ."])[0] == [5, 6, 7, 8, 5, 9, 18]
+    with torch.no_grad():
+        hidden = module.model(torch.tensor([tokens]), torch.ones(1, len(tokens), dtype=torch.bool))[0]
+    probs, top = hidden[0, 2].softmax(-1).topk(3)
+    first = rows[0]["masks"][0]
+    assert [m["id"] for m in first] == top.tolist()
+    assert [m["token"] for m in first] == [dm.tokenizer.tokenizer.id_to_token(i) for i in top.tolist()]
+    torch.testing.assert_close(torch.tensor([m["score"] for m in first]), probs, atol=1e-5, rtol=0)
