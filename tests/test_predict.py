@@ -205,3 +205,51 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
     assert [m["id"] for m in first] == top.tolist()
     assert [m["token"] for m in first] == [dm.tokenizer.tokenizer.id_to_token(i) for i in top.tolist()]
     torch.testing.assert_close(torch.tensor([m["score"] for m in first]), probs, atol=1e-5, rtol=0)
+
+
+def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> None:
+    from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
+    from datamodules.synthetic.tones import generate_tone_librispeech
+    from lightning_modules.components.speech_tower import SpeechTowerConfig
+    from lightning_modules.speech_text_module import SpeechTextModule
+
+    base = generate_tone_librispeech(tmp_path / "tones", n_train_utts=20, n_val_utts=5)
+    audio = tmp_path / "clips"
+    audio.mkdir()
+    flacs = sorted((base / "dev-clean").rglob("*.flac"))
+    (audio / flacs[0].name).write_bytes(flacs[0].read_bytes())
+    (audio / "empty.flac").write_bytes(b"")
+    dm = LibriSpeechDataModule(
+        str(tmp_path / "tones"),
+        num_workers=0,
+        tokenizer_vocab_size=120,
+        context_length=32,
+        cache_dir=str(tmp_path / "cache"),
+        predict_subsets=["dev-clean"],
+        predict_audio=str(audio),
+        predict_batch_size=4,
+    )
+    torch.manual_seed(0)
+    module = SpeechTextModule(
+        vocab_size=dm.vocab_size,
+        embed_dim=16,
+        speech=SpeechTowerConfig("tiny", layers=1, hidden=64, heads=2, conv_channels=8),
+        text=TextTowerConfig("tiny", layers=1, hidden=64, heads=2, max_len=32),
+    ).eval()
+    meta = _predict(module, dm, tmp_path / "out")
+
+    table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
+    utterance_ids = {p.name.removesuffix(".flac") for p in flacs}
+    assert [r["id"] for r in table if r["kind"] == "utterance"] == sorted(utterance_ids)  # folder's clip = same id
+    assert {r["id"] for r in table if r["kind"] == "transcript"} == utterance_ids
+    assert meta["counts"] == {"utterance": len(flacs), "transcript": len(flacs)}
+    assert meta["unreadable"] == [str(audio / "empty.flac")]
+    emb = torch.tensor([r["embedding"] for r in table])
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(table)), atol=1e-5, rtol=0)
+    from datamodules.speech.librispeech import load_audio
+
+    wave = load_audio(flacs[0], 16000)
+    with torch.no_grad():
+        direct = module.encode_speech(wave[None], torch.tensor([wave.numel()]))[0]
+    row = next(r for r in table if r["kind"] == "utterance" and r["id"] == flacs[0].name.removesuffix(".flac"))
+    torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-4, rtol=1e-4)
