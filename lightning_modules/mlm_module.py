@@ -225,7 +225,9 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         k = min(int(batch["top_k"]), self.model.cfg.vocab_size)
         ids, scores = torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
         if masks.any():  # a batch of lines without [MASK] has nothing to run
-            logits = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masks)[0]
+            logits = self.model(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masks
+            )[0]
             scores, ids = logits.float().softmax(-1).topk(k, dim=-1)
         return {
             "index": batch["index"],

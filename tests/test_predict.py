@@ -240,7 +240,9 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
 
     table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
     utterance_ids = {p.name.removesuffix(".flac") for p in flacs}
-    assert [r["id"] for r in table if r["kind"] == "utterance"] == sorted(utterance_ids)  # folder's clip = same id
+    assert [r["id"] for r in table if r["kind"] == "utterance"] == sorted(
+        utterance_ids
+    )  # folder's clip = same id
     assert {r["id"] for r in table if r["kind"] == "transcript"} == utterance_ids
     assert meta["counts"] == {"utterance": len(flacs), "transcript": len(flacs)}
     assert meta["unreadable"] == [str(audio / "empty.flac")]
@@ -251,5 +253,129 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
     wave = load_audio(flacs[0], 16000)
     with torch.no_grad():
         direct = module.encode_speech(wave[None], torch.tensor([wave.numel()]))[0]
-    row = next(r for r in table if r["kind"] == "utterance" and r["id"] == flacs[0].name.removesuffix(".flac"))
+    row = next(
+        r for r in table if r["kind"] == "utterance" and r["id"] == flacs[0].name.removesuffix(".flac")
+    )
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-4, rtol=1e-4)
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from tests.helpers import quiet_trainer
+from tests.test_predict import _clip, _clip_data
+from lightning_modules.prediction import PredictionWriter
+from pathlib import Path
+
+dm = _clip_data(Path({shapes!r}), Path({tmp!r}), predict_images={images!r}, predict_texts={texts!r},
+                tokenizer={tokenizer!r})
+module = _clip(dm.vocab_size)
+module.load_state_dict(torch.load({weights!r}))
+trainer = quiet_trainer(strategy="ddp", devices=2, callbacks=[PredictionWriter({out!r})])
+trainer.predict(module, dm, return_predictions=False)
+"""
+
+
+def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_distributed import REPO, _env
+
+    texts = tmp_path / "captions.txt"
+    texts.write_text("".join(f"caption number {i}\n" for i in range(7)))  # odd: the sampler pads a rank
+    images = str(shapes / "val2017")  # N_VAL images, with the eval batch of 4: ranks get 2 batches and 1
+    dm = _clip_data(shapes, tmp_path, predict_images=images, predict_texts=str(texts))
+    module = _clip(dm.vocab_size)
+    _predict(module, dm, tmp_path / "one")
+    torch.save(module.state_dict(), tmp_path / "weights.pt")
+    script = tmp_path / "ddp_predict.py"
+    script.write_text(
+        DDP_SCRIPT.format(
+            repo=str(REPO),
+            shapes=str(shapes),
+            tmp=str(tmp_path),
+            images=images,
+            texts=str(texts),
+            tokenizer=str(dm.tokenizer.source),
+            weights=str(tmp_path / "weights.pt"),
+            out=str(tmp_path / "two"),
+        )
+    )
+    env = {**_env(), "PL_DISABLE_FORK": "1"}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    one = pq.read_table(tmp_path / "one" / "embeddings.parquet").to_pylist()
+    two = pq.read_table(tmp_path / "two" / "embeddings.parquet").to_pylist()
+    assert [(r["kind"], r["id"]) for r in two] == [(r["kind"], r["id"]) for r in one]  # padding rows dropped
+    assert len(one) == N_VAL + 7
+    torch.testing.assert_close(
+        torch.tensor([r["embedding"] for r in two]),
+        torch.tensor([r["embedding"] for r in one]),
+        atol=1e-5,
+        rtol=1e-4,
+    )
+    meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
+    assert meta["world_size"] == 2 and meta["counts"] == {"image": N_VAL, "caption": 7}
+    assert sorted(os.listdir(tmp_path / "two")) == ["embeddings.parquet", "metadata.json"]
+
+
+def test_cli_predict_with_the_config_snippet(
+    shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli import main
+    from tests.test_distributed import REPO
+
+    monkeypatch.chdir(tmp_path)  # the snippet writes to predictions/clip_val, under the working folder
+    tiny = [
+        "--model.embed_dim=16",
+        "--model.image.image_size=32",
+        "--model.image.layers=1",
+        "--model.text.layers=1",
+        f"--data.root={shapes}",
+        "--data.image_size=32",
+        "--data.num_workers=0",
+        "--data.eval_batch_size=4",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    # a checkpoint as users have them: one training step through the CLI
+    run = main(
+        [
+            "fit",
+            f"--config={REPO / 'configs/clip/quickstart.yaml'}",
+            *tiny,
+            "--data.batch_size=8",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ]
+    )
+    ckpt = tmp_path / "clip.ckpt"
+    run.trainer.save_checkpoint(ckpt)
+    module = run.model.eval()
+    main(
+        [
+            "predict",
+            f"--config={REPO / 'configs/clip/quickstart.yaml'}",
+            f"--config={REPO / 'configs/predict/clip_val.yaml'}",
+            *tiny,
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    out = tmp_path / "predictions" / "clip_val"
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["checkpoint"] == str(ckpt) and meta["counts"]["image"] == N_VAL
+    table = pq.read_table(out / "embeddings.parquet")
+    assert table.column("kind").to_pylist().count("image") == N_VAL
+    # the checkpoint's weights, not a fresh model's: the first image's row equals this module's embedding
+    item = _clip_data(shapes, tmp_path, predict_split="val2017").predict_dataloader()[0].dataset[0]
+    with torch.no_grad():
+        direct = module.encode_image(item["image"][None])[0]
+    row = next(r for r in table.to_pylist() if r["id"] == item["image_key"] and r["kind"] == "image")
+    torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)
