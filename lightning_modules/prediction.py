@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ GLUE_FILES = {
     "wnli": "WNLI.tsv",
     "mnli": "MNLI-m.tsv",
 }
+_PART_FILES = {EMBEDDINGS, "records.jsonl", "unreadable.json"}
+_RANK_DIR = re.compile(r"rank-\d+")
 _KIND_ORDER = ("image", "caption", "utterance", "transcript")
 
 
@@ -61,6 +63,18 @@ def embedding_prediction(
         "embeddings": {kind: (list(ids), emb) for kind, (ids, emb) in rows.items() if len(ids)},
         "unreadable": list(batch.get("unreadable", [])),
     }
+
+
+def _remove_parts(folder: Path) -> None:
+    """Delete a rank's part folder, refusing one that holds anything but this writer's part files."""
+    if not folder.exists():
+        return
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in _PART_FILES)
+    if foreign:
+        raise FileExistsError(f"{folder} holds files the prediction writer did not write (e.g. {foreign[0]})")
+    for part in folder.iterdir():
+        part.unlink()
+    folder.rmdir()
 
 
 def _written_by_us(metadata: Path) -> bool:
@@ -108,7 +122,8 @@ class PredictionWriter(BasePredictionWriter):
             raise FileExistsError(f"prediction output {self.output_dir} is a file, not a folder")
         if _written_by_us(self.output_dir / METADATA):
             return  # an earlier prediction run's folder: its files are ours to replace
-        present = sorted(p.name for p in self.output_dir.iterdir())
+        # rank-<r> folders are the parts of an interrupted run of this writer
+        present = sorted(p.name for p in self.output_dir.iterdir() if not _RANK_DIR.fullmatch(p.name))
         if present:
             raise FileExistsError(
                 f"prediction output folder {self.output_dir} already holds files the prediction writer did not "
@@ -117,12 +132,12 @@ class PredictionWriter(BasePredictionWriter):
 
     # Lightning hooks --------------------------------------------------------------------------
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._check_output_dir()
-        trainer.strategy.barrier()  # no rank writes parts before rank 0 has accepted the folder
+        # every rank checks (they see one folder), so a refusal stops all of them instead of leaving the others
+        # waiting at the barrier
+        self._check_output_dir()
+        trainer.strategy.barrier()  # no rank writes parts before every rank has accepted the folder
         rank_dir = self._rank_dir(trainer.global_rank)
-        if rank_dir.exists():  # parts of an earlier, interrupted run of ours
-            shutil.rmtree(rank_dir)
+        _remove_parts(rank_dir)  # of an earlier, interrupted run
         rank_dir.mkdir(parents=True)
         self._parquet, self._records, self._unreadable, self._kind = None, None, [], None
 
@@ -216,7 +231,7 @@ class PredictionWriter(BasePredictionWriter):
         trainer.strategy.barrier()  # the merged files exist before any rank returns
         if trainer.is_global_zero and not self.keep_parts:
             for rank in range(trainer.world_size):
-                shutil.rmtree(self._rank_dir(rank), ignore_errors=True)
+                _remove_parts(self._rank_dir(rank))
 
     # merge (rank 0) ---------------------------------------------------------------------------
     def _merge(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -104,14 +104,29 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     assert not list((tmp_path / "out").glob("rank-*"))  # parts merged and removed
 
 
-def test_writer_refuses_a_folder_of_other_files(shapes: Path, tmp_path: Path) -> None:
+def test_writer_refuses_a_folder_of_other_files_and_replaces_its_own(shapes: Path, tmp_path: Path) -> None:
+    texts = tmp_path / "captions.txt"
+    texts.write_text("a red circle\n")
+    dm = _clip_data(shapes, tmp_path, predict_texts=str(texts))
+    module = _clip(dm.vocab_size)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    dm = _clip_data(shapes, tmp_path, predict_texts=str(shapes / "annotations" / "captions_val2017.json"))
     with pytest.raises(FileExistsError, match="notes.txt"):
-        _predict(_clip(dm.vocab_size), dm, out)
-    assert (out / "notes.txt").read_text() == "keep me"
+        _predict(module, dm, out)
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        and (out / "notes.txt").read_text() == "keep me"
+    )
+
+    ours = tmp_path / "ours"
+    _predict(module, dm, ours)
+    (ours / "rank-0").mkdir()  # the part folder of a run interrupted before its merge
+    (ours / "rank-0" / "records.jsonl").write_text("")
+    texts.write_text("a red circle\na blue square\n")
+    meta = _predict(module, dm, ours)  # its own folder: the files are replaced
+    assert meta["counts"] == {"caption": 2}
+    assert sorted(p.name for p in ours.iterdir()) == ["embeddings.parquet", "metadata.json"]
 
 
 def test_predict_without_inputs_is_one_clear_error(shapes: Path, tmp_path: Path) -> None:
