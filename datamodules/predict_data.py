@@ -6,7 +6,8 @@ all its captions), or `unreadable` (the path of a file that could not be decoded
 drops and the batch lists so that the prediction writer can name it in its metadata).
 
 Batch: `images` (B, 3, H, W) and `image_keys`; `waveforms` (B, T) zero-padded, `wave_lengths` (B,) and
-`audio_keys`; `input_ids` / `attention_mask` (N, L) and `text_keys`; `unreadable` list[str]. Keys are strings: a
+`audio_keys`; `input_ids` / `attention_mask` (N, L) and `text_keys`, `text_kind` (caption or transcript); `unreadable`
+list[str]. Keys are strings: a
 file's path relative to its folder, a line number, a COCO id, a LibriSpeech utterance id.
 """
 
@@ -148,22 +149,32 @@ class UtteranceItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        path, item = Path(self.dataset.utterances[i].path), self.dataset[i]
+        utterance, item = self.dataset.utterances[i], self.dataset[i]
         if item is None:
-            return {"unreadable": str(path)}
-        key = path.name.split(".")[0]
+            return {"unreadable": str(utterance.path)}
+        key = utterance.key
         return {"waveform": item["waveform"], "audio_key": key, "texts": [item["text"]], "text_keys": [key]}
 
 
 class PredictCollate:
     """Items (see the module docstring) to one batch; unreadable files are dropped and listed."""
 
-    def __init__(self, tokenizer: TextTokenizer, context_length: int) -> None:
+    def __init__(self, tokenizer: TextTokenizer, context_length: int, text_kind: str = "caption") -> None:
+        """
+        Args:
+            tokenizer: tokenizes the texts.
+            context_length: longest token sequence, [CLS] and [SEP] included.
+            text_kind: what the texts are (caption, transcript), told to the system in `text_kind`.
+        """
         self.tokenizer = tokenizer
         self.context_length = context_length
+        self.text_kind = text_kind
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"unreadable": [it["unreadable"] for it in items if "unreadable" in it]}
+        batch: dict[str, Any] = {
+            "unreadable": [it["unreadable"] for it in items if "unreadable" in it],
+            "text_kind": self.text_kind,
+        }
         kept = [it for it in items if "unreadable" not in it]
         images = [it for it in kept if "image" in it]
         if images:

@@ -394,3 +394,44 @@ def test_cli_predict_with_the_config_snippet(
         direct = module.encode_image(item["image"][None])[0]
     row = next(r for r in table.to_pylist() if r["id"] == item["image_key"] and r["kind"] == "image")
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)
+
+
+def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
+    from datamodules.trimodal_datamodule import TriModalDataModule
+    from lightning_modules.trimodal_module import TriModalModule
+    from tests.test_trimodal import TINY, shapes_with_speech
+
+    shapes_with_speech(tmp_path, n_train=12, n_val=3)
+    image_text = dict(
+        root=str(tmp_path / "shapes"),
+        image_size=32,
+        eval_batch_size=4,
+        num_workers=0,
+        context_length=32,
+        predict_split="val2017",
+    )
+    speech_text = dict(
+        root=str(tmp_path / "speech"), num_workers=0, context_length=32, predict_subsets=["dev-clean"]
+    )
+    dm = TriModalDataModule(
+        image_text, speech_text, tokenizer_vocab_size=120, cache_dir=str(tmp_path / "cache")
+    )
+    torch.manual_seed(0)
+    module = TriModalModule(vocab_size=dm.vocab_size, **TINY).eval()
+    meta = _predict(module, dm, tmp_path / "out")
+
+    table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
+    utterances = dm.speech_text.datasets["predict"].utterances
+    assert meta["counts"] == {
+        "image": 3,
+        "caption": 15,  # the shapes set's five captions per image
+        "utterance": len(utterances),
+        "transcript": len(utterances),
+    }
+    assert {r["id"] for r in table if r["kind"] == "utterance"} == {u.key for u in utterances}
+    row = next(r for r in table if r["kind"] == "transcript" and r["id"] == utterances[0].key)
+    text = dm.speech_text.datasets["predict"].texts[0]
+    tokens = dm.tokenizer([text], 32)
+    with torch.no_grad():
+        direct = module.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
+    torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)

@@ -399,6 +399,11 @@ class CocoCaptionsDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @property
+    def predicts(self) -> bool:
+        """Whether any predict input is set."""
+        return any(self.predict_inputs.values())
+
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the split's images with their captions, a folder of images, a file of
         captions (see `datamodules/predict_data.py` for the batches)."""

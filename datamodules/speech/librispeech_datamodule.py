@@ -384,6 +384,11 @@ class LibriSpeechDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._dataloader("test", shuffle=False)
 
+    @property
+    def predicts(self) -> bool:
+        """Whether any predict input is set."""
+        return bool(self.subsets["predict"] or self.hparams.predict_audio or self.hparams.predict_texts)
+
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the utterances of `predict_subsets` with their transcripts, a folder of
         audio files, a file of transcripts (see `datamodules/predict_data.py` for the batches)."""
@@ -404,7 +409,7 @@ class LibriSpeechDataModule(LightningDataModule):
                 "--data.predict_audio (a folder of audio files) and/or --data.predict_texts (a text file, one "
                 "transcript per line)"
             )
-        collate = PredictCollate(self.tokenizer, self.hparams.context_length)
+        collate = PredictCollate(self.tokenizer, self.hparams.context_length, text_kind="transcript")
         return [
             DataLoader(
                 d,
