@@ -8,7 +8,7 @@ drops and the batch lists so that the prediction writer can name it in its metad
 Batch: `images` (B, 3, H, W) and `image_keys`; `waveforms` (B, T) zero-padded, `wave_lengths` (B,) and
 `audio_keys`; `input_ids` / `attention_mask` (N, L) and `text_keys`, `text_kind` (caption or transcript); `unreadable`
 list[str]. Keys are strings: a
-file's path relative to its folder, a line number, a COCO id, a LibriSpeech utterance id.
+file's path relative to its folder, `<file name>:<line>`, a COCO id, a LibriSpeech utterance id.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class AudioFiles(Dataset):
 
 
 class TextLines(Dataset):
-    """The non-blank lines of a UTF-8 text file; key = the line number (from 1)."""
+    """The non-blank lines of a UTF-8 text file; key = `<file name>:<line number>` (from 1), e.g. `captions.txt:3`."""
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
@@ -104,7 +104,8 @@ class TextLines(Dataset):
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as err:
             raise ValueError(f"{path} is not UTF-8 text: {err.reason} at byte {err.start}") from None
-        self.rows = [(str(n), line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
+        self.name = path.name
+        self.rows = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip()]
         if not self.rows:
             raise ValueError(f"predict text file {path} holds no text")
 
@@ -112,8 +113,9 @@ class TextLines(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        key, text = self.rows[i]
-        return {"texts": [text], "text_keys": [key]}
+        line, text = self.rows[i]
+        # the file's name in the key keeps its lines apart from a split's caption ids in one output
+        return {"texts": [text], "text_keys": [f"{self.name}:{line}"], "line": line}
 
 
 class CaptionedImageItems(Dataset):
@@ -227,7 +229,7 @@ class MaskedLinesCollate:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "predict_mask": input_ids == tok.mask_id,
-            "index": torch.tensor([int(it["text_keys"][0]) for it in items], dtype=torch.long),
+            "index": torch.tensor([it["line"] for it in items], dtype=torch.long),
             "text": texts,
             "top_k": self.top_k,
         }

@@ -79,10 +79,8 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     caption_ids = {str(a["id"]) for a in annotations["annotations"]}
     folder_keys = {images[0].name, *(f"sub/{p.name}" for p in images[1:3])}
     assert {i for k, i in keys if k == "image"} == image_ids | folder_keys
-    assert {i for k, i in keys if k == "caption"} == caption_ids | {
-        "1",
-        "3",
-    }  # line numbers, blank line left out
+    lines = {"captions.txt:1", "captions.txt:3"}  # the blank line 2 left out
+    assert {i for k, i in keys if k == "caption"} == caption_ids | lines
     emb = torch.tensor([r["embedding"] for r in table])
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(table)), atol=1e-5, rtol=0)
 
@@ -91,7 +89,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     tokens = dm.tokenizer(["a blue square"], 32)
     with torch.no_grad():
         direct = module.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
-    torch.testing.assert_close(by_key[("caption", "3")], direct, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(by_key[("caption", "captions.txt:3")], direct, atol=1e-5, rtol=1e-4)
     split = dm.predict_dataloader()[0].dataset
     item = split[0]
     with torch.no_grad():
