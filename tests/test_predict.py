@@ -433,3 +433,20 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
     with torch.no_grad():
         direct = module.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)
+
+
+def test_an_unreadable_image_of_the_split_is_listed_and_its_captions_left_out(tmp_path: Path) -> None:
+    root = generate_shapes_coco(tmp_path / "shapes", n_train=10, n_val=2, image_size=32)
+    broken, kept = sorted((root / "val2017").iterdir())
+    dm = _clip_data(root, tmp_path, predict_split="val2017")
+    module = _clip(dm.vocab_size)
+    broken.write_bytes(broken.read_bytes()[:40])  # cut short after the vocabulary is trained
+    meta = _predict(module, dm, tmp_path / "out")
+
+    assert meta["unreadable"] == [str(broken)] and meta["skipped"] == 1
+    annotations = json.loads((root / "annotations" / "captions_val2017.json").read_text())
+    kept_id = next(i["id"] for i in annotations["images"] if i["file_name"] == kept.name)
+    kept_captions = {str(a["id"]) for a in annotations["annotations"] if a["image_id"] == kept_id}
+    table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
+    assert [r["id"] for r in table if r["kind"] == "image"] == [str(kept_id)]
+    assert {r["id"] for r in table if r["kind"] == "caption"} == kept_captions
