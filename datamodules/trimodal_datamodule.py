@@ -321,3 +321,19 @@ class TriModalDataModule(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """The predict loaders of both tasks that have inputs (data.image_text.predict_split, .predict_images,
+        .predict_texts; data.speech_text.predict_subsets, .predict_audio, .predict_texts), in one shared space."""
+        loaders = [
+            loader
+            for name in TASKS
+            if self.task(name).predicts
+            for loader in self.task(name).predict_dataloader()
+        ]
+        if not loaders:
+            raise ValueError(
+                "nothing to predict: set data.image_text.predict_split / .predict_images / .predict_texts and/or "
+                "data.speech_text.predict_subsets / .predict_audio / .predict_texts"
+            )
+        return loaders

@@ -258,8 +258,9 @@ class TokenClassificationModule(FineTuneModule):
         )
         return loss
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> list[list[str]]:
-        """The tags of each sentence's words."""
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict:
+        """The tags of each sentence's words, with the sentence's number in its file (`index`)."""
         preds = self.word_predictions(self(batch), batch["word_pos"])
         lengths = (batch["word_labels"] != IGNORE_INDEX).sum(1).tolist()
-        return [[self.labels[i] for i in p[:n]] for p, n in zip(preds.tolist(), lengths)]
+        tags = [[self.labels[i] for i in p[:n]] for p, n in zip(preds.tolist(), lengths)]
+        return {"index": batch["index"], "tags": tags}

@@ -21,6 +21,7 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.prediction import embedding_prediction
 
 _IMAGE, _TEXT = ImageTowerConfig(), TextTowerConfig()
 
@@ -74,3 +75,15 @@ class ImageTextModule(ContrastiveModule):
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim) unit vectors."""
         return F.normalize(self.pair.image(images), dim=-1)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Unit embeddings of the batch's images and captions, with their ids (`PredictionWriter`)."""
+        rows = {}
+        if batch.get("image_keys"):
+            rows["image"] = (batch["image_keys"], self.encode_image(batch["images"]))
+        if batch.get("text_keys"):
+            rows["caption"] = (
+                batch["text_keys"],
+                self.encode_text(batch["input_ids"], batch["attention_mask"]),
+            )
+        return embedding_prediction(rows, batch)

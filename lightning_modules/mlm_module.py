@@ -218,6 +218,25 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict:
+        """The `top_k` most probable tokens (ids and probabilities) at each `[MASK]` (`predict_mask`), in
+        row-major order, and how many masks each row has (`PredictionWriter` writes them per line)."""
+        masks = batch["predict_mask"]
+        k = min(int(batch["top_k"]), self.model.cfg.vocab_size)
+        ids, scores = torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
+        if masks.any():  # a batch of lines without [MASK] has nothing to run
+            logits = self.model(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"), masks
+            )[0]
+            scores, ids = logits.float().softmax(-1).topk(k, dim=-1)
+        return {
+            "index": batch["index"],
+            "text": batch["text"],
+            "masks": masks.sum(1).tolist(),
+            "top_ids": ids,
+            "top_scores": scores,
+        }
+
     def configure_optimizers(self):
         h = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))

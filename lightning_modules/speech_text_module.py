@@ -20,6 +20,7 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.prediction import embedding_prediction
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
 _SPEECH, _TEXT = SpeechTowerConfig(), TextTowerConfig(dropout=0.1, max_len=512)
@@ -74,3 +75,18 @@ class SpeechTextModule(ContrastiveModule):
     def encode_speech(self, waveforms: Tensor, wave_lengths: Tensor) -> Tensor:
         """(B, T) zero-padded waveforms and their (B,) lengths -> (B, embed_dim) unit vectors."""
         return F.normalize(self.pair.speech(waveforms, wave_lengths), dim=-1)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Unit embeddings of the batch's utterances and transcripts, with their ids (`PredictionWriter`)."""
+        rows = {}
+        if batch.get("audio_keys"):
+            rows["utterance"] = (
+                batch["audio_keys"],
+                self.encode_speech(batch["waveforms"], batch["wave_lengths"]),
+            )
+        if batch.get("text_keys"):
+            rows["transcript"] = (
+                batch["text_keys"],
+                self.encode_text(batch["input_ids"], batch["attention_mask"]),
+            )
+        return embedding_prediction(rows, batch)

@@ -31,6 +31,7 @@ from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerCo
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import AlignmentModule, log_empty
 from lightning_modules.image_text_module import ImageTextPair
+from lightning_modules.prediction import embedding_prediction
 from lightning_modules.speech_text_module import SpeechTextPair
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
@@ -108,6 +109,22 @@ class TriModalModule(AlignmentModule):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
         return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """Unit embeddings of whatever the batch holds (images, utterances, captions or transcripts), with their
+        ids, all in the one space (`PredictionWriter`)."""
+        rows = {}
+        if batch.get("image_keys"):
+            rows["image"] = (batch["image_keys"], self.encode_image(batch["images"]))
+        if batch.get("audio_keys"):
+            rows["utterance"] = (
+                batch["audio_keys"],
+                self.encode_speech(batch["waveforms"], batch["wave_lengths"]),
+            )
+        if batch.get("text_keys"):
+            texts = self.encode_text(batch["input_ids"], batch["attention_mask"])
+            rows[batch.get("text_kind", "caption")] = (batch["text_keys"], texts)
+        return embedding_prediction(rows, batch)
 
     # training ---------------------------------------------------------------------------------
     def task_loss(self, task: str, batch: dict) -> Tensor:

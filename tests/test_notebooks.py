@@ -96,6 +96,9 @@ def test_02_clip_retrieval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     _check_ran(nb)
     assert _images(_cell(nb, "def show_retrievals(")) == 1
     assert _images(_cell(nb, "heat map")) == 1
+    # the written embeddings: every validation image once (the shapes set's 200), searched by text
+    assert '"image": 200' in _text(_cell(nb, "PredictionWriter(str(out))"))
+    assert _images(_cell(nb, "def search(")) == 1
 
 
 @pytest.mark.slow

@@ -57,7 +57,12 @@ from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-_STAGE_ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}  # what each stage reads
+_STAGE_ROLES = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": (),
+}  # what each stage reads
 
 
 class EpochDataLoader(ResumableDataLoader):
@@ -134,6 +139,11 @@ class CocoCaptionsDataModule(LightningDataModule):
             (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
         shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
             after the samples it gave) before it is skipped, logged by name and counted in `skipped_shards`.
+        predict_split: `predict` embeds this split's images and all their captions (keys: COCO image and
+            caption ids); with `karpathy_json`, a role: train, val or test.
+        predict_images: `predict` embeds the images of this folder (recursively; keys: paths relative to it);
+            unreadable files are skipped and listed in the writer's metadata.
+        predict_texts: `predict` embeds the captions of this UTF-8 file, one per line (keys: line numbers).
         shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
             about this times the mean image file size per worker.
     """
@@ -163,6 +173,9 @@ class CocoCaptionsDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         train_num_samples: int | None = None,
         shard_retries: int = 2,
+        predict_split: str | None = None,
+        predict_images: str | None = None,
+        predict_texts: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -190,6 +203,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.train_num_samples = train_num_samples
         self.shard_retries = shard_retries
+        self.predict_inputs = {"split": predict_split, "images": predict_images, "texts": predict_texts}
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
         # by role: "train", "val", "test"; training from shards is a ShardStream (an IterableDataset)
@@ -385,7 +399,44 @@ class CocoCaptionsDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
+    @property
+    def predicts(self) -> bool:
+        """Whether any predict input is set."""
+        return any(self.predict_inputs.values())
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per input given: the split's images with their captions, a folder of images, a file of
+        captions (see `datamodules/predict_data.py` for the batches)."""
+        from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
+
+        transform = eval_transform(self.image_size, self.mean, self.std)
+        inputs = self.predict_inputs
+        datasets = []
+        if inputs["split"]:
+            if self.karpathy_json:
+                records = self._existing(self.records(inputs["split"]), "predict")
+            else:
+                split = inputs["split"]
+                self._ensure_data(split)
+                records = load_coco_captions(self._annotation_file(split), self.root / split)
+                records = self._existing(records, "predict")
+            datasets.append(CaptionedImageItems(CocoCaptionsDataset(records, transform, train=False)))
+        if inputs["images"]:
+            datasets.append(ImageFiles(inputs["images"], transform))
+        if inputs["texts"]:
+            datasets.append(TextLines(inputs["texts"]))
+        if not datasets:
+            raise ValueError(
+                "nothing to predict: set --data.predict_split (a split's images and captions), --data.predict_images "
+                "(a folder of images) and/or --data.predict_texts (a text file, one caption per line)"
+            )
+        collate = PredictCollate(self.tokenizer, self.context_length)
+        return [
+            DataLoader(d, batch_size=self.eval_batch_size, num_workers=self.num_workers, collate_fn=collate)
+            for d in datasets
+        ]
+
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Workers cannot share a counter cheaply; the batches they send can.
-        self.skipped_images += int(batch["skipped"])
+        self.skipped_images += int(batch["skipped"]) if "skipped" in batch else len(batch["unreadable"])
         return batch

@@ -164,6 +164,10 @@ class LibriSpeechDataModule(LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         generate_if_missing: bool = False,
+        predict_subsets: Sequence[str] = (),
+        predict_audio: str | None = None,
+        predict_texts: str | None = None,
+        predict_batch_size: int = 16,
     ) -> None:
         """
         Args:
@@ -197,7 +201,12 @@ class LibriSpeechDataModule(LightningDataModule):
             )
         self.save_hyperparameters()
         self.root = Path(root)
-        self.subsets = {"train": list(train_subsets), "val": list(val_subsets), "test": list(test_subsets)}
+        self.subsets = {
+            "train": list(train_subsets),
+            "val": list(val_subsets),
+            "test": list(test_subsets),
+            "predict": list(predict_subsets),
+        }
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.datasets: dict[str, LibriSpeechDataset] = {}
         self.problems: dict[str, dict[str, int]] = {}  # split -> kind of problem -> count
@@ -273,11 +282,13 @@ class LibriSpeechDataModule(LightningDataModule):
     # Lightning hooks -----------------------------------------------------------------------------
     def prepare_data(self) -> None:
         # Rank 0 generates the data and trains the tokenizer; the other ranks then load the cached copy.
-        self.librispeech_dir()
+        predicting = self.trainer is not None and self.trainer.state.fn == "predict"
+        if not predicting or self.subsets["predict"]:  # a folder of audio or a text file needs no LibriSpeech
+            self.librispeech_dir()
         _ = self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
         for split in splits.get(stage or "", ("train", "val", "test")):
             if split not in self.datasets:
                 self.datasets[split] = self._build_split(split)
@@ -372,3 +383,39 @@ class LibriSpeechDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._dataloader("test", shuffle=False)
+
+    @property
+    def predicts(self) -> bool:
+        """Whether any predict input is set."""
+        return bool(self.subsets["predict"] or self.hparams.predict_audio or self.hparams.predict_texts)
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        """One loader per input given: the utterances of `predict_subsets` with their transcripts, a folder of
+        audio files, a file of transcripts (see `datamodules/predict_data.py` for the batches)."""
+        from datamodules.predict_data import AudioFiles, PredictCollate, TextLines, UtteranceItems
+
+        datasets = []
+        if self.subsets["predict"]:
+            if "predict" not in self.datasets:
+                self.datasets["predict"] = self._build_split("predict")
+            datasets.append(UtteranceItems(self.datasets["predict"]))
+        if self.hparams.predict_audio:
+            datasets.append(AudioFiles(self.hparams.predict_audio, self.hparams.sample_rate))
+        if self.hparams.predict_texts:
+            datasets.append(TextLines(self.hparams.predict_texts))
+        if not datasets:
+            raise ValueError(
+                "nothing to predict: set --data.predict_subsets (LibriSpeech subsets: utterances and transcripts), "
+                "--data.predict_audio (a folder of audio files) and/or --data.predict_texts (a text file, one "
+                "transcript per line)"
+            )
+        collate = PredictCollate(self.tokenizer, self.hparams.context_length, text_kind="transcript")
+        return [
+            DataLoader(
+                d,
+                batch_size=self.hparams.predict_batch_size,
+                num_workers=self.hparams.num_workers,
+                collate_fn=collate,
+            )
+            for d in datasets
+        ]

@@ -123,7 +123,12 @@ class NERDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "word_pos": self.word_pos[i], "word_labels": self.word_labels[i]}
+        return {
+            "input_ids": self.ids[i],
+            "word_pos": self.word_pos[i],
+            "word_labels": self.word_labels[i],
+            "index": i,  # the sentence's number, by which the prediction writer puts its tags back in the file
+        }
 
 
 class NERCollator:
@@ -153,6 +158,7 @@ class NERCollator:
             "labels": labels,
             "word_labels": word_labels,
             "word_pos": word_pos,
+            "index": torch.tensor([x.get("index", -1) for x in items], dtype=torch.long),
         }
 
 
@@ -202,6 +208,7 @@ class CoNLLDataModule(FineTuneDataModule):
             raise ValueError(NO_TOKENIZER)
         self.datasets: dict[str, NERDataset] = {}
         self.skipped: dict[str, list[str]] = {}
+        self.sentences: dict[str, list[Sentence]] = {}
 
     def collator(self) -> NERCollator:
         return NERCollator(self.tokenizer.pad_id)
@@ -219,6 +226,7 @@ class CoNLLDataModule(FineTuneDataModule):
     def _encode(self, split: str) -> NERDataset:
         path = self.split_path(split)
         sentences, self.skipped[split] = read_conll(path, self.hparams.tag_column)
+        self.sentences[split] = sentences
         label_ids = {tag: i for i, tag in enumerate(self.labels)}
         for s in sentences:
             unknown = [t for t in s.tags if t not in label_ids]
@@ -245,3 +253,13 @@ class CoNLLDataModule(FineTuneDataModule):
         for split in wanted.get(stage, ("train", "val")):
             if split not in self.datasets:
                 self.datasets[split] = self._encode(split)
+
+    # predict: the test file, written back by the prediction writer with a predicted-tag column -------------
+    def predict_file(self) -> Path:
+        return self.split_path(self.predict_split)
+
+    def predict_sentences(self) -> list[Sentence]:
+        """The sentences read from `predict_file()`, in dataset order (their `line` says where each starts)."""
+        if self.predict_split not in self.sentences:
+            self.setup("predict")
+        return self.sentences[self.predict_split]

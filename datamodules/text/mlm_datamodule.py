@@ -93,6 +93,8 @@ class MLMDataModule(L.LightningDataModule):
         num_proc: int | None = None,
         cache_dir: str = "data_cache",
         seed: int = 12345,
+        predict_texts: str | None = None,
+        predict_top_k: int = 5,
     ) -> None:
         """
         Args:
@@ -128,6 +130,9 @@ class MLMDataModule(L.LightningDataModule):
                 is the same whatever the number.
             cache_dir: where the sample corpus, the tokenizer and prepared shards are kept.
             seed: seed of instance creation and masking.
+            predict_texts: `predict` fills in each `[MASK]` of this UTF-8 file's lines (one sentence per line),
+                with the checkpoint's tokenizer; no corpus is read then.
+            predict_top_k: tokens proposed per `[MASK]` (with their probabilities) by `predict`.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -140,7 +145,7 @@ class MLMDataModule(L.LightningDataModule):
                     f"prepared MLM folder {self.prepared} holds no index.json: expected a <cache_dir>/mlm-<key> "
                     "folder written by an earlier run"
                 )
-        elif not self.wikipedia and not self.bookcorpus:
+        elif not self.wikipedia and not self.bookcorpus and not (predict_texts and tokenizer):
             if not sample_corpus:
                 raise ValueError(
                     "no corpus given: pass --data.wikipedia '[dump.xml.bz2, ...]' and/or --data.bookcorpus "
@@ -226,8 +231,12 @@ class MLMDataModule(L.LightningDataModule):
             )
         return self.prepared
 
+    def _predicting(self) -> bool:
+        # fill-in of a text file needs neither the corpus nor its prepared instances
+        return self.trainer is not None and self.trainer.state.fn == "predict"
+
     def prepare_data(self) -> None:
-        if self.prepared is not None:
+        if self.prepared is not None or self._predicting():
             return
         prepare_mlm_cache(
             self.wikipedia,
@@ -239,6 +248,8 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
         if self.folder is None and self.prepared is not None:
             self.folder = self._check_prepared()
         elif self.folder is None:
@@ -298,3 +309,21 @@ class MLMDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The lines of `predict_texts`, their `[MASK]`s marked for fill-in (`MaskedLinesCollate`)."""
+        from datamodules.predict_data import MaskedLinesCollate, TextLines
+
+        if not self.hparams.predict_texts:
+            raise ValueError(
+                "nothing to predict: set --data.predict_texts (a text file with one sentence per line, holding "
+                "[MASK] where a word is to be filled in)"
+            )
+        return DataLoader(
+            TextLines(self.hparams.predict_texts),
+            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=MaskedLinesCollate(
+                self.tokenizer, self.hparams.max_seq_length, self.hparams.predict_top_k
+            ),
+        )
