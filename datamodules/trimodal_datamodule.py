@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -297,11 +297,12 @@ class TriModalDataModule(LightningDataModule):
 
     def _eval_loaders(self, role: str) -> list[DataLoader]:
         image_text = getattr(self.image_text, f"{role}_dataloader")()
-        speech_text = getattr(self.speech_text, f"{role}_dataloader")()
-        image_of_utterance = self._image_of_utterance(role)
-        if image_of_utterance is not None:
-            speech_text.collate_fn = PairedSpeechCollate(speech_text.collate_fn, image_of_utterance)
-        return [image_text, speech_text]
+
+        def paired(collate: Callable) -> Callable:
+            image_of_utterance = self._image_of_utterance(role)
+            return collate if image_of_utterance is None else PairedSpeechCollate(collate, image_of_utterance)
+
+        return [image_text, self.speech_text.dataloader(role, wrap_collate=paired)]
 
     def _image_of_utterance(self, role: str) -> torch.Tensor | None:
         """(N,) the image each utterance of the `role` split speaks about, -1 for none; None without pairs."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -351,7 +351,11 @@ class LibriSpeechDataModule(LightningDataModule):
         )
         return dataset
 
-    def _dataloader(self, split: str, shuffle: bool) -> DataLoader:
+    def dataloader(
+        self, split: str, shuffle: bool = False, wrap_collate: Callable[[Callable], Callable] | None = None
+    ) -> DataLoader:
+        """The loader of `split` ("train", "val" or "test"); `wrap_collate` may wrap the batch collate function
+        (the tri-modal DataModule adds each utterance's image id), called once the split is set up."""
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         dataset = self.datasets[split]
@@ -365,24 +369,27 @@ class LibriSpeechDataModule(LightningDataModule):
         workers = self.hparams.num_workers
         # the training loader's position is checkpointed, so a run killed mid-epoch resumes at the next batch
         loader_cls = ResumableBatchDataLoader if split == "train" else DataLoader
+        collate: Callable = SpeechTextCollator(self.tokenizer, self.hparams.context_length)
+        if wrap_collate is not None:
+            collate = wrap_collate(collate)
         return loader_cls(
             dataset,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=SpeechTextCollator(self.tokenizer, self.hparams.context_length),
+            collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
             # Workers keep their "already warned about this file" memory across epochs.
             persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._dataloader("train", shuffle=True)
+        return self.dataloader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._dataloader("val", shuffle=False)
+        return self.dataloader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._dataloader("test", shuffle=False)
+        return self.dataloader("test")
 
     @property
     def predicts(self) -> bool:
