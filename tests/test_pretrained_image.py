@@ -285,3 +285,79 @@ def test_lr_mult_sets_each_towers_learning_rate() -> None:
     assert lr_of[id(module.pair.text.proj.weight)] == pytest.approx(2e-3)
     assert lr_of[id(module.pair.log_scale)] == pytest.approx(1e-3)
     assert len(lr_of) == sum(1 for p in module.parameters() if p.requires_grad)
+
+
+# export back ----------------------------------------------------------------------------------------------------
+def _save_ckpt(module: ImageTextModule, path: Path) -> Path:
+    """What a Trainer's checkpoint holds that `export` reads: the weights, the hyperparameters, the system."""
+    state = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "system_class_path": f"{type(module).__module__}.{type(module).__qualname__}",
+    }
+    torch.save(state, path)
+    return path
+
+
+def _perturbed(module: ImageTextModule) -> ImageTextModule:
+    """Changed weights, as training would leave them, so an export of the original weights would show."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return module.eval()
+
+
+def test_open_clip_start_exports_back_to_open_clip(open_clip_ckpt: Path, tmp_path: Path) -> None:
+    """`cli.py export` writes the trained whole CLIP as an open_clip state dict; open_clip loads it and embeds
+    images and texts as our model does."""
+    from cli import main
+
+    init = TowerInit("open_clip", str(open_clip_ckpt), TINY_OPEN_CLIP)
+    ours = _perturbed(
+        ImageTextModule(vocab_size=49408, embed_dim=32, image=ImageTowerConfig(image_size=32), init_clip=init)
+    )
+    main(
+        [
+            "export",
+            "--ckpt_path",
+            str(_save_ckpt(ours, tmp_path / "c.ckpt")),
+            "--out",
+            str(tmp_path / "oc.pt"),
+        ]
+    )
+    ref = open_clip.create_model(TINY_OPEN_CLIP, pretrained=None)
+    ref.load_state_dict(torch.load(tmp_path / "oc.pt", weights_only=True))
+    ref.eval()
+    pixels, ids = torch.randn(2, 3, 32, 32), ClipTokenizer(f"open_clip:{TINY_OPEN_CLIP}")(TEXTS, 77)
+    with torch.no_grad():
+        assert (ours.encode_image(pixels) - ref.encode_image(pixels, normalize=True)).abs().max() <= 1e-5
+        assert (
+            ours.encode_text(**ids) - ref.encode_text(ids["input_ids"], normalize=True)
+        ).abs().max() <= 1e-5
+        assert float(ref.logit_scale.exp()) == pytest.approx(float(ours.logit_scale), rel=1e-6)
+    with pytest.raises(FileExistsError, match="oc.pt already exists: give a new path"):
+        main(["export", "--ckpt_path", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "oc.pt")])
+
+
+def test_hf_clip_start_exports_back_to_a_hf_folder(hf_clip_dir: Path, tmp_path: Path) -> None:
+    from cli import main
+
+    init = TowerInit("hf", str(hf_clip_dir))
+    ours = _perturbed(
+        ImageTextModule(vocab_size=49408, embed_dim=32, image=ImageTowerConfig(image_size=32), init_clip=init)
+    )
+    main(["export", "--ckpt_path", str(_save_ckpt(ours, tmp_path / "c.ckpt")), "--out", str(tmp_path / "hf")])
+    ref = transformers.CLIPModel.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    tok = transformers.CLIPTokenizerFast.from_pretrained(tmp_path / "hf", local_files_only=True)
+    ids = tok(TEXTS, padding="max_length", max_length=77, return_tensors="pt")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs_img = torch.nn.functional.normalize(
+            ref.get_image_features(pixel_values=pixels).pooler_output, dim=-1
+        )
+        theirs_txt = torch.nn.functional.normalize(ref.get_text_features(**ids).pooler_output, dim=-1)
+        assert (ours.encode_image(pixels) - theirs_img).abs().max() <= 1e-5
+        assert (
+            ours.encode_text(ids["input_ids"], ids["attention_mask"].bool()) - theirs_txt
+        ).abs().max() <= 1e-5

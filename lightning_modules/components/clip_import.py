@@ -228,8 +228,18 @@ def load_torchvision(init: TowerInit, image_size: int, where: str = "model.image
     return TorchvisionBackbone(model, image_size)
 
 
-def load_image_backbone(init: TowerInit, image_size: int, where: str = "model.image") -> nn.Module:
-    """The backbone of a pretrained image tower: a module with `output_dim`, `image_size`, `blocks`, `head`."""
+def load_image_backbone(
+    init: TowerInit, image_size: int, where: str = "model.image", own: nn.Module | None = None
+) -> nn.Module:
+    """The backbone of a pretrained image tower: a module with `output_dim`, `image_size`, `blocks`, `head`.
+
+    `own`: the tower's configured backbone (a torchvision ViT or ResNet-50 without its head), which a
+    torchvision state dict without `init.name` is loaded into (e.g. an image tower this framework exported)."""
+    if init.source == "torchvision" and not init.name and own is not None:
+        _need(init, where, name=False)
+        arch = f"the configured {where} (model.image.arch and its shape)"
+        load_matching(own, read_state_dict(init.path), init.path, arch)
+        return own
     if init.source == "torchvision":
         return load_torchvision(init, image_size, where)
     if init.source == "open_clip":
@@ -360,3 +370,75 @@ def load_clip(init: TowerInit) -> ClipParts:
             std,
         )
     raise ValueError(f"model.init_clip.source {init.source!r}: use open_clip or hf")
+
+
+# export ---------------------------------------------------------------------------------------------------------
+def _refuse_existing(out: Path) -> None:
+    # users' files are never overwritten: the export writes only a new file or folder
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: give a new path for the export")
+
+
+def export_open_clip(image: nn.Module, text: nn.Module, log_scale: Tensor, out: str | Path) -> Path:
+    """Write a whole-CLIP model started from open_clip back as an open_clip state dict: the file that
+    `open_clip.create_model(name)` + `load_state_dict` (or `pretrained=FILE`) loads."""
+    out = Path(out)
+    _refuse_existing(out)
+    if not isinstance(image, OpenClipVision) or not isinstance(text, OpenClipText):
+        raise ValueError("this model's towers did not come from open_clip: export it in their own format")
+    state = {k: v.detach().clone() for k, v in text.model.state_dict().items()}
+    state.update({f"visual.{k}": v.detach().clone() for k, v in image.visual.state_dict().items()})
+    state["logit_scale"] = log_scale.detach().clone().reshape(())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
+def export_hf_clip(
+    image: nn.Module, text: nn.Module, log_scale: Tensor, out: str | Path, tokenizer_from: str | None
+) -> Path:
+    """Write a whole-CLIP model started from a HF CLIP folder back as a `CLIPModel` folder (with the source
+    folder's tokenizer and image-processor files)."""
+    import transformers
+
+    out = Path(out)
+    _refuse_existing(out)
+    if not isinstance(image, HFVision) or not isinstance(text, HFClipText):
+        raise ValueError(
+            "this model's towers did not come from a HF CLIP folder: export it in their own format"
+        )
+    config = transformers.CLIPConfig(
+        text_config=text.text_model.config.to_dict(),
+        vision_config=image.vision_model.config.to_dict(),
+        projection_dim=text.projection.out_features,
+    )
+    model = transformers.CLIPModel(config)
+    model.text_model.load_state_dict(text.text_model.state_dict())
+    model.vision_model.load_state_dict(image.vision_model.state_dict())
+    model.text_projection.load_state_dict(text.projection.state_dict())
+    model.visual_projection.load_state_dict(image.projection.state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(log_scale.detach().reshape(model.logit_scale.shape))
+    model.save_pretrained(out)
+    if tokenizer_from:
+        transformers.CLIPTokenizerFast.from_pretrained(tokenizer_from, local_files_only=True).save_pretrained(
+            out
+        )
+        if (Path(tokenizer_from) / "preprocessor_config.json").is_file():
+            transformers.CLIPImageProcessor.from_pretrained(
+                tokenizer_from, local_files_only=True
+            ).save_pretrained(out)
+    return out
+
+
+def export_image_backbone(backbone: nn.Module, out: str | Path) -> Path:
+    """Write an image tower's backbone as a state dict: a torchvision model's own keys, loadable again as
+    `model.image.init: {source: torchvision, path: FILE}` (name: the torchvision architecture, or none for the
+    tower's configured arch)."""
+    out = Path(out)
+    _refuse_existing(out)
+    inner = backbone.model if isinstance(backbone, TorchvisionBackbone) else backbone
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out

@@ -71,6 +71,7 @@ class ImageTowerConfig(TowerTraining):
     """ViT dropout on attention probabilities."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.arch != "resnet50" and self.arch not in VIT_PRESETS:
             raise ValueError(
                 f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
@@ -118,7 +119,9 @@ class ImageTower(nn.Module):
         projection of its own is wanted (a whole-CLIP start passes `embed_dim=None`)."""
         super().__init__()
         self.cfg = cfg
-        self.pretrained = backbone is not None or cfg.init.source != "scratch"
+        # a torchvision state dict without an architecture name is loaded into the configured backbone below
+        own_arch = cfg.init.source == "torchvision" and not cfg.init.name
+        self.pretrained = backbone is not None or (cfg.init.source != "scratch" and not own_arch)
         if self.pretrained:
             from lightning_modules.components.clip_import import load_image_backbone
 
@@ -153,6 +156,10 @@ class ImageTower(nn.Module):
             self.backbone.heads = nn.Identity()  # the classifier head goes; the class-token state stays
         self.proj = nn.Linear(features, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=features**-0.5)
+        if own_arch:
+            from lightning_modules.components.clip_import import load_image_backbone
+
+            load_image_backbone(cfg.init, cfg.image_size, own=self.backbone)
 
     @property
     def blocks(self) -> list[nn.Module]:

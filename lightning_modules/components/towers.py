@@ -71,6 +71,11 @@ class TowerTraining:
     lr_mult: float = 1.0
     """This tower's learning rate is the optimiser's times this factor."""
 
+    def __post_init__(self) -> None:
+        # checkpoints store the sections as plain dicts: `init` comes back as one
+        if isinstance(self.init, dict):
+            self.init = TowerInit(**self.init)
+
 
 # Locking ---------------------------------------------------------------------------------------------------------
 # Every tower module exposes `blocks` (its Transformer blocks, first to last) and may expose `head` (the modules
