@@ -67,7 +67,9 @@ class OptimizerConfig:
         """Lightning's `configure_optimizers` answer for `model`; `towers` (name: module, config) get their own
         learning rate, the optimiser's times their `lr_mult`."""
         groups = None
-        if towers:
+        # only when a tower asks for its own rate: otherwise the two groups of before, so the optimiser state of
+        # checkpoints written before lr_mult existed still loads on resume
+        if towers and any(cfg.lr_mult != 1.0 for _, cfg in towers.values()):
             groups = tower_param_groups(
                 towers,
                 model,

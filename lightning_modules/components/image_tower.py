@@ -76,8 +76,8 @@ class ImageTowerConfig(TowerTraining):
             raise ValueError(
                 f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
             )
-        if self.arch == "resnet50":
-            return
+        if self.arch == "resnet50" or self.init.source in ("open_clip", "hf") or bool(self.init.name):
+            return  # a pretrained backbone of its own architecture: the ViT fields do not apply
         vit = self.vit
         if self.image_size % vit.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {vit.patch_size}")

@@ -114,6 +114,11 @@ def apply_lock(tower: nn.Module, cfg: TowerTraining, name: str) -> None:
         tower.locked = True  # read by keep_locked_in_eval
         _run_without_grad(tower)
         return
+    if not hasattr(type(tower), "blocks"):
+        raise ValueError(
+            f"model.{name}.unlocked_layers: this {type(tower).__name__} does not list its blocks; lock it whole "
+            "(unlocked_layers: 0) or use lr_mult"
+        )
     blocks = list(tower.blocks)
     if unlocked > len(blocks):
         raise ValueError(
