@@ -476,6 +476,7 @@ def test_coco_openclip_config_fine_tunes_on_cpu_smoke(open_clip_ckpt: Path, tmp_
     assert cli.trainer.global_step == 2 and "val/i2t_R@5" in cli.trainer.callback_metrics
 
 
+@pytest.mark.slow  # ~10 s; locking is covered in the default run by the unit tests and the LiT proof
 def test_coco_lit_config_trains_only_the_text_tower_on_cpu_smoke(
     open_clip_ckpt: Path, tmp_path: Path
 ) -> None:
