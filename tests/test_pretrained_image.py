@@ -510,3 +510,23 @@ def test_coco_lit_config_trains_only_the_text_tower_on_cpu_smoke(
     assert cli.trainer.global_step == 2
     assert all(torch.equal(ours[k], v) for k, v in ref.items())
     assert not any(p.requires_grad for p in cli.model.pair.image.parameters())
+
+
+def test_unlocked_layers_of_an_open_clip_start(open_clip_ckpt: Path) -> None:
+    """open_clip's towers list their blocks too: the last block, the final norm and the projection train."""
+    module = ImageTextModule(
+        vocab_size=49408,
+        embed_dim=32,
+        image=ImageTowerConfig(image_size=32, lock=True, unlocked_layers=1),
+        text=TextTowerConfig(lock=True, unlocked_layers=1),
+        init_clip=TowerInit("open_clip", str(open_clip_ckpt), TINY_OPEN_CLIP),
+    )
+    image = {
+        n.split(".")[2] if ".resblocks." not in n else n.split(".")[4]
+        for n in _trained_names(module, "image")
+    }
+    text = {
+        n.split(".")[1] if ".resblocks." not in n else n.split(".")[3] for n in _trained_names(module, "text")
+    }
+    assert image == {"ln_post", "proj", "1"}  # resblocks.1 of 2
+    assert text == {"ln_final", "text_projection", "1"}
