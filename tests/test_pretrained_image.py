@@ -474,6 +474,12 @@ def test_coco_openclip_config_fine_tunes_on_cpu_smoke(open_clip_ckpt: Path, tmp_
     )
     assert cli.model.hparams.vocab_size == 49408
     assert cli.trainer.global_step == 2 and "val/i2t_R@5" in cli.trainer.callback_metrics
+    # zero-shot reads the checkpoint back with CLIP's tokenizer, named by the DataModule's settings
+    from lightning_modules.zero_shot import load_image_text
+
+    model, tok, context = load_image_text(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert isinstance(tok, ClipTokenizer) and tok.vocab_size == 49408 and context == 77
+    assert torch.equal(model.pair.log_scale, cli.model.pair.log_scale)
 
 
 @pytest.mark.slow  # ~10 s; locking is covered in the default run by the unit tests and the LiT proof
