@@ -4,7 +4,9 @@ console script of `pip install .`), or `python cli.py ...` from a clone.
 A LightningCLI with the omegaconf+ parser: `${trainer.default_root_dir}` style interpolation is resolved on
 the merged config, after every `--config` file and command-line override, so a snippet such as
 `configs/logger/wandb.yaml` may refer to keys of the experiment config. Tests call `main([...])` in-process.
-One extra command, `export-hf --ckpt_path C --out DIR`, writes an MLM checkpoint as a Hugging Face BERT folder.
+Two extra commands: `export-hf --ckpt_path C --out DIR` writes an MLM checkpoint as a Hugging Face BERT folder;
+`export --ckpt_path C --out PATH` writes an image-text checkpoint back as open_clip / Hugging Face CLIP (whole-CLIP
+starts) or its image tower as a torchvision state dict.
 
 From the command line, errors of configuration and input found before the first batch (a missing dataset
 path, an unknown key, a precision the hardware cannot run, a checkpoint that is truncated or of another system)
@@ -207,6 +209,39 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
 
         tokenizer = TextTokenizer(Tokenizer.from_str(ckpt["tokenizer_json"]))
     out = module.export_hf(a.out, tokenizer)
+    print(f"wrote {out}")
+    return out
+
+
+def export(argv: list[str], prog: str = "python cli.py") -> Path:
+    """Write an image-text checkpoint back in its towers' format: open_clip state dict or HF CLIP folder for a
+    whole-CLIP start (model.init_clip), else the image tower's backbone as a torchvision state dict."""
+    from lightning_modules.components import clip_import
+    from lightning_modules.image_text_module import ImageTextModule
+
+    p = argparse.ArgumentParser(
+        prog=f"{prog} export",
+        description="Export an image-text checkpoint: a whole CLIP back to open_clip or Hugging Face CLIP, or "
+        "its image tower as a torchvision state dict",
+    )
+    p.add_argument("--ckpt_path", required=True)
+    p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
+    p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
+    a = p.parse_args(argv)
+    ckpt = read_checkpoint(a.ckpt_path)
+    check_system(a.ckpt_path, ckpt, ImageTextModule, "export")
+    # the architecture comes from the saved hyperparameters (a pretrained start reads its source files again)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    module = ImageTextModule(**hparams)
+    module.load_state_dict(ckpt["state_dict"])
+    init = hparams.get("init_clip") or {}
+    pair = module.pair
+    if a.what == "image" or init.get("source", "scratch") == "scratch":
+        out = clip_import.export_image_backbone(pair.image.backbone, a.out)
+    elif init["source"] == "open_clip":
+        out = clip_import.export_open_clip(pair.image.backbone, pair.text, pair.log_scale, a.out)
+    else:
+        out = clip_import.export_hf_clip(pair.image.backbone, pair.text, pair.log_scale, a.out, init["path"])
     print(f"wrote {out}")
     return out
 
@@ -436,6 +471,9 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
         if argv and argv[0] == "export-hf":
             export_hf(argv[1:], prog)
             return None
+        if argv and argv[0] == "export":
+            export(argv[1:], prog)
+            return None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_float32_matmul_precision("high")
         cli = PretrainCLI(
@@ -444,7 +482,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
                 "parser_mode": "omegaconf+",
                 "exit_on_error": not friendly,
                 "description": "Pretraining of text, image-text and speech-text models. One more command: "
-                f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder.",
+                f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder; `{prog} export` an "
+                "image-text checkpoint as open_clip / Hugging Face CLIP, or its image tower as a state dict.",
             },
             subclass_mode_model=True,
             subclass_mode_data=True,

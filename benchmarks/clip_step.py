@@ -25,6 +25,11 @@ augments (RandomResizedCrop to 224) and collates (with tokenisation), from the g
 training process of this size would need.
 
     python benchmarks/clip_step.py [--steps 10] [--warmup 2] [--threads 1] [--skip-data]
+
+With `--locked` it times instead our step with the image tower locked (`model.image.lock: true`, LiT) against the
+same step unlocked, and prints `ratio: X` = unlocked step time / locked step time (> 1: the LiT step is cheaper).
+
+    python benchmarks/clip_step.py --locked [--steps 10]
 """
 
 from __future__ import annotations
@@ -88,12 +93,12 @@ def make_batch() -> dict[str, torch.Tensor]:
     }
 
 
-def build_ours() -> tuple[ImageTextModule, torch.optim.Optimizer]:
+def build_ours(lock_image: bool = False) -> tuple[ImageTextModule, torch.optim.Optimizer]:
     module = ImageTextModule(
         vocab_size=VOCAB,
         embed_dim=EMBED,
         image=ImageTowerConfig(
-            "vit_custom", IMAGE, patch_size=PATCH, layers=LAYERS, width=WIDTH, heads=HEADS
+            "vit_custom", IMAGE, patch_size=PATCH, layers=LAYERS, width=WIDTH, heads=HEADS, lock=lock_image
         ),
         text=TextTowerConfig("mini", layers=LAYERS, hidden=WIDTH, heads=HEADS, max_len=CONTEXT),
     ).train()
@@ -176,6 +181,30 @@ def bench_models(steps: int, warmup: int) -> tuple[float, float]:
     return m_ours, m_theirs
 
 
+def bench_locked(steps: int, warmup: int) -> tuple[float, float]:
+    """Our step with the image tower locked (LiT: no autograd through it, no gradients or AdamW state for it)
+    against the same step unlocked, interleaved as above."""
+    torch.manual_seed(0)
+    runs = {}
+    for name, lock in (("unlocked", False), ("locked", True)):
+        module, opt = build_ours(lock_image=lock)
+        runs[name] = functools.partial(ours_step, module, opt, make_batch())
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
+    for i in range(steps):
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    unlocked, locked = statistics.median(times["unlocked"]), statistics.median(times["locked"])
+    print(f"ours, image tower unlocked: {unlocked:.3f} s/step")
+    print(f"ours, image tower locked:   {locked:.3f} s/step (LiT)")
+    return unlocked, locked
+
+
 def _jpeg_root(tmp: Path) -> tuple[Path, str]:
     if (REAL_COCO / "annotations" / "captions_val2017.json").is_file():
         return REAL_COCO, "genuine COCO sample"
@@ -234,6 +263,11 @@ def main() -> None:
     # processes hold the cores make multi-threaded timings swing by several times from run to run.
     p.add_argument("--threads", type=int, default=1, help="torch threads; 0 keeps torch's default")
     p.add_argument("--skip-data", action="store_true")
+    p.add_argument(
+        "--locked",
+        action="store_true",
+        help="instead: our step with a locked image tower (LiT) against unlocked; ratio = unlocked / locked time",
+    )
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -241,6 +275,10 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; ViT {IMAGE}px/{PATCH} {LAYERS}x{WIDTH}, "
         f"text {LAYERS}x{WIDTH} context {CONTEXT}, vocab {VOCAB}, embed {EMBED}, batch {BATCH}, fp32"
     )
+    if a.locked:
+        unlocked, locked = bench_locked(a.steps, a.warmup)
+        print(f"ratio: {unlocked / locked:.2f}")
+        return
     m_ours, m_theirs = bench_models(a.steps, a.warmup)
     if not a.skip_data:
         bench_dataloader(m_ours)

@@ -28,7 +28,8 @@ from lightning_modules.components.contrastive import (
 )
 from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
-from lightning_modules.optim import Schedule, build_optimizer
+from lightning_modules.components.towers import TowerTraining, apply_lock, tower_param_groups
+from lightning_modules.optim import Schedule, build_optimizer, param_groups
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
 
@@ -56,8 +57,25 @@ class OptimizerConfig:
     schedule: Schedule = "cosine"
     """Decay after warmup: linear, cosine or constant."""
 
-    def build(self, model: nn.Module, total_steps: int, fused: bool) -> dict:
-        """Lightning's `configure_optimizers` answer for `model`."""
+    def build(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        fused: bool,
+        towers: dict[str, tuple[nn.Module, TowerTraining]] | None = None,
+    ) -> dict:
+        """Lightning's `configure_optimizers` answer for `model`; `towers` (name: module, config) get their own
+        learning rate, the optimiser's times their `lr_mult`."""
+        groups = None
+        # only when a tower asks for its own rate: otherwise the two groups of before, so the optimiser state of
+        # checkpoints written before lr_mult existed still loads on resume
+        if towers and any(cfg.lr_mult != 1.0 for _, cfg in towers.values()):
+            groups = tower_param_groups(
+                towers,
+                model,
+                self.lr,
+                lambda m: param_groups(m, self.weight_decay, NO_DECAY_NAMES),
+            )
         return build_optimizer(
             model,
             self.lr,
@@ -69,6 +87,7 @@ class OptimizerConfig:
             self.schedule,
             no_decay_names=NO_DECAY_NAMES,
             fused=fused,
+            groups=groups,
         )
 
 
@@ -144,9 +163,20 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.max_nonfinite_in_row = max_nonfinite_in_row
 
+    def towers(self) -> dict[str, tuple[nn.Module, TowerTraining]]:
+        """Each tower (by its section's name) with its config; the subclass says where its towers are."""
+        return {name: (getattr(self.pair, name), cfg) for name, cfg in self.tower_configs.items()}
+
+    def lock_towers(self) -> None:
+        """Apply every tower's `lock` / `unlocked_layers`, once its towers are built."""
+        for name, (module, cfg) in self.towers().items():
+            apply_lock(module, cfg, name)
+
     def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return self.optimizer_config.build(self, total, fused=not self.trainer.gradient_clip_val)
+        return self.optimizer_config.build(
+            self, total, fused=not self.trainer.gradient_clip_val, towers=self.towers()
+        )
 
 
 class ContrastiveModule(AlignmentModule):
@@ -174,6 +204,7 @@ class ContrastiveModule(AlignmentModule):
         """`self.pair`: the subclass's tower against the text tower of `text`."""
         text_tower = build_text_tower(text, self.vocab_size, self.embed_dim)
         self.pair = pair(tower, text_tower, self.embed_dim, self.loss_config)
+        self.lock_towers()
 
     def data_hparams(self) -> dict:
         dm = self.trainer.datamodule if self._trainer is not None else None

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_modules.components.clip_import import load_clip
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -20,6 +22,7 @@ from lightning_modules.components.contrastive import (
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig
+from lightning_modules.components.towers import TowerInit
 from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.prediction import embedding_prediction
 
@@ -57,19 +60,61 @@ class ImageTextModule(ContrastiveModule):
     """Aligns images with captions; logs `val/i2t_R@K` (image -> text), `val/t2i_R@K` and `val/loss`."""
 
     def __init__(
-        self, image: ImageTowerConfig = _IMAGE, text: TextTowerConfig = _TEXT, **kwargs: Any
+        self,
+        image: ImageTowerConfig = _IMAGE,
+        text: TextTowerConfig = _TEXT,
+        init_clip: TowerInit | None = None,
+        **kwargs: Any,
     ) -> None:
         """
         Args:
-            image: the image tower (model.image.arch, .image_size, ...).
+            image: the image tower (model.image.arch, .image_size, ...; .init for pretrained weights).
             text: the text tower (model.text.size, .max_len, ...).
+            init_clip: start from a whole CLIP model: image tower, text tower, projections and temperature from
+                one open_clip checkpoint ({source: open_clip, name: ViT-B-32, path: FILE}) or one Hugging Face
+                CLIPModel folder ({source: hf, path: DIR}). The towers' sizes and init sections are then ignored
+                (their lock, unlocked_layers and lr_mult apply); embed_dim, image_size, vocab_size and the
+                DataModule's tokenizer (data.tokenizer: the same checkpoint) must be the checkpoint's.
             kwargs: vocab_size, embed_dim, loss, optimizer, max_nonfinite_in_row and grad_cache_chunks, the
                 arguments every contrastive system takes (`ContrastiveModule`, `AlignmentModule`).
         """
         super().__init__(**kwargs)
         image, text = as_config(ImageTowerConfig, image), as_config(TextTowerConfig, text)
         self.tower_configs = {"image": image, "text": text}
-        self.build_pair(ImageTextPair, ImageTower(image, self.embed_dim), text)
+        if init_clip is None or as_config(TowerInit, init_clip).source == "scratch":
+            self.clip_preprocess = None
+            self.build_pair(ImageTextPair, ImageTower(image, self.embed_dim), text)
+            return
+        parts = load_clip(as_config(TowerInit, init_clip))
+        for what, ours, theirs in (
+            ("model.embed_dim", self.embed_dim, parts.embed_dim),
+            ("model.image.image_size", image.image_size, parts.image_size),
+            ("model.vocab_size (the DataModule's tokenizer)", self.vocab_size, parts.vocab_size),
+        ):
+            if ours != theirs:
+                raise ValueError(
+                    f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
+                    "(data.tokenizer: the same checkpoint gives its tokenizer)"
+                )
+        self.clip_preprocess = {"image_size": parts.image_size, "mean": parts.mean, "std": parts.std}
+        self.pair = ImageTextPair(
+            ImageTower(image, None, backbone=parts.image), parts.text, self.embed_dim, self.loss_config
+        )
+        with torch.no_grad():
+            self.pair.log_scale.fill_(parts.log_scale)
+        self.lock_towers()
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        data = self.data_hparams()
+        if self.clip_preprocess and data:
+            for key in ("mean", "std"):
+                want = tuple(round(float(v), 6) for v in self.clip_preprocess[key])
+                if key in data and tuple(round(float(v), 6) for v in data[key]) != want:
+                    raise ValueError(
+                        f"data.{key} ({tuple(data[key])}) differs from the CLIP checkpoint's ({want}): set data.{key}"
+                        f" to {list(want)}, the normalisation its image tower was trained with"
+                    )
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:

@@ -85,9 +85,10 @@ class CheckpointExtras(L.LightningModule):
         checkpoint["rng_states"] = rng_states_of_all_ranks()
         checkpoint[SYSTEM_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        tokenizer = getattr(dm, "tokenizer", None)
-        if tokenizer is not None:
-            checkpoint["tokenizer_json"] = tokenizer.tokenizer.to_str()
+        # CLIP's tokenizer (a whole-CLIP start) is not stored: the DataModule's settings name its source
+        inner = getattr(getattr(dm, "tokenizer", None), "tokenizer", None)
+        if inner is not None:
+            checkpoint["tokenizer_json"] = inner.to_str()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)

@@ -78,6 +78,15 @@ class TriModalModule(AlignmentModule):
         self.eval_loss = nn.ModuleDict(
             {f"{stage}_{task}": MeanMetric() for stage in ("val", "test") for task in TASKS}
         )
+        self.lock_towers()
+
+    def towers(self) -> dict[str, tuple[nn.Module, Any]]:
+        configs = self.tower_configs
+        return {
+            "image": (self.image_text.image, configs["image"]),
+            "speech": (self.speech_text.speech, configs["speech"]),
+            "text": (self.image_text.text, configs["text"]),
+        }
 
     def pair(self, task: str) -> ContrastivePair:
         return self.image_text if task == "image_text" else self.speech_text

@@ -22,6 +22,8 @@ CONFIGS = REPO / "configs"
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 FOLDER = "${trainer.default_root_dir}/checkpoints"
 TRAINING = {
+    "clip/coco_lit.yaml",
+    "clip/coco_openclip_vit_b32.yaml",
     "clip/coco_shards_vit_b16.yaml",
     "clip/coco_vit_b16.yaml",
     "clip/quickstart.yaml",

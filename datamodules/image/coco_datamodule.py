@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.generated import default_cache_dir
+from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
 from datamodules.image.coco import (
     CLIP_MEAN,
     CLIP_STD,
@@ -116,6 +117,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         eval_batch_size: images per evaluation batch; None means batch_size.
         num_workers: DataLoader worker processes per device.
         tokenizer: a vocab.txt / tokenizer.json (or a folder with one) or a checkpoint (.ckpt) of this framework;
+            for a whole-CLIP start (model.init_clip) CLIP's tokenizer: `open_clip:ViT-B-32` or the HF CLIP folder;
             None trains a WordPiece vocabulary on the training captions once and caches it under cache_dir. The
             CLI's validate and test set it to --ckpt_path, so only that stage's split needs to be on the machine.
         tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given); the
@@ -262,9 +264,11 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     # tokenizer -------------------------------------------------------------------------------------------------
     @cached_property
-    def tokenizer(self) -> TextTokenizer:
+    def tokenizer(self) -> TextTokenizer | ClipTokenizer:
         """The text tokenizer, loaded or trained (and cached, keyed by the captions) on first use, so it works
-        before setup()."""
+        before setup(). CLIP's BPE for `open_clip:NAME` or a Hugging Face CLIP folder (a whole-CLIP start)."""
+        if is_clip_tokenizer(self.tokenizer_path):
+            return ClipTokenizer(self.tokenizer_path)
         return build_tokenizer(
             self.tokenizer_path,
             self._training_captions,

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lightning_modules.components.losses import build_loss, gather_sizes
 from lightning_modules.components.retrieval import RetrievalRecall
+from lightning_modules.components.towers import keep_locked_in_eval
 
 LossName = Literal["infonce", "siglip", "triplet", "npair", "circle"]
 C = TypeVar("C")
@@ -118,6 +119,11 @@ class ContrastivePair(nn.Module):
     def embed(self, batch: dict, stage: str) -> PairEmbeddings:
         """Both sides' embeddings (not normalised) of a batch with at least one row."""
         raise NotImplementedError
+
+    def train(self, mode: bool = True) -> ContrastivePair:
+        super().train(mode)
+        keep_locked_in_eval(self)  # locked towers and blocks keep dropout off and norm statistics fixed
+        return self
 
     @property
     def logit_scale(self) -> Tensor:

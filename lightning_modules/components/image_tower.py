@@ -71,12 +71,13 @@ class ImageTowerConfig(TowerTraining):
     """ViT dropout on attention probabilities."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.arch != "resnet50" and self.arch not in VIT_PRESETS:
             raise ValueError(
                 f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
             )
-        if self.arch == "resnet50":
-            return
+        if self.arch == "resnet50" or self.init.source in ("open_clip", "hf") or bool(self.init.name):
+            return  # a pretrained backbone of its own architecture: the ViT fields do not apply
         vit = self.vit
         if self.image_size % vit.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {vit.patch_size}")
@@ -110,9 +111,29 @@ class ImageTowerConfig(TowerTraining):
 class ImageTower(nn.Module):
     """Images (B, 3, H, W) -> (B, embed_dim) joint-space embeddings (not normalised)."""
 
-    def __init__(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
+    def __init__(
+        self, cfg: ImageTowerConfig, embed_dim: int | None, backbone: nn.Module | None = None
+    ) -> None:
+        """`backbone`: a pretrained one (components/clip_import.py) instead of the one `cfg` describes; its
+        output is projected to `embed_dim`, or used as it is when it already has that width and `cfg` says no
+        projection of its own is wanted (a whole-CLIP start passes `embed_dim=None`)."""
         super().__init__()
         self.cfg = cfg
+        # a torchvision state dict without an architecture name is loaded into the configured backbone below
+        own_arch = cfg.init.source == "torchvision" and not cfg.init.name
+        self.pretrained = backbone is not None or (cfg.init.source != "scratch" and not own_arch)
+        if self.pretrained:
+            from lightning_modules.components.clip_import import load_image_backbone
+
+            self.backbone = (
+                backbone if backbone is not None else load_image_backbone(cfg.init, cfg.image_size)
+            )
+            features = self.backbone.output_dim
+            # a whole-CLIP start keeps CLIP's own projection: nothing is added after it
+            self.proj = nn.Identity() if embed_dim is None else nn.Linear(features, embed_dim, bias=False)
+            if embed_dim is not None:
+                nn.init.normal_(self.proj.weight, std=features**-0.5)
+            return
         if cfg.arch == "resnet50":
             self.backbone = torchvision.models.resnet50(weights=None)
             features = self.backbone.fc.in_features
@@ -135,8 +156,30 @@ class ImageTower(nn.Module):
             self.backbone.heads = nn.Identity()  # the classifier head goes; the class-token state stays
         self.proj = nn.Linear(features, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=features**-0.5)
+        if own_arch:
+            from lightning_modules.components.clip_import import load_image_backbone
+
+            load_image_backbone(cfg.init, cfg.image_size, own=self.backbone)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's blocks, first to last (Transformer blocks; a ResNet's four stages)."""
+        if self.pretrained:
+            return list(self.backbone.blocks)
+        if self.cfg.arch == "resnet50":
+            return [self.backbone.layer1, self.backbone.layer2, self.backbone.layer3, self.backbone.layer4]
+        return list(self.backbone.encoder.layers)
+
+    @property
+    def head(self) -> list[nn.Module | nn.Parameter]:
+        """What follows the blocks: the final norm and the projections."""
+        if self.pretrained:
+            return [*self.backbone.head, self.proj]
+        if self.cfg.arch == "resnet50":
+            return [self.proj]
+        return [self.backbone.encoder.ln, self.proj]
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.cfg.arch == "resnet50":
+        if self.cfg.arch == "resnet50" and not self.pretrained:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.proj(self.backbone(images))

@@ -3,8 +3,12 @@ where a tower's weights come from and how it trains (every tower)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import torch
+from torch import nn
 
 from lightning_modules.components.encoder import SizeName
 
@@ -66,3 +70,107 @@ class TowerTraining:
     """With lock: the last N blocks (and the head/projection) still train; None or 0: none of them."""
     lr_mult: float = 1.0
     """This tower's learning rate is the optimiser's times this factor."""
+
+    def __post_init__(self) -> None:
+        # checkpoints store the sections as plain dicts: `init` comes back as one
+        if isinstance(self.init, dict):
+            self.init = TowerInit(**self.init)
+
+
+# Locking ---------------------------------------------------------------------------------------------------------
+# Every tower module exposes `blocks` (its Transformer blocks, first to last) and may expose `head` (the modules
+# after the blocks: final norm, projection; default: its `proj`). These functions implement `lock`,
+# `unlocked_layers` and `lr_mult` for any tower from those two names alone.
+
+
+def tower_head(tower: nn.Module) -> list[nn.Module]:
+    """The modules after a tower's blocks that train with `unlocked_layers` (final norm, projection)."""
+    head = getattr(tower, "head", None)
+    if head is None:
+        head = getattr(tower, "proj", None)
+    if head is None:
+        return []
+    return list(head) if isinstance(head, (list, tuple)) else [head]
+
+
+def apply_lock(tower: nn.Module, cfg: TowerTraining, name: str) -> None:
+    """Freeze `tower` as `cfg` says. A frozen part gets no gradient (so AdamW keeps no state for it), stays in
+    eval mode (dropout off, BatchNorm statistics fixed: `keep_locked_in_eval`), and a wholly locked tower runs
+    its forward under `torch.no_grad`, which is what makes a LiT step cheaper than an unlocked one."""
+    unlocked = cfg.unlocked_layers or 0
+    if unlocked < 0:
+        raise ValueError(f"model.{name}.unlocked_layers must be >= 0, got {unlocked}")
+    if cfg.lr_mult < 0:
+        raise ValueError(f"model.{name}.lr_mult must be >= 0, got {cfg.lr_mult}")
+    if not cfg.lock:
+        if unlocked:
+            raise ValueError(
+                f"model.{name}.unlocked_layers ({unlocked}) needs model.{name}.lock: true "
+                "(it says which blocks of a locked tower still train)"
+            )
+        return
+    tower.requires_grad_(False)
+    if not unlocked:
+        tower.locked = True  # read by keep_locked_in_eval
+        _run_without_grad(tower)
+        return
+    if not hasattr(type(tower), "blocks"):
+        raise ValueError(
+            f"model.{name}.unlocked_layers: this {type(tower).__name__} does not list its blocks; lock it whole "
+            "(unlocked_layers: 0) or use lr_mult"
+        )
+    blocks = list(tower.blocks)
+    if unlocked > len(blocks):
+        raise ValueError(
+            f"model.{name}.unlocked_layers ({unlocked}) exceeds the tower's {len(blocks)} blocks"
+        )
+    trained = blocks[len(blocks) - unlocked :]
+    for block in blocks[: len(blocks) - unlocked]:
+        block.locked = True
+    for module in [*trained, *tower_head(tower)]:
+        module.requires_grad_(True)
+
+
+def keep_locked_in_eval(root: nn.Module) -> None:
+    """Put every locked module under `root` back in eval mode (after `root.train()`)."""
+    for module in root.modules():
+        if getattr(module, "locked", False):
+            module.eval()
+
+
+def _run_without_grad(tower: nn.Module) -> None:
+    # hooks rather than a wrapper module: the tower's state-dict keys (and so its checkpoints) stay the same
+    state: list[bool] = []
+
+    def enter(module: nn.Module, args: Any) -> None:
+        state.append(torch.is_grad_enabled())
+        torch.set_grad_enabled(False)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        torch.set_grad_enabled(state.pop())
+
+    tower.register_forward_pre_hook(enter)
+    tower.register_forward_hook(leave, always_call=True)
+
+
+def tower_param_groups(
+    towers: dict[str, tuple[nn.Module, TowerTraining]],
+    rest: nn.Module,
+    lr: float,
+    groups_of: Callable[[nn.Module], list[dict]],
+) -> list[dict]:
+    """Optimiser groups with each tower's learning rate (`lr` times its `lr_mult`): `groups_of(module)` makes the
+    decay / no-decay groups of one module; parameters of `rest` outside the towers (temperature, ...) get `lr`.
+    A tower shared by two pairs is counted once; frozen parameters are in no group."""
+    groups, seen = [], set()
+    for module, cfg in towers.values():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for group in groups_of(module):
+            groups.append({**group, "lr": lr * cfg.lr_mult})
+    in_towers = {id(p) for module, _ in towers.values() for p in module.parameters()}
+    for group in groups_of(rest):
+        params = [p for p in group["params"] if id(p) not in in_towers]
+        groups.append({**group, "params": params, "lr": lr})
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,444 @@
+"""Pretrained image towers and whole CLIP models from the files people have on disk: a torchvision state dict,
+an open_clip checkpoint, a Hugging Face `CLIPModel` / `CLIPVisionModel` folder. Nothing is downloaded.
+
+The reference libraries' own classes are built (torchvision's, open_clip's `create_model(name)`, transformers'
+`from_pretrained(local_files_only=True)`) and the weights loaded into them, so the imported forward is the
+reference forward. Checkpoint files are read with `weights_only=True` or safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_modules.components.towers import TowerInit
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tensors do not fit the named architecture."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a `.safetensors` file or of a torch state-dict file (read with `weights_only=True`), with
+    the `state_dict` wrapper and DDP's `module.` prefix taken off."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path}: not a state dict that loads with weights_only=True (a pickled whole model or another "
+            f"format: {str(err).splitlines()[0]}); save the model's state_dict() with torch.save, or safetensors"
+        ) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path}: holds no state dict (a mapping of names to tensors)")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def load_matching(module: nn.Module, state: dict[str, Tensor], path: str | Path, arch: str) -> None:
+    """`module.load_state_dict(state)` that fails with one error naming the first tensor whose shape differs
+    (with both shapes) and the counts of missing and unexpected keys."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad = next(
+        ((k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape), None
+    )
+    if bad or missing or unexpected:
+        first = (
+            f"tensor {bad[0]} has shape {tuple(bad[1])} in the checkpoint but {tuple(bad[2])} in {arch}"
+            if bad
+            else f"first missing: {missing[0]}"
+            if missing
+            else f"first unexpected: {unexpected[0]}"
+        )
+        raise CheckpointMismatch(
+            f"{path} does not fit {arch}: {first}; {len(missing)} missing and {len(unexpected)} unexpected "
+            "keys. Name the architecture the checkpoint was saved from"
+        )
+    module.load_state_dict(state)
+
+
+def _hf_config(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: give the folder save_pretrained() wrote (config.json with "
+            "model.safetensors or pytorch_model.bin)"
+        )
+    return json.loads((folder / "config.json").read_text())
+
+
+def _need(init: TowerInit, where: str, name: bool) -> None:
+    if not init.path:
+        raise ValueError(f"{where}.init.path is required for source {init.source!r}")
+    if name and not init.name:
+        raise ValueError(
+            f"{where}.init.name is required for source {init.source!r} (e.g. ViT-B-32, vit_b_16)"
+        )
+
+
+# open_clip ------------------------------------------------------------------------------------------------------
+def load_open_clip(init: TowerInit, where: str = "model.init_clip") -> nn.Module:
+    """open_clip's own model class for `init.name`, with the weights of the local checkpoint `init.path`."""
+    import open_clip
+
+    _need(init, where, name=True)
+    try:
+        model = open_clip.create_model(init.name, pretrained=None)
+    except RuntimeError as err:
+        raise ValueError(f"{where}.init.name: {err}") from None
+    state = read_state_dict(init.path)
+    # checkpoints of older open_clip releases hold a scalar temperature; the class's is (1,) or ()
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and isinstance(own, Tensor) and state[key].ndim != own.ndim:
+            state[key] = state[key].reshape(own.shape)
+    load_matching(model, state, init.path, f"open_clip {init.name}")
+    return model.eval()
+
+
+# Hugging Face CLIP ----------------------------------------------------------------------------------------------
+def load_hf_clip(folder: str, where: str = "model.init_clip", vision_only: bool = False) -> nn.Module:
+    """A `CLIPModel` (or, for an image tower, a `CLIPVisionModel`) from a local folder."""
+    import transformers
+
+    cfg = _hf_config(folder)
+    kind = cfg.get("model_type")
+    if kind == "clip_vision_model" and vision_only:
+        return transformers.CLIPVisionModel.from_pretrained(folder, local_files_only=True).eval()
+    if kind != "clip":
+        raise ValueError(
+            f"{folder}/config.json is a {kind!r} model; {where} needs a Hugging Face CLIPModel folder "
+            f"(model_type 'clip'{' or clip_vision_model' if vision_only else ''})"
+        )
+    return transformers.CLIPModel.from_pretrained(folder, local_files_only=True).eval()
+
+
+class HFVision(nn.Module):
+    """A HF CLIP vision transformer as a backbone: pixels -> pooled state -> its projection, when it has one."""
+
+    def __init__(self, vision_model: nn.Module, projection: nn.Module | None) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.projection = projection if projection is not None else nn.Identity()
+        self.image_size = vision_model.config.image_size
+        self.output_dim = (
+            projection.out_features if projection is not None else vision_model.config.hidden_size
+        )
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.vision_model.encoder.layers
+
+    @property
+    def head(self) -> list[nn.Module]:
+        return [self.vision_model.post_layernorm, self.projection]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.projection(self.vision_model(pixel_values=images).pooler_output)
+
+
+class OpenClipVision(nn.Module):
+    """open_clip's `visual` as a backbone (its output is already in CLIP's joint space)."""
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+        size = visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+        self.output_dim = visual.output_dim
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        trunk = getattr(self.visual, "transformer", None)
+        if trunk is None:  # ModifiedResNet: its four stages
+            return nn.ModuleList(
+                [self.visual.layer1, self.visual.layer2, self.visual.layer3, self.visual.layer4]
+            )
+        return trunk.resblocks
+
+    @property
+    def head(self) -> list[nn.Module | nn.Parameter]:
+        parts = [getattr(self.visual, n, None) for n in ("ln_post", "attnpool", "proj", "head")]
+        return [p for p in parts if isinstance(p, (nn.Module, nn.Parameter))]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.visual(images)
+
+
+# torchvision ----------------------------------------------------------------------------------------------------
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classifier without its classification layer: pooled features."""
+
+    def __init__(self, model: nn.Module, image_size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.image_size = image_size
+        if hasattr(model, "heads"):  # VisionTransformer: class-token state
+            self.output_dim = model.hidden_dim
+            model.heads = nn.Identity()
+        elif hasattr(model, "fc"):  # ResNet: global average pool
+            self.output_dim = model.fc.in_features
+            model.fc = nn.Identity()
+        else:
+            raise ValueError(f"torchvision model {type(model).__name__} is neither a ViT nor a ResNet")
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        if hasattr(self.model, "encoder"):
+            return list(self.model.encoder.layers)
+        return [self.model.layer1, self.model.layer2, self.model.layer3, self.model.layer4]
+
+    @property
+    def head(self) -> list[nn.Module]:
+        return [self.model.encoder.ln] if hasattr(self.model, "encoder") else []
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+
+def load_torchvision(init: TowerInit, image_size: int, where: str = "model.image") -> TorchvisionBackbone:
+    """torchvision's architecture `init.name` (vit_b_16, resnet50, ...) with the state dict at `init.path`, the
+    file torchvision publishes (e.g. vit_b_16-c867db91.pth)."""
+    import torchvision
+
+    _need(init, where, name=True)
+    try:
+        builder = torchvision.models.get_model_builder(init.name)
+    except ValueError:
+        raise ValueError(f"{where}.init.name: torchvision has no model {init.name!r}") from None
+    kwargs = {"image_size": image_size} if init.name.startswith("vit_") else {}
+    model = builder(weights=None, **kwargs)
+    load_matching(model, read_state_dict(init.path), init.path, f"torchvision {init.name}")
+    return TorchvisionBackbone(model, image_size)
+
+
+def load_image_backbone(
+    init: TowerInit, image_size: int, where: str = "model.image", own: nn.Module | None = None
+) -> nn.Module:
+    """The backbone of a pretrained image tower: a module with `output_dim`, `image_size`, `blocks`, `head`.
+
+    `own`: the tower's configured backbone (a torchvision ViT or ResNet-50 without its head), which a
+    torchvision state dict without `init.name` is loaded into (e.g. an image tower this framework exported)."""
+    if init.source == "torchvision" and not init.name and own is not None:
+        _need(init, where, name=False)
+        arch = f"the configured {where} (model.image.arch and its shape)"
+        load_matching(own, read_state_dict(init.path), init.path, arch)
+        return own
+    if init.source == "torchvision":
+        return load_torchvision(init, image_size, where)
+    if init.source == "open_clip":
+        backbone: nn.Module = OpenClipVision(load_open_clip(init, where).visual)
+    elif init.source == "hf":
+        _need(init, where, name=False)
+        model = load_hf_clip(init.path, where, vision_only=True)
+        if hasattr(model, "visual_projection"):
+            backbone = HFVision(model.vision_model, model.visual_projection)
+        else:
+            backbone = HFVision(model.vision_model, None)
+    else:
+        raise ValueError(
+            f"{where}.init.source {init.source!r} is not an image source; use torchvision, open_clip or hf"
+        )
+    if backbone.image_size != image_size:
+        raise ValueError(
+            f"{where}.image_size ({image_size}) differs from the checkpoint's ({backbone.image_size}): set "
+            f"{where}.image_size and data.image_size to {backbone.image_size}"
+        )
+    return backbone
+
+
+# whole CLIP -----------------------------------------------------------------------------------------------------
+class OpenClipText(nn.Module):
+    """open_clip's text transformer, projection and EOT pooling (the model without its `visual`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        # the temperature lives in the pair; the image side in the image tower: neither stays here
+        for name in ("visual", "logit_scale", "logit_bias"):
+            if hasattr(model, name):
+                delattr(model, name)
+        self.model = model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        text = getattr(self.model, "text", self.model)
+        return text.transformer.resblocks
+
+    @property
+    def head(self) -> list[nn.Module | nn.Parameter]:
+        text = getattr(self.model, "text", self.model)
+        parts = [getattr(text, "ln_final", None), getattr(text, "text_projection", None)]
+        return [p for p in parts if isinstance(p, (nn.Module, nn.Parameter))]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        # CLIP's causal mask makes padding after the EOT token invisible to it; the mask is not needed
+        return self.model.encode_text(input_ids)
+
+
+class HFClipText(nn.Module):
+    """HF CLIP's text transformer, its EOT pooling and text projection."""
+
+    def __init__(self, text_model: nn.Module, projection: nn.Module) -> None:
+        super().__init__()
+        self.text_model = text_model
+        self.projection = projection
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.text_model.encoder.layers
+
+    @property
+    def head(self) -> list[nn.Module]:
+        return [self.text_model.final_layer_norm, self.projection]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask.long())
+        return self.projection(out.pooler_output)
+
+
+@dataclass
+class ClipParts:
+    """What a whole-CLIP start takes from one checkpoint."""
+
+    image: nn.Module
+    text: nn.Module
+    log_scale: float
+    embed_dim: int
+    image_size: int
+    context_length: int
+    vocab_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_clip(init: TowerInit) -> ClipParts:
+    """Image tower, text tower, temperature and preprocessing of one open_clip checkpoint or HF CLIP folder."""
+    if init.source == "open_clip":
+        model = load_open_clip(init)
+        image = OpenClipVision(model.visual)
+        pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+        log_scale = float(model.logit_scale.detach().reshape(()))
+        text_cfg = getattr(model, "text", model)
+        context_length = int(getattr(model, "context_length", None) or text_cfg.context_length)
+        vocab = int(getattr(model, "vocab_size", None) or text_cfg.vocab_size)
+        return ClipParts(
+            image,
+            OpenClipText(model),
+            log_scale,
+            image.output_dim,
+            image.image_size,
+            context_length,
+            vocab,
+            tuple(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+            tuple(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        )
+    if init.source == "hf":
+        _need(init, "model.init_clip", name=False)
+        model = load_hf_clip(init.path)
+        image = HFVision(model.vision_model, model.visual_projection)
+        cfg = model.config
+        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        pre = Path(init.path) / "preprocessor_config.json"
+        if pre.is_file():
+            p = json.loads(pre.read_text())
+            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+        return ClipParts(
+            image,
+            HFClipText(model.text_model, model.text_projection),
+            float(model.logit_scale.detach()),
+            cfg.projection_dim,
+            cfg.vision_config.image_size,
+            cfg.text_config.max_position_embeddings,
+            cfg.text_config.vocab_size,
+            mean,
+            std,
+        )
+    raise ValueError(f"model.init_clip.source {init.source!r}: use open_clip or hf")
+
+
+# export ---------------------------------------------------------------------------------------------------------
+def _refuse_existing(out: Path) -> None:
+    # users' files are never overwritten: the export writes only a new file or folder
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: give a new path for the export")
+
+
+def export_open_clip(image: nn.Module, text: nn.Module, log_scale: Tensor, out: str | Path) -> Path:
+    """Write a whole-CLIP model started from open_clip back as an open_clip state dict: the file that
+    `open_clip.create_model(name)` + `load_state_dict` (or `pretrained=FILE`) loads."""
+    out = Path(out)
+    _refuse_existing(out)
+    if not isinstance(image, OpenClipVision) or not isinstance(text, OpenClipText):
+        raise ValueError("this model's towers did not come from open_clip: export it in their own format")
+    state = {k: v.detach().clone() for k, v in text.model.state_dict().items()}
+    state.update({f"visual.{k}": v.detach().clone() for k, v in image.visual.state_dict().items()})
+    state["logit_scale"] = log_scale.detach().clone().reshape(())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
+def export_hf_clip(
+    image: nn.Module, text: nn.Module, log_scale: Tensor, out: str | Path, tokenizer_from: str | None
+) -> Path:
+    """Write a whole-CLIP model started from a HF CLIP folder back as a `CLIPModel` folder (with the source
+    folder's tokenizer and image-processor files)."""
+    import transformers
+
+    out = Path(out)
+    _refuse_existing(out)
+    if not isinstance(image, HFVision) or not isinstance(text, HFClipText):
+        raise ValueError(
+            "this model's towers did not come from a HF CLIP folder: export it in their own format"
+        )
+    config = transformers.CLIPConfig(
+        text_config=text.text_model.config.to_dict(),
+        vision_config=image.vision_model.config.to_dict(),
+        projection_dim=text.projection.out_features,
+    )
+    model = transformers.CLIPModel(config)
+    model.text_model.load_state_dict(text.text_model.state_dict())
+    model.vision_model.load_state_dict(image.vision_model.state_dict())
+    model.text_projection.load_state_dict(text.projection.state_dict())
+    model.visual_projection.load_state_dict(image.projection.state_dict())
+    with torch.no_grad():
+        model.logit_scale.copy_(log_scale.detach().reshape(model.logit_scale.shape))
+    model.save_pretrained(out)
+    if tokenizer_from:
+        transformers.CLIPTokenizerFast.from_pretrained(tokenizer_from, local_files_only=True).save_pretrained(
+            out
+        )
+        if (Path(tokenizer_from) / "preprocessor_config.json").is_file():
+            transformers.CLIPImageProcessor.from_pretrained(
+                tokenizer_from, local_files_only=True
+            ).save_pretrained(out)
+    return out
+
+
+def export_image_backbone(backbone: nn.Module, out: str | Path) -> Path:
+    """Write an image tower's backbone as a state dict: a torchvision model's own keys, loadable again as
+    `model.image.init: {source: torchvision, path: FILE}` (name: the torchvision architecture, or none for the
+    tower's configured arch)."""
+    out = Path(out)
+    _refuse_existing(out)
+    inner = backbone.model if isinstance(backbone, TorchvisionBackbone) else backbone
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
