@@ -91,7 +91,8 @@ def roberta_folder(root: Path) -> Path:
     return folder
 
 
-SPEECH_CONV = dict(conv_dim=(16, 16), conv_kernel=(10, 3), conv_stride=(5, 2), conv_bias=False)
+# 320 samples (20 ms) a frame, as the real models: a 3 s utterance gives 150 frames, not thousands
+SPEECH_CONV = dict(conv_dim=(16,) * 4, conv_kernel=(10, 3, 3, 3), conv_stride=(5, 4, 4, 4), conv_bias=False)
 SPEECH_BODY = dict(
     hidden_size=32,
     num_hidden_layers=2,
@@ -225,7 +226,7 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
     assert isinstance(tower, HFSpeechTower) and len(tower.blocks) == 2
     assert tower.per_utterance == (kind != "hubert")  # GroupNorm feature encoders run one utterance at a time
     ref = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    batch, lengths = waves([4000, 2500, 3100])
+    batch, lengths = waves([8000, 5000, 6200])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):  # each utterance as the reference sees it alone
@@ -235,14 +236,14 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
         pooled = tower(batch, lengths)
         more_padding = torch.nn.functional.pad(batch, (0, 1500))
         assert torch.allclose(tower(more_padding, lengths), pooled, atol=TOL)
-        alone = tower(batch[1:2, :2500], lengths[1:2])
+        alone = tower(batch[1:2, :5000], lengths[1:2])
         assert torch.allclose(alone[0], pooled[1], atol=TOL)
 
 
 def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path) -> None:
     args = dict(
         extractor_mode="group_norm",
-        extractor_conv_layer_config=[(16, 10, 5), (16, 3, 2)],
+        extractor_conv_layer_config=[(16, 10, 5), (16, 3, 4), (16, 3, 4), (16, 3, 4)],
         extractor_conv_bias=False,
         encoder_embed_dim=32,
         encoder_projection_dropout=0.0,
@@ -267,7 +268,7 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path) -> None:
     )
     tower = build_speech_tower(cfg, embed_dim=8).eval()
     assert isinstance(tower, TorchaudioSpeechTower) and len(tower.blocks) == 2
-    batch, lengths = waves([3000, 2200])
+    batch, lengths = waves([8000, 5600])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):
@@ -339,7 +340,11 @@ def test_librispeech_hubert_config_runs_on_cpu(tmp_path: Path) -> None:
             "--data.val_subsets",
             "[dev-clean]",
             "--data.max_batch_seconds",
-            "20",
+            "8",
+            "--data.max_duration",
+            "4",
+            "--data.num_buckets",
+            "2",
             "--trainer.accelerator",
             "cpu",
             "--trainer.devices",
