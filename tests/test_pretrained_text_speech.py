@@ -240,9 +240,11 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
         assert torch.allclose(alone[0], pooled[1], atol=TOL)
 
 
-def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extractor", ["group_norm", "layer_norm"])
+def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path, extractor: str) -> None:
+    """Base models (GroupNorm feature encoder) run per utterance, large ones (LayerNorm) batched with lengths."""
     args = dict(
-        extractor_mode="group_norm",
+        extractor_mode=extractor,
         extractor_conv_layer_config=[(16, 10, 5), (16, 3, 4), (16, 3, 4), (16, 3, 4)],
         extractor_conv_bias=False,
         encoder_embed_dim=32,
@@ -255,7 +257,7 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path) -> None:
         encoder_ff_interm_features=64,
         encoder_ff_interm_dropout=0.0,
         encoder_dropout=0.0,
-        encoder_layer_norm_first=False,
+        encoder_layer_norm_first=extractor == "layer_norm",
         encoder_layer_drop=0.0,
         aux_num_out=None,
     )
@@ -268,6 +270,7 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path) -> None:
     )
     tower = build_speech_tower(cfg, embed_dim=8).eval()
     assert isinstance(tower, TorchaudioSpeechTower) and len(tower.blocks) == 2
+    assert tower.per_utterance == (extractor == "group_norm")
     batch, lengths = waves([8000, 5600])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
@@ -305,8 +308,31 @@ def test_speech_folder_of_another_model_type_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_type 'bert': give a wav2vec2, hubert or wavlm folder"):
         build_speech_tower(SpeechTowerConfig(init=TowerInit(source="hf", path=str(folder))), embed_dim=8)
     cfg = SpeechTowerConfig(init=TowerInit(source="hf", path=str(folder)))
-    with pytest.raises(ValueError, match="takes 16 kHz waveforms"):
+    with pytest.raises(ValueError, match="takes 16 kHz waveforms: set data.sample_rate 16000"):
         cfg.check_data({"sample_rate": 8000}, "data")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match="has no config.json: give a Hugging Face wav2vec 2.0 / HuBERT"
+    ):
+        build_speech_tower(SpeechTowerConfig(init=TowerInit(source="hf", path=str(tmp_path / "empty"))), 8)
+
+
+def test_ours_source_is_the_mlm_checkpoint_start_and_init_ckpt_its_older_spelling(tmp_path: Path) -> None:
+    from lightning_modules.mlm_module import MLMPretrainingModule
+
+    torch.manual_seed(0)
+    mlm = MLMPretrainingModule(
+        size="tiny", vocab_size=50, num_layers=1, hidden_size=64, max_position_embeddings=16
+    )
+    ckpt = tmp_path / "mlm.ckpt"
+    torch.save({"state_dict": mlm.state_dict()}, ckpt)
+    shape = dict(size="tiny", layers=1, hidden=64, heads=1, max_len=16)
+    new = build_text_tower(TextTowerConfig(**shape, init=TowerInit("ours", str(ckpt))), 50, embed_dim=8)
+    old = build_text_tower(TextTowerConfig(**shape, init_ckpt=str(ckpt)), 50, embed_dim=8)
+    for k, v in mlm.model.bert.state_dict().items():
+        assert torch.equal(new.bert.state_dict()[k], v) and torch.equal(old.bert.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="both name a start: keep init"):
+        TextTowerConfig(init_ckpt=str(ckpt), init=TowerInit("hf", str(tmp_path)))
 
 
 def test_librispeech_hubert_config_runs_on_cpu(tmp_path: Path) -> None:
