@@ -171,6 +171,12 @@ def test_hf_tokenizer_folder_tokenizes_as_transformers_does(tmp_path: Path) -> N
     Tokenizer.from_file(str(folder / "tokenizer.json")).model.save(str(folder))  # vocab.json, merges.txt
     (folder / "tokenizer.json").unlink()  # transformers converts vocab.json + merges.txt
     assert TextTokenizer.from_file(folder)(TEXTS[:3], max_length=64)["input_ids"].tolist() == expected
+    # a checkpoint keeps the tokenizer as tokenizer.json text; RoBERTa's special tokens are found again
+    ckpt = tmp_path / "with_tokenizer.ckpt"
+    torch.save({"tokenizer_json": tok.tokenizer.to_str()}, ckpt)
+    again = TextTokenizer.from_checkpoint(ckpt)
+    assert (again.cls_id, again.sep_id, again.pad_id, again.mask_id) == (0, 2, 1, 4)
+    assert again(TEXTS[:3], max_length=64)["input_ids"].tolist() == expected
     for name in ("vocab.json", "merges.txt"):
         (folder / name).unlink()
     with pytest.raises(TokenizerError, match="holds no vocabulary: give a folder with tokenizer.json"):
@@ -331,6 +337,7 @@ def test_ours_source_is_the_mlm_checkpoint_start_and_init_ckpt_its_older_spellin
     old = build_text_tower(TextTowerConfig(**shape, init_ckpt=str(ckpt)), 50, embed_dim=8)
     for k, v in mlm.model.bert.state_dict().items():
         assert torch.equal(new.bert.state_dict()[k], v) and torch.equal(old.bert.state_dict()[k], v), k
+    assert len(new.blocks) == 1 and new.blocks[0] is new.bert.encoder.blocks[0]
     with pytest.raises(ValueError, match="both name a start: keep init"):
         TextTowerConfig(init_ckpt=str(ckpt), init=TowerInit("hf", str(tmp_path)))
 
