@@ -139,7 +139,8 @@ class TextTokenizer:
     def from_file(
         cls, path: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None
     ) -> TextTokenizer:
-        """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, or a checkpoint (`.ckpt`) of this
+        """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, a Hugging Face model folder (with
+        tokenizer_config.json: `from_hf_folder`), or a checkpoint (`.ckpt`) of this
         framework, whose saved tokenizer is used.
 
         `lowercase` and `strip_accents` apply to a `vocab.txt`; a `tokenizer.json` carries its own normaliser.
@@ -246,7 +247,6 @@ class TextTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def word_starts(self, ids: Sequence[int]) -> list[bool]:
-        # WordPiece only: other vocabularies mark word starts differently (MLM uses WordPiece vocabularies)
         """True where a token begins a word (no `##` prefix); used by whole-word masking."""
         return [not self.tokenizer.id_to_token(i).startswith("##") for i in ids]
 

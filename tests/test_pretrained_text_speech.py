@@ -135,7 +135,7 @@ def waves(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-@pytest.mark.parametrize("pooling", ["first", "mean", "eot"])
+@pytest.mark.parametrize("pooling", ["first", "cls", "mean", "eot"])
 def test_hf_text_tower_equals_the_reference_forward(tmp_path: Path, kind: str, pooling: str) -> None:
     folder = (bert_folder if kind == "bert" else roberta_folder)(tmp_path)
     tok = TextTokenizer.from_file(folder)  # the folder's own tokenizer
@@ -145,9 +145,8 @@ def test_hf_text_tower_equals_the_reference_forward(tmp_path: Path, kind: str, p
     batch = tok(TEXTS[:3], max_length=32)
     ref = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
     with torch.no_grad():
-        theirs = ref(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long()
-        ).last_hidden_state
+        out = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+        theirs = out.last_hidden_state
         ours = tower.encode(batch["input_ids"], batch["attention_mask"])
         assert (ours - theirs).abs().max().item() <= TOL
         # padding never changes a pooled text: each row alone gives the batched row's embedding
@@ -156,7 +155,8 @@ def test_hf_text_tower_equals_the_reference_forward(tmp_path: Path, kind: str, p
             alone = tok([text], max_length=32)
             assert torch.allclose(tower(alone["input_ids"], alone["attention_mask"])[0], pooled[i], atol=TOL)
     n = int(batch["attention_mask"][0].sum())
-    expected = {"first": theirs[0, 0], "mean": theirs[0, :n].mean(0), "eot": theirs[0, n - 1]}[pooling]
+    firsts = {"first": theirs[0, 0], "cls": out.pooler_output[0]}
+    expected = {**firsts, "mean": theirs[0, :n].mean(0), "eot": theirs[0, n - 1]}[pooling]
     assert torch.allclose(pooled[0], tower.proj(expected), atol=TOL)
 
 

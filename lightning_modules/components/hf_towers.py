@@ -71,19 +71,12 @@ def _load_hf_model(folder: Path, what: str, **overrides: Any) -> nn.Module:
 
 
 def _module_list(model: nn.Module, names: tuple[str, ...]) -> nn.ModuleList:
+    """The first of `names` that is a ModuleList in `model` (where the architecture keeps its layers)."""
+    modules = dict(model.named_modules())
     for name in names:
-        found = model.get_submodule(name) if _has(model, name) else None
-        if isinstance(found, nn.ModuleList):
-            return found
+        if isinstance(modules.get(name), nn.ModuleList):
+            return modules[name]
     raise ValueError(f"{type(model).__name__}: no Transformer block list at {' or '.join(names)}")
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 # -- text ------------------------------------------------------------------------------------------
@@ -124,19 +117,20 @@ class HFTextTower(nn.Module):
         """The encoder's Transformer layers, first to last."""
         return _module_list(self.model, ("encoder.layer", "encoder.layers", "layers", "layer"))
 
+    def _run(self, input_ids: Tensor, attention_mask: Tensor) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask.long())
+
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """The model's last hidden states (B, L, hidden)."""
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask.long())
-        self._pooler_output = getattr(out, "pooler_output", None)
-        return out.last_hidden_state
+        return self._run(input_ids, attention_mask).last_hidden_state
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        hidden = self.encode(input_ids, attention_mask)
-        mask = attention_mask.bool()
+        out = self._run(input_ids, attention_mask)
+        hidden, mask = out.last_hidden_state, attention_mask.bool()
         if self.pooling == "first":
             pooled = hidden[:, 0]
         elif self.pooling == "cls":
-            pooled = self._pooler_output
+            pooled = out.pooler_output
         elif self.pooling == "mean":
             pooled = masked_mean_pool(hidden, mask)
         else:  # eot: right-padded rows, so the last real token sits at length - 1
