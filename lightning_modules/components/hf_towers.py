@@ -59,15 +59,35 @@ def read_hf_config(folder: str | Path, what: str) -> dict:
 
 
 def _load_hf_model(folder: Path, what: str, **overrides: Any) -> nn.Module:
+    """`AutoModel` from a local folder, refusing weights that do not fit its config.json in one line.
+
+    transformers would re-initialise missing tensors at random with only a logged report; a tower that starts
+    partly random is not what the user asked for.
+    """
     from transformers import AutoModel
 
     try:
-        # from_pretrained leaves the model in eval mode; a tower starts in train mode like any new nn.Module
-        return AutoModel.from_pretrained(folder, local_files_only=True, **overrides).train()
+        model, info = AutoModel.from_pretrained(
+            folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True, **overrides
+        )
     except OSError as err:  # transformers names the missing weights file in several lines
         raise FileNotFoundError(
             f"{folder}: cannot load the {what} weights ({str(err).splitlines()[0]})"
         ) from None
+    mismatched = {key: (theirs, ours) for key, theirs, ours in info["mismatched_keys"]}
+    if mismatched or info["missing_keys"]:
+        order = list(model.state_dict())
+        first = ""
+        if mismatched:
+            key = min(mismatched, key=lambda k: order.index(k) if k in order else len(order))
+            theirs, ours = mismatched[key]
+            first = f"first mismatching tensor {key}: {tuple(theirs)} in the checkpoint, {tuple(ours)} in the model; "
+        raise ValueError(
+            f"{folder}: the weights do not fit its config.json: {first}{len(info['missing_keys'])} missing and "
+            f"{len(info['unexpected_keys'])} unexpected keys; give the folder save_pretrained wrote, unchanged"
+        )
+    # from_pretrained leaves the model in eval mode; a tower starts in train mode like any new nn.Module
+    return model.train()
 
 
 def _module_list(model: nn.Module, names: tuple[str, ...]) -> nn.ModuleList:
