@@ -18,7 +18,7 @@ from datamodules.tokenizer import TextTokenizer, TokenizerError, train_wordpiece
 from lightning_modules.components.hf_towers import HFSpeechTower, HFTextTower, TorchaudioSpeechTower
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
-from lightning_modules.components.towers import TowerInit
+from lightning_modules.components.towers import TowerInit, read_state_dict
 
 transformers = pytest.importorskip("transformers")
 
@@ -307,6 +307,22 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path, extractor: st
             SpeechTowerConfig(init=TowerInit("torchaudio", str(whole), "wav2vec2_model"), arch_args=args), 8
         )
     assert "\n" not in str(err.value)
+
+
+def test_read_state_dict_refuses_what_is_not_a_state_dict(tmp_path: Path) -> None:
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "wrapped.pt")
+    truncated = (tmp_path / "wrapped.pt").read_bytes()[:40]
+    (tmp_path / "truncated.pt").write_bytes(truncated)
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    assert read_state_dict(tmp_path / "wrapped.pt")["w"].tolist() == [1.0, 1.0]  # a Lightning-style wrapper
+    for name in ("notes.pt", "truncated.pt"):
+        with pytest.raises(
+            ValueError, match=f"{name} is not a readable torch.save file .*: give a state dict"
+        ):
+            read_state_dict(tmp_path / name)
+    with pytest.raises(ValueError, match="list.pt holds a list, not a state dict of tensors"):
+        read_state_dict(tmp_path / "list.pt")
 
 
 def test_speech_folder_of_another_model_type_is_refused(tmp_path: Path) -> None:

@@ -86,10 +86,20 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # no pickled class refused: not a torch.save file at all
+            raise ValueError(
+                f"{path} is not a readable torch.save file (not a pickle weights_only can read): give a state "
+                "dict written by torch.save or a .safetensors file"
+            ) from None
         raise ValueError(
             f"{path} is not a plain state dict (weights_only loading refuses the pickled objects in it, e.g. a "
             "whole nn.Module): save `model.state_dict()` with torch.save, or a .safetensors file, and give that"
+        ) from None
+    except Exception as err:  # truncated, or not a torch.save file at all (torch raises several kinds)
+        raise ValueError(
+            f"{path} is not a readable torch.save file ({type(err).__name__}: {str(err).partition(chr(10))[0]}): give "
+            "a state dict written by torch.save or a .safetensors file"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint or a {"state_dict": ...} wrapper
