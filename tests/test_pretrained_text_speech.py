@@ -160,6 +160,16 @@ def test_hf_text_tower_equals_the_reference_forward(tmp_path: Path, kind: str, p
     assert torch.allclose(pooled[0], tower.proj(expected), atol=TOL)
 
 
+def test_context_length_is_checked_against_the_folder_position_table(tmp_path: Path) -> None:
+    folder = roberta_folder(tmp_path)  # 66 position rows, 2 of them before the first position of text
+    cfg = TextTowerConfig(max_len=16, init=TowerInit(source="hf", path=str(folder)))
+    cfg.check_data({"context_length": 64}, "data")
+    with pytest.raises(
+        ValueError, match=r"data.context_length \(65\) exceeds the position table of .*roberta \(64\)"
+    ):
+        cfg.check_data({"context_length": 65}, "data")
+
+
 def test_hf_tokenizer_folder_tokenizes_as_transformers_does(tmp_path: Path) -> None:
     """RoBERTa's BPE: <s> text </s> with <pad> padding, from tokenizer.json and from vocab.json + merges.txt."""
     folder = roberta_folder(tmp_path)

@@ -6,6 +6,7 @@ text tower is made, for image-text, speech-text and tri-modal alike.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from lightning_modules.components.towers import EncoderShape, TowerInit, TowerTr
 log = logging.getLogger(__name__)
 
 Pooling = Literal["cls", "first", "mean", "eot"]
+# Hugging Face encoders whose position ids start after the padding index
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
 
 
 @dataclass
@@ -58,11 +61,26 @@ class TextTowerConfig(EncoderShape, TowerTraining):
         """`init`, with the older `init_ckpt` read as `{source: ours, path: init_ckpt}`."""
         return TowerInit(source="ours", path=self.init_ckpt) if self.init_ckpt else self.init
 
+    def position_limit(self) -> int:
+        """The longest text the tower takes: `max_len`, or the Hugging Face folder's position table (RoBERTa-style
+        models number positions from pad_token_id + 1, so that many rows are not positions of text)."""
+        start = self.start
+        config = Path(start.path or "") / "config.json"
+        if start.source not in ("hf", "hf_bert") or not config.is_file():
+            return self.max_len
+        hf = json.loads(config.read_text())
+        offset = hf.get("pad_token_id", 1) + 1 if hf.get("model_type") in _OFFSET_POSITIONS else 0
+        return int(hf.get("max_position_embeddings", 512)) - offset
+
     def check_data(self, data: dict, where: str) -> None:
         """The DataModule's texts (its hyperparameters `data`) must fit the position table."""
-        if data.get("context_length", 0) > self.max_len:
+        limit = self.position_limit()
+        if data.get("context_length", 0) > limit:
+            table = (
+                "model.text.max_len" if limit == self.max_len else f"the position table of {self.start.path}"
+            )
             raise ValueError(
-                f"{where}.context_length ({data['context_length']}) exceeds model.text.max_len ({self.max_len}), "
+                f"{where}.context_length ({data['context_length']}) exceeds {table} ({limit}), "
                 "the text tower's position table"
             )
 
