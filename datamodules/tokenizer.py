@@ -27,6 +27,16 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# the same roles (pad, unk, cls, sep, mask) as RoBERTa, XLM-R and other BPE / SentencePiece encoders name them
+ROBERTA_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<mask>")
+_HF_VOCAB_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+)
 
 
 class TokenizerError(ValueError):
@@ -107,14 +117,21 @@ def train_wordpiece(
 class TextTokenizer:
     """A `tokenizers.Tokenizer` with the special-token ids and batch helpers the tasks need."""
 
-    def __init__(self, tokenizer: Tokenizer, source: str = "<memory>") -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, source: str = "<memory>", special_tokens: Sequence[str] | None = None
+    ) -> None:
+        """`special_tokens`: the pad, unk, cls, sep and mask tokens; by default BERT's ([PAD] ...) or, when the
+        vocabulary has none of those, RoBERTa's (<pad>, <unk>, <s>, </s>, <mask>)."""
         self.tokenizer = tokenizer
         self.source = source
-        ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+        if special_tokens is None:
+            bert_style = any(tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+            special_tokens = SPECIAL_TOKENS if bert_style else ROBERTA_SPECIAL_TOKENS
+        ids = {t: tokenizer.token_to_id(t) for t in special_tokens}
         missing = [t for t, i in ids.items() if i is None]
         if missing:
             raise TokenizerError(f"{source}: tokenizer lacks the special token(s) {', '.join(missing)}")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[t] for t in SPECIAL_TOKENS)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (ids[t] for t in special_tokens)
         self.special_ids = frozenset(ids.values())
 
     # construction -------------------------------------------------------------------------------
@@ -122,12 +139,15 @@ class TextTokenizer:
     def from_file(
         cls, path: str | os.PathLike, lowercase: bool = True, strip_accents: bool | None = None
     ) -> TextTokenizer:
-        """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, or a checkpoint (`.ckpt`) of this
+        """Load a `vocab.txt`, a `tokenizer.json`, a folder holding one of them, a Hugging Face model folder (with
+        tokenizer_config.json: `from_hf_folder`), or a checkpoint (`.ckpt`) of this
         framework, whose saved tokenizer is used.
 
         `lowercase` and `strip_accents` apply to a `vocab.txt`; a `tokenizer.json` carries its own normaliser.
         """
         path = Path(path)
+        if path.is_dir() and (path / "tokenizer_config.json").is_file():
+            return cls.from_hf_folder(path)
         if path.is_dir():
             for name in ("tokenizer.json", "vocab.txt"):
                 if (path / name).is_file():
@@ -144,6 +164,41 @@ class TextTokenizer:
                 raise TokenizerError(f"{path}: not a valid tokenizer.json ({err})") from None
             return cls(tok, str(path))
         return cls(wordpiece_from_vocab(path, lowercase, strip_accents), str(path))
+
+    @classmethod
+    def from_hf_folder(cls, folder: str | os.PathLike) -> TextTokenizer:
+        """The fast tokenizer of a Hugging Face model folder (tokenizer.json, or vocab.txt / vocab.json + merges.txt
+        that transformers converts), read locally, with the special tokens its tokenizer_config.json names."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in _HF_VOCAB_FILES):
+            # transformers would build a tokenizer of its special tokens alone and say nothing
+            raise TokenizerError(
+                f"{folder} holds no vocabulary: give a folder with tokenizer.json, or vocab.txt, or vocab.json and "
+                "merges.txt, or a SentencePiece model, beside tokenizer_config.json"
+            )
+        try:
+            hf = AutoTokenizer.from_pretrained(folder, local_files_only=True, use_fast=True)
+        except (OSError, ValueError) as err:
+            raise TokenizerError(
+                f"{folder}: no usable Hugging Face tokenizer ({str(err).splitlines()[0]}); give a folder with "
+                "tokenizer.json, or vocab.txt, or vocab.json and merges.txt, and tokenizer_config.json"
+            ) from None
+        if not hf.is_fast:
+            raise TokenizerError(f"{folder}: transformers has no fast tokenizer for it; add a tokenizer.json")
+        roles = (
+            hf.pad_token,
+            hf.unk_token,
+            hf.cls_token or hf.bos_token,
+            hf.sep_token or hf.eos_token,
+            hf.mask_token,
+        )
+        if any(t is None for t in roles):
+            names = ("pad", "unk", "cls/bos", "sep/eos", "mask")
+            lacking = [n for n, t in zip(names, roles) if t is None]
+            raise TokenizerError(f"{folder}: the tokenizer names no {', '.join(lacking)} token")
+        return cls(hf.backend_tokenizer, str(folder), [str(t) for t in roles])
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> TextTokenizer:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
@@ -17,8 +17,8 @@ from lightning_modules.components.contrastive import (
     PairEmbeddings,
     as_config,
 )
-from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
-from lightning_modules.components.text_tower import TextTower, TextTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
+from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.prediction import embedding_prediction
 
@@ -41,7 +41,7 @@ class SpeechTextPair(ContrastivePair):
     )
 
     def __init__(
-        self, speech: SpeechTower, text: TextTower, embed_dim: int, loss: ContrastiveLossConfig
+        self, speech: nn.Module, text: nn.Module, embed_dim: int, loss: ContrastiveLossConfig
     ) -> None:
         super().__init__(embed_dim, loss, prefixes=("a2t", "t2a"))
         self.speech = speech
@@ -69,7 +69,7 @@ class SpeechTextModule(ContrastiveModule):
         super().__init__(**kwargs)
         speech, text = as_config(SpeechTowerConfig, speech), as_config(TextTowerConfig, text)
         self.tower_configs = {"speech": speech, "text": text}
-        self.build_pair(SpeechTextPair, SpeechTower(speech, self.embed_dim), text)
+        self.build_pair(SpeechTextPair, build_speech_tower(speech, self.embed_dim), text)
 
     # inference --------------------------------------------------------------------------------
     def encode_speech(self, waveforms: Tensor, wave_lengths: Tensor) -> Tensor:

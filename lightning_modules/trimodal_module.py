@@ -27,7 +27,7 @@ from lightning_modules.components.contrastive import (
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.retrieval import RetrievalRecall, mean_recall
-from lightning_modules.components.speech_tower import SpeechTower, SpeechTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import AlignmentModule, log_empty
 from lightning_modules.image_text_module import ImageTextPair
@@ -69,7 +69,7 @@ class TriModalModule(AlignmentModule):
         image_tower = ImageTower(image, embed_dim)  # built first, as in image-text: the same initial weights
         shared_text = build_text_tower(text, self.vocab_size, embed_dim)  # one object: both tasks train it
         self.image_text = ImageTextPair(image_tower, shared_text, embed_dim, loss)
-        self.speech_text = SpeechTextPair(SpeechTower(speech, embed_dim), shared_text, embed_dim, loss)
+        self.speech_text = SpeechTextPair(build_speech_tower(speech, embed_dim), shared_text, embed_dim, loss)
         self.weights = {"image_text": image_text_weight, "speech_text": speech_text_weight}
         # images against utterances; the other four directions are the two pairs' own metrics
         self.image_speech = nn.ModuleDict(

@@ -34,6 +34,7 @@ TRAINING = {
     "mlm/bert_small.yaml",
     "mlm/quickstart.yaml",
     "speech/librispeech_base.yaml",
+    "speech/librispeech_hubert.yaml",
     "speech/quickstart.yaml",
     "trimodal/quickstart.yaml",
 }

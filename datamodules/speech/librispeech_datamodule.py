@@ -180,8 +180,8 @@ class LibriSpeechDataModule(LightningDataModule):
             max_batch_seconds: padded audio seconds per batch (batch size x longest utterance).
             num_buckets: duration buckets; more buckets mean less padding but less mixing.
             num_workers: DataLoader worker processes.
-            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder) or a checkpoint (.ckpt) of this framework;
-                None trains WordPiece on the training transcripts once and caches it. The CLI's validate, test
+            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder), a Hugging Face model folder (its own
+                tokenizer, for a text tower from that folder) or a checkpoint (.ckpt) of this framework; None trains WordPiece on the training transcripts once and caches it. The CLI's validate, test
                 and predict set it to --ckpt_path, so only that stage's subsets need to be on the machine.
             tokenizer_vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file);
                 the `vocab_size` property gives the size actually trained.

@@ -12,14 +12,15 @@ sees, past an utterance's end, exactly what it would see if the utterance were a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torchaudio
 from torch import Tensor, nn
 
 from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.hf_towers import HFSpeechTower, PretrainedSpeechTower, TorchaudioSpeechTower
 from lightning_modules.components.towers import EncoderShape, TowerTraining
 
 
@@ -56,6 +57,9 @@ class SpeechTowerConfig(EncoderShape, TowerTraining):
     """Depthwise convolution kernel of the Conformer blocks (odd)."""
     gradient_checkpointing: bool = False
     """Recompute the Transformer blocks in backward to save memory (torchaudio's Conformer has no such switch)."""
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    """With init.source torchaudio: keyword arguments of the builder `torchaudio.models.<init.name>` (all of
+    them for wav2vec2_model / wavlm_model, which have no preset size)."""
 
     def encoder_config(self) -> EncoderConfig:
         return EncoderConfig.from_size(
@@ -66,8 +70,14 @@ class SpeechTowerConfig(EncoderShape, TowerTraining):
         )
 
     def check_data(self, data: dict, where: str) -> None:
-        """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`)."""
-        if data.get("sample_rate", self.sample_rate) != self.sample_rate:
+        """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`).
+        Pretrained wav2vec 2.0 / HuBERT / WavLM towers were trained on 16 kHz audio."""
+        if self.init.source != "scratch" and data.get("sample_rate", 16000) != 16000:
+            raise ValueError(
+                f"{where}.sample_rate is {data['sample_rate']} but the pretrained speech tower "
+                f"({self.init.source}) takes 16 kHz waveforms: set {where}.sample_rate 16000"
+            )
+        if self.init.source == "scratch" and data.get("sample_rate", self.sample_rate) != self.sample_rate:
             raise ValueError(
                 f"{where}.sample_rate ({data['sample_rate']}) differs from model.speech.sample_rate "
                 f"({self.sample_rate})"
@@ -242,6 +252,13 @@ class SpeechTower(nn.Module):
         self.proj = nn.Linear(hidden, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=hidden**-0.5)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's blocks (Transformer or Conformer), first to last."""
+        if isinstance(self.encoder, MaskedConformer):
+            return self.encoder.conformer.conformer_layers
+        return self.encoder.blocks
+
     def output_lengths(self, samples: Tensor) -> Tensor:
         """Encoder frames per utterance: 4x fewer than the 10 ms log-mel frames, rounded up."""
         frames = self.features.num_frames(samples)
@@ -263,3 +280,28 @@ class SpeechTower(nn.Module):
     def forward(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
         hidden, mask = self.encode(waveforms, lengths)
         return self.proj(masked_mean_pool(hidden, mask))
+
+
+def build_speech_tower(cfg: SpeechTowerConfig, embed_dim: int) -> SpeechTower | PretrainedSpeechTower:
+    """The speech tower of `cfg`: ours from scratch (log-mel front end), or a pretrained wav2vec 2.0 / HuBERT /
+    WavLM from a Hugging Face folder (init.source hf) or a torchaudio architecture and state dict (torchaudio).
+    Every one takes raw waveforms and their lengths."""
+    init = cfg.init
+    if init.source == "scratch":
+        return SpeechTower(cfg, embed_dim)
+    if init.source not in ("hf", "torchaudio"):
+        raise ValueError(
+            f"model.speech.init.source {init.source!r} is not a speech source; use scratch, hf or torchaudio"
+        )
+    if not init.path:
+        raise ValueError(f"model.speech.init.source {init.source} needs model.speech.init.path")
+    if init.source == "hf":
+        tower: PretrainedSpeechTower = HFSpeechTower(init.path, embed_dim)
+        if cfg.gradient_checkpointing:
+            tower.model.gradient_checkpointing_enable()
+        return tower
+    if not init.name:
+        raise ValueError(
+            "model.speech.init.source torchaudio needs model.speech.init.name, the architecture (e.g. hubert_base)"
+        )
+    return TorchaudioSpeechTower(init.name, init.path, embed_dim, cfg.arch_args)

@@ -6,6 +6,7 @@ text tower is made, for image-text, speech-text and tri-modal alike.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.components.bert import BertConfig, BertModel
-from lightning_modules.components.towers import EncoderShape, TowerTraining
+from lightning_modules.components.hf_interop import load_hf_bert
+from lightning_modules.components.hf_towers import HFTextTower
+from lightning_modules.components.towers import EncoderShape, TowerInit, TowerTraining
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["cls", "first", "mean"]
+Pooling = Literal["cls", "first", "mean", "eot"]
+# Hugging Face encoders whose position ids start after the padding index
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod")
 
 
 @dataclass
@@ -30,13 +35,13 @@ class TextTowerConfig(EncoderShape, TowerTraining):
     """
 
     pooling: Pooling = "first"
-    """'first' ([CLS] state), 'cls' (BERT's tanh pooler over it) or 'mean' (over real tokens)."""
+    """'first' ([CLS] / <s> state), 'cls' (the model's tanh pooler over it), 'mean' (over real tokens) or 'eot'
+    (the last real token's state)."""
     max_len: int = 77
     """Rows of the position table: at least the DataModule's context_length, and equal to the MLM
-    checkpoint's max_position_embeddings when `init_ckpt` is set."""
+    checkpoint's max_position_embeddings with init.source ours. Sources hf_bert and hf take the folder's."""
     init_ckpt: str | None = None
-    """An `MLMPretrainingModule` checkpoint of this framework to start the encoder from (its sizes and its
-    tokenizer: pass its vocab as data.tokenizer)."""
+    """Older spelling of `init: {source: ours, path: ...}`, kept so existing configs run."""
     gradient_checkpointing: bool = False
     """Recompute the Transformer blocks in backward: less activation memory for about one more forward."""
 
@@ -45,11 +50,38 @@ class TextTowerConfig(EncoderShape, TowerTraining):
             self.size, vocab_size=vocab_size, max_position_embeddings=self.max_len, **self.encoder_overrides()
         )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_ckpt and self.init.source != "scratch":
+            raise ValueError(
+                f"model.text.init_ckpt and model.text.init.source {self.init.source} both name a start: keep init"
+            )
+
+    @property
+    def start(self) -> TowerInit:
+        """`init`, with the older `init_ckpt` read as `{source: ours, path: init_ckpt}`."""
+        return TowerInit(source="ours", path=self.init_ckpt) if self.init_ckpt else self.init
+
+    def position_limit(self) -> int:
+        """The longest text the tower takes: `max_len`, or the Hugging Face folder's position table (RoBERTa-style
+        models number positions from pad_token_id + 1, so that many rows are not positions of text)."""
+        start = self.start
+        config = Path(start.path or "") / "config.json"
+        if start.source not in ("hf", "hf_bert") or not config.is_file():
+            return self.max_len
+        hf = json.loads(config.read_text())
+        offset = hf.get("pad_token_id", 1) + 1 if hf.get("model_type") in _OFFSET_POSITIONS else 0
+        return int(hf.get("max_position_embeddings", 512)) - offset
+
     def check_data(self, data: dict, where: str) -> None:
         """The DataModule's texts (its hyperparameters `data`) must fit the position table."""
-        if data.get("context_length", 0) > self.max_len:
+        limit = self.position_limit()
+        if data.get("context_length", 0) > limit:
+            table = (
+                "model.text.max_len" if limit == self.max_len else f"the position table of {self.start.path}"
+            )
             raise ValueError(
-                f"{where}.context_length ({data['context_length']}) exceeds model.text.max_len ({self.max_len}), "
+                f"{where}.context_length ({data['context_length']}) exceeds {table} ({limit}), "
                 "the text tower's position table"
             )
 
@@ -67,18 +99,59 @@ class TextTower(nn.Module):
             # BERT's tanh pooler is unused then; frozen, DDP does not wait for its gradient and AdamW skips it
             self.bert.pooler.requires_grad_(False)
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's Transformer blocks, first to last."""
+        return self.bert.encoder.blocks
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids, attention_mask)
+        if self.pooling == "eot":  # right-padded rows: the last real token sits at length - 1
+            last = attention_mask.sum(1).clamp_min(1) - 1
+            return self.proj(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         return self.proj(self.bert.pool(hidden, attention_mask, self.pooling))
 
 
-def build_text_tower(cfg: TextTowerConfig, vocab_size: int, embed_dim: int) -> TextTower:
-    """The text tower of `cfg`, initialised from its MLM checkpoint when it names one."""
-    tower = TextTower(cfg.bert_config(vocab_size), embed_dim, cfg.pooling)
-    if cfg.init_ckpt:
-        load_mlm_encoder(tower, cfg.init_ckpt)
+def build_text_tower(cfg: TextTowerConfig, vocab_size: int, embed_dim: int) -> TextTower | HFTextTower:
+    """The text tower of `cfg`, from the source `cfg.init` names: random weights, an MLM checkpoint of this
+    framework (ours), a Hugging Face BERT folder into our encoder (hf_bert) or any Hugging Face encoder (hf).
+
+    `vocab_size` is the DataModule's tokenizer's: a pretrained tower must have exactly that many token rows.
+    """
+    init = cfg.start
+    if init.source not in ("scratch", "ours", "hf_bert", "hf"):
+        raise ValueError(
+            f"model.text.init.source {init.source!r} is not a text source; use scratch, ours, hf_bert or hf"
+        )
+    if init.source != "scratch" and not init.path:
+        raise ValueError(f"model.text.init.source {init.source} needs model.text.init.path")
+    if init.source == "hf":
+        tower: TextTower | HFTextTower = HFTextTower(init.path, embed_dim, cfg.pooling)
+        check_vocab(tower.vocab_size, vocab_size, init.path)
+        if cfg.gradient_checkpointing:
+            tower.model.gradient_checkpointing_enable()
+        return tower
+    if init.source == "hf_bert":
+        bert = load_hf_bert(init.path).bert
+        check_vocab(bert.cfg.vocab_size, vocab_size, init.path)
+        tower = TextTower(bert.cfg, embed_dim, cfg.pooling)
+        tower.bert.load_state_dict(bert.state_dict())
+        log.info("text tower initialised from the Hugging Face BERT folder %s", init.path)
+    else:
+        tower = TextTower(cfg.bert_config(vocab_size), embed_dim, cfg.pooling)
+        if init.source == "ours":
+            load_mlm_encoder(tower, init.path)
     tower.bert.encoder.gradient_checkpointing = cfg.gradient_checkpointing
     return tower
+
+
+def check_vocab(tower_vocab: int, tokenizer_vocab: int, source: str | Path) -> None:
+    """A pretrained tower's embedding rows must be the tokenizer's: otherwise ids point at other tokens' rows."""
+    if tower_vocab != tokenizer_vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the text tower from {source} has {tower_vocab}: "
+            f"give the tower's own tokenizer, data.tokenizer={source}"
+        )
 
 
 def load_mlm_encoder(tower: TextTower, ckpt_path: str | Path) -> None:

@@ -3,12 +3,16 @@ where a tower's weights come from and how it trains (every tower)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import pickle
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
 from lightning_modules.components.encoder import SizeName
 
@@ -174,3 +178,70 @@ def tower_param_groups(
         params = [p for p in group["params"] if id(p) not in in_towers]
         groups.append({**group, "params": params, "lr": lr})
     return [g for g in groups if g["params"]]
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A state dict from a `.safetensors` file or a `torch.save`d one, read with `weights_only=True`: no pickled
+    code ever runs. A file holding a pickled whole model is refused in one line saying what to save instead."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # no pickled class refused: not a torch.save file at all
+            raise ValueError(
+                f"{path} is not a readable torch.save file (not a pickle weights_only can read): give a state "
+                "dict written by torch.save or a .safetensors file"
+            ) from None
+        raise ValueError(
+            f"{path} is not a plain state dict (weights_only loading refuses the pickled objects in it, e.g. a "
+            "whole nn.Module): save `model.state_dict()` with torch.save, or a .safetensors file, and give that"
+        ) from None
+    except Exception as err:  # truncated, or not a torch.save file at all (torch raises several kinds)
+        raise ValueError(
+            f"{path} is not a readable torch.save file ({type(err).__name__}: {str(err).partition(chr(10))[0]}): give "
+            "a state dict written by torch.save or a .safetensors file"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning checkpoint or a {"state_dict": ...} wrapper
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}, not a state dict of tensors: save `model.state_dict()` "
+            "with torch.save and give that file"
+        )
+    return state
+
+
+def load_matching_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor], source_path: str) -> None:
+    """Load `state_dict` into `module` only when every tensor fits: otherwise one error naming the first tensor
+    whose shape differs (both shapes) and how many keys are missing or unexpected, so a checkpoint of another
+    architecture or size is never half-loaded."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = next(
+        ((k, v.shape, own[k].shape) for k, v in state_dict.items() if k in own and v.shape != own[k].shape),
+        None,
+    )
+    if mismatched or missing or unexpected:
+        first = (
+            f"first mismatching tensor {mismatched[0]}: {tuple(mismatched[1])} in the checkpoint, "
+            f"{tuple(mismatched[2])} in the model; "
+            if mismatched
+            else ""
+        )
+        example = (
+            f" (e.g. missing {missing[0]})"
+            if missing
+            else f" (e.g. unexpected {unexpected[0]})"
+            if unexpected
+            else ""
+        )
+        raise ValueError(
+            f"{source_path} does not fit the named architecture: {first}{len(missing)} missing and "
+            f"{len(unexpected)} unexpected keys{example}"
+        )
+    module.load_state_dict(state_dict)
