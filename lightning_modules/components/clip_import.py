@@ -16,61 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.towers import TowerInit
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose tensors do not fit the named architecture."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The tensors of a `.safetensors` file or of a torch state-dict file (read with `weights_only=True`), with
-    the `state_dict` wrapper and DDP's `module.` prefix taken off."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path}: not a state dict that loads with weights_only=True (a pickled whole model or another "
-            f"format: {str(err).splitlines()[0]}); save the model's state_dict() with torch.save, or safetensors"
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: holds no state dict (a mapping of names to tensors)")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def load_matching(module: nn.Module, state: dict[str, Tensor], path: str | Path, arch: str) -> None:
-    """`module.load_state_dict(state)` that fails with one error naming the first tensor whose shape differs
-    (with both shapes) and the counts of missing and unexpected keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad = next(
-        ((k, v.shape, own[k].shape) for k, v in state.items() if k in own and v.shape != own[k].shape), None
-    )
-    if bad or missing or unexpected:
-        first = (
-            f"tensor {bad[0]} has shape {tuple(bad[1])} in the checkpoint but {tuple(bad[2])} in {arch}"
-            if bad
-            else f"first missing: {missing[0]}"
-            if missing
-            else f"first unexpected: {unexpected[0]}"
-        )
-        raise CheckpointMismatch(
-            f"{path} does not fit {arch}: {first}; {len(missing)} missing and {len(unexpected)} unexpected "
-            "keys. Name the architecture the checkpoint was saved from"
-        )
-    module.load_state_dict(state)
+from lightning_modules.components.towers import TowerInit, load_matching_state_dict, read_state_dict
 
 
 def _hf_config(folder: str | Path) -> dict[str, Any]:
@@ -108,7 +54,7 @@ def load_open_clip(init: TowerInit, where: str = "model.init_clip") -> nn.Module
         own = getattr(model, key, None)
         if key in state and isinstance(own, Tensor) and state[key].ndim != own.ndim:
             state[key] = state[key].reshape(own.shape)
-    load_matching(model, state, init.path, f"open_clip {init.name}")
+    load_matching_state_dict(model, state, init.path, f"open_clip {init.name}")
     return model.eval()
 
 
@@ -224,7 +170,7 @@ def load_torchvision(init: TowerInit, image_size: int, where: str = "model.image
         raise ValueError(f"{where}.init.name: torchvision has no model {init.name!r}") from None
     kwargs = {"image_size": image_size} if init.name.startswith("vit_") else {}
     model = builder(weights=None, **kwargs)
-    load_matching(model, read_state_dict(init.path), init.path, f"torchvision {init.name}")
+    load_matching_state_dict(model, read_state_dict(init.path), init.path, f"torchvision {init.name}")
     return TorchvisionBackbone(model, image_size)
 
 
@@ -238,7 +184,7 @@ def load_image_backbone(
     if init.source == "torchvision" and not init.name and own is not None:
         _need(init, where, name=False)
         arch = f"the configured {where} (model.image.arch and its shape)"
-        load_matching(own, read_state_dict(init.path), init.path, arch)
+        load_matching_state_dict(own, read_state_dict(init.path), init.path, arch)
         return own
     if init.source == "torchvision":
         return load_torchvision(init, image_size, where)

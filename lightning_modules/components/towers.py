@@ -212,10 +212,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
             f"{path} holds a {type(state).__name__}, not a state dict of tensors: save `model.state_dict()` "
             "with torch.save and give that file"
         )
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
 
 
-def load_matching_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor], source_path: str) -> None:
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tensors do not fit the named architecture."""
+
+
+def load_matching_state_dict(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    source_path: str,
+    arch: str = "the named architecture",
+) -> None:
     """Load `state_dict` into `module` only when every tensor fits: otherwise one error naming the first tensor
     whose shape differs (both shapes) and how many keys are missing or unexpected, so a checkpoint of another
     architecture or size is never half-loaded."""
@@ -240,8 +251,8 @@ def load_matching_state_dict(module: nn.Module, state_dict: Mapping[str, Tensor]
             if unexpected
             else ""
         )
-        raise ValueError(
-            f"{source_path} does not fit the named architecture: {first}{len(missing)} missing and "
+        raise CheckpointMismatch(
+            f"{source_path} does not fit {arch}: {first}{len(missing)} missing and "
             f"{len(unexpected)} unexpected keys{example}"
         )
     module.load_state_dict(state_dict)
