@@ -4,7 +4,6 @@ exactly, a kill in the middle of a checkpoint write leaves the previous one load
 
 from __future__ import annotations
 
-
 import os
 import signal
 import socket
