@@ -196,8 +196,10 @@ class ContrastiveModule(AlignmentModule):
         return self.pair.prefixes
 
     def _log_train(self, batch: dict, loss: Tensor, rows: int) -> None:
-        # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
+        # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together, in the step's one
+        # all-reduce (no sync_dist: that would be an all-reduce of its own every step)
+        mean = self.rank_means(loss, loss=loss)["loss"]
+        self.log("train/loss", mean, prog_bar=True, batch_size=rows)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=rows)
         log_empty(self, batch, rows, "train")
 

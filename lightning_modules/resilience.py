@@ -89,6 +89,13 @@ class CheckpointExtras(L.LightningModule):
         if tokenizer is not None:
             checkpoint["tokenizer_json"] = tokenizer.tokenizer.to_str()
 
+    def configure_model(self) -> None:
+        # FSDP2 shards here, on the strategy's device mesh (one function for every system); other strategies
+        # leave the model as built
+        from lightning_modules.strategies import configure_parallelism  # strategies imports the towers
+
+        configure_parallelism(self)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
@@ -134,6 +141,12 @@ class SkipNonFiniteSteps(L.LightningModule):
             source.receive_step_flags(vector[n + 1 + 2 * i : n + 3 + 2 * i])
         self._step_bad = vector[n] > 0
         return dict(zip([*sums, "nonfinite"], vector[: n + 1].unbind()))
+
+    def rank_means(self, finite_of: Tensor, **values: Tensor) -> dict[str, Tensor]:
+        """`values` (scalars) averaged over ranks, for logging, in the step's one all-reduce (`reduce_step`)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        sums = self.reduce_step(finite_of, **{k: v.detach() for k, v in values.items()})
+        return {k: sums[k] / world for k in values}
 
     def skip_if_nonfinite(self, loss: Tensor) -> Tensor:
         bad = self._step_bad if self._step_bad is not None else self.reduce_step(loss)["nonfinite"] > 0
