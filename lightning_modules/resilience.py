@@ -135,7 +135,8 @@ class SkipNonFiniteSteps(L.LightningModule):
             parts.extend(source.local_step_flags(self.trainer, device))
         vector = torch.stack(parts)
         if self._trainer is not None and self.trainer.world_size > 1:
-            vector = self.trainer.strategy.reduce(vector, reduce_op="sum")
+            # torch's all-reduce itself: Lightning's strategy.reduce puts a barrier (one more collective) before it
+            torch.distributed.all_reduce(vector, op=torch.distributed.ReduceOp.SUM)
         n = len(sums)
         for i, source in enumerate(sources):
             source.receive_step_flags(vector[n + 1 + 2 * i : n + 3 + 2 * i])
