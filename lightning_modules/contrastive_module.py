@@ -31,6 +31,7 @@ from lightning_modules.components.text_tower import TextTowerConfig, build_text_
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
+from lightning_modules.strategies import shard_units
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         loss: ContrastiveLossConfig = _LOSS,
         optimizer: OptimizerConfig = _OPTIMIZER,
         max_nonfinite_in_row: int = 20,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -135,6 +137,8 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
             loss: the contrastive loss and the learnable temperature it starts from (one per task).
             optimizer: AdamW and its learning-rate schedule.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            compile: torch.compile every tower's blocks, in place (parameter names, checkpoints and exports
+                unchanged), after FSDP2 has sharded them when it is the strategy.
         """
         super().__init__()
         self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s
@@ -143,6 +147,14 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         self.loss_config = as_config(ContrastiveLossConfig, loss)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.max_nonfinite_in_row = max_nonfinite_in_row
+        self.compile_blocks = compile
+
+    def configure_model(self) -> None:
+        super().configure_model()  # FSDP2's sharding first: compiled blocks then hold sharded parameters
+        if self.compile_blocks:
+            # block by block: one small graph per block type, reused by every block of a tower
+            for block in shard_units(self):
+                block.compile()
 
     def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))

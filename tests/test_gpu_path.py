@@ -270,3 +270,24 @@ def test_gpu_benchmark_smoke_eager_bert_on_cpu() -> None:
 def test_gpu_benchmark_smoke_all_rows_on_cpu() -> None:
     """Smoke test: both comparisons, eager and compiled (the "eager" compile backend on CPU)."""
     assert _benchmark().count("ratio:") == 4
+
+
+def test_compile_switch_of_the_contrastive_systems_compiles_every_block_in_place() -> None:
+    from lightning_modules.components.image_tower import ImageTowerConfig
+    from lightning_modules.components.text_tower import TextTowerConfig
+    from lightning_modules.image_text_module import ImageTextModule
+
+    def build(compile: bool) -> ImageTextModule:
+        image = ImageTowerConfig("vit_custom", 32, patch_size=16, layers=2, width=32, heads=2, mlp_dim=64)
+        return ImageTextModule(
+            vocab_size=100, embed_dim=16, image=image, text=TextTowerConfig("tiny"), compile=compile
+        )
+
+    compiled, eager = build(True), build(False)
+    compiled.configure_model()
+    eager.configure_model()
+    blocks = shard_units(compiled)
+    assert len(blocks) == 4  # two ViT blocks, two text blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in shard_units(eager))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints and exports unchanged
