@@ -291,3 +291,18 @@ def test_compile_switch_of_the_contrastive_systems_compiles_every_block_in_place
     assert all(b._compiled_call_impl is not None for b in blocks)
     assert all(b._compiled_call_impl is None for b in shard_units(eager))
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints and exports unchanged
+
+
+def test_nonfinite_rows_are_read_at_logging_steps_and_at_the_end(tmp_path: Path) -> None:
+    """Between logging steps the skips are only counted on the device; the run stops at the next read, here the
+    end of training, naming the longest row, and no NaN step updated the weights."""
+    from lightning_modules.resilience import NonFiniteLossError
+    from tests.test_resilience import NaNAtCalls
+
+    model = tiny_mlm(NaNAtCalls, nan_calls=set(range(1, 10)), max_nonfinite_in_row=3)
+    t = quiet_trainer(max_steps=10, log_every_n_steps=50, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="NaN or Inf 9 steps in a row"):
+        t.fit(model, loader(RandomMLMBatches()))
+    p = next(model.parameters())
+    assert t.optimizers[0].state[p]["step"].item() == 1  # the first, finite step only
+    assert all(torch.isfinite(q).all() for q in model.parameters())
