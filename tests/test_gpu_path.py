@@ -130,6 +130,7 @@ def test_throughput_counts_nothing_on_cpu_without_a_peak(tmp_path: Path) -> None
         callbacks=[callback],
         limit_val_batches=0,
         logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
     )
     t.fit(tiny_mlm(), loader(RandomMLMBatches()))
     assert callback.flops_per_batch is None  # the FLOP counter slows its batch: only where MFU can be told
