@@ -19,7 +19,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from cli import CheckpointError, consolidate, read_checkpoint
 from lightning_modules.components.encoder import EncoderBlock
-from lightning_modules.resilience import PreemptionCheckpoint
+from lightning_modules.resilience import PreemptionCheckpoint, SkipNonFiniteSteps
 from lightning_modules.strategies import shard_units
 from lightning_modules.throughput import Throughput, batch_counts, peak_tflops_of
 from tests.helpers import quiet_trainer
@@ -220,6 +220,25 @@ def test_consolidate_refuses_what_it_cannot_or_must_not_write(tmp_path: Path) ->
     assert mine.read_bytes() == b"the user's file"
 
 
+class LinearSystem(SkipNonFiniteSteps):
+    """The per-step bookkeeping of every system (`reduce_step`, logging, the non-finite skip, fused AdamW) around
+    a model without dynamic shapes: the MLM's sparse prediction (`nonzero` of the masked positions) and the
+    encoder's padding check read the device by design, which is not what this test is about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(8, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        self.log("train/loss", self.rank_means(loss, loss=loss)["loss"])
+        return self.skip_if_nonfinite(loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode is CUDA-only"
 )
@@ -228,25 +247,39 @@ def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
 
     class SyncDebug(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            # the first step (lazy state, FLOP counting) and logging steps read values on purpose
+            # the first step (lazy optimizer state) and logging steps read values on purpose
             quiet = trainer.global_step > 1 and (trainer.global_step + 1) % trainer.log_every_n_steps != 0
             torch.cuda.set_sync_debug_mode("error" if quiet else "default")
 
         def on_train_batch_end(self, trainer, pl_module, *args) -> None:
             torch.cuda.set_sync_debug_mode("default")
 
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
     t = quiet_trainer(
-        max_steps=6,
+        max_steps=8,
         accelerator="cuda",
         devices=1,
         log_every_n_steps=5,
-        callbacks=[SyncDebug()],
+        callbacks=[SyncDebug(), Throughput()],
         limit_val_batches=0,
         enable_progress_bar=False,
         default_root_dir=tmp_path,
     )
-    t.fit(tiny_mlm(), loader(RandomMLMBatches()))
-    assert t.global_step == 6
+    t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
+    assert t.global_step == 8
+
+
+def test_linear_system_skips_a_nonfinite_step_on_cpu(tmp_path: Path) -> None:
+    """The same system on CPU: a NaN batch leaves the weights as they were (fused AdamW's found_inf)."""
+    system = LinearSystem()
+    x = torch.randn(8, 8)
+    x[4:] = float("nan")  # the second batch of 4
+    data = torch.utils.data.TensorDataset(x, torch.randn(8, 1))
+    t = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
+    t.fit(system, torch.utils.data.DataLoader(data, batch_size=4))
+    assert t.optimizers[0].state[system.model.weight]["step"].item() == 1
+    assert torch.isfinite(system.model.weight).all()
+    assert t.callback_metrics["train/nonfinite_skipped"].item() == 1
 
 
 def _benchmark(*extra: str) -> str:
