@@ -26,6 +26,7 @@ import pkgutil
 import platform
 import re
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from lightning_modules.callbacks import MetricCurves
 from lightning_modules.resilience import SYSTEM_CLASS_KEY, AtomicCheckpoints, PreemptionCheckpoint
+from lightning_modules.throughput import Throughput
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
 # under the subcommand (`fit.trainer...`) on the merged config
@@ -146,7 +148,12 @@ class PretrainCLI(LightningCLI):
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and _interactive_terminal():
             # Rich in a terminal; in a log file (SLURM, CI) Lightning's tqdm bar, which prints as it goes
             kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        # a Throughput of the config (its own peak_tflops) replaces the default one
+        default = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, Throughput)]
+        if sum(isinstance(c, Throughput) for c in trainer.callbacks) > 1:
+            trainer.callbacks = [c for c in trainer.callbacks if not any(c is d for d in default)]
+        return trainer
 
 
 def _interactive_terminal() -> bool:
@@ -246,6 +253,48 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     return out
 
 
+def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
+    """Write a sharded checkpoint folder (FSDP2's, torch.distributed.checkpoint) as one Lightning checkpoint file
+    with the model's full state_dict and the run's hyper-parameters, for `test`, `export-hf` and fine-tuning. The
+    optimizer state is left out: resuming a run reads the folder itself."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from lightning_modules.resilience import AtomicCheckpointIO
+
+    p = argparse.ArgumentParser(
+        prog=f"{prog} consolidate",
+        description="Write a sharded checkpoint folder (FSDP2) as one checkpoint file",
+    )
+    p.add_argument("--ckpt_path", required=True, help="the sharded checkpoint folder")
+    p.add_argument("--out", required=True, help="the checkpoint file to write (must not exist)")
+    a = p.parse_args(argv)
+    folder, out = Path(a.ckpt_path), Path(a.out)
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a checkpoint file already, not a sharded checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"sharded checkpoint folder {folder} does not exist")
+    if not (folder / ".metadata").is_file():
+        raise CheckpointError(
+            f"{folder}: not a sharded checkpoint folder (it has no .metadata file of torch.distributed.checkpoint)"
+        )
+    if out.exists():
+        raise CheckpointError(
+            f"{out} exists: consolidate writes a new file and never replaces one; choose another --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".consolidate-") as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    meta = (
+        folder / "meta.pt"
+    )  # Lightning's: everything of the checkpoint but the tensors of the model and optimizers
+    ckpt = torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
+    ckpt["state_dict"] = full["state_dict"]
+    AtomicCheckpointIO().save_checkpoint(ckpt, out)
+    print(f"wrote {out}")
+    return out
+
+
 # Checkpoints --------------------------------------------------------------------------------------------------
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
@@ -278,7 +327,10 @@ def read_checkpoint(path: str | Path) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder (a sharded checkpoint?), not a checkpoint file")
+        raise CheckpointError(
+            f"checkpoint {path} is a folder (a sharded checkpoint?), not a checkpoint file: "
+            f"`python cli.py consolidate --ckpt_path {path} --out FILE.ckpt` writes one"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with path.open("rb") as f:
@@ -474,6 +526,9 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
         if argv and argv[0] == "export":
             export(argv[1:], prog)
             return None
+        if argv and argv[0] == "consolidate":
+            consolidate(argv[1:], prog)
+            return None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_float32_matmul_precision("high")
         cli = PretrainCLI(
@@ -483,7 +538,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
                 "exit_on_error": not friendly,
                 "description": "Pretraining of text, image-text and speech-text models. One more command: "
                 f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder; `{prog} export` an "
-                "image-text checkpoint as open_clip / Hugging Face CLIP, or its image tower as a state dict.",
+                "image-text checkpoint as open_clip / Hugging Face CLIP, or its image tower as a state dict; "
+                f"`{prog} consolidate` writes a sharded (FSDP2) checkpoint folder as one file.",
             },
             subclass_mode_model=True,
             subclass_mode_data=True,
@@ -492,9 +548,15 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
             # appended to the callbacks of any config: PNG curves beside metrics.csv when there is no W&B logger;
             # last.ckpt on SIGTERM or SLURM's requeue signal (and a requeue only on the latter); checkpoint files
             # written atomically in their folder, with dead writers' leftovers removed at start; the mark of the
-            # first batch, after which errors keep their traceback
+            # first batch, after which errors keep their traceback; samples/tokens/audio seconds per second and MFU
             trainer_defaults={
-                "callbacks": [MetricCurves(), PreemptionCheckpoint(), AtomicCheckpoints(), run_started]
+                "callbacks": [
+                    MetricCurves(),
+                    PreemptionCheckpoint(),
+                    AtomicCheckpoints(),
+                    run_started,
+                    Throughput(),
+                ]
             },
             args=args,  # None: LightningCLI reads sys.argv itself
         )

@@ -1,4 +1,10 @@
-"""Training throughput and model FLOPs utilisation (MFU) on one GPU: BERT-Base MLM+NSP and CLIP ViT-B/16.
+"""Training throughput and MFU on one GPU, ours beside the reference implementations, in one process.
+
+BERT-Base MLM+NSP (seq 128) against `transformers.BertForPreTraining`, CLIP ViT-B/16 against open_clip's
+ViT-B-16 at the same batch; each eager and compiled; the two sides of a comparison timed in alternating rounds
+after warm-up, so clocks and thermals treat them alike. Each line ends in `ratio:` (ours / theirs, > 1 = ours
+faster). `--smoke` runs tiny models on CPU so the script does not rot (the compiled rows then use the "eager"
+compile backend: the path, not the speed).
 
 Each model trains on random data of its real shape (BERT: seq 128, 15% of tokens masked, NSP pairs; CLIP:
 224 px images, 77-token captions) with the framework's own modules, optimiser (fused AdamW) and bf16 autocast,
@@ -8,7 +14,7 @@ unpadding, attention), not from a formula; MFU = counted FLOPs x steps/s / the G
 
     python benchmarks/gpu_throughput.py                       # both models, defaults for an 80-141 GB GPU
     python benchmarks/gpu_throughput.py --model bert --batch 256 --compile
-    python benchmarks/gpu_throughput.py --device cpu --model bert --size tiny --batch 4 --steps 2   # smoke run
+    python benchmarks/gpu_throughput.py --smoke                # tiny sizes on CPU, seconds
 """
 
 from __future__ import annotations
@@ -28,36 +34,20 @@ from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule  # noqa: E402
-from lightning_modules.optim import build_optimizer  # noqa: E402
+from lightning_modules.throughput import peak_tflops_of  # noqa: E402
 
-# dense bf16 tensor-core peaks (no sparsity), TFLOP/s, by a substring of torch.cuda.get_device_name()
-PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0}
-PEAK_TFLOPS |= {"A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0, "V100": 125.0}
+Step = Callable[[], None]
 
 
 def peak_flops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    tflops = override or peak_tflops_of(device)
+    return tflops * 1e12 if tflops else None
 
 
-def bert_step(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[Callable[[], None], int, str, list[torch.nn.Module]]:
-    module = MLMPretrainingModule(
-        size=args.size, vocab_size=30522, max_position_embeddings=512, compile=args.compile
-    )
-    model = module.model.to(device).train()
-    opt = build_optimizer(model, 1e-4, 0.01, (0.9, 0.999), 1e-6, 0, 1000, "constant")["optimizer"]
+def bert_batch(args: argparse.Namespace, device: torch.device, vocab: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     b, n = args.batch, args.seq
-    ids = torch.randint(5, 30522, (b, n), generator=g)
+    ids = torch.randint(5, vocab, (b, n), generator=g)
     chosen = torch.rand(b, n, generator=g) < 0.15
     batch = {
         "input_ids": ids,
@@ -66,71 +56,142 @@ def bert_step(
         "labels": torch.where(chosen, ids, IGNORE_INDEX),
         "nsp_labels": torch.randint(0, 2, (b,), generator=g),
     }
-    batch = {k: v.to(device) for k, v in batch.items()}
-    module.to(device)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_step(device: torch.device, bf16: bool, params, loss_of: Callable[[], torch.Tensor]) -> Step:
+    opt = torch.optim.AdamW(list(params), lr=1e-4, fused=device.type in ("cuda", "cpu"))
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = module.model_step(batch, "train")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, b * n, f"BERT-{args.size} MLM+NSP, seq {n}, batch {b}", [module.model]
+    return step
 
 
-def clip_step(
-    args: argparse.Namespace, device: torch.device
-) -> tuple[Callable[[], None], int, str, list[torch.nn.Module]]:
-    module = ImageTextModule(
-        embed_dim=512, image=ImageTowerConfig("vit_b_16", 224), text=TextTowerConfig("base")
+def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step]:
+    """Ours (the framework's MLM system) and transformers' BertForPreTraining of the same shape, same batch."""
+    from transformers import BertConfig as HFConfig
+    from transformers import BertForPreTraining as HFBert
+
+    ours = MLMPretrainingModule(size=args.size, vocab_size=30522, max_position_embeddings=512, dropout=0.1)
+    ours.to(device).train()
+    cfg = ours.model.cfg
+    theirs = HFBert(
+        HFConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            max_position_embeddings=cfg.max_position_embeddings,
+            attn_implementation="sdpa",
+        )
     ).to(device)
-    module.train()
-    opt = build_optimizer(module, 5e-4, 0.2, (0.9, 0.98), 1e-6, 0, 1000, "constant")["optimizer"]
+    theirs.train()
+    batch = bert_batch(args, device, cfg.vocab_size)
+    if compiled:
+        ours.model.bert.compile(backend=args.backend)  # as the module's compile switch does
+        theirs.compile(backend=args.backend)
+
+    def their_loss() -> torch.Tensor:
+        out = theirs(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            labels=batch["labels"],
+            next_sentence_label=batch["nsp_labels"],
+        )
+        return out.loss
+
+    return (
+        train_step(device, args.bf16, ours.parameters(), lambda: ours.model_step(batch, "train")),
+        train_step(device, args.bf16, theirs.parameters(), their_loss),
+    )
+
+
+def clip_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step]:
+    """Ours (ImageTextModule: ViT-B/16 + BERT-base text) and open_clip's ViT-B-16 (no weights: nothing is
+    downloaded) at the same batch of 224 px images and 77-token captions."""
+    import open_clip
+
+    if args.smoke:
+        image = ImageTowerConfig("vit_custom", 32, patch_size=16, layers=2, width=64, heads=2, mlp_dim=128)
+        text = TextTowerConfig("tiny")
+        size, context, width = 32, 16, 64
+        theirs = open_clip.CLIP(
+            embed_dim=64,
+            vision_cfg={"image_size": size, "patch_size": 16, "layers": 2, "width": width},
+            text_cfg={"context_length": context, "vocab_size": 1000, "width": width, "heads": 2, "layers": 2},
+        )
+        embed = 64
+    else:
+        image, text, size, context, embed = (
+            ImageTowerConfig("vit_b_16", 224),
+            TextTowerConfig("base"),
+            224,
+            77,
+            512,
+        )
+        theirs = open_clip.create_model("ViT-B-16", pretrained=None)
+    ours = ImageTextModule(embed_dim=embed, image=image, text=text).to(device).train()
+    theirs = theirs.to(device).train()
+    their_loss_fn = open_clip.ClipLoss()
     g = torch.Generator().manual_seed(0)
     b = args.clip_batch
-    lengths = torch.randint(8, 30, (b,), generator=g)
-    mask = (torch.arange(77)[None, :] < lengths[:, None]).long()
+    lengths = torch.randint(4, context - 1, (b,), generator=g)
+    mask = (torch.arange(context)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(5, 1000, (b, context), generator=g) * mask
     batch = {
-        "images": torch.randn(b, 3, 224, 224, generator=g),
-        "input_ids": torch.randint(5, 30522, (b, 77), generator=g) * mask,
+        "images": torch.randn(b, 3, size, size, generator=g),
+        "input_ids": ids,
         "attention_mask": mask,
         "image_ids": torch.arange(b),
         "caption_ids": torch.arange(b),
     }
     batch = {k: v.to(device) for k, v in batch.items()}
+    if compiled:
+        ours.pair.image.compile(backend=args.backend)
+        ours.pair.text.compile(backend=args.backend)
+        theirs.compile(backend=args.backend)
 
-    def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = module.pair.loss(module.embed(batch, "train"))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def their_loss() -> torch.Tensor:
+        image_features, text_features, scale = theirs(batch["images"], batch["input_ids"])
+        return their_loss_fn(image_features, text_features, scale)
 
     return (
-        step,
-        b,
-        f"CLIP ViT-B/16 + BERT-base text, 224 px, 77 tokens, batch {b}",
-        [module.pair.image, module.pair.text],
+        train_step(device, args.bf16, ours.parameters(), lambda: ours.pair.loss(ours.embed(batch, "train"))),
+        train_step(device, args.bf16, theirs.parameters(), their_loss),
     )
 
 
-def measure(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        step()
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - start) / steps
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def count_flops(step: Callable[[], None]) -> int:
+def interleaved(steps: tuple[Step, Step], device: torch.device, warmup: int, rounds: int, per_round: int):
+    """Seconds per step of each side: warm-up (compilation) first, then alternating rounds of `per_round`
+    steps; the median round of each side."""
+    for step in steps:
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for side, step in enumerate(steps):
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            sync(device)
+            times[side].append((time.perf_counter() - start) / per_round)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def count_flops(step: Step) -> int:
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
@@ -143,39 +204,46 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=256, help="BERT sequences per step")
     p.add_argument("--clip-batch", type=int, default=256, help="CLIP image-caption pairs per step")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--per-round", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--modes", default="eager,compiled", help="eager, compiled or both (comma-separated)")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend")
     p.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks that the script runs")
     args = p.parse_args()
+    if args.smoke:
+        args.device, args.size, args.seq, args.batch, args.clip_batch = "cpu", "tiny", 16, 2, 2
+        args.rounds, args.per_round, args.warmup, args.bf16, args.backend = 1, 1, 1, False, "eager"
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     peak = peak_flops(device, args.peak_tflops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(
-        f"device: {name}; bf16 autocast: {args.bf16}; compile: {args.compile}; peak: {peak and peak / 1e12} TFLOP/s"
-    )
-    builders = {"bert": bert_step, "clip": clip_step}
+    print(f"device: {name}; bf16 autocast: {args.bf16}; peak: {peak and peak / 1e12} TFLOP/s", flush=True)
+    jobs = {"bert": (bert_pair, f"BERT-{args.size} seq {args.seq}", "tokens", args.batch * args.seq)}
+    jobs["clip"] = (clip_pair, "CLIP ViT-B/16" if not args.smoke else "CLIP tiny", "pairs", args.clip_batch)
     chosen = ["bert", "clip"] if args.model == "both" else [args.model]
     for key in chosen:
-        step, units, title, modules = builders[key](args, device)
-        flops = count_flops(step)  # on the eager step: the counter does not see inside compiled graphs
-        if args.compile:
-            for m in modules:
-                m.compile()  # in place, as the training modules' own compile option does
-        seconds = measure(step, device, args.warmup, args.steps)
-        unit = "tokens" if key == "bert" else "pairs"
-        line = f"{title}: {seconds * 1e3:.1f} ms/step, {units / seconds:,.0f} {unit}/s, "
-        line += f"{flops / 1e9:,.1f} GFLOP/step, {flops / seconds / 1e12:.2f} TFLOP/s"
-        if peak:
-            line += f", MFU {flops / seconds / peak:.1%}"
-        print(line, flush=True)
-        del step
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        build, title, unit, units = jobs[key]
+        for mode in args.modes.split(","):
+            steps = build(args, device, compiled=False)
+            flops = [count_flops(s) for s in steps]  # eager: the counter does not see inside compiled graphs
+            if mode == "compiled":
+                del steps
+                steps = build(args, device, compiled=True)
+            seconds = interleaved(steps, device, args.warmup, args.rounds, args.per_round)
+            cells = []
+            for who, f, sec in zip(("ours", "theirs"), flops, seconds):
+                cell = f"{who} {units / sec:,.0f} {unit}/s"
+                cell += f" MFU {f / sec / peak:.1%}" if peak else f" {f / sec / 1e12:.2f} TFLOP/s"
+                cells.append(cell)
+            print(f"{title} {mode}: {' | '.join(cells)} | ratio: {seconds[1] / seconds[0]:.2f}", flush=True)
+            del steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

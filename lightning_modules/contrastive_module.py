@@ -32,6 +32,7 @@ from lightning_modules.components.towers import TowerTraining, apply_lock, tower
 from lightning_modules.optim import Schedule, build_optimizer, param_groups
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
 from lightning_modules.rng import rng_state, set_rng_state
+from lightning_modules.strategies import shard_units
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         loss: ContrastiveLossConfig = _LOSS,
         optimizer: OptimizerConfig = _OPTIMIZER,
         max_nonfinite_in_row: int = 20,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -154,6 +156,8 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
             loss: the contrastive loss and the learnable temperature it starts from (one per task).
             optimizer: AdamW and its learning-rate schedule.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            compile: torch.compile every tower's blocks, in place (parameter names, checkpoints and exports
+                unchanged), after FSDP2 has sharded them when it is the strategy.
         """
         super().__init__()
         self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s
@@ -162,6 +166,14 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         self.loss_config = as_config(ContrastiveLossConfig, loss)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
         self.max_nonfinite_in_row = max_nonfinite_in_row
+        self.compile_blocks = compile
+
+    def configure_model(self) -> None:
+        super().configure_model()  # FSDP2's sharding first: compiled blocks then hold sharded parameters
+        if self.compile_blocks:
+            # block by block: one small graph per block type, reused by every block of a tower
+            for block in shard_units(self):
+                block.compile()
 
     def towers(self) -> dict[str, tuple[nn.Module, TowerTraining]]:
         """Each tower (by its section's name) with its config; the subclass says where its towers are."""
@@ -227,8 +239,10 @@ class ContrastiveModule(AlignmentModule):
         return self.pair.prefixes
 
     def _log_train(self, batch: dict, loss: Tensor, rows: int) -> None:
-        # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=rows)
+        # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together, in the step's one
+        # all-reduce (no sync_dist: that would be an all-reduce of its own every step)
+        mean = self.rank_means(loss, loss=loss)["loss"]
+        self.log("train/loss", mean, prog_bar=True, batch_size=rows)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=rows)
         log_empty(self, batch, rows, "train")
 

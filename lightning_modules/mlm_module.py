@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -120,7 +119,6 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
                 for stage in ("val", "test")
             }
         )
-        self._step_start: float | None = None
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         masked = batch["labels"] != IGNORE_INDEX
@@ -135,19 +133,13 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             IGNORE_INDEX,
         )
         n = out.mlm_targets.numel()
-        mlm_loss = self.mlm_loss(out.mlm_loss_sum, n, stage)
         nsp_loss = None
         if "nsp_labels" in batch:  # the DataModule decides: NSP pairs carry labels, packed text none
             nsp_loss = F.cross_entropy(out.nsp_logits.float(), batch["nsp_labels"])
-        loss = mlm_loss if nsp_loss is None else mlm_loss + nsp_loss
         if stage == "train":
-            # per-step figures of the batch at hand; epoch-level metrics are kept for val/test only
-            self.log("train/mlm_loss", mlm_loss, sync_dist=True)
-            self.log("train/mlm_acc", out.mlm_hits.float().mean())
-            if nsp_loss is not None:
-                self.log("train/nsp_loss", nsp_loss)
-                self.log("train/nsp_acc", (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
-            return loss
+            return self.train_loss(out.mlm_loss_sum, n, nsp_loss, out.mlm_hits, out.nsp_logits, batch)
+        mlm_loss = out.mlm_loss_sum / n
+        loss = mlm_loss if nsp_loss is None else mlm_loss + nsp_loss
         m = self.metrics[stage]
         m["loss"].update(loss.detach(), n)
         m["mlm_loss"].update(mlm_loss.detach(), n)
@@ -156,41 +148,46 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             m["nsp_acc"].update(out.nsp_logits.detach(), batch["nsp_labels"])
         return loss
 
-    def mlm_loss(self, loss_sum: Tensor, count: int, stage: str) -> Tensor:
-        """Mean cross-entropy over the masked tokens of the whole global batch, from the local sum and count.
+    def train_loss(
+        self,
+        loss_sum: Tensor,
+        count: int,
+        nsp_loss: Tensor | None,
+        hits: Tensor,
+        nsp_logits: Tensor,
+        batch: dict[str, Tensor],
+    ) -> Tensor:
+        """Mean cross-entropy over the masked tokens of the whole global batch (+ NSP), from the local sum and count.
 
         Ranks hold different numbers of masked tokens, so with several ranks each one's summed loss is divided by
-        the global count (one scalar all-reduce) and multiplied by the world size, which DDP's gradient average
-        divides out again: 2 ranks x batch B then give the gradient of 1 rank x batch 2B, not an average of
-        per-rank means. Averaged over ranks for logging, it is the global mean. No masked token at all gives NaN
-        (0 / 0), which the non-finite guard skips.
+        the global count and multiplied by the world size, which DDP's gradient average divides out again: 2 ranks
+        x batch B then give the gradient of 1 rank x batch 2B, not an average of per-rank means. The count, the
+        logged global losses and the non-finite check share the step's one all-reduce (`reduce_step`). No masked
+        token at all gives NaN (0 / 0) on one rank, which the non-finite guard skips.
         """
         world = self.trainer.world_size if self._trainer is not None else 1
-        if stage != "train" or world == 1:
-            return loss_sum / count
-        total = self.trainer.strategy.reduce(
-            torch.tensor(float(count), device=loss_sum.device), reduce_op="sum"
-        )
-        return loss_sum * world / total.clamp_min(1.0)
+        nsp = nsp_loss if nsp_loss is not None else loss_sum.new_zeros(())
+        sums = self.reduce_step(loss_sum + nsp, count=count, mlm_loss_sum=loss_sum.detach(), nsp=nsp.detach())
+        if world == 1:
+            mlm_loss = loss_sum / count
+        else:
+            mlm_loss = loss_sum * world / sums["count"].clamp_min(1.0)
+        # the global means, from the sums: the logger needs no all-reduce of its own
+        global_mlm = sums["mlm_loss_sum"] / sums["count"]
+        self.log("train/mlm_loss", global_mlm)
+        self.log("train/loss", global_mlm + sums["nsp"] / world, prog_bar=True)
+        self.log("train/mlm_acc", hits.float().mean())
+        if nsp_loss is None:
+            return mlm_loss
+        self.log("train/nsp_loss", nsp_loss)
+        self.log("train/nsp_acc", (nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean())
+        return mlm_loss + nsp_loss
 
     # training ---------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch, "train")
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0)
         return self.skip_if_nonfinite(loss)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self._step_start is not None:
-            tokens = batch["attention_mask"].sum() * self.trainer.world_size
-            self.log(
-                "train/tokens_per_sec",
-                tokens.float() / (time.perf_counter() - self._step_start),
-                prog_bar=True,
-            )
 
     # evaluation -------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

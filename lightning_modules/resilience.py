@@ -90,27 +90,106 @@ class CheckpointExtras(L.LightningModule):
         if inner is not None:
             checkpoint["tokenizer_json"] = inner.to_str()
 
+    def configure_model(self) -> None:
+        # FSDP2 shards here, on the strategy's device mesh (one function for every system); other strategies
+        # leave the model as built
+        from lightning_modules.strategies import configure_parallelism  # strategies imports the towers
+
+        configure_parallelism(self)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
 
-class SkipNonFiniteSteps(L.LightningModule):
-    """Automatic optimisation that survives NaN/Inf losses, also under DDP.
+def _flag_sources(trainer: L.Trainer | None) -> list[Any]:
+    """The callbacks whose per-step flags ride in the step's all-reduce (`PreemptionCheckpoint`)."""
+    return [c for c in (trainer.callbacks if trainer is not None else []) if hasattr(c, "receive_step_flags")]
 
-    Lightning refuses a `training_step` that returns None in distributed training, so a step with a non-finite loss
-    (on any rank: `finite_or_skip` all-reduces the decision) returns `zero_loss` instead, every rank runs its
-    backward, and `optimizer_step` leaves the optimizer untouched: no update, no Adam moment change, no weight
-    decay. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
+
+class SkipNonFiniteSteps(L.LightningModule):
+    """Automatic optimisation that survives NaN/Inf losses, also under DDP, without a host sync per step.
+
+    Every scalar a training step needs from all ranks travels in one all-reduce (`reduce_step`): the system's own
+    sums (the MLM's masked-token count, the losses it logs), whether the loss is non-finite on some rank, and the
+    SIGTERM and requeue flags of `PreemptionCheckpoint`. The decision stays on the device: a step whose loss is
+    non-finite on any rank runs its backward (NaN gradients) and the fused AdamW kernel skips the update on every
+    rank (`found_inf`: no parameter, moment or step-count change, no weight decay). Optimizers without a
+    device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
+    logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
+    logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
     """
 
     max_nonfinite_in_row: int = 20
-    _skip_update: bool = False
+    _step_bad: Tensor | None = None  # this step's all-reduced non-finite flag, from `reduce_step`
+    _bad_pending: Tensor | None = None  # OR over the micro-batches since the last optimizer step
+    _skip_counts: Tensor | None = None  # (skipped in all, in a row now, longest row since the last check)
+    _skips_seen: int = 0
+
+    def reduce_step(self, finite_of: Tensor, **sums: Tensor | float) -> dict[str, Tensor]:
+        """`sums` (scalars) summed over ranks, and `nonfinite`: how many ranks' `finite_of` is NaN or Inf, in one
+        all-reduce that also carries the preemption flags. The returned tensors stay on the device."""
+        device = finite_of.device
+        parts = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in sums.values()]
+        parts.append((~torch.isfinite(finite_of.detach())).any().float())
+        sources = _flag_sources(self._trainer)
+        for source in sources:
+            parts.extend(source.local_step_flags(self.trainer, device))
+        vector = torch.stack(parts)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # torch's all-reduce itself: Lightning's strategy.reduce puts a barrier (one more collective) before it
+            torch.distributed.all_reduce(vector, op=torch.distributed.ReduceOp.SUM)
+        n = len(sums)
+        for i, source in enumerate(sources):
+            source.receive_step_flags(vector[n + 1 + 2 * i : n + 3 + 2 * i])
+        self._step_bad = vector[n] > 0
+        return dict(zip([*sums, "nonfinite"], vector[: n + 1].unbind()))
+
+    def rank_means(self, finite_of: Tensor, **values: Tensor) -> dict[str, Tensor]:
+        """`values` (scalars) averaged over ranks, for logging, in the step's one all-reduce (`reduce_step`)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        sums = self.reduce_step(finite_of, **{k: v.detach() for k, v in values.items()})
+        return {k: sums[k] / world for k in values}
 
     def skip_if_nonfinite(self, loss: Tensor) -> Tensor:
-        if finite_or_skip(self, loss, self.max_nonfinite_in_row) is not None:
-            return loss
-        self._skip_update = True  # sticky over accumulated micro-batches until the optimizer step
-        return zero_loss(self)
+        bad = self._step_bad if self._step_bad is not None else self.reduce_step(loss)["nonfinite"] > 0
+        self._step_bad = None
+        # sticky over accumulated micro-batches until the optimizer step
+        self._bad_pending = bad if self._bad_pending is None else self._bad_pending | bad
+        counts = self._skip_counts
+        if counts is None or counts.device != bad.device:
+            counts = torch.zeros(3, device=bad.device)
+        b = bad.float()
+        total, in_row = counts[0] + b, (counts[1] + 1) * b
+        self._skip_counts = torch.stack([total, in_row, torch.maximum(counts[2], in_row)])
+        if self._trainer is not None:
+            self.log("train/nonfinite_skipped", total, on_step=True, on_epoch=False)
+            if (self.trainer.global_step + 1) % self.trainer.log_every_n_steps == 0:
+                self.check_nonfinite_skips()
+        return loss
+
+    def check_nonfinite_skips(self) -> None:
+        """Warn about the steps skipped since the last check, and stop the run after `max_nonfinite_in_row` in a
+        row. Reads three numbers from the device: call it where a sync happens anyway."""
+        if self._skip_counts is None:
+            return
+        total, _, longest = (int(v) for v in self._skip_counts.tolist())
+        self._skip_counts[2] = self._skip_counts[1]  # the next check looks at rows from here on
+        if total > self._skips_seen:
+            rank_zero_warn(
+                f"non-finite loss: {total - self._skips_seen} step(s) skipped before step {self.global_step + 1} "
+                f"({total} in all)"
+            )
+            self._skips_seen = total
+        if longest >= self.max_nonfinite_in_row > 0:
+            raise NonFiniteLossError(
+                f"the loss was NaN or Inf {longest} steps in a row (by step {self.global_step + 1}; "
+                f"max_nonfinite_in_row={self.max_nonfinite_in_row}): the run is diverging. Lower the learning "
+                "rate, add warmup or gradient clipping (--trainer.gradient_clip_val 1.0), or resume from an "
+                "earlier checkpoint"
+            )
+
+    def on_train_end(self) -> None:
+        self.check_nonfinite_skips()
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
@@ -118,9 +197,26 @@ class SkipNonFiniteSteps(L.LightningModule):
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         loss = optimizer_closure()  # training_step and backward, as Lightning's own step would run them
-        skip, self._skip_update = self._skip_update, False
-        if not skip:
+        bad, self._bad_pending = self._bad_pending, None
+        inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper around the torch optimizer
+        if bad is None:
             optimizer.step(closure=lambda: loss)
+        elif _skips_on_device(inner):
+            inner.found_inf = bad.float()
+            try:
+                optimizer.step(closure=lambda: loss)
+            finally:  # AMP's GradScaler sets and deletes its own found_inf on this attribute
+                if hasattr(inner, "found_inf"):
+                    del inner.found_inf
+        elif not bool(bad):  # a host read: this optimizer cannot skip on the device
+            optimizer.step(closure=lambda: loss)
+
+
+def _skips_on_device(optimizer: Any) -> bool:
+    """Fused Adam/AdamW take `found_inf` and leave everything untouched where it is 1."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(
+        optimizer.defaults.get("fused")
+    )
 
 
 def temporary_name(target: Path) -> Path:
@@ -290,6 +386,9 @@ class PreemptionCheckpoint(L.Callback):
         self._signum: int | None = None  # the requeue signal this run listens to
         self._requeue_received = False
         self._previous_handler: Any = None
+        self._step_flags: tuple[Tensor, Any] | None = (
+            None  # from the step's all-reduce, on their way to the host
+        )
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         callback = trainer.checkpoint_callback
@@ -311,6 +410,7 @@ class PreemptionCheckpoint(L.Callback):
         # after Lightning registered its handlers, so ours replaces its SLURM one, and its signal connector puts back
         # the handlers of before the run when the run ends, also when it ends with an exception
         self._requeue_received, self.saved_path, self.requeued_job = False, None, None
+        self._step_flags = None
         self._signum = self.requeue_signal_for(trainer)
         if self._signum is not None and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
@@ -323,10 +423,42 @@ class PreemptionCheckpoint(L.Callback):
             signal.signal(self._signum, self._previous_handler)
         self._previous_handler = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+    def local_step_flags(self, trainer: L.Trainer, device: torch.device) -> list[Tensor]:
+        """This rank's (SIGTERM, requeue) flags, for the training step's all-reduce (`reduce_step`)."""
+        return [
+            torch.tensor(float(on), device=device)
+            for on in (trainer.received_sigterm, self._requeue_received)
+        ]
+
+    def receive_step_flags(self, flags: Tensor) -> None:
+        """The flags summed over ranks, still on the device: copied to the host without waiting, and read at a
+        later batch end once the copy has landed, so the decision never stalls the device."""
+        if flags.device.type == "cuda":
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._step_flags = (host, event)
+        else:
+            self._step_flags = (flags, None)
+
+    def _flags(self, trainer: L.Trainer) -> Tensor | None:
+        if self._step_flags is not None:  # the system put them in its step's all-reduce
+            host, event = self._step_flags
+            if event is not None and not event.query():
+                return None  # not on the host yet: decide at the next batch end
+            self._step_flags = None
+            return host
+        # a system without `reduce_step`: an all-reduce of its own
         flags = torch.tensor([float(trainer.received_sigterm), float(self._requeue_received)])
         if trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device), reduce_op="max").cpu()
+        return flags
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        flags = self._flags(trainer)
+        if flags is None:
+            return
         sigterm, requeue = bool(flags[0]), bool(flags[1])
         if not (sigterm or requeue) or self.saved_path is not None:
             return

@@ -1,18 +1,25 @@
 """Lightning's strategies, set up for this framework's models, so a YAML snippet can choose them.
 
 DDP and DeepSpeed need nothing model-specific: `configs/strategy/ddp.yaml` and `deepspeed.yaml` name Lightning's
-own classes. FSDP needs to know its wrap unit; `BlockFSDPStrategy` shards at the Transformer block of every
-tower (the shared encoder's `EncoderBlock`, torchvision's ViT block, torchaudio's Conformer layer, ResNet's
-bottleneck) and optionally recomputes those blocks' activations in the backward pass.
+own classes. FSDP needs to know its wrap unit; `BlockFSDPStrategy` (FSDP1) and `FSDP2Strategy` (per-parameter
+sharding, `fully_shard`) shard at the Transformer block of every tower (the shared encoder's `EncoderBlock`,
+torchvision's ViT block, torchaudio's Conformer layer, ResNet's bottleneck, and the entries of any tower's
+`blocks` list) and optionally recompute those blocks' activations in the backward pass.
 """
 
 from __future__ import annotations
 
+import inspect
 from datetime import timedelta
 from typing import Literal
 
-from lightning.pytorch.strategies import FSDPStrategy
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torchaudio.models.conformer import ConformerLayer
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
@@ -60,3 +67,158 @@ class BlockFSDPStrategy(FSDPStrategy):
             limit_all_gathers=limit_all_gathers,
             timeout=timeout,
         )
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP2 shards one by one, in module order: every block of `block_types()` and every entry of a
+    tower's `blocks` list (the pretrained towers name theirs so), none inside another."""
+    listed = {
+        id(m)
+        for module in model.modules()
+        if isinstance(blocks := getattr(module, "blocks", None), nn.ModuleList)
+        for m in blocks
+    }
+    kinds = tuple(block_types())
+    units: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, kinds) or id(module) in listed:
+            units.append(module)
+            inside |= {id(m) for m in module.modules()}
+    return units
+
+
+def apply_fsdp2(
+    system: nn.Module,
+    mesh: DeviceMesh | None = None,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype | None = torch.float32,
+    activation_checkpointing: bool = False,
+    reshard_after_forward: bool = True,
+) -> list[nn.Module]:
+    """Shard `system` in place with `fully_shard`: each block (`shard_units`) is one unit, then every top-level
+    child that holds parameters (embeddings, heads, projections) is a root unit over what is left. Returns the
+    units in the order sharded. With `activation_checkpointing` each block's forward is recomputed in backward.
+
+    One function for every system: the LightningModules call it from `configure_model` (through
+    `CheckpointExtras`) when the trainer's strategy is `FSDP2Strategy`."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    units = shard_units(system)
+    if activation_checkpointing:
+        units = [_checkpointed(system, unit) for unit in units]
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    roots = [
+        c for c in system.children() if any(True for _ in c.parameters()) and not isinstance(c, FSDPModule)
+    ]
+    for root in roots:
+        methods = _public_methods(type(root))  # of the model's class, before fully_shard subclasses it
+        fully_shard(root, **kwargs)
+        # the systems call their model's own methods (`pretraining_outputs`, a pair's `training_loss`), not only
+        # `forward`: FSDP must gather the root's parameters around those calls too
+        for name in methods:
+            register_fsdp_forward_method(root, name)
+    return [*units, *roots]
+
+
+def _public_methods(cls: type) -> list[str]:
+    """The plain methods a model class defines itself (and its bases up to nn.Module), forward aside."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if klass is nn.Module:
+            break
+        for name, value in vars(klass).items():
+            if (
+                inspect.isfunction(value)
+                and not name.startswith("_")
+                and name != "forward"
+                and name not in names
+            ):
+                names.append(name)
+    return names
+
+
+def _checkpointed(system: nn.Module, block: nn.Module) -> nn.Module:
+    """Put `block` in a checkpoint wrapper, in its parent's place; the wrapper's state-dict hooks keep the
+    parameter names, so checkpoints do not change."""
+    for module in system.modules():
+        for name, child in module.named_children():
+            if child is block:
+                wrapped = checkpoint_wrapper(block)
+                setattr(module, name, wrapped)
+                return wrapped
+    return block
+
+
+DTypeName = Literal["bfloat16", "float16", "float32"]
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Per-parameter fully sharded data parallel (`fully_shard`, FSDP2) over all devices, each tower's blocks the
+    unit, through Lightning's `ModelParallelStrategy`. Checkpoints are folders of shards (torch.distributed
+    .checkpoint) that resume directly; `python cli.py consolidate` turns one into a single file."""
+
+    def __init__(
+        self,
+        param_dtype: DTypeName = "bfloat16",
+        reduce_dtype: DTypeName = "float32",
+        activation_checkpointing: bool = False,
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta = timedelta(minutes=30),
+    ) -> None:
+        """
+        Args:
+            param_dtype: the dtype blocks compute in (parameters are gathered in it; the sharded master weights
+                and the optimizer state stay float32).
+            reduce_dtype: the dtype gradients are reduce-scattered in.
+            activation_checkpointing: recompute each block's activations in the backward pass (less memory,
+                about a third more compute).
+            reshard_after_forward: free the gathered parameters after each block's forward (ZeRO-3); False keeps
+                them until the backward (ZeRO-2-like: more memory, one all-gather less).
+            save_distributed_checkpoint: a folder of shards, one file per rank (fast, scales); False gathers a
+                single file on rank 0.
+            process_group_backend: "nccl" on GPUs, "gloo" on CPUs by default.
+            timeout: collective operations' timeout.
+        """
+        super().__init__(
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.param_dtype = getattr(torch, param_dtype)
+        self.reduce_dtype = getattr(torch, reduce_dtype)
+        self.activation_checkpointing = activation_checkpointing
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # pure data parallelism: one mesh dimension over every process (Lightning's default is tensor parallel)
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        if self._tensor_parallel_size == "auto":
+            self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def shard(self, system: L.LightningModule) -> None:
+        """`apply_fsdp2` with this strategy's settings on its data-parallel mesh; a sharded system is left as is."""
+        if any(isinstance(m, FSDPModule) for m in system.modules()):
+            return
+        apply_fsdp2(
+            system,
+            self.device_mesh["data_parallel"],
+            self.param_dtype,
+            self.reduce_dtype,
+            self.activation_checkpointing,
+            self.reshard_after_forward,
+        )
+
+
+def configure_parallelism(system: L.LightningModule) -> None:
+    """What every system's `configure_model` does: shard itself when the trainer's strategy is FSDP2."""
+    trainer = system._trainer
+    if trainer is not None and isinstance(trainer.strategy, FSDP2Strategy):
+        trainer.strategy.shard(system)

@@ -145,12 +145,14 @@ class TriModalModule(AlignmentModule):
         for task in TASKS:
             losses[task], rows[task] = self.pair(task).training_loss(batch[task])
         loss = sum(self.weights[task] * losses[task] for task in TASKS)
+        # averaged over ranks in the step's one all-reduce, with the non-finite check
+        means = self.rank_means(loss, loss=loss, **{task: losses[task] for task in TASKS})
         for task in TASKS:
-            self.log(f"train/{task}_loss", losses[task].detach(), sync_dist=True, batch_size=rows[task])
+            self.log(f"train/{task}_loss", means[task], batch_size=rows[task])
             logit_scale = self.pair(task).logit_scale.detach()
             self.log(f"train/{task}_logit_scale", logit_scale, batch_size=rows[task])
             log_empty(self, batch[task], rows[task], "train", f"{task}_")
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=sum(rows.values()))
+        self.log("train/loss", means["loss"], prog_bar=True, batch_size=sum(rows.values()))
         return self.skip_if_nonfinite(loss)
 
     # evaluation -------------------------------------------------------------------------------

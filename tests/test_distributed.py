@@ -163,6 +163,7 @@ def test_torchrun_two_nodes_on_localhost(
     [
         ("configs/clip/coco_vit_b16.yaml", "ddp", "lightning.pytorch.strategies.DDPStrategy"),
         ("configs/mlm/bert_base.yaml", "fsdp", "lightning_modules.strategies.BlockFSDPStrategy"),
+        ("configs/clip/coco_vit_b16.yaml", "fsdp2", "lightning_modules.strategies.FSDP2Strategy"),
         (
             "configs/speech/librispeech_base.yaml",
             "deepspeed",
@@ -190,3 +191,31 @@ def test_strategy_snippets_compose_with_experiment_configs(
     assert f"class_path: {strategy}" in config
     # the experiment keeps its own settings: the snippet only chooses the strategy
     assert "precision: bf16-mixed" in config
+
+
+def test_fsdp2_two_processes_equal_one_process_and_consolidate(
+    cache_dir: str, one_process_double_batch: Path, tmp_path: Path
+) -> None:
+    """FSDP2 (`fully_shard` per block, gloo on CPU, float32 so the runs compare exactly) trains as DDP does: the
+    same losses and, after `cli.py consolidate` turns its sharded last checkpoint into one file, the same weights.
+    The bf16 compute policy of configs/strategy/fsdp2.yaml needs a GPU to be checked."""
+    fsdp2 = [
+        "--trainer.accelerator=cpu",
+        "--trainer.strategy=lightning_modules.strategies.FSDP2Strategy",
+        "--trainer.strategy.param_dtype=float32",
+        "--trainer.devices=2",
+    ]
+    _run([sys.executable, "cli.py", "fit", *_args(cache_dir, tmp_path, batch_size=8), *fsdp2])
+    (folder,) = [p for p in tmp_path.rglob("last.ckpt")]
+    assert folder.is_dir() and (folder / ".metadata").is_file()  # sharded: one file per rank
+    out = tmp_path / "consolidated.ckpt"
+    _run([sys.executable, "cli.py", "consolidate", "--ckpt_path", str(folder), "--out", str(out)])
+    ours, theirs = _losses(tmp_path), _losses(one_process_double_batch)
+    assert len(ours) == STEPS
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=RTOL, atol=0)
+    ckpt = torch.load(out, map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["num_layers"] == 2
+    reference = _final_state(one_process_double_batch)
+    assert ckpt["state_dict"].keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(ckpt["state_dict"][key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -91,20 +91,31 @@ def trainer(root: Path, **kwargs) -> L.Trainer:
 # non-finite losses ---------------------------------------------------------------------------------
 
 
+class NaNOutputs:
+    """Stands in for the model's `pretraining_outputs` and makes the summed MLM loss NaN on chosen training calls
+    (counted from 0) of chosen ranks, as a bad batch would: before the step's all-reduce, which must see it. A class,
+    not a closure, so ddp_spawn can pickle it."""
+
+    def __init__(self, module: MLMPretrainingModule, nan_calls: set[int], rank: int | None = None) -> None:
+        self.module, self.nan_calls, self.rank = module, nan_calls, rank
+        self.original = module.model.pretraining_outputs
+        self.calls = -1
+
+    def __call__(self, *args, **kwargs):
+        out = self.original(*args, **kwargs)
+        if self.module.training:
+            self.calls += 1
+            if self.calls in self.nan_calls and self.rank in (None, self.module.global_rank):
+                out = out._replace(mlm_loss_sum=out.mlm_loss_sum * float("nan"))
+        return out
+
+
 class NaNAtCalls(MLMPretrainingModule):
-    """Turns the loss of chosen training calls (counted from 0) into NaN, as a bad batch would."""
+    """Turns the loss of chosen training calls (counted from 0) into NaN."""
 
     def __init__(self, nan_calls: set[int], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.nan_calls = nan_calls
-
-    def model_step(self, batch, stage):
-        loss = super().model_step(batch, stage)
-        if stage == "train":
-            self.calls = getattr(self, "calls", -1) + 1
-            if self.calls in self.nan_calls:
-                loss = loss * float("nan")
-        return loss
+        self.model.pretraining_outputs = NaNOutputs(self, nan_calls)
 
 
 class Subset(Dataset):
@@ -150,19 +161,15 @@ def test_nan_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
 def test_nan_losses_in_a_row_stop_the_run_with_a_message(tmp_path: Path) -> None:
     model = tiny_mlm(NaNAtCalls, nan_calls={1, 2, 3, 4, 5}, max_nonfinite_in_row=3)
     with pytest.raises(NonFiniteLossError, match="NaN or Inf 3 steps in a row"):
-        trainer(tmp_path, max_steps=10).fit(model, loader(RandomMLMBatches()))
+        trainer(tmp_path, max_steps=10, log_every_n_steps=1).fit(model, loader(RandomMLMBatches()))
 
 
 class NaNOnRankOne(MLMPretrainingModule):
     """Rank 1's second training call gives NaN; rank 0's losses stay finite."""
 
-    def model_step(self, batch, stage):
-        loss = super().model_step(batch, stage)
-        if stage == "train":
-            self.calls = getattr(self, "calls", -1) + 1
-            if self.global_rank == 1 and self.calls == 1:
-                loss = loss * float("nan")
-        return loss
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model.pretraining_outputs = NaNOutputs(self, {1}, rank=1)
 
 
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:

@@ -1,0 +1,342 @@
+"""The GPU path, as far as a CPU can check it: collectives per step (2-process gloo), the throughput and MFU
+callback, FSDP2's wrapping decisions, consolidation of a sharded checkpoint. The CUDA-only checks skip here with a
+reason that says so."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
+from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
+from torchvision.models.vision_transformer import VisionTransformer
+
+from cli import CheckpointError, consolidate, read_checkpoint
+from lightning_modules.components.encoder import EncoderBlock
+from lightning_modules.resilience import PreemptionCheckpoint, SkipNonFiniteSteps
+from lightning_modules.strategies import shard_units
+from lightning_modules.throughput import Throughput, batch_counts, peak_tflops_of
+from tests.helpers import quiet_trainer
+from tests.test_resilience import LENGTH, RandomMLMBatches, loader, tiny_mlm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CountCollectives(L.Callback):
+    """Counts the Python-level collectives (all-reduce, all-gather, broadcast, ...) each training step issues,
+    from one batch start to the next, and writes them per rank to `folder`. DDP's gradient buckets go through
+    its C++ reducer and are not counted: they are the work, not the overhead."""
+
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "broadcast",
+        "all_gather_object",
+        "barrier",
+    )
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.steps: list[list[list]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.steps.append([])
+        for name in self.NAMES:
+            original = getattr(dist, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if self.steps:
+                    self.steps[-1].append([_name, tensor.numel() if tensor is not None else -1])
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(
+            []
+        )  # the next step's window opens here: Lightning's loop work before the batch counts
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
+
+
+def test_one_small_all_reduce_per_step_in_two_process_ddp(tmp_path: Path) -> None:
+    """The masked-token count, the logged losses, the non-finite check and the SIGTERM/requeue flags travel in one
+    all-reduce of a few scalars per step (gloo, 2 processes), and nothing else is collective besides DDP's
+    gradient buckets."""
+    torch.manual_seed(0)
+    counter = CountCollectives(tmp_path)
+    callbacks = [PreemptionCheckpoint(requeue=False), counter]
+    t = quiet_trainer(
+        max_steps=4,
+        strategy="ddp_spawn",
+        devices=2,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+    )
+    t.fit(tiny_mlm(), torch.utils.data.DataLoader(RandomMLMBatches(32, nsp=True), batch_size=4))
+    for rank in (0, 1):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(steps) == 5 and steps[-1] == []  # 4 steps, then the window after the last one
+        for calls in steps[:-1]:
+            # ours: count, MLM loss sum, NSP loss, non-finite flag, SIGTERM, requeue. Lightning 2.6's training
+            # loop broadcasts its own 1-element SIGTERM tensor before every step (not ours to remove)
+            assert calls == [["broadcast", 1], ["all_reduce", 6]], calls
+
+
+def test_throughput_logs_rates_and_mfu_with_an_explicit_peak(tmp_path: Path) -> None:
+    callback = Throughput(peak_tflops=2.0)
+    t = quiet_trainer(
+        max_steps=5,
+        log_every_n_steps=2,
+        logger=CSVLogger(tmp_path),
+        callbacks=[callback],
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    t.fit(tiny_mlm(), loader(RandomMLMBatches()))
+    m = t.callback_metrics
+    # every sequence is LENGTH tokens long, none padded
+    assert m["train/tokens_per_sec"].item() == pytest.approx(
+        LENGTH * m["train/samples_per_sec"].item(), rel=1e-5
+    )
+    assert m["train/mfu"].item() == pytest.approx(m["train/tflops_per_device"].item() / 2.0, rel=1e-5)
+    assert 0 < m["train/mfu"].item() < 1
+    # FLOPs of forward + backward of the tiny BERT's 2 blocks: at least 6 x the blocks' matrix weights per token
+    model = t.lightning_module.model
+    # (the first block sees every token; the last only the masked ones and [CLS])
+    first = model.bert.encoder.blocks[0]
+    weights = sum(p.numel() for p in first.parameters() if p.ndim == 2)
+    assert callback.flops_per_batch >= 6 * weights * 4 * LENGTH
+
+
+def test_throughput_counts_nothing_on_cpu_without_a_peak(tmp_path: Path) -> None:
+    callback = Throughput()
+    t = quiet_trainer(
+        max_steps=3,
+        log_every_n_steps=1,
+        callbacks=[callback],
+        limit_val_batches=0,
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+    )
+    t.fit(tiny_mlm(), loader(RandomMLMBatches()))
+    assert callback.flops_per_batch is None  # the FLOP counter slows its batch: only where MFU can be told
+    assert "train/mfu" not in t.callback_metrics
+    assert t.callback_metrics["train/samples_per_sec"].item() > 0
+
+
+def test_batch_counts_of_speech_text_and_nested_batches() -> None:
+    speech = {"waveforms": torch.zeros(3, 32000), "wave_lengths": torch.tensor([16000, 32000, 8000])}
+    counts = batch_counts(speech, sample_rate=16000)
+    assert counts["samples"] == 3
+    assert counts["audio_sec"].item() == pytest.approx(3.5)
+    text = {"input_ids": torch.ones(2, 5), "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    nested = batch_counts({"image_text": {**text, "images": torch.zeros(2, 3, 8, 8)}, "speech_text": speech})
+    assert nested["samples"] == 5
+    assert nested["tokens"].item() == 8
+
+
+def test_peak_flops_by_gpu_name(monkeypatch) -> None:
+    cuda = torch.device("cuda", 0)
+    for name, tflops in [
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L4", 121.0),
+        ("Some Future GPU", None),
+    ]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, _n=name: _n)
+        assert peak_tflops_of(cuda) == tflops, name
+    assert peak_tflops_of(torch.device("cpu")) is None
+
+
+def test_shard_units_are_the_blocks_of_every_tower() -> None:
+    mlm = tiny_mlm()
+    units = shard_units(mlm)
+    assert len(units) == mlm.hparams.num_layers or len(units) == len(mlm.model.bert.encoder.blocks)
+    assert all(isinstance(u, EncoderBlock) for u in units)
+    vit = VisionTransformer(
+        image_size=32, patch_size=16, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    assert [type(u) for u in shard_units(vit)] == [ViTBlock] * 3
+
+    class Tower(torch.nn.Module):  # a pretrained tower names its repeated layers `blocks`
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Linear(4, 4)
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(4, 4)) for _ in range(2))
+
+    tower = Tower()
+    assert shard_units(tower) == list(tower.blocks)  # not the stem, not the Linear inside a block
+
+
+def _dcp_folder(folder: Path, state_dict: dict, meta: dict) -> None:
+    """A sharded checkpoint as ModelParallelStrategy writes one: torch.distributed.checkpoint files + meta.pt."""
+    from torch.distributed.checkpoint import FileSystemWriter, save
+
+    save({"state_dict": state_dict}, storage_writer=FileSystemWriter(folder), no_dist=True)
+    torch.save(meta, folder / "meta.pt")
+
+
+def test_consolidate_writes_one_checkpoint_file_from_a_sharded_folder(tmp_path: Path) -> None:
+    module = tiny_mlm()
+    folder = tmp_path / "last.ckpt"
+    _dcp_folder(folder, module.state_dict(), {"hyper_parameters": dict(module.hparams), "global_step": 7})
+    with pytest.raises(CheckpointError, match="is a folder .* cli.py consolidate --ckpt_path"):
+        read_checkpoint(folder)
+    out = consolidate(["--ckpt_path", str(folder), "--out", str(tmp_path / "one.ckpt")])
+    ckpt = read_checkpoint(out)
+    assert ckpt["global_step"] == 7
+    restored = type(module)(**ckpt["hyper_parameters"])
+    restored.load_state_dict(ckpt["state_dict"])
+    for key, value in module.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+def test_consolidate_refuses_what_it_cannot_or_must_not_write(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(CheckpointError, match="no .metadata file"):
+        consolidate(["--ckpt_path", str(plain), "--out", str(tmp_path / "x.ckpt")])
+    folder = tmp_path / "sharded"
+    _dcp_folder(folder, {"w": torch.ones(2)}, {})
+    mine = tmp_path / "mine.ckpt"
+    mine.write_bytes(b"the user's file")
+    with pytest.raises(CheckpointError, match="exists: consolidate writes a new file and never replaces one"):
+        consolidate(["--ckpt_path", str(folder), "--out", str(mine)])
+    assert mine.read_bytes() == b"the user's file"
+
+
+class LinearSystem(SkipNonFiniteSteps):
+    """The per-step bookkeeping of every system (`reduce_step`, logging, the non-finite skip, fused AdamW) around
+    a model without dynamic shapes: the MLM's sparse prediction (`nonzero` of the masked positions) and the
+    encoder's padding check read the device by design, which is not what this test is about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(8, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        self.log("train/loss", self.rank_means(loss, loss=loss)["loss"])
+        return self.skip_if_nonfinite(loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode is CUDA-only"
+)
+def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
+    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one)."""
+
+    class SyncDebug(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            # the first step (lazy optimizer state) and logging steps read values on purpose
+            quiet = trainer.global_step > 1 and (trainer.global_step + 1) % trainer.log_every_n_steps != 0
+            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+    t = quiet_trainer(
+        max_steps=8,
+        accelerator="cuda",
+        devices=1,
+        log_every_n_steps=5,
+        callbacks=[SyncDebug(), Throughput()],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+    )
+    t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
+    assert t.global_step == 8
+
+
+def test_linear_system_skips_a_nonfinite_step_on_cpu(tmp_path: Path) -> None:
+    """The same system on CPU: a NaN batch leaves the weights as they were (fused AdamW's found_inf)."""
+    system = LinearSystem()
+    x = torch.randn(8, 8)
+    x[4:] = float("nan")  # the second batch of 4
+    data = torch.utils.data.TensorDataset(x, torch.randn(8, 1))
+    t = quiet_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp_path, log_every_n_steps=1)
+    t.fit(system, torch.utils.data.DataLoader(data, batch_size=4))
+    assert t.optimizers[0].state[system.model.weight]["step"].item() == 1
+    assert torch.isfinite(system.model.weight).all()
+    assert t.callback_metrics["train/nonfinite_skipped"].item() == 1
+
+
+def _benchmark(*extra: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_throughput.py", "--smoke", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gpu_benchmark_smoke_eager_bert_on_cpu() -> None:
+    """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio."""
+    out = _benchmark("--model", "bert", "--modes", "eager")
+    assert out.count("ratio:") == 1 and "BERT-tiny seq 16 eager: ours" in out
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_all_rows_on_cpu() -> None:
+    """Smoke test: both comparisons, eager and compiled (the "eager" compile backend on CPU)."""
+    assert _benchmark().count("ratio:") == 4
+
+
+def test_compile_switch_of_the_contrastive_systems_compiles_every_block_in_place() -> None:
+    from lightning_modules.components.image_tower import ImageTowerConfig
+    from lightning_modules.components.text_tower import TextTowerConfig
+    from lightning_modules.image_text_module import ImageTextModule
+
+    def build(compile: bool) -> ImageTextModule:
+        image = ImageTowerConfig("vit_custom", 32, patch_size=16, layers=2, width=32, heads=2, mlp_dim=64)
+        return ImageTextModule(
+            vocab_size=100, embed_dim=16, image=image, text=TextTowerConfig("tiny"), compile=compile
+        )
+
+    compiled, eager = build(True), build(False)
+    compiled.configure_model()
+    eager.configure_model()
+    blocks = shard_units(compiled)
+    assert len(blocks) == 4  # two ViT blocks, two text blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in shard_units(eager))
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints and exports unchanged
+
+
+def test_nonfinite_rows_are_read_at_logging_steps_and_at_the_end(tmp_path: Path) -> None:
+    """Between logging steps the skips are only counted on the device; the run stops at the next read, here the
+    end of training, naming the longest row, and no NaN step updated the weights."""
+    from lightning_modules.resilience import NonFiniteLossError
+    from tests.test_resilience import NaNAtCalls
+
+    model = tiny_mlm(NaNAtCalls, nan_calls=set(range(1, 10)), max_nonfinite_in_row=3)
+    t = quiet_trainer(max_steps=10, log_every_n_steps=50, limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError, match="NaN or Inf 9 steps in a row"):
+        t.fit(model, loader(RandomMLMBatches()))
+    p = next(model.parameters())
+    assert t.optimizers[0].state[p]["step"].item() == 1  # the first, finite step only
+    assert all(torch.isfinite(q).all() for q in model.parameters())
