@@ -96,7 +96,12 @@ class ImageTextModule(ContrastiveModule):
                     f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
                     "(data.tokenizer: the same checkpoint gives its tokenizer)"
                 )
-        self.clip_preprocess = {"image_size": parts.image_size, "mean": parts.mean, "std": parts.std}
+        self.clip_preprocess = {
+            "image_size": parts.image_size,
+            "mean": parts.mean,
+            "std": parts.std,
+            "resize": "pil" if as_config(TowerInit, init_clip).source == "open_clip" else "tensor",
+        }
         self.pair = ImageTextPair(
             ImageTower(image, None, backbone=parts.image), parts.text, self.embed_dim, self.loss_config
         )
@@ -115,6 +120,12 @@ class ImageTextModule(ContrastiveModule):
                         f"data.{key} ({tuple(data[key])}) differs from the CLIP checkpoint's ({want}): set data.{key}"
                         f" to {list(want)}, the normalisation its image tower was trained with"
                     )
+            want_resize = self.clip_preprocess.get("resize", "tensor")
+            if data.get("resize", want_resize) != want_resize:
+                raise ValueError(
+                    f"data.resize ({data['resize']}) differs from the resize of the CLIP checkpoint's library: set "
+                    f"data.resize {want_resize}, so that evaluation sees the pixels the reference pipeline gives"
+                )
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:

@@ -105,7 +105,7 @@ def _png(image: Image.Image) -> bytes:
 def _our_logits(module: ImageTextModule, images: list[Image.Image], tok: ClipTokenizer) -> torch.Tensor:
     """Our zero-shot / retrieval path: the DataModule's decode and eval transform, our tokenizer and encoders."""
     pre = module.clip_preprocess
-    transform = eval_transform(pre["image_size"], pre["mean"], pre["std"])
+    transform = eval_transform(pre["image_size"], pre["mean"], pre["std"], pre["resize"])
     pixels = torch.stack([transform(decode_rgb(_png(im))) for im in images])
     ids = tok(TEXTS, 77)
     with torch.no_grad():
@@ -116,25 +116,27 @@ def test_open_clip_whole_start_gives_reference_logits(open_clip_ckpt: Path) -> N
     """Image tower, text tower, projections, temperature and tokenizer from one open_clip checkpoint: image-text
     logits equal open_clip's own usage (create_model_and_transforms + its tokenizer) within 1e-4. The images'
     short side is the checkpoint's size, so both pipelines only center-crop and normalise (torchvision's tensor
-    resize and PIL's differ by a grey level here and there)."""
+    resize and PIL's differ by a grey level here and there), and once resized from 64x48: with data.resize pil,
+    as open_clip's preprocessing resizes with Pillow."""
     model, _, preprocess = open_clip.create_model_and_transforms(
         TINY_OPEN_CLIP, pretrained=str(open_clip_ckpt)
     )
     model.eval()
-    images = _images()
-    with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
-        txt = model.encode_text(open_clip.get_tokenizer(TINY_OPEN_CLIP)(TEXTS), normalize=True)
-        want = model.logit_scale.exp() * img @ txt.T
     ours = ImageTextModule(
         vocab_size=49408,
         embed_dim=32,
         image=ImageTowerConfig("vit_tiny", image_size=32),
         init_clip=TowerInit("open_clip", str(open_clip_ckpt), TINY_OPEN_CLIP),
     ).eval()
-    got = _our_logits(ours, images, ClipTokenizer(f"open_clip:{TINY_OPEN_CLIP}"))
     assert float(ours.logit_scale) == pytest.approx(np.exp(2.5), rel=1e-6)
-    assert (got - want).abs().max().item() <= 1e-4
+    assert ours.clip_preprocess["resize"] == "pil"
+    for images in (_images(), _images(size=(64, 48))):
+        with torch.no_grad():
+            img = model.encode_image(torch.stack([preprocess(im) for im in images]), normalize=True)
+            txt = model.encode_text(open_clip.get_tokenizer(TINY_OPEN_CLIP)(TEXTS), normalize=True)
+            want = model.logit_scale.exp() * img @ txt.T
+        got = _our_logits(ours, images, ClipTokenizer(f"open_clip:{TINY_OPEN_CLIP}"))
+        assert (got - want).abs().max().item() <= 1e-4
 
 
 def test_hf_clip_whole_start_gives_reference_logits(hf_clip_dir: Path) -> None:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -205,10 +205,22 @@ def train_transform(
     )
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+Resize = Literal["tensor", "pil"]
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], resize: Resize = "tensor"
+) -> v2.Compose:
+    """Shorter side to `image_size` (bicubic), centre crop, scale to [0, 1], normalise. `resize` picks whose
+    bicubic: torchvision's on the tensor (what Hugging Face CLIP's image processor does), or Pillow's (what
+    open_clip's preprocessing does); they differ by a grey level here and there, so an imported CLIP is evaluated
+    with its own library's."""
+    resizing = [v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    if resize == "pil":
+        resizing = [v2.ToPILImage(), *resizing, v2.PILToTensor()]
     return v2.Compose(
         [
-            v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            *resizing,
             v2.CenterCrop(image_size),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),

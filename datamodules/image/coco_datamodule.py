@@ -47,6 +47,7 @@ from datamodules.image.coco import (
     CaptionCollate,
     CaptionedImage,
     CocoCaptionsDataset,
+    Resize,
     eval_transform,
     load_coco_captions,
     load_karpathy_splits,
@@ -113,6 +114,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         image_size: side of the square crops fed to the image encoder.
         mean: per-channel normalisation mean (CLIP's by default).
         std: per-channel normalisation standard deviation (CLIP's by default).
+        resize: whose bicubic resizes evaluation images: 'tensor' (torchvision, as Hugging Face CLIP does) or
+            'pil' (Pillow, as open_clip's preprocessing does; configs/clip/coco_openclip_vit_b32.yaml sets it).
         batch_size: training images per batch and device.
         eval_batch_size: images per evaluation batch; None means batch_size.
         num_workers: DataLoader worker processes per device.
@@ -160,6 +163,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         image_size: int = 224,
         mean: tuple[float, float, float] = CLIP_MEAN,
         std: tuple[float, float, float] = CLIP_STD,
+        resize: Resize = "tensor",
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -189,6 +193,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.image_size = image_size
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.resize = resize
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -325,7 +330,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             transform = (
                 train_transform(self.image_size, self.mean, self.std, self.min_scale)
                 if train
-                else eval_transform(self.image_size, self.mean, self.std)
+                else eval_transform(self.image_size, self.mean, self.std, self.resize)
             )
             if train and self.train_shards:
                 self.datasets[role] = self._shard_stream(transform)
@@ -413,7 +418,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         captions (see `datamodules/predict_data.py` for the batches)."""
         from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 
-        transform = eval_transform(self.image_size, self.mean, self.std)
+        transform = eval_transform(self.image_size, self.mean, self.std, self.resize)
         inputs = self.predict_inputs
         datasets = []
         if inputs["split"]:

@@ -290,6 +290,8 @@ class MLMDataModule(L.LightningDataModule):
         )
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
+        if split not in self.datasets:  # a loader asked for outside its stage (after fit, in a notebook)
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
         return seeded_loader(
             self.datasets[split],
             self.trainer,
