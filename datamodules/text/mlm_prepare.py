@@ -43,9 +43,14 @@ from datamodules.text.corpora import (
     Document,
     ReadStats,
     iter_bookcorpus,
+    iter_multistream_range,
     iter_wikipedia,
+    iter_wikipedia_file,
+    multistream_index,
+    plan_multistream,
     resolve_paths,
     split_sentences,
+    wikipedia_files,
 )
 from datamodules.text.corpora import to_plain_text as _to_plain_text
 from datamodules.tokenizer import TextTokenizer
@@ -115,6 +120,61 @@ def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[tuple[str, lis
         k += len(sents)
         out.append((split, arrays, sum(a.size for a in arrays)))
     return out
+
+
+# Stage 1's work units, consumed in this order so that documents keep the corpus order whatever the
+# number of processes: ("streams", StreamRange) a byte range of a multistream dump, ("file", path) a
+# Wikipedia file a worker reads whole, ("docs", [(split, Document)]) documents read by this process.
+_Unit = tuple[str, object]
+
+
+def _read_units(
+    wikipedia: list[str],
+    bookcorpus: list[str],
+    stats: ReadStats,
+    s: PrepareSettings,
+    docs_per_task: int,
+    file_unit_bytes: int,
+    stream_unit_bytes: int,
+) -> Iterator[_Unit]:
+    """Who reads what: workers parse multistream ranges and small files themselves; a large plain file
+    (a single-stream dump, a big JSONL) is parsed here and fed to the workers in chunks."""
+    for path in wikipedia_files(wikipedia) if wikipedia else []:
+        if (index := multistream_index(path)) is not None:
+            stats.files_read += 1
+            for unit in plan_multistream(path, index, stream_unit_bytes):
+                yield "streams", unit
+        elif path.stat().st_size <= file_unit_bytes:
+            yield "file", str(path)
+        else:
+            docs = (
+                (split_of(d, s.val_fraction, s.test_fraction), d) for d in iter_wikipedia_file(path, stats)
+            )
+            for chunk in _chunks(docs, docs_per_task):
+                yield "docs", chunk
+    if bookcorpus:
+        books = iter_bookcorpus(bookcorpus, stats, lines_per_document=s.lines_per_document)
+        docs = ((split_of(d, s.val_fraction, s.test_fraction), d) for d in books)
+        for chunk in _chunks(docs, docs_per_task):
+            yield "docs", chunk
+
+
+def _prepare_unit(
+    args: tuple[_Unit, float, float, int],
+) -> tuple[list[tuple[str, list[np.ndarray], int]], ReadStats | None]:
+    """Worker: read a unit (unless this process did), then clean and tokenise its documents in order."""
+    (kind, what), val_fraction, test_fraction, docs_per_task = args
+    if kind == "docs":
+        return _tokenize_documents(what), None
+    stats = ReadStats()
+    if kind == "streams":
+        docs: Iterable[Document] = iter_multistream_range(what, stats)
+    else:
+        docs = iter_wikipedia_file(Path(what), stats)
+    out = []
+    for chunk in _chunks(((split_of(d, val_fraction, test_fraction), d) for d in docs), docs_per_task):
+        out.extend(_tokenize_documents(chunk))
+    return out, stats
 
 
 def _chunks(docs: Iterable[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
@@ -400,9 +460,19 @@ def prepare_mlm_cache(
     num_proc: int | None = None,
     docs_per_task: int = 64,
     progress: bool = True,
+    file_unit_bytes: int = 64 << 20,
+    stream_unit_bytes: int = 1 << 20,
 ) -> Path:
-    """Build (or find) the instance shards for these inputs and return the cache folder."""
+    """Build (or find) the instance shards for these inputs and return the cache folder.
+
+    Reading is parallel too: the `num_proc` workers decompress and parse their own byte ranges of a
+    multistream dump (its `*-index.txt.bz2` found beside it), of about `stream_unit_bytes` compressed, and
+    read Wikipedia files of up to `file_unit_bytes` whole; a larger plain file and BookCorpus are read by
+    this process and fed to the workers. None of this changes the instances."""
     inputs = resolve_paths([*wikipedia, *bookcorpus])
+    # the index decides how a dump is read, not what is read; keyed all the same, as any input file
+    indexes = [i for p in inputs if (i := multistream_index(p)) is not None]
+    inputs += [i for i in indexes if i not in inputs]
     key = cache_key(inputs, tokenizer, settings)
     final = Path(cache_dir) / f"mlm-{key}"
     if (final / "index.json").is_file():
@@ -415,15 +485,19 @@ def prepare_mlm_cache(
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.int32)
     stats = ReadStats()
     stores = {sp: _SentenceStore(tmp / "sentences" / sp, dtype) for sp in SPLITS}
-    docs = (
-        (split_of(d, settings.val_fraction, settings.test_fraction), d)
-        for d in iter_documents(wikipedia, bookcorpus, stats, settings.lines_per_document)
+    units = _read_units(
+        wikipedia, bookcorpus, stats, settings, docs_per_task, file_unit_bytes, stream_unit_bytes
     )
+    tasks = ((u, settings.val_fraction, settings.test_fraction, docs_per_task) for u in units)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     n_docs = n_tok = 0
     bar = tqdm(desc="tokenizing documents", unit=" docs", disable=not progress)
+    worker_stats = ReadStats()  # merged after the reads of this process, in unit order: the same every run
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
-        for result in pool.imap(_tokenize_documents, _chunks(docs, docs_per_task)):
+        # imap returns the units' results in unit order, hence documents in corpus order
+        for result, unit_stats in pool.imap(_prepare_unit, tasks):
+            if unit_stats is not None:
+                worker_stats.merge(unit_stats)
             for split, sentences, n in result:
                 if sentences:
                     stores[split].add(sentences)
@@ -432,6 +506,8 @@ def prepare_mlm_cache(
             bar.update(len(result))
             bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
     bar.close()
+    stats.merge(worker_stats)
+    stats.log("read")
     sentence_stats = {sp: st.close() for sp, st in stores.items()}
     if sentence_stats["train"]["tokens"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
