@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import bz2
 import html
+import os
 import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -78,6 +80,11 @@ def replicate_sample(mb: float) -> tuple[str, list[str], int]:
     return header, pages, size
 
 
+def _cpu(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mb", type=float, default=200.0, help="MB of wikitext in the generated dump")
@@ -100,14 +107,22 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(pages)} pages, {wikitext / 1e6:.1f} MB of wikitext, dump {dump.stat().st_size / 1e6:.1f} MB"
         )
         rates = {}
+        # other jobs on the machine take cores from the workers: the load shows how far to trust the ratio,
+        # and the CPU seconds where the work ran (the workers, not the main process)
+        print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
         for n in procs:
+            main0, kids0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
             prepare_mlm_cache(
                 [str(dump)], [], tokenizer, PrepareSettings(), root / f"cache-{n}", n, progress=False
             )
             seconds = time.perf_counter() - start
+            main_cpu, kids_cpu = _cpu(resource.RUSAGE_SELF) - main0, _cpu(resource.RUSAGE_CHILDREN) - kids0
             rates[n] = wikitext / 1e6 / seconds
-            print(f"{n} process{'es' if n > 1 else ''}: {seconds:.1f} s, {rates[n]:.2f} MB of wikitext/s")
+            print(
+                f"{n} process{'es' if n > 1 else ''}: {seconds:.1f} s, {rates[n]:.2f} MB of wikitext/s "
+                f"(CPU: main process {main_cpu:.1f} s, workers {kids_cpu:.1f} s)"
+            )
         if len(procs) > 1:
             lo, hi = procs[0], procs[-1]
             print(f"ratio: {rates[hi] / rates[lo]:.2f} ({hi} processes vs {lo})")

@@ -109,16 +109,23 @@ def _init_worker(tokenizer_json: str) -> None:
     _WORKER_TOKENIZER = TextTokenizer(Tokenizer.from_str(tokenizer_json))
 
 
-def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[tuple[str, list[np.ndarray], int]]:
-    """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk."""
+_Tokenized = tuple[str, np.ndarray, np.ndarray]  # split, a document's token ids, its sentences' lengths
+
+
+def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[_Tokenized]:
+    """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk.
+
+    A document comes back as one flat array and its sentence lengths, not an array a sentence: the main
+    process writes it in one call, which keeps it from being the bottleneck with many workers."""
     texts = [split_sentences(_to_plain_text(d)) for _, d in docs]
     flat = [s for sents in texts for s in sents]
     ids = _WORKER_TOKENIZER.encode_batch(flat) if flat else []
     out, k = [], 0
     for (split, _), sents in zip(docs, texts):
-        arrays = [np.asarray(x, dtype=np.int32) for x in ids[k : k + len(sents)] if x]
+        kept = [x for x in ids[k : k + len(sents)] if x]
         k += len(sents)
-        out.append((split, arrays, sum(a.size for a in arrays)))
+        tokens = np.fromiter((t for x in kept for t in x), dtype=np.int32)
+        out.append((split, tokens, np.asarray([len(x) for x in kept], dtype=np.int64)))
     return out
 
 
@@ -161,7 +168,7 @@ def _read_units(
 
 def _prepare_unit(
     args: tuple[_Unit, float, float, int],
-) -> tuple[list[tuple[str, list[np.ndarray], int]], ReadStats | None]:
+) -> tuple[list[_Tokenized], ReadStats | None]:
     """Worker: read a unit (unless this process did), then clean and tokenise its documents in order."""
     (kind, what), val_fraction, test_fraction, docs_per_task = args
     if kind == "docs":
@@ -200,12 +207,12 @@ class _SentenceStore:
         self.doc_ends: list[int] = []
         self.n_tokens = self.n_sents = 0
 
-    def add(self, sentences: list[np.ndarray]) -> None:
-        for s in sentences:
-            self.tokens.write(s.astype(self.dtype).tobytes())
-            self.n_tokens += s.size
-            self.sent_ends.append(self.n_tokens)
-        self.n_sents += len(sentences)
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """One document: its sentences' token ids end to end, and their lengths."""
+        self.tokens.write(tokens.astype(self.dtype).tobytes())
+        self.sent_ends.extend((self.n_tokens + np.cumsum(lengths)).tolist())
+        self.n_tokens += tokens.size
+        self.n_sents += lengths.size
         self.doc_ends.append(self.n_sents)
         if len(self.sent_ends) > 100_000:
             self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
@@ -461,7 +468,7 @@ def prepare_mlm_cache(
     docs_per_task: int = 64,
     progress: bool = True,
     file_unit_bytes: int = 64 << 20,
-    stream_unit_bytes: int = 1 << 20,
+    stream_unit_bytes: int = 1 << 18,
 ) -> Path:
     """Build (or find) the instance shards for these inputs and return the cache folder.
 
@@ -498,11 +505,11 @@ def prepare_mlm_cache(
         for result, unit_stats in pool.imap(_prepare_unit, tasks):
             if unit_stats is not None:
                 worker_stats.merge(unit_stats)
-            for split, sentences, n in result:
-                if sentences:
-                    stores[split].add(sentences)
+            for split, tokens, lengths in result:
+                if lengths.size:
+                    stores[split].add(tokens, lengths)
                     n_docs += 1
-                    n_tok += n
+                    n_tok += tokens.size
             bar.update(len(result))
             bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
     bar.close()
