@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{len(pages)} pages, {wikitext / 1e6:.1f} MB of wikitext, dump {dump.stat().st_size / 1e6:.1f} MB"
         )
-        rates = {}
+        rates, cpus = {}, {}
         # other jobs on the machine take cores from the workers: the load shows how far to trust the ratio,
         # and the CPU seconds where the work ran (the workers, not the main process)
         print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.perf_counter() - start
             main_cpu, kids_cpu = _cpu(resource.RUSAGE_SELF) - main0, _cpu(resource.RUSAGE_CHILDREN) - kids0
             rates[n] = wikitext / 1e6 / seconds
+            cpus[n] = main_cpu, kids_cpu
             print(
                 f"{n} process{'es' if n > 1 else ''}: {seconds:.1f} s, {rates[n]:.2f} MB of wikitext/s "
                 f"(CPU: main process {main_cpu:.1f} s, workers {kids_cpu:.1f} s)"
@@ -126,13 +127,17 @@ def main(argv: list[str] | None = None) -> None:
         if len(procs) > 1:
             lo, hi = procs[0], procs[-1]
             print(f"ratio: {rates[hi] / rates[lo]:.2f} ({hi} processes vs {lo})")
-        # per-process rate of the largest run, times the node's cores: linear scaling assumed beyond it
-        per_proc = rates[procs[-1]] / procs[-1]
+        # From CPU seconds, not wall time, so that other jobs on this machine do not skew it: the workers'
+        # MB per CPU-second times the node's cores, unless the main process (which stores what they
+        # return) cannot keep up. Assumes num_proc=32 and as many free cores.
+        worker_rate = wikitext / 1e6 / max(cpu[1] for cpu in cpus.values())
+        main_cap = wikitext / 1e6 / max(cpu[0] for cpu in cpus.values())
         total_mb = ENWIKI_COMPRESSED_GB * 1e3 * COMPRESSION_RATIO
-        hours = total_mb / (per_proc * NODE_CORES) / 3600
+        rate = min(NODE_CORES * worker_rate, main_cap)
         print(
-            f"projected: {hours:.1f} h for a {ENWIKI_COMPRESSED_GB:.0f} GB enwiki dump "
-            f"(~{total_mb / 1e3:.0f} GB of wikitext at {COMPRESSION_RATIO}x) on {NODE_CORES} cores"
+            f"projected: {total_mb / rate / 3600:.1f} h for a {ENWIKI_COMPRESSED_GB:.0f} GB enwiki dump "
+            f"(~{total_mb / 1e3:.0f} GB of wikitext at {COMPRESSION_RATIO}x) on {NODE_CORES} cores, num_proc="
+            f"{NODE_CORES}: {worker_rate:.2f} MB/s a worker CPU, the main process keeps up to {main_cap:.0f} MB/s"
         )
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -599,7 +599,9 @@ def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list
 def iter_multistream_range(unit: StreamRange, stats: ReadStats) -> Iterator[Document]:
     """The articles in one `StreamRange`, exactly as `iter_wikipedia` yields them from the whole dump.
 
-    Raises `ValueError` naming the index and the dump if a range does not hold whole bz2 streams of pages."""
+    Raises `ValueError` naming the index and the dump if a range does not hold whole bz2 streams of pages.
+    Malformed XML inside a range loses the rest of that range only (a plain read loses the rest of the dump),
+    counted and logged as a truncated file."""
     path = Path(unit.path)
     with open(path, "rb") as f:
         f.seek(unit.offsets[0])

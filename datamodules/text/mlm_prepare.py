@@ -1,8 +1,10 @@
 """Preprocessing for MLM pretraining: documents -> sentences -> token ids -> training instances -> shards.
 
-Stage 1 streams the corpora; worker processes turn each document into plain text, sentences and token ids
-(batched through the Rust tokenizer) and the main process appends them to a per-split sentence store on
-disk (flat token array + sentence and document offsets), so memory stays constant whatever the corpus size.
+Stage 1 reads the corpora in worker processes (byte ranges of bz2 streams of a multistream Wikipedia dump,
+or whole files; a large plain file is read by the main process and fed to them), which turn each document
+into plain text, sentences and token ids (batched through the Rust tokenizer); the main process appends
+them, in corpus order, to a per-split sentence store on disk (flat token array + sentence and document
+offsets), so memory stays constant whatever the corpus size.
 Stage 2 builds training instances from document ranges in parallel, one shard per range:
 
 * with NSP, as Google's `create_pretraining_data.py`: document-aware segment pairs A/B, B the actual next
@@ -11,9 +13,9 @@ Stage 2 builds training instances from document ranges in parallel, one shard pe
 * without NSP, RoBERTa's FULL-SENTENCES: whole sentences packed up to `max_seq_length - 2` across
   document boundaries (a [SEP] marks each boundary), so almost no position is padding.
 
-The output depends on the data and the settings only, never on `num_proc`: stage 1 keeps the corpus order,
-stage 2's ranges are cut from the token counts (`plan_shards`) and every document draws from its own random
-stream, seeded by its position in the split. The processes only decide who builds which shard, so two
+The output depends on the data and the settings only, never on `num_proc` or on how the input is read:
+stage 1 keeps the corpus order, stage 2's ranges are cut from the token counts (`plan_shards`) and every
+document draws from its own random stream, seeded by its position in the split. The processes only decide who builds which shard, so two
 machines with the same inputs, tokenizer, settings and libraries write byte-identical shards under the same
 cache key (`cache_key`).
 
