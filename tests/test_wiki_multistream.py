@@ -209,4 +209,4 @@ def test_index_that_does_not_match_its_dump_is_one_line_naming_both(
     text = str(err.value)
     assert "\n" not in text and message in text
     assert str(bad_index) in text and str(bad_dump) in text
-    assert not list((tmp_path / "c").glob("mlm-*"))
+    assert not list((tmp_path / "c").iterdir())  # no cache, no temporary folder left behind

@@ -15,9 +15,9 @@ Stage 2 builds training instances from document ranges in parallel, one shard pe
 
 The output depends on the data and the settings only, never on `num_proc` or on how the input is read:
 stage 1 keeps the corpus order, stage 2's ranges are cut from the token counts (`plan_shards`) and every
-document draws from its own random stream, seeded by its position in the split. The processes only decide who builds which shard, so two
-machines with the same inputs, tokenizer, settings and libraries write byte-identical shards under the same
-cache key (`cache_key`).
+document draws from its own random stream, seeded by its position in the split. The processes only decide
+who builds which shard, so two machines with the same inputs, tokenizer, settings and libraries write
+byte-identical shards under the same cache key (`cache_key`).
 
 Everything is written into a temporary folder renamed into place at the end: an interrupted run never
 leaves a cache that a later run would load.
@@ -219,6 +219,10 @@ class _SentenceStore:
         if len(self.sent_ends) > 100_000:
             self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
             self.sent_ends.clear()
+
+    def discard(self) -> None:
+        self.tokens.close()
+        self.sent_file.close()
 
     def close(self) -> dict:
         self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
@@ -502,18 +506,25 @@ def prepare_mlm_cache(
     n_docs = n_tok = 0
     bar = tqdm(desc="tokenizing documents", unit=" docs", disable=not progress)
     worker_stats = ReadStats()  # merged after the reads of this process, in unit order: the same every run
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
-        # imap returns the units' results in unit order, hence documents in corpus order
-        for result, unit_stats in pool.imap(_prepare_unit, tasks):
-            if unit_stats is not None:
-                worker_stats.merge(unit_stats)
-            for split, tokens, lengths in result:
-                if lengths.size:
-                    stores[split].add(tokens, lengths)
-                    n_docs += 1
-                    n_tok += tokens.size
-            bar.update(len(result))
-            bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
+    try:
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
+            # imap returns the units' results in unit order, hence documents in corpus order
+            for result, unit_stats in pool.imap(_prepare_unit, tasks):
+                if unit_stats is not None:
+                    worker_stats.merge(unit_stats)
+                for split, tokens, lengths in result:
+                    if lengths.size:
+                        stores[split].add(tokens, lengths)
+                        n_docs += 1
+                        n_tok += tokens.size
+                bar.update(len(result))
+                bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
+    except BaseException:
+        # a read that fails (an index that does not fit its dump, a file of unknown format) leaves no debris
+        for store in stores.values():
+            store.discard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     bar.close()
     stats.merge(worker_stats)
     stats.log("read")
