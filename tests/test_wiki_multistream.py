@@ -124,18 +124,28 @@ SETTINGS = PrepareSettings(
 )
 
 
+def _write_wikiextractor(folder: Path, files: int, docs: int) -> None:
+    rng = random.Random(7)
+    for f in range(files):
+        path = folder / "AA" / f"wiki_{f:02d}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = []
+        for d in range(docs):
+            title = f"Artikel {f}-{d}"
+            text = " ".join(" ".join(rng.choices(WORDS, k=8)).capitalize() + "." for _ in range(5))
+            body.append(f'<doc id="{f}{d}" url="u" title="{title}">\n{title}\n\n{text}\n</doc>\n')
+        path.write_text("".join(body), encoding="utf-8")
+
+
 def test_one_and_three_processes_give_identical_shards_and_index(dumps, tokenizer, tmp_path: Path) -> None:
+    """A multistream dump read by ranges and a WikiExtractor folder read by file, in that order."""
     dump, _, _ = dumps
+    extracted = tmp_path / "extracted"
+    _write_wikiextractor(extracted, files=4, docs=6)
+    inputs = [str(dump.parent), str(extracted)]
     folders = [
         prepare_mlm_cache(
-            [str(dump.parent)],
-            [],
-            tokenizer,
-            SETTINGS,
-            tmp_path / f"c{n}",
-            n,
-            progress=False,
-            stream_unit_bytes=1,
+            inputs, [], tokenizer, SETTINGS, tmp_path / f"c{n}", n, progress=False, stream_unit_bytes=1
         )
         for n in (1, 3)
     ]
@@ -143,9 +153,10 @@ def test_one_and_three_processes_give_identical_shards_and_index(dumps, tokenize
     one, three = (_sha256_of_files(f) for f in folders)
     assert one == three
     index = json.loads((folders[0] / "index.json").read_text())
-    assert index["sentences"]["train"]["documents"] + index["sentences"]["val"]["documents"] == 50
+    assert index["sentences"]["train"]["documents"] + index["sentences"]["val"]["documents"] == 50 + 24
     stats = index["reader_stats"]
-    assert stats["files_read"] == 1 and stats["redirects_skipped"] == 5 and stats["non_article_skipped"] == 5
+    assert stats["files_read"] == 1 + 4 and stats["pages_read"] == 60 + 24
+    assert stats["redirects_skipped"] == 5 and stats["non_article_skipped"] == 5
     assert len(index["shards"]["train"]) > 1
 
 
