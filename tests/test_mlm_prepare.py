@@ -157,6 +157,7 @@ def test_second_call_reuses_the_cache(corpus, tmp_path: Path, monkeypatch: pytes
         raise AssertionError("the corpus was read again")
 
     monkeypatch.setattr(mlm_prepare, "iter_documents", no_reading)
+    monkeypatch.setattr(mlm_prepare, "_read_units", no_reading)
     assert _prepare(corpus, tmp_path) == first
     assert index.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]

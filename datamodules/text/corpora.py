@@ -22,6 +22,7 @@ import codecs
 import glob
 import gzip
 import html
+import io
 import json
 import logging
 import lzma
@@ -375,30 +376,41 @@ def iter_wikipedia(paths: Sequence[str], stats: ReadStats | None = None) -> Iter
     Text files are UTF-8 unless they start with a UTF-16 or UTF-32 byte-order mark.
     """
     stats = stats if stats is not None else ReadStats()
-    for path in resolve_paths(paths, WIKIPEDIA_FILES):
-        stats.files_read += 1
-        if _sniff_magic(path).startswith(b"PAR1"):
-            yield from _iter_parquet(path, stats)
-            continue
-        with _open_binary(path) as raw:
-            stream = _TextStream(raw, path, stats)
-            head = stream.head().lstrip("\ufeff \t\r\n")
-            if not head and stream.error is not None:
-                _broke(path, stats, stream.error, 0, None)
-            elif not head:
-                log.warning("%s: empty file", path)
-            elif head.startswith("<doc"):
-                yield from _iter_wikiextractor_doc(path, stream, stats)
-            elif head.startswith("{"):
-                yield from _iter_jsonl(path, stream, stats)
-            elif head.startswith("<mediawiki") or (head.startswith("<?xml") and "<mediawiki" in head):
-                yield from _iter_mediawiki_xml(path, stream, stats)
-            else:
-                raise ValueError(
-                    f"{path}: unrecognised Wikipedia file format (expected a MediaWiki XML dump, "
-                    "WikiExtractor output, JSON lines or Parquet)"
-                )
+    for path in wikipedia_files(paths):
+        yield from iter_wikipedia_file(path, stats)
     stats.log("iter_wikipedia")
+
+
+def wikipedia_files(paths: Sequence[str]) -> list[Path]:
+    """`resolve_paths` for Wikipedia inputs, less the multistream indexes that sit beside their dump (a
+    folder holding a dump and its index is one input, not two)."""
+    return [p for p in resolve_paths(paths, WIKIPEDIA_FILES) if not _is_index_beside_dump(p)]
+
+
+def iter_wikipedia_file(path: Path, stats: ReadStats) -> Iterator[Document]:
+    """The articles of one Wikipedia file, in any format `iter_wikipedia` reads; counts it in `stats`."""
+    stats.files_read += 1
+    if _sniff_magic(path).startswith(b"PAR1"):
+        yield from _iter_parquet(path, stats)
+        return
+    with _open_binary(path) as raw:
+        stream = _TextStream(raw, path, stats)
+        head = stream.head().lstrip("\ufeff \t\r\n")
+        if not head and stream.error is not None:
+            _broke(path, stats, stream.error, 0, None)
+        elif not head:
+            log.warning("%s: empty file", path)
+        elif head.startswith("<doc"):
+            yield from _iter_wikiextractor_doc(path, stream, stats)
+        elif head.startswith("{"):
+            yield from _iter_jsonl(path, stream, stats)
+        elif head.startswith("<mediawiki") or (head.startswith("<?xml") and "<mediawiki" in head):
+            yield from _iter_mediawiki_xml(path, stream, stats)
+        else:
+            raise ValueError(
+                f"{path}: unrecognised Wikipedia file format (expected a MediaWiki XML dump, "
+                "WikiExtractor output, JSON lines or Parquet)"
+            )
 
 
 def _wiki_document(
@@ -420,19 +432,23 @@ _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _DBNAME_LANG = re.compile(r"([a-z][a-z_]*?)wiki")  # viwiki -> vi, zh_min_nanwiki -> zh_min_nan
 
 
-def _dump_hidden_namespaces(dump: mwxml.Dump, root: ElementIterator, path: Path) -> frozenset[str]:
+def _dump_hidden_namespaces(
+    dump: mwxml.Dump, root: ElementIterator, path: Path, quiet: bool = False
+) -> frozenset[str]:
     site = dump.site_info
     declared = {ns.id: ns.name for ns in site.namespaces or ()}
     language = root.element.attrib.get(_XML_LANG)
     if not language and site.dbname and (m := _DBNAME_LANG.fullmatch(site.dbname)):
         language = m.group(1).replace("_", "-")
     hidden = hidden_link_namespaces(declared, language)
-    if hidden != DEFAULT_HIDDEN_NAMESPACES:
+    if hidden != DEFAULT_HIDDEN_NAMESPACES and not quiet:
         log.info("%s: dropping links to the namespaces %s", path, ", ".join(sorted(hidden)))
     return hidden
 
 
-def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
+def _iter_mediawiki_xml(
+    path: Path, stream: _TextStream, stats: ReadStats, quiet: bool = False
+) -> Iterator[Document]:
     # mwxml insists on a <siteinfo> block, which some exports lack: give those an empty one right after
     # the root tag.
     head = stream.head(1 << 16)
@@ -446,7 +462,7 @@ def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> It
     try:
         root = ElementIterator.from_file(stream)
         dump = mwxml.Dump.from_element(root)
-        hidden = _dump_hidden_namespaces(dump, root, path)
+        hidden = _dump_hidden_namespaces(dump, root, path, quiet)
         for page in dump:
             if not isinstance(page, mwxml.Page):  # <logitem> in log dumps
                 continue
@@ -470,6 +486,139 @@ def _iter_mediawiki_xml(path: Path, stream: _TextStream, stats: ReadStats) -> It
                 yield doc
     except _BROKEN as err:
         _broke(path, stats, err, pages, last_title, unit="pages")
+
+
+# ------------------------------------------------------------------------------ multistream dumps
+#
+# `*-pages-articles-multistream.xml.bz2` is a concatenation of independent bz2 streams: the first holds
+# `<mediawiki>` and `<siteinfo>`, each next one ~100 pages, the last `</mediawiki>`. Its
+# `*-multistream-index.txt.bz2` lists `offset:page_id:title`, offset being the byte at which the stream
+# holding the page starts. Worker processes each decompress and parse their own byte ranges.
+
+_INDEX_SUFFIX = "-index.txt.bz2"
+
+
+def multistream_index(path: Path) -> Path | None:
+    """The index beside a multistream dump (`X.xml.bz2` -> `X-index.txt.bz2`), or None."""
+    if not path.name.endswith(".xml.bz2"):
+        return None
+    index = path.with_name(path.name.removesuffix(".xml.bz2") + _INDEX_SUFFIX)
+    return index if index.is_file() else None
+
+
+def _is_index_beside_dump(path: Path) -> bool:
+    name = path.name
+    return (
+        name.endswith(_INDEX_SUFFIX)
+        and path.with_name(name.removesuffix(_INDEX_SUFFIX) + ".xml.bz2").is_file()
+    )
+
+
+@dataclass(frozen=True)
+class StreamRange:
+    """A work unit of a multistream dump: the indexed streams starting at `offsets`, up to byte `end`."""
+
+    path: str
+    index: str
+    offsets: tuple[int, ...]
+    end: int
+    header: str  # the dump's `<mediawiki ...>` tag and `<siteinfo>`, to wrap the pages in
+
+
+def _mismatch(index: Path | str, dump: Path | str, what: str) -> ValueError:
+    return ValueError(f"multistream index {index} does not match the dump {dump}: {what}")
+
+
+def _decompress_streams(data: bytes) -> bytes | None:
+    """Decompress one or more whole, concatenated bz2 streams; None if `data` is not exactly that."""
+    out = []
+    while data:
+        decompressor = bz2.BZ2Decompressor()
+        try:
+            out.append(decompressor.decompress(data))
+        except OSError:  # "Invalid data stream"
+            return None
+        if not decompressor.eof:
+            return None
+        data = decompressor.unused_data
+    return b"".join(out)
+
+
+def _index_offsets(index: Path, dump: Path) -> list[int]:
+    offsets: set[int] = set()
+    with _open_binary(index) as f:
+        for lineno, line in enumerate(f, 1):
+            head, colon, _ = line.partition(b":")
+            if not colon or not head.isdigit():
+                if line.strip():
+                    raise _mismatch(index, dump, f"line {lineno} is not offset:page_id:title")
+                continue
+            offsets.add(int(head))
+    return sorted(offsets)
+
+
+def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list[StreamRange]:
+    """Cut a multistream dump into ranges of whole streams of about `unit_bytes` compressed bytes each.
+
+    Reads the index and the header stream only. Raises `ValueError` naming both files when the index does
+    not fit the dump (an offset beyond its end, a header stream that holds pages, an unreadable index);
+    streams that do not start at an offset or do not start with a `<page>` are found by the reader."""
+    try:
+        offsets = _index_offsets(index, path)
+    except (OSError, EOFError) as err:
+        raise _mismatch(index, path, f"the index is unreadable ({err})") from None
+    size = path.stat().st_size
+    if not offsets:
+        raise _mismatch(index, path, "the index lists no page")
+    if offsets[-1] >= size:
+        raise _mismatch(index, path, f"offset {offsets[-1]} is beyond the dump's {size} bytes")
+    with open(path, "rb") as f:
+        raw = f.read(offsets[0])
+    text = _decompress_streams(raw) if raw else None
+    header = text.decode("utf-8", "replace") if text is not None else ""
+    root = _MEDIAWIKI_TAG.search(header)
+    end = header.find("</siteinfo>")
+    rest = header[end + len("</siteinfo>") :] if end >= 0 else header[root.end() :] if root else header
+    if root is None or rest.strip():
+        raise _mismatch(
+            index,
+            path,
+            f"the bytes before offset {offsets[0]} are not one <mediawiki><siteinfo> header stream",
+        )
+    header = header[: len(header) - len(rest)]
+    units: list[StreamRange] = []
+    start = 0
+    for k in range(1, len(offsets) + 1):
+        stop = offsets[k] if k < len(offsets) else size
+        if k == len(offsets) or stop - offsets[start] >= unit_bytes:
+            units.append(StreamRange(str(path), str(index), tuple(offsets[start:k]), stop, header))
+            start = k
+    return units
+
+
+def iter_multistream_range(unit: StreamRange, stats: ReadStats) -> Iterator[Document]:
+    """The articles in one `StreamRange`, exactly as `iter_wikipedia` yields them from the whole dump.
+
+    Raises `ValueError` naming the index and the dump if a range does not hold whole bz2 streams of pages.
+    Malformed XML inside a range loses the rest of that range only (a plain read loses the rest of the dump),
+    counted and logged as a truncated file."""
+    path = Path(unit.path)
+    with open(path, "rb") as f:
+        f.seek(unit.offsets[0])
+        data = f.read(unit.end - unit.offsets[0])
+    bounds = [*unit.offsets, unit.end]
+    parts = []
+    for a, b in zip(bounds, bounds[1:]):
+        text = _decompress_streams(data[a - bounds[0] : b - bounds[0]])
+        if text is None:
+            raise _mismatch(unit.index, path, f"bytes {a}-{b} are not whole bz2 streams")
+        if not text.lstrip().startswith(b"<page"):
+            raise _mismatch(unit.index, path, f"the stream at offset {a} does not start with a <page>")
+        parts.append(text)
+    body = b"".join(parts).rstrip()
+    body = body.removesuffix(b"</mediawiki>")  # the last range holds the closing stream
+    xml = unit.header.encode() + b"\n" + body + b"\n</mediawiki>\n"
+    yield from _iter_mediawiki_xml(path, _TextStream(io.BytesIO(xml), path, stats), stats, quiet=True)
 
 
 def _iter_wikiextractor_doc(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:

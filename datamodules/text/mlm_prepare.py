@@ -1,8 +1,10 @@
 """Preprocessing for MLM pretraining: documents -> sentences -> token ids -> training instances -> shards.
 
-Stage 1 streams the corpora; worker processes turn each document into plain text, sentences and token ids
-(batched through the Rust tokenizer) and the main process appends them to a per-split sentence store on
-disk (flat token array + sentence and document offsets), so memory stays constant whatever the corpus size.
+Stage 1 reads the corpora in worker processes (byte ranges of bz2 streams of a multistream Wikipedia dump,
+or whole files; a large plain file is read by the main process and fed to them), which turn each document
+into plain text, sentences and token ids (batched through the Rust tokenizer); the main process appends
+them, in corpus order, to a per-split sentence store on disk (flat token array + sentence and document
+offsets), so memory stays constant whatever the corpus size.
 Stage 2 builds training instances from document ranges in parallel, one shard per range:
 
 * with NSP, as Google's `create_pretraining_data.py`: document-aware segment pairs A/B, B the actual next
@@ -11,11 +13,11 @@ Stage 2 builds training instances from document ranges in parallel, one shard pe
 * without NSP, RoBERTa's FULL-SENTENCES: whole sentences packed up to `max_seq_length - 2` across
   document boundaries (a [SEP] marks each boundary), so almost no position is padding.
 
-The output depends on the data and the settings only, never on `num_proc`: stage 1 keeps the corpus order,
-stage 2's ranges are cut from the token counts (`plan_shards`) and every document draws from its own random
-stream, seeded by its position in the split. The processes only decide who builds which shard, so two
-machines with the same inputs, tokenizer, settings and libraries write byte-identical shards under the same
-cache key (`cache_key`).
+The output depends on the data and the settings only, never on `num_proc` or on how the input is read:
+stage 1 keeps the corpus order, stage 2's ranges are cut from the token counts (`plan_shards`) and every
+document draws from its own random stream, seeded by its position in the split. The processes only decide
+who builds which shard, so two machines with the same inputs, tokenizer, settings and libraries write
+byte-identical shards under the same cache key (`cache_key`).
 
 Everything is written into a temporary folder renamed into place at the end: an interrupted run never
 leaves a cache that a later run would load.
@@ -43,9 +45,14 @@ from datamodules.text.corpora import (
     Document,
     ReadStats,
     iter_bookcorpus,
+    iter_multistream_range,
     iter_wikipedia,
+    iter_wikipedia_file,
+    multistream_index,
+    plan_multistream,
     resolve_paths,
     split_sentences,
+    wikipedia_files,
 )
 from datamodules.text.corpora import to_plain_text as _to_plain_text
 from datamodules.tokenizer import TextTokenizer
@@ -104,17 +111,79 @@ def _init_worker(tokenizer_json: str) -> None:
     _WORKER_TOKENIZER = TextTokenizer(Tokenizer.from_str(tokenizer_json))
 
 
-def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[tuple[str, list[np.ndarray], int]]:
-    """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk."""
+_Tokenized = tuple[str, np.ndarray, np.ndarray]  # split, a document's token ids, its sentences' lengths
+
+
+def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[_Tokenized]:
+    """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk.
+
+    A document comes back as one flat array and its sentence lengths, not an array a sentence: the main
+    process writes it in one call, which keeps it from being the bottleneck with many workers."""
     texts = [split_sentences(_to_plain_text(d)) for _, d in docs]
     flat = [s for sents in texts for s in sents]
     ids = _WORKER_TOKENIZER.encode_batch(flat) if flat else []
     out, k = [], 0
     for (split, _), sents in zip(docs, texts):
-        arrays = [np.asarray(x, dtype=np.int32) for x in ids[k : k + len(sents)] if x]
+        kept = [x for x in ids[k : k + len(sents)] if x]
         k += len(sents)
-        out.append((split, arrays, sum(a.size for a in arrays)))
+        tokens = np.fromiter((t for x in kept for t in x), dtype=np.int32)
+        out.append((split, tokens, np.asarray([len(x) for x in kept], dtype=np.int64)))
     return out
+
+
+# Stage 1's work units, consumed in this order so that documents keep the corpus order whatever the
+# number of processes: ("streams", StreamRange) a byte range of a multistream dump, ("file", path) a
+# Wikipedia file a worker reads whole, ("docs", [(split, Document)]) documents read by this process.
+_Unit = tuple[str, object]
+
+
+def _read_units(
+    wikipedia: list[str],
+    bookcorpus: list[str],
+    stats: ReadStats,
+    s: PrepareSettings,
+    docs_per_task: int,
+    file_unit_bytes: int,
+    stream_unit_bytes: int,
+) -> Iterator[_Unit]:
+    """Who reads what: workers parse multistream ranges and small files themselves; a large plain file
+    (a single-stream dump, a big JSONL) is parsed here and fed to the workers in chunks."""
+    for path in wikipedia_files(wikipedia) if wikipedia else []:
+        if (index := multistream_index(path)) is not None:
+            stats.files_read += 1
+            for unit in plan_multistream(path, index, stream_unit_bytes):
+                yield "streams", unit
+        elif path.stat().st_size <= file_unit_bytes:
+            yield "file", str(path)
+        else:
+            docs = (
+                (split_of(d, s.val_fraction, s.test_fraction), d) for d in iter_wikipedia_file(path, stats)
+            )
+            for chunk in _chunks(docs, docs_per_task):
+                yield "docs", chunk
+    if bookcorpus:
+        books = iter_bookcorpus(bookcorpus, stats, lines_per_document=s.lines_per_document)
+        docs = ((split_of(d, s.val_fraction, s.test_fraction), d) for d in books)
+        for chunk in _chunks(docs, docs_per_task):
+            yield "docs", chunk
+
+
+def _prepare_unit(
+    args: tuple[_Unit, float, float, int],
+) -> tuple[list[_Tokenized], ReadStats | None]:
+    """Worker: read a unit (unless this process did), then clean and tokenise its documents in order."""
+    (kind, what), val_fraction, test_fraction, docs_per_task = args
+    if kind == "docs":
+        return _tokenize_documents(what), None
+    stats = ReadStats()
+    if kind == "streams":
+        docs: Iterable[Document] = iter_multistream_range(what, stats)
+    else:
+        docs = iter_wikipedia_file(Path(what), stats)
+    out = []
+    for chunk in _chunks(((split_of(d, val_fraction, test_fraction), d) for d in docs), docs_per_task):
+        out.extend(_tokenize_documents(chunk))
+    return out, stats
 
 
 def _chunks(docs: Iterable[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
@@ -140,16 +209,20 @@ class _SentenceStore:
         self.doc_ends: list[int] = []
         self.n_tokens = self.n_sents = 0
 
-    def add(self, sentences: list[np.ndarray]) -> None:
-        for s in sentences:
-            self.tokens.write(s.astype(self.dtype).tobytes())
-            self.n_tokens += s.size
-            self.sent_ends.append(self.n_tokens)
-        self.n_sents += len(sentences)
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """One document: its sentences' token ids end to end, and their lengths."""
+        self.tokens.write(tokens.astype(self.dtype).tobytes())
+        self.sent_ends.extend((self.n_tokens + np.cumsum(lengths)).tolist())
+        self.n_tokens += tokens.size
+        self.n_sents += lengths.size
         self.doc_ends.append(self.n_sents)
         if len(self.sent_ends) > 100_000:
             self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
             self.sent_ends.clear()
+
+    def discard(self) -> None:
+        self.tokens.close()
+        self.sent_file.close()
 
     def close(self) -> dict:
         self.sent_file.write(np.asarray(self.sent_ends, dtype=np.int64).tobytes())
@@ -400,9 +473,19 @@ def prepare_mlm_cache(
     num_proc: int | None = None,
     docs_per_task: int = 64,
     progress: bool = True,
+    file_unit_bytes: int = 64 << 20,
+    stream_unit_bytes: int = 1 << 18,
 ) -> Path:
-    """Build (or find) the instance shards for these inputs and return the cache folder."""
+    """Build (or find) the instance shards for these inputs and return the cache folder.
+
+    Reading is parallel too: the `num_proc` workers decompress and parse their own byte ranges of a
+    multistream dump (its `*-index.txt.bz2` found beside it), of about `stream_unit_bytes` compressed, and
+    read Wikipedia files of up to `file_unit_bytes` whole; a larger plain file and BookCorpus are read by
+    this process and fed to the workers. None of this changes the instances."""
     inputs = resolve_paths([*wikipedia, *bookcorpus])
+    # the index decides how a dump is read, not what is read; keyed all the same, as any input file
+    indexes = [i for p in inputs if (i := multistream_index(p)) is not None]
+    inputs += [i for i in indexes if i not in inputs]
     key = cache_key(inputs, tokenizer, settings)
     final = Path(cache_dir) / f"mlm-{key}"
     if (final / "index.json").is_file():
@@ -415,23 +498,36 @@ def prepare_mlm_cache(
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.int32)
     stats = ReadStats()
     stores = {sp: _SentenceStore(tmp / "sentences" / sp, dtype) for sp in SPLITS}
-    docs = (
-        (split_of(d, settings.val_fraction, settings.test_fraction), d)
-        for d in iter_documents(wikipedia, bookcorpus, stats, settings.lines_per_document)
+    units = _read_units(
+        wikipedia, bookcorpus, stats, settings, docs_per_task, file_unit_bytes, stream_unit_bytes
     )
+    tasks = ((u, settings.val_fraction, settings.test_fraction, docs_per_task) for u in units)
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     n_docs = n_tok = 0
     bar = tqdm(desc="tokenizing documents", unit=" docs", disable=not progress)
-    with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
-        for result in pool.imap(_tokenize_documents, _chunks(docs, docs_per_task)):
-            for split, sentences, n in result:
-                if sentences:
-                    stores[split].add(sentences)
-                    n_docs += 1
-                    n_tok += n
-            bar.update(len(result))
-            bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
+    worker_stats = ReadStats()  # merged after the reads of this process, in unit order: the same every run
+    try:
+        with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.tokenizer.to_str(),)) as pool:
+            # imap returns the units' results in unit order, hence documents in corpus order
+            for result, unit_stats in pool.imap(_prepare_unit, tasks):
+                if unit_stats is not None:
+                    worker_stats.merge(unit_stats)
+                for split, tokens, lengths in result:
+                    if lengths.size:
+                        stores[split].add(tokens, lengths)
+                        n_docs += 1
+                        n_tok += tokens.size
+                bar.update(len(result))
+                bar.set_postfix(tokens=f"{n_tok:,}", kept=n_docs)
+    except BaseException:
+        # a read that fails (an index that does not fit its dump, a file of unknown format) leaves no debris
+        for store in stores.values():
+            store.discard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     bar.close()
+    stats.merge(worker_stats)
+    stats.log("read")
     sentence_stats = {sp: st.close() for sp, st in stores.items()}
     if sentence_stats["train"]["tokens"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
