@@ -193,6 +193,8 @@ def test_strategy_snippets_compose_with_experiment_configs(
     assert "precision: bf16-mixed" in config
 
 
+# slow (two processes, ~17 s); the default run keeps the wrap units (test_gpu_path) and the fsdp2 config snippet
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process_and_consolidate(
     cache_dir: str, one_process_double_batch: Path, tmp_path: Path
 ) -> None:

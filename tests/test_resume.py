@@ -323,6 +323,8 @@ def test_mlm_ddp_kill9_and_resume_matches_unbroken_run(mlm_straight, tmp_path: P
     assert len(set(both)) == len(both)
 
 
+# slow (~25 s); the default run keeps the MLM kill -9 case and the duration-bucket sampler's resume state tests
+@pytest.mark.slow
 def test_speech_kill9_and_resume_matches_unbroken_run(tmp_path: Path) -> None:
     """The speech quickstart with duration-bucketed batches, 2 workers, a tiny model: killed at step 7 with
     the checkpoint of step 5, mid-epoch."""
