@@ -65,12 +65,6 @@ def finite_or_skip(module: L.LightningModule, loss: Tensor, max_in_row: int) -> 
     return None if in_row else loss
 
 
-def zero_loss(module: L.LightningModule) -> Tensor:
-    """A loss of exactly zero that reaches every trainable parameter: its backward gives zero gradients, touches
-    nothing non-finite, and lets every rank join DDP's gradient all-reduce."""
-    return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
-
-
 # where a checkpoint names the class of the system that wrote it
 SYSTEM_CLASS_KEY = "system_class_path"
 

@@ -18,6 +18,7 @@ from lightning_modules.components.encoder import (
     TransformerEncoder,
     activation,
     cls_pool,
+    last_token_pool,
     masked_mean_pool,
 )
 from lightning_modules.components.lm_loss import linear_cross_entropy
@@ -86,14 +87,17 @@ class BertModel(nn.Module):
         return torch.tanh(self.pooler(first))
 
     def pool(self, hidden: Tensor, attention_mask: Tensor | None = None, mode: str = "cls") -> Tensor:
-        """'cls': BERT's tanh pooler on [CLS]; 'first': raw [CLS] state; 'mean': masked mean."""
+        """'cls': BERT's tanh pooler on [CLS]; 'first': raw [CLS] state; 'mean': masked mean; 'eot': the last
+        real token's state."""
         if mode == "cls":
             return self.cls_pooler(cls_pool(hidden))
         if mode == "first":
             return cls_pool(hidden)
         if mode == "mean":
             return masked_mean_pool(hidden, attention_mask.bool() if attention_mask is not None else None)
-        raise ValueError(f"unknown pooling {mode!r}; choose cls, first or mean")
+        if mode == "eot":
+            return last_token_pool(hidden, attention_mask)
+        raise ValueError(f"unknown pooling {mode!r}; choose cls, first, mean or eot")
 
 
 class MLMHead(nn.Module):

@@ -314,6 +314,13 @@ def cls_pool(hidden: Tensor) -> Tensor:
     return hidden[:, 0]
 
 
+def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """The state of each row's last real token (CLIP's EOT pooling); rows are right-padded, so it sits at
+    length - 1."""
+    last = mask.sum(1).clamp_min(1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 def masked_mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over real positions only, so padding never changes the pooled vector."""
     if mask is None:

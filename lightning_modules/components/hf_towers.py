@@ -23,7 +23,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import masked_mean_pool
+from lightning_modules.components.encoder import last_token_pool, masked_mean_pool
 from lightning_modules.components.towers import load_matching_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ class HFTextTower(nn.Module):
 
     def __init__(self, folder: str | Path, embed_dim: int, pooling: str = "first") -> None:
         super().__init__()
+        if pooling not in ("first", "cls", "mean", "eot"):
+            raise ValueError(f"unknown pooling {pooling!r}; choose first, cls, mean or eot")
         folder = Path(folder)
         config = read_hf_config(folder, "text encoder")
         # the pooler is only built (and only trains) when it is the pooling: unused, DDP would wait for its gradient
@@ -123,8 +125,6 @@ class HFTextTower(nn.Module):
             raise ValueError(
                 f"{folder}: model.text.pooling cls needs a model with a pooler; use first, mean or eot"
             )
-        if pooling not in ("first", "cls", "mean", "eot"):
-            raise ValueError(f"unknown pooling {pooling!r}; choose first, cls, mean or eot")
         self.pooling = pooling
         self.vocab_size = int(config["vocab_size"])
         self.max_len = int(config.get("max_position_embeddings") or 512)
@@ -153,9 +153,8 @@ class HFTextTower(nn.Module):
             pooled = out.pooler_output
         elif self.pooling == "mean":
             pooled = masked_mean_pool(hidden, mask)
-        else:  # eot: right-padded rows, so the last real token sits at length - 1
-            last = mask.sum(1).clamp_min(1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        else:
+            pooled = last_token_pool(hidden, mask)
         return self.proj(pooled)
 
 

@@ -58,6 +58,12 @@ def _rank() -> int:
     return 0
 
 
+def zero_loss(module: nn.Module) -> Tensor:
+    """A loss of exactly zero that reaches every trainable parameter: its backward gives zero gradients, touches
+    nothing non-finite, and lets a rank without rows join DDP's gradient all-reduce."""
+    return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
+
+
 def gather_sizes(n: int, device: torch.device) -> list[int]:
     """Row counts of every rank (batches may differ, e.g. with duration bucketing)."""
     if _world_size() == 1:

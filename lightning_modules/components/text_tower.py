@@ -106,9 +106,6 @@ class TextTower(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.bert(input_ids, attention_mask)
-        if self.pooling == "eot":  # right-padded rows: the last real token sits at length - 1
-            last = attention_mask.sum(1).clamp_min(1) - 1
-            return self.proj(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
         return self.proj(self.bert.pool(hidden, attention_mask, self.pooling))
 
 
