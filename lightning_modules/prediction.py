@@ -278,6 +278,14 @@ class PredictionWriter(BasePredictionWriter):
 
     def _merge_embeddings(self, ranks: list[Path]) -> dict[str, int]:
         tables = [pq.read_table(r / EMBEDDINGS) for r in ranks if (r / EMBEDDINGS).is_file()]
+        if (
+            not tables
+        ):  # every input was unreadable: an empty file (width unknown), the inputs in the metadata
+            schema = pa.schema(
+                [("id", pa.string()), ("kind", pa.string()), ("embedding", pa.list_(pa.float32()))]
+            )
+            pq.write_table(schema.empty_table(), self.output_dir / EMBEDDINGS)
+            return {}
         table = pa.concat_tables(tables)
         ids, kinds = table.column("id").to_pylist(), table.column("kind").to_pylist()
         first: dict[tuple[str, str], int] = {}

@@ -450,3 +450,16 @@ def test_an_unreadable_image_of_the_split_is_listed_and_its_captions_left_out(tm
     table = pq.read_table(tmp_path / "out" / "embeddings.parquet").to_pylist()
     assert [r["id"] for r in table if r["kind"] == "image"] == [str(kept_id)]
     assert {r["id"] for r in table if r["kind"] == "caption"} == kept_captions
+
+
+def test_a_folder_of_unreadable_images_gives_an_empty_table_and_lists_them(
+    shapes: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    dm = _clip_data(shapes, tmp_path, predict_images=str(folder))
+    meta = _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
+    assert sorted(Path(p).name for p in meta["unreadable"]) == ["a.png", "b.png"] and meta["skipped"] == 2
+    assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 0
