@@ -26,7 +26,6 @@ image-text and speech-text retrieval are reported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -250,14 +249,15 @@ class TriModalDataModule(LightningDataModule):
     def tokenizer(self) -> TextTokenizer:
         """One vocabulary for captions and transcripts, loaded or trained (and cached) on first use."""
         if self._tokenizer is None:
-            if not self._tokenizer_path:
+            hp = self.hparams
+            if self._tokenizer_path:
+                self._tokenizer = TextTokenizer.from_file(self._tokenizer_path, hp.lowercase)
+            else:
                 self._ensure_data()
-                texts = self._training_texts()
-                key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-                hp = self.hparams
-                tok = build_tokenizer(None, texts, hp.cache_dir, hp.tokenizer_vocab_size, hp.lowercase, key)
-                self._tokenizer_path = tok.source  # the cached tokenizer.json
-            self._tokenizer = TextTokenizer.from_file(self._tokenizer_path, self.hparams.lowercase)
+                self._tokenizer = build_tokenizer(
+                    None, self._training_texts, hp.cache_dir, hp.tokenizer_vocab_size, hp.lowercase
+                )
+                self._tokenizer_path = self._tokenizer.source  # the cached tokenizer.json the two tasks load
         return self._tokenizer
 
     @property
