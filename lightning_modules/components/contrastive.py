@@ -25,11 +25,10 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.components.losses import build_loss, gather_sizes, zero_loss
+from lightning_modules.components.losses import build_loss, gather_sizes, world_size, zero_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.towers import keep_locked_in_eval
 
@@ -82,10 +81,6 @@ class PairEmbeddings:
     b_keys: Tensor
     b_groups: Tensor
     pair_index: Tensor | None = None
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class ContrastivePair(nn.Module):
@@ -159,7 +154,7 @@ class ContrastivePair(nn.Module):
 
     @staticmethod
     def rank_weight(rows: int, device: torch.device) -> float:
-        world = _world_size()
+        world = world_size()
         if world == 1:
             return 1.0
         total = sum(gather_sizes(rows, device))

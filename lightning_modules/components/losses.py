@@ -46,7 +46,8 @@ __all__ = [
 ]
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Processes in the default group (1 without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
@@ -66,10 +67,10 @@ def zero_loss(module: nn.Module) -> Tensor:
 
 def gather_sizes(n: int, device: torch.device) -> list[int]:
     """Row counts of every rank (batches may differ, e.g. with duration bucketing)."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return [n]
     mine = torch.tensor([n], device=device)
-    sizes = [torch.zeros_like(mine) for _ in range(_world_size())]
+    sizes = [torch.zeros_like(mine) for _ in range(world_size())]
     dist.all_gather(sizes, mine)
     return [int(s) for s in sizes]
 
@@ -85,7 +86,7 @@ def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     different numbers of rows (`sizes`, from `gather_sizes`): rows are padded to the largest count for the
     collective and the padding is cut away again. Identity when not distributed or with world size 1.
     """
-    if _world_size() == 1:
+    if world_size() == 1:
         return x
     sizes = sizes or gather_sizes(x.shape[0], x.device)
     parts = dist_fn.all_gather(_pad_rows(x.contiguous(), max(sizes)))
@@ -97,11 +98,11 @@ def gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
 
     Identity when not distributed or with world size 1.
     """
-    if _world_size() == 1:
+    if world_size() == 1:
         return x
     sizes = sizes or gather_sizes(x.shape[0], x.device)
     x = _pad_rows(x.contiguous(), max(sizes))
-    parts = [torch.empty_like(x) for _ in range(_world_size())]
+    parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
@@ -134,7 +135,7 @@ class PairwiseLoss(nn.Module):
         if a.shape != b.shape or a.dim() != 2:
             raise ValueError(f"a and b must both be (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
         batch = a.shape[0]
-        distributed = self.gather and _world_size() > 1
+        distributed = self.gather and world_size() > 1
         sizes = gather_sizes(batch, a.device) if distributed else [batch]
         a_cols = gather_with_grad(a, sizes) if distributed else a
         b_cols = gather_with_grad(b, sizes) if distributed else b
