@@ -247,8 +247,17 @@ class TextTokenizer:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def word_starts(self, ids: Sequence[int]) -> list[bool]:
-        """True where a token begins a word (no `##` prefix); used by whole-word masking."""
-        return [not self.tokenizer.id_to_token(i).startswith("##") for i in ids]
+        """True where a token begins a word (no `##` prefix); used by whole-word masking. Only a WordPiece
+        vocabulary marks its continuation pieces so: any other (BPE, SentencePiece) is refused, since every
+        token would count as a word and whole-word masking would quietly become per-token masking."""
+        model = self.tokenizer.model
+        if not isinstance(model, models.WordPiece):
+            raise ValueError(
+                f"whole-word masking needs a WordPiece vocabulary (continuation pieces marked ##); {self.source} "
+                f"is a {type(model).__name__} vocabulary: set data.whole_word_masking false"
+            )
+        prefix = model.continuing_subword_prefix
+        return [not self.tokenizer.id_to_token(i).startswith(prefix) for i in ids]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))

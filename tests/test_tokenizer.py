@@ -114,6 +114,17 @@ def test_special_token_ids_follow_the_vocab_lines(tmp_path: Path) -> None:
     assert tok.word_starts([2, 7, 5]) == [True, False, True]
 
 
+def test_whole_word_masking_refuses_a_vocabulary_that_does_not_mark_word_pieces() -> None:
+    # byte-level BPE (RoBERTa's kind): no ## pieces, every token would count as a word
+    from tokenizers import Tokenizer, models
+
+    bpe = Tokenizer(
+        models.BPE(vocab={"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "<mask>": 4, "a": 5}, merges=[])
+    )
+    with pytest.raises(ValueError, match="whole-word masking needs a WordPiece vocabulary .* BPE vocabulary"):
+        TextTokenizer(bpe, "roberta/tokenizer.json").word_starts([5])
+
+
 def test_vocab_without_mask_raises_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(t for t in SPECIAL_TOKENS if t != "[MASK]") + "\nhello\n", encoding="utf-8")

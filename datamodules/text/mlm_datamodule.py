@@ -277,14 +277,15 @@ class MLMDataModule(L.LightningDataModule):
 
     def collator(self, eval_seed_offset: int = 0) -> MLMCollator:
         tok = self.tokenizer
-        word_start = np.asarray(tok.word_starts(range(tok.vocab_size)), dtype=bool)
+        whole_word = self.hparams.whole_word_masking
+        word_start = np.asarray(tok.word_starts(range(tok.vocab_size)), dtype=bool) if whole_word else None
         return MLMCollator(
             vocab_size=tok.vocab_size,
             pad_id=tok.pad_id,
             mask_id=tok.mask_id,
             special_ids=sorted(tok.special_ids),
             mask_prob=self.hparams.mask_prob,
-            whole_word=self.hparams.whole_word_masking,
+            whole_word=whole_word,
             word_start=word_start,
             seed=self.hparams.seed + eval_seed_offset,
         )
