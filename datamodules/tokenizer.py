@@ -264,10 +264,14 @@ class TextTokenizer:
 
     def __call__(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         """`[CLS] text [SEP]`, truncated to `max_length` and right-padded to the longest in the batch."""
+        return self.pack(self.encode_batch(texts), max_length)
+
+    def pack(self, bodies: Sequence[Sequence[int]], max_length: int) -> dict[str, torch.Tensor]:
+        """Token ids without specials -> `[CLS] ids [SEP]` rows, truncated to `max_length` and right-padded to the
+        longest, with their attention mask."""
         if max_length < 2:
             raise ValueError(f"max_length must leave room for [CLS] and [SEP], got {max_length}")
-        body = self.encode_batch(texts)
-        rows = [[self.cls_id, *ids[: max_length - 2], self.sep_id] for ids in body]
+        rows = [[self.cls_id, *ids[: max_length - 2], self.sep_id] for ids in bodies]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
