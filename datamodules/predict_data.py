@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from datamodules.speech.librispeech import pad_waveforms
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -184,11 +185,7 @@ class PredictCollate:
             batch["image_keys"] = [it["image_key"] for it in images]
         waves = [it for it in kept if "waveform" in it]
         if waves:
-            lengths = torch.tensor([it["waveform"].numel() for it in waves], dtype=torch.long)
-            waveforms = torch.zeros(len(waves), int(lengths.max()))
-            for row, it in enumerate(waves):
-                waveforms[row, : lengths[row]] = it["waveform"]
-            batch["waveforms"], batch["wave_lengths"] = waveforms, lengths
+            batch["waveforms"], batch["wave_lengths"] = pad_waveforms([it["waveform"] for it in waves])
             batch["audio_keys"] = [it["audio_key"] for it in waves]
         texts = [t for it in kept for t in it.get("texts", ())]
         if texts:
@@ -214,21 +211,14 @@ class MaskedLinesCollate:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         tok = self.tokenizer
         texts = [it["texts"][0] for it in items]
-        rows = []
+        bodies = []
         for text in texts:
             pieces = tok.encode_batch(text.split(self.mask_token))
-            body = [t for k, ids in enumerate(pieces) for t in ([tok.mask_id] if k else []) + ids]
-            rows.append([tok.cls_id, *body[: self.max_length - 2], tok.sep_id])
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention_mask[i, : len(r)] = True
+            bodies.append([t for k, ids in enumerate(pieces) for t in ([tok.mask_id] if k else []) + ids])
+        batch = tok.pack(bodies, self.max_length)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "predict_mask": input_ids == tok.mask_id,
+            **batch,
+            "predict_mask": batch["input_ids"] == tok.mask_id,
             "index": torch.tensor([it["line"] for it in items], dtype=torch.long),
             "text": texts,
             "top_k": self.top_k,

@@ -273,6 +273,15 @@ class LibriSpeechDataset(Dataset):
         }
 
 
+def pad_waveforms(waves: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D waveforms -> (B, longest) zero-padded on the right, and their (B,) lengths; (0, 0) for none."""
+    lengths = torch.tensor([w.numel() for w in waves], dtype=torch.long)
+    waveforms = torch.zeros(len(waves), int(lengths.max()) if len(waves) else 0)
+    for row, w in enumerate(waves):
+        waveforms[row, : lengths[row]] = w
+    return waveforms, lengths
+
+
 class SpeechTextCollator:
     """Zero-pads waveforms, tokenizes the normalised transcripts, and drops items the dataset gave up on."""
 
@@ -282,10 +291,7 @@ class SpeechTextCollator:
 
     def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         kept = [it for it in items if it is not None]
-        lengths = torch.tensor([it["waveform"].numel() for it in kept], dtype=torch.long)
-        waveforms = torch.zeros(len(kept), int(lengths.max()) if kept else 0)
-        for row, it in enumerate(kept):
-            waveforms[row, : lengths[row]] = it["waveform"]
+        waveforms, lengths = pad_waveforms([it["waveform"] for it in kept])
         if kept:
             text = self.tokenizer([it["text"] for it in kept], max_length=self.context_length)
         else:  # every file in the batch was bad: an empty batch the module should skip
