@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
 
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
@@ -15,9 +15,24 @@ from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.helpers import quiet_trainer
+from tests.helpers import quiet_trainer, single_thread
 
 TINY_CLIP_VAL_IMAGES = 100
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Each test of a file that asks for it (`pytestmark = pytest.mark.usefixtures("one_thread")`) runs on one
+    thread (`single_thread`)."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """The same for a whole module, its module-scoped fixtures included."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +42,7 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     Returns the validation metrics, the checkpoint, the tokenizer file and the shapes set's root."""
     tmp = tmp_path_factory.mktemp("tiny_clip")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one busy thread beats two fighting other processes for the cores
-    try:
+    with single_thread():  # one busy thread beats two fighting other processes for the cores
         root = generate_shapes_coco(tmp / "shapes", n_train=1000, n_val=TINY_CLIP_VAL_IMAGES, image_size=32)
         L.seed_everything(0)
         dm = CocoCaptionsDataModule(
@@ -61,8 +74,6 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
         trainer.fit(module, dm)
         ckpt = tmp / "clip.ckpt"
         trainer.save_checkpoint(ckpt)
-    finally:
-        torch.set_num_threads(threads)
     return {
         "metrics": {k: v.item() for k, v in trainer.callback_metrics.items()},
         "ckpt": ckpt,

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import lightning as L
+import torch
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -11,3 +15,15 @@ def quiet_trainer(**kwargs) -> L.Trainer:
     """A CPU Trainer that writes no logs and prints no progress bar or model summary; `kwargs` add to that or
     override it."""
     return L.Trainer(**{**QUIET, **kwargs})
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread while inside: tiny models gain nothing from more, and on cores shared with other jobs
+    spinning OpenMP threads make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -27,6 +27,7 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.speech_text_module import SpeechTextModule
 from lightning_modules.trimodal_module import TriModalModule
+from tests.helpers import single_thread
 
 VOCAB = 50
 DEADLINE_S = 120  # a hang would otherwise block the suite; a normal run takes seconds
@@ -181,12 +182,8 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def alone() -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # one busy thread beats two fighting other processes for the cores
         return {system: run_steps(system, empty=False, ddp=False) for system in SYSTEMS}
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))

@@ -160,12 +160,9 @@ def write_conll(folder: Path, seed: int = 2) -> None:
         (folder / name).write_text("\n".join(lines).rstrip("\n"))  # no final newline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; OpenMP threads only fight other jobs for the cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures(
+    "one_thread_module"
+)  # tiny models: one thread (tests/helpers.single_thread)
 
 
 @pytest.fixture(scope="module")

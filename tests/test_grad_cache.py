@@ -31,12 +31,7 @@ GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
 ADAM_EPS = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; OpenMP threads only fight other jobs for the cores
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
 
 
 def sections(kwargs: dict) -> dict:

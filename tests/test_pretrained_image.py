@@ -374,13 +374,11 @@ def _lit_run(tiny_clip: dict, tmp_path: Path, steps: int) -> dict[str, float]:
     from cli import main
     from datamodules.image.coco_datamodule import CocoCaptionsDataModule
     from lightning_modules.components.contrastive import ContrastiveLossConfig
-    from tests.helpers import quiet_trainer
+    from tests.helpers import quiet_trainer, single_thread
 
     image_file = tmp_path / "image_tower.pt"
     main(["export", "--ckpt_path", str(tiny_clip["ckpt"]), "--out", str(image_file), "--what", "image"])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # one busy thread beats two fighting other processes for the cores
         L.seed_everything(0)
         dm = CocoCaptionsDataModule(
             str(tiny_clip["root"]),
@@ -412,8 +410,6 @@ def _lit_run(tiny_clip: dict, tmp_path: Path, steps: int) -> dict[str, float]:
             enable_checkpointing=False,
         )
         trainer.fit(module, dm)
-    finally:
-        torch.set_num_threads(threads)
     # locked: the exported tower's weights are exactly the ones it ended with
     assert all(torch.equal(v, module.pair.image.state_dict()[k]) for k, v in frozen.items())
     return {k: v.item() for k, v in trainer.callback_metrics.items()}

@@ -37,14 +37,7 @@ TINY_TEXT = TextTowerConfig("tiny", layers=1, hidden=64, heads=2, dropout=0.1, m
 TINY = dict(embed_dim=32, speech=TINY_SPEECH, text=TINY_TEXT)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on cores shared with other jobs spinning
-    OpenMP threads make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
 
 
 def tower(encoder: str = "transformer", dropout: float = 0.0, **kw) -> SpeechTower:

@@ -33,13 +33,7 @@ SHAPES_TEMPLATES = ["a {}", "a picture of a {}", "there is a {}", "a {} on a gra
 TEST_SHAPES = ("circle", "square", "cross")  # x all 8 colours: 24 classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # one busy thread beats two fighting other processes for the cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
 
 
 @pytest.fixture(scope="module")
