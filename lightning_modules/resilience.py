@@ -335,6 +335,10 @@ def slurm_requeue_target(
     return f"{array_job}_{task}" if array_job and task else job
 
 
+def _no_sigterm_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast while `PreemptionCheckpoint` owns the signal."""
+
+
 def signal_named(name: str) -> signal.Signals:
     """`SIGUSR1`, `USR1` (as sbatch --signal spells it) or `usr1` -> signal.SIGUSR1."""
     key = name.strip().upper()
@@ -360,6 +364,13 @@ class PreemptionCheckpoint(L.Callback):
     SLURMEnvironment` with `requeue_signal` and `auto_requeue`; Lightning detects SLURM on its own under `srun`),
     else `requeue_signal` here. This callback's handler for that signal replaces Lightning's, so Lightning does not
     also write its `hpc_ckpt_*.ckpt` from inside the signal handler, in the middle of a step.
+
+    While training, this callback also owns SIGTERM. Lightning's own handling would stop a run without the
+    checkpoint whenever the signal lands after the step's flags were taken (its loop raises at the end of that
+    very batch), and it costs a broadcast and a device-to-host read before every step, plus a broadcast from inside
+    rank 0's signal handler. Here the handler only records the signal (and passes it on to the processes Lightning
+    launched, as Lightning does); the flag travels in the step's one all-reduce, and Lightning's per-step broadcast
+    is switched off for the run. A signal received during validation is acted on at the next training step.
     """
 
     def __init__(
@@ -379,7 +390,10 @@ class PreemptionCheckpoint(L.Callback):
         self.requeued_job: str | None = None
         self._signum: int | None = None  # the requeue signal this run listens to
         self._requeue_received = False
+        self._sigterm_received = False
         self._previous_handler: Any = None
+        self._previous_sigterm_handler: Any = None
+        self._trainer: L.Trainer | None = None
         self._step_flags: tuple[Tensor, Any] | None = (
             None  # from the step's all-reduce, on their way to the host
         )
@@ -400,29 +414,59 @@ class PreemptionCheckpoint(L.Callback):
     def _on_requeue_signal(self, signum: int, frame: Any) -> None:
         self._requeue_received = True  # acted on after the step under way, never inside the handler
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # no collective and no Lightning flag here: Lightning's loops would stop this rank alone at the batch end
+        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        if not self._sigterm_received and launcher is not None:
+            launcher.kill(signum)  # the processes Lightning started get it too, as with Lightning's handler
+        self._sigterm_received = True
+        if signum == self._signum:
+            self._requeue_received = True
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after Lightning registered its handlers, so ours replaces its SLURM one, and its signal connector puts back
-        # the handlers of before the run when the run ends, also when it ends with an exception
-        self._requeue_received, self.saved_path, self.requeued_job = False, None, None
+        # after Lightning registered its handlers, so ours replace its SLURM and SIGTERM ones, and its signal
+        # connector puts back the handlers of before the run when the run ends, also when it ends with an exception
+        self._requeue_received, self._sigterm_received, self.saved_path, self.requeued_job = (
+            False,
+            False,
+            None,
+            None,
+        )
         self._step_flags = None
         self._signum = self.requeue_signal_for(trainer)
-        if self._signum is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread: Lightning's stay
+        self._trainer = trainer
+        if self._signum is not None:
             self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
+        self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # the flag rides in the step's all-reduce: Lightning's broadcast before every step is not needed
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        ours = (
-            signal.getsignal(self._signum) == self._on_requeue_signal if self._signum is not None else False
-        )
-        if ours and threading.current_thread() is threading.main_thread():  # Lightning did not put it back
-            signal.signal(self._signum, self._previous_handler)
-        self._previous_handler = None
+        self._restore(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._restore(trainer)  # a run stopped by an exception (ours: SIGTERMException) has no teardown hook
+
+    def _restore(self, trainer: L.Trainer) -> None:
+        if threading.current_thread() is threading.main_thread():  # put back what Lightning has not put back
+            if self._signum is not None and signal.getsignal(self._signum) == self._on_requeue_signal:
+                signal.signal(self._signum, self._previous_handler)
+            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+                signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
+        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+        self._previous_handler = self._previous_sigterm_handler = self._trainer = None
+
+    def _received(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """This rank's (SIGTERM, requeue signal) so far; Lightning's SIGTERM flag where its handler stayed."""
+        return self._sigterm_received or trainer.received_sigterm, self._requeue_received
 
     def local_step_flags(self, trainer: L.Trainer, device: torch.device) -> list[Tensor]:
         """This rank's (SIGTERM, requeue) flags, for the training step's all-reduce (`reduce_step`)."""
-        return [
-            torch.tensor(float(on), device=device)
-            for on in (trainer.received_sigterm, self._requeue_received)
-        ]
+        return [torch.tensor(float(on), device=device) for on in self._received(trainer)]
 
     def receive_step_flags(self, flags: Tensor) -> None:
         """The flags summed over ranks, still on the device: copied to the host without waiting, and read at a
@@ -444,7 +488,7 @@ class PreemptionCheckpoint(L.Callback):
             self._step_flags = None
             return host
         # a system without `reduce_step`: an all-reduce of its own
-        flags = torch.tensor([float(trainer.received_sigterm), float(self._requeue_received)])
+        flags = torch.tensor([float(on) for on in self._received(trainer)])
         if trainer.world_size > 1:
             flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device), reduce_op="max").cpu()
         return flags

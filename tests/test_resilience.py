@@ -271,6 +271,65 @@ def test_sigterm_writes_last_checkpoint_and_resume_is_exact(tmp_path: Path, scon
         torch.testing.assert_close(resumed.state_dict()[name], a, msg=name)
 
 
+class SignalAfterFlags(L.Callback):
+    """Sends a signal to this process (on one rank) at one step, after the training step took its flags, at the
+    optimizer step: on a GPU the signal nearly always lands there, as the host runs ahead of the device."""
+
+    def __init__(self, step: int, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_after_the_steps_flags_is_saved_at_the_next_step(tmp_path: Path) -> None:
+    """Lightning's own handling stopped this run at the end of the batch, without the checkpoint."""
+    before = signal.getsignal(signal.SIGTERM)
+    preempted = PreemptionCheckpoint()
+    t = trainer(tmp_path, max_steps=8, callbacks=_checkpointing(tmp_path, preempted, SignalAfterFlags(3)))
+    with pytest.raises(SIGTERMException):
+        t.fit(tiny_mlm(), loader(RandomMLMBatches()))
+    assert preempted.saved_path == tmp_path / "checkpoints/last.ckpt"
+    assert torch.load(preempted.saved_path, weights_only=True)["global_step"] == 5
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert "_broadcast_sigterm_tensor" not in vars(t.fit_loop.epoch_loop)  # Lightning's own is back
+
+
+def _sigterm_rank(rank: int, root: str, port: int) -> None:
+    """One rank of a 2-process DDP run (strategy ddp, the processes started here as torchrun would)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    folder = Path(root)
+    t = trainer(
+        folder,
+        max_steps=8,
+        strategy="ddp",
+        devices=2,
+        accelerator="cpu",
+        callbacks=_checkpointing(folder, PreemptionCheckpoint(), SignalAfterFlags(1, rank=1)),
+    )
+    try:
+        t.fit(tiny_mlm(), torch.utils.data.DataLoader(RandomMLMBatches(32, nsp=True), batch_size=4))
+    except SIGTERMException:
+        (folder / f"stopped{rank}").write_text(str(t.global_step))
+
+
+@pytest.mark.slow  # two fresh processes: 20 s here; the single-process case above stays in the default run
+def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path: Path) -> None:
+    """Under DDP only rank 1 receives the signal, after its step's flags were taken: both ranks save together at
+    the next step (a collective save) and stop. Lightning's handler would broadcast from inside the signal
+    handler, and its per-step broadcast reads only rank 0's flag."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_sigterm_rank, args=(str(tmp_path), port), nprocs=2, join=True)
+    assert [(tmp_path / f"stopped{r}").read_text() for r in (0, 1)] == ["3", "3"]
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+
+
 def test_requeue_signal_writes_last_checkpoint_and_requeues(tmp_path: Path, scontrol) -> None:
     before = signal.getsignal(signal.SIGUSR2)
     preempted = PreemptionCheckpoint(requeue_signal="USR2")  # as sbatch --signal=USR2@120 spells it
