@@ -344,7 +344,12 @@ class ContrastiveModule(AlignmentModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.automatic_optimization:  # Lightning clips only in automatic optimisation
-            self.clip_gradients(optimizer)  # the trainer's gradient_clip_val and algorithm; none when unset
+            # the trainer's gradient_clip_val and algorithm (none when unset), through the hook that also clips
+            # fused AdamW under bf16-mixed (`SkipNonFiniteSteps.configure_gradient_clipping`)
+            trainer = self.trainer
+            self.configure_gradient_clipping(
+                optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+            )
 
     # evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> None:
