@@ -187,7 +187,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
     def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return self.optimizer_config.build(
-            self, total, fused=not self.trainer.gradient_clip_val, towers=self.towers()
+            self, total, fused=self.fused_adamw_allowed(), towers=self.towers()
         )
 
 

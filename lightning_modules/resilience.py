@@ -112,6 +112,8 @@ class SkipNonFiniteSteps(L.LightningModule):
     device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
     logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
     logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
+
+    Fused AdamW stays on when the trainer clips gradients, except under a GradScaler (`fused_adamw_allowed`).
     """
 
     max_nonfinite_in_row: int = 20
@@ -185,6 +187,15 @@ class SkipNonFiniteSteps(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.check_nonfinite_skips()
+
+    def fused_adamw_allowed(self) -> bool:
+        """Whether `configure_optimizers` may build fused AdamW: yes, unless the trainer clips gradients under a
+        GradScaler (fp16-mixed), where the gradients must be unscaled before clipping and the fused kernel unscales
+        only inside its step. bf16-mixed, 32-true and bf16-true have no scaler and clip fused AdamW's gradients
+        like any others (`configure_gradient_clipping`)."""
+        trainer = self._trainer
+        clips = trainer is not None and bool(trainer.gradient_clip_val)
+        return not (clips and getattr(trainer.precision_plugin, "scaler", None) is not None)
 
     def configure_gradient_clipping(
         self,
