@@ -245,8 +245,14 @@ class LinearSystem(SkipNonFiniteSteps):
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode is CUDA-only"
 )
-def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
-    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one)."""
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"precision": "bf16-mixed", "gradient_clip_val": 1.0}],
+    ids=["32-true", "bf16-mixed-clipped"],
+)
+def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, settings: dict) -> None:
+    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one),
+    also with the trainer clipping fused AdamW's gradients under bf16-mixed."""
 
     class SyncDebug(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -266,6 +272,7 @@ def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
         callbacks=[SyncDebug(), Throughput()],
         limit_val_batches=0,
         default_root_dir=tmp_path,
+        **settings,
     )
     t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
     assert t.global_step == 8
