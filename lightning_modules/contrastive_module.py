@@ -187,7 +187,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
     def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return self.optimizer_config.build(
-            self, total, fused=not self.trainer.gradient_clip_val, towers=self.towers()
+            self, total, fused=self.fused_adamw_allowed(), towers=self.towers()
         )
 
 
@@ -344,7 +344,12 @@ class ContrastiveModule(AlignmentModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.automatic_optimization:  # Lightning clips only in automatic optimisation
-            self.clip_gradients(optimizer)  # the trainer's gradient_clip_val and algorithm; none when unset
+            # the trainer's gradient_clip_val and algorithm (none when unset), through the hook that also clips
+            # fused AdamW under bf16-mixed (`SkipNonFiniteSteps.configure_gradient_clipping`)
+            trainer = self.trainer
+            self.configure_gradient_clipping(
+                optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+            )
 
     # evaluation -------------------------------------------------------------------------------
     def _eval_step(self, batch: dict, stage: str) -> None:

@@ -145,7 +145,7 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
             h.warmup_steps,
             max(1, int(self.trainer.estimated_stepping_batches)),
             h.schedule,
-            fused=not self.trainer.gradient_clip_val,
+            fused=self.fused_adamw_allowed(),
         )
 
 

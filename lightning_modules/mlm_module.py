@@ -237,7 +237,6 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     def configure_optimizers(self):
         h = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        clipping = bool(self.trainer.gradient_clip_val)
         return build_optimizer(
             self.model,
             h.lr,
@@ -247,7 +246,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             h.warmup_steps,
             total,
             h.schedule,
-            fused=not clipping,
+            fused=self.fused_adamw_allowed(),
         )
 
     # interop ----------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def build_optimizer(
 ) -> dict:
     """Lightning's `configure_optimizers` answer. A float `warmup_steps` < 1 is a fraction of `total_steps`.
 
-    `fused` asks for the fused AdamW kernel; pass False when the trainer clips gradients."""
+    `fused` asks for the fused AdamW kernel; the systems pass `SkipNonFiniteSteps.fused_adamw_allowed()`."""
     if isinstance(warmup_steps, float) and warmup_steps < 1:
         warmup_steps = int(warmup_steps * total_steps)
     # groups may carry their own lr (layer-wise decay); LambdaLR scales each group's initial lr alike

@@ -21,7 +21,8 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -111,6 +112,8 @@ class SkipNonFiniteSteps(L.LightningModule):
     device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
     logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
     logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
+
+    Fused AdamW stays on when the trainer clips gradients, except under a GradScaler (`fused_adamw_allowed`).
     """
 
     max_nonfinite_in_row: int = 20
@@ -184,6 +187,33 @@ class SkipNonFiniteSteps(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.check_nonfinite_skips()
+
+    def fused_adamw_allowed(self) -> bool:
+        """Whether `configure_optimizers` may build fused AdamW: yes, unless the trainer clips gradients under a
+        GradScaler (fp16-mixed), where the gradients must be unscaled before clipping and the fused kernel unscales
+        only inside its step. bf16-mixed, 32-true and bf16-true have no scaler and clip fused AdamW's gradients
+        like any others (`configure_gradient_clipping`)."""
+        trainer = self._trainer
+        clips = trainer is not None and bool(trainer.gradient_clip_val)
+        return not (clips and getattr(trainer.precision_plugin, "scaler", None) is not None)
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping, except that plain AMP without a GradScaler (bf16-mixed) clips fused AdamW too:
+        its `MixedPrecision.clip_gradients` refuses every optimizer that unscales inside its step, which matters
+        only when a scaler has scaled the gradients. Then the base `Precision` clips (torch's clip_grad_norm_ or
+        clip_grad_value_ over the optimizer's parameters, on the device). Other plugins (FSDP, DeepSpeed, fp16's
+        scaler) keep Lightning's own path."""
+        plugin = self.trainer.precision_plugin
+        if type(plugin) is MixedPrecision and plugin.scaler is None:
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(
         self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None

@@ -8,12 +8,15 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -242,8 +245,14 @@ class LinearSystem(SkipNonFiniteSteps):
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode is CUDA-only"
 )
-def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
-    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one)."""
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"precision": "bf16-mixed", "gradient_clip_val": 1.0}],
+    ids=["32-true", "bf16-mixed-clipped"],
+)
+def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, settings: dict) -> None:
+    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one),
+    also with the trainer clipping fused AdamW's gradients under bf16-mixed."""
 
     class SyncDebug(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -263,6 +272,7 @@ def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path) -> None:
         callbacks=[SyncDebug(), Throughput()],
         limit_val_batches=0,
         default_root_dir=tmp_path,
+        **settings,
     )
     t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
     assert t.global_step == 8
@@ -279,6 +289,129 @@ def test_linear_system_skips_a_nonfinite_step_on_cpu(tmp_path: Path) -> None:
     assert t.optimizers[0].state[system.model.weight]["step"].item() == 1
     assert torch.isfinite(system.model.weight).all()
     assert t.callback_metrics["train/nonfinite_skipped"].item() == 1
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    return torch.cat([p.grad.flatten() for p in module.parameters()]).norm().item()
+
+
+class ClippedLinear(LinearSystem):
+    """`LinearSystem` with the systems' rule for fused AdamW; records each step's gradient norm before the
+    trainer's clipping (`before`), and the norm and weight after every `optimizer.step` call (`seen`, `weights`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before: list[float] = []
+        self.seen: list[float] = []
+        self.weights: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:  # before the clipping
+        self.before.append(_grad_norm(self))
+
+    def _after_step(self, *_) -> None:
+        self.seen.append(_grad_norm(self))
+        self.weights.append(self.model.weight.detach().clone())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, fused=self.fused_adamw_allowed())
+        opt.register_step_post_hook(self._after_step)
+        return opt
+
+
+def _fit_clipped(x: torch.Tensor, root: Path) -> tuple[ClippedLinear, L.Trainer]:
+    torch.manual_seed(0)
+    system = ClippedLinear()
+    data = torch.utils.data.TensorDataset(x, 10 * torch.randn(len(x), 1))  # gradient norms far above 0.1
+    t = quiet_trainer(
+        max_steps=2,
+        precision="bf16-mixed",
+        gradient_clip_val=0.1,
+        limit_val_batches=0,
+        default_root_dir=root,
+        log_every_n_steps=1,
+    )
+    t.fit(system, torch.utils.data.DataLoader(data, batch_size=4))
+    return system, t
+
+
+def test_bf16_mixed_clips_the_gradients_of_fused_adamw(tmp_path: Path) -> None:
+    """bf16-mixed has no GradScaler: the trainer's clipping keeps fused AdamW, and the step sees clipped
+    gradients."""
+    system, t = _fit_clipped(torch.randn(8, 8), tmp_path)
+    assert t.optimizers[0].defaults["fused"] is True
+    assert len(system.before) == 2 and min(system.before) > 1.0
+    assert system.seen == pytest.approx([0.1, 0.1], rel=1e-4)
+
+
+def test_nan_step_under_bf16_and_clipping_is_skipped_on_the_device(tmp_path: Path) -> None:
+    """A NaN batch with fused AdamW and clipping: the step runs with NaN gradients and `found_inf` leaves the
+    weights as they were (no host read decided it), and the skip is counted."""
+    x = torch.randn(8, 8)
+    x[4:] = float("nan")  # the second batch of 4
+    system, t = _fit_clipped(x, tmp_path)
+    opt = t.optimizers[0]
+    assert opt.defaults["fused"] is True
+    assert len(system.seen) == 2 and system.seen[1] != system.seen[1]  # the fused step ran on NaN gradients
+    assert torch.equal(system.weights[1], system.weights[0]) and torch.isfinite(system.weights[1]).all()
+    assert opt.state[system.model.weight]["step"].item() == 1
+    assert t.callback_metrics["train/nonfinite_skipped"].item() == 1
+
+
+@pytest.mark.parametrize(
+    "plugin, clip, fused",
+    [
+        ("bf16-mixed", 1.0, True),
+        ("32-true", 1.0, True),
+        ("bf16-true", 1.0, True),
+        (MixedPrecision("16-mixed", "cpu"), 1.0, False),  # a GradScaler: Trainer(precision) is bf16 on CPU
+        (MixedPrecision("16-mixed", "cpu"), None, True),
+    ],
+    ids=["bf16-mixed", "32-true", "bf16-true", "16-mixed", "16-mixed-no-clip"],
+)
+def test_fused_adamw_is_off_only_where_a_grad_scaler_meets_clipping(
+    plugin: str | MixedPrecision, clip: float | None, fused: bool
+) -> None:
+    precision = {"plugins": [plugin]} if isinstance(plugin, MixedPrecision) else {"precision": plugin}
+    system = ClippedLinear()
+    system.trainer = quiet_trainer(gradient_clip_val=clip, **precision)
+    assert system.fused_adamw_allowed() is fused
+    if fused:
+        return
+    # fp16's scaler (and FSDP's plugin) keep Lightning's clipping, which refuses a fused optimizer or the norm
+    opt = torch.optim.AdamW(system.parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="performs unscaling of gradients internally"):
+        system.configure_gradient_clipping(opt, 1.0, "norm")
+    system.trainer.strategy.precision_plugin = FSDPPrecision("bf16-mixed")
+    with pytest.raises(MisconfigurationException, match="not supported for `FSDPPrecision`"):
+        system.configure_gradient_clipping(opt, 1.0, "norm")
+
+
+def _system(name: str) -> SkipNonFiniteSteps:
+    from lightning_modules.components.image_tower import ImageTowerConfig
+    from lightning_modules.components.text_tower import TextTowerConfig
+    from lightning_modules.finetune_module import SequenceClassificationModule
+    from lightning_modules.image_text_module import ImageTextModule
+
+    if name == "mlm":
+        return tiny_mlm()
+    if name == "finetune":
+        return SequenceClassificationModule(size="tiny", num_layers=1, vocab_size=100)
+    image = ImageTowerConfig("vit_custom", 16, patch_size=8, layers=1, width=16, heads=2, mlp_dim=32)
+    return ImageTextModule(vocab_size=100, embed_dim=8, image=image, text=TextTowerConfig("tiny", layers=1))
+
+
+@pytest.mark.parametrize("name", ["mlm", "finetune", "image_text"])
+def test_every_system_keeps_fused_adamw_with_clipping_but_not_under_a_grad_scaler(name: str) -> None:
+    system = _system(name)
+    for plugin, fused in (
+        (MixedPrecision("bf16-mixed", "cpu"), True),
+        (MixedPrecision("16-mixed", "cpu"), False),
+    ):
+        # the little of a trainer configure_optimizers reads
+        system._trainer = SimpleNamespace(
+            estimated_stepping_batches=10, gradient_clip_val=1.0, precision_plugin=plugin
+        )
+        assert bool(system.configure_optimizers()["optimizer"].defaults["fused"]) is fused, plugin.precision
 
 
 def _benchmark(*extra: str) -> str:

@@ -284,6 +284,17 @@ def test_trainer_steps_with_grad_cache_match_plain_training(tmp_path: Path) -> N
     assert lr == plain_trainer.lr_scheduler_configs[0].scheduler.get_last_lr() == [0.0, 0.0]  # cosine's end
 
 
+def test_grad_cache_clips_fused_adamw_under_bf16_mixed(tmp_path: Path) -> None:
+    """bf16-mixed has no GradScaler: manual optimisation keeps fused AdamW with the trainer's clipping too."""
+    batches = [image_text_batch(GROUPS, seed=s) for s in range(2)]
+    module, norms = image_text(grad_cache_chunks=2, lr=1e-2, eps=ADAM_EPS), GradNorms()
+    clip = dict(gradient_clip_val=0.05, max_steps=2, precision="bf16-mixed")
+    trainer = fit(module, batches, tmp_path, callbacks=[norms], **clip)
+    assert not module.automatic_optimization and trainer.global_step == 2
+    assert trainer.optimizers[0].defaults["fused"] is True
+    assert min(norms.before) > 0.05 and norms.after == pytest.approx([0.05] * 2, rel=1e-4)
+
+
 def test_nonfinite_loss_skips_the_step_with_grad_cache(tmp_path: Path) -> None:
     good = speech_text_batch(GROUPS)
     bad = copy.deepcopy(good)
