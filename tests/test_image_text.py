@@ -69,6 +69,7 @@ def test_tower_gives_one_unnormalised_embedding_per_image(arch: str, size: int, 
     assert torch.isfinite(out).all()
     assert not torch.allclose(out.norm(dim=-1), torch.ones(2))  # the loss normalises, not the tower
     assert not torch.allclose(out[0], out[1])  # depends on the image
+    assert tower.channels_last == (arch == "resnet50")  # a ViT's patch embedding is its only convolution
 
 
 def test_vit_presets_have_torchvision_shapes() -> None:

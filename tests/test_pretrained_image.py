@@ -171,17 +171,26 @@ def test_open_clip_and_hf_image_towers_equal_reference_features(
     with torch.no_grad():
         assert torch.allclose(tower.backbone(pixels), ref.encode_image(pixels), atol=1e-5)
         assert tower(pixels).shape == (2, 16)
+    # a ViT has one convolution, its patch embedding: it stays in the default memory format
+    assert not tower.channels_last and all(p.is_contiguous() for p in tower.parameters())
     hf = transformers.CLIPModel.from_pretrained(hf_clip_dir, local_files_only=True).eval()
     tower = ImageTower(ImageTowerConfig(image_size=32, init=TowerInit("hf", str(hf_clip_dir))), 16).eval()
     with torch.no_grad():
         assert torch.allclose(
             tower.backbone(pixels), hf.get_image_features(pixel_values=pixels).pooler_output, atol=1e-5
         )
+    assert not tower.channels_last and all(p.is_contiguous() for p in tower.parameters())
 
 
-def test_torchvision_state_dict_gives_reference_features(tmp_path: Path) -> None:
+def test_torchvision_state_dict_gives_reference_features(tmp_path: Path, one_thread: None) -> None:
     """A torchvision state-dict file (what torchvision publishes) under its architecture's name: the tower's
-    pooled features equal torchvision's model without its classifier."""
+    pooled features equal torchvision's model without its classifier. A ResNet runs channels-last: its
+    convolution weights are NHWC, with the file's keys and values; its export is contiguous again (safetensors
+    takes it) and loads into torchvision's model."""
+    from safetensors.torch import save_file
+
+    from lightning_modules.components.clip_import import export_image_backbone
+
     torch.manual_seed(0)
     ref = torchvision.models.resnet18(weights=None).eval()
     torch.save(ref.state_dict(), tmp_path / "resnet18.pth")
@@ -194,8 +203,62 @@ def test_torchvision_state_dict_gives_reference_features(tmp_path: Path) -> None
     pixels = torch.randn(2, 3, 64, 64)
     ref.fc = torch.nn.Identity()
     with torch.no_grad():
-        assert torch.allclose(tower.backbone(pixels), ref(pixels), atol=1e-5)
+        want = ref(pixels)
+        assert torch.allclose(tower.backbone(pixels), want, atol=1e-5)
+        assert torch.allclose(tower(pixels), tower.proj(want), atol=1e-5)  # with channels-last input
     assert len(tower.blocks) == 4
+    convs = [m.weight for m in tower.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert tower.channels_last and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not tower.backbone.model.conv1.weight.is_contiguous()  # the 7x7 stem really changed its strides
+    ours, theirs = tower.backbone.model.state_dict(), ref.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    written = torch.load(export_image_backbone(tower.backbone, tmp_path / "export.pt"), weights_only=True)
+    assert all(v.is_contiguous() for v in written.values())
+    save_file(written, str(tmp_path / "export.safetensors"))
+    ref.load_state_dict(written)
+
+
+def test_open_clip_modified_resnet_runs_channels_last_and_exports_back(
+    tmp_path: Path, one_thread: None
+) -> None:
+    """An open_clip ModifiedResNet ("RN50"-style; tiny: one bottleneck per stage, width 8, 32 px) as the image
+    tower: channels-last convolution weights with the checkpoint's keys and values, features equal to open_clip's
+    encode_image; written back by the open_clip export, contiguous, it loads into open_clip's model."""
+    from lightning_modules.components.clip_import import OpenClipText, export_open_clip
+
+    name = "mmpretrain-test-tiny-rn"
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    torch.manual_seed(0)
+    ref = open_clip.create_model(name, pretrained=None).eval()
+    torch.save(ref.state_dict(), tmp_path / "rn.pt")
+    tower = ImageTower(
+        ImageTowerConfig(image_size=32, init=TowerInit("open_clip", str(tmp_path / "rn.pt"), name)), 8
+    )
+    tower.eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = ref.encode_image(pixels)
+        assert torch.allclose(tower.backbone(pixels), want, atol=1e-5)
+        assert torch.allclose(tower(pixels), tower.proj(want), atol=1e-5)  # with channels-last input
+    convs = [m.weight for m in tower.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert tower.channels_last and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not tower.backbone.visual.conv1.weight.is_contiguous()  # the 3x3 stem really changed its strides
+    ours, theirs = tower.backbone.visual.state_dict(), ref.visual.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    text = OpenClipText(open_clip.create_model(name, pretrained=None))
+    out = export_open_clip(tower.backbone, text, torch.tensor(2.5), tmp_path / "back.pt")
+    written = torch.load(out, weights_only=True)
+    assert all(v.is_contiguous() for v in written.values())
+    back = open_clip.create_model(name, pretrained=None).eval()
+    back.load_state_dict(written)
+    with torch.no_grad():
+        assert torch.equal(back.encode_image(pixels), want)
 
 
 # bad input ------------------------------------------------------------------------------------------------------

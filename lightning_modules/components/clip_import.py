@@ -325,6 +325,12 @@ def _refuse_existing(out: Path) -> None:
         raise FileExistsError(f"{out} already exists: give a new path for the export")
 
 
+def _plain(tensor: Tensor) -> Tensor:
+    """A contiguous copy: a channels-last tower's weights are written as the reference libraries publish theirs,
+    so the file converts to safetensors (which refuses non-contiguous tensors) as it is."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format)
+
+
 def export_open_clip(image: nn.Module, text: nn.Module, log_scale: Tensor, out: str | Path) -> Path:
     """Write a whole-CLIP model started from open_clip back as an open_clip state dict: the file that
     `open_clip.create_model(name)` + `load_state_dict` (or `pretrained=FILE`) loads."""
@@ -332,8 +338,8 @@ def export_open_clip(image: nn.Module, text: nn.Module, log_scale: Tensor, out: 
     _refuse_existing(out)
     if not isinstance(image, OpenClipVision) or not isinstance(text, OpenClipText):
         raise ValueError("this model's towers did not come from open_clip: export it in their own format")
-    state = {k: v.detach().clone() for k, v in text.model.state_dict().items()}
-    state.update({f"visual.{k}": v.detach().clone() for k, v in image.visual.state_dict().items()})
+    state = {k: _plain(v) for k, v in text.model.state_dict().items()}
+    state.update({f"visual.{k}": _plain(v) for k, v in image.visual.state_dict().items()})
     state["logit_scale"] = log_scale.detach().clone().reshape(())
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
@@ -384,7 +390,7 @@ def export_image_backbone(backbone: nn.Module, out: str | Path) -> Path:
     out = Path(out)
     _refuse_existing(out)
     inner = backbone.model if isinstance(backbone, TorchvisionBackbone) else backbone
-    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    state = {k: _plain(v) for k, v in inner.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
     return out

@@ -8,6 +8,15 @@ The ViTs are torchvision's `VisionTransformer`: `vit_b_16` and `vit_b_32` have e
 `torchvision.models.vit_b_16/vit_b_32` (built here directly so the image size is free), `vit_tiny` is a CPU size
 for the quickstart and the tests, and `vit_custom` starts from the benchmark's shape (patch 32, 4 layers,
 width 256). Any ViT field given in `ImageTowerConfig` overrides its preset.
+
+Memory format: a backbone with more than one 2-D convolution (torchvision's ResNets, open_clip's
+ModifiedResNet, any other convolutional trunk) is kept channels-last (NHWC), its 4-D weights converted once
+when the tower is built and its input images in `forward`; on GPUs under AMP, NHWC convolutions run cuDNN's
+tensor-core kernels. A ViT (torchvision's, open_clip's, Hugging Face CLIP's) has one convolution, the patch
+embedding, where NHWC gains nothing and the token reshape after it would copy: it stays as it is. The rule is
+`uses_channels_last`, the same on every device. Channels-last changes strides only: state-dict keys and values
+are unchanged, and the exports write contiguous tensors. FSDP2's `fully_shard` refuses non-contiguous
+parameters (PyTorch 2.11), so a channels-last tower does not shard with `FSDP2Strategy` as it stands.
 """
 
 from __future__ import annotations
@@ -31,6 +40,11 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "vit_tiny": (8, 4, 128, 4),
     "vit_custom": (32, 4, 256, 4),
 }
+
+
+def uses_channels_last(backbone: nn.Module) -> bool:
+    """Whether `backbone` runs channels-last: it has convolutions beyond a single stem or patch convolution."""
+    return sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
 
 
 class ViTShape(NamedTuple):
@@ -133,13 +147,22 @@ class ImageTower(nn.Module):
             self.proj = nn.Identity() if embed_dim is None else nn.Linear(features, embed_dim, bias=False)
             if embed_dim is not None:
                 nn.init.normal_(self.proj.weight, std=features**-0.5)
-            return
+        else:
+            self._build_scratch(cfg, embed_dim)
+            if own_arch:
+                from lightning_modules.components.clip_import import load_image_backbone
+
+                load_image_backbone(cfg.init, cfg.image_size, own=self.backbone)
+        self.channels_last = uses_channels_last(self.backbone)
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def _build_scratch(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
+        """The backbone `cfg` describes, with random weights, and the projection after it."""
         if cfg.arch == "resnet50":
             self.backbone = torchvision.models.resnet50(weights=None)
             features = self.backbone.fc.in_features
             self.backbone.fc = nn.Identity()  # keep the global-average-pooled 2048-d features
-            # NHWC lets the convolutions use their faster kernels (cuDNN tensor cores, oneDNN on CPU).
-            self.backbone.to(memory_format=torch.channels_last)
         else:
             vit = cfg.vit
             self.backbone = VisionTransformer(
@@ -156,10 +179,6 @@ class ImageTower(nn.Module):
             self.backbone.heads = nn.Identity()  # the classifier head goes; the class-token state stays
         self.proj = nn.Linear(features, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=features**-0.5)
-        if own_arch:
-            from lightning_modules.components.clip_import import load_image_backbone
-
-            load_image_backbone(cfg.init, cfg.image_size, own=self.backbone)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -180,6 +199,6 @@ class ImageTower(nn.Module):
         return [self.backbone.encoder.ln, self.proj]
 
     def forward(self, images: Tensor) -> Tensor:
-        if self.cfg.arch == "resnet50" and not self.pretrained:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.proj(self.backbone(images))
