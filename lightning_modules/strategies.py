@@ -106,6 +106,11 @@ def apply_fsdp2(
     `CheckpointExtras`) when the trainer's strategy is `FSDP2Strategy`."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # fully_shard refuses non-contiguous parameters: a channels-last image tower's convolutions are sharded in the
+    # default format (their inputs stay channels-last; values and names are unchanged)
+    for param in system.parameters():
+        if not param.is_contiguous():
+            param.data = param.data.contiguous()
     units = shard_units(system)
     if activation_checkpointing:
         units = [_checkpointed(system, unit) for unit in units]

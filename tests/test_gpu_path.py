@@ -186,6 +186,26 @@ def test_shard_units_are_the_blocks_of_every_tower() -> None:
     assert shard_units(tower) == list(tower.blocks)  # not the stem, not the Linear inside a block
 
 
+def test_fsdp2_shards_a_channels_last_tower(tmp_path: Path) -> None:
+    """fully_shard refuses non-contiguous parameters; the channels-last convolutions of a ResNet tower are given
+    to it contiguous (one process, gloo, a mesh of one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_modules.strategies import apply_fsdp2
+
+    tower = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten())
+    tower.to(memory_format=torch.channels_last)
+    assert not tower[0].weight.is_contiguous()
+    images = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    expected = tower(images)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        apply_fsdp2(tower, init_device_mesh("cpu", (1,)), param_dtype=None, reduce_dtype=None)
+        torch.testing.assert_close(tower(images), expected)
+    finally:
+        dist.destroy_process_group()
+
+
 def _dcp_folder(folder: Path, state_dict: dict, meta: dict) -> None:
     """A sharded checkpoint as ModelParallelStrategy writes one: torch.distributed.checkpoint files + meta.pt."""
     from torch.distributed.checkpoint import FileSystemWriter, save
