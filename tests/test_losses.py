@@ -226,8 +226,11 @@ DIST_IDS = {
 DIST_LOSSES = ["infonce", "siglip", "triplet", "circle", "npair"]
 
 
-def _dist_problem(loss_name: str, rows: slice, ids: torch.Tensor | None, weight: float = 1.0):
-    """Loss and parameter gradients of a tiny two-tower model on the given rows of a fixed batch."""
+def _dist_problem(
+    loss_name: str, rows: slice, ids: torch.Tensor | None, weight: float = 1.0, sizes: list[int] | None = None
+):
+    """Loss and parameter gradients of a tiny two-tower model on the given rows of a fixed batch; `sizes`: the
+    ranks' row counts, passed to the loss (None: it gathers them)."""
     gen = torch.Generator().manual_seed(0)
     proj_a = torch.nn.Linear(IN_DIM, EMB_DIM, dtype=torch.float64)
     proj_b = torch.nn.Linear(IN_DIM, EMB_DIM, dtype=torch.float64)
@@ -242,7 +245,7 @@ def _dist_problem(loss_name: str, rows: slice, ids: torch.Tensor | None, weight:
     a = F.normalize(proj_a(x_a[rows]), dim=1)
     b = F.normalize(proj_b(x_b[rows]), dim=1)
     loss_fn = build_loss(loss_name, gather=True)
-    loss = weight * loss_fn(a, b, log_scale.exp(), bias, ids=None if ids is None else ids[rows])
+    loss = weight * loss_fn(a, b, log_scale.exp(), bias, ids=None if ids is None else ids[rows], sizes=sizes)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     return loss.detach(), grads
@@ -269,6 +272,14 @@ def _dist_worker(rank: int, init_file: str, out_file: str) -> None:
         for g in grads:
             dist.all_reduce(g)
         results[loss_name, "uneven"] = (loss, grads)
+        # the row counts handed in (as the contrastive step does) instead of gathered: the same loss
+        loss, _ = _dist_problem(loss_name, uneven, DIST_IDS["spanning"], weight=n, sizes=[3, 2 * HALF - 3])
+        dist.all_reduce(loss)
+        results[loss_name, "uneven-sizes"] = loss
+        try:  # counts that do not match this rank's rows are refused before any collective
+            _dist_problem(loss_name, uneven, DIST_IDS["spanning"], sizes=[HALF, HALF])
+        except ValueError as err:
+            results[loss_name, "wrong-sizes"] = str(err)
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()
@@ -299,5 +310,7 @@ def test_uneven_rank_batches_gather_every_column(two_rank_results, loss_name):
     dist_sum, dist_grads = two_rank_results[loss_name, "uneven"]
     loss, grads = _dist_problem(loss_name, slice(None), DIST_IDS["spanning"])
     torch.testing.assert_close(dist_sum, loss * 2 * HALF, rtol=0, atol=1e-6)
+    torch.testing.assert_close(two_rank_results[loss_name, "uneven-sizes"], dist_sum, rtol=0, atol=1e-12)
+    assert "must hold the row count of each of the 2 ranks" in two_rank_results[loss_name, "wrong-sizes"]
     for got, want in zip(dist_grads, grads):
         torch.testing.assert_close(got, want * 2 * HALF, rtol=0, atol=1e-6)

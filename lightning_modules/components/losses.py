@@ -2,7 +2,7 @@
 
 Every loss has the same call signature::
 
-    loss(a, b, logit_scale, logit_bias=None, ids=None) -> Tensor
+    loss(a, b, logit_scale, logit_bias=None, ids=None, *, sizes=None) -> Tensor
 
 * ``a``, ``b``: L2-normalised embeddings (B, D) of the two modalities; row i of ``a`` pairs with row i of ``b``.
 * ``logit_scale``: the multiplicative temperature ``t`` (already exponentiated), logits are ``t * a @ b.T``.
@@ -11,6 +11,9 @@ Every loss has the same call signature::
 * ``ids``: optional (B,) int64 group ids. Rows with equal ids are mutual positives (two captions of one image,
   identical transcripts), so they are never used as negatives of each other. ``ids=None`` means every row is its
   own group.
+* ``sizes``: optional row count of every rank (``gather_sizes``), for a caller that needs them too (the rank
+  weight of the contrastive training step) and has gathered them once for both; ``None`` gathers them here.
+  Only read when the loss gathers across ranks.
 
 Distributed semantics (``gather=True``, the default, and a process group with world size > 1): every rank
 scores its B local rows against the W*B columns gathered from all ranks with gradient; the positive of local row
@@ -130,13 +133,22 @@ class PairwiseLoss(nn.Module):
         super().__init__()
         self.gather = gather
 
-    def _columns(self, a: Tensor, b: Tensor, ids: Tensor | None) -> _Columns:
-        """Gather the columns and build the masks of local rows against them."""
+    def _columns(self, a: Tensor, b: Tensor, ids: Tensor | None, sizes: list[int] | None = None) -> _Columns:
+        """Gather the columns and build the masks of local rows against them. `sizes` (every rank's row count),
+        when given, are used instead of an all-gather of the row counts."""
         if a.shape != b.shape or a.dim() != 2:
             raise ValueError(f"a and b must both be (B, D), got {tuple(a.shape)} and {tuple(b.shape)}")
         batch = a.shape[0]
         distributed = self.gather and world_size() > 1
-        sizes = gather_sizes(batch, a.device) if distributed else [batch]
+        if not distributed:
+            sizes = [batch]
+        elif sizes is None:
+            sizes = gather_sizes(batch, a.device)
+        elif len(sizes) != world_size() or sizes[_rank()] != batch:
+            raise ValueError(
+                f"sizes {list(sizes)} must hold the row count of each of the {world_size()} ranks, this rank's "
+                f"(rank {_rank()}) being {batch}"
+            )
         a_cols = gather_with_grad(a, sizes) if distributed else a
         b_cols = gather_with_grad(b, sizes) if distributed else b
         offset = sum(sizes[: _rank()]) if distributed else 0  # this rank's first global column
@@ -159,9 +171,11 @@ class PairwiseLoss(nn.Module):
         logit_scale: Tensor | float,
         logit_bias: Tensor | float | None = None,
         ids: Tensor | None = None,
+        *,
+        sizes: list[int] | None = None,
     ) -> Tensor:
         """Mean per-anchor loss, averaged over the a->b and b->a directions."""
-        cols = self._columns(a, b, ids)
+        cols = self._columns(a, b, ids, sizes)
         a2b = self._per_anchor(_similarity(a, cols.b_cols), cols, logit_scale)
         b2a = self._per_anchor(_similarity(b, cols.a_cols), cols, logit_scale)
         reg = self._regulariser(a, b)
@@ -288,8 +302,10 @@ class SigLIPLoss(PairwiseLoss):
         logit_scale: Tensor | float,
         logit_bias: Tensor | float | None = None,
         ids: Tensor | None = None,
+        *,
+        sizes: list[int] | None = None,
     ) -> Tensor:
-        cols = self._columns(a, b, ids)
+        cols = self._columns(a, b, ids, sizes)
         logits = logit_scale * _similarity(a, cols.b_cols)
         if logit_bias is not None:
             logits = logits + logit_bias
