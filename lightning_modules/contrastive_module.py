@@ -282,7 +282,8 @@ class ContrastiveModule(AlignmentModule):
         e = PairEmbeddings(*(torch.cat([getattr(p, f) for p in parts]) for f in _ROW_FIELDS))
         a = e.a.detach().float().requires_grad_()
         b = e.b.detach().float().requires_grad_()
-        loss = pair.loss(replace(e, a=a, b=b)) * pair.rank_weight(rows, a.device)
+        sizes = pair.row_counts(rows)  # the step's one gather of the row counts, for the loss and the weight
+        loss = pair.loss(replace(e, a=a, b=b), sizes) * pair.rank_weight(rows, sizes)
         if finite_or_skip(self, loss, self.max_nonfinite_in_row) is None:
             return loss.detach(), False
 

@@ -4,12 +4,15 @@ Two gloo processes run each alignment system's own training and validation steps
 path) with rank 0's batches empty; a single process runs them on rank 1's batches alone. The empty rank must join
 every collective (else the other rank waits forever), contribute zero rows, and leave the loss, the gradients and
 the retrieval figures those of the single process. A hang fails the test at its deadline instead of blocking.
+The same processes count the all-gathers of each training step (the row counts are gathered once) and run the
+gradient-caching step of the two-tower systems.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -126,8 +129,26 @@ class TrainingStep(nn.Module):
         return self.module.training_step(batch, 0)
 
 
+@contextmanager
+def recorded_all_gathers() -> Iterator[list[tuple[str, tuple[int, ...]]]]:
+    """Every `torch.distributed.all_gather` inside the block (the loss library's and autograd's gathers go through
+    it), as the dtype and shape of the tensor this rank sends."""
+    calls: list[tuple[str, tuple[int, ...]]] = []
+    original = dist.all_gather
+
+    def recorded(tensor_list: list, tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+        calls.append((str(tensor.dtype), tuple(tensor.shape)))
+        return original(tensor_list, tensor, *args, **kwargs)
+
+    dist.all_gather = recorded
+    try:
+        yield calls
+    finally:
+        dist.all_gather = original
+
+
 def run_steps(system: str, empty: bool, ddp: bool) -> dict:
-    """One training step (loss, gradients) and one validation epoch, with what the module logs."""
+    """One training step (loss, gradients, its all-gathers) and one validation epoch, with what the module logs."""
     module, train, vals = SYSTEMS[system]()
     if empty:
         train = {k: emptied(v) for k, v in train.items()} if system == "trimodal" else emptied(train)
@@ -140,7 +161,8 @@ def run_steps(system: str, empty: bool, ddp: bool) -> dict:
     module.log = log
     module.log_dict = lambda values, **kwargs: [log(k, v) for k, v in values.items()]
     step = DistributedDataParallel(TrainingStep(module)) if ddp else None  # alive until its all-reduce ran
-    loss = step(train) if step is not None else module.training_step(train, 0)
+    with recorded_all_gathers() as gathers:
+        loss = step(train) if step is not None else module.training_step(train, 0)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
     module.eval()
@@ -148,7 +170,26 @@ def run_steps(system: str, empty: bool, ddp: bool) -> dict:
         for idx, val in enumerate(vals):
             module.validation_step(val, 0, idx) if system == "trimodal" else module.validation_step(val, 0)
         module.on_validation_epoch_end()  # the metrics' compute syncs across ranks
-    return {"loss": loss.item(), "grads": grads, "logged": logged}
+    return {"loss": loss.item(), "grads": grads, "logged": logged, "gathers": gathers}
+
+
+def run_cached_step(system: str, empty: bool) -> dict:
+    """One gradient-caching step (2 chunks) of a two-tower system: its loss, its all-gathers, and its gradients
+    averaged over the ranks as DDP's all-reduce would."""
+    module, train, _ = SYSTEMS[system]()
+    module.grad_cache_chunks = 2
+    with recorded_all_gathers() as gathers:
+        loss, _ = module.cached_backward(emptied(train) if empty else train)
+    grads = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            grads[name] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grads[name])
+            grads[name] /= dist.get_world_size()
+    return {"loss": loss.item(), "grads": grads, "gathers": gathers}
+
+
+CACHED_SYSTEMS = ("image_text", "speech_text")  # gradient caching is a ContrastiveModule's (not tri-modal)
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -157,6 +198,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
     results = {system: run_steps(system, empty=rank == 0, ddp=True) for system in SYSTEMS}
+    results["cached"] = {system: run_cached_step(system, empty=rank == 0) for system in CACHED_SYSTEMS}
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -201,6 +243,37 @@ def test_empty_rank_training_step_equals_one_process_on_the_other_batch(
         for name, grad in one["grads"].items():
             torch.testing.assert_close(rank["grads"][name], grad, **TOL, msg=name)
     assert max(g.abs().max() for n, g in one["grads"].items() if "log_scale" in n) > 0  # not all zeros
+
+
+# per pair: the row counts (one int64 each rank), then the rows of a and b (padded to the largest count, 4) and
+# their group ids
+ONE_PAIR_GATHERS = [
+    ("torch.int64", (1,)),
+    ("torch.float32", (4, 16)),
+    ("torch.float32", (4, 16)),
+    ("torch.int64", (4,)),
+]
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_the_training_step_gathers_the_row_counts_once(system: str, ranks: list[dict]) -> None:
+    """The loss's cross-rank gather and the rank weight share one all-gather of the row counts."""
+    pairs = 2 if system == "trimodal" else 1
+    for rank in ranks:
+        assert rank[system]["gathers"] == ONE_PAIR_GATHERS * pairs
+
+
+@pytest.mark.parametrize("system", CACHED_SYSTEMS)
+def test_empty_rank_grad_cache_step_equals_one_process_on_the_other_batch(
+    system: str, ranks: list[dict], alone: dict
+) -> None:
+    (empty, full), one = (r["cached"][system] for r in ranks), alone[system]
+    assert empty["loss"] == 0.0 and (empty["loss"] + full["loss"]) / 2 == pytest.approx(one["loss"], rel=1e-5)
+    for rank in (empty, full):
+        assert rank["gathers"] == ONE_PAIR_GATHERS
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, grad in one["grads"].items():
+            torch.testing.assert_close(rank["grads"][name], grad, **TOL, msg=name)
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))

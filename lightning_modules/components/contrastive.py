@@ -14,7 +14,8 @@ end of the epoch finds a state on every rank). The other ranks score their rows 
 Training weights rank r's loss by W * n_r / N (W ranks, n_r local rows, N rows in all). The loss library
 normalises each rank's loss by its own row count; DDP averages the ranks' gradients; with this weight the
 average is the gradient of the mean over all N rows, the loss one process holding every row would compute,
-whether the ranks hold equal, uneven or zero rows. With equal rows the weight is 1.
+whether the ranks hold equal, uneven or zero rows. With equal rows the weight is 1. The row counts of every
+rank are gathered once per training step (`row_counts`), for the loss's cross-rank gather and for the weight.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.components.losses import build_loss, gather_sizes, world_size, zero_loss
+from lightning_modules.components.losses import build_loss, gather_sizes, zero_loss
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.towers import keep_locked_in_eval
 
@@ -136,29 +137,33 @@ class ContrastivePair(nn.Module):
         ids = torch.zeros(0, dtype=torch.long, device=device)
         return PairEmbeddings(none, none, ids, ids, ids, ids)
 
-    def loss(self, e: PairEmbeddings) -> Tensor:
-        """This rank's loss, the mean over its rows against the columns of every rank; 0 without rows."""
+    def loss(self, e: PairEmbeddings, sizes: list[int] | None = None) -> Tensor:
+        """This rank's loss, the mean over its rows against the columns of every rank; 0 without rows. `sizes`:
+        every rank's row count (`row_counts`) when the caller has them, else the loss gathers them."""
         a = F.normalize(e.a.float(), dim=-1)
         b = F.normalize(e.b.float(), dim=-1)
         if e.pair_index is not None:
             b = b[e.pair_index]
-        loss = self.loss_fn(a, b, self.logit_scale, self.logit_bias, ids=e.a_groups)
+        loss = self.loss_fn(a, b, self.logit_scale, self.logit_bias, ids=e.a_groups, sizes=sizes)
         # over zero rows the library's mean is 0 / 0; its gathers have run, and the gradient stays connected
         return torch.nan_to_num(loss, nan=0.0) if len(a) == 0 else loss
 
     def training_loss(self, batch: dict) -> tuple[Tensor, int]:
         """The loss this rank backpropagates, weighted by W * n_r / N (module doc), and its row count."""
         rows = self.rows(batch)
-        loss = self.loss(self.embeddings(batch, "train"))
-        return loss * self.rank_weight(rows, loss.device), rows
+        e = self.embeddings(batch, "train")
+        sizes = self.row_counts(rows)  # the step's one gather of the row counts, for the loss and the weight
+        return self.loss(e, sizes) * self.rank_weight(rows, sizes), rows
+
+    def row_counts(self, rows: int) -> list[int]:
+        """Every rank's row count (one all-gather and a host read under torch.distributed; [rows] alone)."""
+        return gather_sizes(rows, self.log_scale.device)
 
     @staticmethod
-    def rank_weight(rows: int, device: torch.device) -> float:
-        world = world_size()
-        if world == 1:
-            return 1.0
-        total = sum(gather_sizes(rows, device))
-        return world * rows / total if total else 0.0
+    def rank_weight(rows: int, sizes: list[int]) -> float:
+        """W * n_r / N (module doc) of this rank's `rows`, from every rank's row count `sizes` (`row_counts`)."""
+        total = sum(sizes)
+        return len(sizes) * rows / total if total else 0.0
 
     def evaluate(self, batch: dict, stage: str) -> tuple[Tensor, PairEmbeddings]:
         """The batch's loss (unweighted: the epoch mean weights it by the row count) and its unit embeddings,
