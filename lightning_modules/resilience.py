@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,8 @@ class SkipNonFiniteSteps(L.LightningModule):
     rank (`found_inf`: no parameter, moment or step-count change, no weight decay). Optimizers without a
     device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
     logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
-    logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`.
+    logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`; one that optimises
+    manually calls it too, then steps through `step_unless_nonfinite`.
 
     Fused AdamW stays on when the trainer clips gradients, except under a GradScaler (`fused_adamw_allowed`).
     """
@@ -221,19 +222,30 @@ class SkipNonFiniteSteps(L.LightningModule):
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         loss = optimizer_closure()  # training_step and backward, as Lightning's own step would run them
+        self.step_unless_nonfinite(optimizer, lambda: optimizer.step(closure=lambda: loss))
+
+    def step_unless_nonfinite(self, optimizer: Any, step: Callable[[], Any]) -> bool:
+        """Run `step`, the step of `optimizer`, unless a loss `skip_if_nonfinite` saw since the last optimizer
+        step was NaN or Inf on some rank. Fused Adam/AdamW get the all-reduced flag as `found_inf` and skip on the
+        device (`step` runs); other optimizers read the flag on the host and `step` does not run. Returns False
+        only then, a skip decided on the host. Automatic optimisation (`optimizer_step`) and gradient caching's
+        manual step both step through here."""
         bad, self._bad_pending = self._bad_pending, None
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper around the torch optimizer
         if bad is None:
-            optimizer.step(closure=lambda: loss)
+            step()
         elif _skips_on_device(inner):
             inner.found_inf = bad.float()
             try:
-                optimizer.step(closure=lambda: loss)
+                step()
             finally:  # AMP's GradScaler sets and deletes its own found_inf on this attribute
                 if hasattr(inner, "found_inf"):
                     del inner.found_inf
-        elif not bool(bad):  # a host read: this optimizer cannot skip on the device
-            optimizer.step(closure=lambda: loss)
+        elif bool(bad):  # a host read: this optimizer cannot skip on the device
+            return False
+        else:
+            step()
+        return True
 
 
 def _skips_on_device(optimizer: Any) -> bool:
