@@ -30,7 +30,7 @@ from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerTraining, apply_lock, tower_param_groups
 from lightning_modules.optim import Schedule, build_optimizer, param_groups
-from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps, finite_or_skip
+from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.rng import rng_state, set_rng_state
 from lightning_modules.strategies import shard_units
 
@@ -254,25 +254,26 @@ class ContrastiveModule(AlignmentModule):
         return self.skip_if_nonfinite(loss)
 
     # gradient caching -------------------------------------------------------------------------
-    def cached_backward(self, batch: dict) -> tuple[Tensor, bool]:
+    def cached_backward(self, batch: dict) -> Tensor:
         """Accumulate in `.grad` the gradient of the whole batch's loss, holding the activations of one chunk of
-        rows at a time. Returns the loss (detached) and whether gradients were accumulated: not when the loss
-        is NaN or Inf on some rank (`finite_or_skip`, every rank then skips together).
+        rows at a time, and return the loss (detached).
 
         Pass 1 embeds every chunk without a graph, recording the random state before each. The loss over all
         embeddings, as leaves, gives d loss / d embedding and the temperature's gradient. Pass 2 embeds each
         chunk again from its recorded random state, so dropout and SpecAugment draw the same masks as in pass 1,
         and backpropagates sum(embedding * d loss / d embedding): by the chain rule, exactly this chunk's share
         of d loss / d parameters. The temperature's gradient joins the last chunk's backward, counted once.
+
+        A loss that is NaN or Inf runs both passes too: whether to skip is decided on the device, after this
+        (`_grad_cache_step`), so its gradients are NaN and the optimizer step leaves the weights as they were
+        (BatchNorm's running statistics take the batch, as in automatic optimisation).
         """
         pair = self.pair
         rows = pair.rows(batch)
         if rows == 0:  # nothing to chunk: the empty batch's connected zero, through the same collectives
             loss = pair.training_loss(batch)[0]
-            if finite_or_skip(self, loss, self.max_nonfinite_in_row) is None:
-                return loss.detach(), False
             self._backward(loss, sync=True)
-            return loss.detach(), True
+            return loss.detach()
         chunks = pair.split_batch(batch, self.grad_cache_chunks)
         states, parts = [], []
         with torch.no_grad(), _running_stats_kept(self):  # pass 2 updates BatchNorm statistics, once
@@ -284,8 +285,6 @@ class ContrastiveModule(AlignmentModule):
         b = e.b.detach().float().requires_grad_()
         sizes = pair.row_counts(rows)  # the step's one gather of the row counts, for the loss and the weight
         loss = pair.loss(replace(e, a=a, b=b), sizes) * pair.rank_weight(rows, sizes)
-        if finite_or_skip(self, loss, self.max_nonfinite_in_row) is None:
-            return loss.detach(), False
 
         temperature = [p for p in (pair.log_scale, pair.logit_bias) if p is not None]
         grad_a, grad_b, *grad_t = torch.autograd.grad(loss, [a, b, *temperature], allow_unused=True)
@@ -302,7 +301,7 @@ class ContrastiveModule(AlignmentModule):
             ).sum()
             last = i == len(chunks) - 1
             self._backward(surrogate + temperature_term if last else surrogate, sync=last)
-        return loss.detach(), True
+        return loss.detach()
 
     def _backward(self, loss: Tensor, sync: bool) -> None:
         """Backward through Lightning (precision scaling, DDP) when trained by a Trainer. Under DDP only the last
@@ -316,14 +315,21 @@ class ContrastiveModule(AlignmentModule):
             self.manual_backward(loss)
 
     def _grad_cache_step(self, batch: dict) -> Tensor:
-        self.optimizers().zero_grad()
-        loss, finite = self.cached_backward(batch)
+        """The step automatic optimisation would take, by hand: the non-finite flag travels in the step's one
+        all-reduce with the logged loss (`_log_train`), the skip is counted on the device (`skip_if_nonfinite`)
+        and taken there by fused AdamW (`step_unless_nonfinite`). The LR schedule advances on every batch,
+        skipped or not, as Lightning's automatic loop does. An optimizer without a device-side skip reads the flag
+        on the host; its skipped step does not count as a global step, so the row of skips is checked right there,
+        not left to a logging step that might not come."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        loss = self.cached_backward(batch)
         self._log_train(batch, loss, self.pair.rows(batch))
-        if finite:
-            # the optimizer and the per-step LR schedule, which Lightning leaves to the module in manual
-            # optimisation; gradients are clipped in `on_before_optimizer_step`, after AMP unscaling
-            self.optimizers().step()
-            self.lr_schedulers().step()
+        self.skip_if_nonfinite(loss)
+        # gradients are clipped in `on_before_optimizer_step`, inside the step, after AMP unscaling
+        if not self.step_unless_nonfinite(optimizer, optimizer.step):
+            self.check_nonfinite_skips()  # the flag has just been read on the host: no sync of its own
+        self.lr_schedulers().step()  # Lightning leaves the per-step schedule to the module in manual optimisation
         return loss
 
     def setup(self, stage: str) -> None:

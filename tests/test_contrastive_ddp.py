@@ -179,7 +179,7 @@ def run_cached_step(system: str, empty: bool) -> dict:
     module, train, _ = SYSTEMS[system]()
     module.grad_cache_chunks = 2
     with recorded_all_gathers() as gathers:
-        loss, _ = module.cached_backward(emptied(train) if empty else train)
+        loss = module.cached_backward(emptied(train) if empty else train)
     grads = {}
     for name, p in module.named_parameters():
         if p.requires_grad:

@@ -15,12 +15,14 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_modules.contrastive_module as contrastive_module
+import lightning_modules.resilience as resilience
 from lightning_modules.components.contrastive import ContrastiveLossConfig, PairEmbeddings
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.resilience import NonFiniteLossError
 from lightning_modules.speech_text_module import SpeechTextModule
 from tests.helpers import quiet_trainer
 
@@ -162,8 +164,7 @@ def test_cached_gradients_equal_one_pass_over_the_whole_batch(case: str) -> None
     expected = grads(plain)
 
     cached = build(grad_cache_chunks=3).train()
-    loss, finite = cached.cached_backward(batch)
-    assert finite
+    loss = cached.cached_backward(batch)
     torch.testing.assert_close(loss, plain.pair.loss(plain.embed(batch, "train")).detach())
     ours = grads(cached)
     assert_same_grads(ours, expected)
@@ -295,19 +296,81 @@ def test_grad_cache_clips_fused_adamw_under_bf16_mixed(tmp_path: Path) -> None:
     assert min(norms.before) > 0.05 and norms.after == pytest.approx([0.05] * 2, rel=1e-4)
 
 
-def test_nonfinite_loss_skips_the_step_with_grad_cache(tmp_path: Path) -> None:
-    good = speech_text_batch(GROUPS)
-    bad = copy.deepcopy(good)
+def counted_reduce_steps(module: ContrastiveModule) -> list[int]:
+    """One entry per call of the module's `reduce_step`, the step's all-reduce under DDP."""
+    calls: list[int] = []
+    original = module.reduce_step
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.reduce_step = counted
+    return calls
+
+
+def nan_batch(batch: dict) -> dict:
+    bad = copy.deepcopy(batch)
     bad["waveforms"][0, 0] = float("nan")
-    kwargs = dict(grad_cache_chunks=2, warmup_steps=0, schedule="constant")
-    module = speech_text(**kwargs)
+    return bad
+
+
+# where the NaN step is skipped: fused AdamW on the device (found_inf), or any other optimizer after a host read
+SKIPS = ["device", "host"]
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_nonfinite_loss_skips_the_step_with_grad_cache(
+    skip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NaN loss under gradient caching changes no parameter and no optimizer state, is counted in
+    train/nonfinite_skipped, and the step's flag and logged loss share one `reduce_step`. Around it the run is
+    that of automatic optimisation: the LR schedule advances on the skipped batch too."""
+    if skip == "host":
+        monkeypatch.setattr(resilience, "_skips_on_device", lambda optimizer: False)
+    good = speech_text_batch(GROUPS)
+    bad = nan_batch(good)
+    kwargs = dict(warmup_steps=2, schedule="constant", eps=ADAM_EPS)  # the LR doubles after the first batch
+    module = speech_text(grad_cache_chunks=2, **kwargs)
+    initial = copy.deepcopy(module.state_dict())
+    reduce_steps = counted_reduce_steps(module)
     with pytest.warns(UserWarning, match="non-finite loss"):
-        trainer = fit(module, [bad, good], tmp_path / "skipped")
-    reference = speech_text(**kwargs)
-    fit(reference, [good], tmp_path / "reference")
-    assert trainer.global_step == 1
+        trainer = fit(module, [bad], tmp_path / "bad")
     assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 1.0
-    assert_same_parameters(module, reference)  # the NaN batch changed nothing
+    assert len(reduce_steps) == 1
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, initial[name]), name
+    state = trainer.optimizers[0].state
+    assert all(int(s["step"]) == 0 and not s["exp_avg"].any() for s in state.values())  # nothing moved
+    assert trainer.global_step == (1 if skip == "device" else 0)  # a host-side skip steps no optimizer
+
+    cached = speech_text(grad_cache_chunks=2, **kwargs)
+    trainer = fit(cached, [bad, good], tmp_path / "cached")
+    automatic = speech_text(**kwargs)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        automatic_trainer = fit(automatic, [bad, good], tmp_path / "automatic")
+    assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 1.0
+    assert_same_parameters(cached, automatic)  # the good batch stepped at the LR after two batches
+    assert moved(cached, initial) > 1e-4
+    schedules = [t.lr_scheduler_configs[0].scheduler.last_epoch for t in (trainer, automatic_trainer)]
+    assert schedules == [2, 2]
+    assert automatic_trainer.global_step == 2 and trainer.global_step == (2 if skip == "device" else 1)
+
+
+@pytest.mark.parametrize("skip", SKIPS)
+def test_nonfinite_losses_in_a_row_stop_the_run_with_grad_cache(
+    skip: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_nonfinite_in_row NaN losses in a row stop the run with the message: at a logging step when fused
+    AdamW skips on the device, right at the host read otherwise (no global step passes there)."""
+    if skip == "host":
+        monkeypatch.setattr(resilience, "_skips_on_device", lambda optimizer: False)
+    module = speech_text(grad_cache_chunks=2)
+    module.max_nonfinite_in_row = 3
+    bad = nan_batch(speech_text_batch(GROUPS))
+    with pytest.raises(NonFiniteLossError, match="NaN or Inf 3 steps in a row"), pytest.warns(UserWarning):
+        fit(module, [bad] * 6, tmp_path, log_every_n_steps=1 if skip == "device" else 50)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
 def test_empty_batch_still_steps_with_grad_cache(tmp_path: Path) -> None:
