@@ -35,37 +35,6 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def finite_or_skip(module: L.LightningModule, loss: Tensor, max_in_row: int) -> Tensor | None:
-    """Return `loss`, or None when it is NaN or Inf on any rank, which makes Lightning skip the backward pass and
-    the optimizer step on every rank together (a rank skipping alone would leave the others waiting in the
-    gradient all-reduce). Skips are counted in `train/nonfinite_skipped`; after `max_in_row` in a row the run
-    stops with a message that says so."""
-    bad = (~torch.isfinite(loss.detach())).float()
-    trainer = module._trainer
-    if trainer is not None and trainer.world_size > 1:
-        bad = trainer.strategy.reduce(bad, reduce_op="max")
-    skipped_total = getattr(module, "_nonfinite_total", 0)
-    in_row = getattr(module, "_nonfinite_in_row", 0)
-    if bad.item() > 0:
-        skipped_total, in_row = skipped_total + 1, in_row + 1
-        rank_zero_warn(
-            f"non-finite loss ({loss.item()}) at step {module.global_step}: step skipped "
-            f"({in_row} in a row, {skipped_total} in all)"
-        )
-    else:
-        in_row = 0
-    module._nonfinite_total, module._nonfinite_in_row = skipped_total, in_row
-    if trainer is not None:
-        module.log("train/nonfinite_skipped", float(skipped_total), on_step=True, on_epoch=False)
-    if in_row >= max_in_row > 0:
-        raise NonFiniteLossError(
-            f"the loss was NaN or Inf {in_row} steps in a row (step {module.global_step}): the run is diverging. "
-            "Lower the learning rate, add warmup or gradient clipping (--trainer.gradient_clip_val 1.0), or "
-            "resume from an earlier checkpoint"
-        )
-    return None if in_row else loss
-
-
 # where a checkpoint names the class of the system that wrote it
 SYSTEM_CLASS_KEY = "system_class_path"
 
