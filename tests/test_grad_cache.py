@@ -5,6 +5,7 @@ schedule, non-finite skip, DDP)."""
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -419,3 +420,29 @@ def test_ddp_two_ranks_with_grad_cache_match_one_process_plain(tmp_path: Path, m
     fit(cached, halves, tmp_path / "ddp", max_steps=2, strategy="ddp_spawn", devices=2)
     assert_same_parameters(cached, plain)
     assert moved(cached, initial) > 1e-3  # it trained
+
+
+@pytest.mark.slow  # ~12 s: two spawned processes
+def test_ddp_grad_cache_step_has_one_small_all_reduce(tmp_path: Path, monkeypatch) -> None:
+    """Per gradient-cached step under DDP (2 gloo ranks): one all-reduce of the logged loss and the non-finite
+    flag, and the loss's four all-gathers (row counts, a, b, group ids), besides DDP's gradient buckets."""
+    from tests.test_gpu_path import CountCollectives
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    batches = [image_text_batch(GROUPS[:3], seed=s) for s in range(4)]
+    counter = CountCollectives(tmp_path)
+    fit(
+        image_text(grad_cache_chunks=2),
+        batches,
+        tmp_path,
+        max_steps=2,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[counter],
+    )
+    for rank in (0, 1):
+        steps = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(steps) == 3  # 2 steps, then the window after the last one
+        for calls in steps[:-1]:
+            assert [c for c in calls if c[0] == "all_reduce"] == [["all_reduce", 2]], calls
+            assert [c[0] for c in calls if c[0] == "all_gather"] == ["all_gather"] * 4, calls
