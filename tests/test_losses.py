@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lightning_modules.components import losses
 from lightning_modules.components.losses import (
     LOSSES,
     CircleLoss,
@@ -19,6 +20,7 @@ from lightning_modules.components.losses import (
     TripletLoss,
     build_loss,
     gather_no_grad,
+    gather_sizes,
     gather_with_grad,
 )
 
@@ -280,6 +282,13 @@ def _dist_worker(rank: int, init_file: str, out_file: str) -> None:
             _dist_problem(loss_name, uneven, DIST_IDS["spanning"], sizes=[HALF, HALF])
         except ValueError as err:
             results[loss_name, "wrong-sizes"] = str(err)
+    # as under NCCL: the row counts travel over a gloo twin of the default group, made once
+    losses._device_backend = lambda: True
+    n = 3 if rank == 0 else 2 * HALF - 3
+    results["host-sizes"] = [gather_sizes(n), gather_sizes(n)]
+    results["host-groups"] = len(losses._host_groups)
+    results["host-loss"] = _dist_problem("infonce", uneven, DIST_IDS["spanning"], weight=n)[0]
+    dist.all_reduce(results["host-loss"])
     if rank == 0:
         torch.save(results, out_file)
     dist.barrier()
@@ -314,3 +323,13 @@ def test_uneven_rank_batches_gather_every_column(two_rank_results, loss_name):
     assert "must hold the row count of each of the 2 ranks" in two_rank_results[loss_name, "wrong-sizes"]
     for got, want in zip(dist_grads, grads):
         torch.testing.assert_close(got, want * 2 * HALF, rtol=0, atol=1e-6)
+
+
+def test_row_counts_travel_over_a_host_group_made_once(two_rank_results):
+    """Under a device backend (NCCL) the row counts go over one gloo twin of the default group: the same
+    counts, the same loss, and no device tensor read back on the host."""
+    assert two_rank_results["host-sizes"] == [[3, 2 * HALF - 3]] * 2
+    assert two_rank_results["host-groups"] == 1
+    torch.testing.assert_close(
+        two_rank_results["host-loss"], two_rank_results["infonce", "uneven"][0], rtol=0, atol=1e-12
+    )

@@ -151,13 +151,13 @@ class ContrastivePair(nn.Module):
     def training_loss(self, batch: dict) -> tuple[Tensor, int]:
         """The loss this rank backpropagates, weighted by W * n_r / N (module doc), and its row count."""
         rows = self.rows(batch)
-        e = self.embeddings(batch, "train")
         sizes = self.row_counts(rows)  # the step's one gather of the row counts, for the loss and the weight
-        return self.loss(e, sizes) * self.rank_weight(rows, sizes), rows
+        return self.loss(self.embeddings(batch, "train"), sizes) * self.rank_weight(rows, sizes), rows
 
     def row_counts(self, rows: int) -> list[int]:
-        """Every rank's row count (one all-gather and a host read under torch.distributed; [rows] alone)."""
-        return gather_sizes(rows, self.log_scale.device)
+        """Every rank's row count: one all-gather of host numbers under torch.distributed (over a CPU group, no
+        device sync), [rows] alone."""
+        return gather_sizes(rows)
 
     @staticmethod
     def rank_weight(rows: int, sizes: list[int]) -> float:

@@ -68,13 +68,36 @@ def zero_loss(module: nn.Module) -> Tensor:
     return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    """Row counts of every rank (batches may differ, e.g. with duration bucketing)."""
+_host_groups: dict[int, tuple[object, object]] = {}  # id(default group) -> (default group, its gloo twin)
+
+
+def _device_backend() -> bool:
+    """Whether the default group's collectives run on a device (NCCL and the like), not on the host (gloo)."""
+    return dist.get_backend() != "gloo"
+
+
+def host_group() -> object | None:
+    """A gloo group over the default group's ranks, for exchanging host numbers without touching a device; None
+    when the default group is gloo already. Made once per default group, at the first call, which every rank
+    reaches at the same point (the first contrastive loss)."""
+    if not _device_backend():
+        return None
+    world = dist.group.WORLD
+    known = _host_groups.get(id(world))
+    if known is None or known[0] is not world:
+        known = _host_groups[id(world)] = (world, dist.new_group(backend="gloo"))
+    return known[1]
+
+
+def gather_sizes(n: int) -> list[int]:
+    """Row counts of every rank (batches may differ, e.g. with duration bucketing). The counts are host numbers,
+    so they travel over a CPU (gloo) group: on GPUs an all-gather of device tensors and reading it back would
+    wait for every kernel queued so far, once per step."""
     if world_size() == 1:
         return [n]
-    mine = torch.tensor([n], device=device)
+    mine = torch.tensor([n])
     sizes = [torch.zeros_like(mine) for _ in range(world_size())]
-    dist.all_gather(sizes, mine)
+    dist.all_gather(sizes, mine, group=host_group())
     return [int(s) for s in sizes]
 
 
@@ -91,7 +114,7 @@ def gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """
     if world_size() == 1:
         return x
-    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    sizes = sizes or gather_sizes(x.shape[0])
     parts = dist_fn.all_gather(_pad_rows(x.contiguous(), max(sizes)))
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
@@ -103,7 +126,7 @@ def gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """
     if world_size() == 1:
         return x
-    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    sizes = sizes or gather_sizes(x.shape[0])
     x = _pad_rows(x.contiguous(), max(sizes))
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x)
@@ -143,7 +166,7 @@ class PairwiseLoss(nn.Module):
         if not distributed:
             sizes = [batch]
         elif sizes is None:
-            sizes = gather_sizes(batch, a.device)
+            sizes = gather_sizes(batch)
         elif len(sizes) != world_size() or sizes[_rank()] != batch:
             raise ValueError(
                 f"sizes {list(sizes)} must hold the row count of each of the {world_size()} ranks, this rank's "
