@@ -399,6 +399,15 @@ def test_grad_cache_rejects_gradient_accumulation(tmp_path: Path) -> None:
 # -- DDP ---------------------------------------------------------------------------------------------------
 
 
+class DestroyProcessGroup(Callback):
+    """Ends each spawned rank's process group before the process exits: left to the interpreter's exit, gloo's
+    teardown now and then aborts a rank ("terminate called without an active exception") after training ended."""
+
+    def teardown(self, trainer, module, stage) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow  # ~25 s: two spawned processes
 def test_ddp_two_ranks_with_grad_cache_match_one_process_plain(tmp_path: Path, monkeypatch) -> None:
     """2 gloo ranks x 3 rows, 2 chunks each, negatives gathered across ranks, gradients all-reduced once per
@@ -417,18 +426,17 @@ def test_ddp_two_ranks_with_grad_cache_match_one_process_plain(tmp_path: Path, m
     plain = image_text(**kwargs)
     fit(plain, wholes, tmp_path / "plain", max_steps=2)
     cached = image_text(grad_cache_chunks=2, **kwargs)
-    fit(cached, halves, tmp_path / "ddp", max_steps=2, strategy="ddp_spawn", devices=2)
+    fit(
+        cached,
+        halves,
+        tmp_path / "ddp",
+        max_steps=2,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[DestroyProcessGroup()],
+    )
     assert_same_parameters(cached, plain)
     assert moved(cached, initial) > 1e-3  # it trained
-
-
-class DestroyProcessGroup(Callback):
-    """Ends each spawned rank's process group before the process exits: left to the interpreter's exit, gloo's
-    teardown now and then aborts a rank ("terminate called without an active exception") after training ended."""
-
-    def teardown(self, trainer, module, stage) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow  # ~12 s: two spawned processes
