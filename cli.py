@@ -226,7 +226,7 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     """Write an image-text checkpoint back in its towers' format: open_clip state dict or HF CLIP folder for a
     whole-CLIP start (model.init_clip), else the image tower's backbone as a torchvision state dict."""
     from lightning_modules.components import clip_import
-    from lightning_modules.image_text_module import ImageTextModule
+    from lightning_modules.image_text_module import image_text_from_checkpoint
 
     p = argparse.ArgumentParser(
         prog=f"{prog} export",
@@ -237,13 +237,8 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
     p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
     a = p.parse_args(argv)
-    ckpt = read_checkpoint(a.ckpt_path)
-    check_system(a.ckpt_path, ckpt, ImageTextModule, "export")
-    # the architecture comes from the saved hyperparameters (a pretrained start reads its source files again)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    module = ImageTextModule(**hparams)
-    module.load_state_dict(ckpt["state_dict"])
-    init = hparams.get("init_clip") or {}
+    module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
+    init = ckpt["hyper_parameters"].get("init_clip") or {}
     pair = module.pair
     if a.what == "image" or init.get("source", "scratch") == "scratch":
         out = clip_import.export_image_backbone(pair.image.backbone, a.out)
