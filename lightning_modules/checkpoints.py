@@ -1,4 +1,4 @@
-"""Reading checkpoint files of this framework.
+"""Reading checkpoint files of this framework: the one place a checkpoint is unpickled.
 
 `read_checkpoint` looks at a file before torch reads it (missing, a folder, truncated, a text file, an image, a
 plain pickle, a zip archive that torch.save did not write), then reads it with `weights_only=True` (no code from
@@ -6,7 +6,8 @@ the file runs) and memory-mapped (tensors are read when used). Whatever is wrong
 with one line that names the file. `check_system` tells whether a checkpoint was written by the system a caller
 needs.
 
-cli.py re-exports these names (`from cli import read_checkpoint, CheckpointError` keeps working). Imports only
+Every loader of the library (zero-shot, fine-tuning's encoder, the text tower's MLM start, the tokenizer a
+checkpoint carries) and every command of cli.py reads through here; cli.py re-exports these names. Imports only
 torch at module level, so the DataModules can use it.
 """
 
