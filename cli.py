@@ -21,7 +21,6 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from lightning_modules.checkpoints import (  # noqa: F401
     CheckpointError,
     check_system,
     read_checkpoint,
+    read_sharded_model,
     resolve_class,
 )
 from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
@@ -253,9 +253,7 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
 def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     """Write a sharded checkpoint folder (FSDP2's, torch.distributed.checkpoint) as one Lightning checkpoint file
     with the model's full state_dict and the run's hyper-parameters, for `test`, `export-hf` and fine-tuning. The
-    optimizer state is left out: resuming a run reads the folder itself."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    optimizer state is neither read nor written: resuming a run reads the folder itself."""
     from lightning_modules.resilience import AtomicCheckpointIO
 
     p = argparse.ArgumentParser(
@@ -278,15 +276,11 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
         raise CheckpointError(
             f"{out} exists: consolidate writes a new file and never replaces one; choose another --out"
         )
+    # Lightning's meta.pt: everything of the checkpoint but the tensors of the model and optimizers
+    meta = folder / "meta.pt"
+    ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
+    ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".consolidate-") as tmp:
-        dcp_to_torch_save(folder, Path(tmp) / "full.pt")
-        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-    meta = (
-        folder / "meta.pt"
-    )  # Lightning's: everything of the checkpoint but the tensors of the model and optimizers
-    ckpt = torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
-    ckpt["state_dict"] = full["state_dict"]
     AtomicCheckpointIO().save_checkpoint(ckpt, out)
     print(f"wrote {out}")
     return out

@@ -4,7 +4,7 @@
 plain pickle, a zip archive that torch.save did not write), then reads it with `weights_only=True` (no code from
 the file runs) and memory-mapped (tensors are read when used). Whatever is wrong, it raises `CheckpointError`
 with one line that names the file. `check_system` tells whether a checkpoint was written by the system a caller
-needs.
+needs; `read_sharded_model` reads the model of a sharded (torch.distributed.checkpoint) folder.
 
 Every loader of the library (zero-shot, fine-tuning's encoder, the text tower's MLM start, the tokenizer a
 checkpoint carries) and every command of cli.py reads through here; cli.py re-exports these names. Imports only
@@ -115,6 +115,46 @@ def read_checkpoint(path: str | os.PathLike, needs: Collection[str] = ("state_di
         what = "bare weights, without the hyper-parameters" if bare else f"no {missing[0]}"
         raise CheckpointError(f"{path}: not a checkpoint of this framework (a torch file with {what})")
     return ckpt
+
+
+def read_sharded_model(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """The model's full `state_dict` from a sharded checkpoint folder (torch.distributed.checkpoint, as Lightning's
+    ModelParallelStrategy writes it: `state_dict`, `optimizer_0`, ... and meta.pt).
+
+    Only the model's tensors are read: tensors of the sizes the folder's .metadata records are allocated and
+    torch.distributed.checkpoint fills them, shard by shard. The optimizer state is never read, and nothing is
+    unpickled (torch.distributed.checkpoint reads non-tensor entries with full pickle; the model holds none)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = Path(folder)
+    reader = FileSystemReader(folder)
+    try:
+        metadata = reader.read_metadata()
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{folder}: its .metadata cannot be read ({detail})") from None
+    paths = metadata.planner_data or {}
+    state: dict[str, Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        where = paths.get(key, (key,))
+        if len(where) != 2 or where[0] != "state_dict":
+            continue  # the optimizers' state, or nothing of the model
+        if not isinstance(item, TensorStorageMetadata):
+            raise CheckpointError(
+                f"{folder}: the model state holds {where[1]!r}, which is no tensor; it is not unpickled here"
+            )
+        state[where[1]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not state:
+        raise CheckpointError(
+            f"{folder}: the sharded checkpoint holds no model state (no state_dict entries)"
+        )
+    try:
+        load({"state_dict": state}, storage_reader=reader, no_dist=True)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{folder}: damaged ({detail})") from None
+    return state
 
 
 # Which system wrote a checkpoint -----------------------------------------------------------------------------
