@@ -17,17 +17,10 @@ the first batch has started keep their traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import logging
 import os
-import pickle
-import pkgutil
 import platform
-import re
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +38,16 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from lightning_modules.callbacks import MetricCurves
-from lightning_modules.resilience import SYSTEM_CLASS_KEY, AtomicCheckpoints, PreemptionCheckpoint
+
+# the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
+from lightning_modules.checkpoints import (  # noqa: F401
+    CheckpointError,
+    check_system,
+    read_checkpoint,
+    read_sharded_model,
+    resolve_class,
+)
+from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
 from lightning_modules.throughput import Throughput
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
@@ -202,7 +204,7 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    ckpt = read_checkpoint(a.ckpt_path)
+    ckpt = read_checkpoint(a.ckpt_path, needs=("state_dict", "hyper_parameters"))
     check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
     # the architecture comes from the saved hyperparameters; the weights follow
     hparams = {
@@ -224,7 +226,7 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     """Write an image-text checkpoint back in its towers' format: open_clip state dict or HF CLIP folder for a
     whole-CLIP start (model.init_clip), else the image tower's backbone as a torchvision state dict."""
     from lightning_modules.components import clip_import
-    from lightning_modules.image_text_module import ImageTextModule
+    from lightning_modules.image_text_module import image_text_from_checkpoint
 
     p = argparse.ArgumentParser(
         prog=f"{prog} export",
@@ -235,13 +237,8 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
     p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
     a = p.parse_args(argv)
-    ckpt = read_checkpoint(a.ckpt_path)
-    check_system(a.ckpt_path, ckpt, ImageTextModule, "export")
-    # the architecture comes from the saved hyperparameters (a pretrained start reads its source files again)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    module = ImageTextModule(**hparams)
-    module.load_state_dict(ckpt["state_dict"])
-    init = hparams.get("init_clip") or {}
+    module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
+    init = ckpt["hyper_parameters"].get("init_clip") or {}
     pair = module.pair
     if a.what == "image" or init.get("source", "scratch") == "scratch":
         out = clip_import.export_image_backbone(pair.image.backbone, a.out)
@@ -256,9 +253,7 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
 def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     """Write a sharded checkpoint folder (FSDP2's, torch.distributed.checkpoint) as one Lightning checkpoint file
     with the model's full state_dict and the run's hyper-parameters, for `test`, `export-hf` and fine-tuning. The
-    optimizer state is left out: resuming a run reads the folder itself."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
+    optimizer state is neither read nor written: resuming a run reads the folder itself."""
     from lightning_modules.resilience import AtomicCheckpointIO
 
     p = argparse.ArgumentParser(
@@ -281,160 +276,17 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
         raise CheckpointError(
             f"{out} exists: consolidate writes a new file and never replaces one; choose another --out"
         )
+    # Lightning's meta.pt: everything of the checkpoint but the tensors of the model and optimizers
+    meta = folder / "meta.pt"
+    ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
+    ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".consolidate-") as tmp:
-        dcp_to_torch_save(folder, Path(tmp) / "full.pt")
-        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-    meta = (
-        folder / "meta.pt"
-    )  # Lightning's: everything of the checkpoint but the tensors of the model and optimizers
-    ckpt = torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
-    ckpt["state_dict"] = full["state_dict"]
     AtomicCheckpointIO().save_checkpoint(ckpt, out)
     print(f"wrote {out}")
     return out
 
 
 # Checkpoints --------------------------------------------------------------------------------------------------
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
-
-
-def _kind_of_file(head: bytes) -> str:
-    """What a file that is no torch.save zip archive seems to be, from its first bytes."""
-    if not head:
-        return "an empty file"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "a JPEG image"
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # torch's legacy magic number
-        return "a torch file in the format before torch 1.6"
-    if head.startswith(b"\x80"):
-        return "a plain pickle"
-    if head.startswith(b"PK"):
-        return "a zip archive that torch.save did not write"
-    if all(b >= 32 or b in b"\t\n\r" for b in head):
-        return "a text file"
-    return "a binary file of another format"
-
-
-def read_checkpoint(path: str | Path) -> dict:
-    """The contents of a checkpoint file of this framework, read with `weights_only=True` (no code from the file
-    runs) and memory-mapped (tensors are read when used).
-
-    Raises CheckpointError, naming the file, when it is missing, truncated, or no checkpoint of this framework.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is a folder (a sharded checkpoint?), not a checkpoint file: "
-            f"`python cli.py consolidate --ckpt_path {path} --out FILE.ckpt` writes one"
-        )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    with path.open("rb") as f:
-        head = f.read(16)
-    if not head.startswith(b"PK\x03\x04"):  # torch.save has written zip archives since torch 1.6
-        raise CheckpointError(f"{path}: not a checkpoint of this framework ({_kind_of_file(head)})")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.namelist()
-    except zipfile.BadZipFile:
-        # a zip archive's directory is written last: a save or a copy cut short leaves none
-        size = path.stat().st_size
-        raise CheckpointError(
-            f"{path}: truncated ({size} bytes, the end of the file is missing: an interrupted save or copy)"
-        ) from None
-    if not any(m.endswith("/data.pkl") for m in members):
-        raise CheckpointError(
-            f"{path}: not a checkpoint of this framework (a zip archive that torch.save did not write)"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses any class outside tensors and plain values, which is all a checkpoint here holds
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        such = f", such as {found.group(1)}," if found else ""
-        raise CheckpointError(
-            f"{path}: not a checkpoint of this framework (it holds Python objects{such} which are not loaded: "
-            "loading them would run code from the file)"
-        ) from None
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: damaged ({detail})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        bare = isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values())
-        what = "bare weights, without the hyper-parameters" if bare else "no state_dict"
-        raise CheckpointError(f"{path}: not a checkpoint of this framework (a torch file with {what})")
-    return ckpt
-
-
-def _resolve(class_path: str) -> type | None:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
-def _init_args(cls: type) -> set[str]:
-    """The keyword arguments `cls(...)` takes, following `**kwargs` up to the parent class that takes them."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names
-
-
-def _systems() -> list[type]:
-    """Every LightningModule defined in lightning_modules."""
-    found = []
-    for info in pkgutil.iter_modules(lightning_modules.__path__):
-        module = importlib.import_module(f"lightning_modules.{info.name}")
-        found += [
-            c
-            for c in vars(module).values()
-            if isinstance(c, type) and issubclass(c, L.LightningModule) and c.__module__ == module.__name__
-        ]
-    return found
-
-
-def _system_from_hparams(hparams: dict, expected: type) -> str | None:
-    """For a checkpoint that does not name its system (written before `system_class_path` existed, from Python):
-    None when `expected` takes its hyper-parameters, else the system that does, or a description."""
-    names = {k for k in hparams if not k.startswith("_")}
-    if not names or names <= _init_args(expected):
-        return None
-    fits = [c for c in _systems() if names <= _init_args(c)]
-    if fits:
-        return min(fits, key=lambda c: len(_init_args(c) - names)).__name__  # the closest fit
-    foreign = ", ".join(sorted(names - _init_args(expected))[:4])
-    return f"a system with hyper-parameters that {expected.__name__} does not take ({foreign})"
-
-
-def check_system(path: str | Path, ckpt: dict, expected: type, asked_by: str) -> None:
-    """Raise CheckpointError unless `ckpt` was written by `expected` (or a subclass). The system is named by
-    CheckpointExtras (`system_class_path`) or by LightningCLI (`_class_path` among the hyper-parameters); without
-    either, the hyper-parameter names tell."""
-    hparams = ckpt.get("hyper_parameters") or {}
-    recorded = ckpt.get(SYSTEM_CLASS_KEY) or hparams.get("_class_path")
-    if recorded is None:
-        held = _system_from_hparams(hparams, expected)
-    else:
-        cls = _resolve(recorded)
-        ok = (
-            issubclass(cls, expected) if cls is not None else recorded.rpartition(".")[2] == expected.__name__
-        )
-        held = None if ok else recorded.rpartition(".")[2]
-    if held is not None:
-        raise CheckpointError(f"{path}: holds {held}, {asked_by} asks for {expected.__name__}")
-
-
 def check_checkpoint(ckpt_path: str | Path | None, model_class_path: str | None, asked_by: str) -> None:
     """Check a `--ckpt_path` before Lightning loads it: an existing checkpoint file of this framework, written by
     the system of `model_class_path`. Lightning's own names (best, last, hpc, registry), remote paths and
@@ -447,7 +299,7 @@ def check_checkpoint(ckpt_path: str | Path | None, model_class_path: str | None,
     if "://" in ckpt_path or Path(ckpt_path).is_dir():
         return
     ckpt = read_checkpoint(ckpt_path)
-    expected = _resolve(model_class_path) if model_class_path else None
+    expected = resolve_class(model_class_path) if model_class_path else None
     if expected is not None:
         check_system(ckpt_path, ckpt, expected, asked_by)
 

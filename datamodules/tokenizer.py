@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lightning_modules.checkpoints import read_checkpoint
+
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -202,12 +204,10 @@ class TextTokenizer:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> TextTokenizer:
-        """The tokenizer a checkpoint of this framework carries (`tokenizer_json`), read with weights_only=True."""
+        """The tokenizer a checkpoint of this framework carries (`tokenizer_json`), read by `read_checkpoint`
+        (weights_only; memory-mapped, so the weights are not read, only the few kilobytes of the tokenizer)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        # mmap: the weights are not read, only the few kilobytes of the tokenizer
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = read_checkpoint(path, needs=())
         if "tokenizer_json" not in ckpt:
             raise TokenizerError(
                 f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer"

@@ -7,12 +7,15 @@ evaluation every image is embedded once against all its captions and Recall@K co
 
 from __future__ import annotations
 
+import contextvars
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.components.clip_import import load_clip
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
@@ -143,3 +146,40 @@ class ImageTextModule(ContrastiveModule):
                 self.encode_text(batch["input_ids"], batch["attention_mask"]),
             )
         return embedding_prediction(rows, batch)
+
+
+def _trained_text_section(text: dict | None) -> dict:
+    """A saved `text` section whose start is an MLM checkpoint of this framework (init.source ours, or the older
+    init_ckpt) made a scratch start: the architecture is the section's own either way, and the trained weights
+    that follow replace the start's, so the MLM file is not read again (nor needed)."""
+    text = dict(text or {})
+    init = dict(text.get("init") or {})
+    if init.get("source") == "ours":
+        text["init"] = {**init, "source": "scratch", "path": None}
+    text["init_ckpt"] = None
+    return text
+
+
+def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[ImageTextModule, dict]:
+    """The `ImageTextModule` of a checkpoint file (eval mode), and the checkpoint's contents.
+
+    Read through `read_checkpoint` (weights_only, memory-mapped). The architecture comes from the saved
+    hyperparameters and the trained weights follow; a text tower's MLM start is not read again, other pretrained
+    starts (init_clip, Hugging Face folders) are, for their architecture. `asked_by` names the caller in the error
+    raised for a checkpoint of another system ("export", "zero-shot").
+    """
+    ckpt = read_checkpoint(path, needs=("state_dict", "hyper_parameters"))
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    if "image_arch" in hparams or "max_text_len" in hparams:
+        raise CheckpointError(
+            f"{path} was written before the towers became config sections (model.image, model.text): "
+            "this version cannot rebuild its model; train it again with the current configs"
+        )
+    check_system(path, ckpt, ImageTextModule, asked_by)
+    hparams["text"] = _trained_text_section(hparams.get("text"))
+    # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (the caller's, such
+    # as a ZeroShotClassifier) to every `save_hyperparameters` through a context variable, which would give them
+    # to this model.
+    model = contextvars.Context().run(ImageTextModule, **hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt

@@ -14,7 +14,6 @@ logs `test/zero_shot_acc` (top-1), `test/zero_shot_acc_top5` when there are more
 
 from __future__ import annotations
 
-import contextvars
 import importlib
 import logging
 import re
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.image_text_module import ImageTextModule, image_text_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +88,13 @@ def load_image_text(
 ) -> tuple[ImageTextModule, TextTokenizer, int]:
     """An `ImageTextModule` checkpoint's model (eval mode), its tokenizer and its caption context length.
 
-    Read with weights_only=True. The architecture comes from the saved hyperparameters, the weights follow. The
-    tokenizer is, in order: the `tokenizer` file given; the checkpoint's `tokenizer_json`; the one the checkpoint's
-    DataModule (`datamodule_hyper_parameters`) loads, i.e. its tokenizer file or the vocabulary it trained and
-    cached (trained again, identically, from its captions when the cache is gone).
+    The model is rebuilt by `image_text_from_checkpoint` (read with weights_only=True, memory-mapped; a file that
+    is no image-text checkpoint of this framework raises CheckpointError naming it). The tokenizer is, in order:
+    the `tokenizer` file given; the checkpoint's `tokenizer_json`; the one the checkpoint's DataModule
+    (`datamodule_hyper_parameters`) loads, i.e. its tokenizer file or the vocabulary it trained and cached (trained
+    again, identically, from its captions when the cache is gone).
     """
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"image-text checkpoint {ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    if "image_arch" in hparams or "max_text_len" in hparams:
-        raise ValueError(
-            f"{ckpt_path} was written before the towers became config sections (model.image, model.text): "
-            "this version cannot rebuild its model; train it again with the current configs"
-        )
-    # the trained weights below replace any MLM start
-    hparams["text"] = {**hparams.get("text", {}), "init_ckpt": None}
-    # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (this loader's
-    # caller) to every `save_hyperparameters` through a context variable, which would give them to this model.
-    model = contextvars.Context().run(ImageTextModule, **hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model, ckpt = image_text_from_checkpoint(ckpt_path, "zero-shot")
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     context_length = int(data_hp.get("context_length") or model.tower_configs["text"].max_len)
     if tokenizer:

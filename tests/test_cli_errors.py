@@ -240,6 +240,55 @@ def test_checkpoint_contents_are_read(tmp_path: Path) -> None:
     assert ckpt["state_dict"]["w"].shape == (128, 128) and ckpt["hyper_parameters"] == {}
 
 
+def _zero_shot(path: Path) -> None:
+    from lightning_modules.zero_shot import load_image_text
+
+    load_image_text(path)
+
+
+def _fine_tuning_encoder(path: Path) -> None:
+    from lightning_modules.components.bert_finetune import pretrained_bert
+
+    pretrained_bert(init_ckpt=str(path), init_from_hf=None)
+
+
+def _text_tower_mlm_start(path: Path) -> None:
+    from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
+    from lightning_modules.components.towers import TowerInit
+
+    shape = dict(size="tiny", layers=1, hidden=32, heads=1, max_len=8)
+    build_text_tower(TextTowerConfig(**shape, init=TowerInit("ours", str(path))), 10, embed_dim=4)
+
+
+def _tokenizer_of_checkpoint(path: Path) -> None:
+    from datamodules.tokenizer import TextTokenizer
+
+    TextTokenizer.from_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "make, problem",
+    [(_truncated, "truncated ("), (_text, "not a checkpoint of this framework (a text file)")],
+    ids=["truncated", "text"],
+)
+@pytest.mark.parametrize(
+    "load",
+    [_zero_shot, _fine_tuning_encoder, _text_tower_mlm_start, _tokenizer_of_checkpoint],
+    ids=["zero-shot", "fine-tuning", "text-tower", "tokenizer"],
+)
+def test_every_loader_reads_through_the_diagnosing_reader(load, make, problem: str, tmp_path: Path) -> None:
+    """Zero-shot, fine-tuning's encoder, the text tower's MLM start and the tokenizer of a checkpoint refuse a bad
+    file in one line naming it, as the command line does (no traceback of torch.load)."""
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError) as raised:
+        load(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message, message
+    missing = tmp_path / "gone.ckpt"
+    with pytest.raises(FileNotFoundError, match=f"^checkpoint {missing} does not exist$"):
+        load(missing)
+
+
 # A checkpoint of another system ------------------------------------------------------------------------------
 @pytest.fixture
 def clip_ckpt(tiny_clip: dict) -> Path:

@@ -206,22 +206,45 @@ def test_fsdp2_shards_a_channels_last_tower(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
-def _dcp_folder(folder: Path, state_dict: dict, meta: dict) -> None:
-    """A sharded checkpoint as ModelParallelStrategy writes one: torch.distributed.checkpoint files + meta.pt."""
+def _dcp_folder(folder: Path, state_dict: dict, meta: dict, **optimizers: dict) -> None:
+    """A sharded checkpoint as ModelParallelStrategy writes one: torch.distributed.checkpoint files (the model's
+    `state_dict` and `optimizer_0`, ...) + meta.pt."""
     from torch.distributed.checkpoint import FileSystemWriter, save
 
-    save({"state_dict": state_dict}, storage_writer=FileSystemWriter(folder), no_dist=True)
+    save({"state_dict": state_dict, **optimizers}, storage_writer=FileSystemWriter(folder), no_dist=True)
     torch.save(meta, folder / "meta.pt")
+
+
+class Tripwire:
+    """Counts its unpickling: torch.distributed.checkpoint stores a value that is no tensor pickled."""
+
+    loaded = 0
+
+    def __reduce__(self):
+        return (_trip, ())
+
+
+def _trip() -> str:
+    Tripwire.loaded += 1
+    return "tripped"
 
 
 def test_consolidate_writes_one_checkpoint_file_from_a_sharded_folder(tmp_path: Path) -> None:
     module = tiny_mlm()
     folder = tmp_path / "last.ckpt"
-    _dcp_folder(folder, module.state_dict(), {"hyper_parameters": dict(module.hparams), "global_step": 7})
+    # an optimizer state as big as the model, and a value in it that runs code when unpickled
+    adam = {
+        "state": {k: {"exp_avg": torch.ones_like(v)} for k, v in module.state_dict().items()},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "tripwire": Tripwire()}],
+    }
+    meta = {"hyper_parameters": dict(module.hparams), "global_step": 7}
+    _dcp_folder(folder, module.state_dict(), meta, optimizer_0=adam)
     with pytest.raises(CheckpointError, match="is a folder .* cli.py consolidate --ckpt_path"):
         read_checkpoint(folder)
     out = consolidate(["--ckpt_path", str(folder), "--out", str(tmp_path / "one.ckpt")])
     ckpt = read_checkpoint(out)
+    # the optimizer state is neither written nor read (nothing of it was unpickled)
+    assert Tripwire.loaded == 0 and "optimizer_0" not in ckpt and "optimizer_states" not in ckpt
     assert ckpt["global_step"] == 7
     restored = type(module)(**ckpt["hyper_parameters"])
     restored.load_state_dict(ckpt["state_dict"])

@@ -14,7 +14,7 @@ import yaml
 from cli import main
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
-from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.image_text_module import ImageTextModule, image_text_from_checkpoint
 from lightning_modules.mlm_module import MLMPretrainingModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +195,26 @@ def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="shapes differ"):
         tiny_module({"init_ckpt": str(ckpt), "hidden": 64})
+
+
+@pytest.mark.parametrize("spelling", ["init", "init_ckpt"])
+def test_checkpoint_is_rebuilt_without_reading_the_mlm_start_again(spelling: str, tmp_path: Path) -> None:
+    """export and zero-shot rebuild an image-text checkpoint from its hyperparameters and weights: a text tower
+    started from an MLM checkpoint (either spelling) does not read that file again, which may be gone."""
+    mlm = MLMPretrainingModule(
+        size="tiny", vocab_size=VOCAB, hidden_size=32, num_heads=2, num_layers=1, max_position_embeddings=16
+    )
+    mlm_file = tmp_path / "mlm.ckpt"
+    torch.save({"state_dict": mlm.state_dict()}, mlm_file)
+    start = {"source": "ours", "path": str(mlm_file)} if spelling == "init" else str(mlm_file)
+    module = tiny_module({spelling: start})
+    ckpt = tmp_path / "clip.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    mlm_file.unlink()
+    rebuilt, _ = image_text_from_checkpoint(ckpt, "export")
+    assert not rebuilt.training
+    for key, value in module.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
 
 
 # -- learning --------------------------------------------------------------------------------------------

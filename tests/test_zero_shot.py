@@ -108,7 +108,13 @@ def test_checkpoint_tokenizer_equals_the_training_file(clip_run: dict, tmp_path:
 
 def test_checkpoint_from_before_the_tower_sections_is_refused_by_name(tmp_path: Path) -> None:
     old = tmp_path / "flat.ckpt"
-    torch.save({"hyper_parameters": {"vocab_size": 60, "image_arch": "vit_tiny", "max_text_len": 16}}, old)
+    torch.save(
+        {
+            "state_dict": {},
+            "hyper_parameters": {"vocab_size": 60, "image_arch": "vit_tiny", "max_text_len": 16},
+        },
+        old,
+    )
     with pytest.raises(ValueError, match=r"flat.ckpt was written before the towers became config sections"):
         load_image_text(old)
 

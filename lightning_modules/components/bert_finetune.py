@@ -11,9 +11,9 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
+from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel, init_bert_weights
 from lightning_modules.components.hf_interop import config_from_hf, load_hf_bert
 
@@ -52,12 +52,12 @@ def mlm_bert_config(hparams: dict) -> BertConfig:
 
 
 def read_mlm_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Tensor]]:
-    """Encoder configuration and `BertModel` weights of an MLM checkpoint, read with `weights_only=True`."""
+    """Encoder configuration and `BertModel` weights of an MLM checkpoint, read by `read_checkpoint`
+    (weights_only, memory-mapped; CheckpointError naming the file when it is missing, truncated or no checkpoint
+    of this framework)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MLM checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+    ckpt = read_checkpoint(path)
+    if "hyper_parameters" not in ckpt:
         raise ValueError(
             f"{path} is not a Lightning checkpoint of MLMPretrainingModule (no hyper_parameters)"
         )

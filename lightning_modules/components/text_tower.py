@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
+from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel
 from lightning_modules.components.hf_interop import load_hf_bert
 from lightning_modules.components.hf_towers import HFTextTower
@@ -154,12 +154,12 @@ def check_vocab(tower_vocab: int, tokenizer_vocab: int, source: str | Path) -> N
 def load_mlm_encoder(tower: TextTower, ckpt_path: str | Path) -> None:
     """Initialise the tower's BERT from an MLM checkpoint of this framework (`MLMPretrainingModule`).
 
-    Read with `weights_only=True`; the pretraining heads are left out, shapes must match.
+    Read by `read_checkpoint` (weights_only, memory-mapped; CheckpointError naming the file when it is missing,
+    truncated or no torch file); the pretraining heads are left out, shapes must match. A bare state dict of the
+    MLM system is taken too.
     """
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MLM checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(path, needs=())
     state = ckpt.get("state_dict", ckpt)
     prefix = "model.bert."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
