@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.components.image_tower import torchvision_blocks, torchvision_head
 from lightning_modules.components.towers import (
     TowerInit,
     load_matching_state_dict,
@@ -140,13 +141,11 @@ class TorchvisionBackbone(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        if hasattr(self.model, "encoder"):
-            return list(self.model.encoder.layers)
-        return [self.model.layer1, self.model.layer2, self.model.layer3, self.model.layer4]
+        return torchvision_blocks(self.model)
 
     @property
     def head(self) -> list[nn.Module]:
-        return [self.model.encoder.ln] if hasattr(self.model, "encoder") else []
+        return torchvision_head(self.model)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
