@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from datamodules.generated import claim_folder, root_advice, written_whole
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.speech.librispeech import normalise_transcript, read_transcripts
+from datamodules.speech.librispeech import subset_transcripts
 from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import render_sentence, tone_lexicon
@@ -238,12 +238,8 @@ class TriModalDataModule(LightningDataModule):
 
     def _training_texts(self) -> list[str]:
         coco, speech = self._reader("image_text"), self._reader("speech_text")
-        texts = [c for r in coco.records("train") for c in r.captions]
-        for subset in speech.subset_dirs("train"):
-            for trans in sorted(subset.glob("*/*/*.trans.txt")):
-                found, _ = read_transcripts(trans)
-                texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
-        return texts
+        captions = [c for r in coco.records("train") for c in r.captions]
+        return captions + subset_transcripts(speech.subset_dirs("train"), self.hparams.lowercase)
 
     # the shared tokenizer and the two DataModules that use it -------------------------------------------
     @property
