@@ -3,6 +3,8 @@
 A generator writes only into a folder that does not exist, is empty, or carries its own marker
 (`.mmpretrain-generated.json`, naming the generator and its settings). Any other folder holds someone's data:
 the generator refuses in one line instead of adding to it, and nothing without the marker is ever removed.
+A set is written into a temporary folder and moved into place whole (`written_whole`): an interrupted run
+never leaves something that looks complete.
 Caches are kept apart from data too: by default in the per-user folder `default_cache_dir()`.
 """
 
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,37 @@ def claim_folder(folder: str | os.PathLike, generator: str, params: dict[str, An
 def mark_complete(folder: str | os.PathLike, generator: str, params: dict[str, Any]) -> None:
     """Record in `folder`'s marker that `generator` finished writing its set there."""
     _write_marker(Path(folder), generator, params, complete=True)
+
+
+@contextmanager
+def written_whole(
+    root: Path, generator: str, params: dict[str, Any], entries: Sequence[str], complete: Callable[[], bool]
+) -> Iterator[Path]:
+    """A temporary folder inside `root` to write a set's `entries` (files or folders) into. When the block ends
+    they are moved into `root` in that order, the last one completing the set, and `root`'s marker says
+    complete; when it raises, nothing is moved. The temporary folder is removed in every case.
+
+    Callers claim `root` first (`claim_folder`), so an entry already there is an interrupted run's debris and is
+    replaced, unless `complete()` says another process finished the set meanwhile: its files are kept.
+    """
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        yield tmp
+        if complete():
+            return
+        for name in entries:
+            try:
+                os.replace(tmp / name, root / name)
+            except OSError:  # a folder in the way
+                if complete():
+                    return
+                if not (root / name).exists():
+                    raise
+                shutil.rmtree(root / name)
+                os.replace(tmp / name, root / name)
+        mark_complete(root, generator, params)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_complete(folder: str | os.PathLike, generator: str) -> bool:

@@ -41,13 +41,13 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules.generated import claim_folder, mark_complete, root_advice
+from datamodules.generated import claim_folder, root_advice, written_whole
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.speech.librispeech import normalise_transcript, read_transcripts
+from datamodules.speech.librispeech import subset_transcripts
 from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
-from datamodules.synthetic.tones import render_sentence, tone_lexicon, written_whole
+from datamodules.synthetic.tones import render_sentence, tone_lexicon
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ def generate_spoken_captions(
         "seed": seed,
     }
     claim_folder(speech_root, SPOKEN_GENERATOR, params, root_advice(setting))
-    with written_whole(target) as tmp:
+    with written_whole(Path(speech_root), SPOKEN_GENERATOR, params, [target.name], target.is_dir) as tmp:
+        tree = tmp / target.name
+        tree.mkdir()
         pairs: dict[str, dict[str, int]] = {}
         for i, ((subset, records), per_image) in enumerate(zip(splits.items(), captions_per_image)):
             rng = np.random.default_rng([seed, i])
@@ -123,18 +125,17 @@ def generate_spoken_captions(
                 utt_id = f"{spk}-{spk}-{len(lines[spk]):04d}"
                 words = caption_words(caption)
                 wave = render_sentence(words, sample_rate, rng, pitches[spk], lexicon)
-                folder = tmp / subset / str(spk) / str(spk)
+                folder = tree / subset / str(spk) / str(spk)
                 folder.mkdir(parents=True, exist_ok=True)
                 sf.write(folder / f"{utt_id}.flac", wave, sample_rate, subtype="PCM_16", format="FLAC")
                 lines[spk].append(f"{utt_id} {' '.join(words)}\n")
                 pairs[subset][utt_id] = record.image_id
             for spk, spoken in lines.items():
                 if spoken:
-                    (tmp / subset / str(spk) / str(spk) / f"{spk}-{spk}.trans.txt").write_text(
+                    (tree / subset / str(spk) / str(spk) / f"{spk}-{spk}.trans.txt").write_text(
                         "".join(spoken)
                     )
-        (tmp / PAIRS_FILE).write_text(json.dumps(pairs))
-    mark_complete(speech_root, SPOKEN_GENERATOR, params)
+        (tree / PAIRS_FILE).write_text(json.dumps(pairs))
     log.info(
         "spoke %s captions of %s as tones into %s",
         {s: len(p) for s, p in pairs.items()},
@@ -237,12 +238,8 @@ class TriModalDataModule(LightningDataModule):
 
     def _training_texts(self) -> list[str]:
         coco, speech = self._reader("image_text"), self._reader("speech_text")
-        texts = [c for r in coco.records("train") for c in r.captions]
-        for subset in speech.subset_dirs("train"):
-            for trans in sorted(subset.glob("*/*/*.trans.txt")):
-                found, _ = read_transcripts(trans)
-                texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
-        return texts
+        captions = [c for r in coco.records("train") for c in r.captions]
+        return captions + subset_transcripts(speech.subset_dirs("train"), self.hparams.lowercase)
 
     # the shared tokenizer and the two DataModules that use it -------------------------------------------
     @property

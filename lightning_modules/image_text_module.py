@@ -137,15 +137,7 @@ class ImageTextModule(ContrastiveModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Unit embeddings of the batch's images and captions, with their ids (`PredictionWriter`)."""
-        rows = {}
-        if batch.get("image_keys"):
-            rows["image"] = (batch["image_keys"], self.encode_image(batch["images"]))
-        if batch.get("text_keys"):
-            rows["caption"] = (
-                batch["text_keys"],
-                self.encode_text(batch["input_ids"], batch["attention_mask"]),
-            )
-        return embedding_prediction(rows, batch)
+        return embedding_prediction(batch, image=self.encode_image, text=self.encode_text)
 
 
 def _trained_text_section(text: dict | None) -> dict:

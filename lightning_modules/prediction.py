@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,24 @@ _KIND_ORDER = ("image", "caption", "utterance", "transcript")
 
 
 def embedding_prediction(
-    rows: dict[str, tuple[Sequence[str], Tensor]], batch: dict[str, Any]
+    batch: dict[str, Any],
+    image: Callable[[Tensor], Tensor] | None = None,
+    speech: Callable[[Tensor, Tensor], Tensor] | None = None,
+    text: Callable[[Tensor, Tensor], Tensor] | None = None,
+    text_kind: str = "caption",
 ) -> dict[str, Any]:
-    """What an alignment system's `predict_step` returns: per kind its ids and L2-normalised embeddings, and the
-    inputs of the batch that could not be read (listed in the metadata)."""
+    """What an alignment system's `predict_step` returns: the batch's images, utterances and texts that the
+    system has an encoder for (its L2-normalising `encode_*`), per kind their ids and embeddings, and the inputs
+    of the batch that could not be read (listed in the metadata). `text_kind`: caption or transcript."""
+    rows: dict[str, tuple[list[str], Tensor]] = {}
+    if image is not None and batch.get("image_keys"):
+        rows["image"] = (batch["image_keys"], image(batch["images"]))
+    if speech is not None and batch.get("audio_keys"):
+        rows["utterance"] = (batch["audio_keys"], speech(batch["waveforms"], batch["wave_lengths"]))
+    if text is not None and batch.get("text_keys"):
+        rows[text_kind] = (batch["text_keys"], text(batch["input_ids"], batch["attention_mask"]))
     return {
-        "embeddings": {kind: (list(ids), emb) for kind, (ids, emb) in rows.items() if len(ids)},
+        "embeddings": {kind: (list(ids), emb) for kind, (ids, emb) in rows.items()},
         "unreadable": list(batch.get("unreadable", [])),
     }
 

@@ -78,15 +78,6 @@ class SpeechTextModule(ContrastiveModule):
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Unit embeddings of the batch's utterances and transcripts, with their ids (`PredictionWriter`)."""
-        rows = {}
-        if batch.get("audio_keys"):
-            rows["utterance"] = (
-                batch["audio_keys"],
-                self.encode_speech(batch["waveforms"], batch["wave_lengths"]),
-            )
-        if batch.get("text_keys"):
-            rows["transcript"] = (
-                batch["text_keys"],
-                self.encode_text(batch["input_ids"], batch["attention_mask"]),
-            )
-        return embedding_prediction(rows, batch)
+        return embedding_prediction(
+            batch, speech=self.encode_speech, text=self.encode_text, text_kind="transcript"
+        )

@@ -122,18 +122,13 @@ class TriModalModule(AlignmentModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Unit embeddings of whatever the batch holds (images, utterances, captions or transcripts), with their
         ids, all in the one space (`PredictionWriter`)."""
-        rows = {}
-        if batch.get("image_keys"):
-            rows["image"] = (batch["image_keys"], self.encode_image(batch["images"]))
-        if batch.get("audio_keys"):
-            rows["utterance"] = (
-                batch["audio_keys"],
-                self.encode_speech(batch["waveforms"], batch["wave_lengths"]),
-            )
-        if batch.get("text_keys"):
-            texts = self.encode_text(batch["input_ids"], batch["attention_mask"])
-            rows[batch.get("text_kind", "caption")] = (batch["text_keys"], texts)
-        return embedding_prediction(rows, batch)
+        return embedding_prediction(
+            batch,
+            image=self.encode_image,
+            speech=self.encode_speech,
+            text=self.encode_text,
+            text_kind=batch.get("text_kind", "caption"),
+        )
 
     # training ---------------------------------------------------------------------------------
     def task_loss(self, task: str, batch: dict) -> Tensor:

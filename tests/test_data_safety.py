@@ -22,7 +22,14 @@ import torch
 from PIL import Image
 
 from cli import main
-from datamodules.generated import MARKER, ForeignDataError, claim_folder, generated_by, is_complete
+from datamodules.generated import (
+    MARKER,
+    ForeignDataError,
+    claim_folder,
+    generated_by,
+    is_complete,
+    written_whole,
+)
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
@@ -220,6 +227,38 @@ def test_claim_folder_reuses_its_own_marker_and_refuses_everything_else(tmp_path
         claim_folder(foreign, "gen", {}, "set data.generate_if_missing false")
     assert isinstance(err.value, ValueError) and "\n" not in str(err.value)  # the CLI's one-line errors
     assert (foreign / MARKER).read_text() == "not json"
+
+
+def test_written_whole_moves_a_finished_set_in_and_nothing_else(tmp_path: Path) -> None:
+    root = claim_folder(tmp_path / "set", "gen", {"n": 1}, "advice")
+    done = (root / "b").is_file
+    with pytest.raises(RuntimeError), written_whole(root, "gen", {"n": 1}, ["a", "b"], done) as tmp:
+        (tmp / "a").mkdir()
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in root.iterdir()) == [MARKER] and not is_complete(root, "gen")
+
+    (root / "a").mkdir()
+    (root / "a" / "half-written").write_text(
+        "debris"
+    )  # an interrupted run's, in a folder carrying our marker
+    with written_whole(root, "gen", {"n": 1}, ["a", "b"], done) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "x").write_text("ours")
+        (tmp / "b").write_text("last")
+    assert sorted(p.name for p in root.iterdir()) == [MARKER, "a", "b"]
+    assert [p.name for p in (root / "a").iterdir()] == ["x"] and is_complete(root, "gen")
+
+    other = claim_folder(tmp_path / "raced", "gen", {"n": 1}, "advice")
+    with written_whole(other, "gen", {"n": 2}, ["a"], (other / "a").is_dir) as tmp:
+        (tmp / "a").mkdir()
+        (tmp / "a" / "x").write_text("ours")
+        (other / "a").mkdir()  # another process renamed its finished set into place meanwhile
+        (other / "a" / "x").write_text("theirs")
+    assert (other / "a" / "x").read_text() == "theirs" and sorted(p.name for p in other.iterdir()) == [
+        MARKER,
+        "a",
+    ]
+    assert generated_by(other)["params"] == {"n": 1}  # its own marker is the other process's to write
 
 
 def _tiny_generators(tmp_path: Path) -> dict[str, Callable[[Path], object]]:

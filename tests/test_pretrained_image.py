@@ -284,7 +284,9 @@ def test_pickled_whole_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_folder_without_config_json_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="has no config.json: give the folder save_pretrained"):
+    with pytest.raises(
+        FileNotFoundError, match="has no config.json: give a Hugging Face CLIPModel / CLIPVisionModel folder"
+    ):
         load_image_backbone(TowerInit("hf", str(tmp_path)), 32)
 
 

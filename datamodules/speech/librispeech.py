@@ -95,6 +95,17 @@ def read_transcripts(path: str | os.PathLike) -> tuple[dict[str, str], list[str]
     return out, malformed
 
 
+def subset_transcripts(subset_dirs: Sequence[Path], lowercase: bool = True) -> list[str]:
+    """The normalised transcripts of every chapter under `subset_dirs` in a fixed order: a tokenizer's training
+    text."""
+    texts = []
+    for subset in subset_dirs:
+        for trans in sorted(subset.glob("*/*/*.trans.txt")):
+            found, _ = read_transcripts(trans)
+            texts += [normalise_transcript(t, lowercase) for t in found.values()]
+    return texts
+
+
 def load_audio(
     path: str | os.PathLike, sample_rate: int | None = None, expected_frames: int | None = None
 ) -> torch.Tensor:

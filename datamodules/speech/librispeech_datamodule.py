@@ -32,9 +32,8 @@ from datamodules.speech.librispeech import (
     SpeechTextCollator,
     Utterance,
     index_subset,
-    normalise_transcript,
     parse_speakers,
-    read_transcripts,
+    subset_transcripts,
 )
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
@@ -267,12 +266,7 @@ class LibriSpeechDataModule(LightningDataModule):
             train_dirs = self.subset_dirs("train")
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}. {NO_TRAINING_DATA}") from None
-        texts = []
-        for subset in train_dirs:
-            for trans in sorted(subset.glob("*/*/*.trans.txt")):
-                found, _ = read_transcripts(trans)
-                texts += [normalise_transcript(t, self.hparams.lowercase) for t in found.values()]
-        return texts
+        return subset_transcripts(train_dirs, self.hparams.lowercase)
 
     @property
     def vocab_size(self) -> int:

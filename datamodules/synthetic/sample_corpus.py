@@ -12,12 +12,10 @@ from __future__ import annotations
 import bz2
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from datamodules.generated import claim_folder, mark_complete
+from datamodules.generated import claim_folder, written_whole
 
 GENERATOR = "datamodules.synthetic.sample_corpus.generate_sample_corpus"
 
@@ -138,8 +136,10 @@ def generate_sample_corpus(
     claim_folder(root, GENERATOR, params, advice)
     rng = random.Random(seed)
     facts = _town_facts(rng)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    entries = ("bookcorpus", paths["wikipedia"].name)  # the dump last: its presence completes the set
+    with written_whole(
+        root, GENERATOR, params, entries, lambda: all(p.is_file() for p in paths.values())
+    ) as tmp:
         pages, pid = [], 10
         for k in range(articles_per_town):
             for town in TOWNS:
@@ -161,11 +161,4 @@ def generate_sample_corpus(
         (tmp / "bookcorpus").mkdir()
         lines = _story_lines(facts, rng, story_lines)
         (tmp / "bookcorpus" / "books_large_sample.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if (root / "bookcorpus").exists():  # debris of an interrupted run: root carries our marker
-            shutil.rmtree(root / "bookcorpus")
-        os.replace(tmp / "bookcorpus", root / "bookcorpus")
-        os.replace(tmp / paths["wikipedia"].name, paths["wikipedia"])  # last: its presence completes the set
-        mark_complete(root, GENERATOR, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return paths

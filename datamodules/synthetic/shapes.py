@@ -18,16 +18,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
-from datamodules.generated import claim_folder, mark_complete, root_advice
+from datamodules.generated import claim_folder, root_advice, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -268,18 +265,9 @@ def generate_shapes_coco(
             )
         return root
     claim_folder(root, GENERATOR, params, root_advice(setting))
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    entries = (*SPLITS, "annotations")  # the annotations last: their files mark a finished set
+    with written_whole(root, GENERATOR, params, entries, lambda: _is_complete(root)) as tmp:
         _write_split(tmp, "train2017", n_train, image_size, seed, 1, 1, params)
         _write_split(tmp, "val2017", n_val, image_size, seed, n_train + 1, 5 * n_train + 1, params)
-        if _is_complete(root):  # another process finished first; its files are identical
-            return root
-        for name in (*SPLITS, "annotations"):
-            if (root / name).exists():  # debris of an interrupted run: root carries our marker
-                shutil.rmtree(root / name)
-            os.replace(tmp / name, root / name)
-        mark_complete(root, GENERATOR, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d + %d synthetic shape images to %s", n_train, n_val, root)
     return root

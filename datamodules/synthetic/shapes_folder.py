@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from datamodules.generated import claim_folder, generated_by, is_complete, mark_complete, root_advice
+from datamodules.generated import claim_folder, generated_by, is_complete, root_advice, written_whole
 from datamodules.synthetic.shapes import COLOURS, POSITIONS, SHAPES, _random_object, _render
 
 log = logging.getLogger(__name__)
@@ -69,8 +67,7 @@ def generate_shapes_imagefolder(
             )
         return root
     claim_folder(root, GENERATOR, params, root_advice(setting))
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    with written_whole(root, GENERATOR, params, list(per_class), lambda: is_complete(root, GENERATOR)) as tmp:
         for split, n in per_class.items():
             rng = random.Random(f"{seed}:{split}")  # a string seed hashes the same in every process
             for colour in colours:
@@ -85,14 +82,5 @@ def generate_shapes_imagefolder(
                             "colour": colour,
                         }
                         _render([obj], image_size, rng).save(folder / f"{i:05d}.jpg", "JPEG", quality=90)
-        if is_complete(root, GENERATOR):  # another process finished first; its files are identical
-            return root
-        for split in per_class:
-            if (root / split).exists():  # debris of an interrupted run: root carries our marker
-                shutil.rmtree(root / split)
-            os.replace(tmp / split, root / split)
-        mark_complete(root, GENERATOR, params)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %d shape classes x %s images to %s", len(colours) * len(shapes), per_class, root)
     return root

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from datamodules.generated import claim_folder, generated_by, mark_complete, root_advice
+from datamodules.generated import claim_folder, generated_by, root_advice, written_whole
 
 log = logging.getLogger(__name__)
 
@@ -136,25 +133,6 @@ def _write_subset(
     ]
 
 
-@contextmanager
-def written_whole(target: Path) -> Iterator[Path]:
-    """A temporary folder beside `target` to write a whole tree into; renamed to `target` when the block ends,
-    removed when it raises. If another process renamed its own copy into place first, that copy is kept.
-    Callers claim `target.parent` first (`generated.claim_folder`): the temporary folder is written there."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".tmp-{target.name}-"))
-    try:
-        yield tmp
-        os.rename(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def generate_tone_librispeech(
     root: str | os.PathLike,
     n_train_utts: int = 600,
@@ -184,7 +162,9 @@ def generate_tone_librispeech(
             log.warning("%s already holds a synthetic set made with other settings; keeping it", target)
         return target
     claim_folder(root, GENERATOR, params, root_advice(setting))
-    with written_whole(target) as tmp:
+    with written_whole(root, GENERATOR, params, [target.name], target.is_dir) as tmp:
+        tree = tmp / target.name
+        tree.mkdir()
         lexicon = tone_lexicon()
         speaker_lines = [
             "; Synthetic tone corpus written by datamodules/synthetic/tones.py\n",
@@ -195,9 +175,8 @@ def generate_tone_librispeech(
             # One stream per split: changing the train size leaves the validation set unchanged.
             rng = np.random.default_rng([seed, i])
             speaker_lines += _write_subset(
-                tmp, subset, n_utts, n_spk, n_chap, first_id, sample_rate, rng, lexicon
+                tree, subset, n_utts, n_spk, n_chap, first_id, sample_rate, rng, lexicon
             )
-        (tmp / "SPEAKERS.TXT").write_text("".join(speaker_lines))
-    mark_complete(root, GENERATOR, params)
+        (tree / "SPEAKERS.TXT").write_text("".join(speaker_lines))
     log.info("wrote a synthetic tone LibriSpeech (%d train, %d dev utterances) to %s", *counts, target)
     return target

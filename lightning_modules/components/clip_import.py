@@ -11,22 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.towers import TowerInit, load_matching_state_dict, read_state_dict
-
-
-def _hf_config(folder: str | Path) -> dict[str, Any]:
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json: give the folder save_pretrained() wrote (config.json with "
-            "model.safetensors or pytorch_model.bin)"
-        )
-    return json.loads((folder / "config.json").read_text())
+from lightning_modules.components.image_tower import torchvision_blocks, torchvision_head
+from lightning_modules.components.towers import (
+    TowerInit,
+    load_matching_state_dict,
+    read_hf_config,
+    read_state_dict,
+)
 
 
 def _need(init: TowerInit, where: str, name: bool) -> None:
@@ -63,7 +58,7 @@ def load_hf_clip(folder: str, where: str = "model.init_clip", vision_only: bool 
     """A `CLIPModel` (or, for an image tower, a `CLIPVisionModel`) from a local folder."""
     import transformers
 
-    cfg = _hf_config(folder)
+    cfg = read_hf_config(folder, "CLIPModel / CLIPVisionModel" if vision_only else "CLIPModel")
     kind = cfg.get("model_type")
     if kind == "clip_vision_model" and vision_only:
         return transformers.CLIPVisionModel.from_pretrained(folder, local_files_only=True).eval()
@@ -146,13 +141,11 @@ class TorchvisionBackbone(nn.Module):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        if hasattr(self.model, "encoder"):
-            return list(self.model.encoder.layers)
-        return [self.model.layer1, self.model.layer2, self.model.layer3, self.model.layer4]
+        return torchvision_blocks(self.model)
 
     @property
     def head(self) -> list[nn.Module]:
-        return [self.model.encoder.ln] if hasattr(self.model, "encoder") else []
+        return torchvision_head(self.model)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)

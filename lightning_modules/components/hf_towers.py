@@ -24,7 +24,7 @@ import torchaudio
 from torch import Tensor, nn
 
 from lightning_modules.components.encoder import last_token_pool, masked_mean_pool
-from lightning_modules.components.towers import load_matching_state_dict, read_state_dict
+from lightning_modules.components.towers import load_matching_state_dict, read_hf_config, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +41,6 @@ TORCHAUDIO_SPEECH = (
     "wavlm_base",
     "wavlm_large",
 )
-
-
-def read_hf_config(folder: str | Path, what: str) -> dict:
-    """The `config.json` of a Hugging Face folder, or a one-line error saying what folder to give."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"{folder} is not a folder: give the Hugging Face {what} folder (save_pretrained)"
-        )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} has no config.json: give a Hugging Face {what} folder as written by save_pretrained "
-            "(config.json plus model.safetensors or pytorch_model.bin)"
-        )
-    return json.loads((folder / "config.json").read_text())
 
 
 def _load_hf_model(folder: Path, what: str, **overrides: Any) -> nn.Module:

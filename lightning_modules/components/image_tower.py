@@ -47,6 +47,19 @@ def uses_channels_last(backbone: nn.Module) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
 
 
+def torchvision_blocks(model: nn.Module) -> list[nn.Module]:
+    """A torchvision ViT's Transformer blocks, first to last, or a ResNet's four stages."""
+    if hasattr(model, "encoder"):  # VisionTransformer
+        return list(model.encoder.layers)
+    return [model.layer1, model.layer2, model.layer3, model.layer4]
+
+
+def torchvision_head(model: nn.Module) -> list[nn.Module]:
+    """What a torchvision ViT or ResNet runs after its blocks, classifier aside: the ViT's final LayerNorm (a
+    ResNet's global average pool has no parameters)."""
+    return [model.encoder.ln] if hasattr(model, "encoder") else []
+
+
 class ViTShape(NamedTuple):
     """A ViT's shape once the preset and the overrides are combined."""
 
@@ -183,20 +196,13 @@ class ImageTower(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]:
         """The backbone's blocks, first to last (Transformer blocks; a ResNet's four stages)."""
-        if self.pretrained:
-            return list(self.backbone.blocks)
-        if self.cfg.arch == "resnet50":
-            return [self.backbone.layer1, self.backbone.layer2, self.backbone.layer3, self.backbone.layer4]
-        return list(self.backbone.encoder.layers)
+        return list(self.backbone.blocks) if self.pretrained else torchvision_blocks(self.backbone)
 
     @property
     def head(self) -> list[nn.Module | nn.Parameter]:
         """What follows the blocks: the final norm and the projections."""
-        if self.pretrained:
-            return [*self.backbone.head, self.proj]
-        if self.cfg.arch == "resnet50":
-            return [self.proj]
-        return [self.backbone.encoder.ln, self.proj]
+        backbone_head = self.backbone.head if self.pretrained else torchvision_head(self.backbone)
+        return [*backbone_head, self.proj]
 
     def forward(self, images: Tensor) -> Tensor:
         if self.channels_last:

@@ -3,6 +3,7 @@ where a tower's weights come from and how it trains (every tower)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -215,6 +216,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def read_hf_config(folder: str | os.PathLike, what: str) -> dict[str, Any]:
+    """The `config.json` of a Hugging Face folder, or a one-line error saying what folder to give."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder} is not a folder: give the Hugging Face {what} folder (save_pretrained)"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder} has no config.json: give a Hugging Face {what} folder as written by save_pretrained "
+            "(config.json plus model.safetensors or pytorch_model.bin)"
+        )
+    return json.loads((folder / "config.json").read_text())
 
 
 class CheckpointMismatch(ValueError):
