@@ -321,6 +321,11 @@ def last_token_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
+    """(B,) lengths -> (B, max_length) bool, True at real positions."""
+    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def masked_mean_pool(hidden: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over real positions only, so padding never changes the pooled vector."""
     if mask is None:

@@ -23,7 +23,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import last_token_pool, masked_mean_pool
+from lightning_modules.components.encoder import last_token_pool, lengths_to_mask, masked_mean_pool
 from lightning_modules.components.towers import load_matching_state_dict, read_hf_config, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class PretrainedSpeechTower(nn.Module):
     def encode(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Hidden states (B, N, hidden) of the encoder's last layer and their (B, N) mask, True at real frames."""
         lengths = lengths.to(waveforms.device)
-        sample_mask = torch.arange(waveforms.shape[1], device=waveforms.device)[None, :] < lengths[:, None]
+        sample_mask = lengths_to_mask(lengths, waveforms.shape[1])
         waveforms = waveforms * sample_mask
         if self.normalize:  # the feature extractor's do_normalize: zero mean, unit variance over real samples
             count = lengths.clamp_min(1)[:, None].to(waveforms.dtype)
@@ -192,7 +192,7 @@ class PretrainedSpeechTower(nn.Module):
             hidden = torch.stack([nn.functional.pad(o, (0, 0, 0, width - o.shape[0])) for o in outs])
         else:
             hidden = self._hidden(waveforms, sample_mask)
-        mask = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None]
+        mask = lengths_to_mask(frames, hidden.shape[1])
         return hidden, mask
 
     def forward(self, waveforms: Tensor, lengths: Tensor) -> Tensor:

@@ -19,7 +19,12 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
-from lightning_modules.components.encoder import EncoderConfig, TransformerEncoder, masked_mean_pool
+from lightning_modules.components.encoder import (
+    EncoderConfig,
+    TransformerEncoder,
+    lengths_to_mask,
+    masked_mean_pool,
+)
 from lightning_modules.components.hf_towers import HFSpeechTower, PretrainedSpeechTower, TorchaudioSpeechTower
 from lightning_modules.components.towers import EncoderShape, TowerTraining
 
@@ -90,11 +95,6 @@ class SpeechTowerConfig(EncoderShape, TowerTraining):
     @property
     def hop_length(self) -> int:
         return round(self.sample_rate * self.hop_ms / 1000)
-
-
-def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
-    """(B,) lengths -> (B, max_length) bool, True at real positions."""
-    return torch.arange(max_length, device=lengths.device)[None, :] < lengths[:, None]
 
 
 class LogMel(nn.Module):
