@@ -203,6 +203,11 @@ def load_image_backbone(
 
 
 # whole CLIP -----------------------------------------------------------------------------------------------------
+# OpenAI CLIP's pixel normalisation, what a checkpoint that records none was trained with (the DataModules'
+# default, datamodules/image/coco.py, which components do not import)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
 class OpenClipText(nn.Module):
     """open_clip's text transformer, projection and EOT pooling (the model without its `visual`)."""
 
@@ -284,15 +289,15 @@ def load_clip(init: TowerInit) -> ClipParts:
             image.image_size,
             context_length,
             vocab,
-            tuple(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-            tuple(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            tuple(pre.get("mean", CLIP_MEAN)),
+            tuple(pre.get("std", CLIP_STD)),
         )
     if init.source == "hf":
         _need(init, "model.init_clip", name=False)
         model = load_hf_clip(init.path)
         image = HFVision(model.vision_model, model.visual_projection)
         cfg = model.config
-        mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+        mean, std = CLIP_MEAN, CLIP_STD
         pre = Path(init.path) / "preprocessor_config.json"
         if pre.is_file():
             p = json.loads(pre.read_text())
