@@ -84,11 +84,12 @@ class ImageTextModule(ContrastiveModule):
         super().__init__(**kwargs)
         image, text = as_config(ImageTowerConfig, image), as_config(TextTowerConfig, text)
         self.tower_configs = {"image": image, "text": text}
-        if init_clip is None or as_config(TowerInit, init_clip).source == "scratch":
+        clip = as_config(TowerInit, init_clip or {})  # None: a scratch start
+        if clip.source == "scratch":
             self.clip_preprocess = None
             self.build_pair(ImageTextPair, ImageTower(image, self.embed_dim), text)
             return
-        parts = load_clip(as_config(TowerInit, init_clip))
+        parts = load_clip(clip)
         for what, ours, theirs in (
             ("model.embed_dim", self.embed_dim, parts.embed_dim),
             ("model.image.image_size", image.image_size, parts.image_size),
@@ -103,7 +104,7 @@ class ImageTextModule(ContrastiveModule):
             "image_size": parts.image_size,
             "mean": parts.mean,
             "std": parts.std,
-            "resize": "pil" if as_config(TowerInit, init_clip).source == "open_clip" else "tensor",
+            "resize": "pil" if clip.source == "open_clip" else "tensor",
         }
         self.pair = ImageTextPair(
             ImageTower(image, None, backbone=parts.image), parts.text, self.embed_dim, self.loss_config
