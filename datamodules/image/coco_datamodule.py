@@ -241,7 +241,10 @@ class CocoCaptionsDataModule(LightningDataModule):
             if not self._loaded:
                 self._loaded = load_karpathy_splits(self.karpathy_json, self.root)
             return self._loaded[role]
-        split = self._split_name(role)
+        return self._split_records(self._split_name(role))
+
+    def _split_records(self, split: str) -> list[CaptionedImage]:
+        """All images listed in the official layout's `split` (e.g. val2017), parsed once and kept."""
         if split not in self._loaded:
             self._ensure_data(split)
             self._loaded[split] = load_coco_captions(self._annotation_file(split), self.root / split)
@@ -422,13 +425,10 @@ class CocoCaptionsDataModule(LightningDataModule):
         inputs = self.predict_inputs
         datasets = []
         if inputs["split"]:
-            if self.karpathy_json:
-                records = self._existing(self.records(inputs["split"]), "predict")
-            else:
-                split = inputs["split"]
-                self._ensure_data(split)
-                records = load_coco_captions(self._annotation_file(split), self.root / split)
-                records = self._existing(records, "predict")
+            # a role (train, val, test) with karpathy_json, else a split's folder name
+            split = inputs["split"]
+            records = self.records(split) if self.karpathy_json else self._split_records(split)
+            records = self._existing(records, "predict")
             datasets.append(CaptionedImageItems(CocoCaptionsDataset(records, transform, train=False)))
         if inputs["images"]:
             datasets.append(ImageFiles(inputs["images"], transform))
