@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.speech.librispeech import pad_waveforms
+from datamodules.speech.librispeech import AudioDecodeError, load_audio, pad_waveforms
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,6 @@ class AudioFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from datamodules.speech.librispeech import AudioDecodeError, load_audio
-
         path = self.files[i]
         try:
             wave = load_audio(path, self.sample_rate)
