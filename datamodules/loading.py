@@ -24,6 +24,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+# The splits each Lightning stage reads (a stage opens only its own: an evaluation machine may hold no training
+# data), and the stage whose setup builds a split a loader is asked for outside its stage.
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+SPLIT_STAGE = {"train": "fit", "val": "validate", "test": "test"}
+
+
+def stage_splits(stage: str | None) -> tuple[str, ...]:
+    """The splits `stage` reads (`STAGE_SPLITS`); all three for None or a stage not listed."""
+    return STAGE_SPLITS.get(stage or "", ("train", "val", "test"))
+
 
 def take_skip(position: Any) -> int:
     """How far this pass of `position` (a sampler with `epoch`, `skip`, `skip_epoch`) starts in; clears it.

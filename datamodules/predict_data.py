@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from datamodules.speech.librispeech import pad_waveforms
+from datamodules.image.coco import read_rgb  # decodes every format torchvision or PIL can
+from datamodules.speech.librispeech import AudioDecodeError, load_audio, pad_waveforms
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,9 @@ class ImageFiles(Dataset):
     """The images of a folder; key = path relative to the folder."""
 
     def __init__(self, folder: str | Path, transform: Callable[[Tensor], Tensor]) -> None:
-        from datamodules.image.coco import (
-            read_rgb,
-        )  # the COCO reader decodes every format torchvision or PIL can
-
         self.root = Path(folder)
         self.files = list_files(folder, IMAGE_SUFFIXES, "image")
         self.transform = transform
-        self._read = read_rgb
 
     def __len__(self) -> int:
         return len(self.files)
@@ -63,7 +59,7 @@ class ImageFiles(Dataset):
         path = self.files[i]
         key = path.relative_to(self.root).as_posix()
         try:
-            pixels = self._read(str(path))
+            pixels = read_rgb(str(path))
         except Exception as err:  # any decoder's failure on one file: skip it, never end the run
             log.warning("skipping unreadable image %s: %s", path, err)
             return {"unreadable": str(path)}
@@ -83,8 +79,6 @@ class AudioFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from datamodules.speech.librispeech import AudioDecodeError, load_audio
-
         path = self.files[i]
         try:
             wave = load_audio(path, self.sample_rate)

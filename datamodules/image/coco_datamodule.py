@@ -53,18 +53,11 @@ from datamodules.image.coco import (
     load_karpathy_splits,
     train_transform,
 )
-from datamodules.loading import ResumableDataLoader, ResumableSampler
+from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)
-
-_STAGE_ROLES = {
-    "fit": ("train", "val"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": (),
-}  # what each stage reads
 
 
 class EpochDataLoader(ResumableDataLoader):
@@ -241,7 +234,10 @@ class CocoCaptionsDataModule(LightningDataModule):
             if not self._loaded:
                 self._loaded = load_karpathy_splits(self.karpathy_json, self.root)
             return self._loaded[role]
-        split = self._split_name(role)
+        return self._split_records(self._split_name(role))
+
+    def _split_records(self, split: str) -> list[CaptionedImage]:
+        """All images listed in the official layout's `split` (e.g. val2017), parsed once and kept."""
         if split not in self._loaded:
             self._ensure_data(split)
             self._loaded[split] = load_coco_captions(self._annotation_file(split), self.root / split)
@@ -315,12 +311,12 @@ class CocoCaptionsDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         # the splits this run reads: a test run on a genuine validation split needs no training split
         stage = self.trainer.state.fn if self.trainer is not None else None
-        for role in _STAGE_ROLES.get(str(stage.value) if stage else "", ("train", "val", "test")):
+        for role in stage_splits(str(stage.value) if stage else None):
             self._ensure_data(self._split_name(role))
         _ = self.tokenizer  # trains and caches the vocabulary once, on the first process
 
     def setup(self, stage: str | None = None) -> None:
-        roles = _STAGE_ROLES.get(stage or "", ("train", "val", "test"))
+        roles = stage_splits(stage)
         if stage == "test" and not (self.test_split or self.karpathy_json):
             log.info("no test_split given: testing on %s", self.val_split)
         for role in roles:
@@ -374,7 +370,7 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     def _loader(self, role: str) -> DataLoader:
         if role not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[role])
+            self.setup(SPLIT_STAGE[role])
         train = role == "train"
         dataset = self.datasets[role]
         kwargs: dict[str, Any] = {
@@ -422,13 +418,10 @@ class CocoCaptionsDataModule(LightningDataModule):
         inputs = self.predict_inputs
         datasets = []
         if inputs["split"]:
-            if self.karpathy_json:
-                records = self._existing(self.records(inputs["split"]), "predict")
-            else:
-                split = inputs["split"]
-                self._ensure_data(split)
-                records = load_coco_captions(self._annotation_file(split), self.root / split)
-                records = self._existing(records, "predict")
+            # a role (train, val, test) with karpathy_json, else a split's folder name
+            split = inputs["split"]
+            records = self.records(split) if self.karpathy_json else self._split_records(split)
+            records = self._existing(records, "predict")
             datasets.append(CaptionedImageItems(CocoCaptionsDataset(records, transform, train=False)))
         if inputs["images"]:
             datasets.append(ImageFiles(inputs["images"], transform))

@@ -25,7 +25,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.generated import default_cache_dir
-from datamodules.loading import ResumableBatchDataLoader, take_skip
+from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits, take_skip
 from datamodules.speech.librispeech import (
     LibriSpeechDataset,
     Speaker,
@@ -282,8 +282,7 @@ class LibriSpeechDataModule(LightningDataModule):
         _ = self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
-        for split in splits.get(stage or "", ("train", "val", "test")):
+        for split in stage_splits(stage):
             if split not in self.datasets:
                 self.datasets[split] = self._build_split(split)
 
@@ -351,7 +350,7 @@ class LibriSpeechDataModule(LightningDataModule):
         """The loader of `split` ("train", "val" or "test"); `wrap_collate` may wrap the batch collate function
         (the tri-modal DataModule adds each utterance's image id), called once the split is set up."""
         if split not in self.datasets:
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup(SPLIT_STAGE[split])
         dataset = self.datasets[split]
         sampler = DurationBucketBatchSampler(
             dataset.durations,

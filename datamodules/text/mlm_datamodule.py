@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.loading import ResumableDataLoader, seeded_loader
+from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, seeded_loader, stage_splits
 from datamodules.masking import MLMCollator
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
 from datamodules.text.corpora import (
@@ -262,9 +262,7 @@ class MLMDataModule(L.LightningDataModule):
                 self.hparams.cache_dir,
                 self.hparams.num_proc,
             )
-        # a stage opens only its own splits: an evaluation machine may hold no training shards
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
-        for split in splits.get(stage or "", ("train", "val", "test")):
+        for split in stage_splits(stage):  # an evaluation machine may hold no training shards
             if split in self.datasets:
                 continue
             self.datasets[split] = MLMInstanceDataset(self.folder, split)
@@ -292,7 +290,7 @@ class MLMDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
         if split not in self.datasets:  # a loader asked for outside its stage (after fit, in a notebook)
-            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+            self.setup(SPLIT_STAGE[split])
         return seeded_loader(
             self.datasets[split],
             self.trainer,
