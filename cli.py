@@ -280,8 +280,7 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     meta = folder / "meta.pt"
     ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
     ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
-    out.parent.mkdir(parents=True, exist_ok=True)
-    AtomicCheckpointIO().save_checkpoint(ckpt, out)
+    AtomicCheckpointIO().save_checkpoint(ckpt, out)  # makes the folder of `out` too
     print(f"wrote {out}")
     return out
 
