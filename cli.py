@@ -280,8 +280,7 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     meta = folder / "meta.pt"
     ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
     ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
-    out.parent.mkdir(parents=True, exist_ok=True)
-    AtomicCheckpointIO().save_checkpoint(ckpt, out)
+    AtomicCheckpointIO().save_checkpoint(ckpt, out)  # makes the folder of `out` too
     print(f"wrote {out}")
     return out
 
@@ -355,6 +354,10 @@ class RunStarted(L.Callback):
     on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _start
 
 
+# the commands besides LightningCLI's, each with its own argparse parser: (argv after the name, prog) -> the output
+COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate}
+
+
 def _prog(args: ArgsType) -> str:
     """The command as the user typed it, for messages that suggest one: the console script or `python cli.py`."""
     name = Path(sys.argv[0]).name
@@ -372,14 +375,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
     prog = _prog(args)
     run_started = RunStarted()
     try:
-        if argv and argv[0] == "export-hf":
-            export_hf(argv[1:], prog)
-            return None
-        if argv and argv[0] == "export":
-            export(argv[1:], prog)
-            return None
-        if argv and argv[0] == "consolidate":
-            consolidate(argv[1:], prog)
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:], prog)
             return None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         torch.set_float32_matmul_precision("high")

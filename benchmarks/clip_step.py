@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -152,6 +153,22 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def interleaved_medians(runs: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, float]:
+    """The median seconds per step of each run: `warmup` steps of each, then `steps` rounds that take one step of
+    each, interleaved and alternating who goes first, so drift hits all alike."""
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs.items())
+    for i in range(steps):
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_models(steps: int, warmup: int) -> tuple[float, float]:
     torch.manual_seed(0)
     ours, opt_ours = build_ours()
@@ -163,19 +180,12 @@ def bench_models(steps: int, warmup: int) -> tuple[float, float]:
         f"caption tokens: {real} real of {BATCH} x {CONTEXT} = {BATCH * CONTEXT} "
         f"(ours pads to {b['input_ids'].shape[1]})"
     )
-    run_ours = functools.partial(ours_step, ours, opt_ours, b)
-    run_theirs = functools.partial(theirs_step, theirs, loss_fn, opt_theirs, b)
-    for _ in range(warmup):
-        run_ours()
-        run_theirs()
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for i in range(steps):  # interleaved, alternating who goes first, so drift hits both alike
-        pair = [("ours", run_ours), ("theirs", run_theirs)]
-        for name, fn in pair if i % 2 == 0 else pair[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    m_ours, m_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    runs = {
+        "ours": functools.partial(ours_step, ours, opt_ours, b),
+        "theirs": functools.partial(theirs_step, theirs, loss_fn, opt_theirs, b),
+    }
+    medians = interleaved_medians(runs, steps, warmup)
+    m_ours, m_theirs = medians["ours"], medians["theirs"]
     print(f"ours:      {m_ours:.3f} s/step  {BATCH / m_ours:7.1f} pairs/s")
     print(f"open_clip: {m_theirs:.3f} s/step  {BATCH / m_theirs:7.1f} pairs/s")
     return m_ours, m_theirs
@@ -189,17 +199,8 @@ def bench_locked(steps: int, warmup: int) -> tuple[float, float]:
     for name, lock in (("unlocked", False), ("locked", True)):
         module, opt = build_ours(lock_image=lock)
         runs[name] = functools.partial(ours_step, module, opt, make_batch())
-    for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs.items())
-    for i in range(steps):
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    unlocked, locked = statistics.median(times["unlocked"]), statistics.median(times["locked"])
+    medians = interleaved_medians(runs, steps, warmup)
+    unlocked, locked = medians["unlocked"], medians["locked"]
     print(f"ours, image tower unlocked: {unlocked:.3f} s/step")
     print(f"ours, image tower locked:   {locked:.3f} s/step (LiT)")
     return unlocked, locked

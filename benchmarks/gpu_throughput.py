@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_modules.components.hf_interop import config_to_hf  # noqa: E402
 from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
@@ -80,17 +81,8 @@ def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) ->
     ours = MLMPretrainingModule(size=args.size, vocab_size=30522, max_position_embeddings=512, dropout=0.1)
     ours.to(device).train()
     cfg = ours.model.cfg
-    theirs = HFBert(
-        HFConfig(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-            max_position_embeddings=cfg.max_position_embeddings,
-            attn_implementation="sdpa",
-        )
-    ).to(device)
+    # the export's config mapping, so both sides have the same shape, activation, dropout and norm epsilon
+    theirs = HFBert(HFConfig(**config_to_hf(cfg), attn_implementation="sdpa")).to(device)
     theirs.train()
     batch = bert_batch(args, device, cfg.vocab_size)
     if compiled:

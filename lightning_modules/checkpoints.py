@@ -57,6 +57,12 @@ def _kind_of_file(head: bytes) -> str:
     return "a binary file of another format"
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def read_checkpoint(path: str | os.PathLike, needs: Collection[str] = ("state_dict",)) -> dict[str, Any]:
     """The contents of a checkpoint file of this framework, read with `weights_only=True` (no code from the file
     runs) and memory-mapped (tensors are read when used).
@@ -103,8 +109,7 @@ def read_checkpoint(path: str | os.PathLike, needs: Collection[str] = ("state_di
             "loading them would run code from the file)"
         ) from None
     except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: damaged ({detail})") from None
+        raise CheckpointError(f"{path}: damaged ({_first_line(err)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(
             f"{path}: not a checkpoint of this framework (a torch file holding a {type(ckpt).__name__}, not a dict)"
@@ -132,8 +137,7 @@ def read_sharded_model(folder: str | os.PathLike) -> dict[str, Tensor]:
     try:
         metadata = reader.read_metadata()
     except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{folder}: its .metadata cannot be read ({detail})") from None
+        raise CheckpointError(f"{folder}: its .metadata cannot be read ({_first_line(err)})") from None
     paths = metadata.planner_data or {}
     state: dict[str, Tensor] = {}
     for key, item in metadata.state_dict_metadata.items():
@@ -152,8 +156,7 @@ def read_sharded_model(folder: str | os.PathLike) -> dict[str, Tensor]:
     try:
         load({"state_dict": state}, storage_reader=reader, no_dist=True)
     except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{folder}: damaged ({detail})") from None
+        raise CheckpointError(f"{folder}: damaged ({_first_line(err)})") from None
     return state
 
 

@@ -65,6 +65,14 @@ class CheckpointExtras(L.LightningModule):
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
 
 
+def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
+    """`value` as a float32 scalar on `device`. A Python number is filled in on the device: `torch.tensor(x,
+    device="cuda")` copies it from the host and waits for every kernel queued so far, once per step here."""
+    if isinstance(value, Tensor):
+        return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
 def _flag_sources(trainer: L.Trainer | None) -> list[Any]:
     """The callbacks whose per-step flags ride in the step's all-reduce (`PreemptionCheckpoint`)."""
     return [c for c in (trainer.callbacks if trainer is not None else []) if hasattr(c, "receive_step_flags")]
@@ -96,7 +104,7 @@ class SkipNonFiniteSteps(L.LightningModule):
         """`sums` (scalars) summed over ranks, and `nonfinite`: how many ranks' `finite_of` is NaN or Inf, in one
         all-reduce that also carries the preemption flags. The returned tensors stay on the device."""
         device = finite_of.device
-        parts = [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in sums.values()]
+        parts = [_device_scalar(v, device) for v in sums.values()]
         parts.append((~torch.isfinite(finite_of.detach())).any().float())
         sources = _flag_sources(self._trainer)
         for source in sources:
@@ -477,7 +485,7 @@ class PreemptionCheckpoint(L.Callback):
 
     def local_step_flags(self, trainer: L.Trainer, device: torch.device) -> list[Tensor]:
         """This rank's (SIGTERM, requeue) flags, for the training step's all-reduce (`reduce_step`)."""
-        return [torch.tensor(float(on), device=device) for on in self._received(trainer)]
+        return [_device_scalar(float(on), device) for on in self._received(trainer)]
 
     def receive_step_flags(self, flags: Tensor) -> None:
         """The flags summed over ranks, still on the device: copied to the host without waiting, and read at a
