@@ -28,7 +28,7 @@ import jsonargparse
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 # the task packages must be importable for class_path resolution
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
-from lightning_modules.callbacks import MetricCurves
+from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
 from lightning_modules.checkpoints import (  # noqa: F401
@@ -147,9 +147,11 @@ class PretrainCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         wants_bar = trainer.get("enable_progress_bar") is not False
-        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks) and _interactive_terminal():
-            # Rich in a terminal; in a log file (SLURM, CI) Lightning's tqdm bar, which prints as it goes
-            kwargs.setdefault("callbacks", [*callbacks, RichProgressBar()])
+        if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
+            # Rich in a terminal; in a log file (SLURM, CI) tqdm, which prints as it goes; both show the loss of
+            # the last logging step (a progress-bar metric would be read from the device after every batch)
+            bar = LossRichProgressBar() if _interactive_terminal() else LossTQDMProgressBar()
+            kwargs.setdefault("callbacks", [*callbacks, bar])
         trainer = super().instantiate_trainer(**kwargs)
         # a Throughput of the config (its own peak_tflops) replaces the default one
         default = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, Throughput)]

@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import Tensor
 
@@ -68,6 +69,34 @@ def plot_metrics_csv(path: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out)
     return written
+
+
+class _LossAtLoggingSteps:
+    """Progress-bar mixin: shows the training loss as of the last logging step.
+
+    The systems log `train/loss` without `prog_bar`: Lightning reads every progress-bar metric to the host after
+    every batch, which on a GPU waits for the whole step. The bar reads the loss from the callback metrics (still
+    on the device) only at logging steps, where the logger reads the metrics anyway, and shows that value until
+    the next one."""
+
+    shown_keys = ("train/loss",)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        shown = self.__dict__.setdefault("_shown", {})
+        if trainer.training and (not shown or trainer.global_step % trainer.log_every_n_steps == 0):
+            for key in self.shown_keys:
+                if (value := trainer.callback_metrics.get(key)) is not None:
+                    shown[key] = float(value)
+        return {**items, **shown}
+
+
+class LossTQDMProgressBar(_LossAtLoggingSteps, TQDMProgressBar):
+    """Lightning's tqdm bar (log files: SLURM, CI) with the loss of the last logging step."""
+
+
+class LossRichProgressBar(_LossAtLoggingSteps, RichProgressBar):
+    """Lightning's Rich bar (terminals) with the loss of the last logging step."""
 
 
 class MetricCurves(L.Callback):

@@ -242,7 +242,7 @@ class ContrastiveModule(AlignmentModule):
         # the rank-weighted loss, averaged over ranks: the loss of every rank's rows together, in the step's one
         # all-reduce (no sync_dist: that would be an all-reduce of its own every step)
         mean = self.rank_means(loss, loss=loss)["loss"]
-        self.log("train/loss", mean, prog_bar=True, batch_size=rows)
+        self.log("train/loss", mean, batch_size=rows)
         self.log("train/logit_scale", self.logit_scale.detach(), batch_size=rows)
         log_empty(self, batch, rows, "train")
 

@@ -99,7 +99,7 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch, "train")
         # averaged over ranks in the step's one all-reduce, with the non-finite check
-        self.log("train/loss", self.rank_means(loss, loss=loss)["loss"], prog_bar=True)
+        self.log("train/loss", self.rank_means(loss, loss=loss)["loss"])
         # the last group is the head's, at the full lr also with layer_decay
         self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer else 0.0)
         return self.skip_if_nonfinite(loss)

@@ -175,7 +175,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         # the global means, from the sums: the logger needs no all-reduce of its own
         global_mlm = sums["mlm_loss_sum"] / sums["count"]
         self.log("train/mlm_loss", global_mlm)
-        self.log("train/loss", global_mlm + sums["nsp"] / world, prog_bar=True)
+        self.log("train/loss", global_mlm + sums["nsp"] / world)
         self.log("train/mlm_acc", hits.float().mean())
         if nsp_loss is None:
             return mlm_loss

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import numbers
 import os
 import re
 import signal
@@ -99,6 +100,14 @@ class SkipNonFiniteSteps(L.LightningModule):
     _bad_pending: Tensor | None = None  # OR over the micro-batches since the last optimizer step
     _skip_counts: Tensor | None = None  # (skipped in all, in a row now, longest row since the last check)
     _skips_seen: int = 0
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's `log`, with a Python number filled in on the device (`_device_scalar`): Lightning would make
+        it a tensor by a copy from the host, which on a GPU waits for the whole step, at every step that logs a
+        count, a flag or a learning rate."""
+        if isinstance(value, numbers.Number):
+            value = _device_scalar(value, self.device)
+        super().log(name, value, *args, **kwargs)
 
     def reduce_step(self, finite_of: Tensor, **sums: Tensor | float) -> dict[str, Tensor]:
         """`sums` (scalars) summed over ranks, and `nonfinite`: how many ranks' `finite_of` is NaN or Inf, in one

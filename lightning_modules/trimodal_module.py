@@ -147,7 +147,7 @@ class TriModalModule(AlignmentModule):
             logit_scale = self.pair(task).logit_scale.detach()
             self.log(f"train/{task}_logit_scale", logit_scale, batch_size=rows[task])
             log_empty(self, batch[task], rows[task], "train", f"{task}_")
-        self.log("train/loss", means["loss"], prog_bar=True, batch_size=sum(rows.values()))
+        self.log("train/loss", means["loss"], batch_size=sum(rows.values()))
         return self.skip_if_nonfinite(loss)
 
     # evaluation -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
 from cli import CheckpointError, consolidate, read_checkpoint
+from lightning_modules.callbacks import LossTQDMProgressBar
 from lightning_modules.components.encoder import EncoderBlock
 from lightning_modules.resilience import PreemptionCheckpoint, SkipNonFiniteSteps
 from lightning_modules.strategies import shard_units
@@ -111,6 +112,7 @@ def test_throughput_logs_rates_and_mfu_with_an_explicit_peak(tmp_path: Path) -> 
     )
     t.fit(tiny_mlm(), loader(RandomMLMBatches()))
     m = t.callback_metrics
+    assert not t.progress_bar_metrics  # no metric is read to the host after every batch (LossTQDMProgressBar)
     # every sequence is LENGTH tokens long, none padded
     assert m["train/tokens_per_sec"].item() == pytest.approx(
         LENGTH * m["train/samples_per_sec"].item(), rel=1e-5
@@ -279,6 +281,7 @@ class LinearSystem(SkipNonFiniteSteps):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.model(x), y)
         self.log("train/loss", self.rank_means(loss, loss=loss)["loss"])
+        self.log("train/rows", float(len(x)))  # a host number, as the systems log counts and flags
         return self.skip_if_nonfinite(loss)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -295,7 +298,8 @@ class LinearSystem(SkipNonFiniteSteps):
 )
 def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, settings: dict) -> None:
     """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one),
-    also with the trainer clipping fused AdamW's gradients under bf16-mixed."""
+    also with the trainer clipping fused AdamW's gradients under bf16-mixed, with the default callbacks'
+    preemption flags, a logged Python number and the progress bar's loss."""
 
     class SyncDebug(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -312,13 +316,33 @@ def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, settings: dict) 
         accelerator="cuda",
         devices=1,
         log_every_n_steps=5,
-        callbacks=[SyncDebug(), Throughput()],
+        callbacks=[SyncDebug(), Throughput(), PreemptionCheckpoint(requeue=False), LossTQDMProgressBar()],
+        enable_progress_bar=True,
         limit_val_batches=0,
         default_root_dir=tmp_path,
         **settings,
     )
     t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
     assert t.global_step == 8
+
+
+def test_progress_bar_reads_the_loss_at_logging_steps_only(tmp_path: Path) -> None:
+    """No progress-bar metric is read to the host after every batch; the bar shows the loss of the last logging
+    step, and a logged Python number keeps its value."""
+    bar = LossTQDMProgressBar()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8), torch.randn(16, 1))
+    t = quiet_trainer(
+        max_steps=4,
+        log_every_n_steps=2,
+        callbacks=[bar],
+        enable_progress_bar=True,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4))
+    assert "train/loss" not in t.progress_bar_metrics
+    assert bar.get_metrics(t, t.lightning_module)["train/loss"] == t.callback_metrics["train/loss"].item()
+    assert t.callback_metrics["train/rows"].item() == 4.0
 
 
 def test_linear_system_skips_a_nonfinite_step_on_cpu(tmp_path: Path) -> None:
