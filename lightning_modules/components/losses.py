@@ -68,7 +68,7 @@ def zero_loss(module: nn.Module) -> Tensor:
     return torch.stack([p.sum() * 0.0 for p in module.parameters() if p.requires_grad]).sum()
 
 
-_host_groups: dict[int, tuple[object, object]] = {}  # id(default group) -> (default group, its gloo twin)
+_host_group: tuple[object, object] | None = None  # (the default group, its gloo twin)
 
 
 def _device_backend() -> bool:
@@ -80,13 +80,12 @@ def host_group() -> object | None:
     """A gloo group over the default group's ranks, for exchanging host numbers without touching a device; None
     when the default group is gloo already. Made once per default group, at the first call, which every rank
     reaches at the same point (the first contrastive loss)."""
+    global _host_group
     if not _device_backend():
         return None
-    world = dist.group.WORLD
-    known = _host_groups.get(id(world))
-    if known is None or known[0] is not world:
-        known = _host_groups[id(world)] = (world, dist.new_group(backend="gloo"))
-    return known[1]
+    if _host_group is None or _host_group[0] is not dist.group.WORLD:
+        _host_group = (dist.group.WORLD, dist.new_group(backend="gloo"))
+    return _host_group[1]
 
 
 def gather_sizes(n: int) -> list[int]:
