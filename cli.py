@@ -214,12 +214,7 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     }
     module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
-    tokenizer = None
-    if "tokenizer_json" in ckpt:
-        from tokenizers import Tokenizer
-
-        tokenizer = TextTokenizer(Tokenizer.from_str(ckpt["tokenizer_json"]))
-    out = module.export_hf(a.out, tokenizer)
+    out = module.export_hf(a.out, TextTokenizer.carried_by(ckpt, str(a.ckpt_path)))
     print(f"wrote {out}")
     return out
 

@@ -207,12 +207,17 @@ class TextTokenizer:
         """The tokenizer a checkpoint of this framework carries (`tokenizer_json`), read by `read_checkpoint`
         (weights_only; memory-mapped, so the weights are not read, only the few kilobytes of the tokenizer)."""
         path = Path(path)
-        ckpt = read_checkpoint(path, needs=())
-        if "tokenizer_json" not in ckpt:
+        tokenizer = cls.carried_by(read_checkpoint(path, needs=()), str(path))
+        if tokenizer is None:
             raise TokenizerError(
                 f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer"
             )
-        return cls(Tokenizer.from_str(ckpt["tokenizer_json"]), str(path))
+        return tokenizer
+
+    @classmethod
+    def carried_by(cls, ckpt: dict, source: str) -> TextTokenizer | None:
+        """The tokenizer in a checkpoint already read (`tokenizer_json`), or None when it carries none."""
+        return cls(Tokenizer.from_str(ckpt["tokenizer_json"]), source) if "tokenizer_json" in ckpt else None
 
     @classmethod
     def train(

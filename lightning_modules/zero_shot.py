@@ -100,9 +100,7 @@ def load_image_text(
     if tokenizer:
         tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
-        from tokenizers import Tokenizer
-
-        tok = TextTokenizer(Tokenizer.from_str(ckpt["tokenizer_json"]), f"{ckpt_path}:tokenizer_json")
+        tok = TextTokenizer.carried_by(ckpt, f"{ckpt_path}:tokenizer_json")
     elif data_hp:
         cls = _datamodule_class(data_hp.pop("_class_path", None))
         data_hp = {k: v for k, v in data_hp.items() if not k.startswith("_")}
