@@ -454,12 +454,8 @@ class PreemptionCheckpoint(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning registered its handlers, so ours replace its SLURM and SIGTERM ones, and its signal
         # connector puts back the handlers of before the run when the run ends, also when it ends with an exception
-        self._requeue_received, self._sigterm_received, self.saved_path, self.requeued_job = (
-            False,
-            False,
-            None,
-            None,
-        )
+        self._requeue_received = self._sigterm_received = False
+        self.saved_path = self.requeued_job = None
         self._step_flags = None
         self._signum = self.requeue_signal_for(trainer)
         if threading.current_thread() is not threading.main_thread():
