@@ -27,3 +27,12 @@ def single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random waveforms of the given lengths, zero-padded to the longest, and their lengths."""
+    g = torch.Generator().manual_seed(seed)
+    waves = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        waves[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return waves, torch.tensor(lengths)

@@ -19,6 +19,7 @@ from lightning_modules.components.hf_towers import HFSpeechTower, HFTextTower, T
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit, read_state_dict
+from tests.helpers import padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,14 +116,6 @@ def speech_folder(root: Path, kind: str) -> Path:
     folder = root / kind
     model.save_pretrained(folder)
     return folder
-
-
-def waves(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    batch = torch.zeros(len(lengths), max(lengths))
-    for i, n in enumerate(lengths):
-        batch[i, :n] = 0.1 * torch.randn(n, generator=g)
-    return batch, torch.tensor(lengths)
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -236,7 +229,7 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
     assert isinstance(tower, HFSpeechTower) and len(tower.blocks) == 2
     assert tower.per_utterance == (kind != "hubert")  # GroupNorm feature encoders run one utterance at a time
     ref = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    batch, lengths = waves([8000, 5000, 6200])
+    batch, lengths = padded_batch([8000, 5000, 6200])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):  # each utterance as the reference sees it alone
@@ -281,7 +274,7 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path, extractor: st
     tower = build_speech_tower(cfg, embed_dim=8).eval()
     assert isinstance(tower, TorchaudioSpeechTower) and len(tower.blocks) == 2
     assert tower.per_utterance == (extractor == "group_norm")
-    batch, lengths = waves([8000, 5600])
+    batch, lengths = padded_batch([8000, 5600])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):
