@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -36,3 +38,12 @@ def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch
     for i, n in enumerate(lengths):
         waves[i, :n] = 0.1 * torch.randn(n, generator=g)
     return waves, torch.tensor(lengths)
+
+
+def sha256_of_files(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
