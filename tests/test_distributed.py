@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from cli import main
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/mlm/quickstart.yaml")
@@ -55,16 +55,10 @@ def _args(cache: str, root: Path, batch_size: int) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # a free port for Lightning's own launcher, so parallel test runs do not collide
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     return env
 
 
@@ -121,7 +115,7 @@ def test_torchrun_two_nodes_on_localhost(
 ) -> None:
     """Two "nodes" of one process each, started by torchrun as on two machines; Lightning reads the torchelastic
     environment (rank, world size, master address) and runs DDP across them."""
-    port = str(_free_port())
+    port = str(free_port())
     args = [
         *_args(cache_dir, tmp_path, batch_size=8),
         "--trainer.accelerator=cpu",
