@@ -39,19 +39,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 # -- reference folders ----------------------------------------------------------------------------
 
 
+TEXT_BODY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
 def bert_folder(root: Path) -> Path:
     """A tiny random `BertModel` and its WordPiece tokenizer, as save_pretrained writes them."""
     tok = train_wordpiece(TEXTS, vocab_size=80, min_frequency=1)
     hf_tok = transformers.BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), **TEXT_BODY, max_position_embeddings=64)
     folder = root / "bert"
     transformers.BertModel(cfg).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
@@ -72,10 +68,7 @@ def roberta_folder(root: Path) -> Path:
     torch.manual_seed(0)
     cfg = transformers.RobertaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TEXT_BODY,
         max_position_embeddings=66,
         type_vocab_size=1,
         pad_token_id=1,
