@@ -9,7 +9,6 @@ genuine data. The generators' shared folder check (datamodules/generated.py) is 
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from datamodules.trimodal_datamodule import generate_spoken_captions
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
+from tests.helpers import sha256_of_files
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("fit", "validate", "test")
@@ -149,17 +149,8 @@ def imagefolder(tmp_path: Path) -> Path:
 
 
 # -- checking ------------------------------------------------------------------------------------------------
-def hashes(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, by relative path."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 def assert_untouched(root: Path, before: dict[str, str]) -> None:
-    after = hashes(root)
+    after = sha256_of_files(root)
     changed = sorted(k for k, v in before.items() if after.get(k) != v)
     added = sorted(set(after) - set(before))
     assert not changed, f"changed or removed in {root}: {changed}"
@@ -285,7 +276,7 @@ def test_every_generator_refuses_a_folder_of_other_data_and_reuses_its_own(name:
     foreign = tmp_path / "foreign"
     (foreign / "val2017").mkdir(parents=True)
     (foreign / "val2017" / "000000000139.jpg").write_bytes(b"\xff\xd8 genuine")
-    before = hashes(foreign)
+    before = sha256_of_files(foreign)
     with pytest.raises(
         ForeignDataError, match=f"^{re.escape(str(foreign))} holds other data.*: .*empty or new"
     ):
@@ -296,10 +287,10 @@ def test_every_generator_refuses_a_folder_of_other_data_and_reuses_its_own(name:
     ours = tmp_path / "ours"
     generate(ours)
     assert generated_by(ours)["complete"] is True
-    written = hashes(ours)
+    written = sha256_of_files(ours)
     assert len(written) > 2 and not [k for k in written if ".tmp" in k]
     generate(ours)  # a finished set is kept as it is
-    assert hashes(ours) == written
+    assert sha256_of_files(ours) == written
 
 
 def test_a_marked_folder_left_unfinished_is_generated_again(tmp_path: Path) -> None:
@@ -320,7 +311,7 @@ def test_a_marked_folder_left_unfinished_is_generated_again(tmp_path: Path) -> N
 def test_clip_quickstart_on_a_genuine_coco_val_folder(
     stage: str, coco_val: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    before = hashes(coco_val)
+    before = sha256_of_files(coco_val)
     args = quick("clip/quickstart.yaml", stage, tmp_path, f"--data.root={coco_val}")
     args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0", "--data.test_split=val2017"]
     cli, error = run_cli(args, capsys)
@@ -336,7 +327,7 @@ def test_clip_quickstart_tests_on_the_genuine_val_split(
     """The issue's command, with the vocabulary given: it tests on COCO's own images, not on shapes."""
     tokenizer = TextTokenizer.train(CAPTIONS * 3, vocab_size=120)
     tokenizer.save(tmp_path / "vocab")
-    before = hashes(coco_val)
+    before = sha256_of_files(coco_val)
     args = quick("clip/quickstart.yaml", "test", tmp_path, f"--data.root={coco_val}")
     args += [f"--data.tokenizer={tmp_path / 'vocab'}", "--data.test_split=val2017", "--data.num_workers=0"]
     cli, error = run_cli(args, capsys)
@@ -354,7 +345,7 @@ def test_speech_quickstart_on_genuine_librispeech_subsets(
     stage: str, layout: str, librispeech: Path, librispeech_subsets: Path, tmp_path: Path, capsys
 ) -> None:
     root = librispeech if layout == "LibriSpeech tree" else librispeech_subsets
-    before = hashes(root)
+    before = sha256_of_files(root)
     args = quick("speech/quickstart.yaml", stage, tmp_path, f"--data.root={root}")
     args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0"]
     cli, error = run_cli(args, capsys)
@@ -369,7 +360,7 @@ def test_speech_quickstart_on_genuine_librispeech_subsets(
 def test_speech_quickstart_tests_on_the_genuine_subset(
     librispeech: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    before = hashes(librispeech)
+    before = sha256_of_files(librispeech)
     args = quick("speech/quickstart.yaml", "test", tmp_path, f"--data.root={librispeech}")
     args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0"]
     args += [f"--data.{split}_subsets=[test-clean]" for split in ("train", "val", "test")]
@@ -385,7 +376,7 @@ def test_speech_quickstart_tests_on_the_genuine_subset(
 def test_trimodal_quickstart_on_genuine_coco_and_librispeech(
     stage: str, coco_val: Path, librispeech: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    before = {root: hashes(root) for root in (coco_val, librispeech)}
+    before = {root: sha256_of_files(root) for root in (coco_val, librispeech)}
     args = quick("trimodal/quickstart.yaml", stage, tmp_path, f"--data.cache_dir={tmp_path / 'cache'}")
     args += [f"--data.image_text.root={coco_val}", f"--data.speech_text.root={librispeech}"]
     cli, error = run_cli(args, capsys)
@@ -398,7 +389,7 @@ def test_trimodal_quickstart_does_not_speak_captions_into_a_speech_folder(
     librispeech_subsets: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     shapes = generate_shapes_coco(tmp_path / "shapes", n_train=8, n_val=4, image_size=16)
-    before = hashes(librispeech_subsets)
+    before = sha256_of_files(librispeech_subsets)
     args = quick("trimodal/quickstart.yaml", "fit", tmp_path, f"--data.cache_dir={tmp_path / 'cache'}")
     args += [f"--data.image_text.root={shapes}", f"--data.speech_text.root={librispeech_subsets}"]
     cli, error = run_cli(args, capsys)
@@ -413,7 +404,7 @@ def test_mlm_quickstart_never_replaces_a_wikipedia_folder_in_its_cache(
 ) -> None:
     """The sample corpus goes to <cache_dir>/sample_corpus; a folder of one's own there is not replaced by it
     (the generator used to remove it whole)."""
-    before = hashes(wikipedia)
+    before = sha256_of_files(wikipedia)
     args = quick("mlm/quickstart.yaml", stage, tmp_path, f"--data.cache_dir={wikipedia.parent}")
     cli, error = run_cli(args, capsys)
     assert cli is None and f"{wikipedia} holds other data" in error and "data.cache_dir" in error
@@ -426,7 +417,7 @@ def test_mlm_quickstart_validates_on_the_genuine_dump(
 ) -> None:
     """Given a corpus, the quickstart (sample_corpus: true) reads it and generates no sample."""
     dump = next(wikipedia.glob("*.xml.bz2"))
-    before = hashes(wikipedia)
+    before = sha256_of_files(wikipedia)
     args = quick("mlm/quickstart.yaml", "validate", tmp_path, f"--data.wikipedia=[{dump}]")
     args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0", "--data.num_proc=1"]
     args += ["--data.tokenizer_vocab_size=150", "--data.val_fraction=0.3", "--data.test_fraction=0.0"]
@@ -459,7 +450,7 @@ def clip_checkpoint(tmp_path: Path) -> Path:
 def test_zero_shot_config_on_a_genuine_imagefolder(
     stage: str, imagefolder: Path, clip_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    before = hashes(imagefolder)
+    before = sha256_of_files(imagefolder)
     args = quick("zeroshot/shapes.yaml", stage, tmp_path, f"--data.root={imagefolder}")
     args += [f"--model.init_args.ckpt_path={clip_checkpoint}"]
     cli, error = run_cli(args, capsys)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from cli import main
+from tests.helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs/mlm/quickstart.yaml")
@@ -55,16 +55,10 @@ def _args(cache: str, root: Path, batch_size: int) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     # a free port for Lightning's own launcher, so parallel test runs do not collide
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     return env
 
 
@@ -121,7 +115,7 @@ def test_torchrun_two_nodes_on_localhost(
 ) -> None:
     """Two "nodes" of one process each, started by torchrun as on two machines; Lightning reads the torchelastic
     environment (rank, world size, master address) and runs DDP across them."""
-    port = str(_free_port())
+    port = str(free_port())
     args = [
         *_args(cache_dir, tmp_path, batch_size=8),
         "--trainer.accelerator=cpu",
@@ -172,22 +166,13 @@ def test_torchrun_two_nodes_on_localhost(
     ],
 )
 def test_strategy_snippets_compose_with_experiment_configs(
-    experiment: str, snippet: str, strategy: str
+    experiment: str, snippet: str, strategy: str, capsys: pytest.CaptureFixture
 ) -> None:
-    cmd = [
-        sys.executable,
-        "cli.py",
-        "fit",
-        "--config",
-        experiment,
-        "--config",
-        f"configs/strategy/{snippet}.yaml",
-    ]
-    result = subprocess.run(
-        [*cmd, "--print_config"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    config = result.stdout
+    snippet_file = REPO / "configs" / "strategy" / f"{snippet}.yaml"
+    with pytest.raises(SystemExit) as exit_info:  # in this process: printing needs no fresh interpreter
+        main(["fit", "--config", str(REPO / experiment), "--config", str(snippet_file), "--print_config"])
+    assert exit_info.value.code in (None, 0)
+    config = capsys.readouterr().out
     assert f"class_path: {strategy}" in config
     # the experiment keeps its own settings: the snippet only chooses the strategy
     assert "precision: bf16-mixed" in config

@@ -4,7 +4,6 @@ and JSON-lines Wikipedia corpora written to tmp_path."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import random
@@ -26,6 +25,7 @@ from datamodules.text.mlm_prepare import (
     truncate_pair,
 )
 from datamodules.tokenizer import TextTokenizer
+from tests.helpers import sha256_of_files
 
 COMMON_WORDS = (
     "the a of and to in is was he she it they we you that for on with as his her at by from this had not "
@@ -222,14 +222,6 @@ def _write_wiki_jsonl(path: Path, n_docs: int, seed: int) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def _sha256_of_files(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
 @pytest.mark.parametrize("nsp", [True, False])
 def test_instances_do_not_depend_on_num_proc(corpus, tmp_path: Path, nsp: bool) -> None:
     _, _, tok = corpus
@@ -246,7 +238,7 @@ def test_instances_do_not_depend_on_num_proc(corpus, tmp_path: Path, nsp: bool) 
         for n in (1, 3)
     ]
     assert folders[0].name == folders[1].name  # one cache key
-    one, three = (_sha256_of_files(f) for f in folders)
+    one, three = (sha256_of_files(f) for f in folders)
     assert one == three
     index = json.loads((folders[0] / "index.json").read_text())
     assert len(index["shards"]["train"]) > 3 and index["shards"]["val"]  # more shards than processes

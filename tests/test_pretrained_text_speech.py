@@ -19,6 +19,7 @@ from lightning_modules.components.hf_towers import HFSpeechTower, HFTextTower, T
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit, read_state_dict
+from tests.helpers import padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,19 +39,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 # -- reference folders ----------------------------------------------------------------------------
 
 
+TEXT_BODY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
 def bert_folder(root: Path) -> Path:
     """A tiny random `BertModel` and its WordPiece tokenizer, as save_pretrained writes them."""
     tok = train_wordpiece(TEXTS, vocab_size=80, min_frequency=1)
     hf_tok = transformers.BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
+    cfg = transformers.BertConfig(vocab_size=tok.get_vocab_size(), **TEXT_BODY, max_position_embeddings=64)
     folder = root / "bert"
     transformers.BertModel(cfg).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
@@ -71,10 +68,7 @@ def roberta_folder(root: Path) -> Path:
     torch.manual_seed(0)
     cfg = transformers.RobertaConfig(
         vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **TEXT_BODY,
         max_position_embeddings=66,
         type_vocab_size=1,
         pad_token_id=1,
@@ -115,14 +109,6 @@ def speech_folder(root: Path, kind: str) -> Path:
     folder = root / kind
     model.save_pretrained(folder)
     return folder
-
-
-def waves(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    batch = torch.zeros(len(lengths), max(lengths))
-    for i, n in enumerate(lengths):
-        batch[i, :n] = 0.1 * torch.randn(n, generator=g)
-    return batch, torch.tensor(lengths)
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -236,7 +222,7 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
     assert isinstance(tower, HFSpeechTower) and len(tower.blocks) == 2
     assert tower.per_utterance == (kind != "hubert")  # GroupNorm feature encoders run one utterance at a time
     ref = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
-    batch, lengths = waves([8000, 5000, 6200])
+    batch, lengths = padded_batch([8000, 5000, 6200])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):  # each utterance as the reference sees it alone
@@ -281,7 +267,7 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path, extractor: st
     tower = build_speech_tower(cfg, embed_dim=8).eval()
     assert isinstance(tower, TorchaudioSpeechTower) and len(tower.blocks) == 2
     assert tower.per_utterance == (extractor == "group_norm")
-    batch, lengths = waves([8000, 5600])
+    batch, lengths = padded_batch([8000, 5600])
     with torch.no_grad():
         hidden, mask = tower.encode(batch, lengths)
         for i, n in enumerate(lengths.tolist()):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import logging
-import socket
 import tarfile
 import threading
 import time
@@ -28,6 +27,7 @@ from datamodules.image.webdataset_shards import (
     iter_tar_samples,
 )
 from datamodules.synthetic.shapes import generate_shapes_coco
+from tests.helpers import free_port
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -261,10 +261,7 @@ def test_shard_cut_between_members_is_not_taken_for_a_whole_shard(shards: Path, 
 
 
 def test_unreachable_shards_give_one_line_errors(tmp_path: Path) -> None:
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    urls = expand_shards(f"http://127.0.0.1:{port}/coco-{{000000..000002}}.tar")
+    urls = expand_shards(f"http://127.0.0.1:{free_port()}/coco-{{000000..000002}}.tar")
     with pytest.raises(
         FileNotFoundError, match=r"^3 remote shards have no sample counts .* data\.train_num_samples$"
     ):

@@ -35,7 +35,7 @@ from lightning_modules.resilience import (
     signal_named,
     slurm_requeue_target,
 )
-from tests.helpers import quiet_trainer
+from tests.helpers import free_port, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, LENGTH = 64, 16
@@ -322,10 +322,7 @@ def test_sigterm_on_one_rank_stops_every_rank_with_one_checkpoint(tmp_path: Path
     """Under DDP only rank 1 receives the signal, after its step's flags were taken: both ranks save together at
     the next step (a collective save) and stop. Lightning's handler would broadcast from inside the signal
     handler, and its per-step broadcast reads only rank 0's flag."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_sigterm_rank, args=(str(tmp_path), port), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_sigterm_rank, args=(str(tmp_path), free_port()), nprocs=2, join=True)
     assert [(tmp_path / f"stopped{r}").read_text() for r in (0, 1)] == ["3", "3"]
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
 

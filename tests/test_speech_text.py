@@ -27,7 +27,7 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.speech_text_module import SpeechTextModule
-from tests.helpers import quiet_trainer
+from tests.helpers import padded_batch, quiet_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
@@ -45,14 +45,6 @@ def tower(encoder: str = "transformer", dropout: float = 0.0, **kw) -> SpeechTow
         hidden=64, layers=2, heads=4, dropout=dropout, encoder=encoder, conv_channels=8, **kw
     )
     return SpeechTower(cfg, embed_dim=32)
-
-
-def padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    waves = torch.zeros(len(lengths), max(lengths))
-    for i, n in enumerate(lengths):
-        waves[i, :n] = 0.1 * torch.randn(n, generator=g)
-    return waves, torch.tensor(lengths)
 
 
 # -- features and lengths -------------------------------------------------------------------------

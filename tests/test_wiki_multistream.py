@@ -5,7 +5,6 @@ one-line error when an index does not match its dump. Dumps are generated in tmp
 from __future__ import annotations
 
 import bz2
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -23,6 +22,7 @@ from datamodules.text.corpora import (
 )
 from datamodules.text.mlm_prepare import PrepareSettings, cache_key, prepare_mlm_cache
 from datamodules.tokenizer import TextTokenizer
+from tests.helpers import sha256_of_files
 
 _PROSE = (
     "the river city was built in old stone and its people have kept a market near the bridge since one "
@@ -111,14 +111,6 @@ def test_ranges_yield_the_documents_of_the_whole_dump(dumps) -> None:
     assert len(plan_multistream(dump, index, unit_bytes=10**9)) == 1
 
 
-def _sha256_of_files(folder: Path) -> dict[str, str]:
-    return {
-        str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-        for f in sorted(folder.rglob("*"))
-        if f.is_file()
-    }
-
-
 SETTINGS = PrepareSettings(
     max_seq_length=48, val_fraction=0.2, test_fraction=0.0, shards=4, min_shard_tokens=1
 )
@@ -150,7 +142,7 @@ def test_one_and_three_processes_give_identical_shards_and_index(dumps, tokenize
         for n in (1, 3)
     ]
     assert folders[0].name == folders[1].name
-    one, three = (_sha256_of_files(f) for f in folders)
+    one, three = (sha256_of_files(f) for f in folders)
     assert one == three
     index = json.loads((folders[0] / "index.json").read_text())
     assert index["sentences"]["train"]["documents"] + index["sentences"]["val"]["documents"] == 50 + 24
@@ -167,7 +159,7 @@ def test_multistream_and_plain_dump_give_identical_instances(dumps, tokenizer, t
     single = prepare_mlm_cache(
         [str(plain)], [], tokenizer, SETTINGS, tmp_path / "p", 2, progress=False, file_unit_bytes=0
     )
-    shards_m, shards_p = (_sha256_of_files(f) for f in (multi, single))
+    shards_m, shards_p = (sha256_of_files(f) for f in (multi, single))
     shards_m.pop("index.json"), shards_p.pop("index.json")
     assert shards_m == shards_p and len(shards_m) > 4
     index_m, index_p = (json.loads((f / "index.json").read_text()) for f in (multi, single))
