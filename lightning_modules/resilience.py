@@ -91,10 +91,11 @@ class SkipNonFiniteSteps(L.LightningModule):
     SIGTERM and requeue flags of `PreemptionCheckpoint`. The decision stays on the device: a step whose loss is
     non-finite on any rank runs its backward (NaN gradients) and the fused AdamW kernel skips the update on every
     rank (`found_inf`: no parameter, moment or step-count change, no weight decay). Optimizers without a
-    device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
-    logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
-    logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`; one that optimises
-    manually calls it too, then steps through `step_unless_nonfinite`.
+    device-side skip read the flag on the host at the optimizer step instead; under DeepSpeed its engine skips
+    the step itself (`deepspeed_skips_nonfinite`). Skips are counted on the device, logged as
+    `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the logger syncs
+    anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`; one that optimises manually
+    calls it too, then steps through `step_unless_nonfinite`.
 
     Fused AdamW stays on when the trainer clips gradients, except under a GradScaler (`fused_adamw_allowed`).
     """
@@ -180,13 +181,14 @@ class SkipNonFiniteSteps(L.LightningModule):
         self.check_nonfinite_skips()
 
     def configure_model(self) -> None:
+        """Under DeepSpeed, before the strategy builds its engine from its config: make the engine skip non-finite
+        steps, or refuse the run (`deepspeed_skips_nonfinite`). Then the system's own set-up."""
         trainer = self._trainer
         if (
             trainer is not None
             and trainer.state.fn == TrainerFn.FITTING
             and isinstance(trainer.strategy, DeepSpeedStrategy)
         ):
-            # before the strategy builds its engine from the config
             deepspeed_skips_nonfinite(
                 trainer.strategy.config, trainer.precision_plugin.precision, installed_version("deepspeed")
             )
