@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 from collections.abc import Callable, Collection, Mapping
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,11 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from packaging.version import Version
 from torch import Tensor
 
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
@@ -87,10 +91,11 @@ class SkipNonFiniteSteps(L.LightningModule):
     SIGTERM and requeue flags of `PreemptionCheckpoint`. The decision stays on the device: a step whose loss is
     non-finite on any rank runs its backward (NaN gradients) and the fused AdamW kernel skips the update on every
     rank (`found_inf`: no parameter, moment or step-count change, no weight decay). Optimizers without a
-    device-side skip read the flag on the host at the optimizer step instead. Skips are counted on the device,
-    logged as `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the
-    logger syncs anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`; one that optimises
-    manually calls it too, then steps through `step_unless_nonfinite`.
+    device-side skip read the flag on the host at the optimizer step instead; under DeepSpeed its engine skips
+    the step itself (`deepspeed_skips_nonfinite`). Skips are counted on the device, logged as
+    `train/nonfinite_skipped`, and checked against `max_nonfinite_in_row` at logging steps, when the logger syncs
+    anyway. A subclass returns `self.skip_if_nonfinite(loss)` from `training_step`; one that optimises manually
+    calls it too, then steps through `step_unless_nonfinite`.
 
     Fused AdamW stays on when the trainer clips gradients, except under a GradScaler (`fused_adamw_allowed`).
     """
@@ -175,6 +180,20 @@ class SkipNonFiniteSteps(L.LightningModule):
     def on_train_end(self) -> None:
         self.check_nonfinite_skips()
 
+    def configure_model(self) -> None:
+        """Under DeepSpeed, before the strategy builds its engine from its config: make the engine skip non-finite
+        steps, or refuse the run (`deepspeed_skips_nonfinite`). Then the system's own set-up."""
+        trainer = self._trainer
+        if (
+            trainer is not None
+            and trainer.state.fn == TrainerFn.FITTING
+            and isinstance(trainer.strategy, DeepSpeedStrategy)
+        ):
+            deepspeed_skips_nonfinite(
+                trainer.strategy.config, trainer.precision_plugin.precision, installed_version("deepspeed")
+            )
+        super().configure_model()
+
     def fused_adamw_allowed(self) -> bool:
         """Whether `configure_optimizers` may build fused AdamW: yes, unless the trainer clips gradients under a
         GradScaler (fp16-mixed), where the gradients must be unscaled before clipping and the fused kernel unscales
@@ -193,11 +212,15 @@ class SkipNonFiniteSteps(L.LightningModule):
         """Lightning's clipping, except that plain AMP without a GradScaler (bf16-mixed) clips fused AdamW too:
         its `MixedPrecision.clip_gradients` refuses every optimizer that unscales inside its step, which matters
         only when a scaler has scaled the gradients. Then the base `Precision` clips (torch's clip_grad_norm_ or
-        clip_grad_value_ over the optimizer's parameters, on the device). Other plugins (FSDP, DeepSpeed, fp16's
-        scaler) keep Lightning's own path."""
+        clip_grad_value_ over the optimizer's parameters, on the device). Under FSDP1 (`BlockFSDPStrategy`), whose
+        `FSDPPrecision` refuses to clip by norm, the FSDP root clips by the norm over every rank's shards
+        (`clip_fsdp_root`). Other plugins (DeepSpeed, fp16's scaler) keep Lightning's own path."""
         plugin = self.trainer.precision_plugin
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+        if isinstance(self.trainer.strategy, FSDPStrategy) and algorithm == GradClipAlgorithmType.NORM:
+            clip_fsdp_root(self.trainer.strategy, gradient_clip_val)
+            return
         if type(plugin) is MixedPrecision and plugin.scaler is None:
-            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
             Precision.clip_gradients(plugin, optimizer, gradient_clip_val or 0.0, algorithm)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -214,11 +237,12 @@ class SkipNonFiniteSteps(L.LightningModule):
         """Run `step`, the step of `optimizer`, unless a loss `skip_if_nonfinite` saw since the last optimizer
         step was NaN or Inf on some rank. Fused Adam/AdamW get the all-reduced flag as `found_inf` and skip on the
         device (`step` runs); other optimizers read the flag on the host and `step` does not run. Returns False
-        only then, a skip decided on the host. Automatic optimisation (`optimizer_step`) and gradient caching's
-        manual step both step through here."""
+        only then, a skip decided on the host. Under DeepSpeed `step` (the engine's) always runs and the engine
+        skips the step itself (`deepspeed_skips_nonfinite`), which keeps its micro-step count. Automatic
+        optimisation (`optimizer_step`) and gradient caching's manual step both step through here."""
         bad, self._bad_pending = self._bad_pending, None
         inner = getattr(optimizer, "optimizer", optimizer)  # Lightning's wrapper around the torch optimizer
-        if bad is None:
+        if bad is None or isinstance(getattr(self._trainer, "strategy", None), DeepSpeedStrategy):
             step()
         elif _skips_on_device(inner):
             inner.found_inf = bad.float()
@@ -232,6 +256,53 @@ class SkipNonFiniteSteps(L.LightningModule):
         else:
             step()
         return True
+
+
+# the first DeepSpeed whose ZeRO stage 1-2 can check bf16 gradients for NaN/Inf (`bf16.check_grad_overflow`)
+DEEPSPEED_BF16_SKIPS = Version("0.17.1")
+
+
+def deepspeed_skips_nonfinite(config: dict[str, Any], precision: str, deepspeed_version: str) -> None:
+    """Make the DeepSpeed engine of `config` skip the optimizer steps whose gradients are NaN or Inf on some rank,
+    or refuse the run in one line where DeepSpeed cannot: `SkipNonFiniteSteps` leaves the skip to the engine,
+    whose own step keeps its micro-step count. fp16 skips at every ZeRO stage (its loss scaler); bf16 only under
+    ZeRO stage 1 or 2 with `check_grad_overflow`, set here unless the config turned it off; 32-bit never.
+    Sections the config lacks are those Lightning adds for `precision`."""
+    fp16 = config["fp16"].get("enabled", False) if "fp16" in config else precision in ("16-mixed", "16-true")
+    if fp16:
+        return
+    bf16 = (
+        config["bf16"].get("enabled", False) if "bf16" in config else precision in ("bf16-mixed", "bf16-true")
+    )
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0))
+    if bf16 and stage in (1, 2) and Version(deepspeed_version) >= DEEPSPEED_BF16_SKIPS:
+        section = config.setdefault("bf16", {"enabled": True})
+        if section.setdefault("check_grad_overflow", True):
+            return
+    raise MisconfigurationException(
+        f"DeepSpeed (ZeRO stage {stage}, precision {precision}, deepspeed {deepspeed_version}) would apply an "
+        "optimizer step whose gradients are NaN or Inf: it skips one only under 16-mixed, or bf16 with ZeRO stage 1 "
+        f"or 2 (deepspeed >= {DEEPSPEED_BF16_SKIPS}, bf16.check_grad_overflow not false); use --trainer.precision "
+        "16-mixed or bf16-mixed with stage 2, or another strategy (configs/strategy/fsdp2.yaml)"
+    )
+
+
+def clip_fsdp_root(strategy: FSDPStrategy, max_norm: float | None) -> None:
+    """Clip the gradients of an FSDP1 model to `max_norm` by their norm over all ranks, with the FSDP root's own
+    `clip_grad_norm_` (an all-reduce of the shards' norms: torch's `clip_grad_norm_` would see only this rank's
+    shards). Every rank calls it, as Lightning's clipping hook does."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not max_norm:
+        return
+    root = strategy.model
+    if not isinstance(root, FullyShardedDataParallel):
+        raise MisconfigurationException(
+            f"{type(strategy).__name__}: clipping by norm needs the model wrapped in one FSDP root, found "
+            f"{type(root).__name__}; clip by value (--trainer.gradient_clip_algorithm value) or let the strategy "
+            "wrap the whole model"
+        )
+    root.clip_grad_norm_(max_norm)
 
 
 def _skips_on_device(optimizer: Any) -> bool:
@@ -363,6 +434,18 @@ def slurm_requeue_target(
     return f"{array_job}_{task}" if array_job and task else job
 
 
+def copy_to_host(flags: Tensor) -> tuple[Tensor, Any]:
+    """`flags` on their way to the host and the CUDA event that marks their arrival: a pinned copy made without
+    waiting for the device. A CPU tensor is on the host already: itself, and no event."""
+    if flags.device.type != "cuda":
+        return flags, None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 def _no_sigterm_broadcast() -> None:
     """Stands in for Lightning's per-step SIGTERM broadcast while `PreemptionCheckpoint` owns the signal."""
 
@@ -385,8 +468,10 @@ class PreemptionCheckpoint(L.Callback):
     --signal=USR1@120`: the time limit is near), finish the current step, write `last.ckpt` and stop; after the
     requeue signal, and only then, also requeue the SLURM job. Resume with `fit ... --ckpt_path last`.
 
-    Every rank takes the decision together (a rank saving alone would wait forever in the collective save), and
-    every rank stops by raising Lightning's `SIGTERMException`.
+    Every rank takes the decision together, on the same all-reduced flags at the same step (a rank saving alone
+    would wait forever in the collective save), and every rank stops by raising Lightning's `SIGTERMException`.
+    On a GPU the flags of step k are read at the end of step k+1, when their copy to the host has long landed, so
+    the device never waits for the host; on a CPU at the end of step k.
 
     The requeue signal is that of Lightning's `SLURMEnvironment` when the strategy has one (`--trainer.plugins
     SLURMEnvironment` with `requeue_signal` and `auto_requeue`; Lightning detects SLURM on its own under `srun`),
@@ -422,9 +507,8 @@ class PreemptionCheckpoint(L.Callback):
         self._previous_handler: Any = None
         self._previous_sigterm_handler: Any = None
         self._trainer: L.Trainer | None = None
-        self._step_flags: tuple[Tensor, Any] | None = (
-            None  # from the step's all-reduce, on their way to the host
-        )
+        self._step_flags: tuple[Tensor, Any] | None = None  # this step's, from its all-reduce (`reduce_step`)
+        self._in_flight: tuple[Tensor, Any] | None = None  # the last step's, from the GPU
 
     def checkpoint_path(self, trainer: L.Trainer) -> Path:
         callback = trainer.checkpoint_callback
@@ -456,7 +540,7 @@ class PreemptionCheckpoint(L.Callback):
         # connector puts back the handlers of before the run when the run ends, also when it ends with an exception
         self._requeue_received = self._sigterm_received = False
         self.saved_path = self.requeued_job = None
-        self._step_flags = None
+        self._step_flags = self._in_flight = None
         self._signum = self.requeue_signal_for(trainer)
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread: Lightning's stay
@@ -493,29 +577,33 @@ class PreemptionCheckpoint(L.Callback):
         return [_device_scalar(float(on), device) for on in self._received(trainer)]
 
     def receive_step_flags(self, flags: Tensor) -> None:
-        """The flags summed over ranks, still on the device: copied to the host without waiting, and read at a
-        later batch end once the copy has landed, so the decision never stalls the device."""
-        if flags.device.type == "cuda":
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._step_flags = (host, event)
-        else:
-            self._step_flags = (flags, None)
+        """The flags summed over ranks, still on the device: on a GPU copied to the host without waiting."""
+        self._step_flags = copy_to_host(flags)
 
     def _flags(self, trainer: L.Trainer) -> Tensor | None:
-        if self._step_flags is not None:  # the system put them in its step's all-reduce
-            host, event = self._step_flags
-            if event is not None and not event.query():
-                return None  # not on the host yet: decide at the next batch end
-            self._step_flags = None
+        """The all-reduced flags this batch end acts on, the same on every rank at the same step, or None.
+
+        A GPU step's flags are read at the next batch end, whatever their copy's event says now: every rank then
+        waits on that copy, which has nearly always landed (a whole step was queued after it; a host further ahead
+        waits while the device still has that step to run), and reads the same values. Asking the event whether
+        the copy has landed would give each rank its own answer, and a rank that decides alone waits for ever in
+        the collective checkpoint save."""
+        step, self._step_flags = self._step_flags, None
+        if step is None:  # a system without `reduce_step`: an all-reduce of its own, of every signal so far
+            self._in_flight = None
+            flags = torch.tensor([float(on) for on in self._received(trainer)])
+            if trainer.world_size > 1:
+                flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device), reduce_op="max").cpu()
+            return flags
+        host, event = step
+        if event is None:  # on the host already (a CPU run)
             return host
-        # a system without `reduce_step`: an all-reduce of its own
-        flags = torch.tensor([float(on) for on in self._received(trainer)])
-        if trainer.world_size > 1:
-            flags = trainer.strategy.reduce(flags.to(trainer.strategy.root_device), reduce_op="max").cpu()
-        return flags
+        previous, self._in_flight = self._in_flight, step
+        if previous is None:
+            return None
+        host, event = previous
+        event.synchronize()
+        return host
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         flags = self._flags(trainer)
