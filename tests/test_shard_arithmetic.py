@@ -89,24 +89,24 @@ def test_coco_train2017_epoch_at_8_64_512_ranks(
 
 @MANY_WORKERS
 def test_every_rank_of_a_multi_worker_loader_gives_its_steps_in_full_batches(shards: Path) -> None:
-    # 24 images, 2 ranks, batches of 3: 4 steps per rank, dealt 2, 1, 1 to 3 workers; all 24 seen.
-    # 4 workers and batches of 5: 2 steps per rank, two workers idle, 20 seen.
-    for workers, batch, steps in ((3, 3, 4), (4, 5, 2)):
-        seen: list[list[int]] = [[], []]  # by epoch
+    # 24 images, 2 ranks of 3 workers. Batches of 3: 4 steps per rank, dealt 2, 1, 1; all 24 seen, in two
+    # epochs of persistent workers. Batches of 5: 2 steps per rank, dealt 1, 1, 0 (an idle worker); 20 seen.
+    for batch, steps, epochs in ((3, 4, 2), (5, 2, 1)):
+        seen: list[list[int]] = [[] for _ in range(epochs)]
         for rank in range(2):
             data = ShardStream(
                 expand_shards(str(shards)),
                 TRANSFORM,
                 batch_size=batch,
-                num_workers=workers,
+                num_workers=3,
                 rank=rank,
                 world_size=2,
             )
             loader = ShardLoader(
-                data, batch_size=batch, num_workers=workers, persistent_workers=True, collate_fn=list
+                data, batch_size=batch, num_workers=3, persistent_workers=True, collate_fn=list
             )
             assert len(loader) == steps
-            for epoch in range(2):  # the second pass restarts the workers that ran out in the first
+            for epoch in range(epochs):  # the second pass restarts the workers that ran out in the first
                 got = [[item["image_id"] for item in b] for b in loader]
                 assert [len(b) for b in got] == [batch] * steps  # as many full batches on every rank
                 seen[epoch] += [i for b in got for i in b]
