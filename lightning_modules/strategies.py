@@ -291,7 +291,10 @@ _CHECKPOINT_PIECE = re.compile(r"^(meta\.pt|(__\d+)?\.metadata(\.tmp)?|__\d+_\d+
 def exchange_paths(a: Path, b: Path) -> None:
     """Swap what `a` and `b` name in one step (Linux's renameat2 with RENAME_EXCHANGE); OSError where the system
     or the file system cannot (ENOSYS, EINVAL: NFS and some parallel file systems)."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    try:
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to open this way (Windows)
+        renameat2 = None
     if renameat2 is None:
         raise OSError(errno.ENOSYS, "renameat2 is not available", str(a))
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -322,7 +325,11 @@ def swap_into_place(folder: Path, target: Path) -> None:
             raise
         previous = _old_name(target)
         os.rename(target, previous)
-        os.rename(folder, target)
+        try:
+            os.rename(folder, target)
+        except BaseException:
+            os.rename(previous, target)
+            raise
     _fsync_folder(target.parent)
     _delete(previous)
 
@@ -349,23 +356,28 @@ def _not_replaceable(target: Path) -> str | None:
 
 
 def clean_interrupted_saves(folder: Path) -> list[Path]:
-    """Deal with the folders that sharded checkpoint writes of this host left in `folder` when they were killed
-    (their process is gone): a new checkpoint not yet swapped in (`.<name>.tmp-<host>-<pid>`) or a previous one
+    """Deal with what sharded checkpoint writes of this host left in `folder` when they were killed (their
+    process is gone): a new checkpoint folder not yet swapped in (`.<name>.tmp-<host>-<pid>`) or a previous one
     being deleted is removed; a previous checkpoint moved aside (`.<name>.old-<host>-<pid>`) goes back to
-    `<name>` when nothing took its place, else is removed. Nothing else is touched: files (`AtomicCheckpoints`
-    deals with those), other hosts' folders, live writers' folders. Returns the removed paths."""
+    `<name>` when nothing took its place, else is removed. Nothing else is touched: `.tmp-` files
+    (`AtomicCheckpoints` deals with those), other hosts' leftovers, live writers'. Returns the removed paths."""
     own = re.compile(rf"^\.(.+)\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)$")
     removed = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         match = own.match(path.name)
-        if match is None or path.is_symlink() or not path.is_dir() or _pid_is_alive(int(match.group(3))):
+        if match is None or path.is_symlink() or _pid_is_alive(int(match.group(3))):
             continue
         name, kind = match.group(1), match.group(2)
+        if kind == "tmp" and not path.is_dir():
+            continue
         if kind == "old" and not os.path.lexists(folder / name):
             os.rename(path, folder / name)
             log.warning("%s was being replaced when its writer was killed: put back", folder / name)
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         removed.append(path)
     return removed
 
