@@ -4,17 +4,28 @@ DDP and DeepSpeed need nothing model-specific: `configs/strategy/ddp.yaml` and `
 own classes. FSDP needs to know its wrap unit; `BlockFSDPStrategy` (FSDP1) and `FSDP2Strategy` (per-parameter
 sharding, `fully_shard`) shard at the Transformer block of every tower (the shared encoder's `EncoderBlock`,
 torchvision's ViT block, torchaudio's Conformer layer, ResNet's bottleneck, and the entries of any tower's
-`blocks` list) and optionally recompute those blocks' activations in the backward pass.
+`blocks` list) and optionally recompute those blocks' activations in the backward pass. `FSDP2Strategy` writes
+its sharded checkpoint folders atomically: into a new folder beside the target, swapped into place by rank 0 once
+every rank has written its part.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import inspect
+import logging
+import os
+import re
+import shutil
+import socket
 from datetime import timedelta
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -25,6 +36,9 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 
 from lightning_modules.components.encoder import EncoderBlock
+from lightning_modules.resilience import _fsync_folder, _pid_is_alive, temporary_name
+
+log = logging.getLogger(__name__)
 
 
 def block_types() -> set[type[nn.Module]]:
@@ -208,6 +222,45 @@ class FSDP2Strategy(ModelParallelStrategy):
             self._tensor_parallel_size = 1
         super().setup_environment()
 
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        """A sharded checkpoint is written into a new folder beside `filepath` (`.<name>.tmp-<host>-<pid>` of
+        rank 0), then, once every rank has written its part, rank 0 swaps it into place in one rename: a kill at
+        any point leaves the previous checkpoint whole at `filepath`. Single files and object-store paths are
+        written as Lightning writes them."""
+        if not self._save_distributed_checkpoint or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(str(filepath)))
+        folder = Path(self.broadcast(str(temporary_name(target))))
+        refused = None
+        if self.is_global_zero:
+            refused = _not_replaceable(target)
+            if refused is None:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                for path in clean_interrupted_saves(target.parent):
+                    log.warning("removed %s, left by a sharded checkpoint write that was killed", path)
+        refused = self.broadcast(refused)
+        if refused is not None:  # on every rank, so none waits in the write's collectives
+            raise IsADirectoryError(refused)
+        error: BaseException | None = None
+        try:
+            super().save_checkpoint(checkpoint, folder, storage_options)
+            if self.is_global_zero:
+                _fsync_file(folder / "meta.pt")  # torch.distributed.checkpoint syncs its own files
+                _fsync_folder(folder)
+        except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is one
+            error = err
+        if not self.reduce_boolean_decision(error is None, all=True):  # also the barrier before the swap
+            if self.is_global_zero:
+                shutil.rmtree(folder, ignore_errors=True)
+            if error is not None:
+                raise error
+            raise RuntimeError(f"another rank failed to write its part of {target}; the previous one is kept")
+        if self.is_global_zero:
+            swap_into_place(folder, target)
+        self.barrier("FSDP2Strategy.save_checkpoint")
+
     def shard(self, system: L.LightningModule) -> None:
         """`apply_fsdp2` with this strategy's settings on its data-parallel mesh; a sharded system is left as is."""
         if any(isinstance(m, FSDPModule) for m in system.modules()):
@@ -227,3 +280,111 @@ def configure_parallelism(system: L.LightningModule) -> None:
     trainer = system._trainer
     if trainer is not None and isinstance(trainer.strategy, FSDP2Strategy):
         trainer.strategy.shard(system)
+
+
+# sharded checkpoints written atomically --------------------------------------------------------------------------
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+# what a sharded checkpoint folder holds: Lightning's meta.pt, torch.distributed.checkpoint's .metadata and shards
+_CHECKPOINT_PIECE = re.compile(r"^(meta\.pt|(__\d+)?\.metadata(\.tmp)?|__\d+_\d+\.distcp)$")
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap what `a` and `b` name in one step (Linux's renameat2 with RENAME_EXCHANGE); OSError where the system
+    or the file system cannot (ENOSYS, EINVAL: NFS and some parallel file systems)."""
+    try:
+        renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    except (OSError, TypeError):  # no C library to open this way (Windows)
+        renameat2 = None
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(a))
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _old_name(target: Path) -> Path:
+    """Where the previous checkpoint waits while a new one is renamed in, where paths cannot be exchanged."""
+    return target.with_name(f".{target.name}.old-{socket.gethostname()}-{os.getpid()}")
+
+
+def swap_into_place(folder: Path, target: Path) -> None:
+    """Put the finished checkpoint `folder` at `target` and delete what was there. Readers of `target` see the
+    previous checkpoint or the new one: one rename or one exchange. Where the file system cannot exchange, two
+    renames; a kill between them leaves the previous one at `_old_name(target)`, which `clean_interrupted_saves`
+    puts back."""
+    if not os.path.lexists(target):
+        os.rename(folder, target)
+        _fsync_folder(target.parent)
+        return
+    try:
+        exchange_paths(folder, target)
+        previous = folder
+    except OSError as err:
+        if err.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        previous = _old_name(target)
+        os.rename(target, previous)
+        try:
+            os.rename(folder, target)
+        except BaseException:
+            os.rename(previous, target)
+            raise
+    _fsync_folder(target.parent)
+    _delete(previous)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _not_replaceable(target: Path) -> str | None:
+    """Why a new checkpoint may not replace `target`, or None: it may replace nothing, a file or link (a
+    checkpoint, as Lightning would), or a folder of nothing but a sharded checkpoint's pieces."""
+    if target.is_symlink() or not target.is_dir():
+        return None
+    other = next((p.name for p in target.iterdir() if not _CHECKPOINT_PIECE.match(p.name)), None)
+    if other is None:
+        return None
+    return (
+        f"{target} is a folder that holds more than a sharded checkpoint ({other}): not replaced; give the "
+        "checkpoint another name or folder"
+    )
+
+
+def clean_interrupted_saves(folder: Path) -> list[Path]:
+    """Deal with what sharded checkpoint writes of this host left in `folder` when they were killed (their
+    process is gone): a new checkpoint folder not yet swapped in (`.<name>.tmp-<host>-<pid>`) or a previous one
+    being deleted is removed; a previous checkpoint moved aside (`.<name>.old-<host>-<pid>`) goes back to
+    `<name>` when nothing took its place, else is removed. Nothing else is touched: `.tmp-` files
+    (`AtomicCheckpoints` deals with those), other hosts' leftovers, live writers'. Returns the removed paths."""
+    own = re.compile(rf"^\.(.+)\.(tmp|old)-{re.escape(socket.gethostname())}-(\d+)$")
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = own.match(path.name)
+        if match is None or path.is_symlink() or _pid_is_alive(int(match.group(3))):
+            continue
+        name, kind = match.group(1), match.group(2)
+        if kind == "tmp" and not path.is_dir():
+            continue
+        if kind == "old" and not os.path.lexists(folder / name):
+            os.rename(path, folder / name)
+            log.warning("%s was being replaced when its writer was killed: put back", folder / name)
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

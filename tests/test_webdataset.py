@@ -187,10 +187,10 @@ def test_two_ranks_of_two_workers_see_every_sample_once_per_epoch(shards: Path) 
         assert len(ranks[0]) == len(ranks[1]) == 6  # the same number of steps on every rank
         seen = [i for batches in ranks for batch in batches for i in batch]
         assert sorted(seen) == sorted(read_all(shards))  # all 24, none twice
-    # Batches of 4: runs of 4 samples, 16 of 24 seen, still none twice, still as many steps on each rank.
+    # Batches of 4: 3 steps per rank, dealt 2 and 1 to its workers; all 24 seen, none twice.
     ranks = [epoch_ids(shards, rank, 2, 2, batch_size=4, epoch=0) for rank in range(2)]
     seen = [i for batches in ranks for batch in batches for i in batch]
-    assert len(ranks[0]) == len(ranks[1]) == 2 and len(seen) == len(set(seen)) == 16
+    assert len(ranks[0]) == len(ranks[1]) == 3 and len(seen) == len(set(seen)) == 24
 
 
 def test_shard_order_is_drawn_from_seed_and_epoch(shards: Path) -> None:

@@ -16,13 +16,15 @@ before they are written, so a shard is a random draw from the split. Beside the 
 sample count of every shard (and what was skipped), and `sizes.json` the same counts in open_clip's format.
 
 Streaming (`ShardStream`): each epoch, the shards are put in an order drawn from (seed, epoch), identical on
-every rank, and the samples of that order, read end to end, are cut into ranks x workers contiguous runs of
-equal length, one per DataLoader worker of every rank; a run may start or stop inside a shard (the reader
-seeks over the samples before it). Every worker thus yields the same number of samples, whatever the number
-of shards and however they divide among ranks and workers, so every DDP rank takes the same number of steps.
-The run length is `num_samples // (ranks x workers)` rounded down to a multiple of the batch size: the few
-samples left over (fewer than ranks x workers x batch size) are dropped for the epoch, a different few each
-epoch; every other sample is seen exactly once per epoch. A worker shuffles its run through a buffer of
+every rank, and the samples of that order, read end to end, are cut into one contiguous share per rank of
+`num_samples // (ranks x batch size)` whole batches, so every DDP rank takes the same number of steps whatever
+the number of shards. The samples left over (fewer than ranks x batch size) are dropped for the epoch, a
+different few each epoch; every other sample is seen exactly once per epoch. A rank's share is dealt to its
+DataLoader workers in whole batches, one more to the first `steps % workers` of them, since the loader takes
+batch i from worker i % workers: each worker gives only full batches, and the rank's loader gives exactly its
+steps. A run may start or stop inside a shard (the reader seeks over the samples before it). When one step of
+every rank needs more samples than there are, each rank still takes one step and the order wraps round to its
+start, repeating a few samples (with a warning). A worker shuffles its run through a buffer of
 encoded samples, then decodes and transforms them with the map-style path's functions and draws one caption
 per image with the same rule, so shards and image folder give the same caption for an image in an epoch.
 
@@ -681,6 +683,19 @@ def buffer_shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> I
         yield buffer[k]
 
 
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches every rank takes per epoch: its share of the samples rounded down to whole batches, at least one
+    (when `world_size` batches need more samples than there are, the epoch's order wraps round)."""
+    return max(1, num_samples // (world_size * batch_size))
+
+
+def worker_batches(steps: int, workers: int) -> list[int]:
+    """Batches of each worker of a rank taking `steps` steps: dealt in turn from worker 0, as the DataLoader takes
+    them (batch i from worker i % workers), so the first `steps % workers` workers give one more."""
+    share, extra = divmod(steps, workers)
+    return [share + (k < extra) for k in range(workers)]
+
+
 class ShardStream(IterableDataset):
     """Training samples streamed from WebDataset shards, split by rank and worker (see the module docstring).
 
@@ -690,7 +705,7 @@ class ShardStream(IterableDataset):
     Args:
         shards: shard paths, in a fixed order (the same on every rank).
         transform: image transform of decoded (3, H, W) uint8 tensors.
-        batch_size: per-device batch size: each worker's run is a multiple of it, so no batch is partial.
+        batch_size: per-device batch size: each rank's share and each worker's run are whole batches of it.
         num_workers: DataLoader workers per rank (0 counts as 1); must match the loader's.
         seed: seeds the shard order, the shuffle buffer and the caption draw, with the epoch.
         shuffle_buffer: encoded samples each worker holds to shuffle its run.
@@ -724,6 +739,8 @@ class ShardStream(IterableDataset):
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards, num_samples)
         first_readable(self.shards)  # a wrong address fails here, in one line, not as a run of empty batches
         self.num_samples = sum(self.sizes)
+        if self.num_samples == 0:
+            raise ValueError(f"the {len(self.shards)} shards hold no samples (the first: {self.shards[0]})")
         self.transform = transform
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
@@ -736,6 +753,7 @@ class ShardStream(IterableDataset):
         self._resume = torch.tensor([-1, 0], dtype=torch.long).share_memory_()  # (epoch, batches consumed)
         self._skipped = torch.zeros(self.num_workers, dtype=torch.long).share_memory_()  # one slot per worker
         self._warned: set[str] = set()
+        self._wrap_warned = False
 
     @property
     def skipped_shards(self) -> int:
@@ -758,20 +776,33 @@ class ShardStream(IterableDataset):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
-    def run_length(self) -> int:
-        """Samples each worker of each rank yields per epoch."""
+    def steps(self) -> int:
+        """Batches every rank's loader gives per epoch."""
         _, world = self.topology()
-        slots = world * self.num_workers
-        n = self.num_samples // slots // self.batch_size * self.batch_size
-        if n == 0:
-            raise ValueError(
-                f"{self.num_samples} samples cannot give each of {world} ranks x {self.num_workers} workers "
-                f"one batch of {self.batch_size}: use fewer workers or a smaller batch"
+        needed = world * self.batch_size
+        if needed > self.num_samples and not self._wrap_warned:
+            self._wrap_warned = True
+            log.warning(
+                "%d samples are fewer than one batch of %d for each of %d ranks: every epoch is one step, "
+                "%d samples of it seen twice",
+                self.num_samples,
+                self.batch_size,
+                world,
+                needed - self.num_samples,
             )
-        return n
+        return steps_per_epoch(self.num_samples, world, self.batch_size)
+
+    def run(self, slot: int) -> tuple[int, int]:
+        """(first, end) positions, in the epoch's sample order, of the run of worker slot `slot` (rank x workers
+        + worker)."""
+        rank, worker = divmod(slot, self.num_workers)
+        steps = self.steps()
+        batches = worker_batches(steps, self.num_workers)
+        first = (rank * steps + sum(batches[:worker])) * self.batch_size
+        return first, first + batches[worker] * self.batch_size
 
     def __len__(self) -> int:
-        return self.run_length() * self.num_workers
+        return self.steps() * self.batch_size
 
     def shard_order(self, epoch: int) -> list[int]:
         """Indices of the shards in the order they are read in `epoch`: drawn from (seed, epoch) only."""
@@ -780,16 +811,17 @@ class ShardStream(IterableDataset):
     def assignment(self, epoch: int, slot: int) -> list[tuple[int, int, int]]:
         """(shard index, first sample, end sample) pieces of the run of worker slot `slot` (rank x workers +
         worker) in `epoch`."""
-        length = self.run_length()
-        start, end = slot * length, (slot + 1) * length
+        start, end = self.run(slot)
+        order = self.shard_order(epoch)
         pieces, offset = [], 0
-        for i in self.shard_order(epoch):
-            lo, hi = offset, offset + self.sizes[i]
-            if hi > start and lo < end:
-                pieces.append((i, max(start, lo) - lo, min(end, hi) - lo))
-            offset = hi
-            if offset >= end:
-                break
+        while offset < end:  # past the last sample, the order starts again (see `steps`)
+            for i in order:
+                lo, hi = offset, offset + self.sizes[i]
+                if hi > start and lo < end:
+                    pieces.append((i, max(start, lo) - lo, min(end, hi) - lo))
+                offset = hi
+                if offset >= end:
+                    break
         return pieces
 
     def _encoded(self, epoch: int, slot: int, worker: int) -> Iterator[dict[str, Any]]:
@@ -810,15 +842,18 @@ class ShardStream(IterableDataset):
                 f"ShardStream was built for {self.num_workers} workers per rank but runs in {workers}"
             )
         rank, _ = self.topology()
-        epoch, length = int(self._epoch), self.run_length()
+        epoch = int(self._epoch)
         resume_epoch, consumed = self._resume.tolist()
         consumed = consumed if resume_epoch == epoch else 0
         # The loader takes batches from its workers in turn, starting with worker 0: batch i of a pass came
-        # from worker i % workers. A pass resumed after `consumed` batches starts with worker 0 too, so worker w
-        # takes over the run of worker (w + consumed) % workers and skips the batches that run already gave.
+        # from worker i % workers (a worker with one batch fewer runs out after the others' last turn, which
+        # leaves that order as it is). A pass resumed after `consumed` batches starts with worker 0 too, so
+        # worker w takes over the run of worker (w + consumed) % workers and skips the batches it already gave.
         role = (worker + consumed) % workers
         skip = max(0, (consumed - role + workers - 1) // workers) * self.batch_size
         slot = rank * workers + role
+        first, end = self.run(slot)
+        length = end - first
         samples = buffer_shuffle(
             self._encoded(epoch, slot, worker),
             self.shuffle_buffer,
