@@ -103,8 +103,16 @@ def commands_of(page: Path) -> list[Command]:
     return found
 
 
+def unique(commands: list[Command]) -> list[Command]:
+    """One case per distinct command (the README and a page may show the same one), named by where it first is."""
+    first: dict[tuple, Command] = {}
+    for c in commands:
+        first.setdefault((c.kind, c.args), c)
+    return list(first.values())
+
+
 COMMANDS = [c for page in PAGES for c in commands_of(page)]
-CLI_COMMANDS = [c for c in COMMANDS if c.kind == "cli"]
+CLI_COMMANDS = unique([c for c in COMMANDS if c.kind == "cli"])
 
 
 def with_repo_configs(args: tuple[str, ...]) -> list[str]:
@@ -231,7 +239,7 @@ def test_cli_command_parses(command: Command, in_tmp: Path, capsys: pytest.Captu
         assert not any(in_tmp.iterdir()), "nothing is written"
 
 
-WEBDATASET_COMMANDS = [c for c in COMMANDS if c.kind == "webdataset_shards"]
+WEBDATASET_COMMANDS = unique([c for c in COMMANDS if c.kind == "webdataset_shards"])
 
 
 @pytest.mark.parametrize("command", WEBDATASET_COMMANDS, ids=[c.id for c in WEBDATASET_COMMANDS])
