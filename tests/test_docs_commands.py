@@ -16,7 +16,8 @@ Substitutions, the only ones: the commands run in an empty folder (`tmp_path`), 
 and a folder in `tmp_path`, and `--workers` becomes 0 (five images need no processes). `/data/...` paths of
 the CLI commands stay as they are: printing a config opens none of them.
 
-Also: every relative link of README.md and docs/*.md names a file that exists, and an anchor of a heading there.
+Also: every file of the repository that the pages name (`configs/...yaml`, `benchmarks/...py`, `tests/...py`, ...)
+and every entry of the README's Layout listing exists, and every relative link names a file that exists, and an anchor of a heading there.
 """
 
 from __future__ import annotations
@@ -258,6 +259,51 @@ def test_webdataset_converter_command_runs(command: Command, tmp_path: Path) -> 
     out = Path(args[args.index("--out") + 1])
     assert info["num_samples"] == 5
     assert sorted(p.name for p in out.glob("*.tar")) == ["coco-000000.tar"]
+
+
+# a file of the repository named in a page's text or commands: a config, a benchmark, a test, a module
+NAMED_FILE = re.compile(
+    r"(?<![\w/.])((?:configs|benchmarks|tests|lightning_modules|datamodules|notebooks)/[\w./-]*\.(?:yaml|py|ipynb|sh))"
+)
+
+
+def test_named_files_exist() -> None:
+    named = {(page, m) for page in PAGES for m in NAMED_FILE.findall(page.read_text(encoding="utf-8"))}
+    assert (REPO / "README.md", "configs/mlm/quickstart.yaml") in named
+    missing = sorted(
+        f"{page.relative_to(REPO)}: {name}" for page, name in named if not (REPO / name).is_file()
+    )
+    assert not missing, missing
+
+
+def layout_paths(readme: str) -> list[str]:
+    """The files and folders of the README's Layout listing, as paths from the repository root: a line at the left
+    names a top-level entry; a line indented by two names entries of the last top-level folder (`text/`,
+    `components/encoder.py`, `optim.py, rng.py`); deeper lines continue a description."""
+    heading = readme.splitlines().index("## Layout") + 1
+    _, lines = next(b for b in code_blocks(readme) if b[0] > heading)
+    paths, folder = [], ""
+    for line in lines:
+        indent = len(line) - len(line.lstrip())
+        if not line.strip() or indent > 2:
+            continue
+        words = line.split()
+        names = [words[0]]
+        while names[-1].endswith(","):
+            names.append(words[len(names)])
+        names = [n.rstrip(",") for n in names]
+        if indent == 0:
+            folder = names[0] if names[0].endswith("/") else ""
+            paths += names
+        else:
+            paths += [folder + n for n in names]
+    return paths
+
+
+def test_layout_names_what_exists() -> None:
+    paths = layout_paths((REPO / "README.md").read_text(encoding="utf-8"))
+    assert {"cli.py", "lightning_modules/components/encoder.py", "datamodules/text/", "docs/"} <= set(paths)
+    assert not [p for p in paths if not (REPO / p).exists()]
 
 
 def slug(heading: str) -> str:
