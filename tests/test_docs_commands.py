@@ -6,7 +6,9 @@ The commands are read from the pages' fenced code blocks (`\\` continuations joi
   or `VAR=value`) run in-process through `cli.main` with `--print_config` appended: every `--config` file is read,
   every override is parsed against the system's and the DataModule's signatures and the config is composed,
   without building a model or reading data. A missing config file, an unknown key or a value the parser rejects
-  fails the case; each override that names a key of the printed config must show there with its value.
+  fails the case; each override that names a key of the printed config must show there with its value. (The
+  config is printed before the check that required values are set: a value the config leaves to the user, such
+  as the HuBERT folder of configs/speech/librispeech_hubert.yaml, need not be given.)
 * `export`, `export-hf` and `consolidate` parse their arguments and stop at the checkpoint, which does not exist.
 * `python -m datamodules.image.webdataset_shards` converts a generated five-image COCO set.
 
@@ -17,7 +19,8 @@ and a folder in `tmp_path`, and `--workers` becomes 0 (five images need no proce
 the CLI commands stay as they are: printing a config opens none of them.
 
 Also: every file of the repository that the pages name (`configs/...yaml`, `benchmarks/...py`, `tests/...py`, ...)
-and every entry of the README's Layout listing exists, and every relative link names a file that exists, and an anchor of a heading there.
+and every entry of the README's Layout listing exists; every relative link names a file that exists and, after
+`#`, a heading of it.
 """
 
 from __future__ import annotations
