@@ -35,7 +35,7 @@ from lightning_modules.components.speech_tower import LogMel
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.resilience import SYSTEM_CLASS_KEY
-from lightning_modules.strategies import STEP_METHODS, FSDP2Strategy, apply_fsdp2
+from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
 from tests.helpers import free_port, quiet_trainer, single_thread
 from tests.test_contrastive_ddp import IMAGE, SYSTEMS, TEXT, VOCAB, image_text_batches, speech_text_batch
 
@@ -72,48 +72,43 @@ def _pairs(module: torch.nn.Module) -> list[ContrastivePair]:
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
 
-def test_fsdp2_shards_each_contrastive_system_once_and_keeps_its_inputs(tmp_path: Path) -> None:
-    """One process: each system shards (no scalar parameter; the tri-modal text tower once), the root registers
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_fsdp2_shards_a_contrastive_system_once_and_keeps_its_inputs(system: str, tmp_path: Path) -> None:
+    """One process: the system shards (no scalar parameter; the tri-modal text tower once), the root registers
     only the step methods (train() and eval() gather nothing), and a bf16 training step under 32-true precision
     gives the waveforms to the log-mel front end in float32 and the loss of the unsharded float32 system."""
-    built = {name: build() for name, build in SYSTEMS.items()}
-    plain = {name: copy.deepcopy(module) for name, (module, _, _) in built.items()}
+    module, train, _ = SYSTEMS[system]()
+    plain = copy.deepcopy(module)
+    module.log = plain.log = lambda *args, **kwargs: None
+    # fully_shard splits every parameter along a dimension: none may be a scalar
+    assert all(p.ndim >= 1 for p in module.parameters())
     with world_of_one(tmp_path) as mesh:
-        for name, (module, train, _) in built.items():
-            # fully_shard splits every parameter along a dimension: none may be a scalar
-            assert all(p.ndim >= 1 for p in module.parameters()), name
-            units = apply_fsdp2(module, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            assert units[-1] is module and all(isinstance(p, DTensor) for p in module.parameters())
-            assert len({id(u) for u in units}) == len(units)
-            if name == "trimodal":  # one text tower object in both pairs, one unit
-                text = module.image_text.text
-                assert text is module.speech_text.text and isinstance(text, FSDPModule)
-                assert sum(u is text for u in units) == 1
-            # the root gathers around the steps Lightning calls; no other method, no submodule's method
-            assert _registered(module) == set(STEP_METHODS)
-            assert not any(_registered(m) for m in module.modules() if m is not module)
-            module.eval()
-            module.train()  # neither gathered: the root's parameters are still shards
-            assert all(isinstance(pair.log_scale, DTensor) for pair in _pairs(module))
+        units = apply_fsdp2(module, mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        assert len({id(u) for u in units}) == len(units)
+        if system == "trimodal":  # one text tower object in both pairs, one unit
+            text = module.image_text.text
+            assert text is module.speech_text.text and isinstance(text, FSDPModule)
+            assert sum(u is text for u in units) == 1
+        assert not any({"train", "eval"} & _registered(m) for m in module.modules())
+        module.eval()
+        module.train()  # neither gathered: every parameter is still a shard
+        assert all(isinstance(p, DTensor) for p in module.parameters())
+        # the system is the root, which gathers around the steps Lightning calls; no submodule's method
+        assert units[-1] is module
+        assert _registered(module) == {"training_step", "validation_step", "test_step", "predict_step"}
+        assert not any(_registered(m) for m in module.modules() if m is not module)
 
-            waveform_dtypes: list[torch.dtype] = []
-            for m in module.modules():
-                if isinstance(m, LogMel):
-                    m.register_forward_pre_hook(
-                        lambda _, args, seen=waveform_dtypes: seen.append(args[0].dtype)
-                    )
-            module.log = plain[name].log = lambda *args, **kwargs: None
-            loss = module.training_step(train, 0)
-            loss.backward()
-            expected = plain[name].training_step(train, 0)
-            torch.testing.assert_close(loss.float(), expected, **BF16_TOL)
-            if name != "image_text":
-                assert waveform_dtypes == [torch.float32]
-            for pair in _pairs(module):  # the temperature's gradient reached its shard
-                assert (
-                    pair.log_scale.grad is not None
-                    and torch.isfinite(pair.log_scale.grad.full_tensor()).all()
-                )
+        waveform_dtypes: list[torch.dtype] = []
+        for m in module.modules():
+            if isinstance(m, LogMel):
+                m.register_forward_pre_hook(lambda _, args: waveform_dtypes.append(args[0].dtype))
+        loss = module.training_step(train, 0)
+        loss.backward()
+        torch.testing.assert_close(loss.float(), plain.training_step(train, 0), **BF16_TOL)
+        assert waveform_dtypes == ([] if system == "image_text" else [torch.float32])
+        for pair in _pairs(module):  # the temperature's gradient reached its shard
+            grad = pair.log_scale.grad
+            assert grad is not None and torch.isfinite(grad.full_tensor()).all()
 
 
 def _old_format(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
