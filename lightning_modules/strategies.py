@@ -107,7 +107,7 @@ def tower_units(system: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp2(
-    system: L.LightningModule,
+    system: nn.Module,
     mesh: DeviceMesh | None = None,
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype | None = torch.float32,

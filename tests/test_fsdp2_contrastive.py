@@ -161,6 +161,9 @@ def test_checkpoints_with_a_scalar_temperature_load_and_resume(tmp_path: Path) -
         data = _loader([image_text_batches(torch.Generator().manual_seed(s))[0] for s in range(2)])
         trainer.fit(resumed, data, ckpt_path=path)
         assert resumed.pair.log_scale.shape == (1,)
+        # every moment is shaped as its parameter (fused AdamW would step a scalar one; its state would stay so)
+        for param, state in trainer.optimizers[0].state.items():
+            assert state["exp_avg"].shape == state["exp_avg_sq"].shape == param.shape
         finals.append(resumed.state_dict())
     for key, value in finals[0].items():
         assert torch.equal(finals[1][key], value), key
