@@ -175,6 +175,16 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
             for block in shard_units(self):
                 block.compile()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # AdamW's moments of a temperature or bias saved as a scalar, for its one-element vector (the weights
+        # themselves are reshaped by the pair's load hook); no parameter of these systems is a scalar now
+        for optimizer in checkpoint.get("optimizer_states", []):
+            for state in optimizer.get("state", {}).values():
+                for key, value in state.items():
+                    if key != "step" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                        state[key] = value.reshape(1)
+
     def towers(self) -> dict[str, tuple[nn.Module, TowerTraining]]:
         """Each tower (by its section's name) with its config; the subclass says where its towers are."""
         return {name: (getattr(self.pair, name), cfg) for name, cfg in self.tower_configs.items()}

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from packaging.version import Version
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
 
@@ -52,7 +53,9 @@ class CheckpointExtras(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
-        checkpoint[SYSTEM_CLASS_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        # the system's own class: FSDP2's root is an instance of a subclass `fully_shard` made
+        cls = next(c for c in type(self).__mro__ if not issubclass(c, FSDPModule))
+        checkpoint[SYSTEM_CLASS_KEY] = f"{cls.__module__}.{cls.__qualname__}"
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
         # CLIP's tokenizer (a whole-CLIP start) is not stored: the DataModule's settings name its source
         inner = getattr(getattr(dm, "tokenizer", None), "tokenizer", None)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import inspect
 import logging
 import os
 import re
@@ -27,10 +26,12 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torchaudio.models.conformer import ConformerLayer
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
@@ -104,6 +105,21 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
+# what Lightning calls on a system: FSDP gathers the root's parameters around these, as around a forward
+STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
+
+
+def tower_units(system: nn.Module) -> list[nn.Module]:
+    """The towers a system names (`towers()`), each once: the tri-modal system's two pairs share one text tower."""
+    towers = getattr(system, "towers", None)
+    if not callable(towers):
+        return []
+    units: dict[int, nn.Module] = {}
+    for module, _ in towers().values():
+        units.setdefault(id(module), module)
+    return list(units.values())
+
+
 def apply_fsdp2(
     system: nn.Module,
     mesh: DeviceMesh | None = None,
@@ -112,14 +128,25 @@ def apply_fsdp2(
     activation_checkpointing: bool = False,
     reshard_after_forward: bool = True,
 ) -> list[nn.Module]:
-    """Shard `system` in place with `fully_shard`: each block (`shard_units`) is one unit, then every top-level
-    child that holds parameters (embeddings, heads, projections) is a root unit over what is left. Returns the
-    units in the order sharded. With `activation_checkpointing` each block's forward is recomputed in backward.
+    """Shard `system` in place with `fully_shard`: each block (`shard_units`) is one unit, each tower
+    (`tower_units`) one over what its blocks leave, and the system itself the root over the rest (the
+    temperatures, the MLM's embeddings and heads). Returns the units in the order sharded. With
+    `activation_checkpointing` each block's forward is recomputed in backward.
+
+    The root's entry points are the step methods Lightning calls (`STEP_METHODS`, those the system defines), not
+    every method: `train()` and `eval()` gather nothing. Blocks cast their inputs (activations) to `param_dtype`;
+    the root passes batches on as they come, and a tower casts its inputs unless it reads them in float32
+    (`float32_inputs`: the log-mel speech tower's waveforms).
 
     One function for every system: the LightningModules call it from `configure_model` (through
     `CheckpointExtras`) when the trainer's strategy is `FSDP2Strategy`."""
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    kwargs = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+    def shard(module: nn.Module, cast_inputs: bool) -> None:
+        policy = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=cast_inputs
+        )
+        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
     # fully_shard refuses non-contiguous parameters: a channels-last image tower's convolutions are sharded in the
     # default format (their inputs stay channels-last; values and names are unchanged)
     for param in system.parameters():
@@ -129,35 +156,15 @@ def apply_fsdp2(
     if activation_checkpointing:
         units = [_checkpointed(system, unit) for unit in units]
     for unit in units:
-        fully_shard(unit, **kwargs)
-    roots = [
-        c for c in system.children() if any(True for _ in c.parameters()) and not isinstance(c, FSDPModule)
-    ]
-    for root in roots:
-        methods = _public_methods(type(root))  # of the model's class, before fully_shard subclasses it
-        fully_shard(root, **kwargs)
-        # the systems call their model's own methods (`pretraining_outputs`, a pair's `training_loss`), not only
-        # `forward`: FSDP must gather the root's parameters around those calls too
-        for name in methods:
-            register_fsdp_forward_method(root, name)
-    return [*units, *roots]
-
-
-def _public_methods(cls: type) -> list[str]:
-    """The plain methods a model class defines itself (and its bases up to nn.Module), forward aside."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if klass is nn.Module:
-            break
-        for name, value in vars(klass).items():
-            if (
-                inspect.isfunction(value)
-                and not name.startswith("_")
-                and name != "forward"
-                and name not in names
-            ):
-                names.append(name)
-    return names
+        shard(unit, cast_inputs=True)
+    towers = [t for t in tower_units(system) if any(not isinstance(p, DTensor) for p in t.parameters())]
+    for tower in towers:
+        shard(tower, cast_inputs=not getattr(tower, "float32_inputs", False))
+    methods = [name for name in STEP_METHODS if is_overridden(name, system, L.LightningModule)]
+    shard(system, cast_inputs=False)
+    for name in methods:
+        register_fsdp_forward_method(system, name)
+    return [*units, *towers, system]
 
 
 def _checkpointed(system: nn.Module, block: nn.Module) -> nn.Module:

@@ -96,13 +96,15 @@ class ContrastivePair(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
         self.loss_fn = build_loss(loss.name, **loss.options)
-        # the temperature is learned in log space: τ⁻¹ = exp(log_scale), clamped at max_logit_scale
-        self.log_scale = nn.Parameter(torch.tensor(math.log(loss.init_logit_scale)))
+        # the temperature is learned in log space: τ⁻¹ = exp(log_scale), clamped at max_logit_scale. It and the
+        # bias are one-element vectors, not scalars: FSDP2 shards parameters along a dimension
+        self.log_scale = nn.Parameter(torch.tensor([math.log(loss.init_logit_scale)]))
         self.logit_bias = (
-            nn.Parameter(torch.tensor(float(loss.init_logit_bias)))
+            nn.Parameter(torch.tensor([float(loss.init_logit_bias)]))
             if loss.init_logit_bias is not None
             else None
         )
+        self.register_load_state_dict_pre_hook(_one_element_temperature)
         self.max_log_scale = math.log(loss.max_logit_scale)
         self.prefixes = prefixes
         self.retrieval = nn.ModuleDict(
@@ -123,7 +125,13 @@ class ContrastivePair(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        """τ⁻¹, a scalar."""
+        return self.log_scale.clamp(max=self.max_log_scale).exp().reshape(())
+
+    @property
+    def scalar_bias(self) -> Tensor | None:
+        """SigLIP's logit bias as a scalar; None without one."""
+        return None if self.logit_bias is None else self.logit_bias.reshape(())
 
     def rows(self, batch: dict) -> int:
         return len(batch[self.rows_key])
@@ -144,7 +152,7 @@ class ContrastivePair(nn.Module):
         b = F.normalize(e.b.float(), dim=-1)
         if e.pair_index is not None:
             b = b[e.pair_index]
-        loss = self.loss_fn(a, b, self.logit_scale, self.logit_bias, ids=e.a_groups, sizes=sizes)
+        loss = self.loss_fn(a, b, self.logit_scale, self.scalar_bias, ids=e.a_groups, sizes=sizes)
         # over zero rows the library's mean is 0 / 0; its gathers have run, and the gradient stays connected
         return torch.nan_to_num(loss, nan=0.0) if len(a) == 0 else loss
 
@@ -185,3 +193,11 @@ class ContrastivePair(nn.Module):
             for lo, hi in zip(bounds, bounds[1:])
             if hi > lo
         ]
+
+
+def _one_element_temperature(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Checkpoints that hold the temperature and the bias as scalars load into their one-element vectors."""
+    for name in ("log_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, Tensor) and value.ndim == 0:
+            state_dict[prefix + name] = value.reshape(1)

@@ -220,6 +220,9 @@ class MaskedConformer(nn.Module):
 class SpeechTower(nn.Module):
     """Waveforms (B, T) + lengths (B,) in samples -> (B, embed_dim) utterance embeddings (not normalised)."""
 
+    float32_inputs = True
+    """The log-mel front end reads the waveforms in float32: a mixed-precision wrapper must not cast them."""
+
     def __init__(
         self, cfg: SpeechTowerConfig, embed_dim: int, encoder_cfg: EncoderConfig | None = None
     ) -> None:
@@ -270,7 +273,8 @@ class SpeechTower(nn.Module):
         if self.training and len(self.spec_augment):
             # (B, F, N) for torchaudio; a mask landing on padding is harmless: the subsampling re-zeroes it
             x = self.spec_augment(x.transpose(1, 2)).transpose(1, 2)
-        x, frames = self.subsample(x, frames)
+        # float32 features into the subsampling in its weights' dtype (bf16 when FSDP2 gathers them so)
+        x, frames = self.subsample(x.to(self.subsample.conv1.weight.dtype), frames)
         mask = lengths_to_mask(frames, x.shape[1])
         # scaled by √d as in the Transformer paper, so the positions do not drown the content at init
         x = x * self.input_scale + sinusoidal_positions(x.shape[1], x.shape[2], x.device).to(x.dtype)
