@@ -127,12 +127,13 @@ class CocoCaptionsDataModule(LightningDataModule):
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
             (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files (plain, or
-            gzip-compressed as .tar.gz / .tgz), as written by `python -m datamodules.image.webdataset_shards`; or remote: URLs (`https://host/coco-{000000..000023}.tar`,
-            `s3://`, `gs://` through fsspec) or `pipe:COMMAND` writing a shard to its output
-            (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`). They are streamed, split by rank and
-            DataLoader worker; validation and test still read the folder layout. Without `tokenizer`, the vocabulary
-            is trained on the training split's annotations when they exist, else on the captions stored in the
-            shards (which reads every shard once: for large remote sets pass `tokenizer`).
+            gzip-compressed as .tar.gz / .tgz), as written by `python -m datamodules.image.webdataset_shards`; or
+            remote: URLs (`https://host/coco-{000000..000023}.tar`, `s3://`, `gs://` through fsspec) or
+            `pipe:COMMAND` writing a shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`).
+            They are streamed, split by rank and DataLoader worker; validation and test still read the folder
+            layout. Without `tokenizer`, the vocabulary is trained on the training split's annotations when they
+            exist, else on the captions stored in the shards (which reads every shard once: for large remote sets
+            pass `tokenizer`).
         train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
             (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
         shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing

@@ -46,6 +46,7 @@ items (counted as skipped images), so every rank keeps the same number of steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import io
@@ -365,10 +366,11 @@ def _expand_braces(spec: str) -> list[str]:
 
 def expand_shards(spec: str) -> list[str]:
     """Shards from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every .tar,
-    .tar.gz and .tgz in it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through fsspec; a glob or
-    a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the shard to its
-    output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a named
-    local shard is missing; remote shards named by braces are not checked here (one request each) but when read.
+    .tar.gz and .tgz in it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through
+    fsspec; a glob or a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the
+    shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a
+    named local shard is missing; remote shards named by braces are not checked here (one request each) but when
+    read.
     """
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
@@ -552,12 +554,16 @@ def first_readable(shards: Sequence[str], tries: int = 16, caption_key: str | No
     errors: list[str] = []
     for url in shards[:tries]:
         try:
-            samples = iter_tar_samples(url, limit=1 if caption_key is None else CAPTION_CHECK)
+            if caption_key is None:
+                samples = iter_tar_samples(url, limit=1, read=lambda ext: False)
+            else:
+                samples = iter_tar_samples(url, limit=CAPTION_CHECK)
             first = None
-            for sample in samples:
-                first = first or sample
-                if caption_key is None or _sample_captions(sample, caption_key)[1]:
-                    return url
+            with contextlib.closing(samples):  # closes the shard (ends a pipe: command) on an early return
+                for sample in samples:
+                    first = first or sample
+                    if caption_key is None or _sample_captions(sample, caption_key)[1]:
+                        return url
             if first is not None:
                 members = ", ".join(sorted(k for k in first if not k.startswith("__")))
                 raise ValueError(
@@ -788,9 +794,10 @@ class ShardStream(IterableDataset):
         caption_key: where a sample's caption is: a member's extension (`txt`) or `json:FIELD` (see
             `parse_caption_key`); the converter's json record, with every caption of an image, is used first.
 
-    A sample without an image or a caption member is skipped, logged with its reason and counted as a skipped
-    image; shards whose first samples hold no caption at all stop the run before it starts. A shard skipped after its retries is logged by name and counted in `skipped_shards`; the samples it did not
-    give are made up at the end of the run by None items, so every rank still takes the same number of steps.
+    A sample without an image or a caption member is skipped, logged with its reason and counted as a skipped image;
+    shards whose first samples hold no caption at all stop the run before it starts. A shard skipped after its
+    retries is logged by name and counted in `skipped_shards`; the samples it did not give are made up at the end of
+    the run by None items, so every rank still takes the same number of steps.
     """
 
     def __init__(
