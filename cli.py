@@ -37,6 +37,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 # the task packages must be importable for class_path resolution
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
+from datamodules.image.webdataset_shards import ShardUnreadable
 from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
@@ -331,6 +332,7 @@ ACTIONABLE = (
     NotADirectoryError,
     MisconfigurationException,
     ValueError,
+    ShardUnreadable,  # raised only before the run: a wrong address, or files that are not tars
 )
 
 

@@ -126,17 +126,23 @@ class CocoCaptionsDataModule(LightningDataModule):
             (quickstart); only into a root that is new, empty or a generated set, any other is refused.
         min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
         train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
-            (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files, as written by
-            `python -m datamodules.image.webdataset_shards`; or remote: URLs (`https://host/coco-{000000..000023}.tar`,
-            `s3://`, `gs://` through fsspec) or `pipe:COMMAND` writing a shard to its output
-            (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`). They are streamed, split by rank and
-            DataLoader worker; validation and test still read the folder layout. Without `tokenizer`, the vocabulary
-            is trained on the training split's annotations when they exist, else on the captions stored in the
-            shards (which reads every shard once: for large remote sets pass `tokenizer`).
+            (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files (plain, or
+            gzip-compressed as .tar.gz / .tgz), as written by `python -m datamodules.image.webdataset_shards`; or
+            remote: URLs (`https://host/coco-{000000..000023}.tar`, `s3://`, `gs://` through fsspec) or
+            `pipe:COMMAND` writing a shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`).
+            They are streamed, split by rank and DataLoader worker; validation and test still read the folder
+            layout. Without `tokenizer`, the vocabulary is trained on the training split's annotations when they
+            exist, else on the captions stored in the shards (which reads every shard once: for large remote sets
+            pass `tokenizer`).
         train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
             (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
         shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
             after the samples it gave) before it is skipped, logged by name and counted in `skipped_shards`.
+        caption_key: where a shard sample's caption is: `txt` (the member `KEY.txt`, as img2dataset writes it),
+            another member's extension (`caption`, ...), or `json:FIELD` for a field of the json member (a string
+            or a list of strings: `json:caption`). The converter's json record, with every caption of an image,
+            is used whatever this says. Shards whose first samples have no caption there stop before training,
+            naming the shard and the members its samples hold; a later sample without one is a logged skip.
         predict_split: `predict` embeds this split's images and all their captions (keys: COCO image and
             caption ids); with `karpathy_json`, a role: train, val or test.
         predict_images: `predict` embeds the images of this folder (recursively; keys: paths relative to it);
@@ -172,6 +178,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         shuffle_buffer: int = 1000,
         train_num_samples: int | None = None,
         shard_retries: int = 2,
+        caption_key: str = "txt",
         predict_split: str | None = None,
         predict_images: str | None = None,
         predict_texts: str | None = None,
@@ -203,6 +210,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.train_num_samples = train_num_samples
         self.shard_retries = shard_retries
+        self.caption_key = caption_key
         self.predict_inputs = {"split": predict_split, "images": predict_images, "texts": predict_texts}
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
@@ -296,7 +304,8 @@ class CocoCaptionsDataModule(LightningDataModule):
             log.info(
                 "no training annotations under %s: training the vocabulary on the shards' captions", self.root
             )
-            return list(shard_captions(expand_shards(self.train_shards), retries=self.shard_retries))
+            shards = expand_shards(self.train_shards)
+            return list(shard_captions(shards, retries=self.shard_retries, caption_key=self.caption_key))
         return [c for r in self.records("train") for c in r.captions]
 
     @property
@@ -350,6 +359,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             world_size=world,
             num_samples=self.train_num_samples,
             retries=self.shard_retries,
+            caption_key=self.caption_key,
         )
 
     @property

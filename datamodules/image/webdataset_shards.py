@@ -28,6 +28,12 @@ start, repeating a few samples (with a warning). A worker shuffles its run throu
 encoded samples, then decodes and transforms them with the map-style path's functions and draws one caption
 per image with the same rule, so shards and image folder give the same caption for an image in an epoch.
 
+Shards may be gzip-compressed (`.tar.gz`, `.tgz`, as webdataset's own samples are): tar decompresses them as it
+reads. Where a sample's caption is, is a setting (`caption_key`): the `txt` member by default, any other member
+by its extension, or `json:FIELD`, a field of the json member. A sample without an image or a caption is
+skipped, logged with the reason and counted as a skipped image; a shard set whose first samples hold no caption
+at all (a classification set: `png` + `cls`) stops before the run, naming the shard and the members it holds.
+
 Remote shards (`https://`, `s3://`, `gs://` through fsspec, or `pipe:COMMAND`) stream the same way, each shard
 read once from start to end in tar's stream mode. The runs need every shard's sample count before anything is
 read: it comes from `_info.json` / `sizes.json` beside the shards (fetched once per folder), else from
@@ -40,6 +46,7 @@ items (counted as skipped images), so every rank keeps the same number of steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import hashlib
 import io
@@ -81,6 +88,7 @@ INFO_FILE = "_info.json"
 SIZES_FILE = "sizes.json"  # open_clip's per-shard sample counts
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 RETRY_DELAY = 1.0  # seconds before a shard's first retry, doubled at each further one
+CAPTION_CHECK = 16  # samples of the first readable shard looked at for a caption before a run starts
 T = TypeVar("T")
 
 # Lightning warns that an IterableDataset's length "could be inaccurate" with several workers; a ShardStream's
@@ -297,6 +305,7 @@ def coco_to_shards(
 # reading ------------------------------------------------------------------------------------------------------
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder of shards is listed for
 
 
 class ShardUnreadable(OSError):
@@ -356,11 +365,12 @@ def _expand_braces(spec: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shards from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every .tar in
-    it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through fsspec; a glob or
-    a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the shard to its
-    output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a named
-    local shard is missing; remote shards named by braces are not checked here (one request each) but when read.
+    """Shards from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every .tar,
+    .tar.gz and .tgz in it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through
+    fsspec; a glob or a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the
+    shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a
+    named local shard is missing; remote shards named by braces are not checked here (one request each) but when
+    read.
     """
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
@@ -369,11 +379,10 @@ def expand_shards(spec: str) -> list[str]:
         if "{" in spec or not ("*" in spec.split("?")[0] or spec.endswith("/")):
             return _expand_braces(spec)
         fs, path = _fsspec().core.url_to_fs(spec)
-        paths = sorted(
-            fs.unstrip_protocol(p) for p in fs.glob(path + "*.tar" if spec.endswith("/") else path)
-        )
+        listed = [path + f"*{s}" for s in SHARD_SUFFIXES] if spec.endswith("/") else [path]
+        paths = sorted({fs.unstrip_protocol(p) for pattern in listed for p in fs.glob(pattern)})
     elif os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        paths = sorted(p for s in SHARD_SUFFIXES for p in glob.glob(os.path.join(spec, f"*{s}")))
     elif glob.has_magic(spec) and "{" not in spec:
         paths = sorted(glob.glob(spec))
     else:
@@ -434,6 +443,20 @@ def _split_name(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem), ext.lower()
 
 
+def _open_tar(source: Any, path: str, stream: bool) -> tarfile.TarFile:
+    """`source` as a tar, plain or compressed; a local file that is neither says what it starts with."""
+    try:
+        return tarfile.open(fileobj=source, mode="r|*" if stream else "r:*")
+    except tarfile.ReadError:
+        if stream:
+            raise
+        source.seek(0)
+        head = source.read(24)
+        raise tarfile.ReadError(
+            f"not a tar file, plain or compressed ({f'it starts with {head!r}' if head else 'it is empty'})"
+        ) from None
+
+
 def iter_tar_samples(
     path: str,
     skip: int = 0,
@@ -443,15 +466,17 @@ def iter_tar_samples(
     """The samples of one shard, in file order, as {"__key__", "__url__", extension: bytes, ...}.
 
     The first `skip` samples are passed over without keeping their data, at most `limit` samples are given, and
-    only members whose extension `read` accepts are read. A local shard is opened as a file and skipped
-    samples are seeked over; a URL or `pipe:` shard is read as a stream (tar's stream mode), skipped samples
+    only members whose extension `read` accepts are read. Plain and compressed (`.tar.gz`, `.tgz`) tars are read
+    alike. A local shard is opened as a file and skipped samples are seeked over (decompressed and dropped when
+    compressed); a URL or `pipe:` shard is read as a stream (tar's stream mode), skipped samples
     downloaded and dropped. A shard cut short raises (tarfile.ReadError, OSError or the HTTP client's error)
     before its last, possibly incomplete, sample is given.
     """
     remote = _RemoteBytes(path) if is_remote(path) else None
     source: Any = remote if remote is not None else open(path, "rb")  # noqa: SIM115 (closed below)
     try:
-        with tarfile.open(fileobj=source, mode="r|*" if remote else "r:") as tar:
+        # "*": plain or compressed (gzip, as webdataset's own samples are; bzip2, xz), told by the magic bytes
+        with _open_tar(source, path, remote is not None) as tar:
             index, key, sample = -1, None, {}
             for member in tar:
                 if not member.isfile():
@@ -470,11 +495,12 @@ def iter_tar_samples(
                     sample[ext] = f.read()
             # tarfile takes a stream that stops between two members (or inside a header) for the end of the
             # archive: only the zero block that ends a tar says it is whole.
-            if remote is not None:
+            if remote is not None or tar.fileobj is not source:  # a stream, or a decompressing reader
                 while tar.fileobj.read(1 << 16):
                     pass
                 end = tar.fileobj.tell()  # bytes of tar data (after decompression)
-                remote.check_exit()
+                if remote is not None:
+                    remote.check_exit()
             else:
                 end = os.fstat(source.fileno()).st_size
             if end < tar.offset + tarfile.BLOCKSIZE:
@@ -519,14 +545,32 @@ def read_shard(
             time.sleep(delay * 2**attempt)
 
 
-def first_readable(shards: Sequence[str], tries: int = 16) -> str:
+def first_readable(shards: Sequence[str], tries: int = 16, caption_key: str | None = None) -> str:
     """The first of `shards` whose first sample reads; a one-line `ShardUnreadable` when none of the first
-    `tries` does (a wrong address or missing credentials fail every shard alike)."""
+    `tries` does (a wrong address, missing credentials or files that are not tars fail every shard alike).
+
+    With `caption_key`, a ValueError naming the shard and the members its samples hold when none of its first
+    `CAPTION_CHECK` samples has a caption there (a classification set, or the caption under another name)."""
     errors: list[str] = []
     for url in shards[:tries]:
         try:
-            for _ in iter_tar_samples(url, limit=1, read=lambda ext: False):
-                pass
+            if caption_key is None:
+                samples = iter_tar_samples(url, limit=1, read=lambda ext: False)
+            else:
+                samples = iter_tar_samples(url, limit=CAPTION_CHECK)
+            first = None
+            with contextlib.closing(samples):  # closes the shard (ends a pipe: command) on an early return
+                for sample in samples:
+                    first = first or sample
+                    if caption_key is None or _sample_captions(sample, caption_key)[1]:
+                        return url
+            if first is not None:
+                members = ", ".join(sorted(k for k in first if not k.startswith("__")))
+                raise ValueError(
+                    f"{url}: no caption in its first samples for data.caption_key={caption_key!r} (sample "
+                    f"{first['__key__']} holds {members}): set data.caption_key to the member holding the "
+                    "caption (txt, ...) or json:FIELD for a field of the json member"
+                )
             return url
         except READ_ERRORS as err:
             errors.append(" ".join(f"{url}: {type(err).__name__}: {err}".split()))
@@ -634,15 +678,42 @@ def shard_sizes(paths: Sequence[str], num_samples: int | None = None) -> list[in
             )
         log.info("%d shards have no sample counts beside them: counting their samples", len(unknown))
         for p in unknown:
-            known[p] = sum(1 for _ in iter_tar_samples(p, read=lambda ext: False))
+            try:
+                known[p] = sum(1 for _ in iter_tar_samples(p, read=lambda ext: False))
+            except READ_ERRORS as err:
+                raise ShardUnreadable(f"{p}: cannot count its samples: {type(err).__name__}: {err}") from None
     return [known[p] for p in paths]
 
 
-def _sample_captions(sample: dict[str, Any]) -> tuple[int | None, list[str], list[int]]:
+def parse_caption_key(caption_key: str) -> tuple[str, str | None]:
+    """(member extension, field of its JSON or None) of a caption setting: `txt` (a member of UTF-8 text, by
+    its extension) or `json:FIELD` (a field of the json member: a string or a list of strings)."""
+    member, colon, field = caption_key.partition(":")
+    member = member.strip().lower()
+    if not member or (colon and (member != "json" or not field)):
+        raise ValueError(
+            f"data.caption_key={caption_key!r}: expected a member's extension (txt, caption, ...) or json:FIELD "
+            "(a field of the json member, e.g. json:caption)"
+        )
+    return member, field or None
+
+
+def _sample_captions(
+    sample: dict[str, Any], caption_key: str = "txt"
+) -> tuple[int | None, list[str], list[int]]:
+    """(image id or None, captions, caption ids) of a sample. The converter's json record (`captions` with their
+    `caption_ids`) is used whatever `caption_key` says; otherwise the member or json field it names."""
+    member, field = parse_caption_key(caption_key)
     meta = json.loads(sample["json"]) if "json" in sample else {}
+    meta = meta if isinstance(meta, dict) else {}
     captions = meta.get("captions")
-    if captions is None:  # shards of another tool: the .txt caption, or img2dataset's "caption" field
-        text = sample["txt"].decode("utf-8") if "txt" in sample else meta.get("caption") or ""
+    if captions is None and field is not None:
+        value = meta.get(field)
+        captions = value if isinstance(value, list) else [value]
+    elif captions is None:  # shards of another tool: the member's text, or img2dataset's "caption" field
+        text = sample[member].decode("utf-8", errors="replace") if member in sample else None
+        if text is None and member == "txt":
+            text = meta.get("caption")
         captions = [text]
     image_id = meta.get("image_id")
     caption_ids = meta.get("caption_ids") or [-1] * len(captions)
@@ -651,16 +722,21 @@ def _sample_captions(sample: dict[str, Any]) -> tuple[int | None, list[str], lis
     return image_id, [c for c, _ in pairs], [cid for _, cid in pairs]
 
 
-def shard_captions(paths: Iterable[str], retries: int = 2, retry_delay: float | None = None) -> Iterator[str]:
-    """Every caption stored in the shards, keeping only their .json and .txt members. Remote shards are read
+def shard_captions(
+    paths: Sequence[str], retries: int = 2, retry_delay: float | None = None, caption_key: str = "txt"
+) -> Iterator[str]:
+    """Every caption stored in the shards, keeping only their json and caption members. Remote shards are read
     whole (a tar stream cannot skip the images). A shard still unreadable after `retries` raises: a vocabulary
-    trained without it would differ from the one other ranks train, each reading the shards itself."""
+    trained without it would differ from the one other ranks train, each reading the shards itself. Shards
+    whose first samples hold no caption raise a ValueError (see `first_readable`)."""
+    member, _ = parse_caption_key(caption_key)
+    first_readable(paths, caption_key=caption_key)
     for path in paths:
         try:
             for sample in read_shard(
-                path, read=lambda ext: ext in ("json", "txt"), retries=retries, retry_delay=retry_delay
+                path, read=lambda ext: ext in ("json", member), retries=retries, retry_delay=retry_delay
             ):
-                yield from _sample_captions(sample)[1]
+                yield from _sample_captions(sample, caption_key)[1]
         except ShardUnreadable as err:
             raise ShardUnreadable(
                 f"the vocabulary is trained on the captions of every shard, and one cannot be read: {err}; "
@@ -715,9 +791,13 @@ class ShardStream(IterableDataset):
         num_samples: samples in all the shards, for shards without sizes files (`train_num_samples`).
         retries: times a shard that fails to open or is cut short is opened again before it is skipped.
         retry_delay: seconds before the first retry of a shard, doubled at each further one; None: RETRY_DELAY.
+        caption_key: where a sample's caption is: a member's extension (`txt`) or `json:FIELD` (see
+            `parse_caption_key`); the converter's json record, with every caption of an image, is used first.
 
-    A shard skipped after its retries is logged by name and counted in `skipped_shards`; the samples it did not
-    give are made up at the end of the run by None items, so every rank still takes the same number of steps.
+    A sample without an image or a caption member is skipped, logged with its reason and counted as a skipped image;
+    shards whose first samples hold no caption at all stop the run before it starts. A shard skipped after its
+    retries is logged by name and counted in `skipped_shards`; the samples it did not give are made up at the end of
+    the run by None items, so every rank still takes the same number of steps.
     """
 
     def __init__(
@@ -734,10 +814,14 @@ class ShardStream(IterableDataset):
         num_samples: int | None = None,
         retries: int = 2,
         retry_delay: float | None = None,
+        caption_key: str = "txt",
     ) -> None:
+        parse_caption_key(caption_key)
         self.shards = list(shards)
+        self.caption_key = caption_key
         self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards, num_samples)
-        first_readable(self.shards)  # a wrong address fails here, in one line, not as a run of empty batches
+        # a wrong address or a set without captions fails here, in one line, not as a run of empty batches
+        first_readable(self.shards, caption_key=caption_key)
         self.num_samples = sum(self.sizes)
         if self.num_samples == 0:
             raise ValueError(f"the {len(self.shards)} shards hold no samples (the first: {self.shards[0]})")
@@ -873,7 +957,7 @@ class ShardStream(IterableDataset):
     def _decode(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
         key, url = sample["__key__"], sample["__url__"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        image_id, captions, caption_ids = _sample_captions(sample)
+        image_id, captions, caption_ids = _sample_captions(sample, self.caption_key)
         if image_id is None:
             # Another tool's shards: the key is the id (the loss takes equal ids for the same image), its number
             # when numeric (img2dataset), else a stable 48-bit hash of it.
@@ -881,20 +965,22 @@ class ShardStream(IterableDataset):
             image_id = int(stem) if stem.isdigit() else int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
         name = f"{url}:{key}.{ext}"
         if ext is None or not captions:
-            self._warn(name, image_id, "no image member" if ext is None else "no caption")
+            members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+            why = "no image member" if ext is None else f"no caption for caption_key={self.caption_key!r}"
+            self._warn(f"sample {url}:{key}", image_id, f"{why} (it holds {members})")
             return None
         try:
             pixels = decode_rgb(sample[ext])
         except Exception as err:  # one bad image must not end the run
-            self._warn(name, image_id, str(err))
+            self._warn(f"unreadable image {name}", image_id, str(err))
             return None
         record = CaptionedImage(image_id, name, tuple(captions), tuple(caption_ids))
         return caption_item(record, self.transform(pixels), True, self.seed, epoch)
 
-    def _warn(self, name: str, image_id: int, why: str) -> None:
-        if name not in self._warned:
-            self._warned.add(name)
-            log.warning("skipping unreadable image %s (image id %d): %s", name, image_id, why)
+    def _warn(self, what: str, image_id: int, why: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("skipping %s (image id %d): %s", what, image_id, why)
 
 
 class ShardLoader(DataLoader):
