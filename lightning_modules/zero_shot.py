@@ -192,11 +192,14 @@ class ZeroShotClassifier(L.LightningModule):
         return self.class_embeds
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, C) cosines between images and classes."""
+        """(B, 3, H, W) uint8 pixels (the image tower normalises them) -> (B, C) cosines between images and classes."""
         return self.model.encode_image(images).float() @ self.class_embeds.T
 
     # evaluation ---------------------------------------------------------------------------------
     def _start(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.model is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
+            self.model.pair.image.check_data(dict(getattr(dm, "hparams", {})), "data")
         names = self.class_names()
         self.build_classes(names)
         n = len(names)
