@@ -20,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -242,7 +243,9 @@ def eval_transform(image_size: int, resize: Resize = "tensor") -> v2.Compose:
     if resize == "pil":
         steps = [v2.ToPILImage(), v2.Resize(image_size, interpolation=bicubic), v2.PILToTensor()]
     else:
-        steps = [v2.Resize(image_size * 256 // 224, interpolation=bilinear, antialias=True)]
+        # the preset's own (v1) resize: it resamples uint8 in float and rounds, where v2's uint8 kernel differs
+        # by a grey level here and there
+        steps = [transforms.Resize(image_size * 256 // 224, interpolation=bilinear, antialias=True)]
     return v2.Compose([*steps, v2.CenterCrop(image_size)])
 
 

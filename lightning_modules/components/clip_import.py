@@ -225,7 +225,9 @@ def load_image_backbone(
         _need(init, where, name=False)
         model = load_hf_clip(init.path, where, vision_only=True)
         projection = getattr(model, "visual_projection", None)
-        backbone = HFVision(model.vision_model, projection, hf_pixel_stats(init.path))
+        # transformers 5's CLIPVisionModel is the vision transformer itself; CLIPModel holds one
+        vision = getattr(model, "vision_model", model)
+        backbone = HFVision(vision, projection, hf_pixel_stats(init.path))
     else:
         raise ValueError(
             f"{where}.init.source {init.source!r} is not an image source; use torchvision, open_clip or hf"
