@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from datamodules.image.coco import eval_transform, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.image.imagefolder_datamodule import ImageFolderDataModule
+from lightning_modules.callbacks import to_picture
 from lightning_modules.components.image_tower import (
     CLIP_MEAN,
     CLIP_STD,
@@ -119,6 +120,10 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     for name, batch in batches.items():
         assert batch["images"].dtype == torch.uint8, name
         assert batch["images"].shape[1:] == (3, 32, 32) and batch["images"].max() > 1, name
+    # the W&B examples and the notebook show a batch's pixels as they are
+    assert np.array_equal(
+        to_picture(batches["val"]["images"][0]), batches["val"]["images"][0].permute(1, 2, 0)
+    )
 
     workers = _coco(root, tmp_path, num_workers=2)
     assert workers.train_dataloader().persistent_workers
@@ -372,3 +377,29 @@ def test_torchvision_tower_embeds_full_size_photos_as_torchvision(photos: list[P
         want = ref(torch.stack([weights.transforms()(p) for p in pixels]))
     distance = 1 - F.cosine_similarity(ours, want, dim=-1)
     assert distance.max().item() <= 1e-6, distance.tolist()
+
+
+def test_a_checkpoint_whose_datamodule_named_its_normalisation_keeps_it(tmp_path: Path) -> None:
+    """A checkpoint whose DataModule normalised with its own mean and std (ImageNet's here) rebuilds a tower that
+    normalises with the same: zero-shot, export and probes see the pixels the model trained on."""
+    from lightning_modules.components.text_tower import TextTowerConfig
+    from lightning_modules.image_text_module import image_text_from_checkpoint
+
+    model = ImageTextModule(
+        vocab_size=100,
+        embed_dim=16,
+        image=ImageTowerConfig("vit_tiny", image_size=32, layers=1),
+        text=TextTowerConfig("tiny", layers=1, heads=2, max_len=16),
+    )
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "datamodule_hyper_parameters": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        },
+        tmp_path / "trained.ckpt",
+    )
+    loaded, _ = image_text_from_checkpoint(tmp_path / "trained.ckpt", "zero-shot")
+    assert torch.equal(loaded.pair.image.pixel_mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.equal(loaded.pair.image.pixel_std.flatten(), torch.tensor(IMAGENET_STD))
+    assert torch.equal(model.pair.image.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))  # scratch default

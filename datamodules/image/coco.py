@@ -209,11 +209,16 @@ Resize = Literal["tensor", "pil", "torchvision"]
 
     tensor       Hugging Face CLIPImageProcessor (transformers' torchvision backend): shorter side to the crop size
                  with torchvision's antialiased bicubic on the uint8 tensor, crop offset rounded down.
-    pil          open_clip's preprocessing (resize_mode shortest, bicubic): shorter side to the crop size with
-                 Pillow's bicubic, crop offset rounded half to even (torchvision's CenterCrop).
-    torchvision  torchvision's ImageClassification preset with its defaults (the IMAGENET1K_V1 weights): shorter
-                 side to 256/224 of the crop size with antialiased bilinear on the tensor, torchvision's CenterCrop.
-                 Weights whose preset resizes otherwise (232 for IMAGENET1K_V2, bicubic SWAG) are approximated.
+    pil          open_clip's preprocessing (resize_mode shortest, bicubic, what `create_model_and_transforms`
+                 gives a checkpoint file): shorter side to the crop size with Pillow's bicubic, crop offset rounded
+                 half to even (torchvision's CenterCrop). Models whose pretrained config squashes or letterboxes
+                 (resize_mode squash / longest) are approximated.
+    torchvision  torchvision's ImageClassification preset with its defaults (the IMAGENET1K_V1 weights) on decoded
+                 tensors: shorter side to 256/224 of the crop size with antialiased bilinear, torchvision's
+                 CenterCrop. Weights whose preset resizes otherwise (232 for IMAGENET1K_V2, bicubic SWAG), or the
+                 preset run on PIL images (Pillow's bilinear), are approximated.
+
+Every mode decodes with torchvision (`decode_rgb`), whose JPEG and PNG pixels are Pillow's.
 """
 
 
