@@ -199,7 +199,16 @@ class ZeroShotClassifier(L.LightningModule):
     def _start(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if self.model is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
-            self.model.pair.image.check_data(dict(getattr(dm, "hparams", {})), "data")
+            data, tower = dict(getattr(dm, "hparams", {})), self.model.pair.image
+            tower.check_data(data, "data")
+            want = tower.reference_resize
+            if want and data.get("resize", "tensor") != want:
+                log.warning(
+                    "data.resize (%s) is not %s, the mode of the image tower's source: its crops differ from the "
+                    "reference preprocessing by resampling or a pixel",
+                    data.get("resize", "tensor"),
+                    want,
+                )
         names = self.class_names()
         self.build_classes(names)
         n = len(names)

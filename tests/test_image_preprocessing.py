@@ -321,13 +321,10 @@ def _reference_embeddings(source: str, clip_224: dict[str, Path], photos: list[P
         return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
 
 
-@pytest.mark.parametrize("source", ["open_clip", "hf"])
-def test_whole_clip_embeds_full_size_photos_as_its_library(
-    source: str, clip_224: dict[str, Path], photos: list[Path], tmp_path: Path
-) -> None:
-    """A whole-CLIP start (model.init_clip) embedding photos through the predict path (the DataModule's
-    predict_images loader with the source's data.resize, predict_step) gives its library's embeddings:
-    1 - cos <= 1e-6 in fp32 for every photo, odd crop margins included (a one-pixel shift costs ~1e-3)."""
+def _predicted_distances(source: str, clip_224: dict[str, Path], photos: list[Path]) -> dict[str, float]:
+    """1 - cos between the reference embeddings of `photos` (one folder, in file-name order) and those of a
+    whole-CLIP start (model.init_clip) through the predict path: the DataModule's predict_images loader with
+    the source's data.resize, then predict_step."""
     init = (
         TowerInit("open_clip", str(clip_224["open_clip"]), OPEN_CLIP_224) if source == "open_clip" else None
     )
@@ -338,7 +335,7 @@ def test_whole_clip_embeds_full_size_photos_as_its_library(
     resize = module.clip_preprocess["resize"]
     assert resize == {"open_clip": "pil", "hf": "tensor"}[source]
     dm = CocoCaptionsDataModule(
-        str(tmp_path / "no_coco"),
+        str(photos[0].parent / "no_coco"),
         image_size=224,
         resize=resize,
         eval_batch_size=len(photos),
@@ -351,7 +348,28 @@ def test_whole_clip_embeds_full_size_photos_as_its_library(
         keys, ours = module.predict_step(next(iter(loader)), 0)["embeddings"]["image"]
     assert keys == [p.name for p in photos]
     distance = 1 - (ours * _reference_embeddings(source, clip_224, photos)).sum(-1)
-    assert distance.max().item() <= 1e-6, dict(zip(keys, distance.tolist()))
+    return dict(zip(keys, distance.tolist()))
+
+
+@pytest.mark.parametrize("source", ["open_clip", "hf"])
+def test_whole_clip_embeds_full_size_photos_as_its_library(
+    source: str, clip_224: dict[str, Path], photos: list[Path]
+) -> None:
+    """A whole-CLIP start embeds photos of odd and even crop margins as its library's own preprocessing and
+    encoder do: 1 - cos <= 1e-6 in fp32 for every photo (a one-pixel shift of the crop costs ~1e-3)."""
+    distances = _predicted_distances(source, clip_224, photos)
+    assert max(distances.values()) <= 1e-6, distances
+
+
+REAL_COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "coco" / "val2017"
+
+
+@pytest.mark.skipif(not REAL_COCO.is_dir(), reason="no genuine COCO sample (../shared/data/real)")
+@pytest.mark.parametrize("source", ["open_clip", "hf"])
+def test_whole_clip_embeds_genuine_coco_photos_as_its_library(source: str, clip_224: dict[str, Path]) -> None:
+    """The same on the 20 genuine COCO val2017 JPEGs of the shared sample, four of which have odd crop margins."""
+    distances = _predicted_distances(source, clip_224, sorted(REAL_COCO.glob("*.jpg")))
+    assert max(distances.values()) <= 1e-6, distances
 
 
 def test_torchvision_tower_embeds_full_size_photos_as_torchvision(photos: list[Path], tmp_path: Path) -> None:
