@@ -9,8 +9,9 @@ Where the data is read from:
 
 Batches, the contract with the image-text LightningModule:
 
-    train  images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), input_ids (B, L) long, attention_mask (B, L) bool, image_ids (B,) long,
-           caption_ids (B,) long annotation ids, skipped: int = images of this batch that failed to decode.
+    train  images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), input_ids (B, L)
+           long, attention_mask (B, L) bool, image_ids (B,) long, caption_ids (B,) long annotation ids,
+           skipped: int = images of this batch that failed to decode.
            One caption per image, drawn afresh each epoch, seeded by (seed, epoch, image id).
     eval   the same keys, but input_ids, attention_mask and caption_ids have one row per caption of every image
            in the batch (N >= B rows), and caption_image_ids (N,) long holds each caption's image id, so the

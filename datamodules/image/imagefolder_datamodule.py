@@ -7,7 +7,8 @@ a space ("red_circle" -> "red circle"), which is what zero-shot prompts are made
 transform of the image-text DataModule (resize and centre crop of the `resize` mode), so a model sees what it saw
 in validation.
 
-Batches: images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), labels (B,) long, skipped: int = images of this batch that failed to decode.
+Batches: images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), labels (B,) long,
+skipped: int = images of this batch that failed to decode.
 A file that cannot be decoded never ends a run: it is warned about once, dropped and counted, as in the COCO
 DataModule.
 """

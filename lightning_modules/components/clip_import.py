@@ -94,9 +94,8 @@ def hf_pixel_stats(folder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 class HFVision(nn.Module):
     """A HF CLIP vision transformer as a backbone: pixels -> pooled state -> its projection, when it has one."""
 
-    reference_resize = (
-        "tensor"  # CLIPImageProcessor: torchvision's bicubic on the tensor, crop offset rounded down
-    )
+    # CLIPImageProcessor: torchvision's bicubic on the tensor, crop offset rounded down
+    reference_resize = "tensor"
 
     def __init__(
         self,

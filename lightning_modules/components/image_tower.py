@@ -36,8 +36,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from lightning_modules.components.towers import TowerTraining
 
-# OpenAI CLIP's pixel statistics (what scratch towers are normalised with, as the DataModules always did) and
-# ImageNet's (torchvision's classification weights and presets)
+# OpenAI CLIP's pixel statistics (what scratch towers are normalised with) and ImageNet's (torchvision's
+# classification weights and presets)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -192,7 +192,7 @@ class ImageTower(nn.Module):
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         # (mean, std) of a pretrained backbone's source; scratch towers (and a torchvision file loaded into the
-        # configured arch, e.g. one this framework exported) use CLIP's, as the DataModules always did
+        # configured arch, e.g. one this framework exported) use CLIP's
         source_mean, source_std = getattr(self.backbone, "pixel_stats", (CLIP_MEAN, CLIP_STD))
         mean, std = cfg.mean or source_mean, cfg.std or source_std
         # not in the state dict: checkpoints keep their keys, and the statistics follow the config
