@@ -209,7 +209,8 @@ Resize = Literal["tensor", "pil", "torchvision"]
 """How evaluation images are resized and centre-cropped, each mode the reference pipeline of one source:
 
     tensor       Hugging Face CLIPImageProcessor (transformers' torchvision backend): shorter side to the crop size
-                 with torchvision's antialiased bicubic on the uint8 tensor, crop offset rounded down.
+                 with torchvision's antialiased bicubic on the uint8 tensor, crop offset rounded down. Its Pillow
+                 backend (CLIPImageProcessorPil) crops there too but resamples with Pillow: approximated.
     pil          open_clip's preprocessing (resize_mode shortest, bicubic, what `create_model_and_transforms`
                  gives a checkpoint file): shorter side to the crop size with Pillow's bicubic, crop offset rounded
                  half to even (torchvision's CenterCrop). Models whose pretrained config squashes or letterboxes
