@@ -218,8 +218,6 @@ def bench_dataloader(step_time: float) -> None:
     from torch.utils.data import DataLoader
 
     from datamodules.image.coco import (
-        CLIP_MEAN,
-        CLIP_STD,
         CaptionCollate,
         CocoCaptionsDataset,
         load_coco_captions,
@@ -232,9 +230,7 @@ def bench_dataloader(step_time: float) -> None:
         records = load_coco_captions(root / "annotations" / "captions_val2017.json", root / "val2017")
         tokenizer = TextTokenizer.train([c for r in records for c in r.captions], vocab_size=500)
         repeats = max(1, 400 // len(records))  # a few hundred images, however small the sample
-        dataset = CocoCaptionsDataset(
-            records * repeats, train_transform(IMAGE, CLIP_MEAN, CLIP_STD), train=True
-        )
+        dataset = CocoCaptionsDataset(records * repeats, train_transform(IMAGE), train=True)
         loader = DataLoader(
             dataset,
             batch_size=16,

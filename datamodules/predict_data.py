@@ -5,8 +5,8 @@ Item: any of `image` + `image_key`, `waveform` + `audio_key`, `texts` + `text_ke
 all its captions), or `unreadable` (the path of a file that could not be decoded, which the collate function
 drops and the batch lists so that the prediction writer can name it in its metadata).
 
-Batch: `images` (B, 3, H, W) and `image_keys`; `waveforms` (B, T) zero-padded, `wave_lengths` (B,) and
-`audio_keys`; `input_ids` / `attention_mask` (N, L) and `text_keys`, `text_kind` (caption or transcript); `unreadable`
+Batch: `images` (B, 3, H, W) uint8 (the image tower normalises them on the device) and `image_keys`; `waveforms`
+(B, T) zero-padded, `wave_lengths` (B,) and `audio_keys`; `input_ids` / `attention_mask` (N, L) and `text_keys`, `text_kind` (caption or transcript); `unreadable`
 list[str]. Keys are strings: a
 file's path relative to its folder, `<file name>:<line>`, a COCO id, a LibriSpeech utterance id.
 """

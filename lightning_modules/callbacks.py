@@ -205,7 +205,10 @@ def batch_texts(batch: dict, tokenizer: TextTokenizer | None) -> list[str]:
 
 
 def to_picture(image: Tensor, mean: tuple | None = None, std: tuple | None = None) -> np.ndarray:
-    """(3, H, W) normalised pixels -> (H, W, 3) uint8, undoing the DataModule's normalisation when known."""
+    """(3, H, W) pixels -> (H, W, 3) uint8: a batch's uint8 pixels as they are; normalised float pixels with the
+    normalisation undone when known, else stretched to the full range."""
+    if image.dtype == torch.uint8:
+        return image.detach().cpu().permute(1, 2, 0).numpy()
     image = image.detach().float().cpu()
     if mean is not None and std is not None:
         image = image * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]

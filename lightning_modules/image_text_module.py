@@ -8,6 +8,7 @@ evaluation every image is embedded once against all its captions and Recall@K co
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ from lightning_modules.components.text_tower import TextTower, TextTowerConfig
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.prediction import embedding_prediction
+
+log = logging.getLogger(__name__)
 
 _IMAGE, _TEXT = ImageTowerConfig(), TextTowerConfig()
 
@@ -104,7 +107,7 @@ class ImageTextModule(ContrastiveModule):
             "image_size": parts.image_size,
             "mean": parts.mean,
             "std": parts.std,
-            "resize": "pil" if clip.source == "open_clip" else "tensor",
+            "resize": parts.image.reference_resize,
         }
         self.pair = ImageTextPair(
             ImageTower(image, None, backbone=parts.image), parts.text, self.embed_dim, self.loss_config
@@ -116,24 +119,22 @@ class ImageTextModule(ContrastiveModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data = self.data_hparams()
-        if self.clip_preprocess and data:
-            for key in ("mean", "std"):
-                want = tuple(round(float(v), 6) for v in self.clip_preprocess[key])
-                if key in data and tuple(round(float(v), 6) for v in data[key]) != want:
-                    raise ValueError(
-                        f"data.{key} ({tuple(data[key])}) differs from the CLIP checkpoint's ({want}): set data.{key}"
-                        f" to {list(want)}, the normalisation its image tower was trained with"
-                    )
-            want_resize = self.clip_preprocess.get("resize", "tensor")
-            if data.get("resize", want_resize) != want_resize:
-                raise ValueError(
-                    f"data.resize ({data['resize']}) differs from the resize of the CLIP checkpoint's library: set "
-                    f"data.resize {want_resize}, so that evaluation sees the pixels the reference pipeline gives"
-                )
+        self.pair.image.check_data(data, "data")
+        want = self.pair.image.reference_resize  # None for a scratch tower: any mode
+        if data and want and data.get("resize", "tensor") != want:
+            message = (
+                f"data.resize ({data.get('resize', 'tensor')}) is not {want}, the mode that reproduces the "
+                "preprocessing of the image tower's source"
+            )
+            if self.clip_preprocess:  # a whole CLIP is evaluated on exactly its library's pixels
+                raise ValueError(f"{message}: set data.resize {want}")
+            log.warning(
+                "%s: its evaluation crops differ from the reference's by resampling or a pixel", message
+            )
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, embed_dim) unit vectors."""
+        """(B, 3, H, W) uint8 pixels (or float ones already normalised) -> (B, embed_dim) unit vectors."""
         return F.normalize(self.pair.image(images), dim=-1)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
@@ -170,6 +171,12 @@ def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[
         )
     check_system(path, ckpt, ImageTextModule, asked_by)
     hparams["text"] = _trained_text_section(hparams.get("text"))
+    # a DataModule that named its mean and std trained the tower on them: the tower normalises with the same
+    data_hp, image = ckpt.get("datamodule_hyper_parameters") or {}, dict(hparams.get("image") or {})
+    for key in ("mean", "std"):
+        if image.get(key) is None and data_hp.get(key) is not None:
+            image[key] = tuple(data_hp[key])
+    hparams["image"] = image
     # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (the caller's, such
     # as a ZeroShotClassifier) to every `save_hyperparameters` through a context variable, which would give them
     # to this model.

@@ -104,11 +104,12 @@ class TriModalModule(AlignmentModule):
         for task in TASKS:
             towers["text"].check_data(dm.task(task).hparams, f"data.{task}")
         towers["image"].check_data(dm.task("image_text").hparams, "data.image_text")
+        self.image_text.image.check_data(dm.task("image_text").hparams, "data.image_text")
         towers["speech"].check_data(dm.task("speech_text").hparams, "data.speech_text")
 
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised pixels -> (B, embed_dim) unit vectors."""
+        """(B, 3, H, W) uint8 pixels (or float ones already normalised) -> (B, embed_dim) unit vectors."""
         return F.normalize(self.image_text.image(images), dim=-1)
 
     def encode_speech(self, waveforms: Tensor, wave_lengths: Tensor) -> Tensor:

@@ -192,11 +192,23 @@ class ZeroShotClassifier(L.LightningModule):
         return self.class_embeds
 
     def forward(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, C) cosines between images and classes."""
+        """(B, 3, H, W) uint8 pixels (the image tower normalises them) -> (B, C) cosines between images and classes."""
         return self.model.encode_image(images).float() @ self.class_embeds.T
 
     # evaluation ---------------------------------------------------------------------------------
     def _start(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.model is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
+            data, tower = dict(getattr(dm, "hparams", {})), self.model.pair.image
+            tower.check_data(data, "data")
+            want = tower.reference_resize
+            if want and data.get("resize", "tensor") != want:
+                log.warning(
+                    "data.resize (%s) is not %s, the mode of the image tower's source: its crops differ from the "
+                    "reference preprocessing by resampling or a pixel",
+                    data.get("resize", "tensor"),
+                    want,
+                )
         names = self.class_names()
         self.build_classes(names)
         n = len(names)

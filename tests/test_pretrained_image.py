@@ -105,7 +105,7 @@ def _png(image: Image.Image) -> bytes:
 def _our_logits(module: ImageTextModule, images: list[Image.Image], tok: ClipTokenizer) -> torch.Tensor:
     """Our zero-shot / retrieval path: the DataModule's decode and eval transform, our tokenizer and encoders."""
     pre = module.clip_preprocess
-    transform = eval_transform(pre["image_size"], pre["mean"], pre["std"], pre["resize"])
+    transform = eval_transform(pre["image_size"], pre["resize"])
     pixels = torch.stack([transform(decode_rgb(_png(im))) for im in images])
     ids = tok(TEXTS, 77)
     with torch.no_grad():

@@ -33,7 +33,7 @@ pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
 
 LOGGER = "datamodules.image.webdataset_shards"
-TRANSFORM = eval_transform(16, (0.5,) * 3, (0.5,) * 3)
+TRANSFORM = eval_transform(16)
 BRACES = "coco-{000000..000004}.tar"
 
 

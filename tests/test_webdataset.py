@@ -73,7 +73,7 @@ def read_all(out: Path) -> dict[int, dict]:
 
 
 def stream(out: Path, **kwargs) -> ShardStream:
-    return ShardStream(expand_shards(str(out)), eval_transform(16, (0.5,) * 3, (0.5,) * 3), **kwargs)
+    return ShardStream(expand_shards(str(out)), eval_transform(16), **kwargs)
 
 
 def epoch_ids(
@@ -318,7 +318,7 @@ class Recorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen.append((self.current_epoch, batch["image_ids"].tolist(), batch["caption_ids"].tolist()))
-        return self.weight * batch["images"].mean()
+        return self.weight * batch["images"].float().mean()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -377,9 +377,7 @@ def test_real_coco_sample_converts_and_reads_back(tmp_path: Path) -> None:
     for record in records:
         assert samples[record.image_id]["jpg"] == Path(record.path).read_bytes()
         assert samples[record.image_id]["meta"]["captions"] == list(record.captions)
-    data = ShardStream(
-        expand_shards(str(tmp_path / "shards")), eval_transform(32, (0.5,) * 3, (0.5,) * 3), batch_size=4
-    )
+    data = ShardStream(expand_shards(str(tmp_path / "shards")), eval_transform(32), batch_size=4)
     items = list(data)
     assert len(items) == 20 and all(item["image"].shape == (3, 32, 32) for item in items)
 

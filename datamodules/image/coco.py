@@ -1,6 +1,7 @@
 """COCO captions, read: the records of the official and the Karpathy JSON files, image decoding, the CLIP
-train/eval transforms, the map-style dataset and its collate function. The DataModule (coco_datamodule.py) and
-the WebDataset shard reader (webdataset_shards.py) both build on this file and do not import each other."""
+train/eval transforms (uint8 in, uint8 out: the image tower normalises on the device), the map-style dataset and
+its collate function. The DataModule (coco_datamodule.py) and the WebDataset shard reader (webdataset_shards.py)
+both build on this file and do not import each other."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional import pil_to_tensor
@@ -190,42 +192,68 @@ def read_rgb(path: str) -> Tensor:
     return decode_rgb(read_file(path))
 
 
-def train_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], min_scale: float = 0.5
-) -> v2.Compose:
+def train_transform(image_size: int, min_scale: float = 0.5) -> v2.Compose:
+    """Random resized crop of a decoded (3, H, W) uint8 image to (3, image_size, image_size) uint8: the image tower
+    scales and normalises on the device (`ImageTower.forward`), so workers send a quarter of float32's bytes."""
     # No horizontal flip: captions say "left" and "right".
     return v2.Compose(
         [
             v2.RandomResizedCrop(
                 image_size, scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
             ),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-Resize = Literal["tensor", "pil"]
+Resize = Literal["tensor", "pil", "torchvision"]
+"""How evaluation images are resized and centre-cropped, each mode the reference pipeline of one source:
+
+    tensor       Hugging Face CLIPImageProcessor (transformers' torchvision backend): shorter side to the crop size
+                 with torchvision's antialiased bicubic on the uint8 tensor, crop offset rounded down. Its Pillow
+                 backend (CLIPImageProcessorPil) crops there too but resamples with Pillow: approximated.
+    pil          open_clip's preprocessing (resize_mode shortest, bicubic, what `create_model_and_transforms`
+                 gives a checkpoint file): shorter side to the crop size with Pillow's bicubic, crop offset rounded
+                 half to even (torchvision's CenterCrop). Models whose pretrained config squashes or letterboxes
+                 (resize_mode squash / longest) are approximated.
+    torchvision  torchvision's ImageClassification preset with its defaults (the IMAGENET1K_V1 weights) on decoded
+                 tensors: shorter side to 256/224 of the crop size with antialiased bilinear, torchvision's
+                 CenterCrop. Weights whose preset resizes otherwise (232 for IMAGENET1K_V2, bicubic SWAG), or the
+                 preset run on PIL images (Pillow's bilinear), are approximated.
+
+Every mode decodes with torchvision (`decode_rgb`), whose JPEG and PNG pixels are Pillow's.
+"""
 
 
-def eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], resize: Resize = "tensor"
-) -> v2.Compose:
-    """Shorter side to `image_size` (bicubic), centre crop, scale to [0, 1], normalise. `resize` picks whose
-    bicubic: torchvision's on the tensor (what Hugging Face CLIP's image processor does), or Pillow's (what
-    open_clip's preprocessing does); they differ by a grey level here and there, so an imported CLIP is evaluated
-    with its own library's."""
-    resizing = [v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+class FloorCenterCrop:
+    """Centre crop whose offset is rounded down, where transformers' image processors place it; torchvision's
+    CenterCrop rounds half a pixel to even: one pixel apart when the margin is odd and its half rounds up."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        top, left = (height - self.size) // 2, (width - self.size) // 2
+        return v2.functional.crop(image, top, left, self.size, self.size)
+
+
+def eval_transform(image_size: int, resize: Resize = "tensor") -> v2.Compose:
+    """A decoded (3, H, W) uint8 image to the (3, image_size, image_size) uint8 crop of the `resize` mode's
+    reference pipeline (see `Resize`); the image tower scales and normalises on the device."""
+    if resize not in ("tensor", "pil", "torchvision"):
+        raise ValueError(f"data.resize {resize!r} is not one of tensor, pil, torchvision")
+    bicubic, bilinear = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR
+    if resize == "tensor":
+        return v2.Compose(
+            [v2.Resize(image_size, interpolation=bicubic, antialias=True), FloorCenterCrop(image_size)]
+        )
     if resize == "pil":
-        resizing = [v2.ToPILImage(), *resizing, v2.PILToTensor()]
-    return v2.Compose(
-        [
-            *resizing,
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+        steps = [v2.ToPILImage(), v2.Resize(image_size, interpolation=bicubic), v2.PILToTensor()]
+    else:
+        # the preset's own (v1) resize: it resamples uint8 in float and rounds, where v2's uint8 kernel differs
+        # by a grey level here and there
+        steps = [transforms.Resize(image_size * 256 // 224, interpolation=bilinear, antialias=True)]
+    return v2.Compose([*steps, v2.CenterCrop(image_size)])
 
 
 def caption_item(record: CaptionedImage, image: Tensor, train: bool, seed: int, epoch: int) -> dict[str, Any]:
@@ -301,7 +329,7 @@ class CaptionCollate:
             images = torch.stack([item["image"] for item in kept])
             tokens = self.tokenizer(captions, self.context_length)
         else:  # every image of the batch failed: an empty batch the module can detect by its size
-            images = torch.empty(0, 3, self.image_size, self.image_size)
+            images = torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
             tokens = {
                 "input_ids": torch.empty(0, 0, dtype=torch.long),
                 "attention_mask": torch.empty(0, 0, dtype=torch.bool),

@@ -9,8 +9,9 @@ Where the data is read from:
 
 Batches, the contract with the image-text LightningModule:
 
-    train  images (B, 3, H, W) float, input_ids (B, L) long, attention_mask (B, L) bool, image_ids (B,) long,
-           caption_ids (B,) long annotation ids, skipped: int = images of this batch that failed to decode.
+    train  images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), input_ids (B, L)
+           long, attention_mask (B, L) bool, image_ids (B,) long, caption_ids (B,) long annotation ids,
+           skipped: int = images of this batch that failed to decode.
            One caption per image, drawn afresh each epoch, seeded by (seed, epoch, image id).
     eval   the same keys, but input_ids, attention_mask and caption_ids have one row per caption of every image
            in the batch (N >= B rows), and caption_image_ids (N,) long holds each caption's image id, so the
@@ -42,8 +43,6 @@ from torch.utils.data import DataLoader, IterableDataset
 from datamodules.generated import default_cache_dir
 from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
 from datamodules.image.coco import (
-    CLIP_MEAN,
-    CLIP_STD,
     CaptionCollate,
     CaptionedImage,
     CocoCaptionsDataset,
@@ -105,10 +104,14 @@ class CocoCaptionsDataModule(LightningDataModule):
         karpathy_json: Karpathy's dataset_coco.json; when given it decides membership (train + restval / val /
             test), the three split arguments are ignored and images are read from root/<filepath>/<filename>.
         image_size: side of the square crops fed to the image encoder.
-        mean: per-channel normalisation mean (CLIP's by default).
-        std: per-channel normalisation standard deviation (CLIP's by default).
-        resize: whose bicubic resizes evaluation images: 'tensor' (torchvision, as Hugging Face CLIP does) or
-            'pil' (Pillow, as open_clip's preprocessing does; configs/clip/coco_openclip_vit_b32.yaml sets it).
+        mean: per-channel normalisation mean; None: the image tower's. Batches hold uint8 pixels and the image tower
+            normalises them on the device with its source's mean and std (model.image.mean / .std); a value given
+            here must be the tower's (the system checks), so configs that name the normalisation keep reading.
+        std: per-channel normalisation standard deviation; None: the image tower's (see `mean`).
+        resize: the reference pipeline evaluation images are resized and centre-cropped with (coco.py `Resize`):
+            'tensor' (Hugging Face's CLIPImageProcessor), 'pil' (open_clip's preprocessing;
+            configs/clip/coco_openclip_vit_b32.yaml sets it) or 'torchvision' (torchvision's ImageClassification
+            preset).
         batch_size: training images per batch and device.
         eval_batch_size: images per evaluation batch; None means batch_size.
         num_workers: DataLoader worker processes per device.
@@ -160,8 +163,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         test_split: str | None = None,
         karpathy_json: str | None = None,
         image_size: int = 224,
-        mean: tuple[float, float, float] = CLIP_MEAN,
-        std: tuple[float, float, float] = CLIP_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
         resize: Resize = "tensor",
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -191,8 +194,6 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.test_split = test_split
         self.karpathy_json = karpathy_json
         self.image_size = image_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
         self.resize = resize
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -333,9 +334,9 @@ class CocoCaptionsDataModule(LightningDataModule):
                 continue
             train = role == "train"
             transform = (
-                train_transform(self.image_size, self.mean, self.std, self.min_scale)
+                train_transform(self.image_size, self.min_scale)
                 if train
-                else eval_transform(self.image_size, self.mean, self.std, self.resize)
+                else eval_transform(self.image_size, self.resize)
             )
             if train and self.train_shards:
                 self.datasets[role] = self._shard_stream(transform)
@@ -387,7 +388,8 @@ class CocoCaptionsDataModule(LightningDataModule):
             "batch_size": self.batch_size if train else self.eval_batch_size,
             "drop_last": train,
             "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
+            # evaluation loaders start their workers at each run: idle between runs, they would hold shared memory
+            "persistent_workers": train and self.num_workers > 0,
             "pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
             "collate_fn": CaptionCollate(self.tokenizer, self.context_length, self.image_size, train),
         }
@@ -424,7 +426,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         captions (see `datamodules/predict_data.py` for the batches)."""
         from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 
-        transform = eval_transform(self.image_size, self.mean, self.std, self.resize)
+        transform = eval_transform(self.image_size, self.resize)
         inputs = self.predict_inputs
         datasets = []
         if inputs["split"]:

@@ -4,10 +4,11 @@
 
 Class ids follow the sorted folder names (torchvision's rule); class names are the folder names with `_` read as
 a space ("red_circle" -> "red circle"), which is what zero-shot prompts are made from. Images get the evaluation
-transform of the image-text DataModule (resize, centre crop, CLIP normalisation), so a model sees what it saw
+transform of the image-text DataModule (resize and centre crop of the `resize` mode), so a model sees what it saw
 in validation.
 
-Batches: images (B, 3, H, W) float, labels (B,) long, skipped: int = images of this batch that failed to decode.
+Batches: images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), labels (B,) long,
+skipped: int = images of this batch that failed to decode.
 A file that cannot be decoded never ends a run: it is warned about once, dropped and counted, as in the COCO
 DataModule.
 """
@@ -25,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from datamodules.image.coco import CLIP_MEAN, CLIP_STD, eval_transform, read_rgb
+from datamodules.image.coco import Resize, eval_transform, read_rgb
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class LabelledImageCollate:
         images = (
             torch.stack([item["image"] for item in kept])
             if kept
-            else torch.empty(0, 3, self.image_size, self.image_size)
+            else torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
         )
         return {
             "images": images,
@@ -101,8 +102,9 @@ class ImageFolderDataModule(LightningDataModule):
         val_split: str | None = "val",
         test_split: str = "test",
         image_size: int = 224,
-        mean: tuple[float, float, float] = CLIP_MEAN,
-        std: tuple[float, float, float] = CLIP_STD,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        resize: Resize = "tensor",
         batch_size: int = 256,
         num_workers: int = 4,
         generate_if_missing: bool = False,
@@ -114,8 +116,11 @@ class ImageFolderDataModule(LightningDataModule):
             val_split: sub-folder of root with the validation images (probe regularisation); None for none.
             test_split: sub-folder of root with the test images; "." is root itself (root/<class>/<image>).
             image_size: side of the square centre crop; the image-text model's image_size.
-            mean: per-channel normalisation mean (CLIP's by default, as in the COCO DataModule).
-            std: per-channel normalisation standard deviation.
+            mean: per-channel normalisation mean; None: the image tower's, which normalises the uint8 batches on
+                the device; a value given must be the tower's, as in the COCO DataModule.
+            std: per-channel normalisation standard deviation; None: the image tower's.
+            resize: the reference pipeline images are resized and cropped with: tensor (Hugging Face CLIP), pil
+                (open_clip) or torchvision (its ImageClassification preset); see datamodules/image/coco.py.
             batch_size: images per batch.
             num_workers: DataLoader worker processes.
             generate_if_missing: write the synthetic coloured-shapes classes (train / val / test) into root when
@@ -126,7 +131,7 @@ class ImageFolderDataModule(LightningDataModule):
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.image_size = image_size
-        self.transform = eval_transform(image_size, mean, std)
+        self.transform = eval_transform(image_size, resize)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.generate_if_missing = generate_if_missing
@@ -175,12 +180,13 @@ class ImageFolderDataModule(LightningDataModule):
             self.dataset(role)
 
     def loader(self, role: str) -> DataLoader:
-        """An unshuffled loader of one split: the probes embed every image once, in file order."""
+        """An unshuffled loader of one split: the probes embed every image once, in file order. Its workers end
+        with each pass (no persistent workers): an evaluation loader idle between runs would hold shared memory."""
         return DataLoader(
             self.dataset(role),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
             collate_fn=LabelledImageCollate(self.image_size),
         )

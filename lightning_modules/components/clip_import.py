@@ -4,6 +4,9 @@ an open_clip checkpoint, a Hugging Face `CLIPModel` / `CLIPVisionModel` folder. 
 The reference libraries' own classes are built (torchvision's, open_clip's `create_model(name)`, transformers'
 `from_pretrained(local_files_only=True)`) and the weights loaded into them, so the imported forward is the
 reference forward. Checkpoint files are read with `weights_only=True` or safetensors only.
+
+Each backbone also says how its source preprocesses images: `pixel_stats` (mean, std), which the image tower
+normalises with, and `reference_resize`, the `data.resize` mode whose crops are the reference pipeline's.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.image_tower import torchvision_blocks, torchvision_head
+from lightning_modules.components.image_tower import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    torchvision_blocks,
+    torchvision_head,
+)
 from lightning_modules.components.towers import (
     TowerInit,
     load_matching_state_dict,
@@ -70,11 +80,31 @@ def load_hf_clip(folder: str, where: str = "model.init_clip", vision_only: bool 
     return transformers.CLIPModel.from_pretrained(folder, local_files_only=True).eval()
 
 
+def hf_pixel_stats(folder: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of a Hugging Face CLIP folder's `preprocessor_config.json`; CLIPImageProcessor's defaults
+    (OpenAI CLIP's) without one."""
+    mean, std = CLIP_MEAN, CLIP_STD
+    pre = Path(folder) / "preprocessor_config.json"
+    if pre.is_file():
+        p = json.loads(pre.read_text())
+        mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
+    return mean, std
+
+
 class HFVision(nn.Module):
     """A HF CLIP vision transformer as a backbone: pixels -> pooled state -> its projection, when it has one."""
 
-    def __init__(self, vision_model: nn.Module, projection: nn.Module | None) -> None:
+    # CLIPImageProcessor: torchvision's bicubic on the tensor, crop offset rounded down
+    reference_resize = "tensor"
+
+    def __init__(
+        self,
+        vision_model: nn.Module,
+        projection: nn.Module | None,
+        pixel_stats: tuple[tuple[float, ...], tuple[float, ...]] = (CLIP_MEAN, CLIP_STD),
+    ) -> None:
         super().__init__()
+        self.pixel_stats = pixel_stats
         self.vision_model = vision_model
         self.projection = projection if projection is not None else nn.Identity()
         self.image_size = vision_model.config.image_size
@@ -97,8 +127,12 @@ class HFVision(nn.Module):
 class OpenClipVision(nn.Module):
     """open_clip's `visual` as a backbone (its output is already in CLIP's joint space)."""
 
+    reference_resize = "pil"  # open_clip's preprocessing: Pillow's bicubic, torchvision's CenterCrop
+
     def __init__(self, visual: nn.Module) -> None:
         super().__init__()
+        pre = getattr(visual, "preprocess_cfg", None) or {}
+        self.pixel_stats = (tuple(pre.get("mean", CLIP_MEAN)), tuple(pre.get("std", CLIP_STD)))
         self.visual = visual
         size = visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
@@ -125,6 +159,9 @@ class OpenClipVision(nn.Module):
 # torchvision ----------------------------------------------------------------------------------------------------
 class TorchvisionBackbone(nn.Module):
     """A torchvision classifier without its classification layer: pooled features."""
+
+    reference_resize = "torchvision"  # the ImageClassification preset
+    pixel_stats = (IMAGENET_MEAN, IMAGENET_STD)  # every torchvision classification preset's
 
     def __init__(self, model: nn.Module, image_size: int) -> None:
         super().__init__()
@@ -186,10 +223,10 @@ def load_image_backbone(
     elif init.source == "hf":
         _need(init, where, name=False)
         model = load_hf_clip(init.path, where, vision_only=True)
-        if hasattr(model, "visual_projection"):
-            backbone = HFVision(model.vision_model, model.visual_projection)
-        else:
-            backbone = HFVision(model.vision_model, None)
+        projection = getattr(model, "visual_projection", None)
+        # transformers 5's CLIPVisionModel is the vision transformer itself; CLIPModel holds one
+        vision = getattr(model, "vision_model", model)
+        backbone = HFVision(vision, projection, hf_pixel_stats(init.path))
     else:
         raise ValueError(
             f"{where}.init.source {init.source!r} is not an image source; use torchvision, open_clip or hf"
@@ -203,9 +240,6 @@ def load_image_backbone(
 
 
 # whole CLIP -----------------------------------------------------------------------------------------------------
-# OpenAI CLIP's pixel normalisation, what a checkpoint that records none was trained with (the DataModules'
-# default, datamodules/image/coco.py, which components do not import)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 class OpenClipText(nn.Module):
@@ -276,7 +310,6 @@ def load_clip(init: TowerInit) -> ClipParts:
     if init.source == "open_clip":
         model = load_open_clip(init)
         image = OpenClipVision(model.visual)
-        pre = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
         log_scale = float(model.logit_scale.detach().reshape(()))
         text_cfg = getattr(model, "text", model)
         context_length = int(getattr(model, "context_length", None) or text_cfg.context_length)
@@ -289,19 +322,13 @@ def load_clip(init: TowerInit) -> ClipParts:
             image.image_size,
             context_length,
             vocab,
-            tuple(pre.get("mean", CLIP_MEAN)),
-            tuple(pre.get("std", CLIP_STD)),
+            *image.pixel_stats,
         )
     if init.source == "hf":
         _need(init, "model.init_clip", name=False)
         model = load_hf_clip(init.path)
-        image = HFVision(model.vision_model, model.visual_projection)
+        image = HFVision(model.vision_model, model.visual_projection, hf_pixel_stats(init.path))
         cfg = model.config
-        mean, std = CLIP_MEAN, CLIP_STD
-        pre = Path(init.path) / "preprocessor_config.json"
-        if pre.is_file():
-            p = json.loads(pre.read_text())
-            mean, std = tuple(p.get("image_mean", mean)), tuple(p.get("image_std", std))
         return ClipParts(
             image,
             HFClipText(model.text_model, model.text_projection),
@@ -310,8 +337,7 @@ def load_clip(init: TowerInit) -> ClipParts:
             cfg.vision_config.image_size,
             cfg.text_config.max_position_embeddings,
             cfg.text_config.vocab_size,
-            mean,
-            std,
+            *image.pixel_stats,
         )
     raise ValueError(f"model.init_clip.source {init.source!r}: use open_clip or hf")
 

@@ -4,6 +4,11 @@
     ResNet  images -> ResNet-50 trunk -> global average pool (2048-d)
     both    pooled features -> W_proj (no bias) -> embed_dim (not normalised: the loss normalises)
 
+Pixels: the DataModules send uint8 images (a quarter of float32's bytes through the workers' shared memory and
+the host-to-device copy); the tower scales them to [0, 1] and normalises them with its source's mean and std on
+the device, the one place this happens (`ImageTower.normalize`), for training, evaluation, prediction, zero-shot
+and probes alike. Float input is taken as already normalised (the reference libraries' own preprocessing).
+
 The ViTs are torchvision's `VisionTransformer`: `vit_b_16` and `vit_b_32` have exactly the shape of
 `torchvision.models.vit_b_16/vit_b_32` (built here directly so the image size is free), `vit_tiny` is a CPU size
 for the quickstart and the tests, and `vit_custom` starts from the benchmark's shape (patch 32, 4 layers,
@@ -30,6 +35,11 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from lightning_modules.components.towers import TowerTraining
+
+# OpenAI CLIP's pixel statistics (what scratch towers are normalised with) and ImageNet's (torchvision's
+# classification weights and presets)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 ImageArch = Literal["vit_b_16", "vit_b_32", "vit_tiny", "vit_custom", "resnet50"]
 
@@ -96,9 +106,21 @@ class ImageTowerConfig(TowerTraining):
     """ViT dropout after attention, in the MLP and on the embeddings (CLIP uses none)."""
     attention_dropout: float = 0.0
     """ViT dropout on attention probabilities."""
+    mean: tuple[float, float, float] | None = None
+    """Per-channel mean the tower normalises its uint8 input with; None: its source's (open_clip's
+    preprocess_cfg, the Hugging Face folder's preprocessor_config.json, ImageNet's for a named torchvision
+    architecture, CLIP's for scratch and for a torchvision file loaded into the configured arch)."""
+    std: tuple[float, float, float] | None = None
+    """Per-channel standard deviation, as `mean`; None: its source's."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for key in ("mean", "std"):  # checkpoints store the sections as plain dicts, tuples as lists
+            value = getattr(self, key)
+            if value is not None:
+                if len(value) != 3:
+                    raise ValueError(f"model.image.{key} needs 3 values (R, G, B), got {list(value)}")
+                setattr(self, key, tuple(float(v) for v in value))
         if self.arch != "resnet50" and self.arch not in VIT_PRESETS:
             raise ValueError(
                 f"unknown image arch {self.arch!r}; choose one of {', '.join(VIT_PRESETS)} or resnet50"
@@ -169,6 +191,38 @@ class ImageTower(nn.Module):
         self.channels_last = uses_channels_last(self.backbone)
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        # (mean, std) of a pretrained backbone's source; scratch towers (and a torchvision file loaded into the
+        # configured arch, e.g. one this framework exported) use CLIP's
+        source_mean, source_std = getattr(self.backbone, "pixel_stats", (CLIP_MEAN, CLIP_STD))
+        mean, std = cfg.mean or source_mean, cfg.std or source_std
+        # not in the state dict: checkpoints keep their keys, and the statistics follow the config
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def reference_resize(self) -> str | None:
+        """The `data.resize` mode that reproduces the preprocessing of this tower's source (None: scratch)."""
+        return getattr(self.backbone, "reference_resize", None)
+
+    def check_data(self, data: dict, where: str) -> None:
+        """A DataModule's `mean` / `std` (hyperparameters `data`), where given, must be the tower's own: the
+        tower, not the DataModule, normalises the pixels."""
+        for key, own in (("mean", self.pixel_mean), ("std", self.pixel_std)):
+            given = data.get(key)
+            want = [round(float(v), 8) for v in own.flatten()]
+            # 1e-6: the configs' 8-digit CLIP numbers against their float32 copies
+            if given is not None and any(abs(float(g) - w) > 1e-6 for g, w in zip(given, want, strict=True)):
+                raise ValueError(
+                    f"{where}.{key} ({list(given)}) differs from the image tower's normalisation ({want}: "
+                    f"model.image.{key}, or its source's): the tower normalises the uint8 batches on the device; "
+                    f"leave {where}.{key} unset, or set model.image.{key}"
+                )
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 pixels -> the backbone's input: scaled to [0, 1], less the mean, over the std
+        (in float32, then in the tower's dtype)."""
+        pixels = images.float().div_(255)
+        return ((pixels - self.pixel_mean.float()) / self.pixel_std.float()).to(self.pixel_mean.dtype)
 
     def _build_scratch(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
         """The backbone `cfg` describes, with random weights, and the projection after it."""
@@ -205,6 +259,9 @@ class ImageTower(nn.Module):
         return [*backbone_head, self.proj]
 
     def forward(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 pixels (normalised here) or float pixels already normalised."""
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.proj(self.backbone(images))
