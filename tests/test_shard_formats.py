@@ -33,7 +33,7 @@ from tests.helpers import quiet_trainer
 from tests.test_cli_errors import CLIP, _fails
 
 LOGGER = "datamodules.image.webdataset_shards"
-TRANSFORM = eval_transform(16, (0.5,) * 3, (0.5,) * 3)
+TRANSFORM = eval_transform(16)
 
 
 def png(k: int) -> bytes:
