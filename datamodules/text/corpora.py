@@ -114,6 +114,7 @@ class ReadStats:
     non_article_skipped: int = 0  # namespace != 0, or a content model other than wikitext
     empty_skipped: int = 0
     malformed_records: int = 0  # JSON lines that do not parse or lack a string `text`
+    malformed_pages: int = 0  # XML pages without a title (or with an unreadable <ns> or <id>)
     invalid_utf8_files: int = 0  # files decoded with replacement characters (UTF-8, or as their BOM says)
     truncated_files: int = 0  # files that ended early or broke mid-way (truncated or malformed)
     problem_files: list[str] = field(default_factory=list)  # files behind the last two counters
@@ -221,13 +222,44 @@ _BOMS = (
 )
 
 
-class _TextStream:
-    """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names.
+_XML_DECLARATION = re.compile(rb"<\?xml\s[^>]*?\bencoding\s*=\s*[\"']([A-Za-z][\w.:-]*)[\"']")
+# Labels decoded as browsers decode them (WHATWG Encoding Standard): files labelled Shift_JIS or GB2312
+# are almost always written by Windows code pages that extend them (①, ㈱, NEC and IBM extensions).
+_CODEC_OF_LABEL = {
+    "shift_jis": "cp932", "shift-jis": "cp932", "sjis": "cp932", "x-sjis": "cp932", "ms_kanji": "cp932",
+    "windows-31j": "cp932", "gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "euc-kr": "cp949",
+}  # fmt: skip
 
-    Decodes strictly until the first invalid byte, then switches to replacement characters; the file is
-    counted once in `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports
-    `read(size)` (what `xml.etree.iterparse` uses) and line iteration, plus pushing text back after
-    sniffing the head of the file.
+
+def declared_xml_encoding(head: bytes | str) -> str | None:
+    """The encoding label of an XML declaration at the start of `head` (`<?xml ... encoding="X"?>`)."""
+    if isinstance(head, str):
+        head = head.encode("ascii", "replace")
+    m = _XML_DECLARATION.match(head.lstrip(b" \t\r\n")[:200])
+    return m.group(1).decode("ascii") if m else None
+
+
+def xml_codec(label: str, path: Path | str) -> str:
+    """Python's codec for an XML encoding label; `ValueError` naming `path` if there is none."""
+    name = _CODEC_OF_LABEL.get(label.lower(), label)
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(
+            f"{path}: the XML declaration names the encoding {label}, which is unknown"
+        ) from None
+
+
+class _TextStream:
+    """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names, or
+    (for XML without a mark) the encoding its XML declaration names.
+
+    XML is decoded strictly, as the XML specification asks: a byte that does not decode raises a one-line
+    `ValueError` naming the file, the encoding and the byte offset, so no run trains on mojibake. Other
+    text switches to replacement characters at the first invalid byte; the file is counted once in
+    `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports `read(size)` (what
+    `xml.etree.iterparse` uses) and line iteration, plus pushing text back after sniffing the head of the
+    file.
     """
 
     def __init__(self, raw: IO[bytes], path: Path, stats: ReadStats) -> None:
@@ -243,6 +275,9 @@ class _TextStream:
         self._error: BaseException | None = None  # hit while sniffing; raised once the head is consumed
         self._at_start = True  # a byte-order mark is looked for (and dropped) there
         self.invalid_at: int | None = None
+        self.xml = False  # the file starts like XML: decoded strictly
+        # for errors: the encoding's name as the file gives it, and why it applies
+        self._label, self._why = "UTF-8", "XML without an encoding declaration is UTF-8"
 
     def _take_bom(self, data: bytes) -> bytes:
         """Choose the decoder from the byte-order mark at the start of `data`, and drop the mark."""
@@ -256,9 +291,21 @@ class _TextStream:
             if data.startswith(bom):
                 if encoding != "utf-8":
                     log.info("%s: %s byte-order mark, decoding as %s", self._path, encoding.upper(), encoding)
+                self.encoding, self._label = encoding, encoding.upper()
+                self._why = "as its byte-order mark says"
+                self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+                data = data[len(bom) :]
+                self.xml = data[:64].decode(encoding, "ignore").lstrip().startswith(("<?xml", "<mediawiki"))
+                return data
+        head = data.lstrip(b" \t\r\n")
+        self.xml = head.startswith((b"<?xml", b"<mediawiki"))
+        if self.xml and (label := declared_xml_encoding(head)) is not None:
+            self._label, self._why = label, "the encoding its XML declaration names"
+            encoding = xml_codec(label, self._path)
+            if encoding != "utf-8":
+                log.info("%s: the XML declaration names %s, decoding as %s", self._path, label, encoding)
                 self.encoding = encoding
                 self._decoder = codecs.getincrementaldecoder(encoding)("strict")
-                return data[len(bom) :]
         return data
 
     def _decode(self, data: bytes, final: bool) -> str:
@@ -267,6 +314,11 @@ class _TextStream:
             return self._decoder.decode(data, final)
         except UnicodeDecodeError as err:
             self.invalid_at = self._offset - len(data) - len(pending) + err.start
+            if self.xml:
+                raise ValueError(
+                    f"{self._path}: byte {self.invalid_at} does not decode as {self._label} ({self._why}); "
+                    "its text would be read as replacement characters"
+                ) from None
             self._stats.invalid_utf8_files += 1
             self._stats._problem(self._path)
             log.warning(
@@ -446,9 +498,48 @@ def _dump_hidden_namespaces(
     return hidden
 
 
+class _SkippedPage:
+    """What `_Dump` yields for a `<page>` that mwxml cannot read: the tags it saw, for the warning."""
+
+    def __init__(self, tags: set[str], err: Exception) -> None:
+        self.tags, self.err = tags, err
+
+
+class _SeenTags:
+    """An mwxml element whose children's tags are recorded as they are read."""
+
+    def __init__(self, element: ElementIterator) -> None:
+        self._element, self.tags = element, set()
+
+    def __iter__(self) -> Iterator[ElementIterator]:
+        for child in self._element:
+            self.tags.add(child.tag)
+            yield child
+
+    def __getattr__(self, name: str):
+        return getattr(self._element, name)
+
+
+class _Dump(mwxml.Dump):
+    """mwxml's dump reader, less its crash on a page with no title (`None.replace`): such a page comes
+    out as a `_SkippedPage` and the pages after it are read."""
+
+    @classmethod
+    def process_item(cls, item_element: ElementIterator, namespace_map: dict | None):
+        if item_element.tag != "page":
+            return super().process_item(item_element, namespace_map)
+        seen = _SeenTags(item_element)
+        try:
+            return mwxml.Page.from_element(seen, namespace_map)
+        except (AttributeError, TypeError, ValueError) as err:  # None or non-numbers for title, ns, id
+            return _SkippedPage(seen.tags, err)
+
+
 def _iter_mediawiki_xml(
-    path: Path, stream: _TextStream, stats: ReadStats, quiet: bool = False
+    path: Path, stream: _TextStream, stats: ReadStats, quiet: bool = False, where: str = ""
 ) -> Iterator[Document]:
+    """The articles of a MediaWiki export; `where` places its pages in `path` for warnings (a byte range
+    of a multistream dump)."""
     # mwxml insists on a <siteinfo> block, which some exports lack: give those an empty one right after
     # the root tag.
     head = stream.head(1 << 16)
@@ -461,9 +552,19 @@ def _iter_mediawiki_xml(
     pages, last_title = 0, None
     try:
         root = ElementIterator.from_file(stream)
-        dump = mwxml.Dump.from_element(root)
+        dump = _Dump.from_element(root)
         hidden = _dump_hidden_namespaces(dump, root, path, quiet)
         for page in dump:
+            if isinstance(page, _SkippedPage):
+                root.element.clear()
+                stats.pages_read += 1
+                stats.malformed_pages += 1
+                stats._problem(path)
+                pages += 1
+                what = "no <title>" if "title" not in page.tags else f"an unreadable header ({page.err})"
+                after = f", after {last_title!r}" if last_title is not None else ""
+                log.warning("%s: page %d%s%s has %s; skipped", path, pages, where, after, what)
+                continue
             if not isinstance(page, mwxml.Page):  # <logitem> in log dumps
                 continue
             # The last revision is the latest; all must be consumed anyway to move to the next page.
@@ -557,12 +658,16 @@ def _index_offsets(index: Path, dump: Path) -> list[int]:
     return sorted(offsets)
 
 
-def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list[StreamRange]:
-    """Cut a multistream dump into ranges of whole streams of about `unit_bytes` compressed bytes each.
+_BZ2_STREAM_START = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")  # a block, or the end of an empty stream
 
-    Reads the index and the header stream only. Raises `ValueError` naming both files when the index does
-    not fit the dump (an offset beyond its end, a header stream that holds pages, an unreadable index);
-    streams that do not start at an offset or do not start with a `<page>` are found by the reader."""
+
+def check_multistream(path: Path, index: Path) -> tuple[list[int], str]:
+    """Check that `index` fits the multistream dump `path`; return its stream offsets and the dump's header.
+
+    Reads the index, the header stream, the first bytes at every offset and the first page stream, none of
+    the rest: cheap enough to run before any other work. Raises `ValueError` naming both files when they do
+    not fit (an offset beyond the dump's end or not at the start of a bz2 stream, a header stream that holds
+    pages, a first stream that is not pages, an unreadable index)."""
     try:
         offsets = _index_offsets(index, path)
     except (OSError, EOFError) as err:
@@ -574,8 +679,20 @@ def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list
         raise _mismatch(index, path, f"offset {offsets[-1]} is beyond the dump's {size} bytes")
     with open(path, "rb") as f:
         raw = f.read(offsets[0])
+        for offset in offsets:
+            f.seek(offset)
+            if not _BZ2_STREAM_START.match(f.read(10)):
+                raise _mismatch(index, path, f"no bz2 stream starts at offset {offset}")
+        f.seek(offsets[0])
+        first = _decompress_streams(f.read((offsets[1] if len(offsets) > 1 else size) - offsets[0]))
     text = _decompress_streams(raw) if raw else None
-    header = text.decode("utf-8", "replace") if text is not None else ""
+    encoding = xml_codec(declared_xml_encoding(text or b"") or "utf-8", path)
+    try:
+        header = text.decode(encoding) if text is not None else ""
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: byte {err.start} of its header stream does not decode as {encoding}"
+        ) from None
     root = _MEDIAWIKI_TAG.search(header)
     end = header.find("</siteinfo>")
     rest = header[end + len("</siteinfo>") :] if end >= 0 else header[root.end() :] if root else header
@@ -585,7 +702,19 @@ def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list
             path,
             f"the bytes before offset {offsets[0]} are not one <mediawiki><siteinfo> header stream",
         )
-    header = header[: len(header) - len(rest)]
+    if first is None or not first.lstrip().startswith(b"<page"):
+        raise _mismatch(index, path, f"the stream at offset {offsets[0]} is not a stream of <page>s")
+    return offsets, header[: len(header) - len(rest)]
+
+
+def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list[StreamRange]:
+    """Cut a multistream dump into ranges of whole streams of about `unit_bytes` compressed bytes each.
+
+    Runs `check_multistream` (so raises `ValueError` naming both files when the index does not fit the
+    dump); a stream that does not end at the next offset or holds something else than pages is found by the
+    reader."""
+    offsets, header = check_multistream(path, index)
+    size = path.stat().st_size
     units: list[StreamRange] = []
     start = 0
     for k in range(1, len(offsets) + 1):
@@ -617,8 +746,11 @@ def iter_multistream_range(unit: StreamRange, stats: ReadStats) -> Iterator[Docu
         parts.append(text)
     body = b"".join(parts).rstrip()
     body = body.removesuffix(b"</mediawiki>")  # the last range holds the closing stream
-    xml = unit.header.encode() + b"\n" + body + b"\n</mediawiki>\n"
-    yield from _iter_mediawiki_xml(path, _TextStream(io.BytesIO(xml), path, stats), stats, quiet=True)
+    # the pages' bytes are in the encoding the header declares
+    header = unit.header.encode(xml_codec(declared_xml_encoding(unit.header) or "utf-8", path))
+    xml = header + b"\n" + body + b"\n</mediawiki>\n"
+    where = f" of the streams at bytes {unit.offsets[0]}-{unit.end}"
+    yield from _iter_mediawiki_xml(path, _TextStream(io.BytesIO(xml), path, stats), stats, True, where)
 
 
 def _iter_wikiextractor_doc(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:

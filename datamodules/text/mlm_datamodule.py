@@ -21,6 +21,8 @@ from datamodules.text.corpora import (
     BOOKCORPUS_FILES,
     WIKIPEDIA_FILES,
     ReadStats,
+    check_multistream,
+    multistream_index,
     resolve_paths,
     split_sentences,
     to_plain_text,
@@ -155,7 +157,9 @@ class MLMDataModule(L.LightningDataModule):
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
         if self.prepared is None:
             # fail now, naming a missing path or a folder with no files, before any vocabulary is trained
-            resolve_paths(self.wikipedia, WIKIPEDIA_FILES)
+            for path in resolve_paths(self.wikipedia, WIKIPEDIA_FILES):
+                if (index := multistream_index(path)) is not None:  # an index that does not fit its dump
+                    check_multistream(path, index)
             resolve_paths(self.bookcorpus, BOOKCORPUS_FILES)
         self.settings = PrepareSettings(
             max_seq_length=max_seq_length,
