@@ -50,6 +50,16 @@ from mwparserfromhell.nodes import (
 from mwparserfromhell.wikicode import Wikicode
 from mwxml.element_iterator import ElementIterator
 
+from datamodules.text.wikitext import (
+    DROPPED,
+    NAMESPACE_ALIASES,
+    close_gaps,
+    fold_script,
+    join_lines,
+    looks_like_image,
+    resolve_variants,
+)
+
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
@@ -59,19 +69,15 @@ _CHUNK_BYTES = 1 << 20
 # prose: Media (-2), File (6, also "Image") and Category (14). Every wiki accepts them besides its own.
 HIDDEN_NAMESPACE_IDS = (-2, 6, 14)
 _CANONICAL_HIDDEN = ("media", "file", "image", "category")
-# Namespace aliases are not in the XML export. These are the local names of the old Image namespace,
-# which became File aliases when MediaWiki 1.14 renamed it and are still common in older articles
-# (`[[Hình:...]]` in Vietnamese). The dump's declared names cover everything else.
-_FILE_ALIASES = {
-    "bg": ("Картинка",), "de": ("Bild",), "es": ("Imagen",), "it": ("Immagine",), "nl": ("Afbeelding",),
-    "pl": ("Grafika",), "pt": ("Imagem",), "ru": ("Изображение",), "sv": ("Bild",), "vi": ("Hình",),
-}  # fmt: skip
+# Namespace aliases are not in the XML export: `wikitext.NAMESPACE_ALIASES` holds the local names MediaWiki
+# accepts besides the declared ones (the old Image namespace, `[[Hình:...]]` in Vietnamese, `[[画像:...]]` in
+# Japanese; both Chinese scripts). A File link under a name in neither is still known by its shape.
 
 
 def namespace_key(name: str) -> str:
     """A namespace name as links are matched against it: MediaWiki ignores case, and treats underscores
-    and runs of spaces as one space."""
-    return " ".join(name.replace("_", " ").split()).casefold()
+    and runs of spaces as one space; Chinese traditional and simplified forms are one name."""
+    return fold_script(" ".join(name.replace("_", " ").split()).casefold())
 
 
 def hidden_link_namespaces(
@@ -80,12 +86,12 @@ def hidden_link_namespaces(
     """Names (as `namespace_key` gives them) of the namespaces whose links are not prose.
 
     `declared` maps namespace ids to the names a dump's `<siteinfo>` gives them (only ids -2, 6 and 14 are
-    used); `language` (the dump's `xml:lang`, e.g. "vi") adds the built-in File aliases of that language.
+    used); `language` (the dump's `xml:lang`, e.g. "vi") adds that language's built-in aliases.
     The canonical English names are always included.
     """
     names = set(_CANONICAL_HIDDEN)
     names.update(namespace_key(v) for k, v in (declared or {}).items() if k in HIDDEN_NAMESPACE_IDS and v)
-    names.update(namespace_key(a) for a in _FILE_ALIASES.get((language or "").split("-")[0].lower(), ()))
+    names.update(namespace_key(a) for a in NAMESPACE_ALIASES.get((language or "").split("-")[0].lower(), ()))
     return frozenset(names)
 
 
@@ -948,15 +954,30 @@ _STOP_SECTIONS = frozenset(
 # The few inline templates whose visible output is prose; every other template is dropped.
 _TEMPLATES_LAST_PARAM = frozenset({"lang", "transl", "transliteration"})  # and every "lang-xx"
 _TEMPLATES_FIRST_PARAM = frozenset(
-    {"nowrap", "nobr", "small", "big", "sic", "not a typo", "smallcaps", "ill", "nobold", "noitalic"}
+    {"nowrap", "nobr", "small", "big", "sic", "not a typo", "smallcaps", "nobold", "noitalic", "ruby", "ルビ"}
 )
+# Links to articles not yet written, shown as their local text: the parameters tried in order (English
+# {{ill}}, Japanese {{仮リンク}}: a label, else the local title; Chinese {{le}} and {{link-xx}}: the shown
+# text, else the local title; {{tsl}}: the shown text, else the local title after two foreign parameters).
+_TEMPLATES_LOCAL_LINK: dict[str, tuple[str | int, ...]] = {
+    "ill": ("lt", "label", 1), "ill2": ("label", 1), "仮リンク": ("label", 1), "le": (3, 1),
+    "tsl": (4, 3), "translink": (4, 3),
+}  # fmt: skip
+_LINK_XX = re.compile(r"link-[a-z]{2,3}")
 _TEMPLATES_CONVERT = frozenset({"convert", "cvt"})
 _TEMPLATES_LITERAL = {
     "nbsp": " ", "space": " ", "ndash": " – ", "snd": " – ", "spaced ndash": " – ", "spnd": " – ",
     "mdash": " — ", "spaced mdash": " — ",
 }  # fmt: skip
 _KEPT_TEMPLATES = frozenset(
-    {"as of", *_TEMPLATES_LAST_PARAM, *_TEMPLATES_FIRST_PARAM, *_TEMPLATES_CONVERT, *_TEMPLATES_LITERAL}
+    {
+        "as of",
+        *_TEMPLATES_LAST_PARAM,
+        *_TEMPLATES_FIRST_PARAM,
+        *_TEMPLATES_CONVERT,
+        *_TEMPLATES_LITERAL,
+        *_TEMPLATES_LOCAL_LINK,
+    }
 )
 _CONVERT_RANGE = re.compile(r"[-+\d.,/]+|to|and|or|by|x|-|–")
 
@@ -972,12 +993,25 @@ _BRACES = re.compile(r"\{\{|\}\}")
 _TEMPLATE_NAME = re.compile(r"\{\{\s*([^|{}<\n]*)")
 _TABLE_EDGE = re.compile(r"^[ \t:]*(\{\||\|\})", re.MULTILINE)  # tables open/close at line starts
 
-_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+# behaviour switches, in any script: `__NOTOC__`, `__ΕΥΡΕΤΗΡΙΟ__`, `__目次非表示__`, `＿＿目次＿＿` (never `__init__`)
+_MAGIC_WORD = re.compile(r"(?:__|＿＿)([^\W_]+)(?:__|＿＿)")
+# HTML tags left as text: a closing </div> whose opening tag came from a dropped template, ...
+_STRAY_TAG = re.compile(
+    r"</?(?:div|span|center|font|small|big|p|blockquote|poem|table|tr|td|th|caption|ref|references|gallery"
+    r"|includeonly|noinclude|onlyinclude|nowiki|section|templatestyles|abbr|sup|sub|s|u|b|i|em|strong)\b"
+    r"[^<>\n]*>",
+    re.IGNORECASE,
+)
 _STYLE_QUOTES = re.compile(r"'{2,}")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]])")
-_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]。、，．；：！？）」』】])")
+# brackets emptied by dropped templates, ASCII and full-width: "()", "(; born 1900)", "（、1900年）"
+_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]|（\s*[、，,;；:：]?\s*）|［\s*］")
 _PAREN_LEAD_PUNCT = re.compile(r"\(\s*[,;:]\s*")
-_TABLE_LINE = re.compile(r"\s*(?:\{\||\|)")  # stray table rows mwparserfromhell left as text
+_FULLWIDTH_PAREN_PUNCT = (
+    (re.compile(r"（\s*[、，,;；:：]\s*"), "（"),
+    (re.compile(r"\s*[、，,;；]\s*）"), "）"),
+)
+_TABLE_LINE = re.compile(rf"[\s{DROPPED}]*(?:\{{\||\|)")  # stray table rows mwparserfromhell left as text
 
 
 def _template_name(raw: str) -> str:
@@ -985,7 +1019,7 @@ def _template_name(raw: str) -> str:
 
 
 def _is_kept_template(name: str) -> bool:
-    return name in _KEPT_TEMPLATES or name.startswith("lang-")
+    return name in _KEPT_TEMPLATES or name.startswith("lang-") or bool(_LINK_XX.fullmatch(name))
 
 
 def _cut_templates(text: str) -> str:
@@ -1004,7 +1038,7 @@ def _cut_templates(text: str) -> str:
         elif stack:
             start, keep = stack.pop()
             if not stack and not keep and start >= last:
-                out.append(text[last:start])
+                out += (text[last:start], DROPPED)
                 last = m.end()
     out.append(text[last:])
     return "".join(out)
@@ -1043,6 +1077,11 @@ def _template_text(template: Template, out: list[str], hidden: frozenset[str]) -
     elif name in _TEMPLATES_FIRST_PARAM:
         if (value := _param(template, 1)) is not None:
             _render(value, out, hidden)
+    elif name in _TEMPLATES_LOCAL_LINK or _LINK_XX.fullmatch(name):
+        for key in _TEMPLATES_LOCAL_LINK.get(name, (3, 1)):
+            if (value := _param(template, key)) is not None and str(value).strip():
+                _render(value, out, hidden)
+                break
     elif name in _TEMPLATES_CONVERT:
         words: list[str] = []
         for param in template.params:  # numbers and range words, then the first unit
@@ -1071,7 +1110,7 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
             skip_line = False
             if stop_level and node.level > stop_level:
                 continue
-            title = node.title.strip_code().strip().lower()
+            title = node.title.strip_code().replace(DROPPED, "").strip().lower()
             stop_level = node.level if title in _STOP_SECTIONS else 0
             out.append("\n\n")
             continue
@@ -1084,15 +1123,26 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
                 if cut < 0:
                     continue
                 value, skip_line = value[cut:], False
-            out.append(value)
+            # tags the parser left as text (unpaired); an entity-escaped `&lt;b&gt;` is an HTMLEntity
+            out.append(_STRAY_TAG.sub(DROPPED, value) if "<" in value else value)
         elif skip_line:
             continue
         elif isinstance(node, Wikilink):
             title = str(node.title).strip()
             prefix, colon, _ = title.partition(":")
             # the whole link goes, image options and caption with it (their magic words are localised
-            # too); `[[:Category:X]]` has an empty prefix: a visible link that keeps its text
-            if colon and namespace_key(prefix) in hidden:
+            # too); `[[:Category:X]]` has an empty prefix: a visible link that keeps its text. A File link
+            # under a local name that is not known is told by its shape.
+            if colon and (
+                namespace_key(prefix) in hidden
+                or (
+                    prefix.strip()
+                    and looks_like_image(
+                        title[len(prefix) + 1 :], None if node.text is None else str(node.text)
+                    )
+                )
+            ):
+                out.append(DROPPED)
                 continue
             if node.text is not None:
                 _render(node.text, out, hidden)
@@ -1106,7 +1156,7 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
             elif node.wiki_markup == ":":  # an indented line is a paragraph of its own
                 out.append("\n\n")
             elif tag in _DROP_TAGS:
-                out.append(" " if tag == "br" else "\n\n" if tag in ("table", "hr") else "")
+                out.append(" " if tag == "br" else "\n\n" if tag in ("table", "hr") else DROPPED)
             elif node.contents is not None:
                 block = "\n\n" if tag in _BLOCK_TAGS else ""
                 out.append(block)
@@ -1123,13 +1173,28 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
 
 
 def _clean_paragraph(lines: list[str]) -> str:
-    text = " ".join(" ".join(lines).split())
-    if "(" in text or "[" in text:  # "(; born 1900)" and "()" left by dropped templates
+    text = " ".join(close_gaps(join_lines(lines)).split())
+    if (
+        "(" in text or "[" in text or "（" in text or "［" in text
+    ):  # "(; born 1900)", "()" left by dropped templates
         text = _PAREN_LEAD_PUNCT.sub("(", _EMPTY_PARENS.sub("", text))
+        for pattern, bracket in _FULLWIDTH_PAREN_PUNCT:
+            text = pattern.sub(bracket, text)
     return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
 
 
-def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES) -> str:
+def _pre_strip(m: re.Match) -> str:
+    # a comment is nothing (a heading after it is still one); a <ref> or <math> is a mark (see `close_gaps`)
+    return "" if m.group().startswith("<!--") else DROPPED
+
+
+def _magic_word(m: re.Match) -> str:
+    return m.group() if any(c.islower() for c in m.group(1)) else DROPPED
+
+
+def wikitext_to_text(
+    wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES, variant: str | None = None
+) -> str:
     """Turn MediaWiki markup into plain prose, one paragraph a line.
 
     Kept: paragraph text, the visible text of wikilinks (`[[a|b]]` -> b, `[[a]]` -> a) and of titled
@@ -1138,21 +1203,25 @@ def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_
     `hidden_namespaces` (File:/Image:/Media: with their options and caption, and Category:, under their
     English names and the local ones a dump declares, see `hidden_link_namespaces`), interlanguage links,
     math, galleries, list items, headings (as in BERT's own Wikipedia preprocessing; a heading still
-    ends the paragraph before it) and trailing sections such as References and External links. Bold/italic quotes are removed, whitespace is collapsed; lines of one
-    paragraph are joined and paragraphs are separated by a single "\\n".
+    ends the paragraph before it) and trailing sections such as References and External links. Bold/italic
+    quotes, behaviour switches (`__NOTOC__` in any language) and HTML tags left unpaired are removed,
+    whitespace is collapsed; lines of one paragraph are joined and paragraphs are separated by a single
+    "\\n". In Chinese and Japanese prose, where a template was dropped or two lines were joined, no space is
+    put between two CJK characters. Language-variant markup (`-{zh-cn:域;zh-tw:體}-`) keeps the text of
+    `variant` (see `wikitext.resolve_variants`; None: the first variant written).
 
     Pure and picklable, meant to run in worker processes; parsing uses mwparserfromhell.
     """
-    text = _cut_tables(_cut_templates(_PRE_STRIP.sub("", wikitext)))
+    text = resolve_variants(_cut_tables(_cut_templates(_PRE_STRIP.sub(_pre_strip, wikitext))), variant)
     # Style quotes ('' and ''') stay text and are removed afterwards: parsing them is the tokenizer's
     # slowest path, and unbalanced quotes make it backtrack.
     out: list[str] = []
     _render(mwparserfromhell.parse(text, skip_style_tags=True), out, hidden_namespaces)
-    text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub("", "".join(out)))
+    text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub(_magic_word, "".join(out)))
     paragraphs: list[str] = []
     current: list[str] = []
     for line in text.split("\n"):
-        if line.strip() and not _TABLE_LINE.match(line):
+        if line.replace(DROPPED, "").strip() and not _TABLE_LINE.match(line):
             current.append(line)
         elif current:
             paragraphs.append(_clean_paragraph(current))
@@ -1162,10 +1231,11 @@ def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_
     return "\n".join(p for p in paragraphs if any(c.isalnum() for c in p))
 
 
-def to_plain_text(doc: Document) -> str:
-    """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line."""
+def to_plain_text(doc: Document, variant: str | None = None) -> str:
+    """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line; `variant`
+    chooses the text of language-variant markup in wikitext (see `wikitext_to_text`)."""
     if doc.markup == "wikitext":
-        return wikitext_to_text(doc.text, doc.hidden_namespaces)
+        return wikitext_to_text(doc.text, doc.hidden_namespaces, variant)
     lines = (" ".join(line.split()) for line in doc.text.split("\n"))
     return "\n".join(line for line in lines if line)
 
