@@ -5,11 +5,13 @@ dumps are parsed incrementally with `mwxml`, text files are decoded chunk by chu
 in row-group batches. Formats are detected per file from its content, not its name, so WikiExtractor's
 extension-less `AA/wiki_00` files and compressed files (`.bz2`, `.gz`, `.xz`) need no configuration.
 
-Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian). Bad input is
-survived, not fatal: a truncated or malformed file keeps what was read before the break, bytes that do not
-decode are replaced with U+FFFD, empty documents are dropped; each case is counted in `ReadStats` and
-logged with the file name. A missing path or a folder with no files raises `FileNotFoundError` and a file
-of an unknown format raises `ValueError`, all naming the path, since those are configuration mistakes.
+Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian), or an XML dump's
+declaration names another encoding. Bad input is survived where that loses nothing else: a truncated or
+malformed file keeps what was read before the break, a page without a title is skipped, bytes of a text
+file that do not decode are replaced with U+FFFD, empty documents are dropped; each case is counted in
+`ReadStats` and logged with the file name. A missing path or a folder with no files raises
+`FileNotFoundError`, and a file of an unknown format or an XML dump with a byte its encoding does not
+decode raises `ValueError`, all naming the path: a run must not train on replacement characters.
 
 Wikitext cleaning (`wikitext_to_text`) is a pure function so the preprocessing code can run it in worker
 processes; the readers themselves only read.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import functools
 import glob
 import gzip
 import html
@@ -652,6 +655,14 @@ def _decompress_streams(data: bytes) -> bytes | None:
 
 
 def _index_offsets(index: Path, dump: Path) -> list[int]:
+    # read once per process: the DataModule checks the index before training a vocabulary and plans the
+    # reads with it later (enwiki's index is about a gigabyte once decompressed)
+    st = index.stat()
+    return list(_read_index_offsets(str(index), str(dump), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_index_offsets(index: str, dump: str, size: int, mtime_ns: int) -> tuple[int, ...]:
     offsets: set[int] = set()
     with _open_binary(index) as f:
         for lineno, line in enumerate(f, 1):
@@ -661,7 +672,7 @@ def _index_offsets(index: Path, dump: Path) -> list[int]:
                     raise _mismatch(index, dump, f"line {lineno} is not offset:page_id:title")
                 continue
             offsets.add(int(head))
-    return sorted(offsets)
+    return tuple(sorted(offsets))
 
 
 _BZ2_STREAM_START = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")  # a block, or the end of an empty stream

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -162,7 +163,8 @@ class MLMDataModule(L.LightningDataModule):
         if self.prepared is None:
             # fail now, naming a missing path or a folder with no files, before any vocabulary is trained
             for path in resolve_paths(self.wikipedia, WIKIPEDIA_FILES):
-                if (index := multistream_index(path)) is not None:  # an index that does not fit its dump
+                # an index that does not fit its dump stops the run here, on rank 0 (the others skip the read)
+                if rank_zero_only.rank == 0 and (index := multistream_index(path)) is not None:
                     check_multistream(path, index)
             resolve_paths(self.bookcorpus, BOOKCORPUS_FILES)
         self.settings = PrepareSettings(
