@@ -6,8 +6,10 @@ the `error:` line starting a line of its own after a progress bar. Dumps are gen
 from __future__ import annotations
 
 import bz2
+import io
 import json
 import logging
+import re
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -15,6 +17,7 @@ import pytest
 
 from benchmarks.wiki_prep import write_multistream
 from cli import main
+from datamodules.text import corpora
 from datamodules.text.corpora import ReadStats, iter_wikipedia
 from datamodules.tokenizer import TextTokenizer
 
@@ -189,6 +192,36 @@ def test_undecodable_dump_stops_the_cli_in_one_line_before_any_vocabulary(
         "its text would be read as replacement characters"
     )
     _no_vocabulary_or_cache(tmp_path)
+
+
+class _Pieces(io.RawIOBase):
+    """A file that hands out its bytes in the given pieces, one a read: where the parser stands when the
+    next piece is decoded is then known."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = list(pieces)
+
+    def readable(self) -> bool:
+        return True
+
+    def read1(self, size: int = -1) -> bytes:
+        return self.pieces.pop(0) if self.pieces else b""
+
+    read = read1
+
+
+def test_bad_byte_met_inside_a_page_header_stops_the_read(tmp_path: Path, monkeypatch) -> None:
+    """The decoder fails while mwxml reads the second page's <title>: that is not a page without a title to
+    skip (after which the rest of the file would be lost without a word), but the file's error."""
+    xml = dump_xml("ja", [("長い記事", "あ" * 70_000), ("東京", "首都である。")]).encode()
+    cut = xml.index("東京</title>".encode())
+    path = tmp_path / "jawiki.xml"
+    path.write_bytes(xml)
+    monkeypatch.setattr(corpora, "_open_binary", lambda p: _Pieces([xml[:cut], b"\xff" + xml[cut + 1 :]]))
+    stats = ReadStats()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: byte {cut} does not decode as utf-8"):
+        list(iter_wikipedia([str(path)], stats))
+    assert stats.malformed_pages == 0 and stats.truncated_files == 0
 
 
 def test_declared_encoding_that_does_not_fit_names_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

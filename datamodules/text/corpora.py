@@ -259,6 +259,10 @@ def xml_codec(label: str, path: Path | str) -> str:
         ) from None
 
 
+class UndecodableText(ValueError):
+    """Bytes of an XML file that its encoding does not decode; the message names the file and the offset."""
+
+
 class _TextStream:
     """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names, or
     (for XML without a mark) the encoding its XML declaration names.
@@ -284,6 +288,7 @@ class _TextStream:
         self._error: BaseException | None = None  # hit while sniffing; raised once the head is consumed
         self._at_start = True  # a byte-order mark is looked for (and dropped) there
         self.invalid_at: int | None = None
+        self._fatal: UndecodableText | None = None
         self.xml = False  # the file starts like XML: decoded strictly
         # for errors: the encoding's name as the file gives it, and why it applies
         self._label, self._why = "UTF-8", "XML without an encoding declaration is UTF-8"
@@ -323,11 +328,12 @@ class _TextStream:
             return self._decoder.decode(data, final)
         except UnicodeDecodeError as err:
             self.invalid_at = self._offset - len(data) - len(pending) + err.start
-            if self.xml:
-                raise ValueError(
+            if self.xml:  # raised again by every later read: nothing after it is text
+                self._fatal = UndecodableText(
                     f"{self._path}: byte {self.invalid_at} does not decode as {self._label} ({self._why}); "
                     "its text would be read as replacement characters"
-                ) from None
+                )
+                raise self._fatal from None
             self._stats.invalid_utf8_files += 1
             self._stats._problem(self._path)
             log.warning(
@@ -340,6 +346,8 @@ class _TextStream:
             return self._decoder.decode(pending + data, final)
 
     def read(self, size: int = -1) -> str:
+        if self._fatal is not None:
+            raise self._fatal
         if self._pushback:
             text, self._pushback = self._pushback, ""
             return text
@@ -540,6 +548,8 @@ class _Dump(mwxml.Dump):
         seen = _SeenTags(item_element)
         try:
             return mwxml.Page.from_element(seen, namespace_map)
+        except UndecodableText:
+            raise
         except (AttributeError, TypeError, ValueError) as err:  # None or non-numbers for title, ns, id
             return _SkippedPage(seen.tags, err)
 
