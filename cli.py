@@ -336,6 +336,15 @@ ACTIONABLE = (
 )
 
 
+def _end_progress_bars() -> None:
+    """Close the tqdm bars an error left open (reading documents, tokenizing), so that their line ends and
+    the error starts a line of its own instead of following the bar's last `\\r`-drawn state."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # tqdm's registry of open bars
+        bar.close()
+
+
 def _is_wandb_error(err: BaseException) -> bool:
     return type(err).__module__.startswith("wandb.errors")
 
@@ -419,6 +428,7 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
                 f"W&B: {message} Or run without an account: WANDB_MODE=offline (upload later with "
                 "`wandb sync`) or WANDB_MODE=disabled"
             )
+        _end_progress_bars()
         print(f"error: {message}  [MMPRETRAIN_DEBUG=1 shows the traceback]", file=sys.stderr)
         raise SystemExit(2) from None
     if rank_zero_only.rank == 0 and getattr(cli, "trainer", None) is not None:

@@ -7,6 +7,7 @@ import bz2
 import json
 import logging
 import pickle
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -206,17 +207,15 @@ def test_truncated_plain_xml_keeps_pages_read_so_far(xml_dump: Path, tmp_path: P
     assert "cut.xml" in caplog.text and "truncated" in caplog.text
 
 
-def test_invalid_utf8_in_xml_is_replaced_and_counted(xml_dump: Path, tmp_path: Path, caplog):
+def test_invalid_utf8_in_xml_stops_naming_the_byte(xml_dump: Path, tmp_path: Path):
+    # XML's decoding errors are fatal: replacement characters would become training text
     raw = xml_dump.read_bytes().replace(b"second letter", b"second \xff\xfe letter")
     path = tmp_path / "bad.xml"
     path.write_bytes(raw)
-    stats = ReadStats()
-    with caplog.at_level(logging.WARNING):
-        docs = {d.doc_id: d.text for d in iter_wikipedia([str(path)], stats)}
-    assert docs["Beta"] == "'''Beta''' is the second \ufffd\ufffd letter."
-    assert stats.invalid_utf8_files == 1 and len(docs) == 3
     offset = raw.index(b"\xff")
-    assert f"bad.xml: invalid UTF-8 at byte {offset}" in caplog.text
+    message = f"{path}: byte {offset} does not decode as utf-8 (the encoding its XML declaration names)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        list(iter_wikipedia([str(path)], ReadStats()))
 
 
 # ----------------------------------------------------------------- WikiExtractor, JSON lines, Parquet

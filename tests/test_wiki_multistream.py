@@ -186,7 +186,7 @@ def _offsets(index: Path) -> list[str]:
     ("change", "message"),
     [
         ("beyond", "is beyond the dump's"),
-        ("shifted", "are not whole bz2 streams"),
+        ("shifted", "no bz2 stream starts at offset"),
         ("header", "are not one <mediawiki><siteinfo> header stream"),
     ],
 )

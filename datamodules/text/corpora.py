@@ -5,11 +5,13 @@ dumps are parsed incrementally with `mwxml`, text files are decoded chunk by chu
 in row-group batches. Formats are detected per file from its content, not its name, so WikiExtractor's
 extension-less `AA/wiki_00` files and compressed files (`.bz2`, `.gz`, `.xz`) need no configuration.
 
-Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian). Bad input is
-survived, not fatal: a truncated or malformed file keeps what was read before the break, bytes that do not
-decode are replaced with U+FFFD, empty documents are dropped; each case is counted in `ReadStats` and
-logged with the file name. A missing path or a folder with no files raises `FileNotFoundError` and a file
-of an unknown format raises `ValueError`, all naming the path, since those are configuration mistakes.
+Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian), or an XML dump's
+declaration names another encoding. Bad input is survived where that loses nothing else: a truncated or
+malformed file keeps what was read before the break, a page without a title is skipped, bytes of a text
+file that do not decode are replaced with U+FFFD, empty documents are dropped; each case is counted in
+`ReadStats` and logged with the file name. A missing path or a folder with no files raises
+`FileNotFoundError`, and a file of an unknown format or an XML dump with a byte its encoding does not
+decode raises `ValueError`, all naming the path: a run must not train on replacement characters.
 
 Wikitext cleaning (`wikitext_to_text`) is a pure function so the preprocessing code can run it in worker
 processes; the readers themselves only read.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import codecs
+import functools
 import glob
 import gzip
 import html
@@ -50,6 +53,16 @@ from mwparserfromhell.nodes import (
 from mwparserfromhell.wikicode import Wikicode
 from mwxml.element_iterator import ElementIterator
 
+from datamodules.text.wikitext import (
+    DROPPED,
+    NAMESPACE_ALIASES,
+    close_gaps,
+    fold_script,
+    join_lines,
+    looks_like_image,
+    resolve_variants,
+)
+
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 1 << 20
@@ -59,19 +72,15 @@ _CHUNK_BYTES = 1 << 20
 # prose: Media (-2), File (6, also "Image") and Category (14). Every wiki accepts them besides its own.
 HIDDEN_NAMESPACE_IDS = (-2, 6, 14)
 _CANONICAL_HIDDEN = ("media", "file", "image", "category")
-# Namespace aliases are not in the XML export. These are the local names of the old Image namespace,
-# which became File aliases when MediaWiki 1.14 renamed it and are still common in older articles
-# (`[[Hình:...]]` in Vietnamese). The dump's declared names cover everything else.
-_FILE_ALIASES = {
-    "bg": ("Картинка",), "de": ("Bild",), "es": ("Imagen",), "it": ("Immagine",), "nl": ("Afbeelding",),
-    "pl": ("Grafika",), "pt": ("Imagem",), "ru": ("Изображение",), "sv": ("Bild",), "vi": ("Hình",),
-}  # fmt: skip
+# Namespace aliases are not in the XML export: `wikitext.NAMESPACE_ALIASES` holds the local names MediaWiki
+# accepts besides the declared ones (the old Image namespace, `[[Hình:...]]` in Vietnamese, `[[画像:...]]` in
+# Japanese; both Chinese scripts). A File link under a name in neither is still known by its shape.
 
 
 def namespace_key(name: str) -> str:
     """A namespace name as links are matched against it: MediaWiki ignores case, and treats underscores
-    and runs of spaces as one space."""
-    return " ".join(name.replace("_", " ").split()).casefold()
+    and runs of spaces as one space; Chinese traditional and simplified forms are one name."""
+    return fold_script(" ".join(name.replace("_", " ").split()).casefold())
 
 
 def hidden_link_namespaces(
@@ -80,12 +89,12 @@ def hidden_link_namespaces(
     """Names (as `namespace_key` gives them) of the namespaces whose links are not prose.
 
     `declared` maps namespace ids to the names a dump's `<siteinfo>` gives them (only ids -2, 6 and 14 are
-    used); `language` (the dump's `xml:lang`, e.g. "vi") adds the built-in File aliases of that language.
+    used); `language` (the dump's `xml:lang`, e.g. "vi") adds that language's built-in aliases.
     The canonical English names are always included.
     """
     names = set(_CANONICAL_HIDDEN)
     names.update(namespace_key(v) for k, v in (declared or {}).items() if k in HIDDEN_NAMESPACE_IDS and v)
-    names.update(namespace_key(a) for a in _FILE_ALIASES.get((language or "").split("-")[0].lower(), ()))
+    names.update(namespace_key(a) for a in NAMESPACE_ALIASES.get((language or "").split("-")[0].lower(), ()))
     return frozenset(names)
 
 
@@ -114,6 +123,7 @@ class ReadStats:
     non_article_skipped: int = 0  # namespace != 0, or a content model other than wikitext
     empty_skipped: int = 0
     malformed_records: int = 0  # JSON lines that do not parse or lack a string `text`
+    malformed_pages: int = 0  # XML pages without a title (or with an unreadable <ns> or <id>)
     invalid_utf8_files: int = 0  # files decoded with replacement characters (UTF-8, or as their BOM says)
     truncated_files: int = 0  # files that ended early or broke mid-way (truncated or malformed)
     problem_files: list[str] = field(default_factory=list)  # files behind the last two counters
@@ -221,13 +231,48 @@ _BOMS = (
 )
 
 
-class _TextStream:
-    """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names.
+_XML_DECLARATION = re.compile(rb"<\?xml\s[^>]*?\bencoding\s*=\s*[\"']([A-Za-z][\w.:-]*)[\"']")
+# Labels decoded as browsers decode them (WHATWG Encoding Standard): files labelled Shift_JIS or GB2312
+# are almost always written by Windows code pages that extend them (①, ㈱, NEC and IBM extensions).
+_CODEC_OF_LABEL = {
+    "shift_jis": "cp932", "shift-jis": "cp932", "sjis": "cp932", "x-sjis": "cp932", "ms_kanji": "cp932",
+    "windows-31j": "cp932", "gb2312": "gb18030", "gbk": "gb18030", "x-gbk": "gb18030", "euc-kr": "cp949",
+}  # fmt: skip
 
-    Decodes strictly until the first invalid byte, then switches to replacement characters; the file is
-    counted once in `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports
-    `read(size)` (what `xml.etree.iterparse` uses) and line iteration, plus pushing text back after
-    sniffing the head of the file.
+
+def declared_xml_encoding(head: bytes | str) -> str | None:
+    """The encoding label of an XML declaration at the start of `head` (`<?xml ... encoding="X"?>`)."""
+    if isinstance(head, str):
+        head = head.encode("ascii", "replace")
+    m = _XML_DECLARATION.match(head.lstrip(b" \t\r\n")[:200])
+    return m.group(1).decode("ascii") if m else None
+
+
+def xml_codec(label: str, path: Path | str) -> str:
+    """Python's codec for an XML encoding label; `ValueError` naming `path` if there is none."""
+    name = _CODEC_OF_LABEL.get(label.lower(), label)
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        raise ValueError(
+            f"{path}: the XML declaration names the encoding {label}, which is unknown"
+        ) from None
+
+
+class UndecodableText(ValueError):
+    """Bytes of an XML file that its encoding does not decode; the message names the file and the offset."""
+
+
+class _TextStream:
+    """Text view of a binary stream, decoded chunk by chunk: UTF-8, or what a byte-order mark names, or
+    (for XML without a mark) the encoding its XML declaration names.
+
+    XML is decoded strictly, as the XML specification asks: a byte that does not decode raises a one-line
+    `ValueError` naming the file, the encoding and the byte offset, so no run trains on mojibake. Other
+    text switches to replacement characters at the first invalid byte; the file is counted once in
+    `stats.invalid_utf8_files` and a warning names it and the byte offset. Supports `read(size)` (what
+    `xml.etree.iterparse` uses) and line iteration, plus pushing text back after sniffing the head of the
+    file.
     """
 
     def __init__(self, raw: IO[bytes], path: Path, stats: ReadStats) -> None:
@@ -243,6 +288,10 @@ class _TextStream:
         self._error: BaseException | None = None  # hit while sniffing; raised once the head is consumed
         self._at_start = True  # a byte-order mark is looked for (and dropped) there
         self.invalid_at: int | None = None
+        self._fatal: UndecodableText | None = None
+        self.xml = False  # the file starts like XML: decoded strictly
+        # for errors: the encoding's name as the file gives it, and why it applies
+        self._label, self._why = "UTF-8", "XML without an encoding declaration is UTF-8"
 
     def _take_bom(self, data: bytes) -> bytes:
         """Choose the decoder from the byte-order mark at the start of `data`, and drop the mark."""
@@ -256,9 +305,21 @@ class _TextStream:
             if data.startswith(bom):
                 if encoding != "utf-8":
                     log.info("%s: %s byte-order mark, decoding as %s", self._path, encoding.upper(), encoding)
+                self.encoding, self._label = encoding, encoding.upper()
+                self._why = "as its byte-order mark says"
+                self._decoder = codecs.getincrementaldecoder(encoding)("strict")
+                data = data[len(bom) :]
+                self.xml = data[:64].decode(encoding, "ignore").lstrip().startswith(("<?xml", "<mediawiki"))
+                return data
+        head = data.lstrip(b" \t\r\n")
+        self.xml = head.startswith((b"<?xml", b"<mediawiki"))
+        if self.xml and (label := declared_xml_encoding(head)) is not None:
+            self._label, self._why = label, "the encoding its XML declaration names"
+            encoding = xml_codec(label, self._path)
+            if encoding != "utf-8":
+                log.info("%s: the XML declaration names %s, decoding as %s", self._path, label, encoding)
                 self.encoding = encoding
                 self._decoder = codecs.getincrementaldecoder(encoding)("strict")
-                return data[len(bom) :]
         return data
 
     def _decode(self, data: bytes, final: bool) -> str:
@@ -267,6 +328,12 @@ class _TextStream:
             return self._decoder.decode(data, final)
         except UnicodeDecodeError as err:
             self.invalid_at = self._offset - len(data) - len(pending) + err.start
+            if self.xml:  # raised again by every later read: nothing after it is text
+                self._fatal = UndecodableText(
+                    f"{self._path}: byte {self.invalid_at} does not decode as {self._label} ({self._why}); "
+                    "its text would be read as replacement characters"
+                )
+                raise self._fatal from None
             self._stats.invalid_utf8_files += 1
             self._stats._problem(self._path)
             log.warning(
@@ -279,6 +346,8 @@ class _TextStream:
             return self._decoder.decode(pending + data, final)
 
     def read(self, size: int = -1) -> str:
+        if self._fatal is not None:
+            raise self._fatal
         if self._pushback:
             text, self._pushback = self._pushback, ""
             return text
@@ -446,9 +515,50 @@ def _dump_hidden_namespaces(
     return hidden
 
 
+class _SkippedPage:
+    """What `_Dump` yields for a `<page>` that mwxml cannot read: the tags it saw, for the warning."""
+
+    def __init__(self, tags: set[str], err: Exception) -> None:
+        self.tags, self.err = tags, err
+
+
+class _SeenTags:
+    """An mwxml element whose children's tags are recorded as they are read."""
+
+    def __init__(self, element: ElementIterator) -> None:
+        self._element, self.tags = element, set()
+
+    def __iter__(self) -> Iterator[ElementIterator]:
+        for child in self._element:
+            self.tags.add(child.tag)
+            yield child
+
+    def __getattr__(self, name: str):
+        return getattr(self._element, name)
+
+
+class _Dump(mwxml.Dump):
+    """mwxml's dump reader, less its crash on a page with no title (`None.replace`): such a page comes
+    out as a `_SkippedPage` and the pages after it are read."""
+
+    @classmethod
+    def process_item(cls, item_element: ElementIterator, namespace_map: dict | None):
+        if item_element.tag != "page":
+            return super().process_item(item_element, namespace_map)
+        seen = _SeenTags(item_element)
+        try:
+            return mwxml.Page.from_element(seen, namespace_map)
+        except UndecodableText:
+            raise
+        except (AttributeError, TypeError, ValueError) as err:  # None or non-numbers for title, ns, id
+            return _SkippedPage(seen.tags, err)
+
+
 def _iter_mediawiki_xml(
-    path: Path, stream: _TextStream, stats: ReadStats, quiet: bool = False
+    path: Path, stream: _TextStream, stats: ReadStats, quiet: bool = False, where: str = ""
 ) -> Iterator[Document]:
+    """The articles of a MediaWiki export; `where` places its pages in `path` for warnings (a byte range
+    of a multistream dump)."""
     # mwxml insists on a <siteinfo> block, which some exports lack: give those an empty one right after
     # the root tag.
     head = stream.head(1 << 16)
@@ -461,9 +571,19 @@ def _iter_mediawiki_xml(
     pages, last_title = 0, None
     try:
         root = ElementIterator.from_file(stream)
-        dump = mwxml.Dump.from_element(root)
+        dump = _Dump.from_element(root)
         hidden = _dump_hidden_namespaces(dump, root, path, quiet)
         for page in dump:
+            if isinstance(page, _SkippedPage):
+                root.element.clear()
+                stats.pages_read += 1
+                stats.malformed_pages += 1
+                stats._problem(path)
+                pages += 1
+                what = "no <title>" if "title" not in page.tags else f"an unreadable header ({page.err})"
+                after = f", after {last_title!r}" if last_title is not None else ""
+                log.warning("%s: page %d%s%s has %s; skipped", path, pages, where, after, what)
+                continue
             if not isinstance(page, mwxml.Page):  # <logitem> in log dumps
                 continue
             # The last revision is the latest; all must be consumed anyway to move to the next page.
@@ -545,6 +665,14 @@ def _decompress_streams(data: bytes) -> bytes | None:
 
 
 def _index_offsets(index: Path, dump: Path) -> list[int]:
+    # read once per process: the DataModule checks the index before training a vocabulary and plans the
+    # reads with it later (enwiki's index is about a gigabyte once decompressed)
+    st = index.stat()
+    return list(_read_index_offsets(str(index), str(dump), st.st_size, st.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_index_offsets(index: str, dump: str, size: int, mtime_ns: int) -> tuple[int, ...]:
     offsets: set[int] = set()
     with _open_binary(index) as f:
         for lineno, line in enumerate(f, 1):
@@ -554,15 +682,19 @@ def _index_offsets(index: Path, dump: Path) -> list[int]:
                     raise _mismatch(index, dump, f"line {lineno} is not offset:page_id:title")
                 continue
             offsets.add(int(head))
-    return sorted(offsets)
+    return tuple(sorted(offsets))
 
 
-def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list[StreamRange]:
-    """Cut a multistream dump into ranges of whole streams of about `unit_bytes` compressed bytes each.
+_BZ2_STREAM_START = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")  # a block, or the end of an empty stream
 
-    Reads the index and the header stream only. Raises `ValueError` naming both files when the index does
-    not fit the dump (an offset beyond its end, a header stream that holds pages, an unreadable index);
-    streams that do not start at an offset or do not start with a `<page>` are found by the reader."""
+
+def check_multistream(path: Path, index: Path) -> tuple[list[int], str]:
+    """Check that `index` fits the multistream dump `path`; return its stream offsets and the dump's header.
+
+    Reads the index, the header stream, the first bytes at every offset and the first page stream, none of
+    the rest: cheap enough to run before any other work. Raises `ValueError` naming both files when they do
+    not fit (an offset beyond the dump's end or not at the start of a bz2 stream, a header stream that holds
+    pages, a first stream that is not pages, an unreadable index)."""
     try:
         offsets = _index_offsets(index, path)
     except (OSError, EOFError) as err:
@@ -574,8 +706,20 @@ def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list
         raise _mismatch(index, path, f"offset {offsets[-1]} is beyond the dump's {size} bytes")
     with open(path, "rb") as f:
         raw = f.read(offsets[0])
+        for offset in offsets:
+            f.seek(offset)
+            if not _BZ2_STREAM_START.match(f.read(10)):
+                raise _mismatch(index, path, f"no bz2 stream starts at offset {offset}")
+        f.seek(offsets[0])
+        first = _decompress_streams(f.read((offsets[1] if len(offsets) > 1 else size) - offsets[0]))
     text = _decompress_streams(raw) if raw else None
-    header = text.decode("utf-8", "replace") if text is not None else ""
+    encoding = xml_codec(declared_xml_encoding(text or b"") or "utf-8", path)
+    try:
+        header = text.decode(encoding) if text is not None else ""
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: byte {err.start} of its header stream does not decode as {encoding}"
+        ) from None
     root = _MEDIAWIKI_TAG.search(header)
     end = header.find("</siteinfo>")
     rest = header[end + len("</siteinfo>") :] if end >= 0 else header[root.end() :] if root else header
@@ -585,7 +729,19 @@ def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list
             path,
             f"the bytes before offset {offsets[0]} are not one <mediawiki><siteinfo> header stream",
         )
-    header = header[: len(header) - len(rest)]
+    if first is None or not first.lstrip().startswith(b"<page"):
+        raise _mismatch(index, path, f"the stream at offset {offsets[0]} is not a stream of <page>s")
+    return offsets, header[: len(header) - len(rest)]
+
+
+def plan_multistream(path: Path, index: Path, unit_bytes: int = 1 << 20) -> list[StreamRange]:
+    """Cut a multistream dump into ranges of whole streams of about `unit_bytes` compressed bytes each.
+
+    Runs `check_multistream` (so raises `ValueError` naming both files when the index does not fit the
+    dump); a stream that does not end at the next offset or holds something else than pages is found by the
+    reader."""
+    offsets, header = check_multistream(path, index)
+    size = path.stat().st_size
     units: list[StreamRange] = []
     start = 0
     for k in range(1, len(offsets) + 1):
@@ -617,8 +773,11 @@ def iter_multistream_range(unit: StreamRange, stats: ReadStats) -> Iterator[Docu
         parts.append(text)
     body = b"".join(parts).rstrip()
     body = body.removesuffix(b"</mediawiki>")  # the last range holds the closing stream
-    xml = unit.header.encode() + b"\n" + body + b"\n</mediawiki>\n"
-    yield from _iter_mediawiki_xml(path, _TextStream(io.BytesIO(xml), path, stats), stats, quiet=True)
+    # the pages' bytes are in the encoding the header declares
+    header = unit.header.encode(xml_codec(declared_xml_encoding(unit.header) or "utf-8", path))
+    xml = header + b"\n" + body + b"\n</mediawiki>\n"
+    where = f" of the streams at bytes {unit.offsets[0]}-{unit.end}"
+    yield from _iter_mediawiki_xml(path, _TextStream(io.BytesIO(xml), path, stats), stats, True, where)
 
 
 def _iter_wikiextractor_doc(path: Path, stream: _TextStream, stats: ReadStats) -> Iterator[Document]:
@@ -816,15 +975,30 @@ _STOP_SECTIONS = frozenset(
 # The few inline templates whose visible output is prose; every other template is dropped.
 _TEMPLATES_LAST_PARAM = frozenset({"lang", "transl", "transliteration"})  # and every "lang-xx"
 _TEMPLATES_FIRST_PARAM = frozenset(
-    {"nowrap", "nobr", "small", "big", "sic", "not a typo", "smallcaps", "ill", "nobold", "noitalic"}
+    {"nowrap", "nobr", "small", "big", "sic", "not a typo", "smallcaps", "nobold", "noitalic", "ruby", "ルビ"}
 )
+# Links to articles not yet written, shown as their local text: the parameters tried in order (English
+# {{ill}}, Japanese {{仮リンク}}: a label, else the local title; Chinese {{le}} and {{link-xx}}: the shown
+# text, else the local title; {{tsl}}: the shown text, else the local title after two foreign parameters).
+_TEMPLATES_LOCAL_LINK: dict[str, tuple[str | int, ...]] = {
+    "ill": ("lt", "label", 1), "ill2": ("label", 1), "仮リンク": ("label", 1), "le": (3, 1),
+    "tsl": (4, 3), "translink": (4, 3),
+}  # fmt: skip
+_LINK_XX = re.compile(r"link-[a-z]{2,3}")
 _TEMPLATES_CONVERT = frozenset({"convert", "cvt"})
 _TEMPLATES_LITERAL = {
     "nbsp": " ", "space": " ", "ndash": " – ", "snd": " – ", "spaced ndash": " – ", "spnd": " – ",
     "mdash": " — ", "spaced mdash": " — ",
 }  # fmt: skip
 _KEPT_TEMPLATES = frozenset(
-    {"as of", *_TEMPLATES_LAST_PARAM, *_TEMPLATES_FIRST_PARAM, *_TEMPLATES_CONVERT, *_TEMPLATES_LITERAL}
+    {
+        "as of",
+        *_TEMPLATES_LAST_PARAM,
+        *_TEMPLATES_FIRST_PARAM,
+        *_TEMPLATES_CONVERT,
+        *_TEMPLATES_LITERAL,
+        *_TEMPLATES_LOCAL_LINK,
+    }
 )
 _CONVERT_RANGE = re.compile(r"[-+\d.,/]+|to|and|or|by|x|-|–")
 
@@ -840,12 +1014,25 @@ _BRACES = re.compile(r"\{\{|\}\}")
 _TEMPLATE_NAME = re.compile(r"\{\{\s*([^|{}<\n]*)")
 _TABLE_EDGE = re.compile(r"^[ \t:]*(\{\||\|\})", re.MULTILINE)  # tables open/close at line starts
 
-_MAGIC_WORD = re.compile(r"__[A-Z]+__")
+# behaviour switches, in any script: `__NOTOC__`, `__ΕΥΡΕΤΗΡΙΟ__`, `__目次非表示__`, `＿＿目次＿＿` (never `__init__`)
+_MAGIC_WORD = re.compile(r"(?:__|＿＿)([^\W_]+)(?:__|＿＿)")
+# HTML tags left as text: a closing </div> whose opening tag came from a dropped template, ...
+_STRAY_TAG = re.compile(
+    r"</?(?:div|span|center|font|small|big|p|blockquote|poem|table|tr|td|th|caption|ref|references|gallery"
+    r"|includeonly|noinclude|onlyinclude|nowiki|section|templatestyles|abbr|sup|sub|s|u|b|i|em|strong)\b"
+    r"[^<>\n]*>",
+    re.IGNORECASE,
+)
 _STYLE_QUOTES = re.compile(r"'{2,}")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]])")
-_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)\]。、，．；：！？）」』】])")
+# brackets emptied by dropped templates, ASCII and full-width: "()", "(; born 1900)", "（、1900年）"
+_EMPTY_PARENS = re.compile(r"\(\s*[,;:]?\s*\)|\[\s*\]|（\s*[、，,;；:：]?\s*）|［\s*］")
 _PAREN_LEAD_PUNCT = re.compile(r"\(\s*[,;:]\s*")
-_TABLE_LINE = re.compile(r"\s*(?:\{\||\|)")  # stray table rows mwparserfromhell left as text
+_FULLWIDTH_PAREN_PUNCT = (
+    (re.compile(r"（\s*[、，,;；:：]\s*"), "（"),
+    (re.compile(r"\s*[、，,;；]\s*）"), "）"),
+)
+_TABLE_LINE = re.compile(rf"[\s{DROPPED}]*(?:\{{\||\|)")  # stray table rows mwparserfromhell left as text
 
 
 def _template_name(raw: str) -> str:
@@ -853,7 +1040,7 @@ def _template_name(raw: str) -> str:
 
 
 def _is_kept_template(name: str) -> bool:
-    return name in _KEPT_TEMPLATES or name.startswith("lang-")
+    return name in _KEPT_TEMPLATES or name.startswith("lang-") or bool(_LINK_XX.fullmatch(name))
 
 
 def _cut_templates(text: str) -> str:
@@ -872,7 +1059,7 @@ def _cut_templates(text: str) -> str:
         elif stack:
             start, keep = stack.pop()
             if not stack and not keep and start >= last:
-                out.append(text[last:start])
+                out += (text[last:start], DROPPED)
                 last = m.end()
     out.append(text[last:])
     return "".join(out)
@@ -911,6 +1098,11 @@ def _template_text(template: Template, out: list[str], hidden: frozenset[str]) -
     elif name in _TEMPLATES_FIRST_PARAM:
         if (value := _param(template, 1)) is not None:
             _render(value, out, hidden)
+    elif name in _TEMPLATES_LOCAL_LINK or _LINK_XX.fullmatch(name):
+        for key in _TEMPLATES_LOCAL_LINK.get(name, (3, 1)):
+            if (value := _param(template, key)) is not None and str(value).strip():
+                _render(value, out, hidden)
+                break
     elif name in _TEMPLATES_CONVERT:
         words: list[str] = []
         for param in template.params:  # numbers and range words, then the first unit
@@ -939,7 +1131,7 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
             skip_line = False
             if stop_level and node.level > stop_level:
                 continue
-            title = node.title.strip_code().strip().lower()
+            title = node.title.strip_code().replace(DROPPED, "").strip().lower()
             stop_level = node.level if title in _STOP_SECTIONS else 0
             out.append("\n\n")
             continue
@@ -952,15 +1144,26 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
                 if cut < 0:
                     continue
                 value, skip_line = value[cut:], False
-            out.append(value)
+            # tags the parser left as text (unpaired); an entity-escaped `&lt;b&gt;` is an HTMLEntity
+            out.append(_STRAY_TAG.sub(DROPPED, value) if "<" in value else value)
         elif skip_line:
             continue
         elif isinstance(node, Wikilink):
             title = str(node.title).strip()
             prefix, colon, _ = title.partition(":")
             # the whole link goes, image options and caption with it (their magic words are localised
-            # too); `[[:Category:X]]` has an empty prefix: a visible link that keeps its text
-            if colon and namespace_key(prefix) in hidden:
+            # too); `[[:Category:X]]` has an empty prefix: a visible link that keeps its text. A File link
+            # under a local name that is not known is told by its shape.
+            if colon and (
+                namespace_key(prefix) in hidden
+                or (
+                    prefix.strip()
+                    and looks_like_image(
+                        title[len(prefix) + 1 :], None if node.text is None else str(node.text)
+                    )
+                )
+            ):
+                out.append(DROPPED)
                 continue
             if node.text is not None:
                 _render(node.text, out, hidden)
@@ -974,7 +1177,7 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
             elif node.wiki_markup == ":":  # an indented line is a paragraph of its own
                 out.append("\n\n")
             elif tag in _DROP_TAGS:
-                out.append(" " if tag == "br" else "\n\n" if tag in ("table", "hr") else "")
+                out.append(" " if tag == "br" else "\n\n" if tag in ("table", "hr") else DROPPED)
             elif node.contents is not None:
                 block = "\n\n" if tag in _BLOCK_TAGS else ""
                 out.append(block)
@@ -991,13 +1194,28 @@ def _render(code: Wikicode, out: list[str], hidden: frozenset[str]) -> None:
 
 
 def _clean_paragraph(lines: list[str]) -> str:
-    text = " ".join(" ".join(lines).split())
-    if "(" in text or "[" in text:  # "(; born 1900)" and "()" left by dropped templates
+    text = " ".join(close_gaps(join_lines(lines)).split())
+    if (
+        "(" in text or "[" in text or "（" in text or "［" in text
+    ):  # "(; born 1900)", "()" left by dropped templates
         text = _PAREN_LEAD_PUNCT.sub("(", _EMPTY_PARENS.sub("", text))
+        for pattern, bracket in _FULLWIDTH_PAREN_PUNCT:
+            text = pattern.sub(bracket, text)
     return _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
 
 
-def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES) -> str:
+def _pre_strip(m: re.Match) -> str:
+    # a comment is nothing (a heading after it is still one); a <ref> or <math> is a mark (see `close_gaps`)
+    return "" if m.group().startswith("<!--") else DROPPED
+
+
+def _magic_word(m: re.Match) -> str:
+    return m.group() if any(c.islower() for c in m.group(1)) else DROPPED
+
+
+def wikitext_to_text(
+    wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_HIDDEN_NAMESPACES, variant: str | None = None
+) -> str:
     """Turn MediaWiki markup into plain prose, one paragraph a line.
 
     Kept: paragraph text, the visible text of wikilinks (`[[a|b]]` -> b, `[[a]]` -> a) and of titled
@@ -1006,21 +1224,25 @@ def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_
     `hidden_namespaces` (File:/Image:/Media: with their options and caption, and Category:, under their
     English names and the local ones a dump declares, see `hidden_link_namespaces`), interlanguage links,
     math, galleries, list items, headings (as in BERT's own Wikipedia preprocessing; a heading still
-    ends the paragraph before it) and trailing sections such as References and External links. Bold/italic quotes are removed, whitespace is collapsed; lines of one
-    paragraph are joined and paragraphs are separated by a single "\\n".
+    ends the paragraph before it) and trailing sections such as References and External links. Bold/italic
+    quotes, behaviour switches (`__NOTOC__` in any language) and HTML tags left unpaired are removed,
+    whitespace is collapsed; lines of one paragraph are joined and paragraphs are separated by a single
+    "\\n". In Chinese and Japanese prose, where a template was dropped or two lines were joined, no space is
+    put between two CJK characters. Language-variant markup (`-{zh-cn:域;zh-tw:體}-`) keeps the text of
+    `variant` (see `wikitext.resolve_variants`; None: the first variant written).
 
     Pure and picklable, meant to run in worker processes; parsing uses mwparserfromhell.
     """
-    text = _cut_tables(_cut_templates(_PRE_STRIP.sub("", wikitext)))
+    text = resolve_variants(_cut_tables(_cut_templates(_PRE_STRIP.sub(_pre_strip, wikitext))), variant)
     # Style quotes ('' and ''') stay text and are removed afterwards: parsing them is the tokenizer's
     # slowest path, and unbalanced quotes make it backtrack.
     out: list[str] = []
     _render(mwparserfromhell.parse(text, skip_style_tags=True), out, hidden_namespaces)
-    text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub("", "".join(out)))
+    text = _STYLE_QUOTES.sub("", _MAGIC_WORD.sub(_magic_word, "".join(out)))
     paragraphs: list[str] = []
     current: list[str] = []
     for line in text.split("\n"):
-        if line.strip() and not _TABLE_LINE.match(line):
+        if line.replace(DROPPED, "").strip() and not _TABLE_LINE.match(line):
             current.append(line)
         elif current:
             paragraphs.append(_clean_paragraph(current))
@@ -1030,10 +1252,11 @@ def wikitext_to_text(wikitext: str, hidden_namespaces: frozenset[str] = DEFAULT_
     return "\n".join(p for p in paragraphs if any(c.isalnum() for c in p))
 
 
-def to_plain_text(doc: Document) -> str:
-    """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line."""
+def to_plain_text(doc: Document, variant: str | None = None) -> str:
+    """The document as clean text, one paragraph (Wikipedia) or sentence (BookCorpus) a line; `variant`
+    chooses the text of language-variant markup in wikitext (see `wikitext_to_text`)."""
     if doc.markup == "wikitext":
-        return wikitext_to_text(doc.text, doc.hidden_namespaces)
+        return wikitext_to_text(doc.text, doc.hidden_namespaces, variant)
     lines = (" ".join(line.split()) for line in doc.text.split("\n"))
     return "\n".join(line for line in lines if line)
 

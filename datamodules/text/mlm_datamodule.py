@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -21,6 +22,8 @@ from datamodules.text.corpora import (
     BOOKCORPUS_FILES,
     WIKIPEDIA_FILES,
     ReadStats,
+    check_multistream,
+    multistream_index,
     resolve_paths,
     split_sentences,
     to_plain_text,
@@ -87,6 +90,7 @@ class MLMDataModule(L.LightningDataModule):
         val_fraction: float = 0.005,
         test_fraction: float = 0.005,
         lines_per_document: int = 2000,
+        language_variant: str | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -123,6 +127,9 @@ class MLMDataModule(L.LightningDataModule):
             val_fraction: documents held out for validation (by a stable hash of the document).
             test_fraction: documents held out for test.
             lines_per_document: BookCorpus lines per document when a file has no blank-line boundaries.
+            language_variant: the variant whose text Wikipedia's language-variant markup keeps, e.g. zh-cn or
+                zh-tw for `-{zh-cn:域;zh-tw:體}-` (a variant of the same script stands in); None keeps the first
+                variant written. The rest of the text stays in the script its authors wrote.
             batch_size: training batch size per device.
             eval_batch_size: validation/test batch size (defaults to batch_size).
             num_workers: DataLoader worker processes.
@@ -155,7 +162,10 @@ class MLMDataModule(L.LightningDataModule):
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
         if self.prepared is None:
             # fail now, naming a missing path or a folder with no files, before any vocabulary is trained
-            resolve_paths(self.wikipedia, WIKIPEDIA_FILES)
+            for path in resolve_paths(self.wikipedia, WIKIPEDIA_FILES):
+                # an index that does not fit its dump stops the run here, on rank 0 (the others skip the read)
+                if rank_zero_only.rank == 0 and (index := multistream_index(path)) is not None:
+                    check_multistream(path, index)
             resolve_paths(self.bookcorpus, BOOKCORPUS_FILES)
         self.settings = PrepareSettings(
             max_seq_length=max_seq_length,
@@ -166,6 +176,7 @@ class MLMDataModule(L.LightningDataModule):
             test_fraction=test_fraction,
             lines_per_document=lines_per_document,
             seed=seed,
+            variant=language_variant,
         )
         self.folder: Path | None = None
         self.datasets: dict[str, MLMInstanceDataset] = {}
@@ -178,7 +189,7 @@ class MLMDataModule(L.LightningDataModule):
         # reading and cleaning 200k Wikipedia articles takes minutes: show that it moves
         found = 0
         for doc in tqdm(docs, desc="reading documents for the tokenizer", unit=" docs"):
-            sentences = split_sentences(to_plain_text(doc))
+            sentences = split_sentences(to_plain_text(doc, self.settings.variant))
             found += len(sentences)
             yield from sentences
         if not found:  # raised inside the trainer's iterator: no vocabulary of nothing is saved
@@ -202,6 +213,8 @@ class MLMDataModule(L.LightningDataModule):
             inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
             files = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
             key = f"{files}|{hp.tokenizer_train_docs}"
+            if hp.language_variant:  # other text
+                key += f"|{hp.language_variant}"
         return build_tokenizer(
             hp.tokenizer,
             self._training_texts,

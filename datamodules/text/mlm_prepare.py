@@ -59,7 +59,7 @@ from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when the same inputs and settings give other instances
+FORMAT_VERSION = 3  # bump when the same inputs and settings give other instances (e.g. cleaning changes)
 SPLITS = ("train", "val", "test")
 
 
@@ -78,6 +78,8 @@ class PrepareSettings:
     # count (at least `min_shard_tokens` each), from the data alone. Packing restarts at every cut.
     shards: int = 64
     min_shard_tokens: int = 2**16
+    # the variant whose text language-variant markup keeps (`-{zh-cn:域;zh-tw:體}-`); None: the first written
+    variant: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,12 +116,12 @@ def _init_worker(tokenizer_json: str) -> None:
 _Tokenized = tuple[str, np.ndarray, np.ndarray]  # split, a document's token ids, its sentences' lengths
 
 
-def _tokenize_documents(docs: list[tuple[str, Document]]) -> list[_Tokenized]:
+def _tokenize_documents(docs: list[tuple[str, Document]], variant: str | None = None) -> list[_Tokenized]:
     """Worker: plain text -> sentences -> token ids, one tokenizer call for the whole chunk.
 
     A document comes back as one flat array and its sentence lengths, not an array a sentence: the main
     process writes it in one call, which keeps it from being the bottleneck with many workers."""
-    texts = [split_sentences(_to_plain_text(d)) for _, d in docs]
+    texts = [split_sentences(_to_plain_text(d, variant)) for _, d in docs]
     flat = [s for sents in texts for s in sents]
     ids = _WORKER_TOKENIZER.encode_batch(flat) if flat else []
     out, k = [], 0
@@ -169,12 +171,12 @@ def _read_units(
 
 
 def _prepare_unit(
-    args: tuple[_Unit, float, float, int],
+    args: tuple[_Unit, float, float, int, str | None],
 ) -> tuple[list[_Tokenized], ReadStats | None]:
     """Worker: read a unit (unless this process did), then clean and tokenise its documents in order."""
-    (kind, what), val_fraction, test_fraction, docs_per_task = args
+    (kind, what), val_fraction, test_fraction, docs_per_task, variant = args
     if kind == "docs":
-        return _tokenize_documents(what), None
+        return _tokenize_documents(what, variant), None
     stats = ReadStats()
     if kind == "streams":
         docs: Iterable[Document] = iter_multistream_range(what, stats)
@@ -182,7 +184,7 @@ def _prepare_unit(
         docs = iter_wikipedia_file(Path(what), stats)
     out = []
     for chunk in _chunks(((split_of(d, val_fraction, test_fraction), d) for d in docs), docs_per_task):
-        out.extend(_tokenize_documents(chunk))
+        out.extend(_tokenize_documents(chunk, variant))
     return out, stats
 
 
@@ -501,7 +503,9 @@ def prepare_mlm_cache(
     units = _read_units(
         wikipedia, bookcorpus, stats, settings, docs_per_task, file_unit_bytes, stream_unit_bytes
     )
-    tasks = ((u, settings.val_fraction, settings.test_fraction, docs_per_task) for u in units)
+    tasks = (
+        (u, settings.val_fraction, settings.test_fraction, docs_per_task, settings.variant) for u in units
+    )
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     n_docs = n_tok = 0
     bar = tqdm(desc="tokenizing documents", unit=" docs", disable=not progress)
