@@ -144,10 +144,10 @@ def train_wordpiece(
         # vocab_size 0: no merge, only the special tokens, the characters and the continuation characters
         pieces = sorted(t for t in trained(0, list(SPECIAL_TOKENS)) if t.startswith("##"))
         vocab = trained(vocab_size, [*SPECIAL_TOKENS, *pieces])
-    pieces = set(pieces)
+    continuations = set(pieces)
 
     def place(token: str) -> tuple[int, int]:
-        group = 0 if token in SPECIAL_TOKENS else 1 if len(token) == 1 else 2 if token in pieces else 3
+        group = 0 if token in SPECIAL_TOKENS else 1 if len(token) == 1 else 2 if token in continuations else 3
         return group, vocab[token]
 
     ordered = sorted(vocab, key=place)
