@@ -110,8 +110,10 @@ def test_trained_vocabulary_has_bert_layout(tmp_path: Path) -> None:
         {"##" + c for t in texts for word in t.lower().rstrip(".").split() for c in word[1:]}
     )
     assert len(tokens) == VOCAB_SIZE > start + len(pieces)
-    # the same tokenizer as its vocab.txt gives, and no special token among the pieces
+    # the same tokenizer as its vocab.txt gives: the pieces the trainer took as special tokens are plain ones
     assert TextTokenizer.from_file(tmp_path / "vocab.txt").tokenizer.to_str() == trained.tokenizer.to_str()
+    added = trained.tokenizer.get_added_tokens_decoder().values()
+    assert sorted(t.content for t in added) == sorted(SPECIAL_TOKENS)
     assert trained.encode_batch(["Gardens."]) == [[tokens.index(t) for t in ("garden", "##s", ".")]]
     assert trained.unk_id not in {i for ids in trained.encode_batch(texts) for i in ids}
 
