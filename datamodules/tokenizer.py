@@ -89,6 +89,10 @@ def wordpiece_from_vocab(
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks the special token(s) {', '.join(missing)}")
+    return _wordpiece(vocab, lowercase, strip_accents)
+
+
+def _wordpiece(vocab: dict[str, int], lowercase: bool, strip_accents: bool | None) -> Tokenizer:
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # kept whole, as BertTokenizerFast does
     return _add_template(_bert_pipeline(tok, lowercase, strip_accents))
@@ -101,19 +105,53 @@ def train_wordpiece(
     min_frequency: int = 2,
     strip_accents: bool | None = None,
 ) -> Tokenizer:
-    """Train a BERT-style WordPiece vocabulary on `texts` with the Rust trainer."""
-    tok = _bert_pipeline(
-        Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)), lowercase, strip_accents
-    )
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS),
-        continuing_subword_prefix="##",
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return _add_template(tok)
+    """Train a BERT-style WordPiece vocabulary on `texts` with the Rust trainer, the same for the same texts and
+    settings in every process.
+
+    The trainer gives each continuation piece (`##a`) its id in the order it meets the words in a hash map that
+    is seeded anew in every process, and breaks ties between pairs of equal count by those ids: left alone it
+    picks other merges, and so other tokens, in every run. So a first pass over the texts only collects the
+    continuation pieces, and the real pass receives them, in code point order, among its special tokens, which
+    it numbers first. The texts are written once to a temporary file (under TMPDIR) that both passes read:
+    `texts` may be a generator. The result is rebuilt from its vocabulary as `wordpiece_from_vocab` builds one,
+    ids in BERT's layout: special tokens, characters, continuation characters, then the merges in order.
+    """
+    with tempfile.TemporaryDirectory(prefix="wordpiece-texts-") as tmp:
+        spool = Path(tmp) / "texts.txt"
+        with spool.open("w", encoding="utf-8") as f:
+            # one text a line: a newline inside a text changes no word, since BERT's pre-tokeniser splits at
+            # every whitespace
+            for text in texts:
+                f.write(text)
+                f.write("\n")
+
+        def trained(vocab_size: int, special_tokens: list[str]) -> dict[str, int]:
+            tok = _bert_pipeline(
+                Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100)),
+                lowercase,
+                strip_accents,
+            )
+            trainer = trainers.WordPieceTrainer(
+                vocab_size=vocab_size,
+                min_frequency=min_frequency,
+                special_tokens=special_tokens,
+                continuing_subword_prefix="##",
+                show_progress=False,
+            )
+            tok.train([str(spool)], trainer=trainer)
+            return tok.get_vocab(with_added_tokens=False)
+
+        # vocab_size 0: no merge, only the special tokens, the characters and the continuation characters
+        pieces = sorted(t for t in trained(0, list(SPECIAL_TOKENS)) if t.startswith("##"))
+        vocab = trained(vocab_size, [*SPECIAL_TOKENS, *pieces])
+    continuations = set(pieces)
+
+    def place(token: str) -> tuple[int, int]:
+        group = 0 if token in SPECIAL_TOKENS else 1 if len(token) == 1 else 2 if token in continuations else 3
+        return group, vocab[token]
+
+    ordered = sorted(vocab, key=place)
+    return _wordpiece({t: i for i, t in enumerate(ordered)}, lowercase, strip_accents)
 
 
 class TextTokenizer:
@@ -312,9 +350,11 @@ def build_tokenizer(
     if key is None:
         texts = list(texts)
         key = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    settings: list = [key, vocab_size, lowercase]
+    # the recipe is keyed too: a vocabulary of the upstream trainer alone, whose ids depend on the process, is
+    # never reused
+    settings: list = [key, vocab_size, lowercase, "canonical-wordpiece"]
     if (lowercase if strip_accents is None else strip_accents) != lowercase:
-        # only a departure from BERT's rule is keyed: vocabularies cached before this setting stay valid
+        # only a departure from BERT's rule is keyed: True with lowercase shares the default's vocabulary
         settings.append(f"strip_accents={strip_accents}")
     digest = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
     folder = Path(cache_dir) / f"wordpiece-{digest}"

@@ -196,15 +196,16 @@ def test_masked_only_mlm_loss_and_gradients_equal_dense(variant: str) -> None:
     (dense + F.cross_entropy(dense_nsp, nsp_labels)).backward()
     masked_logits, sparse_nsp = sparse_model(ids, mask, types, masked_positions=labels != -100)
     assert masked_logits.shape == (int(chosen.sum()), VOCAB)
-    # row-major order of the masked positions
-    assert torch.allclose(masked_logits, dense_logits[chosen], atol=1e-5)
-    assert torch.allclose(sparse_nsp, dense_nsp, atol=1e-6)
+    # row-major order of the masked positions; the last block ran on fewer rows (other matmul shapes): fp32
+    # reassociation, ~1e-6 here
+    assert torch.allclose(masked_logits, dense_logits[chosen], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(sparse_nsp, dense_nsp, atol=1e-6, rtol=1e-5)
     sparse = F.cross_entropy(masked_logits, labels[labels != -100])
-    assert sparse.item() == pytest.approx(dense.item(), abs=1e-5)
+    assert sparse.item() == pytest.approx(dense.item(), abs=1e-5)  # the same, through the loss
     (sparse + F.cross_entropy(sparse_nsp, nsp_labels)).backward()
     for (name, p), q in zip(dense_model.named_parameters(), sparse_model.parameters()):
         assert p.grad is not None and q.grad is not None, name
-        assert torch.allclose(p.grad, q.grad, atol=1e-6), name
+        assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=1e-5), name  # the same, backwards
 
 
 def test_padding_does_not_change_real_positions() -> None:
@@ -222,11 +223,13 @@ def test_padding_does_not_change_real_positions() -> None:
         unmasked = model.bert(padded_ids, None, padded_types)  # padding attended to: must differ
         mean_plain = model.bert.pool(plain, torch.ones(2, 10), mode="mean")
         mean_padded = model.bert.pool(padded, padded_mask, mode="mean")
-    assert torch.allclose(plain, ones, atol=1e-6)
+    # no mask and a mask of ones take different attention kernels: fp32 reassociation, ~1e-7 here
+    assert torch.allclose(plain, ones, atol=1e-6, rtol=1e-5)
     assert (padded[:, :10] - plain).abs().max() <= 1e-5
     assert (unmasked[:, :10] - plain).abs().max() > 1e-3
     assert (mean_padded - mean_plain).abs().max() <= 1e-5
-    assert torch.allclose(model.bert.pool(padded, mode="first"), plain[:, 0])
+    # padded and unpadded batches take different kernels: fp32 reassociation (3e-8 at 8.8e-4 on a Xeon)
+    assert torch.allclose(model.bert.pool(padded, mode="first"), plain[:, 0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("size", ["tiny", "mini", "small", "medium", "base"])
@@ -300,13 +303,14 @@ def test_attention_weights_are_distributions_over_real_keys() -> None:
     assert (hidden[real] - fused[real]).abs().max() <= 1e-5
     key_is_pad = ~mask.bool()[:, None, None, :].expand(-1, 4, 12, -1)
     for w in weights:
-        assert torch.allclose(w.sum(-1), torch.ones(3, 4, 12), atol=1e-5)
+        # softmax rows sum to 1 up to fp32 rounding
+        assert torch.allclose(w.sum(-1), torch.ones(3, 4, 12), atol=1e-5, rtol=0)
         assert (w[key_is_pad] == 0).all()
         assert (w[~key_is_pad] > 0).all()
     # nothing padded: still distributions, and the mask-free path agrees
     with torch.no_grad():
         full, w_full = model.bert(ids[:1], None, types[:1], need_weights=True)
-    assert torch.allclose(w_full[0].sum(-1), torch.ones(1, 4, 12), atol=1e-5)
+    assert torch.allclose(w_full[0].sum(-1), torch.ones(1, 4, 12), atol=1e-5, rtol=0)
     assert (full - fused[:1]).abs().max() <= 1e-5
 
 
@@ -330,6 +334,7 @@ def test_pretraining_outputs_fused_loss_equals_dense(padding: bool) -> None:
     n = int(chosen.sum())
     assert out.mlm_targets.tolist() == ids[chosen].tolist()
     assert out.mlm_hits.tolist() == (dense_logits[chosen].argmax(-1) == ids[chosen]).tolist()
+    # the chunked vocabulary loss and the last block on fewer rows are other kernels: fp32 reassociation
     assert (out.mlm_loss_sum / n).item() == pytest.approx(dense.item(), abs=1e-5)
     torch.testing.assert_close(out.nsp_logits, dense_nsp, atol=1e-6, rtol=0)
     (out.mlm_loss_sum / n + F.cross_entropy(out.nsp_logits, nsp_labels)).backward()

@@ -203,7 +203,8 @@ def test_fsdp2_shards_a_channels_last_tower(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         apply_fsdp2(tower, init_device_mesh("cpu", (1,)), param_dtype=None, reduce_dtype=None)
-        torch.testing.assert_close(tower(images), expected)
+        # contiguous weights take another convolution kernel than channels-last ones: fp32 reassociation
+        torch.testing.assert_close(tower(images), expected, rtol=1e-5, atol=1e-6)
     finally:
         dist.destroy_process_group()
 

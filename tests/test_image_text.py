@@ -127,7 +127,8 @@ def test_captions_of_the_same_image_are_not_negatives_in_training() -> None:
     target = torch.arange(4)
     expected = 0.5 * (F.cross_entropy(masked, target) + F.cross_entropy(masked.T, target))
     unmasked = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-    torch.testing.assert_close(loss, expected)
+    # the loss's own kernels against F.cross_entropy's: fp32 reassociation
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert not torch.isclose(loss, unmasked)
 
 

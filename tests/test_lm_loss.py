@@ -30,6 +30,7 @@ def test_loss_hits_and_gradients_equal_plain_cross_entropy(n: int, chunk: int) -
     logits = F.linear(h, w, b)
     plain = F.cross_entropy(logits, t, reduction="sum")
     (plain * 0.3).backward()
+    # the fused chunked loss against F.cross_entropy: fp32 reassociation
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6, abs=1e-5)
     assert hits.dtype == torch.bool and hits.tolist() == (logits.argmax(-1) == t).tolist()
     for got, x in zip(fused, (h, w, b)):
@@ -61,6 +62,7 @@ def test_without_gradients_it_is_the_plain_computation() -> None:
     with torch.no_grad():
         loss, hits = linear_cross_entropy(h, w, b, t)
         logits = F.linear(h, w, b)
+    # chunked against F.cross_entropy: fp32 reassociation
     assert loss.item() == pytest.approx(F.cross_entropy(logits, t, reduction="sum").item(), rel=1e-6)
     assert hits.tolist() == (logits.argmax(-1) == t).tolist()
     empty = linear_cross_entropy(h[:0], w, b, t[:0])[0]
@@ -110,7 +112,7 @@ def test_no_bias_and_frozen_parameters_get_the_plain_gradients() -> None:
     fused = h.grad.clone()
     h.grad = None
     F.cross_entropy(F.linear(h, w), t, reduction="sum").backward()
-    torch.testing.assert_close(fused, h.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, h.grad, rtol=1e-5, atol=1e-6)  # chunked backward: fp32 reassociation
     assert w.grad is None
 
 

@@ -84,7 +84,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     emb = torch.tensor([r["embedding"] for r in table])
     torch.testing.assert_close(emb.norm(dim=1), torch.ones(len(table)), atol=1e-5, rtol=0)
 
-    # rows equal the model's own embeddings of the same inputs
+    # rows equal the model's own embeddings of the same inputs, alone rather than batched: other kernels
     by_key = dict(zip(keys, emb))
     tokens = dm.tokenizer(["a blue square"], 32)
     with torch.no_grad():
@@ -217,6 +217,7 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
     first = rows[0]["masks"][0]
     assert [m["id"] for m in first] == top.tolist()
     assert [m["token"] for m in first] == [dm.tokenizer.tokenizer.id_to_token(i) for i in top.tolist()]
+    # batched prediction against this one sequence: other shapes, fp32 reassociation
     torch.testing.assert_close(torch.tensor([m["score"] for m in first]), probs, atol=1e-5, rtol=0)
 
 
@@ -269,6 +270,7 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
     row = next(
         r for r in table if r["kind"] == "utterance" and r["id"] == flacs[0].name.removesuffix(".flac")
     )
+    # batched and padded against this utterance alone: other kernels through the speech tower
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-4, rtol=1e-4)
 
 
@@ -326,6 +328,7 @@ def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Pat
     two = pq.read_table(tmp_path / "two" / "embeddings.parquet").to_pylist()
     assert [(r["kind"], r["id"]) for r in two] == [(r["kind"], r["id"]) for r in one]  # padding rows dropped
     assert len(one) == N_VAL + 7
+    # two processes embed other batches (other shapes) than one: fp32 reassociation
     torch.testing.assert_close(
         torch.tensor([r["embedding"] for r in two]),
         torch.tensor([r["embedding"] for r in one]),
@@ -391,6 +394,7 @@ def test_cli_predict_with_the_config_snippet(
     with torch.no_grad():
         direct = module.encode_image(item["image"][None])[0]
     row = next(r for r in table.to_pylist() if r["id"] == item["image_key"] and r["kind"] == "image")
+    # batched against alone: other shapes, fp32 reassociation
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)
 
 
@@ -432,6 +436,7 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
     tokens = dm.tokenizer([text], 32)
     with torch.no_grad():
         direct = module.encode_text(tokens["input_ids"], tokens["attention_mask"])[0]
+    # batched against alone: other shapes, fp32 reassociation
     torch.testing.assert_close(torch.tensor(row["embedding"]), direct, atol=1e-5, rtol=1e-4)
 
 

@@ -30,6 +30,7 @@ TEXTS = [
     "the quick brown fox jumps over the lazy dog",
     "speech and text in one joint space",
 ] * 5
+# ours against the reference, other batch shapes or padding: other kernels, fp32 reassociation through the layers
 TOL = 1e-4
 
 
@@ -133,11 +134,13 @@ def test_hf_text_tower_equals_the_reference_forward(tmp_path: Path, kind: str, p
         pooled = tower(batch["input_ids"], batch["attention_mask"])
         for i, text in enumerate(TEXTS[:3]):
             alone = tok([text], max_length=32)
-            assert torch.allclose(tower(alone["input_ids"], alone["attention_mask"])[0], pooled[i], atol=TOL)
+            assert torch.allclose(
+                tower(alone["input_ids"], alone["attention_mask"])[0], pooled[i], atol=TOL, rtol=1e-5
+            )
     n = int(batch["attention_mask"][0].sum())
     firsts = {"first": theirs[0, 0], "cls": out.pooler_output[0]}
     expected = {**firsts, "mean": theirs[0, :n].mean(0), "eot": theirs[0, n - 1]}[pooling]
-    assert torch.allclose(pooled[0], tower.proj(expected), atol=TOL)
+    assert torch.allclose(pooled[0], tower.proj(expected), atol=TOL, rtol=1e-5)
 
 
 def test_context_length_is_checked_against_the_folder_position_table(tmp_path: Path) -> None:
@@ -231,9 +234,9 @@ def test_hf_speech_tower_equals_the_reference_and_ignores_padding(tmp_path: Path
             assert (hidden[i, : theirs.shape[0]] - theirs).abs().max().item() <= TOL
         pooled = tower(batch, lengths)
         more_padding = torch.nn.functional.pad(batch, (0, 1500))
-        assert torch.allclose(tower(more_padding, lengths), pooled, atol=TOL)
+        assert torch.allclose(tower(more_padding, lengths), pooled, atol=TOL, rtol=1e-5)
         alone = tower(batch[1:2, :5000], lengths[1:2])
-        assert torch.allclose(alone[0], pooled[1], atol=TOL)
+        assert torch.allclose(alone[0], pooled[1], atol=TOL, rtol=1e-5)
 
 
 @pytest.mark.parametrize("extractor", ["group_norm", "layer_norm"])
@@ -275,7 +278,9 @@ def test_torchaudio_speech_tower_from_a_state_dict(tmp_path: Path, extractor: st
             assert mask[i].sum().item() == theirs.shape[0]
             assert (hidden[i, : theirs.shape[0]] - theirs).abs().max().item() <= TOL
         pooled = tower(batch, lengths)
-        assert torch.allclose(tower(torch.nn.functional.pad(batch, (0, 999)), lengths), pooled, atol=TOL)
+        assert torch.allclose(
+            tower(torch.nn.functional.pad(batch, (0, 999)), lengths), pooled, atol=TOL, rtol=1e-5
+        )
 
     # a checkpoint of another size: the first tensor that does not fit, both shapes, the key counts
     wider = {**args, "encoder_embed_dim": 48, "encoder_ff_interm_features": 96}

@@ -541,6 +541,7 @@ def test_compiled_mlm_matches_eager_and_trains(
     loss_e = eager.model_step(batch, "val")
     loss_c = compiled.model_step(batch, "val")
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo captured the encoder
+    # inductor fuses and reorders the float ops: compiled and eager differ by reassociation
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
     loss_e.backward()
     loss_c.backward()

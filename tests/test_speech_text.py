@@ -68,7 +68,8 @@ def test_log_mel_of_a_padded_utterance_equals_the_unpadded_one() -> None:
     x, frames = feats(waves, lengths)
     for i, n in enumerate(lengths.tolist()):
         alone, _ = feats(waves[i : i + 1, :n], lengths[i : i + 1])
-        assert torch.allclose(x[i, : frames[i]], alone[0], atol=1e-4)
+        # other STFT shapes, then a log that magnifies small values' rounding
+        assert torch.allclose(x[i, : frames[i]], alone[0], atol=1e-4, rtol=1e-5)
         assert (x[i, frames[i] :] == 0).all()  # padded frames are zero, like the convolution's own padding
     # per-utterance normalisation: zero mean, unit variance over the real frames of each channel
     real = x[0, : frames[0]]
@@ -108,8 +109,9 @@ def test_padding_never_changes_a_pooled_embedding(encoder: str) -> None:
         )
         # extra trailing zeros in the batch tensor change nothing either
         wider = t(F.pad(waves, (0, 3000)), lengths)
-    assert torch.allclose(batch, alone, atol=1e-5), (batch - alone).abs().max()
-    assert torch.allclose(wider, batch, atol=1e-5)
+    # other batch shapes take other kernels: fp32 reassociation through the layers
+    assert torch.allclose(batch, alone, atol=1e-5, rtol=1e-5), (batch - alone).abs().max()
+    assert torch.allclose(wider, batch, atol=1e-5, rtol=1e-5)
     assert batch.std(0).mean() > 1e-3  # distinct utterances, not a constant the check would pass on anyway
 
 
@@ -141,7 +143,8 @@ def test_spec_augment_only_in_training() -> None:
     assert not torch.allclose(t1, t2, atol=1e-4)
     t.spec_augment = torch.nn.Sequential()  # no masks: training and eval agree
     with torch.no_grad():
-        assert torch.allclose(t(waves, lengths), e1, atol=1e-6)
+        # train and eval may take other kernels (fused attention in eval): fp32 reassociation
+        assert torch.allclose(t(waves, lengths), e1, atol=1e-6, rtol=1e-5)
 
 
 def test_lengths_to_mask() -> None:

@@ -190,7 +190,10 @@ def test_both_losses_backpropagate_into_the_one_text_tower() -> None:
     m.zero_grad()
     m.training_step(batches, 0).backward()
     # the text tower's gradient is the weighted sum of the two tasks'
-    assert torch.allclose(text_grads(m), 0.5 * grads["image_text"] + 2.0 * grads["speech_text"], atol=1e-6)
+    # one backward through both losses sums in another order than two: fp32 reassociation
+    assert torch.allclose(
+        text_grads(m), 0.5 * grads["image_text"] + 2.0 * grads["speech_text"], atol=1e-6, rtol=1e-5
+    )
     for name, p in m.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and p.grad.abs().sum() > 0, name

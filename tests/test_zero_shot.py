@@ -72,7 +72,8 @@ def test_prompt_ensemble_is_the_normalised_mean_of_normalised_prompt_embeddings(
         prompts = [fill_template(t, name) for t in templates]
         singles = [F.normalize(encode(**tok([p], 16)), dim=-1)[0] for p in prompts]
         expected = F.normalize(torch.stack(singles).mean(0), dim=0)
-        torch.testing.assert_close(row, expected)
+        # batched and single prompts: other shapes, other sums
+        torch.testing.assert_close(row, expected, rtol=1e-5, atol=1e-6)
     assert got.norm(dim=-1).allclose(torch.ones(2))
     assert fill_template("a picture of a {}", "orange square") == "a picture of an orange square"
     assert fill_template("a {}", "red circle") == "a red circle"
