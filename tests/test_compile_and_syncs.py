@@ -11,11 +11,14 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_modules.throughput import Throughput, peak_tflops_of
 from tests.helpers import quiet_trainer
 from tests.test_resilience import RandomMLMBatches, loader, tiny_mlm
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class CountingBackend:
@@ -170,3 +173,20 @@ def test_peaks_of_h200_nvl_h800_and_a_mig_slice(monkeypatch) -> None:
         sms["value"] = count
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, _n=name: _n)
         assert peak_tflops_of(cuda) == pytest.approx(tflops, rel=1e-12), name
+
+
+def test_full_size_configs_checkpoint_by_steps_not_by_time() -> None:
+    """`ModelCheckpoint(train_time_interval=...)` broadcasts rank 0's decision after every batch (a collective and
+    a host read); step triggers are decided by every rank alone."""
+    configs = sorted((REPO / "configs").glob("*/*.yaml"))
+    checkpoints = [
+        (path.name, c.get("init_args") or {})
+        for path in configs
+        for c in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []
+        if c["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    ]
+    assert len(checkpoints) >= 20
+    assert not [name for name, args in checkpoints if "train_time_interval" in args]
+    periodic = [name for name, args in checkpoints if args.get("save_last")]
+    assert {"bert_base.yaml", "librispeech_base.yaml", "coco_vit_b16.yaml"} <= set(periodic)
+    assert all(args.get("every_n_train_steps") for name, args in checkpoints if args.get("save_last"))
