@@ -5,15 +5,22 @@ shapes."""
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from datamodules.masking import MLMCollator
+from lightning_modules.callbacks import LossTQDMProgressBar
+from lightning_modules.components.bert import SparseLayout
+from lightning_modules.resilience import PreemptionCheckpoint
 from lightning_modules.throughput import Throughput, peak_tflops_of
 from tests.helpers import quiet_trainer
 from tests.test_resilience import RandomMLMBatches, loader, tiny_mlm
@@ -190,3 +197,142 @@ def test_full_size_configs_checkpoint_by_steps_not_by_time() -> None:
     periodic = [name for name, args in checkpoints if args.get("save_last")]
     assert {"bert_base.yaml", "librispeech_base.yaml", "coco_vit_b16.yaml"} <= set(periodic)
     assert all(args.get("every_n_train_steps") for name, args in checkpoints if args.get("save_last"))
+
+
+class HostReads(TorchDispatchMode):
+    """Records the operators that make the host wait for a device: a scalar read (`.item()`, `int()`,
+    `bool()`), and ops whose output size depends on the data (`nonzero`, boolean indexing, `masked_select`,
+    `bincount`, `unique`). On CPU they are cheap; on a GPU each one is a sync."""
+
+    SIZED_BY_DATA = {
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+        torch.ops.aten.bincount.default,
+        torch.ops.aten._unique2.default,
+        torch.ops.aten.unique_consecutive.default,
+        torch.ops.aten.repeat_interleave.Tensor,
+    }
+
+    def __init__(self, host_tensors: tuple[str, ...] = ()) -> None:
+        """`host_tensors`: `file:function` of this repository whose reads are of tensors that live on the host
+        on a GPU too (not recorded)."""
+        super().__init__()
+        self.host_tensors = host_tensors
+        self.reads: list[str] = []
+
+    def _record(self, what: str) -> None:
+        frames = traceback.extract_stack()
+        caller = next(
+            (f for f in reversed(frames) if f.filename.startswith(str(REPO)) and f.filename != __file__), None
+        )
+        where = f"{Path(caller.filename).name}:{caller.name}" if caller else "?"
+        if where not in self.host_tensors:
+            self.reads.append(f"{what} in {where}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default or func in self.SIZED_BY_DATA:
+            self._record(str(func))
+        elif func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default) and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        ):
+            self._record(f"{func} with a boolean index")
+        return func(*args, **kwargs)
+
+
+class WatchQuietSteps(L.Callback):
+    """Watches every step but the first and the logging ones, from batch start to batch end (the callbacks before
+    it in the list included), for host reads."""
+
+    def __init__(self) -> None:
+        self.mode: HostReads | None = None
+        self.reads: dict[int, list[str]] = {}
+        self.watched: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step >= 1 and (step + 1) % trainer.log_every_n_steps != 0:
+            # PreemptionCheckpoint reads its flags from a pinned host copy whose event has landed (on CUDA)
+            self.mode = HostReads(host_tensors=("resilience.py:on_train_batch_end",))
+            self.mode.__enter__()
+            self.watched.append(step)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(None, None, None)
+            self.reads[trainer.global_step] = self.mode.reads
+            self.mode = None
+
+
+def _mlm_samples(n: int, seed: int = 0) -> list[dict]:
+    """NSP-shaped token sequences of random lengths, for `MLMCollator`: padded batches."""
+    g = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        length = int(g.integers(6, 16))
+        ids = np.r_[CLS, g.integers(5, VOCAB, length - 2), SEP]
+        samples.append({"input_ids": ids, "index": i, "epoch": 0, "nsp_label": i % 2})
+    return samples
+
+
+CLS, SEP, MASK, VOCAB = 2, 3, 4, 64
+
+
+def _mlm_collator() -> MLMCollator:
+    return MLMCollator(vocab_size=VOCAB, pad_id=0, mask_id=MASK, special_ids=[0, 1, CLS, SEP, MASK])
+
+
+def test_mlm_training_steps_read_nothing_from_the_device(tmp_path: Path) -> None:
+    """The MLM system on padded batches of its collate, with the CLI's per-step callbacks (throughput, preemption
+    flags, the progress bar's loss) and fused AdamW: between logging steps no operator reads a value or a
+    data-dependent size from the device; the collate's layout gives the unpadding and the sparse head their
+    shapes."""
+    watch = WatchQuietSteps()
+    data = torch.utils.data.DataLoader(_mlm_samples(24), batch_size=4, collate_fn=_mlm_collator())
+    t = quiet_trainer(
+        max_steps=6,
+        log_every_n_steps=3,
+        logger=CSVLogger(tmp_path),
+        callbacks=[Throughput(), PreemptionCheckpoint(requeue=False), LossTQDMProgressBar(), watch],
+        enable_progress_bar=True,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    t.fit(tiny_mlm(vocab_size=VOCAB), data)
+    assert watch.watched == [1, 3, 4]
+    assert watch.reads == {2: [], 4: [], 5: []}
+    # the detector sees what the step reads without the collate's layout
+    batch = _mlm_collator()(_mlm_samples(4))
+    with HostReads() as mode:
+        t.lightning_module.model.pretraining_outputs(
+            batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["labels"]
+        )
+    reads = " ".join(mode.reads)
+    assert "nonzero.default in encoder.py" in reads and "_local_scalar_dense.default in encoder.py" in reads
+    assert "index.Tensor with a boolean index in bert.py" in reads
+
+
+def test_collate_layout_gives_the_same_loss_and_gradients() -> None:
+    """The sparse MLM step with the collate's host-side layout and with the layout found on the device: the same
+    operators on the same rows, so the same numbers (no tolerance needed)."""
+    torch.manual_seed(0)
+    model = tiny_mlm(vocab_size=VOCAB, dropout=0.0, attention_dropout=0.0).model
+    batch = _mlm_collator()(_mlm_samples(6, seed=1))
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padded
+    results = []
+    for layout in (SparseLayout.of_batch(batch), None):
+        model.zero_grad()
+        out = model.pretraining_outputs(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["token_type_ids"],
+            batch["labels"],
+            -100,
+            layout,
+        )
+        (out.mlm_loss_sum + out.nsp_logits.sum()).backward()
+        results.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (with_layout, grads), (found, found_grads) = results
+    for a, b in zip(with_layout, found):
+        assert torch.equal(a, b)
+    assert len(grads) == len(found_grads) and all(torch.equal(a, b) for a, b in zip(grads, found_grads))
