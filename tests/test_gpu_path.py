@@ -494,9 +494,11 @@ def _benchmark(*extra: str) -> str:
 
 
 def test_gpu_benchmark_smoke_eager_bert_on_cpu() -> None:
-    """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio."""
+    """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio, and beside it what
+    each side computes."""
     out = _benchmark("--model", "bert", "--modes", "eager")
     assert out.count("ratio:") == 1 and "BERT-tiny seq 16 eager: ours" in out
+    assert "masked rows + [CLS] only, a real saving" in out and "head and last block on all 16 positions" in out
 
 
 @pytest.mark.slow
