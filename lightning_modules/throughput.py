@@ -137,11 +137,12 @@ def work_unit(counts: Mapping[str, Tensor | int]) -> str | None:
 
 
 def recomputes_activations(module: torch.nn.Module) -> bool:
-    """Whether activation checkpointing is on anywhere in `module` (ours: `gradient_checkpointing`; Hugging
-    Face's: `is_gradient_checkpointing`)."""
+    """Whether activation checkpointing is on anywhere in `module`: ours (`gradient_checkpointing`), Hugging
+    Face's (`is_gradient_checkpointing`), or blocks wrapped by the FSDP strategies (`CheckpointWrapper`)."""
     return any(
         getattr(m, "gradient_checkpointing", False) is True
         or getattr(m, "is_gradient_checkpointing", False) is True
+        or type(m).__name__ == "CheckpointWrapper"
         for m in module.modules()
     )
 

@@ -336,3 +336,18 @@ def test_collate_layout_gives_the_same_loss_and_gradients() -> None:
     for a, b in zip(with_layout, found):
         assert torch.equal(a, b)
     assert len(grads) == len(found_grads) and all(torch.equal(a, b) for a, b in zip(grads, found_grads))
+
+
+def test_activation_checkpointing_is_found_in_every_form() -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from lightning_modules.throughput import recomputes_activations
+
+    model = tiny_mlm()
+    assert not recomputes_activations(model)
+    model.model.bert.encoder.gradient_checkpointing = True
+    assert recomputes_activations(model)
+    wrapped = torch.nn.Sequential(
+        checkpoint_wrapper(torch.nn.Linear(2, 2))
+    )  # as the FSDP strategies wrap blocks
+    assert recomputes_activations(wrapped)
