@@ -13,8 +13,8 @@ else its rows (images), and an interval's FLOPs are that times the units it trai
 packed or padded text change length from batch to batch (attention, which grows with the square of the length,
 is scaled linearly: an approximation where lengths vary much). MFU = FLOPs per second / the device's dense bf16
 peak. Under activation checkpointing the counted batch includes the recomputed forward passes, so the ratio is
-hardware-FLOPs utilisation and is logged as `train/hfu` instead. The clock starts after the first two batches
-(the counted one, and the one that compiles).
+hardware-FLOPs utilisation and is logged as `train/hfu` instead. The clock starts after the batch that compiles:
+the second where the first is counted (forced eager), else the first.
 
 Keys (all ranks together, from this rank's counts x the world size): `train/samples_per_sec`,
 `train/tokens_per_sec` (text: non-padding tokens), `train/audio_sec_per_sec` (speech: seconds of audio),
