@@ -56,6 +56,43 @@ class GraphCallsPerBatch(L.Callback):
         self.calls.append(self.backend.calls)
 
 
+def _cpu_trainer_stub(log_every: int = 1) -> SimpleNamespace:
+    """What `Throughput` reads of a trainer, for driving its hooks without a training loop."""
+    return SimpleNamespace(
+        global_step=0,
+        log_every_n_steps=log_every,
+        loggers=[object()],
+        world_size=1,
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        datamodule=None,
+    )
+
+
+def test_compiled_module_runs_compiled_after_the_flop_count() -> None:
+    """The callback's hooks around three MLM steps whose embeddings are compiled: the counted step runs them
+    eagerly (no compilation, no graph call), the next two run the compiled graph."""
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    model = tiny_mlm()
+    model.model.bert.embeddings.compile(backend=backend)  # user code: Dynamo skips torch.nn modules as frames
+    callback, trainer, calls = Throughput(peak_tflops=1.0), _cpu_trainer_stub(log_every=100), []
+    callback.on_train_start(trainer, model)
+    batch = next(iter(loader(RandomMLMBatches(4))))
+    try:
+        for i in range(3):
+            callback.on_train_batch_start(trainer, model, batch, i)
+            _mlm_loss(model, batch).backward()
+            trainer.global_step += 1
+            callback.on_train_batch_end(trainer, model, None, batch, i)
+            calls.append(backend.calls)
+    finally:
+        torch._dynamo.reset()
+    assert callback.flops_per_batch
+    assert calls[0] == 0 and backend.compiled >= 1, calls  # the counted step ran eagerly
+    assert calls[0] < calls[1] < calls[2], calls  # then the compiled graph ran in each step
+
+
+@pytest.mark.slow  # a full Trainer run; test_compiled_module_runs_compiled_after_the_flop_count is the short one
 def test_compiled_module_is_used_after_the_flop_count(tmp_path: Path) -> None:
     """The first batch is counted with the compiled embeddings forced eager (no graph call, no compilation); every
     later batch runs the compiled graph."""
@@ -106,14 +143,7 @@ def _text_batch(tokens: int, rows: int = 2, length: int = 32) -> dict[str, torch
 def _drive(callback: Throughput, module: Logged, batches: list, accumulate: int) -> None:
     """Runs the callback's hooks as Lightning's loop calls them: `accumulate` micro-batches per optimizer step;
     the first batch does a (32 x 64) @ (64 x 16) matmul under the counter: 65,536 FLOPs."""
-    trainer = SimpleNamespace(
-        global_step=0,
-        log_every_n_steps=2,
-        loggers=[object()],
-        world_size=1,
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-        datamodule=None,
-    )
+    trainer = _cpu_trainer_stub(log_every=2)
     callback.on_train_start(trainer, module)
     for i, batch in enumerate(batches):
         callback.on_train_batch_start(trainer, module, batch, i)
@@ -282,6 +312,45 @@ def _mlm_collator() -> MLMCollator:
     return MLMCollator(vocab_size=VOCAB, pad_id=0, mask_id=MASK, special_ids=[0, 1, CLS, SEP, MASK])
 
 
+def _mlm_loss(module, batch: dict) -> torch.Tensor:
+    """The MLM system's training loss on one process (`model_step` without the trainer's all-reduce)."""
+    out = module.model.pretraining_outputs(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch.get("token_type_ids"),
+        batch["labels"],
+        -100,
+        SparseLayout.of_batch(batch),
+    )
+    loss = out.mlm_loss_sum / out.mlm_targets.numel()
+    if "nsp_labels" in batch:
+        loss = loss + torch.nn.functional.cross_entropy(out.nsp_logits, batch["nsp_labels"])
+    return loss
+
+
+def test_mlm_step_reads_nothing_from_the_device() -> None:
+    """Forward, backward and a fused AdamW step of the MLM system on a padded batch of its collate: no operator
+    reads a value or a data-sized shape from the device. Without the collate's layout, the same step does."""
+    model = tiny_mlm(vocab_size=VOCAB)
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    batch = _mlm_collator()(_mlm_samples(4))
+    assert batch["attention_mask"].sum() < batch["attention_mask"].numel()  # padded
+    _mlm_loss(model, batch).backward()
+    opt.step()  # the lazy state
+    with HostReads() as mode:
+        _mlm_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    assert mode.reads == []
+    plain = {k: v for k, v in batch.items() if k not in SparseLayout._fields}
+    with HostReads() as mode:
+        _mlm_loss(model, plain)
+    reads = " ".join(mode.reads)
+    assert "nonzero.default in encoder.py" in reads and "_local_scalar_dense.default in encoder.py" in reads
+    assert "index.Tensor with a boolean index in bert.py" in reads
+
+
+@pytest.mark.slow  # a full Trainer run; test_mlm_step_reads_nothing_from_the_device is the short one
 def test_mlm_training_steps_read_nothing_from_the_device(tmp_path: Path) -> None:
     """The MLM system on padded batches of its collate, with the CLI's per-step callbacks (throughput, preemption
     flags, the progress bar's loss) and fused AdamW: between logging steps no operator reads a value or a
