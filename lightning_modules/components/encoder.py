@@ -241,13 +241,12 @@ class RowSelection(NamedTuple):
         """`positions`: ascending flat positions b * length + l; `index`: the same rows in the block layout;
         `width`: the most positions of one sequence where the host knows it (else read from the device)."""
         batch = positions // length
-        counts = torch.zeros(batch_size, dtype=torch.long, device=positions.device)
-        counts.index_add_(
-            0, batch, torch.ones_like(batch)
-        )  # bincount, without reading its size from the device
-        first = counts.cumsum(0) - counts
+        # each sequence's first row, as `batch` is ascending (bincount would read its size from the device)
+        sequences = torch.arange(batch_size, device=positions.device)
+        first = torch.searchsorted(batch, sequences)
         slot = torch.arange(positions.numel(), device=positions.device) - first[batch]
         if width is None:
+            counts = torch.searchsorted(batch, sequences, right=True) - first
             width = int(counts.max()) if positions.numel() else 0
         return cls(index, batch, slot, width)
 
