@@ -1,9 +1,13 @@
 """Training throughput and MFU on one GPU, ours beside the reference implementations, in one process.
 
-BERT-Base MLM+NSP (seq 128) against `transformers.BertForPreTraining`, CLIP ViT-B/16 against open_clip's
-ViT-B-16 at the same batch; each eager and compiled; the two sides of a comparison timed in alternating rounds
-after warm-up, so clocks and thermals treat them alike. Each line ends in `ratio:` (ours / theirs, > 1 = ours
-faster). `--smoke` runs tiny models on CPU so the script does not rot (the compiled rows then use the "eager"
+BERT-Base MLM+NSP (seq 128) against `transformers.BertForPreTraining` of the same shape, and CLIP ViT-B/16
+against open_clip's ViT-B-16 with our text tower shaped as open_clip's (12 layers, 512 wide, 8 heads, 2048
+feed-forward, 49,408 tokens, 77 positions, the last real token pooled); each eager and compiled; the two sides of
+a comparison timed in alternating rounds after warm-up, so clocks and thermals treat them alike. Each line ends
+in `ratio:` (ours / theirs, > 1 = ours faster) and says beside it what each side computes: the models have the
+same shapes, and what differs is work one side skips (BERT: our MLM head and last block run on the masked rows
+and [CLS] only; CLIP: our text tower runs on the real tokens only, open_clip's on all 77 positions with a causal
+mask). `--smoke` runs tiny models on CPU so the script does not rot (the compiled rows then use the "eager"
 compile backend: the path, not the speed).
 
 Each model trains on random data of its real shape (BERT: seq 128, 15% of tokens masked, NSP pairs; CLIP:
@@ -30,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datamodules.masking import sparse_layout  # noqa: E402
 from lightning_modules.components.hf_interop import config_to_hf  # noqa: E402
 from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
@@ -57,7 +62,9 @@ def bert_batch(args: argparse.Namespace, device: torch.device, vocab: int) -> di
         "labels": torch.where(chosen, ids, IGNORE_INDEX),
         "nsp_labels": torch.randint(0, 2, (b,), generator=g),
     }
-    return {k: v.to(device) for k, v in batch.items()}
+    # the host-side layout MLMCollator adds, so the step reads no shape from the device, as in training
+    batch.update(sparse_layout(batch["attention_mask"].bool().numpy(), batch["labels"].numpy()))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_step(device: torch.device, bf16: bool, params, loss_of: Callable[[], torch.Tensor]) -> Step:
@@ -73,7 +80,7 @@ def train_step(device: torch.device, bf16: bool, params, loss_of: Callable[[], t
     return step
 
 
-def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step]:
+def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step, str]:
     """Ours (the framework's MLM system) and transformers' BertForPreTraining of the same shape, same batch."""
     from transformers import BertConfig as HFConfig
     from transformers import BertForPreTraining as HFBert
@@ -99,44 +106,63 @@ def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) ->
         )
         return out.loss
 
+    masked = (batch["labels"] != IGNORE_INDEX).float().mean().item()
+    computes = (
+        f"ours: MLM head (fused with its cross-entropy) and the last block's queries, feed-forward and norms on "
+        f"the {masked:.0%} masked rows + [CLS] only, a real saving of the model; transformers: the same shapes, "
+        f"head and last block on all {args.seq} positions"
+    )
     return (
         train_step(device, args.bf16, ours.parameters(), lambda: ours.model_step(batch, "train")),
         train_step(device, args.bf16, theirs.parameters(), their_loss),
+        computes,
     )
 
 
-def clip_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step]:
-    """Ours (ImageTextModule: ViT-B/16 + BERT-base text) and open_clip's ViT-B-16 (no weights: nothing is
-    downloaded) at the same batch of 224 px images and 77-token captions."""
+def clip_pair(args: argparse.Namespace, device: torch.device, compiled: bool) -> tuple[Step, Step, str]:
+    """Ours (ImageTextModule: ViT-B/16 + a text tower of open_clip's shape) and open_clip's ViT-B-16 (no weights:
+    nothing is downloaded) at the same batch of 224 px images and 77-token captions."""
     import open_clip
 
     if args.smoke:
         image = ImageTowerConfig("vit_custom", 32, patch_size=16, layers=2, width=64, heads=2, mlp_dim=128)
-        text = TextTowerConfig("tiny")
-        size, context, width = 32, 16, 64
+        size, context, vocab, embed = 32, 16, 1000, 64
+        text_cfg = {"context_length": context, "vocab_size": vocab, "width": 64, "heads": 2, "layers": 2}
         theirs = open_clip.CLIP(
-            embed_dim=64,
-            vision_cfg={"image_size": size, "patch_size": 16, "layers": 2, "width": width},
-            text_cfg={"context_length": context, "vocab_size": 1000, "width": width, "heads": 2, "layers": 2},
+            embed_dim=embed,
+            vision_cfg={"image_size": size, "patch_size": 16, "layers": 2, "width": 64},
+            text_cfg=text_cfg,
         )
-        embed = 64
     else:
-        image, text, size, context, embed = (
-            ImageTowerConfig("vit_b_16", 224),
-            TextTowerConfig("base"),
-            224,
-            77,
-            512,
-        )
+        image, size, embed = ImageTowerConfig("vit_b_16", 224), 224, 512
         theirs = open_clip.create_model("ViT-B-16", pretrained=None)
-    ours = ImageTextModule(embed_dim=embed, image=image, text=text).to(device).train()
+        t = theirs.transformer
+        text_cfg = {
+            "context_length": theirs.context_length,
+            "vocab_size": theirs.vocab_size,
+            "width": t.width,
+            "heads": t.resblocks[0].attn.num_heads,
+            "layers": t.layers,
+        }
+        context, vocab = text_cfg["context_length"], text_cfg["vocab_size"]
+    # our text tower in open_clip's shape: layers, width, heads (feed-forward 4 x width in both), vocabulary,
+    # positions, and the last real token pooled as open_clip pools its EOT token
+    text = TextTowerConfig(
+        "base",
+        layers=text_cfg["layers"],
+        hidden=text_cfg["width"],
+        heads=text_cfg["heads"],
+        max_len=context,
+        pooling="eot",
+    )
+    ours = ImageTextModule(vocab_size=vocab, embed_dim=embed, image=image, text=text).to(device).train()
     theirs = theirs.to(device).train()
     their_loss_fn = open_clip.ClipLoss()
     g = torch.Generator().manual_seed(0)
     b = args.clip_batch
     lengths = torch.randint(4, context - 1, (b,), generator=g)
     mask = (torch.arange(context)[None, :] < lengths[:, None]).long()
-    ids = torch.randint(5, 1000, (b, context), generator=g) * mask
+    ids = torch.randint(5, vocab, (b, context), generator=g) * mask
     batch = {
         "images": torch.randn(b, 3, size, size, generator=g),
         "input_ids": ids,
@@ -154,9 +180,15 @@ def clip_pair(args: argparse.Namespace, device: torch.device, compiled: bool) ->
         image_features, text_features, scale = theirs(batch["images"], batch["input_ids"])
         return their_loss_fn(image_features, text_features, scale)
 
+    computes = (
+        f"ours: the ViT on {size} px + a text tower of open_clip's shape, bidirectional attention over the real "
+        f"tokens only (unpadded: {mask.sum().item() / b:.1f} of {context} per caption on average); open_clip: the "
+        f"same shapes, causal attention over all {context} positions"
+    )
     return (
         train_step(device, args.bf16, ours.parameters(), lambda: ours.pair.loss(ours.embed(batch, "train"))),
         train_step(device, args.bf16, theirs.parameters(), their_loss),
+        computes,
     )
 
 
@@ -216,23 +248,25 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; bf16 autocast: {args.bf16}; peak: {peak and peak / 1e12} TFLOP/s", flush=True)
     jobs = {"bert": (bert_pair, f"BERT-{args.size} seq {args.seq}", "tokens", args.batch * args.seq)}
-    jobs["clip"] = (clip_pair, "CLIP ViT-B/16" if not args.smoke else "CLIP tiny", "pairs", args.clip_batch)
+    clip_title = "CLIP ViT-B/16, text 512 wide" if not args.smoke else "CLIP tiny"
+    jobs["clip"] = (clip_pair, clip_title, "pairs", args.clip_batch)
     chosen = ["bert", "clip"] if args.model == "both" else [args.model]
     for key in chosen:
         build, title, unit, units = jobs[key]
         for mode in args.modes.split(","):
-            steps = build(args, device, compiled=False)
+            *steps, computes = build(args, device, compiled=False)
             flops = [count_flops(s) for s in steps]  # eager: the counter does not see inside compiled graphs
             if mode == "compiled":
                 del steps
-                steps = build(args, device, compiled=True)
+                *steps, computes = build(args, device, compiled=True)
             seconds = interleaved(steps, device, args.warmup, args.rounds, args.per_round)
             cells = []
             for who, f, sec in zip(("ours", "theirs"), flops, seconds):
                 cell = f"{who} {units / sec:,.0f} {unit}/s"
                 cell += f" MFU {f / sec / peak:.1%}" if peak else f" {f / sec / 1e12:.2f} TFLOP/s"
                 cells.append(cell)
-            print(f"{title} {mode}: {' | '.join(cells)} | ratio: {seconds[1] / seconds[0]:.2f}", flush=True)
+            ratio = seconds[1] / seconds[0]
+            print(f"{title} {mode}: {' | '.join(cells)} | ratio: {ratio:.2f} ({computes})", flush=True)
             del steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()

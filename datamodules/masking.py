@@ -18,6 +18,25 @@ import torch
 IGNORE_INDEX = -100
 
 
+def sparse_layout(attention_mask: np.ndarray, labels: np.ndarray) -> dict[str, torch.Tensor | int]:
+    """Where the encoder and the sparse MLM head work, from a (B, L) batch on the host, so the training step reads
+    no shape from the device (`BertForPreTraining.pretraining_outputs`, fields of `SparseLayout`):
+    `token_index` (flat positions of the real tokens), `output_positions` (of the masked tokens and every
+    [CLS]), `output_width` (the most of those in one row, a Python int), `masked_rows` and `cls_rows` (which
+    rows of `output_positions` are masked, which are [CLS])."""
+    b, length = labels.shape
+    wanted = labels != IGNORE_INDEX
+    wanted[:, 0] = True  # [CLS], for NSP
+    positions = np.flatnonzero(wanted)
+    return {
+        "token_index": torch.from_numpy(np.flatnonzero(attention_mask)),
+        "output_positions": torch.from_numpy(positions),
+        "output_width": int(wanted.sum(1).max()) if b else 0,
+        "masked_rows": torch.from_numpy(np.flatnonzero(labels.reshape(-1)[positions] != IGNORE_INDEX)),
+        "cls_rows": torch.from_numpy(np.flatnonzero(positions % length == 0)),
+    }
+
+
 class MLMCollator:
     """Pads instances into a batch and masks them.
 
@@ -105,6 +124,7 @@ class MLMCollator:
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
             "index": torch.tensor([int(s["index"]) for s in samples]),
+            **sparse_layout(attention_mask, labels),
         }
         if "nsp_label" in samples[0]:
             batch["nsp_labels"] = torch.tensor([int(s["nsp_label"]) for s in samples])

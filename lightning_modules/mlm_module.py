@@ -11,7 +11,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.masking import IGNORE_INDEX
-from lightning_modules.components.bert import BertConfig, BertForPreTraining
+from lightning_modules.components.bert import BertConfig, BertForPreTraining, SparseLayout
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.optim import Schedule, build_optimizer
@@ -131,6 +131,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             batch.get("token_type_ids"),
             batch["labels"],
             IGNORE_INDEX,
+            SparseLayout.of_batch(batch),  # the collate's: no shape is read from the device
         )
         n = out.mlm_targets.numel()
         nsp_loss = None

@@ -2,19 +2,32 @@
 
 Lightning's `ThroughputMonitor` synchronises CUDA after every batch; this callback keeps the per-batch work on the
 device (token and audio counts are summed there) and synchronises once per logging interval, when the logger reads
-the metrics anyway. The FLOPs of one training batch (forward, backward and optimizer step, as run) are counted once,
-on the first batch, with `torch.utils.flop_counter.FlopCounterMode`; MFU = counted FLOPs x batches/s / the device's
-dense bf16 peak.
+the metrics anyway.
+
+FLOPs: one training batch (forward, backward and optimizer step, as run) is counted once, on the first, with
+`torch.utils.flop_counter.FlopCounterMode`, under `torch.compiler.set_stance("force_eager")`: Dynamo does not run
+compiled frames while a dispatch mode is active, and a compiled module first called under one would run eagerly
+for the rest of the run; forced eager, the counted batch runs the same operators and later batches compile as
+usual. The count is per unit of work, the batch's audio seconds (speech), else its non-padding tokens (text),
+else its rows (images), and an interval's FLOPs are that times the units it trained on: bucketed speech and
+packed or padded text change length from batch to batch (attention, which grows with the square of the length,
+is scaled linearly: an approximation where lengths vary much). MFU = FLOPs per second / the device's dense bf16
+peak. Under activation checkpointing the counted batch includes the recomputed forward passes, so the ratio is
+hardware-FLOPs utilisation and is logged as `train/hfu` instead. The clock starts after the batch that compiles:
+the second where the first is counted (forced eager), else the first.
 
 Keys (all ranks together, from this rank's counts x the world size): `train/samples_per_sec`,
 `train/tokens_per_sec` (text: non-padding tokens), `train/audio_sec_per_sec` (speech: seconds of audio),
-`train/tflops_per_device` and `train/mfu` (only where the peak is known: a GPU named in `PEAK_TFLOPS`, or
-`peak_tflops` given).
+`train/tflops_per_device` and `train/mfu` or `train/hfu` (only where the peak is known: a GPU named in
+`PEAK_TFLOPS`, a MIG slice of one at its share of the streaming multiprocessors, or `peak_tflops` given). They
+are logged once per optimizer step that is a logging step, also under gradient accumulation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,14 +43,17 @@ log = logging.getLogger(__name__)
 # match wins, so the specific names come before the general ones
 PEAK_TFLOPS: dict[str, float] = {
     "GH200": 989.0,
+    "H200 NVL": 835.0,
     "H200": 989.0,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
     "H100": 989.0,
+    "H800 PCIe": 756.0,
     "H800": 989.0,
     "B200": 2250.0,
     "A100": 312.0,
     "A800": 312.0,
+    "A30": 165.0,
     "L40S": 362.0,
     "L40": 181.0,
     "A10G": 70.0,
@@ -49,13 +65,45 @@ PEAK_TFLOPS: dict[str, float] = {
     "T4": 65.0,  # fp16
 }
 
+# streaming multiprocessors of the whole GPU, for the GPUs that can be split into MIG slices: a slice's peak is
+# its share of them
+FULL_GPU_SMS: dict[str, int] = {
+    "GH200": 132,
+    "H200": 132,
+    "H100 PCIe": 114,
+    "H100": 132,
+    "H800 PCIe": 114,
+    "H800": 132,
+    "B200": 148,
+    "A100": 108,
+    "A800": 108,
+    "A30": 56,
+}
+
+
+def _first_match(table: dict, name: str):
+    return next((value for key, value in table.items() if key in name), None)
+
+
+def mig_share(device: torch.device, name: str) -> float:
+    """The share of the whole GPU's compute a MIG slice has (its SMs over the GPU's); 1 for a whole GPU. A GPU
+    whose SM count is not in `FULL_GPU_SMS` is taken from the slice's name, `<g>g.<memory>`: g of 7 slices."""
+    if "MIG" not in name:
+        return 1.0
+    full = _first_match(FULL_GPU_SMS, name)
+    if full:
+        return min(1.0, torch.cuda.get_device_properties(device).multi_processor_count / full)
+    match = re.search(r"MIG (\d+)g\.", name)
+    return int(match.group(1)) / 7 if match else 1.0
+
 
 def peak_tflops_of(device: torch.device) -> float | None:
-    """The dense bf16 peak of a known GPU, in TFLOP/s; None for CPUs and unknown devices."""
+    """The dense bf16 peak of a known GPU or of its MIG slice, in TFLOP/s; None for CPUs and unknown devices."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+    tflops = _first_match(PEAK_TFLOPS, name)
+    return tflops * mig_share(device, name) if tflops else None
 
 
 def batch_counts(batch: Any, sample_rate: int = 16000) -> dict[str, Tensor | int]:
@@ -83,8 +131,24 @@ def batch_counts(batch: Any, sample_rate: int = 16000) -> dict[str, Tensor | int
     return counts
 
 
+def work_unit(counts: Mapping[str, Tensor | int]) -> str | None:
+    """The count FLOPs scale with: audio seconds, else tokens, else rows."""
+    return next((key for key in ("audio_sec", "tokens", "samples") if key in counts), None)
+
+
+def recomputes_activations(module: torch.nn.Module) -> bool:
+    """Whether activation checkpointing is on anywhere in `module`: ours (`gradient_checkpointing`), Hugging
+    Face's (`is_gradient_checkpointing`), or blocks wrapped by the FSDP strategies (`CheckpointWrapper`)."""
+    return any(
+        getattr(m, "gradient_checkpointing", False) is True
+        or getattr(m, "is_gradient_checkpointing", False) is True
+        or type(m).__name__ == "CheckpointWrapper"
+        for m in module.modules()
+    )
+
+
 class Throughput(L.Callback):
-    """samples/s, tokens/s, audio seconds/s and MFU over each logging interval (module doc)."""
+    """samples/s, tokens/s, audio seconds/s and MFU (or HFU) over each logging interval (module doc)."""
 
     def __init__(self, peak_tflops: float | None = None, count_flops: bool = True) -> None:
         """
@@ -96,11 +160,17 @@ class Throughput(L.Callback):
         self.peak_tflops = peak_tflops
         self.count_flops = count_flops
         self.flops_per_batch: int | None = None
+        self.flops_per_unit: float | None = None
+        self.unit: str | None = None
+        self._counting: contextlib.ExitStack | None = None
         self._counter: FlopCounterMode | None = None
         self._sums: dict[str, Tensor | int] = {}
         self._batches = 0
+        self._untimed = 0
         self._start: float | None = None
         self._peak_flops: float | None = None
+        self._utilisation_key = "train/mfu"
+        self._last_step = 0
 
     def _peak(self, trainer: L.Trainer) -> float | None:
         tflops = self.peak_tflops or peak_tflops_of(trainer.strategy.root_device)
@@ -113,47 +183,65 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sums, self._batches, self._start = {}, 0, None
         self._peak_flops = self._peak(trainer)
+        self._last_step = trainer.global_step
+        # the counted batch runs eagerly and the next one compiles: neither is timed
+        counting = self.count_flops and self.flops_per_batch is None and self._peak_flops
+        self._untimed = 2 if counting else 1
+        self._utilisation_key = "train/hfu" if recomputes_activations(pl_module) else "train/mfu"
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int
     ) -> None:
         # counted only where MFU can be told: the counter slows its batch down
-        if self.count_flops and self.flops_per_batch is None and self._peak_flops and self._counter is None:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
+        if self.count_flops and self.flops_per_batch is None and self._peak_flops and self._counting is None:
+            self._counting = contextlib.ExitStack()
+            # compiled frames run eagerly, so the counter sees their operators and Dynamo caches nothing
+            self._counting.enter_context(torch.compiler.set_stance("force_eager"))
+            self._counter = self._counting.enter_context(FlopCounterMode(display=False))
+
+    def _rate(self, trainer: L.Trainer) -> int:
+        dm = trainer.datamodule if trainer.datamodule is not None else None
+        return int(getattr(dm, "hparams", {}).get("sample_rate", 16000)) if dm is not None else 16000
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.flops_per_batch, self._counter = self._counter.get_total_flops(), None
-        if self._start is None:  # the first batch (compilation, FLOP counting) is not timed
-            self._sync(trainer)
-            self._start = time.perf_counter()
+        counts = batch_counts(batch, self._rate(trainer))
+        if self._counting is not None:
+            self._counting.close()
+            self.flops_per_batch, self._counting = self._counter.get_total_flops(), None
+            self._counter = None
+            self.unit = work_unit(counts)
+            units = float(counts[self.unit]) if self.unit else 0.0  # read once, on this slow batch
+            self.flops_per_unit = self.flops_per_batch / units if units else None
+        stepped = trainer.global_step != self._last_step  # the last micro-batch of an accumulation
+        self._last_step = trainer.global_step
+        if self._untimed:  # the counted batch and the one that compiles are not timed
+            self._untimed -= 1
+            if not self._untimed:
+                self._sync(trainer)
+                self._start = time.perf_counter()
             return
-        dm = trainer.datamodule if trainer.datamodule is not None else None
-        rate = int(getattr(dm, "hparams", {}).get("sample_rate", 16000)) if dm is not None else 16000
-        for key, value in batch_counts(batch, rate).items():
+        for key, value in counts.items():
             self._sums[key] = self._sums.get(key, 0) + value
         self._batches += 1
-        if (trainer.global_step % trainer.log_every_n_steps) != 0 or not trainer.loggers:
+        if not stepped or trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
             return
         self._sync(trainer)  # once per interval: the logger reads the metrics now anyway
         now = time.perf_counter()
         elapsed, self._start = now - self._start, now
         world = trainer.world_size
         values = {f"train/{k}_per_sec": float(v) * world / elapsed for k, v in self._sums.items()}
-        if self.flops_per_batch:
-            per_device = self.flops_per_batch * self._batches / elapsed
+        if self.flops_per_unit and self.unit in self._sums:
+            per_device = self.flops_per_unit * float(self._sums[self.unit]) / elapsed
             values["train/tflops_per_device"] = per_device / 1e12
             if self._peak_flops:
-                values["train/mfu"] = per_device / self._peak_flops
+                values[self._utilisation_key] = per_device / self._peak_flops
         self._sums, self._batches = {}, 0
         for key, value in values.items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._counter is not None:  # a run that ended inside its first batch
-            self._counter.__exit__(None, None, None)
-            self._counter = None
+        if self._counting is not None:  # a run that ended inside its first batch
+            self._counting.close()
+            self._counting = self._counter = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -289,42 +290,103 @@ class LinearSystem(SkipNonFiniteSteps):
         return torch.optim.AdamW(self.parameters(), lr=1e-3, fused=True)
 
 
+class SyncDebug(L.Callback):
+    """Records, per training step, where CUDA's sync debug mode saw the host wait for the device (file, line),
+    from the step's batch start to the next one's, so every callback's batch-end work counts too; for every step
+    but the first two (lazy optimizer state, the FLOP count and the compiling batch), the logging steps, which
+    read values on purpose, and the last (the end of training logs)."""
+
+    def __init__(self) -> None:
+        self.syncs: dict[int, list[tuple[str, int]]] = {}
+        self._caught = None
+        self._records: list = []
+        self._step = 0
+
+    def _close(self) -> None:
+        if self._caught is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._caught.__exit__(None, None, None)
+        self._caught = None
+        self.syncs[self._step] = [
+            (Path(w.filename).name, w.lineno) for w in self._records if "synchronizing" in str(w.message)
+        ]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._close()
+        step = trainer.global_step
+        last = step + 1 == trainer.max_steps
+        if step > 1 and (step + 1) % trainer.log_every_n_steps != 0 and not last:
+            self._step = step + 1
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close()
+
+
+# what each quickstart system may still read between logging steps (README, "On GPUs"): MLM nothing (its collate
+# gives the unpadding and the sparse head their shapes); the alignment systems one `nonzero` per text or speech
+# tower call, the real-token count their encoder's unpadding needs
+ALLOWED_SYNCS = {"mlm": ({}, 0), "speech": ({"encoder.py"}, 2), "clip": ({"encoder.py"}, 1)}
+
+
+def _quickstart_on_cuda(name: str, tmp_path: Path, *extra: str):
+    from cli import main
+    from datamodules.synthetic.shapes import generate_shapes_coco
+    from datamodules.synthetic.tones import generate_tone_librispeech
+
+    data = [f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.num_workers=0"]
+    if name == "mlm":
+        data.append("--data.init_args.num_proc=1")
+    elif name == "speech":
+        generate_tone_librispeech(tmp_path / "tones", n_train_utts=48, n_val_utts=6)
+        data.append(f"--data.init_args.root={tmp_path / 'tones'}")
+    else:
+        generate_shapes_coco(tmp_path / "shapes", n_train=64, n_val=8, image_size=32)
+        data += [f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.batch_size=8"]
+    return main(
+        [
+            "fit",
+            "--config",
+            str(REPO / f"configs/{name}/quickstart.yaml"),
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--trainer.accelerator=cuda",
+            "--trainer.devices=1",
+            "--trainer.max_steps=9",
+            "--trainer.log_every_n_steps=5",
+            "--trainer.limit_val_batches=0",
+            "--trainer.num_sanity_val_steps=0",
+            "--trainer.callbacks+=tests.test_gpu_path.SyncDebug",
+            *data,
+            *extra,
+        ]
+    )
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA: torch.cuda.set_sync_debug_mode is CUDA-only"
 )
+@pytest.mark.parametrize("name", ["mlm", "speech", "clip"])
 @pytest.mark.parametrize(
     "settings",
-    [{}, {"precision": "bf16-mixed", "gradient_clip_val": 1.0}],
+    [[], ["--trainer.precision=bf16-mixed", "--trainer.gradient_clip_val=1.0"]],
     ids=["32-true", "bf16-mixed-clipped"],
 )
-def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, settings: dict) -> None:
-    """Steps between logging points run without a device-to-host sync (CUDA's sync debug mode raises on one),
-    also with the trainer clipping fused AdamW's gradients under bf16-mixed, with the default callbacks'
-    preemption flags, a logged Python number and the progress bar's loss."""
-
-    class SyncDebug(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            # the first step (lazy optimizer state) and logging steps read values on purpose
-            quiet = trainer.global_step > 1 and (trainer.global_step + 1) % trainer.log_every_n_steps != 0
-            torch.cuda.set_sync_debug_mode("error" if quiet else "default")
-
-        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-            torch.cuda.set_sync_debug_mode("default")
-
-    data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
-    t = quiet_trainer(
-        max_steps=8,
-        accelerator="cuda",
-        devices=1,
-        log_every_n_steps=5,
-        callbacks=[SyncDebug(), Throughput(), PreemptionCheckpoint(requeue=False), LossTQDMProgressBar()],
-        enable_progress_bar=True,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-        **settings,
-    )
-    t.fit(LinearSystem(), torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True))
-    assert t.global_step == 8
+def test_no_host_sync_in_training_steps_on_cuda(tmp_path: Path, name: str, settings: list[str]) -> None:
+    """The quickstart systems, from their configs with the CLI's default callbacks (throughput and MFU,
+    preemption flags, atomic checkpoints, the progress bar's loss, step-based last.ckpt), their DataModules and
+    fused AdamW, also clipped under bf16-mixed: between logging steps the host waits for the device only where
+    the README says it does."""
+    cli = _quickstart_on_cuda(name, tmp_path, *settings)
+    assert cli.trainer.global_step == 9
+    (debug,) = [c for c in cli.trainer.callbacks if isinstance(c, SyncDebug)]
+    files, most = ALLOWED_SYNCS[name]
+    assert sorted(debug.syncs) == [3, 4, 6, 7, 8]  # the steps that were watched (global step after each)
+    for step, syncs in debug.syncs.items():
+        assert {file for file, _ in syncs} <= files and len(syncs) <= most, (step, syncs)
 
 
 def test_progress_bar_reads_the_loss_at_logging_steps_only(tmp_path: Path) -> None:
@@ -495,9 +557,12 @@ def _benchmark(*extra: str) -> str:
 
 
 def test_gpu_benchmark_smoke_eager_bert_on_cpu() -> None:
-    """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio."""
+    """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio, and beside it what
+    each side computes."""
     out = _benchmark("--model", "bert", "--modes", "eager")
     assert out.count("ratio:") == 1 and "BERT-tiny seq 16 eager: ours" in out
+    assert "masked rows + [CLS] only, a real saving" in out
+    assert "head and last block on all 16 positions" in out
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from datamodules.text.mlm_prepare import (
     truncate_pair,
 )
 from datamodules.tokenizer import TextTokenizer
+from lightning_modules.components.bert import SparseLayout
 from tests.helpers import sha256_of_files
 
 COMMON_WORDS = (
@@ -344,7 +345,8 @@ def test_datamodule_end_to_end(tmp_path: Path) -> None:
     assert len(dm.datasets["train"]) > 8 and len(dm.datasets["val"]) > 0
 
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "index", "nsp_labels"}
+    plain = {"input_ids", "token_type_ids", "attention_mask", "labels", "index", "nsp_labels"}
+    assert set(batch) == plain | set(SparseLayout._fields)
     b, n = batch["input_ids"].shape
     assert b == 8 and n <= MAX_LEN
     assert (batch["input_ids"][:, 0] == tok.cls_id).all()

@@ -75,12 +75,16 @@ class BertModel(nn.Module):
         token_type_ids: Tensor | None = None,
         need_weights: bool = False,
         output_positions: Tensor | None = None,
+        token_index: Tensor | None = None,
+        output_width: int | None = None,
     ):
         """`attention_mask` is (B, L), True (or 1) at real tokens, as in Hugging Face. `output_positions`: see
-        `TransformerEncoder` (then (R, d) states of those flat positions only)."""
+        `TransformerEncoder` (then (R, d) states of those flat positions only); `token_index`, `output_width`:
+        the batch's layout where the collate computed it (`TransformerEncoder`), so nothing is read from the
+        device."""
         mask = attention_mask.bool() if attention_mask is not None else None
         x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, mask, need_weights, output_positions)
+        return self.encoder(x, mask, need_weights, output_positions, token_index, output_width)
 
     def cls_pooler(self, first: Tensor) -> Tensor:
         """BERT's pooler: tanh(W h_[CLS] + b)."""
@@ -121,6 +125,29 @@ class MLMHead(nn.Module):
         """(summed cross-entropy, top-1 hits) of the rows of `hidden` against `targets`, through the fused
         chunked vocabulary projection (`linear_cross_entropy`): the (N, V) logits never exist at once."""
         return linear_cross_entropy(self.transform_states(hidden), self.embedding.weight, self.bias, targets)
+
+
+class SparseLayout(NamedTuple):
+    """Where the MLM head and the encoder's last block work, computed by the collate on the host
+    (`datamodules.masking.sparse_layout`), so that no shape is read from the device."""
+
+    token_index: Tensor
+    """(T,) flat positions b * L + l of the real tokens, ascending."""
+    output_positions: Tensor
+    """(R,) flat positions of the masked tokens and of every [CLS], ascending."""
+    output_width: int
+    """The most output positions of one sequence."""
+    masked_rows: Tensor
+    """(M,) the rows of `output_positions` that are masked, in order."""
+    cls_rows: Tensor
+    """(B,) the row of `output_positions` of each sequence's [CLS]."""
+
+    @classmethod
+    def of_batch(cls, batch: dict) -> SparseLayout | None:
+        """The layout a batch carries; None where its collate gave none."""
+        if not all(key in batch for key in cls._fields):
+            return None
+        return cls(*(batch[key] for key in cls._fields))
 
 
 class PretrainingOutput(NamedTuple):
@@ -178,15 +205,29 @@ class BertForPreTraining(nn.Module):
         token_type_ids: Tensor | None,
         labels: Tensor,
         ignore_index: int = -100,
+        layout: SparseLayout | None = None,
     ) -> PretrainingOutput:
         """The MLM loss (summed), top-1 hits and targets at the positions where `labels` != `ignore_index`, and
         the NSP logits: the work of `forward(..., masked_positions)` plus the loss, with the vocabulary projection
-        and its cross-entropy fused (`MLMHead.loss`)."""
-        masked = labels != ignore_index
-        masked_states, cls_states = self._masked_and_cls_states(
-            input_ids, attention_mask, token_type_ids, masked
-        )
-        targets = labels[masked]
+        and its cross-entropy fused (`MLMHead.loss`). With the collate's `layout` the step reads no shape from the
+        device; without it, the masked positions' count and layout are read (host syncs)."""
+        if layout is not None:
+            states = self.bert(
+                input_ids,
+                attention_mask,
+                token_type_ids,
+                output_positions=layout.output_positions,
+                token_index=layout.token_index,
+                output_width=layout.output_width,
+            )
+            masked_states, cls_states = states[layout.masked_rows], states[layout.cls_rows]
+            targets = labels.reshape(-1)[layout.output_positions[layout.masked_rows]]
+        else:
+            masked = labels != ignore_index
+            masked_states, cls_states = self._masked_and_cls_states(
+                input_ids, attention_mask, token_type_ids, masked
+            )
+            targets = labels[masked]
         loss_sum, hits = self.mlm.loss(masked_states, targets)
         return PretrainingOutput(loss_sum, hits, targets, self.nsp(self.bert.cls_pooler(cls_states)))
 

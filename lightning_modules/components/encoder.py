@@ -207,12 +207,14 @@ class Unpadded:
     """Indices of the real tokens of a padded (B, L) batch.
 
     Everything but attention works per token, so the encoder runs it on the (T, d) real tokens only
-    (as MosaicBERT does) and pads just around the attention product: no work is spent on padding.
+    (as MosaicBERT does) and pads just around the attention product: no work is spent on padding. `index`, the
+    flat positions of the real tokens, comes with the batch where the collate computed it; found here, its size
+    T is read from the device (a host sync).
     """
 
-    def __init__(self, key_padding_mask: Tensor) -> None:
+    def __init__(self, key_padding_mask: Tensor, index: Tensor | None = None) -> None:
         self.batch, self.length = key_padding_mask.shape
-        self.index = key_padding_mask.reshape(-1).nonzero().squeeze(1)
+        self.index = key_padding_mask.reshape(-1).nonzero().squeeze(1) if index is None else index
 
     def unpad(self, x: Tensor) -> Tensor:
         return x.reshape(self.batch * self.length, -1)[self.index]
@@ -233,13 +235,19 @@ class RowSelection(NamedTuple):
     width: int
 
     @classmethod
-    def of(cls, positions: Tensor, length: int, batch_size: int, index: Tensor) -> RowSelection:
-        """`positions`: ascending flat positions b * length + l; `index`: the same rows in the block layout."""
+    def of(
+        cls, positions: Tensor, length: int, batch_size: int, index: Tensor, width: int | None = None
+    ) -> RowSelection:
+        """`positions`: ascending flat positions b * length + l; `index`: the same rows in the block layout;
+        `width`: the most positions of one sequence where the host knows it (else read from the device)."""
         batch = positions // length
-        counts = torch.bincount(batch, minlength=batch_size)
-        first = counts.cumsum(0) - counts
+        # each sequence's first row, as `batch` is ascending (bincount would read its size from the device)
+        sequences = torch.arange(batch_size, device=positions.device)
+        first = torch.searchsorted(batch, sequences)
         slot = torch.arange(positions.numel(), device=positions.device) - first[batch]
-        width = int(counts.max()) if positions.numel() else 0
+        if width is None:
+            counts = torch.searchsorted(batch, sequences, right=True) - first
+            width = int(counts.max()) if positions.numel() else 0
         return cls(index, batch, slot, width)
 
 
@@ -260,6 +268,12 @@ class TransformerEncoder(nn.Module):
     positions only, returned as (R, d): the last block then computes queries, attention, W^O, the feed-forward
     and its LayerNorms for them alone (keys and values still come from every token), as MosaicBERT does for the
     masked positions of MLM. The result is the same as selecting those rows from the full output.
+
+    Host syncs: the layout of a padded batch decides tensor shapes. A collate that knows it passes `token_index`
+    (flat positions of the real tokens, ascending) and, with `output_positions`, `output_width` (the most
+    positions of one sequence), and the forward pass reads nothing from the device. Without them it reads T,
+    the number of real tokens (one sync, when unpadding), or whether anything is padded (one sync, otherwise),
+    and the width (one sync, with `output_positions`).
     """
 
     def __init__(self, cfg: EncoderConfig) -> None:
@@ -276,9 +290,19 @@ class TransformerEncoder(nn.Module):
         key_padding_mask: Tensor | None = None,
         need_weights: bool = False,
         output_positions: Tensor | None = None,
+        token_index: Tensor | None = None,
+        output_width: int | None = None,
     ) -> Tensor | tuple[Tensor, list[Tensor]]:
-        mask = attention_mask_from_padding(key_padding_mask)
-        unpad = Unpadded(key_padding_mask) if mask is not None and self.unpad and not need_weights else None
+        unpadding = self.unpad and not need_weights and key_padding_mask is not None
+        if token_index is None and unpadding:
+            # the one sync of an unknown layout: T, the number of real tokens, sizes everything after
+            token_index = key_padding_mask.reshape(-1).nonzero().squeeze(1)
+        if token_index is not None and key_padding_mask is not None:
+            padded = token_index.numel() < key_padding_mask.numel()  # host metadata: no device read
+            mask = key_padding_mask[:, None, None, :].bool() if padded else None
+        else:
+            mask = attention_mask_from_padding(key_padding_mask)
+        unpad = Unpadded(key_padding_mask, token_index) if mask is not None and unpadding else None
         if unpad is not None:
             x = unpad.unpad(x)
         rows = None
@@ -286,7 +310,7 @@ class TransformerEncoder(nn.Module):
             # the wanted positions as rows of the layout the blocks work in
             index = output_positions if unpad is None else torch.searchsorted(unpad.index, output_positions)
             batch_size, length = x.shape[:2] if unpad is None else (unpad.batch, unpad.length)
-            rows = RowSelection.of(output_positions, length, batch_size, index)
+            rows = RowSelection.of(output_positions, length, batch_size, index, output_width)
         weights = []
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):

@@ -123,9 +123,12 @@ class LogMel(nn.Module):
     def num_frames(self, samples: Tensor) -> Tensor:
         return 1 + (samples.clamp_min(self.win) - self.win) // self.hop
 
-    def forward(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, waveforms: Tensor, lengths: Tensor, crop: bool = False) -> tuple[Tensor, Tensor]:
+        """`crop`: to the longest utterance's frames (read from the device); else the frames of the padded
+        width, known on the host (the collates pad to the longest waveform: the same frames)."""
         frames = self.num_frames(lengths)
-        needed = self.win + (int(frames.max()) - 1) * self.hop  # crop trailing batch padding no one uses
+        longest = int(lengths.max()) if crop else waveforms.shape[1]
+        needed = self.win + (max(longest, self.win) - self.win) // self.hop * self.hop
         if waveforms.shape[1] < needed:
             waveforms = nn.functional.pad(waveforms, (0, needed - waveforms.shape[1]))
         # features in float32 even under autocast: bf16 would quantise the mel energies
@@ -269,7 +272,8 @@ class SpeechTower(nn.Module):
 
     def encode(self, waveforms: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Hidden states (B, N', hidden) and their (B, N') mask, True at real frames."""
-        x, frames = self.features(waveforms, lengths)
+        # torchaudio's Conformer wants exactly the longest utterance's frames (and reads their count itself)
+        x, frames = self.features(waveforms, lengths, crop=isinstance(self.encoder, MaskedConformer))
         if self.training and len(self.spec_augment):
             # (B, F, N) for torchaudio; a mask landing on padding is harmless: the subsampling re-zeroes it
             x = self.spec_augment(x.transpose(1, 2)).transpose(1, 2)
