@@ -19,7 +19,7 @@ from datamodules.image.webdataset_shards import (
 from datamodules.synthetic.shapes import generate_shapes_coco
 
 LOGGER = "datamodules.image.webdataset_shards"
-TRANSFORM = eval_transform(16, (0.5,) * 3, (0.5,) * 3)
+TRANSFORM = eval_transform(16)
 # 2 cores here; the loaders below need their worker counts, not speed
 MANY_WORKERS = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 N = 24  # images of the small set, in shards of 5, 5, 5, 5, 4
