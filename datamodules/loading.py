@@ -176,7 +176,7 @@ def seeded_loader(
         batch_size=batch_size,
         drop_last=train if drop_last is None else drop_last,
         num_workers=num_workers,
-        persistent_workers=num_workers > 0,
+        persistent_workers=train and num_workers > 0,  # evaluation workers would hold memory between runs
         pin_memory=torch.cuda.is_available(),
         collate_fn=collate_fn,
     )

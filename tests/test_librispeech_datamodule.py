@@ -14,6 +14,7 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
+from datamodules.loading import seeded_loader
 import datamodules.speech.librispeech as librispeech_reader
 import datamodules.speech.librispeech_datamodule as lsdm
 from datamodules.speech.librispeech import load_audio, parse_speakers
@@ -375,3 +376,19 @@ def test_real_librispeech_sample(tmp_path: Path) -> None:
             utt = ds.utterances[key]
             assert utt.file_rate == 16000 and int(b["wave_lengths"][row]) == utt.frames
             assert b["waveforms"][row].abs().max() > 0.01
+
+
+def test_only_the_training_loader_keeps_its_workers(tone_root: Path, tmp_path: Path) -> None:
+    """Evaluation workers would hold their prefetched batches in memory between validations."""
+    dm = make_dm(tone_root, tmp_path, num_workers=1)
+    dm.setup("fit")
+    assert dm.train_dataloader().persistent_workers
+    assert not dm.val_dataloader().persistent_workers
+
+
+def test_seeded_loaders_keep_workers_for_training_only() -> None:
+    """The loader of the map-style DataModules (MLM, GLUE): the same rule as the speech and image loaders."""
+    data = list(range(8))
+    for train in (True, False):
+        loader = seeded_loader(data, None, train, batch_size=2, seed=0, num_workers=1, collate_fn=None)
+        assert loader.persistent_workers is train

@@ -371,8 +371,9 @@ class LibriSpeechDataModule(LightningDataModule):
             num_workers=workers,
             collate_fn=collate,
             pin_memory=torch.cuda.is_available(),
-            # Workers keep their "already warned about this file" memory across epochs.
-            persistent_workers=workers > 0,
+            # Training workers keep their "already warned about this file" memory across epochs; evaluation
+            # workers would only hold memory between validations.
+            persistent_workers=split == "train" and workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
