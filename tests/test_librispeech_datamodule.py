@@ -14,9 +14,9 @@ import torch
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
-from datamodules.loading import seeded_loader
 import datamodules.speech.librispeech as librispeech_reader
 import datamodules.speech.librispeech_datamodule as lsdm
+from datamodules.loading import seeded_loader
 from datamodules.speech.librispeech import load_audio, parse_speakers
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule
 from datamodules.synthetic.tones import generate_tone_librispeech, render_sentence, tone_lexicon
