@@ -220,9 +220,17 @@ class ImageTower(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 pixels -> the backbone's input: scaled to [0, 1], less the mean, over the std
-        (in float32, then in the tower's dtype)."""
+        (in float32, then in the dtype of the backbone's stem weights, read at call time: bf16 when FSDP2 gathers
+        them so, which casts floating-point inputs only)."""
         pixels = images.float().div_(255)
-        return ((pixels - self.pixel_mean.float()) / self.pixel_std.float()).to(self.pixel_mean.dtype)
+        pixels = (pixels - self.pixel_mean.float()) / self.pixel_std.float()
+        return pixels.to(self._stem_weight().dtype)
+
+    def _stem_weight(self) -> Tensor:
+        """The weight of the backbone's first convolution (the patch embedding or the ResNet stem), which the
+        normalised pixels meet first; the backbone's first parameter where it has no convolution."""
+        stem = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        return stem.weight if stem is not None else next(self.backbone.parameters())
 
     def _build_scratch(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
         """The backbone `cfg` describes, with random weights, and the projection after it."""
