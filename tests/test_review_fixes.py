@@ -4,14 +4,20 @@ statistics under dtype conversion and on resume."""
 from __future__ import annotations
 
 import copy
+import logging
+import struct
+import tarfile
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from datamodules.image.webdataset_shards import ShardStream, ShardUnreadable, first_readable, shard_sizes
 from lightning_modules.strategies import apply_fsdp2
 from tests.test_contrastive_ddp import SYSTEMS
 from tests.test_fsdp2_contrastive import BF16_TOL, world_of_one
+from tests.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
 
 
 def _uint8_images(batch: dict, g: torch.Generator) -> dict:
@@ -39,3 +45,59 @@ def test_fsdp2_bf16_step_takes_uint8_images_under_32_true(system: str, tmp_path:
         loss = module.training_step(train, 0)
         loss.backward()
         torch.testing.assert_close(loss.float(), plain.training_step(train, 0), **BF16_TOL)
+
+
+# -- a gzip shard whose deflate data is corrupt ---------------------------------------------------------------
+def corrupt_gzip_shard(path: Path, n: int, sample: int) -> Path:
+    """A gzip-compressed shard of `n` captioned samples whose deflate stream turns invalid in the middle of the
+    caption of sample `sample`, a long one (64 KiB, past gzip's read-ahead, so the member's read meets it): a
+    block header of the reserved type 3 there (zlib: "invalid block type"), whatever the zlib build (the data
+    before it is flushed to a byte boundary)."""
+    samples = captioned(n)
+    samples[sample]["txt"] = b"photo " * 11000
+    plain = write_tar(path.with_suffix(".plain"), samples)
+    with tarfile.open(plain) as tar:
+        member = tar.getmember(f"{sample:06d}.txt")
+        cut = member.offset_data + member.size // 2
+    data = plain.read_bytes()
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    body = deflate.compress(data[:cut]) + deflate.flush(zlib.Z_FULL_FLUSH) + b"\x06\xff\xff"
+    body += deflate.compress(data[cut:]) + deflate.flush()
+    trailer = struct.pack("<II", zlib.crc32(data), len(data) & 0xFFFFFFFF)
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff" + body + trailer)
+    return path
+
+
+def test_corrupt_gzip_shard_is_a_logged_skip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Corrupt deflate data in the middle of a shard (zlib.error) ends that shard, named in the log and counted,
+    not the run: the other shard's samples come, the run is made up to its length."""
+    good = str(write_tar(tmp_path / "good-000000.tar.gz", captioned(4), "w:gz"))
+    bad = str(corrupt_gzip_shard(tmp_path / "bad-000001.tar.gz", 8, sample=5))
+    stream = ShardStream([good, bad], TRANSFORM, shuffle_buffer=1, sizes=[4, 8], retries=1, retry_delay=0)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        items = list(stream)
+    assert len(items) == 12 and stream.skipped_shards == 1
+    given = [item["captions"][0] for item in items if item is not None]
+    # the good shard's 4 and the bad one's first 5 (photo 0-4; its sample 5 holds the corrupt data)
+    assert sorted(given) == sorted([f"photo {k}" for k in range(4)] * 2 + ["photo 4"])
+    skips = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping shard")]
+    assert len(skips) == 1 and skips[0].startswith(f"skipping shard {bad}: error: Error -3"), skips
+    assert "(2 tries" in skips[0]
+
+
+def test_corrupt_gzip_shard_alone_is_one_line(tmp_path: Path) -> None:
+    """The only shard, corrupt: counting its samples, and its first sample when the corruption is at the start,
+    end in one line that names it."""
+    middle = str(corrupt_gzip_shard(tmp_path / "mid-000000.tar.gz", 8, sample=5))
+    with pytest.raises(ShardUnreadable) as caught:
+        shard_sizes([middle])
+    assert str(caught.value).startswith(
+        f"{middle}: cannot count its samples: error: Error -3 while decompressing"
+    )
+    start = str(corrupt_gzip_shard(tmp_path / "start-000000.tar.gz", 4, sample=0))
+    with pytest.raises(ShardUnreadable) as caught:
+        first_readable([start], caption_key="txt")
+    message = str(caught.value)
+    assert (
+        message.startswith(f"none of the 1 shards can be read; the first: {start}: ") and "\n" not in message
+    )

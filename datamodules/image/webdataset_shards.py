@@ -52,6 +52,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import multiprocessing
 import os
 import posixpath
@@ -62,6 +63,7 @@ import tarfile
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -336,8 +338,10 @@ def _open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
 
 def _read_errors() -> tuple[type[BaseException], ...]:
     # What a flaky source raises: OSError (fsspec reports refused connections and 404 as FileNotFoundError),
-    # tar errors for a stream cut inside a member, and aiohttp's errors (a body shorter than its Content-Length).
-    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError]
+    # tar errors for a stream cut inside a member, the decompressors' errors for corrupt compressed data (tarfile
+    # passes them on as they are from a member's data or a seek), and aiohttp's errors (a body shorter than its
+    # Content-Length).
+    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError]
     try:
         import aiohttp
 
