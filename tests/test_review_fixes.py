@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from datamodules.image.webdataset_shards import ShardStream, ShardUnreadable, first_readable, shard_sizes
-from lightning_modules.strategies import apply_fsdp2
+from lightning_modules import strategies
+from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
 from tests.test_contrastive_ddp import SYSTEMS
 from tests.test_fsdp2_contrastive import BF16_TOL, world_of_one
 from tests.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
@@ -101,3 +102,79 @@ def test_corrupt_gzip_shard_alone_is_one_line(tmp_path: Path) -> None:
     assert (
         message.startswith(f"none of the 1 shards can be read; the first: {start}: ") and "\n" not in message
     )
+
+
+# -- a file system step of rank 0 failing while saving a sharded checkpoint -----------------------------------------
+class TwoRanks(FSDP2Strategy):
+    """One of two ranks, without a process group: rank 0's collectives record what it sends; rank 1's give back
+    what rank 0 sent, in order (what a broadcast and an all-reduce of a decision give it)."""
+
+    def __init__(self, rank: int, sent: list) -> None:
+        super().__init__()
+        self.parallel_devices = [torch.device("cpu")]
+        self.rank, self.sent, self.calls = rank, sent, 0
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def _collective(self, value: object) -> object:
+        if self.rank == 0:
+            self.sent.append(value)
+        else:
+            value = self.sent[self.calls]
+        self.calls += 1
+        return value
+
+    def broadcast(self, obj: object, src: int = 0) -> object:
+        return self._collective(obj)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        return self._collective(decision)
+
+    def barrier(self, name: str | None = None) -> None:
+        self._collective(None)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
+@pytest.mark.parametrize("step", ["mkdir", "clean", "swap"])
+def test_rank_zero_save_step_failing_raises_on_every_rank(
+    step: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 alone makes the folder, cleans killed writes' leftovers and swaps the new checkpoint in: when one
+    raises (no permission, no space, rmtree failing on NFS), rank 0 still reaches the collective the others wait
+    in, and every rank raises the same one line naming the checkpoint."""
+    target = tmp_path / "run" / "last.ckpt"
+    broken = {
+        "mkdir": (Path, "mkdir", PermissionError(13, "Permission denied", str(target.parent))),
+        "clean": (
+            strategies,
+            "clean_interrupted_saves",
+            OSError(16, "Device or resource busy", "x/.nfs0001"),
+        ),
+        "swap": (strategies, "swap_into_place", OSError(28, "No space left on device")),
+    }
+    owner, name, error = broken[step]
+    if step == "swap":
+        target.parent.mkdir()
+
+    def fail(*args, **kwargs) -> None:
+        raise error
+
+    checkpoint = {"state_dict": {"w": torch.ones(2)}, "optimizer_states": [], "global_step": 1}
+    sent: list = []
+    raised = []
+    for rank in (0, 1):
+        with monkeypatch.context() as patch:
+            if rank == 0:  # the step runs on rank 0 only
+                patch.setattr(owner, name, fail)
+            with pytest.raises(OSError) as caught:
+                TwoRanks(rank, sent).save_checkpoint(copy.deepcopy(checkpoint), target)
+        raised.append(str(caught.value))
+        if rank == 0:  # rank 0 leaves no new folder behind (rank 1, run after it here, writes its part again)
+            assert not list(target.parent.glob(".last.ckpt.tmp-*"))
+    # rank 0's last collective sends the failure: the one rank 1 waits in after the step
+    assert sent[-1] == (None, raised[0].partition(f"{target}: ")[2])
+    assert raised[0] == raised[1] and "\n" not in raised[0]
+    assert raised[0].startswith(f"cannot save the sharded checkpoint {target}: {type(error).__name__}: ")
+    assert str(error.strerror) in raised[0]
