@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.image.webdataset_shards import ShardStream, ShardUnreadable, first_readable, shard_sizes
+from datamodules.image.webdataset_shards import (
+    ShardStream,
+    ShardUnreadable,
+    first_readable,
+    shard_captions,
+    shard_sizes,
+)
 from lightning_modules import strategies
 from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
 from tests.test_contrastive_ddp import SYSTEMS
@@ -178,3 +184,24 @@ def test_rank_zero_save_step_failing_raises_on_every_rank(
     assert raised[0] == raised[1] and "\n" not in raised[0]
     assert raised[0].startswith(f"cannot save the sharded checkpoint {target}: {type(error).__name__}: ")
     assert str(error.strerror) in raised[0]
+
+
+# -- a json member that does not parse -------------------------------------------------------------------------
+def test_sample_with_malformed_json_is_a_logged_skip(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A json member that is not JSON (the first sample's, which the caption check reads too) skips that sample,
+    counted and logged with `url:key`, in training and in the vocabulary's captions; the shard reads on."""
+    samples = captioned(3)
+    samples[0]["json"] = b'{"caption": "cut sh'
+    shard = str(write_tar(tmp_path / "s-000000.tar", samples))
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        items = list(ShardStream([shard], TRANSFORM, shuffle_buffer=1))
+        vocabulary = list(shard_captions([shard], retry_delay=0))
+    assert sum(item is None for item in items) == 1  # CaptionCollate drops and counts it
+    assert sorted(i["captions"][0] for i in items if i is not None) == ["photo 1", "photo 2"]
+    assert sorted(vocabulary) == ["photo 1", "photo 2"]
+    skips = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skips) == 2 and all(
+        f"{shard}:000000" in s and "json member is not valid JSON" in s for s in skips
+    )
