@@ -21,8 +21,9 @@ from datamodules.image.webdataset_shards import (
     shard_sizes,
 )
 from lightning_modules import strategies
+from lightning_modules.components.image_tower import CLIP_MEAN, CLIP_STD, ImageTower
 from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
-from tests.test_contrastive_ddp import SYSTEMS
+from tests.test_contrastive_ddp import IMAGE, SYSTEMS
 from tests.test_fsdp2_contrastive import BF16_TOL, world_of_one
 from tests.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
 
@@ -205,3 +206,24 @@ def test_sample_with_malformed_json_is_a_logged_skip(
     assert len(skips) == 2 and all(
         f"{shard}:000000" in s and "json member is not valid JSON" in s for s in skips
     )
+
+
+# -- the image tower's pixel statistics ----------------------------------------------------------------------------
+def test_pixel_statistics_stay_float32_when_the_tower_changes_dtype() -> None:
+    """`tower.to(bf16)` (bf16-true) converts the weights, not the statistics: they keep CLIP's exact float32
+    values, and uint8 pixels are normalised in float32 before the cast to the weights' dtype."""
+    torch.manual_seed(0)
+    tower = ImageTower(IMAGE, 16).to(torch.bfloat16)
+    assert tower.backbone.conv_proj.weight.dtype == torch.bfloat16
+    assert tower.pixel_mean.dtype == tower.pixel_std.dtype == torch.float32
+    assert torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
+    assert torch.equal(tower.pixel_std.flatten(), torch.tensor(CLIP_STD))
+    images = torch.randint(
+        0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    want = ((images.float() / 255 - mean) / std).to(torch.bfloat16)
+    assert torch.equal(tower.normalize(images), want)  # the same float32 operations, one rounding to bf16
+    assert tower(images).dtype == torch.bfloat16
+    tower.float()  # and back: still exact
+    assert torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))

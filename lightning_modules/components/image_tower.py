@@ -26,6 +26,7 @@ parameters (PyTorch 2.11), so a channels-last tower does not shard with `FSDP2St
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -199,6 +200,18 @@ class ImageTower(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ImageTower:
+        """As nn.Module's (`.to`, `.cuda`, `.bfloat16`, ...), but the pixel statistics move device only: they stay
+        float32, with their exact values, whatever dtype the weights take (bf16 would round CLIP's 0.48145466 to
+        0.48046875)."""
+        stats = {name: getattr(self, name) for name in ("pixel_mean", "pixel_std")}
+        super()._apply(fn, recurse)
+        for name, own in stats.items():
+            moved = getattr(self, name)
+            if moved.dtype != own.dtype:
+                setattr(self, name, own.to(device=moved.device))
+        return self
+
     @property
     def reference_resize(self) -> str | None:
         """The `data.resize` mode that reproduces the preprocessing of this tower's source (None: scratch)."""
@@ -223,7 +236,7 @@ class ImageTower(nn.Module):
         (in float32, then in the dtype of the backbone's stem weights, read at call time: bf16 when FSDP2 gathers
         them so, which casts floating-point inputs only)."""
         pixels = images.float().div_(255)
-        pixels = (pixels - self.pixel_mean.float()) / self.pixel_std.float()
+        pixels = (pixels - self.pixel_mean) / self.pixel_std  # float32 statistics (see `_apply`)
         return pixels.to(self._stem_weight().dtype)
 
     def _stem_weight(self) -> Tensor:
