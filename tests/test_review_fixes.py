@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
 from datamodules.image.webdataset_shards import (
     ShardStream,
@@ -21,9 +22,18 @@ from datamodules.image.webdataset_shards import (
     shard_sizes,
 )
 from lightning_modules import strategies
-from lightning_modules.components.image_tower import CLIP_MEAN, CLIP_STD, ImageTower
+from lightning_modules.components.image_tower import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    ImageTower,
+    ImageTowerConfig,
+)
+from lightning_modules.components.towers import TowerInit
+from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
-from tests.test_contrastive_ddp import IMAGE, SYSTEMS
+from lightning_modules.trimodal_module import TriModalModule
+from tests.test_contrastive_ddp import IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB
 from tests.test_fsdp2_contrastive import BF16_TOL, world_of_one
 from tests.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
 
@@ -227,3 +237,43 @@ def test_pixel_statistics_stay_float32_when_the_tower_changes_dtype() -> None:
     assert tower(images).dtype == torch.bfloat16
     tower.float()  # and back: still exact
     assert torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
+
+
+# -- resuming a run whose DataModule named the normalisation -------------------------------------------------------
+def _torchvision_image(tmp_path: Path) -> ImageTowerConfig:
+    """A torchvision architecture's state-dict file: the tower's own statistics are ImageNet's."""
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    return ImageTowerConfig(
+        image_size=16, init=TowerInit("torchvision", str(tmp_path / "resnet18.pth"), "resnet18")
+    )
+
+
+@pytest.mark.parametrize("system", ["image_text", "trimodal"])
+def test_resume_adopts_the_normalisation_its_datamodule_recorded(
+    system: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint whose DataModule recorded CLIP's mean and std (the default before the tower normalised) and
+    whose tower, from a torchvision file, would now take ImageNet's: resuming (`on_load_checkpoint`) gives the
+    tower CLIP's, records them in the hyperparameters the next checkpoints save, and says so in one warning."""
+    image = _torchvision_image(tmp_path)
+    if system == "image_text":
+        module = ImageTextModule(image, TEXT, vocab_size=VOCAB, embed_dim=16)
+        tower, recorded = module.pair.image, {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+        checkpoint = {"datamodule_hyper_parameters": {"image_size": 16, **recorded}}
+    else:
+        module = TriModalModule(image, SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16)
+        tower, recorded = module.image_text.image, {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+        checkpoint = {"datamodule_hyper_parameters": {"image_text": recorded, "speech_text": {}}}
+    assert torch.equal(tower.pixel_mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.image_text_module"):
+        module.on_load_checkpoint(checkpoint)
+    assert torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
+    assert torch.equal(tower.pixel_std.flatten(), torch.tensor(CLIP_STD))
+    assert module.hparams["image"]["mean"] == CLIP_MEAN and module.hparams["image"]["std"] == CLIP_STD
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and f"mean {list(CLIP_MEAN)}" in warnings[0], warnings
+    assert f"in place of mean {list(IMAGENET_MEAN)}" in warnings[0]
+    # model.image.mean set, or the DataModule's the tower's own: nothing changes, nothing is said
+    caplog.clear()
+    module.on_load_checkpoint(checkpoint)
+    assert not caplog.records and torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
