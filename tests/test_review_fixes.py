@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch.utils.data import DataLoader
 
 from datamodules.image.webdataset_shards import (
     ShardStream,
@@ -33,7 +34,8 @@ from lightning_modules.components.towers import TowerInit
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
 from lightning_modules.trimodal_module import TriModalModule
-from tests.test_contrastive_ddp import IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB
+from tests.helpers import quiet_trainer
+from tests.test_contrastive_ddp import IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB, image_text_batches
 from tests.test_fsdp2_contrastive import BF16_TOL, world_of_one
 from tests.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
 
@@ -277,3 +279,29 @@ def test_resume_adopts_the_normalisation_its_datamodule_recorded(
     caplog.clear()
     module.on_load_checkpoint(checkpoint)
     assert not caplog.records and torch.equal(tower.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
+
+
+@pytest.mark.slow  # a Lightning fit and resume, ~2.5 s; the hook itself: the test above
+@pytest.mark.usefixtures("one_thread")
+def test_fit_from_such_a_checkpoint_trains_and_saves_with_its_normalisation(tmp_path: Path) -> None:
+    """`fit(ckpt_path=...)` through Lightning: the resumed run normalises with the recorded statistics, and the
+    checkpoint it writes holds them in `model.image`, so a later resume or evaluation keeps them."""
+    g = torch.Generator().manual_seed(0)
+    batch = _uint8_images(image_text_batches(g)[0], g)
+    image = _torchvision_image(tmp_path)
+    first = ImageTextModule(image, TEXT, vocab_size=VOCAB, embed_dim=16)
+    trainer = quiet_trainer(max_steps=1, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(first, DataLoader([batch], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    ckpt = torch.load(tmp_path / "old.ckpt", weights_only=True)
+    ckpt["datamodule_hyper_parameters"] = {"image_size": 16, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+
+    resumed = ImageTextModule(image, TEXT, vocab_size=VOCAB, embed_dim=16)
+    trainer = quiet_trainer(max_steps=2, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(resumed, DataLoader([batch], batch_size=None), ckpt_path=tmp_path / "old.ckpt")
+    assert trainer.global_step == 2
+    assert torch.equal(resumed.pair.image.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    saved = torch.load(tmp_path / "new.ckpt", weights_only=True)["hyper_parameters"]["image"]
+    assert tuple(saved["mean"]) == CLIP_MEAN and tuple(saved["std"]) == CLIP_STD
