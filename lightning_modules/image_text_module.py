@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -116,6 +117,11 @@ class ImageTextModule(ContrastiveModule):
             self.pair.log_scale.fill_(parts.log_scale)
         self.lock_towers()
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        data = checkpoint.get("datamodule_hyper_parameters") or {}
+        adopt_recorded_statistics(self.pair.image, self.hparams["image"], data)
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         data = self.data_hparams()
@@ -154,6 +160,38 @@ def _trained_text_section(text: dict | None) -> dict:
     return text
 
 
+def recorded_statistics(image: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
+    """The mean and std a run's DataModule named (its hyperparameters `data`) where the image section `image`
+    leaves them unset: the tower was trained on pixels normalised with them, and normalises with the same."""
+    return {
+        key: tuple(float(v) for v in data[key])
+        for key in ("mean", "std")
+        if image.get(key) is None and data.get(key) is not None
+    }
+
+
+def adopt_recorded_statistics(tower: ImageTower, image: dict[str, Any], data: Mapping[str, Any]) -> None:
+    """On resuming a run (`on_load_checkpoint`): where the checkpoint's DataModule named a mean and std
+    (`recorded_statistics`) other than the tower's own, the tower takes them, its section `image` (the saved
+    hyperparameters) records them for the next checkpoints, and one warning line says so."""
+    adopted = recorded_statistics(image, data)
+    own = {key: [float(v) for v in getattr(tower, f"pixel_{key}").flatten()] for key in adopted}
+    # 1e-6: the configs' 8-digit numbers against their float32 copies
+    if all(abs(a - b) <= 1e-6 for key in adopted for a, b in zip(adopted[key], own[key], strict=True)):
+        return
+    for key, value in adopted.items():
+        with torch.no_grad():
+            getattr(tower, f"pixel_{key}").copy_(torch.tensor(value).view(1, 3, 1, 1))
+        image[key] = value
+        setattr(tower.cfg, key, value)
+    log.warning(
+        "the checkpoint's DataModule normalised the images with %s: the image tower takes them in place of "
+        "%s (its source's; set model.image.mean / model.image.std to choose)",
+        ", ".join(f"{key} {list(value)}" for key, value in adopted.items()),
+        ", ".join(f"{key} {[float(f'{v:.7g}') for v in own[key]]}" for key in adopted),  # float32's digits
+    )
+
+
 def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[ImageTextModule, dict]:
     """The `ImageTextModule` of a checkpoint file (eval mode), and the checkpoint's contents.
 
@@ -171,11 +209,8 @@ def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[
         )
     check_system(path, ckpt, ImageTextModule, asked_by)
     hparams["text"] = _trained_text_section(hparams.get("text"))
-    # a DataModule that named its mean and std trained the tower on them: the tower normalises with the same
-    data_hp, image = ckpt.get("datamodule_hyper_parameters") or {}, dict(hparams.get("image") or {})
-    for key in ("mean", "std"):
-        if image.get(key) is None and data_hp.get(key) is not None:
-            image[key] = tuple(data_hp[key])
+    image = dict(hparams.get("image") or {})
+    image.update(recorded_statistics(image, ckpt.get("datamodule_hyper_parameters") or {}))
     hparams["image"] = image
     # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (the caller's, such
     # as a ZeroShotClassifier) to every `save_hyperparameters` through a context variable, which would give them

@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning as L
 import torch
@@ -40,6 +41,7 @@ from lightning_modules.components.encoder import EncoderBlock
 from lightning_modules.resilience import _fsync_folder, _pid_is_alive, temporary_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def block_types() -> set[type[nn.Module]]:
@@ -240,14 +242,16 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         target = Path(self.broadcast(str(filepath)))
         folder = Path(self.broadcast(str(temporary_name(target))))
-        refused = None
-        if self.is_global_zero:
+
+        def prepare() -> str | None:
             refused = _not_replaceable(target)
             if refused is None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 for path in clean_interrupted_saves(target.parent):
                     log.warning("removed %s, left by a sharded checkpoint write that was killed", path)
-        refused = self.broadcast(refused)
+            return refused
+
+        refused = self._on_rank_zero(prepare, target)
         if refused is not None:  # on every rank, so none waits in the write's collectives
             raise IsADirectoryError(refused)
         error: BaseException | None = None
@@ -264,9 +268,30 @@ class FSDP2Strategy(ModelParallelStrategy):
             if error is not None:
                 raise error
             raise RuntimeError(f"another rank failed to write its part of {target}; the previous one is kept")
+
+        def swap() -> None:
+            try:
+                swap_into_place(folder, target)
+            except BaseException:  # what is left under the temporary name: the new one, or the previous one
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+
+        self._on_rank_zero(swap, target)  # also the barrier after the swap
+
+    def _on_rank_zero(self, step: Callable[[], T], target: Path) -> T:
+        """`step`'s result on rank 0, broadcast to every rank; when it raises there, every rank raises one line
+        naming `target` and what went wrong (file system steps run on rank 0 alone: a failure there must not
+        leave the other ranks waiting in the next collective)."""
+        result, failure, cause = None, None, None
         if self.is_global_zero:
-            swap_into_place(folder, target)
-        self.barrier("FSDP2Strategy.save_checkpoint")
+            try:
+                result = step()
+            except Exception as err:
+                failure, cause = " ".join(f"{type(err).__name__}: {err}".split()), err
+        result, failure = self.broadcast((result, failure))
+        if failure is not None:
+            raise OSError(f"cannot save the sharded checkpoint {target}: {failure}") from cause
+        return result
 
     def shard(self, system: L.LightningModule) -> None:
         """`apply_fsdp2` with this strategy's settings on its data-parallel mesh; a sharded system is left as is."""

@@ -30,7 +30,7 @@ from lightning_modules.components.retrieval import RetrievalRecall, mean_recall
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import AlignmentModule, log_empty
-from lightning_modules.image_text_module import ImageTextPair
+from lightning_modules.image_text_module import ImageTextPair, adopt_recorded_statistics
 from lightning_modules.prediction import embedding_prediction
 from lightning_modules.speech_text_module import SpeechTextPair
 
@@ -94,6 +94,11 @@ class TriModalModule(AlignmentModule):
     @property
     def text(self) -> TextTower:
         return self.image_text.text
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        data = (checkpoint.get("datamodule_hyper_parameters") or {}).get("image_text") or {}
+        adopt_recorded_statistics(self.image_text.image, self.hparams["image"], data)
 
     def setup(self, stage: str) -> None:
         # what each two-tower system checks of its DataModule, checked here against the tri-modal DataModule's two

@@ -52,6 +52,7 @@ import hashlib
 import io
 import json
 import logging
+import lzma
 import multiprocessing
 import os
 import posixpath
@@ -62,6 +63,7 @@ import tarfile
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -336,8 +338,10 @@ def _open_url(url: str, mode: str = "rb", **kwargs: Any) -> Any:
 
 def _read_errors() -> tuple[type[BaseException], ...]:
     # What a flaky source raises: OSError (fsspec reports refused connections and 404 as FileNotFoundError),
-    # tar errors for a stream cut inside a member, and aiohttp's errors (a body shorter than its Content-Length).
-    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError]
+    # tar errors for a stream cut inside a member, the decompressors' errors for corrupt compressed data (tarfile
+    # passes them on as they are from a member's data or a seek), and aiohttp's errors (a body shorter than its
+    # Content-Length).
+    errors: list[type[BaseException]] = [OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError]
     try:
         import aiohttp
 
@@ -562,8 +566,13 @@ def first_readable(shards: Sequence[str], tries: int = 16, caption_key: str | No
             with contextlib.closing(samples):  # closes the shard (ends a pipe: command) on an early return
                 for sample in samples:
                     first = first or sample
-                    if caption_key is None or _sample_captions(sample, caption_key)[1]:
+                    if caption_key is None:
                         return url
+                    try:
+                        if _sample_captions(sample, caption_key)[1]:
+                            return url
+                    except MalformedSample as err:  # a skip in training; the next samples decide
+                        log.warning("sample %s", err)
             if first is not None:
                 members = ", ".join(sorted(k for k in first if not k.startswith("__")))
                 raise ValueError(
@@ -698,13 +707,32 @@ def parse_caption_key(caption_key: str) -> tuple[str, str | None]:
     return member, field or None
 
 
+class MalformedSample(ValueError):
+    """A sample whose json member does not parse: skipped and counted, as a sample without a caption."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(f"{name}: {why}")
+        self.why = why
+
+
+def _key_image_id(key: str) -> int:
+    """The image id of another tool's sample: the key's number when numeric (img2dataset), else a stable 48-bit
+    hash of the key (the loss takes equal ids for the same image)."""
+    stem = key.rsplit("/", 1)[-1]
+    return int(stem) if stem.isdigit() else int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
+
+
 def _sample_captions(
     sample: dict[str, Any], caption_key: str = "txt"
 ) -> tuple[int | None, list[str], list[int]]:
     """(image id or None, captions, caption ids) of a sample. The converter's json record (`captions` with their
     `caption_ids`) is used whatever `caption_key` says; otherwise the member or json field it names."""
     member, field = parse_caption_key(caption_key)
-    meta = json.loads(sample["json"]) if "json" in sample else {}
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError as err:  # JSONDecodeError; UnicodeDecodeError for bytes in no UTF encoding
+        name = f"{sample.get('__url__', '')}:{sample['__key__']}"
+        raise MalformedSample(name, f"its json member is not valid JSON ({err})") from None
     meta = meta if isinstance(meta, dict) else {}
     captions = meta.get("captions")
     if captions is None and field is not None:
@@ -736,7 +764,10 @@ def shard_captions(
             for sample in read_shard(
                 path, read=lambda ext: ext in ("json", member), retries=retries, retry_delay=retry_delay
             ):
-                yield from _sample_captions(sample, caption_key)[1]
+                try:
+                    yield from _sample_captions(sample, caption_key)[1]
+                except MalformedSample as err:  # skipped in training too
+                    log.warning("skipping the captions of sample %s", err)
         except ShardUnreadable as err:
             raise ShardUnreadable(
                 f"the vocabulary is trained on the captions of every shard, and one cannot be read: {err}; "
@@ -957,12 +988,13 @@ class ShardStream(IterableDataset):
     def _decode(self, sample: dict[str, Any], epoch: int) -> dict[str, Any] | None:
         key, url = sample["__key__"], sample["__url__"]
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        image_id, captions, caption_ids = _sample_captions(sample, self.caption_key)
-        if image_id is None:
-            # Another tool's shards: the key is the id (the loss takes equal ids for the same image), its number
-            # when numeric (img2dataset), else a stable 48-bit hash of it.
-            stem = key.rsplit("/", 1)[-1]
-            image_id = int(stem) if stem.isdigit() else int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
+        try:
+            image_id, captions, caption_ids = _sample_captions(sample, self.caption_key)
+        except MalformedSample as err:
+            self._warn(f"sample {url}:{key}", _key_image_id(key), err.why)
+            return None
+        if image_id is None:  # another tool's shards: the id comes from the key
+            image_id = _key_image_id(key)
         name = f"{url}:{key}.{ext}"
         if ext is None or not captions:
             members = ", ".join(sorted(k for k in sample if not k.startswith("__")))

@@ -26,6 +26,7 @@ parameters (PyTorch 2.11), so a channels-last tower does not shard with `FSDP2St
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -199,6 +200,18 @@ class ImageTower(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> ImageTower:
+        """As nn.Module's (`.to`, `.cuda`, `.bfloat16`, ...), but the pixel statistics move device only: they stay
+        float32, with their exact values, whatever dtype the weights take (bf16 would round CLIP's 0.48145466 to
+        0.48046875)."""
+        stats = {name: getattr(self, name) for name in ("pixel_mean", "pixel_std")}
+        super()._apply(fn, recurse)
+        for name, own in stats.items():
+            moved = getattr(self, name)
+            if moved.dtype != own.dtype:
+                setattr(self, name, own.to(device=moved.device))
+        return self
+
     @property
     def reference_resize(self) -> str | None:
         """The `data.resize` mode that reproduces the preprocessing of this tower's source (None: scratch)."""
@@ -220,9 +233,17 @@ class ImageTower(nn.Module):
 
     def normalize(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 pixels -> the backbone's input: scaled to [0, 1], less the mean, over the std
-        (in float32, then in the tower's dtype)."""
+        (in float32, then in the dtype of the backbone's stem weights, read at call time: bf16 when FSDP2 gathers
+        them so, which casts floating-point inputs only)."""
         pixels = images.float().div_(255)
-        return ((pixels - self.pixel_mean.float()) / self.pixel_std.float()).to(self.pixel_mean.dtype)
+        pixels = (pixels - self.pixel_mean) / self.pixel_std  # float32 statistics (see `_apply`)
+        return pixels.to(self._stem_weight().dtype)
+
+    def _stem_weight(self) -> Tensor:
+        """The weight of the backbone's first convolution (the patch embedding or the ResNet stem), which the
+        normalised pixels meet first; the backbone's first parameter where it has no convolution."""
+        stem = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        return stem.weight if stem is not None else next(self.backbone.parameters())
 
     def _build_scratch(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
         """The backbone `cfg` describes, with random weights, and the projection after it."""
