@@ -25,6 +25,8 @@ from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.trimodal_module import TriModalModule
 from tests.helpers import quiet_trainer
 
+STEPS_SHORT = 120  # the default run's version of the learning test
+
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 120
 TINY = dict(
@@ -229,13 +231,17 @@ def test_setup_names_the_task_whose_data_does_not_fit_the_towers() -> None:
 # -- learning and the CLI -------------------------------------------------------------------------
 
 
-def test_trimodal_quickstart_improves_both_retrieval_tasks(tmp_path: Path) -> None:
-    """A tiny tri-modal model learns image-text and speech-text retrieval on held-out data, and images find
-    the utterances that speak their captions, though images and speech never meet in training.
+@pytest.mark.parametrize(
+    "steps",
+    [pytest.param(350, marks=pytest.mark.slow, id="350_steps"), pytest.param(STEPS_SHORT, id="short")],
+)
+def test_trimodal_quickstart_improves_both_retrieval_tasks(tmp_path: Path, steps: int) -> None:
+    """A tiny tri-modal model learns image-text and speech-text retrieval on held-out data, and (in the long run)
+    images find the utterances that speak their captions, though images and speech never meet in training.
 
     Chance R@5 on 50 validation images, one spoken caption each: t2i, a2t, t2a, i2a, a2i 5 / 50 = 0.10;
     i2t (5 of 250 captions are hits) 1 - C(245, 5) / C(250, 5) = 0.10."""
-    n_val, steps = 50, 350
+    n_val = 50
     shapes_with_speech(tmp_path, n_train=400, n_val=n_val)
     dm = datamodule(tmp_path)
     L.seed_everything(0)
@@ -264,10 +270,13 @@ def test_trimodal_quickstart_improves_both_retrieval_tasks(tmp_path: Path) -> No
         f"{steps} steps in {time.perf_counter() - start:.0f} s; R@5 before -> after (chance {chance:.2f}): "
         + ", ".join(f"{d} {before[f'val/{d}_R@5']:.2f} -> {after[f'val/{d}_R@5']:.2f}" for d in directions)
     )
+    # measured at 120 steps: the trained directions 0.44-0.82, the untrained ones 0.20-0.28
+    factor, gain = (4, 0.3) if steps > STEPS_SHORT else (3, 0.2)
     for d in ("i2t", "t2i", "a2t", "t2a"):  # both trained tasks
-        assert after[f"val/{d}_R@5"] >= max(4 * chance, before[f"val/{d}_R@5"] + 0.3), d
-    for d in ("i2a", "a2i"):  # through the shared space only
-        assert after[f"val/{d}_R@5"] >= 2 * chance, d
+        assert after[f"val/{d}_R@5"] >= max(factor * chance, before[f"val/{d}_R@5"] + gain), d
+    if steps > STEPS_SHORT:
+        for d in ("i2a", "a2i"):  # through the shared space only, which takes longer to form
+            assert after[f"val/{d}_R@5"] >= 2 * chance, d
     assert after["val/loss"] < before["val/loss"]
 
 
