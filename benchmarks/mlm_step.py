@@ -138,7 +138,8 @@ def bench_dataloader(step_time: float, workers: int) -> None:
 
 
 def bench_reader(path: Path | None) -> None:
-    from datamodules.text.corpora import iter_wikipedia, wikitext_to_text
+    from datamodules.text.corpora import iter_wikipedia
+    from datamodules.text.wikiclean import wikitext_to_text
 
     if path is None or not path.is_file():
         print("wikipedia reader: skipped (no dump found; pass --wiki)")

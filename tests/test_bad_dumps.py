@@ -18,7 +18,8 @@ import pytest
 from benchmarks.wiki_prep import write_multistream
 from cli import main
 from datamodules.text import corpora
-from datamodules.text.corpora import ReadStats, iter_wikipedia
+from datamodules.text.corpora import iter_wikipedia
+from datamodules.text.documents import ReadStats
 from datamodules.tokenizer import TextTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,7 +218,7 @@ def test_bad_byte_met_inside_a_page_header_stops_the_read(tmp_path: Path, monkey
     cut = xml.index("東京</title>".encode())
     path = tmp_path / "jawiki.xml"
     path.write_bytes(xml)
-    monkeypatch.setattr(corpora, "_open_binary", lambda p: _Pieces([xml[:cut], b"\xff" + xml[cut + 1 :]]))
+    monkeypatch.setattr(corpora, "open_binary", lambda p: _Pieces([xml[:cut], b"\xff" + xml[cut + 1 :]]))
     stats = ReadStats()
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: byte {cut} does not decode as utf-8"):
         list(iter_wikipedia([str(path)], stats))

@@ -13,17 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.text import corpora
-from datamodules.text.corpora import (
-    Document,
-    ReadStats,
-    iter_bookcorpus,
-    iter_wikipedia,
-    resolve_paths,
-    split_sentences,
-    to_plain_text,
-    wikitext_to_text,
-)
+from datamodules.text import sentences, textstream
+from datamodules.text.corpora import iter_bookcorpus, iter_wikipedia
+from datamodules.text.documents import Document, ReadStats, resolve_paths
+from datamodules.text.sentences import split_sentences
+from datamodules.text.wikiclean import to_plain_text, wikitext_to_text
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 ENWIKI = REAL / "wikipedia" / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -386,7 +380,7 @@ def test_bookcorpus_rejects_binary_file(tmp_path: Path):
 
 
 def test_text_stream_multibyte_characters_across_chunk_boundaries(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(corpora, "_CHUNK_BYTES", 5)
+    monkeypatch.setattr(textstream, "_CHUNK_BYTES", 5)
     text = "ŁódźЖ😀 é\n" * 50 + "last line without newline ü"
     path = tmp_path / "books" / "unicode.txt"
     path.parent.mkdir()
@@ -453,7 +447,7 @@ def test_to_plain_text_dispatches_on_markup():
 @pytest.mark.parametrize("backend", ["default", "regex"])
 def test_split_sentences(backend: str, monkeypatch):
     if backend == "regex":
-        monkeypatch.setattr(corpora, "_blingfire", None)
+        monkeypatch.setattr(sentences, "_blingfire", None)
     text = (
         "Dr. Smith went to Washington, D.C. on Monday. He said “hello.” Was it 3.5 km away? Yes!\n"
         "A line without a full stop\n\n  the next line is lowercase .  "

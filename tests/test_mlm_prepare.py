@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.text import corpora, mlm_prepare
+from datamodules.text import mlm_prepare, sentences
 from datamodules.text.mlm_datamodule import MLMDataModule, MLMInstanceDataset
 from datamodules.text.mlm_prepare import (
     InstanceShards,
@@ -252,7 +252,7 @@ def test_cache_key_changes_with_the_sentence_splitter(corpus, monkeypatch: pytes
     real_version = importlib.metadata.version
 
     def key(splitter, blingfire_version: str = "0.1.8") -> str:
-        monkeypatch.setattr(corpora, "_blingfire", splitter)
+        monkeypatch.setattr(sentences, "_blingfire", splitter)
         monkeypatch.setattr(
             importlib.metadata,
             "version",

@@ -12,15 +12,10 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from datamodules.text.corpora import (
-    DEFAULT_HIDDEN_NAMESPACES,
-    ReadStats,
-    hidden_link_namespaces,
-    iter_wikipedia,
-    to_plain_text,
-    wikitext_to_text,
-)
+from datamodules.text.corpora import iter_wikipedia
+from datamodules.text.documents import DEFAULT_HIDDEN_NAMESPACES, ReadStats, hidden_link_namespaces
 from datamodules.text.mlm_datamodule import MLMDataModule
+from datamodules.text.wikiclean import to_plain_text, wikitext_to_text
 from datamodules.text.wikitext import looks_like_image, resolve_variants
 
 # the namespace names each wiki's <siteinfo> declares (jawiki and zhwiki keep English File/Category names)

@@ -12,16 +12,10 @@ from xml.sax.saxutils import escape
 import pytest
 
 from cli import main
-from datamodules.text.corpora import (
-    DEFAULT_HIDDEN_NAMESPACES,
-    ReadStats,
-    hidden_link_namespaces,
-    iter_bookcorpus,
-    iter_wikipedia,
-    to_plain_text,
-    wikitext_to_text,
-)
+from datamodules.text.corpora import iter_bookcorpus, iter_wikipedia
+from datamodules.text.documents import DEFAULT_HIDDEN_NAMESPACES, ReadStats, hidden_link_namespaces
 from datamodules.text.mlm_datamodule import MLMDataModule
+from datamodules.text.wikiclean import to_plain_text, wikitext_to_text
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.wiki_prep import write_multistream
-from datamodules.text.corpora import (
-    ReadStats,
-    iter_multistream_range,
-    iter_wikipedia,
-    multistream_index,
-    plan_multistream,
-    wikipedia_files,
-)
+from datamodules.text.corpora import iter_multistream_range, iter_wikipedia, wikipedia_files
+from datamodules.text.documents import ReadStats
 from datamodules.text.mlm_prepare import PrepareSettings, cache_key, prepare_mlm_cache
+from datamodules.text.multistream import multistream_index, plan_multistream
 from datamodules.tokenizer import TextTokenizer
 from tests.helpers import sha256_of_files
 

@@ -18,17 +18,11 @@ from tqdm.auto import tqdm
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, seeded_loader, stage_splits
 from datamodules.masking import MLMCollator
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
-from datamodules.text.corpora import (
-    BOOKCORPUS_FILES,
-    WIKIPEDIA_FILES,
-    ReadStats,
-    check_multistream,
-    multistream_index,
-    resolve_paths,
-    split_sentences,
-    to_plain_text,
-)
+from datamodules.text.documents import BOOKCORPUS_FILES, WIKIPEDIA_FILES, ReadStats, resolve_paths
 from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
+from datamodules.text.multistream import check_multistream, multistream_index
+from datamodules.text.sentences import split_sentences
+from datamodules.text.wikiclean import to_plain_text
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
 log = logging.getLogger(__name__)

@@ -40,21 +40,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from datamodules.text import corpora
+from datamodules.text import sentences
 from datamodules.text.corpora import (
-    Document,
-    ReadStats,
     iter_bookcorpus,
     iter_multistream_range,
     iter_wikipedia,
     iter_wikipedia_file,
-    multistream_index,
-    plan_multistream,
-    resolve_paths,
-    split_sentences,
     wikipedia_files,
 )
-from datamodules.text.corpora import to_plain_text as _to_plain_text
+from datamodules.text.documents import Document, ReadStats, resolve_paths
+from datamodules.text.multistream import multistream_index, plan_multistream
+from datamodules.text.sentences import split_sentences
+from datamodules.text.wikiclean import to_plain_text as _to_plain_text
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -432,7 +429,7 @@ def _version(distribution: str) -> str:
 def sentence_splitter() -> str:
     """The splitter `split_sentences` runs in this process: blingfire's model, or the regex fallback where
     its wheel does not load (e.g. Linux arm64). They cut different sentences, hence different instances."""
-    return "regex fallback" if corpora._blingfire is None else f"blingfire {_version('blingfire')}"
+    return "regex fallback" if sentences._blingfire is None else f"blingfire {_version('blingfire')}"
 
 
 def toolchain() -> dict[str, str]:

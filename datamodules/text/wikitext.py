@@ -1,5 +1,5 @@
 """Wikitext conventions that vary between Wikipedias, as data and small pure functions for the cleaner in
-`corpora.wikitext_to_text`.
+`wikiclean.wikitext_to_text`.
 
 * Namespace aliases: the local names MediaWiki accepts for Media, File and Category besides the ones a dump
   declares (its `Messages*.php` names and `$namespaceAliases`), and a fold of Chinese script variants, so
