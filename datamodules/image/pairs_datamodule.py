@@ -78,6 +78,8 @@ class MixtureConfig:
 
     weights: list[float] | None = None
     """Upsampling factor of each `::`-separated training source, in order; None: all 1."""
+    sources: list[PairSource] | None = None
+    """The training sources as a list of {path, weight, format}, instead of `data.train`."""
     num_samples: int | None = None
     """Samples per epoch over all devices; None: sum of each source's size times its weight."""
     replacement: bool = False
@@ -145,8 +147,8 @@ class ImageTextPairsDataModule(LightningDataModule):
     """Image-caption pairs from the user's files for contrastive training, retrieval evaluation and predict.
 
     Args:
-        train: the training source: a path (`data/pairs.csv`), several joined by `::` (`a.csv::b.parquet`,
-            weighted by `mixture.weights`), or a list of {path, weight, format}.
+        train: the training source: a path (`data/pairs.csv`), or several joined by `::` (`a.csv::b.parquet`,
+            weighted by `mixture.weights`; or list them with their weights in `mixture.sources`).
         val: the validation source (`::` joins several); None: no validation.
         test: the test source; None: the validation source.
         predict: the source `predict` embeds (images and captions, keyed by file and line).
@@ -165,7 +167,7 @@ class ImageTextPairsDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train: str | list[PairSource] | None = None,
+        train: str | None = None,
         val: str | None = None,
         test: str | None = None,
         predict: str | None = None,
@@ -180,10 +182,17 @@ class ImageTextPairsDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        columns, mixture, images = (
+            _section(PairColumns, columns),
+            _section(MixtureConfig, mixture),
+            _section(ImagePipeline, images),
+        )
+        shards, loader = _section(ShardOptions, shards), _section(LoaderConfig, loader)
+        tokenizer = _section(TokenizerConfig, tokenizer)
         # the image system checks its tower against the flat data.image_size and data.resize
         self.hparams.update(image_size=images.image_size, resize=images.resize)
         self.sources = {
-            "train": self._train_sources(train, mixture.weights),
+            "train": self._train_sources(train, mixture),
             "val": _joined(val),
             "test": _joined(test) or _joined(val),
             "predict": _joined(predict),
@@ -203,17 +212,15 @@ class ImageTextPairsDataModule(LightningDataModule):
         self.skipped_images = 0
 
     @staticmethod
-    def _train_sources(train: str | list[PairSource] | None, weights: list[float] | None) -> list[PairSource]:
-        if train is None:
-            if weights:
-                raise ValueError("data.mixture.weights is set but there is no data.train source")
-            return []
-        if not isinstance(train, str):
-            if weights:
+    def _train_sources(train: str | None, mixture: MixtureConfig) -> list[PairSource]:
+        weights = mixture.weights
+        if mixture.sources:
+            if train or weights:
                 raise ValueError(
-                    "data.mixture.weights weights `::`-joined sources; a list of sources has its own"
+                    "data.mixture.sources lists the training sources with their weights: leave data.train and "
+                    "data.mixture.weights unset"
                 )
-            return [s if isinstance(s, PairSource) else PairSource(**s) for s in train]
+            return [s if isinstance(s, PairSource) else PairSource(**s) for s in mixture.sources]
         sources = _joined(train)
         if weights is not None and len(weights) != len(sources):
             raise ValueError(
@@ -463,6 +470,11 @@ class _ReportingLoader(EpochDataLoader):
         yield from super().__iter__()
         if self.on_end is not None:
             self.on_end()
+
+
+def _section(cls: type, value: Any) -> Any:
+    """A config section given as its dataclass or, from Python, as a dict of its fields."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 def _joined(spec: str | None) -> list[PairSource]:
