@@ -289,3 +289,37 @@ def test_brief_training_on_csv_pairs_learns_retrieval(shapes, tmp_path: Path) ->
     chance = (1 + 5 + 10) / 3 / 48
     assert metrics["val/R@mean"] > 3 * chance, metrics
     assert metrics["val/i2t_R@10"] > 2 * 10 / 48 and metrics["val/t2i_R@10"] > 2 * 10 / 48, metrics
+
+
+def test_short_training_on_csv_pairs_fits_them(shapes, tmp_path: Path) -> None:
+    """The learning test's short version: 50 plain optimiser steps on 16 pairs read from a CSV, then image-to-text
+    R@1 among those 16 far above chance (1 / 16 = 0.06; measured 0.44 after 40 steps, 0.81 after 60)."""
+    from lightning_modules.components.image_tower import ImageTowerConfig
+    from lightning_modules.components.text_tower import TextTowerConfig
+    from lightning_modules.image_text_module import ImageTextModule
+    from tests.helpers import single_thread
+
+    torch.manual_seed(0)
+    dm = _dm(tmp_path, train=_csv(tmp_path / "train.csv", shapes["train2017"][:16]), dedup=False)
+    dm.loader.batch_size = 16
+    dm.setup("fit")
+    model = ImageTextModule(
+        vocab_size=dm.vocab_size,
+        embed_dim=32,
+        image=ImageTowerConfig("vit_tiny", image_size=32, patch_size=8, layers=1, width=32, heads=2),
+        text=TextTowerConfig(size="tiny", layers=1, hidden=32, heads=2, max_len=32),
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = next(iter(dm.train_dataloader()))
+    with single_thread():  # a tiny model on shared cores: more threads only contend
+        for _ in range(50):
+            loss = model.pair.training_loss(batch)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            images = model.encode_image(batch["images"])
+            texts = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    recall_at_1 = ((images @ texts.T).argmax(1) == torch.arange(16)).float().mean()
+    assert recall_at_1 > 4 / 16, recall_at_1  # four times chance
