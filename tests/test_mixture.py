@@ -118,8 +118,7 @@ def _flat(batches) -> list[int]:
     return [int(i) for b in batches for i in b.tolist()]
 
 
-@pytest.mark.parametrize("replacement", [True, False])
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize(("rank", "replacement"), [(0, True), (1, False)])
 def test_interrupted_run_takes_the_same_sample_ids_as_an_unbroken_one(rank: int, replacement: bool) -> None:
     """Two workers prefetch ahead while the consumer has taken 5 batches; the checkpointed state counts 5, and a
     fresh loader resumed from it yields exactly the rest of the unbroken epoch, then whole epochs again."""
