@@ -16,7 +16,7 @@ datamodules/image/webdataset_shards.py) and cannot be mixed with other sources.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -110,6 +110,10 @@ class ShardOptions:
     """Times a shard that fails to open or is cut short is opened again before it is skipped."""
 
 
+_COLUMNS, _MIXTURE, _IMAGES, _SHARDS = PairColumns(), MixtureConfig(), ImagePipeline(), ShardOptions()
+_LOADER, _TOKENIZER = LoaderConfig(), TokenizerConfig()
+
+
 class PairsCollate(CaptionCollate):
     """`CaptionCollate`, and in training `sources`: the source index of each kept row."""
 
@@ -171,14 +175,14 @@ class ImageTextPairsDataModule(LightningDataModule):
         val: str | None = None,
         test: str | None = None,
         predict: str | None = None,
-        columns: PairColumns = PairColumns(),  # noqa: B008 (a dataclass default, as jsonargparse shows it)
-        mixture: MixtureConfig = MixtureConfig(),  # noqa: B008
-        images: ImagePipeline = ImagePipeline(),  # noqa: B008
+        columns: PairColumns = _COLUMNS,
+        mixture: MixtureConfig = _MIXTURE,
+        images: ImagePipeline = _IMAGES,
         context_length: int = 64,
         dedup: bool = True,
-        shards: ShardOptions = ShardOptions(),  # noqa: B008
-        loader: LoaderConfig = LoaderConfig(),  # noqa: B008
-        tokenizer: TokenizerConfig = TokenizerConfig(),  # noqa: B008
+        shards: ShardOptions = _SHARDS,
+        loader: LoaderConfig = _LOADER,
+        tokenizer: TokenizerConfig = _TOKENIZER,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -205,9 +209,8 @@ class ImageTextPairsDataModule(LightningDataModule):
         self._tables: dict[str, list[PairTable]] = {}
         self.datasets: dict[str, Any] = {}
         self.skipped_rows: dict[str, int] = {}  # by split: rows of its manifests skipped at reading
-        self.duplicates: dict[
-            str, int
-        ] = {}  # training rows joined to an earlier one, by image and by caption
+        # training rows joined to an earlier one, by image and by caption
+        self.duplicates: dict[str, int] = {}
         self.source_counts = [0] * len(self.sources["train"])  # training rows taken from each source
         self.skipped_images = 0
 
@@ -473,8 +476,9 @@ class _ReportingLoader(EpochDataLoader):
 
 
 def _section(cls: type, value: Any) -> Any:
-    """A config section given as its dataclass or, from Python, as a dict of its fields."""
-    return cls(**value) if isinstance(value, dict) else value
+    """A config section given as its dataclass or, from Python, as a dict of its fields; a copy, so that changing
+    it never changes the shared default."""
+    return cls(**value) if isinstance(value, dict) else replace(value)
 
 
 def _joined(spec: str | None) -> list[PairSource]:
