@@ -124,9 +124,6 @@ class PretrainCLI(LightningCLI):
             rank_zero_warn(f"no tokenizer read from {ckpt} ({err}): the DataModule loads or trains its own")
             return
         given = init_args.get("tokenizer")
-        section = isinstance(given, (dict, jsonargparse.Namespace))  # a `tokenizer: TokenizerConfig` section
-        if section:
-            given = given.get("path")
         if given and str(given) != str(ckpt):
             logging.getLogger(__name__).info(
                 "%s: using the checkpoint's tokenizer (%d tokens) instead of data.tokenizer %s",
@@ -134,10 +131,7 @@ class PretrainCLI(LightningCLI):
                 saved.vocab_size,
                 given,
             )
-        if section:
-            init_args["tokenizer"]["path"] = str(ckpt)
-        else:
-            init_args["tokenizer"] = str(ckpt)
+        init_args["tokenizer"] = str(ckpt)
 
     def instantiate_classes(self) -> None:
         try:
