@@ -124,6 +124,8 @@ class PretrainCLI(LightningCLI):
             rank_zero_warn(f"no tokenizer read from {ckpt} ({err}): the DataModule loads or trains its own")
             return
         given = init_args.get("tokenizer")
+        section = given if hasattr(given, "path") else None  # a `TokenizerConfig` section: its path is set
+        given = section.path if section is not None else given
         if given and str(given) != str(ckpt):
             logging.getLogger(__name__).info(
                 "%s: using the checkpoint's tokenizer (%d tokens) instead of data.tokenizer %s",
@@ -131,7 +133,10 @@ class PretrainCLI(LightningCLI):
                 saved.vocab_size,
                 given,
             )
-        init_args["tokenizer"] = str(ckpt)
+        if section is not None:
+            section.path = str(ckpt)
+        else:
+            init_args["tokenizer"] = str(ckpt)
 
     def instantiate_classes(self) -> None:
         try:
