@@ -17,7 +17,7 @@ import torch
 
 from datamodules.sections import LoaderConfig, TokenizerConfig
 from datamodules.speech.librispeech import index_subset
-from datamodules.speech.manifest_datamodule import AudioConfig, AudioTextDataModule
+from datamodules.speech.manifest_datamodule import AudioConfig, AudioTextDataModule, MixtureBucketBatchSampler
 from datamodules.speech.manifests import (
     AudioTextSource,
     ManifestColumnError,
@@ -179,7 +179,9 @@ def test_a_manifest_without_the_configured_field_stops_with_one_line(tmp_path: P
     with pytest.raises(SystemExit) as exit_info:
         main(args, friendly_errors=True)
     assert exit_info.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # lines before it: warnings of the test's own argv
+    last = (
+        capsys.readouterr().err.strip().splitlines()[-1]
+    )  # lines before it: warnings of the test's own argv
     assert last.startswith("error: ") and f"{manifest}: no row has the field 'audio_filepath'" in last
 
 
@@ -475,3 +477,54 @@ def test_learns_retrieval_through_a_manifest(tmp_path: Path) -> None:
     assert chance == pytest.approx(5 / 40)
     assert metrics["val/a2t_R@5"] >= max(0.5, 4 * chance)
     assert metrics["val/t2a_R@5"] >= max(0.5, 4 * chance)
+
+
+# -- mixtures -------------------------------------------------------------------------------------
+
+
+def test_a_training_mixture_draws_sources_by_weight_in_duration_buckets(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_nemo(data / "small.json", write_tones(data / "a", 6, seed=20, words=2), prefix="a/")
+    write_nemo(data / "large.json", write_tones(data / "b", 18, seed=21, words=5), prefix="b/")
+    sources = [AudioTextSource("small.json", weight=6.0), AudioTextSource("large.json", weight=1.0)]
+
+    def loader():
+        return small_dm(
+            mixture={"sources": sources, "num_samples": 240, "replacement": True},
+            root=str(data),
+            tokenizer=tokenizer(tmp_path),
+            audio=AudioConfig(max_duration=5.0, max_batch_seconds=12.0, num_buckets=4),
+        ).train_dataloader()
+
+    train = loader()
+    sampler = train.batch_sampler
+    durations = np.array(train.dataset.durations)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(train)  # the count fixed at the first epoch's draw holds
+        for keys in batches:  # padded seconds within the budget
+            assert len(keys) * durations[keys].max() <= 12.0
+    drawn = np.concatenate(batches)
+    # small: 6 clips x weight 6 = 36, large: 18 x 1 = 18, so 2/3 of the draws; 240 draws: 160 +- 7 (one sd)
+    share = (drawn < 6).mean()
+    assert abs(share - 2 / 3) < 0.1, share
+    assert set(drawn[drawn < 6]) == set(range(6))  # every clip of the upsampled source comes, repeatedly
+
+    # two ranks take alternate batches of the same epoch, equally many
+    ranks = [
+        MixtureBucketBatchSampler(durations, sampler.mixture, 12.0, 4, seed=0, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
+    for r in ranks:
+        r.set_epoch(2)
+    shards = [list(r) for r in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == -(-sampler.num_batches // 2)
+    one = sampler.draw_batches(2)
+    padded = [one[i % len(one)] for i in range(2 * len(ranks[0]))]
+    assert [b for pair in zip(*shards) for b in pair] == padded
+
+    # resumed in the middle of epoch 2: the rest of the same epoch, audio and captions served
+    resumed = loader()
+    resumed.load_state_dict({"epoch": 2, "consumed": len(batches) - 3})
+    assert [b["utt_keys"].tolist() for b in resumed] == batches[-3:]

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits
+from datamodules.mixture import MixtureSampler
 from datamodules.sections import LoaderConfig, TokenizerConfig
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler
 from datamodules.speech.manifests import (
@@ -65,14 +68,15 @@ class AudioConfig:
 
 @dataclass
 class MixtureConfig:
-    """Further training sources mixed with `train`, drawn in proportion to the sources' weights."""
+    """Several training sources, each drawn by its weight (datamodules/mixture.py), bucketed by duration."""
 
     sources: list[AudioTextSource] = field(default_factory=list)
-    """Training sources besides `train`; empty: `train` alone, every clip once per epoch."""
+    """The training sources with their weights, instead of `data.train`; empty: `data.train` alone, every clip
+    once per epoch."""
     num_samples: int | None = None
-    """Clips drawn per epoch from the mixture; None: as many as all the sources hold."""
-    replacement: bool = True
-    """Draw with replacement (a small source with a large weight repeats within an epoch)."""
+    """Clips drawn per epoch over all devices; None: the sum of each source's size times its weight."""
+    replacement: bool = False
+    """Draw with replacement (each draw independent) or without (every clip of a source before any repeats)."""
 
 
 @dataclass
@@ -94,6 +98,53 @@ def _section(cls: type, value: object) -> object:
     if cls is MixtureConfig:
         value = {**value, "sources": [_section(AudioTextSource, s) for s in value.get("sources", [])]}
     return cls(**value)
+
+
+class MixtureBucketBatchSampler(DurationBucketBatchSampler):
+    """`DurationBucketBatchSampler` over each epoch's draw of a `MixtureSampler` (one global draw, the same on
+    every rank): the drawn clips are sorted by duration into `num_buckets` equal-count buckets, each with its
+    batch size under `max_batch_seconds`, and the batches are shuffled and sharded over ranks as the base class
+    does. A draw packs into a slightly different number of batches each epoch; the count is fixed at the first
+    epoch's, so `len()` is exact: a later epoch that packs into more batches leaves out its last few (random
+    ones, the order being shuffled), one that packs into fewer repeats its first few."""
+
+    def __init__(
+        self,
+        durations: Sequence[float],
+        mixture: MixtureSampler,
+        max_batch_seconds: float,
+        num_buckets: int = 10,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__(durations, max_batch_seconds, num_buckets, shuffle, seed, num_replicas, rank)
+        self.durations = np.asarray(durations, dtype=np.float64)
+        self.mixture = mixture
+        self.num_buckets = num_buckets
+        self.num_batches = len(self.draw_batches(0))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.mixture.set_epoch(epoch)
+
+    def draw_batches(self, epoch: int) -> list[list[int]]:
+        """The batches of `epoch`'s draw, before sharding over ranks."""
+        drawn = np.asarray(self.mixture.epoch_indices(epoch)[: self.mixture.total], dtype=np.int64)
+        drawn = drawn[np.argsort(self.durations[drawn], kind="stable")]
+        rng = np.random.default_rng([self.seed, epoch])
+        batches: list[list[int]] = []
+        for bucket in np.array_split(drawn, min(self.num_buckets, len(drawn))):
+            size = max(1, int(self.max_batch_seconds // max(self.durations[bucket].max(), 1e-9)))
+            idx = rng.permutation(bucket) if self.shuffle else bucket
+            batches += [idx[i : i + size].tolist() for i in range(0, len(idx), size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def epoch_batches(self) -> list[list[int]]:
+        return self.draw_batches(self.epoch)
 
 
 # the defaults of the sections, never changed in place
@@ -123,12 +174,13 @@ class AudioTextDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            train: the training source (format, path, fields); None for a machine that only evaluates.
+            train: the training source (format, path, fields); None for a machine that only evaluates, or when
+                `mixture.sources` lists several.
             val: the validation source.
             test: the test source; None tests on `val`.
             root: the folder relative source paths start from, so one setting moves a whole data set.
             audio: sample rate, longest clip, padded seconds per batch, duration buckets.
-            mixture: training sources mixed with `train`, with their weights.
+            mixture: several training sources with their weights, drawn anew each epoch.
             predict: what `predict` embeds.
             loader: workers and seed (`batch_size` is not used: batches hold `audio.max_batch_seconds`).
             tokenizer: a vocab.txt / tokenizer.json / checkpoint, or a WordPiece vocabulary trained on the
@@ -136,14 +188,18 @@ class AudioTextDataModule(LightningDataModule):
             context_length: maximum tokens per caption, including [CLS] and [SEP].
         """
         super().__init__()
+        self.mixture: MixtureConfig = _section(MixtureConfig, mixture)
+        if self.mixture.sources and train is not None:
+            raise ValueError(
+                "data.mixture.sources lists the training sources with their weights: leave data.train unset"
+            )
         self.sources: dict[str, AudioTextSource | None] = {
-            "train": _section(AudioTextSource, train),
+            "train": _section(AudioTextSource, train) or (self.mixture.sources or [None])[0],
             "val": _section(AudioTextSource, val),
             "test": _section(AudioTextSource, test or val),
         }
         self.root = root
         self.audio: AudioConfig = _section(AudioConfig, audio)
-        self.mixture: MixtureConfig = _section(MixtureConfig, mixture)
         self.predict_inputs: PredictInputs = _section(PredictInputs, predict)
         self.loader: LoaderConfig = _section(LoaderConfig, loader)
         self.tokenizer_config: TokenizerConfig = _section(TokenizerConfig, tokenizer)
@@ -161,10 +217,12 @@ class AudioTextDataModule(LightningDataModule):
         return self.audio.sample_rate
 
     def split_sources(self, split: str) -> list[AudioTextSource]:
+        if split == "train" and self.mixture.sources:
+            return list(self.mixture.sources)
         source = self.sources[split]
         if source is None:
             raise ValueError(f"no {split} source: set data.{split}.path (and data.{split}.format)")
-        return [source, *self.mixture.sources] if split == "train" else [source]
+        return [source]
 
     def clips(self, split: str) -> list[list[AudioClip]]:
         """The clips of each source of `split`, read once; left-out rows are counted and warned about."""
@@ -257,18 +315,35 @@ class AudioTextDataModule(LightningDataModule):
         )
         return dataset
 
+    def batch_sampler(self, split: str, shuffle: bool) -> DurationBucketBatchSampler:
+        """Duration buckets over the split's clips, or for a training mixture over each epoch's draw."""
+        dataset = self.datasets[split]
+        buckets = dict(num_buckets=self.audio.num_buckets, shuffle=shuffle, seed=self.loader.seed)
+        if split != "train" or not self.mixture.sources:
+            return DurationBucketBatchSampler(dataset.durations, self.audio.max_batch_seconds, **buckets)
+        sources = self.mixture.sources
+        draw = MixtureSampler(
+            [len(clips) for clips in self.clips("train")],
+            [s.weight for s in sources],
+            num_samples=self.mixture.num_samples,
+            replacement=self.mixture.replacement,
+            seed=self.loader.seed,
+            num_replicas=1,  # the global draw: its batches are sharded over ranks as the buckets' are
+            rank=0,
+        )
+        log.info(
+            "training mixture of %d clips an epoch, expected shares: %s",
+            draw.total,
+            ", ".join(f"{s.path} {p:.1%} (weight {s.weight:g})" for s, p in zip(sources, draw.probabilities)),
+        )
+        return MixtureBucketBatchSampler(dataset.durations, draw, self.audio.max_batch_seconds, **buckets)
+
     def dataloader(self, split: str, shuffle: bool = False) -> DataLoader:
         """The loader of `split` ("train", "val" or "test")."""
         if split not in self.datasets:
             self.setup(SPLIT_STAGE[split])
         dataset = self.datasets[split]
-        sampler = DurationBucketBatchSampler(
-            dataset.durations,
-            self.audio.max_batch_seconds,
-            num_buckets=self.audio.num_buckets,
-            shuffle=shuffle,
-            seed=self.loader.seed,
-        )
+        sampler = self.batch_sampler(split, shuffle)
         workers = self.loader.num_workers
         # the training loader's position is checkpointed, so a run killed mid-epoch resumes at the next batch;
         # it also tells the dataset its epoch, which draws the captions
