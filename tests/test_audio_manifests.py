@@ -528,3 +528,21 @@ def test_a_training_mixture_draws_sources_by_weight_in_duration_buckets(tmp_path
     resumed = loader()
     resumed.load_state_dict({"epoch": 2, "consumed": len(batches) - 3})
     assert [b["utt_keys"].tolist() for b in resumed] == batches[-3:]
+
+
+def test_the_sections_are_saved_as_plain_values(tmp_path: Path) -> None:
+    """Checkpoints hold the DataModule's hyperparameters and are read with weights_only: no dataclass in them."""
+    dm = small_dm(
+        mixture={"sources": [AudioTextSource("a.json", weight=3.0), {"path": "b.csv", "format": "clotho"}]},
+        val=AudioTextSource("v.json"),
+    )
+    torch.save(dict(dm.hparams), tmp_path / "hparams.pt")
+    saved = torch.load(tmp_path / "hparams.pt", weights_only=True)
+    assert (
+        saved["mixture"]["sources"][0]["weight"] == 3.0
+        and saved["mixture"]["sources"][1]["format"] == "clotho"
+    )
+    assert saved["audio"]["max_batch_seconds"] == 20.0 and saved["train"] is None
+    again = AudioTextDataModule(**saved)  # and they build the same DataModule again
+    assert again.split_sources("train") == dm.split_sources("train")
+    assert again.audio == dm.audio and again.sources == dm.sources

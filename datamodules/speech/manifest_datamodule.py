@@ -205,9 +205,18 @@ class AudioTextDataModule(LightningDataModule):
         self.tokenizer_config: TokenizerConfig = _section(TokenizerConfig, tokenizer)
         self.context_length = context_length
         self.save_hyperparameters()
-        for key, value in self.hparams.items():  # plain values: a checkpoint loads with weights_only
-            if hasattr(value, "__dataclass_fields__"):
-                self.hparams[key] = asdict(value)
+        sections = {
+            "train": self.sources["train"] if train is not None else None,
+            "val": self.sources["val"],
+            "test": _section(AudioTextSource, test),
+            "audio": self.audio,
+            "mixture": self.mixture,
+            "predict": self.predict_inputs,
+            "loader": self.loader,
+            "tokenizer": self.tokenizer_config,
+        }
+        for key, section in sections.items():  # plain values: a checkpoint loads with weights_only
+            self.hparams[key] = None if section is None else asdict(section)
         self.datasets: dict[str, AudioTextDataset] = {}
         self.problems: dict[str, dict[str, int]] = {}  # split -> kind of left-out row -> count
         self._clips: dict[str, list[list[AudioClip]]] = {}  # split -> clips of each of its sources

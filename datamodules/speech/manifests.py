@@ -197,8 +197,13 @@ def read_nemo_manifest(
             missing = audio_field if audio_field not in row else text_field
             _note(problems, "malformed", f"{where}: no field {missing!r}")
             continue
-        if float(row.get("offset") or 0) > 0:
-            _note(problems, "segment", f"{where}: offset {row['offset']}")
+        try:
+            offset = float(row.get("offset") or 0)
+        except (TypeError, ValueError):
+            _note(problems, "malformed", f"{where}: offset {row['offset']!r} is not a number")
+            continue
+        if offset > 0:
+            _note(problems, "segment", f"{where}: offset {offset}")
             continue
         text = _clean(row[text_field])
         if not text:
@@ -292,7 +297,7 @@ def read_caption_csv(
         )
     names = {e.name for e in os.scandir(audio_dir)} if audio_dir.is_dir() else set()
     group_by = [header.index(f) for f in clip_fields if f in header]
-    clips: dict[Any, tuple[Path | None, list[str], float | None, str]] = {}
+    clips: dict[Any, tuple[str | None, list[str], float | None, str]] = {}
     for number, values in enumerate(table[1:], 2):
         where = f"{path}:{number}"
         if not any(v.strip() for v in values):
@@ -319,7 +324,7 @@ def read_caption_csv(
                 )
                 continue
         if audio_field is not None:
-            file: Path | None = audio_dir / row[audio_field]
+            file: str | None = row[audio_field]  # as written: relative to audio_dir, or absolute
         else:
             found = [
                 p.format(**row) + ext
@@ -327,8 +332,8 @@ def read_caption_csv(
                 for ext in AUDIO_EXTENSIONS
                 if p.format(**row) + ext in names
             ]
-            file = audio_dir / found[0] if found else None
-        clip_id = tuple(values[i].strip() for i in group_by) if group_by else str(file)
+            file = found[0] if found else None
+        clip_id = tuple(values[i].strip() for i in group_by) if group_by else file
         entry = clips.get(clip_id)
         if entry is None:
             clips[clip_id] = (file, captions, duration, where)
@@ -342,8 +347,7 @@ def read_caption_csv(
             tried = ", ".join(p + "{.wav,.flac}" for p in file_patterns)
             _note(problems, "missing_audio", f"{where}: none of {tried} in {audio_dir}")
             continue
-        key = file.relative_to(audio_dir).as_posix()
-        if (clip := _timed(key, file, captions, duration, where, problems)) is not None:
+        if (clip := _timed(file, audio_dir / file, captions, duration, where, problems)) is not None:
             out.append(clip)
     return out, problems
 
