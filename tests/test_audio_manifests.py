@@ -407,7 +407,7 @@ def test_cli_trains_validates_and_predicts_from_a_nemo_manifest(tmp_path: Path) 
 
 
 @pytest.mark.slow
-def test_cli_trains_and_validates_a_clotho_folder(tmp_path: Path) -> None:
+def test_cli_trains_validates_and_predicts_from_a_clotho_folder(tmp_path: Path) -> None:
     from cli import main
 
     data = tmp_path / "clotho"
@@ -425,6 +425,26 @@ def test_cli_trains_and_validates_a_clotho_folder(tmp_path: Path) -> None:
     assert sorted(torch.cat([b["caption_keys"] for b in batches]).tolist()) == list(range(20))
     assert cli.trainer.callback_metrics["test/t2a_R@10"] == 1.0
     assert 0.0 <= cli.trainer.callback_metrics["test/a2t_R@1"] <= 1.0
+    cli = main(["validate", *common, f"--ckpt_path={ckpt}"])
+    assert {f"val/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)} <= set(cli.trainer.callback_metrics)
+    out = tmp_path / "predictions"
+    main(
+        [
+            "predict",
+            *common,
+            f"--config={REPO / 'configs/predict/embeddings.yaml'}",
+            f"--trainer.callbacks.init_args.output_dir={out}",
+            "--data.predict.split=val",
+            f"--ckpt_path={ckpt}",
+        ]
+    )
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "embeddings.parquet").to_pydict()
+    names = [f"clip{i:03d}.{FORMATS[i % 2][2]}" for i in range(4)]
+    assert sorted(zip(table["kind"], table["id"])) == sorted(
+        [("utterance", n) for n in names] + [("caption", f"{n}#{c}") for n in names for c in range(1, 6)]
+    )
 
 
 def learn(
