@@ -239,7 +239,10 @@ class AudioTextDataModule(LightningDataModule):
             per_source, counts = [], {}
             for source in self.split_sources(split):
                 clips, problems = read_source(source, self.root, self.tokenizer_config.cache_dir)
-                clips = self._within_max_duration(split, source, clips)
+                kept = self._within_max_duration(split, source, clips)
+                if len(kept) < len(clips):  # warned about with the setting to change
+                    counts["too_long"] = counts.get("too_long", 0) + len(clips) - len(kept)
+                clips = kept
                 for kind, items in problems.items():
                     counts[kind] = counts.get(kind, 0) + len(items)
                     log.warning(
