@@ -322,7 +322,11 @@ class WandbExamples(L.Callback):
         hp = getattr(dm, "hparams", {})
         mean = getattr(dm, "mean", None) or hp.get("mean")
         std = getattr(dm, "std", None) or hp.get("std")
-        rate = int(hp.get("sample_rate") or getattr(pl_module.hparams, "sample_rate", 16000))
+        rate = int(
+            getattr(dm, "sample_rate", None)
+            or hp.get("sample_rate")
+            or getattr(pl_module.hparams, "sample_rate", 16000)
+        )
         media_column = "image" if "images" in collected[0][0] else "audio"
         data = []
         for batch, r in collected:

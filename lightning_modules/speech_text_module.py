@@ -51,7 +51,16 @@ class SpeechTextPair(ContrastivePair):
         speech = self.speech(batch["waveforms"], batch["wave_lengths"])
         text = self.text(batch["input_ids"], batch["attention_mask"])
         keys, groups = batch["utt_keys"], batch["text_ids"]
-        return PairEmbeddings(a=speech, b=text, a_keys=keys, a_groups=groups, b_keys=keys, b_groups=groups)
+        if "caption_groups" not in batch:  # one text per utterance, keyed and grouped as the utterance
+            return PairEmbeddings(
+                a=speech, b=text, a_keys=keys, a_groups=groups, b_keys=keys, b_groups=groups
+            )
+        # clips with all their captions (evaluation of Clotho, AudioCaps): every caption is scored, and the loss
+        # pairs each clip with its first caption
+        first = (batch["caption_utt_keys"][None, :] == keys[:, None]).float().argmax(1)
+        return PairEmbeddings(
+            speech, text, keys, groups, batch["caption_keys"], batch["caption_groups"], first
+        )
 
 
 class SpeechTextModule(ContrastiveModule):
@@ -79,5 +88,8 @@ class SpeechTextModule(ContrastiveModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Unit embeddings of the batch's utterances and transcripts, with their ids (`PredictionWriter`)."""
         return embedding_prediction(
-            batch, speech=self.encode_speech, text=self.encode_text, text_kind="transcript"
+            batch,
+            speech=self.encode_speech,
+            text=self.encode_text,
+            text_kind=batch.get("text_kind", "transcript"),
         )

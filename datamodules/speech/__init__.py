@@ -1,1 +1,1 @@
-"""Speech: the LibriSpeech reader and DataModule."""
+"""Speech: the LibriSpeech reader and DataModule; audio-text manifests, caption CSVs and their DataModule."""

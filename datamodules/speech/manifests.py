@@ -1,0 +1,553 @@
+"""Audio-text sources, read: NeMo JSON-lines manifests, Clotho's and AudioCaps' caption CSVs, LibriSpeech subsets.
+
+Every reader turns its source into `AudioClip`s (one audio file with one or more captions and its duration) and a
+record of the rows it left out, by kind, each named `file:line: what`. A bad row (a missing or unreadable audio
+file, an empty caption, too few fields) is skipped and counted, never fatal; a file without a configured column
+stops with `ManifestColumnError`, one line naming the file and the column.
+
+    nemo         {"audio_filepath": "a.wav", "duration": 2.4, "text": "..."} per line; paths relative to the
+                 manifest's folder (NeMo's rule) or absolute
+    clotho       `file_name,caption_1,...,caption_5`, the clips in a folder beside the CSV
+    audiocaps    `audiocap_id,youtube_id,start_time,caption`, the clips named `<youtube_id>_<start_time>.wav`
+                 (aac-datasets), `<audiocap_id>.wav` (yt-dlp scripts), `Y<youtube_id>.wav` (AudioSet) or
+                 `<youtube_id>.wav`, `.flac` too; the rows of one YouTube clip are one clip with all their captions
+    librispeech  a subset folder of the LibriSpeech tree (`librispeech.index_subset`)
+
+Durations come from the manifest where it gives them, else from the file's header (`soundfile.info`), so
+bucketing by duration decodes nothing. The dataset and collate function serve the batches of
+`speech_text_module.SpeechTextPair`; `AudioTextDataModule` (manifest_datamodule.py) batches and distributes them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.speech.librispeech import (
+    _UNKNOWN_FRAMES,
+    AudioDecodeError,
+    index_subset,
+    load_audio,
+    normalise_transcript,
+    pad_waveforms,
+)
+from datamodules.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+SourceFormat = Literal["nemo", "clotho", "audiocaps", "librispeech"]
+AUDIOCAPS_PATTERNS = ("{youtube_id}_{start_time}", "{audiocap_id}", "Y{youtube_id}", "{youtube_id}")
+AUDIO_EXTENSIONS = (".wav", ".flac")
+# the fields each format reads when the source names none: (audio, text, duration)
+_DEFAULT_FIELDS: dict[str, tuple[str | None, str, str | None]] = {
+    "nemo": ("audio_filepath", "text", "duration"),
+    "clotho": ("file_name", "caption", None),
+    "audiocaps": (None, "caption", None),
+}
+# the kinds of left-out rows, as the DataModule's warning names them
+PROBLEMS = {
+    "malformed": "malformed row(s) (too few fields, no JSON object, a field missing)",
+    "empty_caption": "empty caption(s)",
+    "missing_audio": "row(s) whose audio file does not exist",
+    "unreadable": "unreadable audio file(s)",
+    "empty": "zero-length audio file(s)",
+    "segment": "row(s) naming a segment of a file (offset), which is not read",
+    "no_audio": "LibriSpeech transcript line(s) without audio",
+    "no_transcript": "LibriSpeech audio file(s) without a transcript line",
+}
+
+
+class ManifestColumnError(ValueError):
+    """A manifest or CSV without a column (field) the source is configured to read; names the file and the column."""
+
+
+@dataclass
+class AudioTextSource:
+    """One source of (audio, text) pairs: a manifest, a caption CSV beside its clips, or a LibriSpeech subset."""
+
+    path: str
+    """The NeMo manifest (.json / .jsonl), the Clotho or AudioCaps CSV, or the LibriSpeech subset folder
+    (`LibriSpeech/train-clean-100`); relative to data.root when that is set."""
+    format: SourceFormat = "nemo"
+    """nemo, clotho, audiocaps or librispeech."""
+    audio_dir: str | None = None
+    """The folder of the clips (relative: to the manifest's folder). None: NeMo paths are relative to the
+    manifest's folder; a CSV's clips are in the folder named like the CSV (`train.csv` -> `train/`,
+    `clotho_captions_development.csv` -> `development/`), else beside it."""
+    audio_field: str | None = None
+    """The column (field) with the audio file; None: `audio_filepath` (nemo), `file_name` (clotho), none
+    (audiocaps: the file is found by `file_patterns`)."""
+    text_field: str | None = None
+    """The column with the text; a CSV's columns `<text_field>_<n>` are further captions of the same clip.
+    None: `text` (nemo), `caption` (clotho, audiocaps)."""
+    duration_field: str | None = None
+    """The column with the duration in seconds; None: `duration` (nemo). Rows without it are timed from the
+    file's header."""
+    file_patterns: list[str] | None = None
+    """AudioCaps: file names to look for, as format strings over the row's columns, tried in order with
+    .wav and .flac; None: `{youtube_id}_{start_time}`, `{audiocap_id}`, `Y{youtube_id}`, `{youtube_id}`."""
+    weight: float = 1.0
+    """Share of this source in a mixture of training sources (relative to the others' weights)."""
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """One audio file and its captions (one for a transcript, five for a Clotho clip)."""
+
+    key: str
+    """Stable name of the clip: its path as the manifest writes it, a LibriSpeech utterance id."""
+    path: str
+    captions: tuple[str, ...]
+    duration: float
+    """Seconds."""
+    frames: int | None = None
+    """Frames at the file's own rate, when the header was read: a file that decodes shorter is truncated."""
+
+
+Problems = dict[str, list[str]]
+
+
+def _note(problems: Problems, kind: str, where: str) -> None:
+    problems.setdefault(kind, []).append(where)
+
+
+def audio_header(path: str | os.PathLike) -> tuple[int, float]:
+    """(frames, seconds) from the file's header; a FLAC that does not state its length is decoded once to count.
+    Raises `AudioDecodeError` for a file soundfile cannot open."""
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
+        raise AudioDecodeError(f"{path}: {err}") from None
+    frames = info.frames
+    if frames >= _UNKNOWN_FRAMES:
+        frames = len(load_audio(path))
+    return frames, frames / info.samplerate if info.samplerate else 0.0
+
+
+def _timed(
+    key: str, path: Path, captions: Sequence[str], duration: float | None, where: str, problems: Problems
+) -> AudioClip | None:
+    """A clip of an existing file; its duration from the manifest or else from the header. None when left out."""
+    if not path.is_file():
+        _note(problems, "missing_audio", f"{where}: {path}")
+        return None
+    frames = None
+    if duration is None:
+        try:
+            frames, duration = audio_header(path)
+        except AudioDecodeError as err:
+            _note(problems, "unreadable", f"{where}: {err}")
+            return None
+    if duration <= 0:
+        _note(problems, "empty", f"{where}: {path}")
+        return None
+    return AudioClip(key, str(path), tuple(captions), float(duration), frames)
+
+
+def _clean(text: Any) -> str:
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+def read_nemo_manifest(
+    path: Path,
+    audio_dir: Path | None = None,
+    audio_field: str = "audio_filepath",
+    text_field: str = "text",
+    duration_field: str | None = "duration",
+) -> tuple[list[AudioClip], Problems]:
+    """A NeMo manifest: one JSON object a line. Relative audio paths resolve against `audio_dir`, by default the
+    manifest's folder; rows of the same file are one clip with all their texts."""
+    base = audio_dir or path.parent
+    problems: Problems = {}
+    rows: dict[str, tuple[Path, list[str], float | None, str]] = {}
+    seen_fields: set[str] = set()
+    has = {audio_field: False, text_field: False}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(lines, 1):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as err:
+            _note(problems, "malformed", f"{where}: not JSON ({err.msg})")
+            continue
+        if not isinstance(row, dict):
+            _note(problems, "malformed", f"{where}: not a JSON object")
+            continue
+        seen_fields.update(row)
+        for name in has:
+            has[name] |= name in row
+        if audio_field not in row or text_field not in row:
+            missing = audio_field if audio_field not in row else text_field
+            _note(problems, "malformed", f"{where}: no field {missing!r}")
+            continue
+        try:
+            offset = float(row.get("offset") or 0)
+        except (TypeError, ValueError):
+            _note(problems, "malformed", f"{where}: offset {row['offset']!r} is not a number")
+            continue
+        if offset > 0:
+            _note(problems, "segment", f"{where}: offset {offset}")
+            continue
+        text = _clean(row[text_field])
+        if not text:
+            _note(problems, "empty_caption", where)
+            continue
+        duration = None
+        if duration_field and row.get(duration_field) is not None:
+            try:
+                duration = float(row[duration_field])
+            except (TypeError, ValueError):
+                _note(
+                    problems,
+                    "malformed",
+                    f"{where}: {duration_field} {row[duration_field]!r} is not a number",
+                )
+                continue
+        name = str(row[audio_field])
+        entry = rows.setdefault(name, (base / name, [], duration, where))
+        entry[1].append(text)
+    for name, ok in has.items():
+        if not ok and (rows or problems):
+            found = ", ".join(sorted(seen_fields)) or "none"
+            raise ManifestColumnError(
+                f"{path}: no row has the field {name!r} (fields found: {found}); name the right one with the "
+                "source's audio_field / text_field"
+            )
+    clips = [
+        clip
+        for name, (file, texts, duration, where) in rows.items()
+        if (clip := _timed(name, file, texts, duration, where, problems)) is not None
+    ]
+    return clips, problems
+
+
+def _csv_audio_dir(path: Path) -> Path:
+    """The folder named like the CSV (`train.csv` -> `train/`, `clotho_captions_development.csv` ->
+    `development/`), else the CSV's own folder."""
+    for name in (path.stem, path.stem.removeprefix("clotho_captions_")):
+        if (path.parent / name).is_dir():
+            return path.parent / name
+    return path.parent
+
+
+def _pattern_fields(pattern: str) -> list[str]:
+    return re.findall(r"{(\w+)}", pattern)
+
+
+def read_caption_csv(
+    path: Path,
+    audio_dir: Path | None = None,
+    audio_field: str | None = "file_name",
+    text_field: str = "caption",
+    duration_field: str | None = None,
+    file_patterns: Sequence[str] = (),
+    clip_fields: Sequence[str] = (),
+) -> tuple[list[AudioClip], Problems]:
+    """A caption CSV with a header row: the audio file in `audio_field` or found by `file_patterns` (format strings
+    over the row's columns, each tried with .wav and .flac); captions in `text_field` and `<text_field>_<n>`.
+    Rows that share the values of `clip_fields` (AudioCaps: the YouTube id and start), or else the audio file,
+    are one clip with all their captions."""
+    audio_dir = audio_dir or _csv_audio_dir(path)
+    problems: Problems = {}
+    try:
+        with path.open(
+            encoding="utf-8-sig", newline=""
+        ) as f:  # utf-8-sig: spreadsheet exports start with a BOM
+            table = list(csv.reader(f))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not table:
+        raise ManifestColumnError(f"{path}: empty file, no header row")
+    header = [h.strip() for h in table[0]]
+    text_columns = [
+        i for i, h in enumerate(header) if h == text_field or re.fullmatch(rf"{re.escape(text_field)}_\d+", h)
+    ]
+    needed = [text_field] if not text_columns else []
+    if audio_field is not None:
+        needed += [audio_field] if audio_field not in header else []
+    else:
+        usable = [p for p in file_patterns if all(f in header for f in _pattern_fields(p))]
+        if not usable:
+            fields = sorted({f for p in file_patterns for f in _pattern_fields(p)} - set(header))
+            needed += fields
+        file_patterns = usable
+    if duration_field is not None and duration_field not in header:
+        needed.append(duration_field)
+    if needed:
+        raise ManifestColumnError(
+            f"{path}: no column {', '.join(map(repr, needed))} (columns: {', '.join(header) or 'none'}); name the "
+            "right one with the source's audio_field / text_field / duration_field"
+        )
+    names = {e.name for e in os.scandir(audio_dir)} if audio_dir.is_dir() else set()
+    group_by = [header.index(f) for f in clip_fields if f in header]
+    clips: dict[Any, tuple[str | None, list[str], float | None, str]] = {}
+    for number, values in enumerate(table[1:], 2):
+        where = f"{path}:{number}"
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) < len(header):
+            _note(problems, "malformed", f"{where}: {len(values)} of {len(header)} fields")
+            continue
+        row = dict(zip(header, (v.strip() for v in values)))
+        captions = [_clean(values[i]) for i in text_columns]
+        for _ in range(captions.count("")):
+            _note(problems, "empty_caption", where)
+        captions = [c for c in captions if c]
+        if not captions:
+            continue
+        duration = None
+        if duration_field is not None:
+            try:
+                duration = float(row[duration_field])
+            except ValueError:
+                _note(
+                    problems,
+                    "malformed",
+                    f"{where}: {duration_field} {row[duration_field]!r} is not a number",
+                )
+                continue
+        if audio_field is not None:
+            file: str | None = row[audio_field]  # as written: relative to audio_dir, or absolute
+        else:
+            found = [
+                p.format(**row) + ext
+                for p in file_patterns
+                for ext in AUDIO_EXTENSIONS
+                if p.format(**row) + ext in names
+            ]
+            file = found[0] if found else None
+        clip_id = tuple(values[i].strip() for i in group_by) if group_by else file
+        entry = clips.get(clip_id)
+        if entry is None:
+            clips[clip_id] = (file, captions, duration, where)
+        else:
+            # another row of a clip seen before: its captions join the clip's; a file of its own may stand in
+            # when the first row's was missing
+            clips[clip_id] = (entry[0] or file, entry[1] + captions, entry[2], entry[3])
+    out = []
+    for file, captions, duration, where in clips.values():
+        if file is None:
+            tried = ", ".join(p + "{.wav,.flac}" for p in file_patterns)
+            _note(problems, "missing_audio", f"{where}: none of {tried} in {audio_dir}")
+            continue
+        if (clip := _timed(file, audio_dir / file, captions, duration, where, problems)) is not None:
+            out.append(clip)
+    return out, problems
+
+
+def read_source(
+    source: AudioTextSource, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> tuple[list[AudioClip], Problems]:
+    """The clips of one source and the rows it left out, by kind. A missing file or folder raises
+    FileNotFoundError naming it."""
+    path = Path(source.path)
+    if root is not None and not path.is_absolute():
+        path = Path(root) / path
+    if source.format == "librispeech":
+        if not path.is_dir():
+            raise FileNotFoundError(f"LibriSpeech subset folder {path} does not exist")
+        utterances, problems = index_subset(path, cache_dir)
+        clips = [AudioClip(u.key, u.path, (u.transcript,), u.duration, u.frames) for u in utterances]
+        return clips, problems
+    if not path.is_file():
+        raise FileNotFoundError(f"{source.format} manifest {path} does not exist")
+    audio_default, text_default, duration_default = _DEFAULT_FIELDS[source.format]
+    audio_dir = None
+    if source.audio_dir is not None:
+        audio_dir = path.parent / source.audio_dir
+        if not audio_dir.is_dir():
+            raise FileNotFoundError(f"audio folder {audio_dir} (audio_dir of {path}) does not exist")
+    audio_field = source.audio_field or audio_default
+    text_field = source.text_field or text_default
+    duration_field = source.duration_field or duration_default
+    if source.format == "nemo":
+        return read_nemo_manifest(
+            path, audio_dir, audio_field or "audio_filepath", text_field, duration_field
+        )
+    patterns = source.file_patterns or (AUDIOCAPS_PATTERNS if source.format == "audiocaps" else ())
+    if audio_field is None and not patterns:
+        raise ValueError(f"{path}: name the audio column (audio_field) or the file names (file_patterns)")
+    clip_fields = ("youtube_id", "start_time") if source.format == "audiocaps" else ()
+    return read_caption_csv(path, audio_dir, audio_field, text_field, duration_field, patterns, clip_fields)
+
+
+def caption_groups(captions: Sequence[Sequence[str]]) -> list[int]:
+    """A group id per clip: clips that share an identical (normalised) caption are one group, so neither the
+    loss nor Recall@K counts such a clip or caption as a wrong match. Ids are numbered in order of first clip."""
+    parent = list(range(len(captions)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, texts in enumerate(captions):
+        for text in texts:
+            j = owner.setdefault(text, i)
+            a, b = find(i), find(j)
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    ids: dict[int, int] = {}
+    return [ids.setdefault(find(i), len(ids)) for i in range(len(captions))]
+
+
+# -- dataset, collate -----------------------------------------------------------------------------
+
+
+class AudioTextDataset(Dataset):
+    """The clips of one split, mono at `sample_rate`. Training items carry one caption per clip, drawn afresh
+    each epoch from (seed, epoch, clip); evaluation items carry all of them. An undecodable file yields None
+    (warned once per file) for the collate function to drop."""
+
+    def __init__(
+        self,
+        clips: Sequence[AudioClip],
+        sample_rate: int = 16000,
+        lowercase: bool = True,
+        train: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.clips = list(clips)
+        self.sample_rate = sample_rate
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+        self.captions = [[normalise_transcript(c, lowercase) for c in clip.captions] for clip in self.clips]
+        self.groups = caption_groups(self.captions)
+        # caption j of clip i has the key first_caption[i] + j: unique in the split, stable across epochs
+        self.first_caption = np.concatenate([[0], np.cumsum([len(c) for c in self.captions])[:-1]]).tolist()
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    @property
+    def durations(self) -> list[float]:
+        return [c.duration for c in self.clips]
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(c) for c in self.captions)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption_choice(self, i: int) -> list[int]:
+        """The captions item `i` carries this epoch (indices into its clip's)."""
+        n = len(self.captions[i])
+        if not self.train or n == 1:
+            return list(range(n)) if not self.train else [0]
+        return [int(np.random.default_rng([self.seed, self.epoch, i]).integers(n))]
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        clip = self.clips[i]
+        try:
+            wave = load_audio(clip.path, self.sample_rate, expected_frames=clip.frames)
+        except AudioDecodeError as err:
+            if clip.path not in self._warned:
+                self._warned.add(clip.path)
+                log.warning("skipping undecodable audio %s", err)
+            return None
+        chosen = self.caption_choice(i)
+        return {
+            "waveform": wave,
+            "texts": [self.captions[i][j] for j in chosen],
+            "raw": [clip.captions[j] for j in chosen],
+            "caption_keys": [self.first_caption[i] + j for j in chosen],
+            "utt_key": i,
+            "text_id": self.groups[i],
+        }
+
+
+class AudioTextCollator:
+    """Pads waveforms, tokenizes captions, drops items the dataset gave up on.
+
+    Batch (B clips): `waveforms` (B, T), `wave_lengths` (B,), `utt_keys` (B,) clip index in the split, `text_ids`
+    (B,) the clip's group (`caption_groups`), `skipped` int, and `input_ids` / `attention_mask` (N, L) with
+    `transcripts` (N captions as written). Training: N = B, row i's caption is clip i's. Evaluation (`all_captions`):
+    every caption of every clip, N >= B, with `caption_keys` (N,) unique caption ids, `caption_utt_keys` (N,)
+    and `caption_groups` (N,) the clip and group each belongs to, so Recall@K scores each clip once against all
+    captions.
+    """
+
+    def __init__(
+        self, tokenizer: TextTokenizer, context_length: int = 64, all_captions: bool = False
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.all_captions = all_captions
+
+    def __call__(self, items: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        kept = [it for it in items if it is not None]
+        waveforms, lengths = pad_waveforms([it["waveform"] for it in kept])
+        texts = [t for it in kept for t in it["texts"]]
+        if texts:
+            text = self.tokenizer(texts, max_length=self.context_length)
+        else:  # every file in the batch was bad: an empty batch the module skips
+            text = {
+                "input_ids": torch.zeros(0, 0, dtype=torch.long),
+                "attention_mask": torch.zeros(0, 0, dtype=torch.bool),
+            }
+        batch = {
+            "waveforms": waveforms,
+            "wave_lengths": lengths,
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "utt_keys": torch.tensor([it["utt_key"] for it in kept], dtype=torch.long),
+            "text_ids": torch.tensor([it["text_id"] for it in kept], dtype=torch.long),
+            "transcripts": [t for it in kept for t in it["raw"]],
+            "skipped": len(items) - len(kept),
+        }
+        if self.all_captions:
+            per_clip = [len(it["texts"]) for it in kept]
+            batch["caption_keys"] = torch.tensor(
+                [k for it in kept for k in it["caption_keys"]], dtype=torch.long
+            )
+            batch["caption_utt_keys"] = batch["utt_keys"].repeat_interleave(
+                torch.tensor(per_clip, dtype=torch.long)
+            )
+            batch["caption_groups"] = batch["text_ids"].repeat_interleave(
+                torch.tensor(per_clip, dtype=torch.long)
+            )
+        return batch
+
+
+class ClipItems(Dataset):
+    """A split's clips as predict items (`datamodules/predict_data.py`): each clip with all its captions; keys
+    = the clip's key and `<clip key>#<n>` for its n-th caption (from 1)."""
+
+    def __init__(self, dataset: AudioTextDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        clip, item = self.dataset.clips[i], self.dataset[i]
+        if item is None:
+            return {"unreadable": clip.path}
+        return {
+            "waveform": item["waveform"],
+            "audio_key": clip.key,
+            "texts": item["texts"],
+            "text_keys": [f"{clip.key}#{n}" for n in range(1, len(item["texts"]) + 1)],
+        }
