@@ -1,0 +1,208 @@
+"""`cli.py export` of models that did not start from a whole CLIP: a scratch image-text model as a transformers
+`VisionTextDualEncoderModel` or as an encoder-pair folder, a speech-text model as an encoder-pair folder. Each
+folder is loaded by the reference library (transformers' Auto classes, the README's snippet) and its embeddings
+are compared with the trained model's (fp32; 1e-4 guards the attention kernels' different summation orders:
+SDPA on unpadded tokens here, eager or SDPA with a padding mask in transformers)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+from torch import Tensor
+
+from cli import main
+from datamodules.tokenizer import TextTokenizer
+from lightning_modules.components.hf_export import ExportError
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.speech_tower import SpeechTowerConfig
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.components.towers import TowerInit
+from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.speech_text_module import SpeechTextModule
+from tests.test_pretrained_text_speech import speech_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+CAPTIONS = [
+    "a red circle on the left",
+    "two blue squares above a green triangle",
+    "a small yellow star",
+    "the big purple circle at the bottom right of the image",
+]
+TINY_IMAGE = ImageTowerConfig("vit_tiny", image_size=32, patch_size=8, layers=1, width=32, heads=2)
+TINY_TEXT = dict(size="tiny", layers=1, hidden=32, heads=2, max_len=16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer.train(CAPTIONS * 4, vocab_size=80, min_frequency=1)
+
+
+def perturbed(module: torch.nn.Module) -> torch.nn.Module:
+    """Weights moved off their initial values (LayerNorms, zero biases, the identity-free projections), as
+    training leaves them: an export that dropped or mixed up a tensor would show."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return module.eval()
+
+
+def save_ckpt(module: torch.nn.Module, tokenizer: TextTokenizer, path: Path, context_length: int) -> Path:
+    """What a Trainer's checkpoint holds that `export` reads: weights, hyperparameters, system, tokenizer and
+    the DataModule's hyperparameters."""
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "system_class_path": f"{type(module).__module__}.{type(module).__qualname__}",
+            "tokenizer_json": tokenizer.tokenizer.to_str(),
+            "datamodule_hyper_parameters": {"context_length": context_length},
+        },
+        path,
+    )
+    return path
+
+
+def readme_snippet(folder: Path) -> dict:
+    """Run the README's snippet against `folder`; its functions and objects."""
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    assert 'Path(".")' in code
+    scope: dict = {}
+    exec(code.replace('Path(".")', f"Path({str(folder)!r})"), scope)  # noqa: S102 - the snippet under test
+    return scope
+
+
+def max_diff(a: Tensor, b: Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float((a - b).abs().max())
+
+
+def image_text(text: dict, image: ImageTowerConfig = TINY_IMAGE) -> ImageTextModule:
+    torch.manual_seed(0)
+    module = ImageTextModule(image=image, text=TextTowerConfig(**text), vocab_size=80, embed_dim=16)
+    return perturbed(module)
+
+
+# image-text -----------------------------------------------------------------------------------------------------
+def test_scratch_clip_exports_as_an_encoder_pair_the_snippet_loads(tokenizer, tmp_path: Path) -> None:
+    """A text tower pooled by its first token ([CLS] state, the default) is no VisionTextDualEncoderModel: the
+    export is an encoder pair whose README snippet embeds as the model does."""
+    module = image_text(TINY_TEXT)
+    ckpt = save_ckpt(module, tokenizer, tmp_path / "c.ckpt", context_length=12)
+    out = tmp_path / "hf"
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])
+    assert {p.name for p in out.iterdir()} >= {"image_encoder", "text_encoder", "projections.safetensors"}
+    snippet = readme_snippet(out)
+    assert isinstance(snippet["image_encoder"], transformers.ViTModel)
+    assert isinstance(snippet["text_encoder"], transformers.BertModel)
+    # the exported tokenizer gives the towers' ids: [CLS] text [SEP], truncated to the context length, padded
+    ours = tokenizer(CAPTIONS, 12)
+    theirs = snippet["tokenizer"](CAPTIONS, padding=True, truncation=True, return_tensors="pt")
+    assert torch.equal(theirs["input_ids"], ours["input_ids"])
+    assert torch.equal(theirs["attention_mask"].bool(), ours["attention_mask"])
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(snippet["embed_texts"](CAPTIONS), module.pair.text(**ours)) <= TOL
+        assert max_diff(snippet["embed_images"](pixels), module.pair.image(pixels)) <= TOL
+        assert float(snippet["heads"]["logit_scale"].exp()) == pytest.approx(
+            float(module.logit_scale), rel=1e-6
+        )
+    with pytest.raises(FileExistsError, match="already exists: give a new path"):
+        main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])
+
+
+def test_cls_pooled_clip_exports_as_a_dual_encoder_auto_classes_load(tokenizer, tmp_path: Path) -> None:
+    """With the text tower pooled by BERT's tanh pooler the export is one VisionTextDualEncoderModel, loaded by
+    AutoModel and AutoProcessor; its features, logits and preprocessing are the model's."""
+    module = image_text({**TINY_TEXT, "pooling": "cls"})
+    ckpt = save_ckpt(module, tokenizer, tmp_path / "c.ckpt", context_length=12)
+    out = tmp_path / "hf"
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])
+    model = transformers.AutoModel.from_pretrained(out).eval()
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert isinstance(model, transformers.VisionTextDualEncoderModel)
+    assert isinstance(model.vision_model, transformers.ViTModel)
+    images = [(torch.rand(3, 40 + 8 * i, 48) * 255).to(torch.uint8) for i in range(2)]
+    batch = processor(text=CAPTIONS, images=images, padding=True, truncation=True, return_tensors="pt")
+    ours_ids = tokenizer(CAPTIONS, 12)
+    assert torch.equal(batch["input_ids"], ours_ids["input_ids"])
+    with torch.no_grad():
+        theirs_txt = model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
+        theirs_img = model.get_image_features(pixel_values=batch["pixel_values"])
+        assert max_diff(theirs_txt.pooler_output, module.pair.text(**ours_ids)) <= TOL
+        assert max_diff(theirs_img.pooler_output, module.pair.image(batch["pixel_values"])) <= TOL
+        assert float(model.logit_scale.exp()) == pytest.approx(float(module.logit_scale), rel=1e-6)
+    # the processor's pixels are the tower's: the tensor-mode evaluation crop, scaled and normalised with its
+    # mean and std (2e-2: one grey level over CLIP's std, where two bicubic roundings meet)
+    from datamodules.image.coco import eval_transform
+
+    crop = torch.stack([eval_transform(32, "tensor")(im) for im in images])
+    assert max_diff(batch["pixel_values"], module.pair.image.normalize(crop)) <= 2e-2
+
+
+def test_forms_and_parts_that_cannot_be_written_are_refused_by_name(tokenizer, tmp_path: Path) -> None:
+    first = save_ckpt(image_text(TINY_TEXT), tokenizer, tmp_path / "first.ckpt", 12)
+    with pytest.raises(ExportError, match="the text tower pools by 'first'.*use --form pair"):
+        main(["export", "--ckpt_path", str(first), "--out", str(tmp_path / "a"), "--form", "dual"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_resnet_image_tower_is_refused_by_name(tokenizer) -> None:
+    from lightning_modules.components.hf_export import image_part
+
+    torch.manual_seed(0)
+    module = ImageTextModule(
+        image=ImageTowerConfig("resnet50", image_size=32),
+        text=TextTowerConfig(**TINY_TEXT),
+        vocab_size=80,
+        embed_dim=16,
+    )
+    with pytest.raises(ExportError, match=r"image tower's backbone \(ResNet\).*--what image"):
+        image_part(module.pair.image)
+
+
+# speech-text ----------------------------------------------------------------------------------------------------
+TINY_SPEECH = dict(size="tiny", layers=1, hidden=32, heads=2, conv_channels=8, n_mels=16)
+
+
+def waves(lengths: list[int]) -> tuple[Tensor, Tensor]:
+    torch.manual_seed(2)
+    batch = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        batch[i, :n] = torch.randn(n) * 0.1
+    return batch, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("source", ["scratch", "wav2vec2"])
+def test_speech_text_exports_as_an_encoder_pair_the_snippet_loads(
+    tokenizer, tmp_path: Path, source: str
+) -> None:
+    speech = SpeechTowerConfig(**TINY_SPEECH)
+    if source != "scratch":
+        speech = SpeechTowerConfig(init=TowerInit("hf", str(speech_folder(tmp_path, source))))
+    torch.manual_seed(0)
+    text = TextTowerConfig(**{**TINY_TEXT, "pooling": "mean"})
+    module = perturbed(SpeechTextModule(speech=speech, text=text, vocab_size=80, embed_dim=16))
+    ckpt = save_ckpt(module, tokenizer, tmp_path / "c.ckpt", context_length=12)
+    out = tmp_path / "out"
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(out)])
+    snippet = readme_snippet(out)
+    if source != "scratch":
+        assert isinstance(snippet["speech_encoder"], transformers.Wav2Vec2Model)
+    wave, lengths = waves([8000, 5600, 3200])
+    with torch.no_grad():
+        assert max_diff(snippet["embed_speech"](wave, lengths), module.pair.speech(wave, lengths)) <= TOL
+        assert max_diff(snippet["embed_texts"](CAPTIONS), module.pair.text(**tokenizer(CAPTIONS, 12))) <= TOL
+
+
+# the quickstart configs -----------------------------------------------------------------------------------------
+def quickstart_model(task: str) -> dict:
+    return yaml.safe_load((REPO / "configs" / task / "quickstart.yaml").read_text())["model"]["init_args"]
