@@ -6,7 +6,8 @@ the merged config, after every `--config` file and command-line override, so a s
 `configs/logger/wandb.yaml` may refer to keys of the experiment config. Tests call `main([...])` in-process.
 Two extra commands: `export-hf --ckpt_path C --out DIR` writes an MLM checkpoint as a Hugging Face BERT folder;
 `export --ckpt_path C --out PATH` writes an image-text checkpoint back as open_clip / Hugging Face CLIP (whole-CLIP
-starts) or its image tower as a torchvision state dict.
+starts), any other image-text or speech-text checkpoint as transformers folders, or an image tower as a torchvision
+state dict.
 
 From the command line, errors of configuration and input found before the first batch (a missing dataset
 path, an unknown key, a precision the hardware cannot run, a checkpoint that is truncated or of another system)
