@@ -269,7 +269,7 @@ def test_quickstart_models_export_with_equal_embeddings(tokenizer, tmp_path: Pat
     assert max(diffs.values()) <= TOL, diffs
 
 
-@pytest.mark.slow  # two short trainings (about 20 s)
+@pytest.mark.slow  # two short trainings (about 70 s together on 2 busy cores)
 @pytest.mark.parametrize("task", ["clip", "speech"])
 def test_quickstart_runs_export_with_equal_embeddings(tmp_path: Path, task: str) -> None:
     """`cli.py fit` of a quickstart config for two steps, then `cli.py export` of its last.ckpt: the folder the
