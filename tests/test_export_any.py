@@ -17,8 +17,8 @@ from torch import Tensor
 
 from cli import main
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.components.hf_export import ExportError
-from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.hf_export import ExportError, export_image_text
+from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.components.towers import TowerInit
@@ -179,6 +179,31 @@ def test_hugging_face_text_towers_keep_their_class(tmp_path: Path, kind: str, po
         assert max_diff(theirs, module.pair.text(**ids)) <= TOL
 
 
+def test_a_hugging_face_clip_image_tower_keeps_its_class(tokenizer, tmp_path: Path) -> None:
+    """An image tower started from a Hugging Face CLIP vision folder is written as CLIPVisionModel in the dual
+    encoder, its projection after the CLIP pooler."""
+    torch.manual_seed(0)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    transformers.CLIPVisionModel(vision).save_pretrained(tmp_path / "clip_vision")
+    image = ImageTowerConfig(image_size=32, init=TowerInit("hf", str(tmp_path / "clip_vision")))
+    module = image_text({**TINY_TEXT, "pooling": "cls"}, image)
+    ckpt = save_ckpt(module, tokenizer, tmp_path / "c.ckpt", context_length=12)
+    main(["export", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "out")])
+    model = transformers.AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert isinstance(model.vision_model, transformers.CLIPVisionModel)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        theirs = model.get_image_features(pixel_values=pixels).pooler_output
+        assert max_diff(theirs, module.pair.image(pixels)) <= TOL
+
+
 def test_forms_and_parts_that_cannot_be_written_are_refused_by_name(tokenizer, tmp_path: Path) -> None:
     first = save_ckpt(image_text(TINY_TEXT), tokenizer, tmp_path / "first.ckpt", 12)
     with pytest.raises(ExportError, match="the text tower pools by 'first'.*use --form pair"):
@@ -186,19 +211,32 @@ def test_forms_and_parts_that_cannot_be_written_are_refused_by_name(tokenizer, t
     assert not (tmp_path / "a").exists()
 
 
-def test_resnet_image_tower_is_refused_by_name() -> None:
+@pytest.mark.slow  # a ResNet-50-wide network (about 5 s); the ViT exports above are the default-run version
+def test_resnet_image_tower_exports_as_a_resnet_model_in_an_encoder_pair(tokenizer, tmp_path: Path) -> None:
+    """A ResNet image tower (torchvision's, channels-last, batch norms with running statistics) becomes a
+    transformers ResNetModel in an encoder pair; as a dual encoder it is refused by name."""
     import torchvision
 
     from lightning_modules.components.clip_import import TorchvisionBackbone
-    from lightning_modules.components.hf_export import image_part
-    from lightning_modules.components.image_tower import ImageTower
 
-    resnet = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
-    tower = ImageTower(
-        ImageTowerConfig("resnet50", image_size=32), 16, backbone=TorchvisionBackbone(resnet, 32)
-    )
-    with pytest.raises(ExportError, match=r"image tower's backbone \(ResNet\).*--what image"):
-        image_part(tower)
+    torch.manual_seed(0)
+    resnet = torchvision.models.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1])
+    module = ImageTextModule(image=TINY_IMAGE, text=TextTowerConfig(**TINY_TEXT), vocab_size=80, embed_dim=16)
+    image = ImageTowerConfig("resnet50", image_size=32)
+    module.pair.image = ImageTower(image, 16, backbone=TorchvisionBackbone(resnet, 32))
+    resnet.train()(torch.randn(4, 3, 32, 32))  # running statistics other than the initial ones
+    module = perturbed(module)
+    with pytest.raises(
+        ExportError, match=r"image backbone \(ResNetModel\) pools to \(B, C, 1, 1\).*--form pair"
+    ):
+        export_image_text(module.pair, tokenizer, 12, tmp_path / "dual", form="dual")
+    export_image_text(module.pair, tokenizer, 12, tmp_path / "out")
+    snippet = readme_snippet(tmp_path / "out")
+    assert isinstance(snippet["image_encoder"], transformers.ResNetModel)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(snippet["embed_images"](pixels), module.pair.image(pixels)) <= TOL
+    assert not (tmp_path / "dual").exists()
 
 
 # speech-text ----------------------------------------------------------------------------------------------------

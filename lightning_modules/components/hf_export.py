@@ -5,18 +5,20 @@ Image-text, two forms:
                   pooled outputs are what the transformers classes pool: a ViT (torchvision's, as `ViTModel` with
                   an identity pooler) or a Hugging Face CLIP vision tower, and a text tower pooled by its tanh
                   pooler (`pooling: cls`).
-    encoder pair  otherwise (a text tower pooled by its first token, its mean or its last token): the image
-                  encoder and the text encoder as two transformers folders (`AutoModel`, `AutoImageProcessor`,
-                  `AutoTokenizer`), the projections and the temperature in projections.safetensors, the pooling in
-                  export.json, and a README.md whose snippet loads and embeds.
+    encoder pair  otherwise (a ResNet, whose `ResNetModel` pools to (B, C, 1, 1); a text tower pooled by its
+                  first token, its mean or its last token): the image encoder and the text encoder as two
+                  transformers folders (`AutoModel`, `AutoImageProcessor`, `AutoTokenizer`), the projections and the
+                  temperature in projections.safetensors, the pooling in export.json, and a README.md whose
+                  snippet loads and embeds.
 Speech-text is an encoder pair: the speech encoder as its `Wav2Vec2Model` / `HubertModel` / `WavLMModel` folder
-where it came from one, this framework's scratch tower as its config and state dict (torchaudio's as its
-architecture name and state dict); the text encoder and the README as for image-text.
+where it came from one, this framework's scratch tower as its config and state dict; the text encoder and the
+README as for image-text.
 
-Our BERT is written as transformers' `BertModel` (hf_interop.py's key map), a torchvision ViT as `ViTModel`.
-Parts transformers has no class for (a ResNet image tower, open_clip's towers outside a whole CLIP) are refused
-with an error naming the part. Images are described by a `CLIPImageProcessor`: shorter side to the tower's size
-with bicubic, centre crop, the tower's mean and std (the `data.resize: tensor` pipeline).
+Our BERT is written as transformers' `BertModel` (hf_interop.py's key map), a torchvision ViT as `ViTModel`, a
+torchvision ResNet as `ResNetModel`; Hugging Face towers keep their class. Parts transformers has no class for
+(a pre-LN BERT, open_clip's towers outside a whole CLIP, a torchaudio speech tower) are refused with an error
+naming the part. Images are described by a `CLIPImageProcessor`: shorter side to the tower's size with bicubic,
+centre crop, the tower's mean and std (the `data.resize: tensor` pipeline).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torchvision.models.resnet import Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 
 from datamodules.tokenizer import TextTokenizer
@@ -114,6 +117,47 @@ def vit_to_hf(vit: VisionTransformer) -> nn.Module:
     return model.eval()
 
 
+def resnet_to_hf(resnet: ResNet) -> nn.Module:
+    """A torchvision `ResNet` (fc removed) as transformers' `ResNetModel`: the same stem, stages and batch norms
+    (stride in the 3 x 3 convolution, torchvision's v1.5), its `pooler_output` (B, C, 1, 1) the global average
+    pool that torchvision's ResNet returns flattened."""
+    import transformers
+
+    stages = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4]
+    bottleneck = isinstance(stages[0][0], Bottleneck)
+    last_bn = "bn3" if bottleneck else "bn2"
+    config = transformers.ResNetConfig(
+        num_channels=3,
+        embedding_size=resnet.conv1.out_channels,
+        hidden_sizes=[getattr(stage[-1], last_bn).num_features for stage in stages],
+        depths=[len(stage) for stage in stages],
+        layer_type="bottleneck" if bottleneck else "basic",
+        hidden_act="relu",
+        downsample_in_first_stage=False,
+        downsample_in_bottleneck=False,
+    )
+    model = transformers.ResNetModel(config)
+    sd = resnet.state_dict()
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+    def conv_bn(theirs: str, conv: str, norm: str) -> dict[str, Tensor]:
+        pair = {f"{theirs}.convolution.weight": sd[f"{conv}.weight"]}
+        pair.update({f"{theirs}.normalization.{k}": sd[f"{norm}.{k}"] for k in bn})
+        return pair
+
+    state = conv_bn("embedder.embedder", "conv1", "bn1")
+    convs = ("conv1", "conv2", "conv3") if bottleneck else ("conv1", "conv2")
+    for s, stage in enumerate(stages):
+        for b, block in enumerate(stage):
+            ours, theirs = f"layer{s + 1}.{b}", f"encoder.stages.{s}.layers.{b}"
+            for i, conv in enumerate(convs):
+                state.update(conv_bn(f"{theirs}.layer.{i}", f"{ours}.{conv}", f"{ours}.bn{i + 1}"))
+            if block.downsample is not None:
+                state.update(conv_bn(f"{theirs}.shortcut", f"{ours}.downsample.0", f"{ours}.downsample.1"))
+    _load_exactly(model, state, "the ResNet image backbone")
+    return model.eval()
+
+
 def bert_to_hf(tower: TextTower) -> nn.Module:
     """Our BERT text encoder as transformers' `BertModel` (with its tanh pooler)."""
     import transformers
@@ -127,17 +171,25 @@ def bert_to_hf(tower: TextTower) -> nn.Module:
 
 
 def _load_exactly(model: nn.Module, state: dict[str, Tensor], what: str) -> None:
-    """Load `state` into `model`, every key and shape matching: a transformers release that names the weights
-    otherwise fails here, before anything is written."""
-    try:
-        model.load_state_dict({k: _plain(v) for k, v in state.items()}, strict=True)
-    except RuntimeError as err:
-        import transformers
+    """Load `state` into `model`, every key and shape matching: a part whose shape the transformers class cannot
+    take, or a transformers release that names the weights otherwise, fails here before anything is written."""
+    import transformers
 
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        key = (shapes or missing or unexpected)[0]
+        found = (
+            f"{key} is {tuple(state[key].shape)} here, {tuple(own[key].shape)} in {type(model).__name__}"
+            if shapes
+            else f"{key} {'missing' if missing else 'unexpected'}"
+        )
         raise ExportError(
-            f"{what}: transformers {transformers.__version__} lays out its weights otherwise "
-            f"({str(err).splitlines()[0]})"
-        ) from None
+            f"{what} does not fit transformers {transformers.__version__}' {type(model).__name__}: {found}"
+        )
+    model.load_state_dict({k: _plain(v) for k, v in state.items()}, strict=True)
 
 
 def hf_tokenizer(tokenizer: TextTokenizer, context_length: int) -> Any:
@@ -194,6 +246,8 @@ class EncoderPart:
     pooling: str
     """pooler_output, first, mean or eot (over the model's last hidden states), or framework (our speech tower)."""
     projection: Tensor
+    dual: bool = True
+    """Whether VisionTextDualEncoderModel can hold it (its pooled output is (B, D))."""
 
 
 def image_part(tower: ImageTower) -> EncoderPart:
@@ -203,6 +257,9 @@ def image_part(tower: ImageTower) -> EncoderPart:
     proj = tower.proj.weight if isinstance(tower.proj, nn.Linear) else None
     if isinstance(inner, VisionTransformer):
         return EncoderPart(vit_to_hf(inner), "pooler_output", _plain(proj))
+    if isinstance(inner, ResNet):
+        # pooled (B, C, 1, 1): VisionTextDualEncoderModel's projection takes (B, C) only
+        return EncoderPart(resnet_to_hf(inner), "pooler_output", _plain(proj), dual=False)
     if isinstance(backbone, HFVision):
         # the CLIP vision projection, then the tower's own where it has one: one linear map
         weight = _plain(backbone.projection.weight) if isinstance(backbone.projection, nn.Linear) else None
@@ -253,7 +310,12 @@ def export_image_text(
         )
     image, text = image_part(pair.image), text_part(pair.text)
     scale = float(pair.logit_scale.detach().log())  # the clamped temperature the model scores with
-    fits = text.pooling == "pooler_output"
+    fits = text.pooling == "pooler_output" and image.dual
+    if form == "dual" and not image.dual:
+        raise ExportError(
+            f"the image backbone ({type(image.model).__name__}) pools to (B, C, 1, 1), which "
+            "VisionTextDualEncoderModel cannot project; use --form pair"
+        )
     if form == "dual" and not fits:
         raise ExportError(
             f"the text tower pools by {text.pooling!r}: VisionTextDualEncoderModel pools text by the tanh pooler "
@@ -277,7 +339,9 @@ def export_image_text(
         return out
     if form == "auto":
         log.info(
-            "the text tower pools by %r, which VisionTextDualEncoderModel cannot: writing an encoder pair",
+            "VisionTextDualEncoderModel cannot hold this model (image %s, text pooled by %r): writing an "
+            "encoder pair",
+            type(image.model).__name__,
             text.pooling,
         )
     out.mkdir(parents=True)
