@@ -244,7 +244,7 @@ class EncoderPart:
 
     model: nn.Module | None
     pooling: str
-    """pooler_output, first, mean or eot (over the model's last hidden states), or framework (our speech tower)."""
+    """pooler_output, or first, mean or eot over the model's last hidden states."""
     projection: Tensor
     dual: bool = True
     """Whether VisionTextDualEncoderModel can hold it (its pooled output is (B, D))."""
