@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, seeded_loader, stage_splits
 from datamodules.masking import MLMCollator
+from datamodules.predict_data import MaskedLinesCollate, TextLines
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
 from datamodules.text.corpora import (
     BOOKCORPUS_FILES,
@@ -326,8 +327,6 @@ class MLMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The lines of `predict_texts`, their `[MASK]`s marked for fill-in (`MaskedLinesCollate`)."""
-        from datamodules.predict_data import MaskedLinesCollate, TextLines
-
         if not self.hparams.predict_texts:
             raise ValueError(
                 "nothing to predict: set --data.predict_texts (a text file with one sentence per line, holding "
