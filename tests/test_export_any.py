@@ -214,7 +214,7 @@ def test_forms_and_parts_that_cannot_be_written_are_refused_by_name(tokenizer, t
     assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.slow  # a ResNet-50-wide network (about 5 s); the ViT exports above are the default-run version
+@pytest.mark.slow  # a ResNet-50-wide network (about 10 s); the ViT exports above are the default-run version
 def test_resnet_image_tower_exports_as_a_resnet_model_in_an_encoder_pair(tokenizer, tmp_path: Path) -> None:
     """A ResNet image tower (torchvision's, channels-last, batch norms with running statistics) becomes a
     transformers ResNetModel in an encoder pair; as a dual encoder it is refused by name."""
