@@ -6,7 +6,8 @@ the merged config, after every `--config` file and command-line override, so a s
 `configs/logger/wandb.yaml` may refer to keys of the experiment config. Tests call `main([...])` in-process.
 Two extra commands: `export-hf --ckpt_path C --out DIR` writes an MLM checkpoint as a Hugging Face BERT folder;
 `export --ckpt_path C --out PATH` writes an image-text checkpoint back as open_clip / Hugging Face CLIP (whole-CLIP
-starts) or its image tower as a torchvision state dict.
+starts), any other image-text or speech-text checkpoint as transformers folders, or an image tower as a torchvision
+state dict.
 
 From the command line, errors of configuration and input found before the first batch (a missing dataset
 path, an unknown key, a precision the hardware cannot run, a checkpoint that is truncated or of another system)
@@ -38,6 +39,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from datamodules.image.webdataset_shards import ShardUnreadable
+from datamodules.tokenizer import TextTokenizer
 from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
@@ -48,7 +50,11 @@ from lightning_modules.checkpoints import (  # noqa: F401
     read_sharded_model,
     resolve_class,
 )
-from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
+from lightning_modules.components import clip_import, hf_export
+from lightning_modules.image_text_module import image_text_from_checkpoint
+from lightning_modules.mlm_module import MLMPretrainingModule
+from lightning_modules.resilience import AtomicCheckpointIO, AtomicCheckpoints, PreemptionCheckpoint
+from lightning_modules.speech_text_module import speech_text_from_checkpoint
 from lightning_modules.throughput import Throughput
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
@@ -116,8 +122,6 @@ class PretrainCLI(LightningCLI):
         init_args = (cfg.get("data") or {}).get("init_args") or {}
         if not ckpt.is_file() or "tokenizer" not in init_args:
             return  # no checkpoint file ("best", "last" or none), or a DataModule without a tokenizer argument
-        from datamodules.tokenizer import TextTokenizer
-
         try:
             saved = TextTokenizer.from_checkpoint(ckpt)
         except Exception as err:  # whether the checkpoint loads at all is for Lightning to report
@@ -203,9 +207,6 @@ def check_precision(precision: str, accelerator: str) -> None:
 
 
 def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
-    from datamodules.tokenizer import TextTokenizer
-    from lightning_modules.mlm_module import MLMPretrainingModule
-
     p = argparse.ArgumentParser(
         prog=f"{prog} export-hf", description="Export an MLM checkpoint to a Hugging Face BERT folder"
     )
@@ -226,25 +227,44 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
 
 
 def export(argv: list[str], prog: str = "python cli.py") -> Path:
-    """Write an image-text checkpoint back in its towers' format: open_clip state dict or HF CLIP folder for a
-    whole-CLIP start (model.init_clip), else the image tower's backbone as a torchvision state dict."""
-    from lightning_modules.components import clip_import
-    from lightning_modules.image_text_module import image_text_from_checkpoint
-
+    """Write an image-text or speech-text checkpoint as folders the reference libraries load: a whole-CLIP start
+    (model.init_clip) back to open_clip or Hugging Face CLIP, any other image-text model as a transformers
+    `VisionTextDualEncoderModel` or encoder-pair folder, a speech-text model as an encoder-pair folder
+    (components/hf_export.py); `--what image`: the image tower's backbone as a torchvision state dict."""
     p = argparse.ArgumentParser(
         prog=f"{prog} export",
-        description="Export an image-text checkpoint: a whole CLIP back to open_clip or Hugging Face CLIP, or "
-        "its image tower as a torchvision state dict",
+        description="Export an image-text or speech-text checkpoint: a whole CLIP back to open_clip or Hugging "
+        "Face CLIP, any other model as transformers folders, or the image tower as a torchvision state dict",
     )
     p.add_argument("--ckpt_path", required=True)
-    p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
+    p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder")
     p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
+    p.add_argument(
+        "--form",
+        choices=("auto", "dual", "pair"),
+        default="auto",
+        help="an image-text model other than a whole CLIP: dual (one VisionTextDualEncoderModel), pair (two "
+        "encoder folders and the projections) or auto (dual where the towers' pooling allows)",
+    )
     a = p.parse_args(argv)
-    module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
-    init = ckpt["hyper_parameters"].get("init_clip") or {}
+    speech = "speech" in (read_checkpoint(a.ckpt_path, needs=("hyper_parameters",))["hyper_parameters"])
+    if speech:
+        module, ckpt = speech_text_from_checkpoint(a.ckpt_path, "export")
+    else:
+        module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
     pair = module.pair
-    if a.what == "image" or init.get("source", "scratch") == "scratch":
+    init = ckpt["hyper_parameters"].get("init_clip") or {}
+    tokenizer = TextTokenizer.carried_by(ckpt, str(a.ckpt_path))
+    data = ckpt.get("datamodule_hyper_parameters") or {}
+    context_length = int(
+        data.get("context_length") or ckpt["hyper_parameters"].get("text", {}).get("max_len", 77)
+    )
+    if speech:
+        out = hf_export.export_speech_text(pair, tokenizer, context_length, a.out)
+    elif a.what == "image":
         out = clip_import.export_image_backbone(pair.image.backbone, a.out)
+    elif init.get("source", "scratch") == "scratch":
+        out = hf_export.export_image_text(pair, tokenizer, context_length, a.out, a.form)
     elif init["source"] == "open_clip":
         out = clip_import.export_open_clip(pair.image.backbone, pair.text, pair.log_scale, a.out)
     else:
@@ -257,8 +277,6 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     """Write a sharded checkpoint folder (FSDP2's, torch.distributed.checkpoint) as one Lightning checkpoint file
     with the model's full state_dict and the run's hyper-parameters, for `test`, `export-hf` and fine-tuning. The
     optimizer state is neither read nor written: resuming a run reads the folder itself."""
-    from lightning_modules.resilience import AtomicCheckpointIO
-
     p = argparse.ArgumentParser(
         prog=f"{prog} consolidate",
         description="Write a sharded checkpoint folder (FSDP2) as one checkpoint file",

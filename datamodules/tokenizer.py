@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lightning_modules.checkpoints import read_checkpoint
+from datamodules.checkpoint_file import read_checkpoint
 
 log = logging.getLogger(__name__)
 

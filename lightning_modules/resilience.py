@@ -4,7 +4,6 @@ and a requeue only when the job asked for one."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import numbers
 import os
@@ -32,17 +31,16 @@ from packaging.version import Version
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
+from lightning_modules.atomic_files import fsync_folder, pid_is_alive, temporary_name
+from lightning_modules.checkpoints import SYSTEM_CLASS_KEY
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
+from lightning_modules.strategies import configure_parallelism
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-# where a checkpoint names the class of the system that wrote it
-SYSTEM_CLASS_KEY = "system_class_path"
 
 
 class CheckpointExtras(L.LightningModule):
@@ -65,8 +63,6 @@ class CheckpointExtras(L.LightningModule):
     def configure_model(self) -> None:
         # FSDP2 shards here, on the strategy's device mesh (one function for every system); other strategies
         # leave the model as built
-        from lightning_modules.strategies import configure_parallelism  # strategies imports the towers
-
         configure_parallelism(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -315,22 +311,6 @@ def _skips_on_device(optimizer: Any) -> bool:
     )
 
 
-def temporary_name(target: Path) -> Path:
-    """Where `target` is written before it is renamed into place: a hidden file beside it that names the writer's
-    host and process, so a later start on the same host can tell a dead writer's leftover from a live one's."""
-    return target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _pid_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence and permission check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a live process of another user
-        return True
-    return True
-
-
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary checkpoint files in `folder` that a writer of this host left when it was killed.
 
@@ -346,25 +326,11 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
         match = own.match(path.name)
         if match is None or path.is_symlink() or not path.is_file():
             continue
-        if _pid_is_alive(int(match.group(1))):
+        if pid_is_alive(int(match.group(1))):
             continue
         path.unlink(missing_ok=True)  # missing_ok: another rank of this host may have removed it first
         removed.append(path)
     return removed
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in `folder` durable: without it a power loss can bring back the old directory entry."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except (
-        OSError
-    ) as err:  # some file systems (a few network ones) cannot fsync a directory: nothing more to do
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -395,7 +361,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, target)  # atomic on POSIX: readers see the old file or the new one, never half
-            _fsync_folder(target.parent)
+            fsync_folder(target.parent)
         finally:
             tmp.unlink(missing_ok=True)  # after an error only: a renamed file is gone from this name
 

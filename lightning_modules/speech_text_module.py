@@ -6,11 +6,14 @@ other in the loss and in Recall@K, never negatives.
 
 from __future__ import annotations
 
+import contextvars
+import os
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.checkpoints import check_system, read_checkpoint
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -93,3 +96,26 @@ class SpeechTextModule(ContrastiveModule):
             text=self.encode_text,
             text_kind=batch.get("text_kind", "transcript"),
         )
+
+
+def speech_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[SpeechTextModule, dict]:
+    """The `SpeechTextModule` of a checkpoint file (eval mode), and the checkpoint's contents.
+
+    Read through `read_checkpoint` (weights_only, memory-mapped). The architecture comes from the saved
+    hyperparameters and the trained weights follow: a text tower's MLM start is not read again; a pretrained
+    speech tower's folder is, for its architecture."""
+    ckpt = read_checkpoint(path, needs=("state_dict", "hyper_parameters"))
+    check_system(path, ckpt, SpeechTextModule, asked_by)
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
+    text = dict(hparams.get("text") or {})
+    if (text.get("init") or {}).get("source") == "ours" or text.get("init_ckpt"):
+        # the section's own architecture; the trained weights below replace the MLM start's
+        text["init"], text["init_ckpt"] = (
+            {**(text.get("init") or {}), "source": "scratch", "path": None},
+            None,
+        )
+    hparams["text"] = text
+    # a fresh context: LightningCLI hands its module's hyperparameters to every save_hyperparameters through one
+    model = contextvars.Context().run(SpeechTextModule, **hparams)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt

@@ -37,8 +37,8 @@ from torchaudio.models.conformer import ConformerLayer
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 
+from lightning_modules.atomic_files import fsync_folder, pid_is_alive, temporary_name
 from lightning_modules.components.encoder import EncoderBlock
-from lightning_modules.resilience import _fsync_folder, _pid_is_alive, temporary_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -259,7 +259,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             super().save_checkpoint(checkpoint, folder, storage_options)
             if self.is_global_zero:
                 _fsync_file(folder / "meta.pt")  # torch.distributed.checkpoint syncs its own files
-                _fsync_folder(folder)
+                fsync_folder(folder)
         except BaseException as err:  # torch.distributed.checkpoint's CheckpointException is one
             error = err
         if not self.reduce_boolean_decision(error is None, all=True):  # also the barrier before the swap
@@ -347,7 +347,7 @@ def swap_into_place(folder: Path, target: Path) -> None:
     puts back."""
     if not os.path.lexists(target):
         os.rename(folder, target)
-        _fsync_folder(target.parent)
+        fsync_folder(target.parent)
         return
     try:
         exchange_paths(folder, target)
@@ -362,7 +362,7 @@ def swap_into_place(folder: Path, target: Path) -> None:
         except BaseException:
             os.rename(previous, target)
             raise
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
     _delete(previous)
 
 
@@ -397,7 +397,7 @@ def clean_interrupted_saves(folder: Path) -> list[Path]:
     removed = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         match = own.match(path.name)
-        if match is None or path.is_symlink() or _pid_is_alive(int(match.group(3))):
+        if match is None or path.is_symlink() or pid_is_alive(int(match.group(3))):
             continue
         name, kind = match.group(1), match.group(2)
         if kind == "tmp" and not path.is_dir():

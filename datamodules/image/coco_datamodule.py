@@ -52,7 +52,9 @@ from datamodules.image.coco import (
     load_karpathy_splits,
     train_transform,
 )
+from datamodules.image.webdataset_shards import ShardLoader, ShardStream, expand_shards, shard_captions
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
+from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
 
@@ -300,8 +302,6 @@ class CocoCaptionsDataModule(LightningDataModule):
         # Annotations first, so shards and folder train the same vocabulary; shards alone when there are none.
         annotated = self.karpathy_json or self._annotation_file(self.train_split).is_file()
         if self.train_shards and not annotated:
-            from datamodules.image.webdataset_shards import expand_shards, shard_captions
-
             log.info(
                 "no training annotations under %s: training the vocabulary on the shards' captions", self.root
             )
@@ -345,9 +345,6 @@ class CocoCaptionsDataModule(LightningDataModule):
             self.datasets[role] = CocoCaptionsDataset(images, transform, train=train, seed=self.seed)
 
     def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
-        # Imported here: webdataset_shards builds on this module.
-        from datamodules.image.webdataset_shards import ShardStream, expand_shards
-
         rank, world = self._topology()
         return ShardStream(
             expand_shards(self.train_shards),
@@ -396,8 +393,6 @@ class CocoCaptionsDataModule(LightningDataModule):
         if not train:
             return DataLoader(dataset, **kwargs)
         if isinstance(dataset, IterableDataset):
-            from datamodules.image.webdataset_shards import ShardLoader
-
             return ShardLoader(dataset, epoch_fn=self._current_epoch, **kwargs)
         rank, world = self._topology()
         # An explicit seeded sampler: the order of epoch e depends on (seed, e) only, on one device or many, and
@@ -424,8 +419,6 @@ class CocoCaptionsDataModule(LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the split's images with their captions, a folder of images, a file of
         captions (see `datamodules/predict_data.py` for the batches)."""
-        from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
-
         transform = eval_transform(self.image_size, self.resize)
         inputs = self.predict_inputs
         datasets = []

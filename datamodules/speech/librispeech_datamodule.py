@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.generated import default_cache_dir
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits, take_skip
+from datamodules.predict_data import AudioFiles, PredictCollate, TextLines, UtteranceItems
 from datamodules.speech.librispeech import (
     LibriSpeechDataset,
     Speaker,
@@ -393,8 +394,6 @@ class LibriSpeechDataModule(LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the utterances of `predict_subsets` with their transcripts, a folder of
         audio files, a file of transcripts (see `datamodules/predict_data.py` for the batches)."""
-        from datamodules.predict_data import AudioFiles, PredictCollate, TextLines, UtteranceItems
-
         datasets = []
         if self.subsets["predict"]:
             if "predict" not in self.datasets:

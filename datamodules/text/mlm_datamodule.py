@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, seeded_loader, stage_splits
 from datamodules.masking import MLMCollator
+from datamodules.predict_data import MaskedLinesCollate, TextLines
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
 from datamodules.text.documents import BOOKCORPUS_FILES, WIKIPEDIA_FILES, ReadStats, resolve_paths
 from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
@@ -320,8 +321,6 @@ class MLMDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The lines of `predict_texts`, their `[MASK]`s marked for fill-in (`MaskedLinesCollate`)."""
-        from datamodules.predict_data import MaskedLinesCollate, TextLines
-
         if not self.hparams.predict_texts:
             raise ValueError(
                 "nothing to predict: set --data.predict_texts (a text file with one sentence per line, holding "

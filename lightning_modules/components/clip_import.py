@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.components.image_tower import (
+from lightning_modules.components.image_presets import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lightning_modules.components.bert import BertConfig, BertForPreTraining
+from lightning_modules.components.bert import BertConfig, BertForPreTraining, BertModel
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -90,6 +90,19 @@ def _name_map(num_layers: int) -> dict[str, str]:
             m[f"{ours}ffn.2.{p}"] = f"{theirs}output.dense.{p}"
             m[f"{ours}ffn_norm.{p}"] = f"{theirs}output.LayerNorm.{p}"
     return m
+
+
+def bert_model_state_to_hf(bert: BertModel) -> dict[str, Tensor]:
+    """The weights of our `BertModel` (no pretraining heads) under transformers' `BertModel` names."""
+    num_layers, h = bert.cfg.num_layers, bert.cfg.hidden_size
+    sd = {f"bert.{k}": v for k, v in bert.state_dict().items()}
+    out = {hf[len("bert.") :]: sd[mine] for mine, hf in _name_map(num_layers).items() if mine in sd}
+    for i in range(num_layers):
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"bert.encoder.blocks.{i}.attention.qkv.{p}"].split(h, 0)
+            for name, t in zip(("query", "key", "value"), (q, k, v)):
+                out[f"encoder.layer.{i}.attention.self.{name}.{p}"] = t
+    return out
 
 
 def _read_hf_weights(folder: Path) -> dict[str, Tensor]:

@@ -35,12 +35,16 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from lightning_modules.components.clip_import import load_image_backbone
+from lightning_modules.components.image_presets import (
+    CLIP_MEAN,
+    CLIP_STD,
+    torchvision_blocks,
+    torchvision_head,
+)
+from lightning_modules.components.image_presets import IMAGENET_MEAN as IMAGENET_MEAN  # re-exported
+from lightning_modules.components.image_presets import IMAGENET_STD as IMAGENET_STD  # re-exported
 from lightning_modules.components.towers import TowerTraining
-
-# OpenAI CLIP's pixel statistics (what scratch towers are normalised with) and ImageNet's (torchvision's
-# classification weights and presets)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 ImageArch = Literal["vit_b_16", "vit_b_32", "vit_tiny", "vit_custom", "resnet50"]
 
@@ -56,19 +60,6 @@ VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
 def uses_channels_last(backbone: nn.Module) -> bool:
     """Whether `backbone` runs channels-last: it has convolutions beyond a single stem or patch convolution."""
     return sum(isinstance(m, nn.Conv2d) for m in backbone.modules()) > 1
-
-
-def torchvision_blocks(model: nn.Module) -> list[nn.Module]:
-    """A torchvision ViT's Transformer blocks, first to last, or a ResNet's four stages."""
-    if hasattr(model, "encoder"):  # VisionTransformer
-        return list(model.encoder.layers)
-    return [model.layer1, model.layer2, model.layer3, model.layer4]
-
-
-def torchvision_head(model: nn.Module) -> list[nn.Module]:
-    """What a torchvision ViT or ResNet runs after its blocks, classifier aside: the ViT's final LayerNorm (a
-    ResNet's global average pool has no parameters)."""
-    return [model.encoder.ln] if hasattr(model, "encoder") else []
 
 
 class ViTShape(NamedTuple):
@@ -173,8 +164,6 @@ class ImageTower(nn.Module):
         own_arch = cfg.init.source == "torchvision" and not cfg.init.name
         self.pretrained = backbone is not None or (cfg.init.source != "scratch" and not own_arch)
         if self.pretrained:
-            from lightning_modules.components.clip_import import load_image_backbone
-
             self.backbone = (
                 backbone if backbone is not None else load_image_backbone(cfg.init, cfg.image_size)
             )
@@ -186,8 +175,6 @@ class ImageTower(nn.Module):
         else:
             self._build_scratch(cfg, embed_dim)
             if own_arch:
-                from lightning_modules.components.clip_import import load_image_backbone
-
                 load_image_backbone(cfg.init, cfg.image_size, own=self.backbone)
         self.channels_last = uses_channels_last(self.backbone)
         if self.channels_last:
