@@ -235,9 +235,8 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
     p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
     a = p.parse_args(argv)
-    module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
+    pair, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
     init = ckpt["hyper_parameters"].get("init_clip") or {}
-    pair = module.pair
     if a.what == "image" or init.get("source", "scratch") == "scratch":
         out = clip_import.export_image_backbone(pair.image.backbone, a.out)
     elif init["source"] == "open_clip":

@@ -59,9 +59,11 @@ def extract_embeddings(
 
 
 def image_encoder(model: nn.Module) -> Callable[[dict], Tensor]:
-    """Batch -> unit joint-space embeddings of its images, by an `ImageTextModule` (frozen, eval mode)."""
+    """Batch -> unit joint-space embeddings of its images, by an `ImageTextModule` or its `ImageTextPair` (frozen,
+    eval mode)."""
     model.eval()
-    return lambda batch: model.encode_image(batch["images"].to(model.device))
+    device = next(model.parameters()).device
+    return lambda batch: model.encode_image(batch["images"].to(device))
 
 
 def speech_encoder(model: nn.Module) -> Callable[[dict], Tensor]:

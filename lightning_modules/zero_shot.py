@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.image_text_module import ImageTextModule, image_text_from_checkpoint
+from lightning_modules.components.contrastive import as_config
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.image_text_module import ImageTextPair, image_text_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,9 @@ def _datamodule_class(class_path: str | None) -> type:
 
 def load_image_text(
     ckpt_path: str | Path, tokenizer: str | None = None
-) -> tuple[ImageTextModule, TextTokenizer, int]:
-    """An `ImageTextModule` checkpoint's model (eval mode), its tokenizer and its caption context length.
+) -> tuple[ImageTextPair, TextTokenizer, int]:
+    """An `ImageTextModule` checkpoint's contrastive core (eval mode), its tokenizer and its caption context
+    length.
 
     The model is rebuilt by `image_text_from_checkpoint` (read with weights_only=True, memory-mapped; a file that
     is no image-text checkpoint of this framework raises CheckpointError naming it). The tokenizer is, in order:
@@ -94,9 +97,11 @@ def load_image_text(
     (`datamodule_hyper_parameters`) loads, i.e. its tokenizer file or the vocabulary it trained and cached (trained
     again, identically, from its captions when the cache is gone).
     """
-    model, ckpt = image_text_from_checkpoint(ckpt_path, "zero-shot")
+    pair, ckpt = image_text_from_checkpoint(ckpt_path, "zero-shot")
+    vocab_size = ckpt["hyper_parameters"]["vocab_size"]
+    max_len = as_config(TextTowerConfig, ckpt["hyper_parameters"].get("text") or {}).max_len
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    context_length = int(data_hp.get("context_length") or model.tower_configs["text"].max_len)
+    context_length = int(data_hp.get("context_length") or max_len)
     if tokenizer:
         tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
@@ -110,12 +115,12 @@ def load_image_text(
             f"{ckpt_path} carries neither a tokenizer nor its DataModule's settings: pass the training tokenizer "
             "(tokenizer.json / vocab.txt) as model.init_args.tokenizer"
         )
-    if tok.vocab_size != model.hparams.vocab_size:
+    if tok.vocab_size != vocab_size:
         raise ValueError(
             f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the checkpoint's text tower "
-            f"{model.hparams.vocab_size}: not the tokenizer the model was trained with"
+            f"{vocab_size}: not the tokenizer the model was trained with"
         )
-    return model, tok, min(context_length, model.tower_configs["text"].max_len)
+    return pair, tok, min(context_length, max_len)
 
 
 class ZeroShotClassifier(L.LightningModule):
@@ -145,25 +150,25 @@ class ZeroShotClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
-        self.model: ImageTextModule | None = None
+        self.pair: ImageTextPair | None = None
         self.tokenizer: TextTokenizer | None = None
         self.context_length = context_length
         if ckpt_path:
-            model, tok, saved_length = load_image_text(ckpt_path, tokenizer)
-            self.set_model(model, tok, context_length or saved_length)
+            pair, tok, saved_length = load_image_text(ckpt_path, tokenizer)
+            self.set_model(pair, tok, context_length or saved_length)
         self.register_buffer("class_embeds", torch.empty(0), persistent=False)
         self.metrics = nn.ModuleDict()
 
-    def set_model(self, model: ImageTextModule, tokenizer: TextTokenizer, context_length: int) -> None:
-        """Use an image-text model already in memory (frozen here) instead of a checkpoint."""
-        self.model = model.eval().requires_grad_(False)
+    def set_model(self, pair: ImageTextPair, tokenizer: TextTokenizer, context_length: int) -> None:
+        """Use an image-text model's contrastive core already in memory (frozen here) instead of a checkpoint."""
+        self.pair = pair.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.context_length = self.context_length or context_length
 
     def train(self, mode: bool = True) -> ZeroShotClassifier:
         super().train(mode)
-        if self.model is not None:
-            self.model.eval()  # frozen: no dropout, ever
+        if self.pair is not None:
+            self.pair.eval()  # frozen: no dropout, ever
         return self
 
     # classes ------------------------------------------------------------------------------------
@@ -179,10 +184,10 @@ class ZeroShotClassifier(L.LightningModule):
 
     def build_classes(self, class_names: Sequence[str]) -> Tensor:
         """Compute (and keep) the class embeddings of `class_names` with this model's prompt templates."""
-        if self.model is None:
+        if self.pair is None:
             raise ValueError("no image-text model: set model.init_args.ckpt_path")
         self.class_embeds = class_embeddings(
-            self.model.encode_text,
+            self.pair.encode_text,
             self.tokenizer,
             class_names,
             self.templates,
@@ -193,13 +198,13 @@ class ZeroShotClassifier(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 pixels (the image tower normalises them) -> (B, C) cosines between images and classes."""
-        return self.model.encode_image(images).float() @ self.class_embeds.T
+        return self.pair.encode_image(images).float() @ self.class_embeds.T
 
     # evaluation ---------------------------------------------------------------------------------
     def _start(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if self.model is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
-            data, tower = dict(getattr(dm, "hparams", {})), self.model.pair.image
+        if self.pair is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
+            data, tower = dict(getattr(dm, "hparams", {})), self.pair.image
             tower.check_data(data, "data")
             want = tower.reference_resize
             if want and data.get("resize", "tensor") != want:
