@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
-from lightning_modules.components.clip_import import load_clip
+from lightning_modules.components.clip_import import ClipParts, load_clip
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -96,16 +96,27 @@ def build_image_text_pair(
                 f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
                 "(data.tokenizer: the same checkpoint gives its tokenizer)"
             )
-    preprocess = {
+    return clip_image_text_pair(parts, image, loss), clip_preprocessing(parts)
+
+
+def clip_image_text_pair(
+    parts: ClipParts, image: ImageTowerConfig, loss: ContrastiveLossConfig
+) -> ImageTextPair:
+    """The contrastive core of a whole CLIP's parts: its towers and its temperature."""
+    pair = ImageTextPair(ImageTower(image, None, backbone=parts.image), parts.text, parts.embed_dim, loss)
+    with torch.no_grad():
+        pair.log_scale.fill_(parts.log_scale)
+    return pair
+
+
+def clip_preprocessing(parts: ClipParts) -> dict:
+    """How a whole CLIP's source preprocesses images: {image_size, mean, std, resize}."""
+    return {
         "image_size": parts.image_size,
         "mean": parts.mean,
         "std": parts.std,
         "resize": parts.image.reference_resize,
     }
-    pair = ImageTextPair(ImageTower(image, None, backbone=parts.image), parts.text, embed_dim, loss)
-    with torch.no_grad():
-        pair.log_scale.fill_(parts.log_scale)
-    return pair, preprocess
 
 
 class ImageTextModule(ContrastiveModule):

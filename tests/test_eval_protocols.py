@@ -4,17 +4,30 @@ describe their protocol; and the evaluation models composed of plain modules."""
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import pickle
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+from PIL import Image
 
+from datamodules.image.classification_sets import (
+    CifarDataset,
+    ImageNetDataset,
+    imagenet_classes,
+    prompt_templates,
+)
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, image_text_from_checkpoint
 from lightning_modules.zero_shot import ZeroShotClassifier
 
+open_clip = pytest.importorskip("open_clip")
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,3 +82,282 @@ def test_the_zero_shot_classifier_holds_the_contrastive_core_not_a_lightning_mod
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():  # the same weights: the same embeddings (same kernels and shapes: exact)
         assert torch.equal(pair.encode_image(images), trained.eval().encode_image(images))
+
+
+# -- fixtures in the real layouts ---------------------------------------------------------------------------
+
+TINY = "mmpretrain-eval-tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random open_clip ViT (32 px, 1 layer per tower, width 32) saved in open_clip's native format."""
+    tmp = tmp_path_factory.mktemp("open_clip")
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp / f"{TINY}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp / f"{TINY}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY, pretrained=None)
+    torch.save(model.state_dict(), tmp / "tiny.pt")
+    return tmp / "tiny.pt"
+
+
+def reference_open_clip(path: Path, name: str = TINY):
+    """open_clip's own model and tokenizer for a checkpoint file, eval mode."""
+    model = open_clip.create_model(name, pretrained=str(path)).eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def write_cifar(root: Path, n_test: int = 12, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """CIFAR-10 in torchvision's layout: cifar-10-batches-py/ with 5 training batches, test_batch and
+    batches.meta, pickled dicts as distributed. Returns the test images (N, 3, 32, 32) and labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+    def batch(n: int, label: str) -> tuple[np.ndarray, list[int]]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, n)]
+        entry = {
+            "batch_label": label,
+            "labels": labels,
+            "data": data,
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
+        return entry, data, labels
+
+    for i in range(1, 6):
+        entry, _, _ = batch(4, f"training batch {i} of 5")
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(entry))
+    entry, data, labels = batch(n_test, "testing batch 1 of 1")
+    (folder / "test_batch").write_bytes(pickle.dumps(entry))
+    meta = {"num_cases_per_batch": 10000, "label_names": names, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def write_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
+
+
+WNIDS = ("n01440764", "n01443537", "n15075141")  # tench, goldfish, toilet tissue: labels 0, 1, 999
+
+
+def write_imagenet(root: Path, per_class: int = 2) -> dict[str, int]:
+    """ImageNet's two usual layouts of the same images: val/<wnid>/<image> and a flat val_flat/ with Kaggle's
+    LOC_val_solution.csv and a `<file> <label>` text file. Returns file name -> standard label."""
+    labels, k = {}, 0
+    rows = ["ImageId,PredictionString"]
+    for wnid, label in zip(WNIDS, (0, 1, 999)):
+        for _ in range(per_class):
+            k += 1
+            name = f"ILSVRC2012_val_{k:08d}.JPEG"
+            write_jpeg(root / "val" / wnid / name, np.random.default_rng(k))
+            (root / "val_flat").mkdir(parents=True, exist_ok=True)
+            (root / "val_flat" / name).write_bytes((root / "val" / wnid / name).read_bytes())
+            rows.append(f"ILSVRC2012_val_{k:08d},{wnid} 1 2 3 4")
+            labels[name] = label
+    (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    (root / "val.txt").write_text("".join(f"{n} {y}\n" for n, y in labels.items()))
+    return labels
+
+
+def write_karpathy(root: Path, kind: str, n_test: int = 4, n_train: int = 2) -> Path:
+    """A Karpathy split file in its exact layout (dataset_coco.json: filepath and cocoid; dataset_flickr30k.json:
+    filename and imgid only) with its images; test images have 5 captions, one has 6."""
+    images, sentid = [], 0
+    for i in range(n_test + n_train):
+        split = "test" if i < n_test else "train"
+        count = 6 if i == 1 else 5
+        sentences = []
+        for j in range(count):
+            raw = f"A photo number {i} with caption {j}."
+            sentences.append(
+                {"tokens": raw.lower().strip(".").split(), "raw": raw, "imgid": i, "sentid": sentid}
+            )
+            sentid += 1
+        entry = {
+            "sentids": [s["sentid"] for s in sentences],
+            "imgid": i,
+            "sentences": sentences,
+            "split": split,
+        }
+        if kind == "coco":
+            folder = "val2014" if split == "test" else "train2014"
+            entry |= {"filepath": folder, "filename": f"COCO_{folder}_{i:012d}.jpg", "cocoid": 1000 + i}
+            write_jpeg(root / folder / entry["filename"], np.random.default_rng(100 + i))
+        else:
+            entry |= {"filename": f"{1000000 + i}.jpg"}
+            write_jpeg(root / entry["filename"], np.random.default_rng(100 + i))
+        images.append(entry)
+    path = root / f"dataset_{kind}.json"
+    path.write_text(json.dumps({"images": images, "dataset": kind}))
+    return path
+
+
+def cli_eval(config: str, tmp_path: Path, *overrides: str):
+    from cli import main
+
+    return main(
+        [
+            "test",
+            "--config",
+            str(ROOT / "configs/eval" / config),
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+            "--data.init_args.image_size=32",
+            *overrides,
+        ]
+    )
+
+
+# -- zero-shot ------------------------------------------------------------------------------------------
+
+
+def test_bundled_imagenet_names_and_templates_are_the_clip_papers() -> None:
+    wnids, names = imagenet_classes()
+    assert len(wnids) == len(names) == 1000 and list(wnids) == sorted(wnids)
+    assert names == tuple(IMAGENET_CLASSNAMES)  # open_clip's copy of the CLIP notebook's list
+    templates = prompt_templates("imagenet")
+    assert templates == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES] and len(templates) == 80
+    assert len(prompt_templates("cifar")) == 18 and prompt_templates("cifar")[0] == "a photo of a {}."
+    assert (wnids[0], names[0], wnids[999], names[999]) == ("n01440764", "tench", "n15075141", "toilet paper")
+
+
+def _classifier_equals_open_clips(path: Path, name: str, classes: list[str]) -> None:
+    model, tokenizer = reference_open_clip(path, name)
+    theirs = open_clip.build_zero_shot_classifier(model, tokenizer, classes, OPENAI_IMAGENET_TEMPLATES)
+    ours = ZeroShotClassifier(
+        init_clip={"source": "open_clip", "name": name, "path": str(path)}, templates="imagenet"
+    )
+    got = ours.build_classes(classes)
+    assert got.shape == theirs.T.shape
+    # the same weights through the same kernels, batched differently (our 256 prompts, their 10 classes x 80)
+    assert (got - theirs.T).abs().max().item() <= 1e-5
+
+
+def test_zero_shot_classifier_equals_open_clips_own(tiny_open_clip: Path) -> None:
+    _classifier_equals_open_clips(tiny_open_clip, TINY, list(imagenet_classes()[1][:12]))
+
+
+@pytest.mark.slow  # a full-size ViT-B-32 text tower over 20 classes x 80 prompts: about a minute on 2 cores
+def test_zero_shot_classifier_equals_open_clips_own_full_size_vit_b_32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "ViT-B-32-random.pt")
+    _classifier_equals_open_clips(
+        tmp_path / "ViT-B-32-random.pt", "ViT-B-32", list(imagenet_classes()[1][::50])
+    )
+
+
+def test_imagenet_layouts_give_the_standard_labels(tmp_path: Path) -> None:
+    labels = write_imagenet(tmp_path)
+    folders = ImageNetDataset(tmp_path / "val", lambda x: x)
+    csv_flat = ImageNetDataset(tmp_path / "val_flat", lambda x: x, tmp_path / "LOC_val_solution.csv")
+    txt_flat = ImageNetDataset(tmp_path / "val_flat", lambda x: x, tmp_path / "val.txt")
+    for ds in (folders, csv_flat, txt_flat):
+        assert sorted((p.name, y) for p, y in ds.samples) == sorted(labels.items())
+        assert len(ds.class_names) == 1000 and ds.class_names[999] == "toilet paper"
+    (tmp_path / "bad.txt").write_text("ILSVRC2012_val_00000001.JPEG n99999999\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: 'n99999999' is neither an ImageNet WordNet id"):
+        ImageNetDataset(tmp_path / "val_flat", lambda x: x, tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="needs its labels file"):
+        ImageNetDataset(tmp_path / "val_flat", lambda x: x)
+
+
+def test_cifar_pickled_batches_are_read_as_distributed(tmp_path: Path) -> None:
+    images, labels = write_cifar(tmp_path)
+    ds = CifarDataset(tmp_path, "cifar10", "test", lambda x: x)
+    assert len(ds) == 12 and ds.labels == labels and ds.class_names[1] == "automobile"
+    assert torch.equal(ds[3]["image"], torch.from_numpy(images[3]))
+    assert len(CifarDataset(tmp_path / "cifar-10-batches-py", "cifar10", "train", lambda x: x)) == 20
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"test_batch: not a CIFAR pickled batch"):
+        CifarDataset(tmp_path, "cifar10", "test", lambda x: x)
+
+
+def test_cli_cifar10_zero_shot_from_an_open_clip_file_writes_its_protocol(
+    tiny_open_clip: Path, tmp_path: Path
+) -> None:
+    """configs/eval/cifar10_zeroshot.yaml straight from an open_clip file: the numbers are open_clip's own
+    classifier applied to open_clip's own image features, and results.json says how they were made."""
+    images, labels = write_cifar(tmp_path / "cifar", n_test=24)
+    cli_eval(
+        "cifar10_zeroshot.yaml",
+        tmp_path,
+        f"--data.init_args.root={tmp_path / 'cifar'}",
+        f"--model.init_args.init_clip.name={TINY}",
+        f"--model.init_args.init_clip.path={tiny_open_clip}",
+        "--data.init_args.loader.batch_size=10",
+        "--data.init_args.loader.num_workers=0",
+    )
+    model, tokenizer = reference_open_clip(tiny_open_clip)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    weights = open_clip.build_zero_shot_classifier(model, tokenizer, names, prompt_templates("cifar"))
+    mean, std = (
+        torch.tensor(model.visual.image_mean).view(3, 1, 1),
+        torch.tensor(model.visual.image_std).view(3, 1, 1),
+    )
+    with torch.no_grad():  # 32 px images at 32 px: open_clip's resize and crop leave them as they are
+        x = (torch.from_numpy(images).float() / 255 - mean) / std
+        scores = model.encode_image(x, normalize=True) @ weights
+    want_top1 = (scores.argmax(1) == torch.tensor(labels)).float().mean().item()
+    want_top5 = (scores.topk(5).indices == torch.tensor(labels)[:, None]).any(1).float().mean().item()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    metrics = results["metrics"]
+    assert metrics["test/zero_shot_acc"] == pytest.approx(want_top1, abs=1e-6)
+    assert metrics["test/zero_shot_acc_top5"] == pytest.approx(want_top5, abs=1e-6)
+    protocol = results["protocol"]
+    data = protocol["data"]
+    assert (data["dataset"], data["split"], data["images"], data["classes"], data["images_counted"]) == (
+        "cifar10",
+        "test",
+        24,
+        10,
+        24,
+    )
+    assert set(data["files_sha256"]) == {"test_batch", "batches.meta"}
+    assert protocol["templates"]["count"] == 18 and protocol["templates"]["source"] == "cifar"
+    assert protocol["model"]["sha256"] == hashlib.sha256(tiny_open_clip.read_bytes()).hexdigest()
+    assert protocol["preprocessing"] == {
+        "image_size": 32,
+        "resize": "pil",
+        "resize_to": "shorter side",
+        "crop": "centre",
+    }
+    assert protocol["normalisation"]["mean"] == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN), abs=1e-7)
+    assert protocol["precision"] == "32-true" and protocol["processes"] == 1
+    fig = results["published"]["figures"]["test/zero_shot_acc"]
+    assert fig["published"] == 0.8983 and fig["difference"] == pytest.approx(want_top1 - 0.8983, abs=1e-6)
+
+
+def test_cli_imagenet_zero_shot_reads_the_flat_folder_with_its_labels_file(
+    tiny_open_clip: Path, tmp_path: Path
+) -> None:
+    labels = write_imagenet(tmp_path / "imagenet")
+    cli = cli_eval(
+        "imagenet_zeroshot.yaml",
+        tmp_path,
+        f"--data.init_args.root={tmp_path / 'imagenet'}",
+        "--data.init_args.test_split=val_flat",
+        f"--data.init_args.labels_file={tmp_path / 'imagenet' / 'LOC_val_solution.csv'}",
+        f"--model.init_args.init_clip.name={TINY}",
+        f"--model.init_args.init_clip.path={tiny_open_clip}",
+        "--model.init_args.templates=[\"a photo of a {}.\"]",  # 1,000 prompts instead of 80,000: seconds
+        "--data.init_args.loader.num_workers=0",
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    data = results["protocol"]["data"]
+    assert (data["images"], data["classes"], data["images_counted"]) == (len(labels), 1000, len(labels))
+    assert "LOC_val_solution.csv" in data["files_sha256"]
+    assert cli.model.class_embeds.shape == (1000, 16)
+    assert 0 <= results["metrics"]["test/zero_shot_mean_per_class_recall"] <= 1
