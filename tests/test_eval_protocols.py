@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
@@ -23,9 +24,10 @@ from datamodules.image.classification_sets import (
     prompt_templates,
 )
 from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, image_text_from_checkpoint
-from lightning_modules.zero_shot import ZeroShotClassifier
+from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
 
 open_clip = pytest.importorskip("open_clip")
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +354,7 @@ def test_cli_imagenet_zero_shot_reads_the_flat_folder_with_its_labels_file(
         f"--data.init_args.labels_file={tmp_path / 'imagenet' / 'LOC_val_solution.csv'}",
         f"--model.init_args.init_clip.name={TINY}",
         f"--model.init_args.init_clip.path={tiny_open_clip}",
-        "--model.init_args.templates=[\"a photo of a {}.\"]",  # 1,000 prompts instead of 80,000: seconds
+        '--model.init_args.templates=["a photo of a {}."]',  # 1,000 prompts instead of 80,000: seconds
         "--data.init_args.loader.num_workers=0",
     )
     results = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -361,3 +363,173 @@ def test_cli_imagenet_zero_shot_reads_the_flat_folder_with_its_labels_file(
     assert "LOC_val_solution.csv" in data["files_sha256"]
     assert cli.model.class_embeds.shape == (1000, 16)
     assert 0 <= results["metrics"]["test/zero_shot_mean_per_class_recall"] <= 1
+
+
+# -- retrieval --------------------------------------------------------------------------------------------
+
+
+def caption_groups(n_images: int, seed: int = 0) -> torch.Tensor:
+    """The image of each caption: 5 per image, 6 for every seventh (COCO has 5 to 7), in shuffled order."""
+    counts = [6 if i % 7 == 0 else 5 for i in range(n_images)]
+    groups = torch.arange(n_images).repeat_interleave(torch.tensor(counts))
+    return groups[torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))]
+
+
+def clip_benchmark_recalls(
+    images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor
+) -> dict[str, float]:
+    """CLIP_benchmark's own retrieval recall (its `recall_at_k` and `batchify`, as its `evaluate` calls them)."""
+    from clip_benchmark.metrics.zeroshot_retrieval import batchify, recall_at_k
+
+    scores = texts @ images.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(scores)), text_image] = True
+    out = {}
+    for k in (1, 5, 10):
+        out[f"t2i_R@{k}"] = (batchify(recall_at_k, scores, positive, 7, "cpu", k=k) > 0).float().mean().item()
+        out[f"i2t_R@{k}"] = (
+            (batchify(recall_at_k, scores.T, positive.T, 7, "cpu", k=k) > 0).float().mean().item()
+        )
+    return out
+
+
+def test_retrieval_recall_equals_clip_benchmarks_on_the_same_embeddings() -> None:
+    """The one retrieval metric, fed as evaluation feeds it (images repeated per batch and by the distributed
+    sampler's padding, in any order), gives CLIP_benchmark's numbers exactly."""
+    g = torch.Generator().manual_seed(0)
+    n_images = 40
+    text_image = caption_groups(n_images)
+    images = F.normalize(torch.randn(n_images, 8, generator=g), dim=-1)
+    # captions near their image, so the recalls are far from 0 and 1 and differ by K
+    texts = F.normalize(images[text_image] + 1.2 * torch.randn(len(text_image), 8, generator=g), dim=-1)
+    want = clip_benchmark_recalls(images, texts, text_image)
+    assert 0.05 < want["i2t_R@1"] < want["i2t_R@10"] < 1 and 0.05 < want["t2i_R@1"] < want["t2i_R@10"] < 1
+
+    metric = RetrievalRecall("i2t", "t2i")
+    order = torch.randperm(len(texts), generator=g)
+    for part in (order[:50], order[50:], order[:9]):  # the last: rows a padded rank repeats
+        ids = text_image[part].unique()
+        metric.update(images[ids], ids, ids, texts[part], part, text_image[part])
+    got = {k: v.item() for k, v in metric.compute().items()}
+    assert got == pytest.approx(want, abs=1e-9)  # the same ranks of the same cosines: counts of hits
+    assert metric.counts() == {"a": n_images, "b": len(texts)}
+
+
+def test_cli_flickr30k_retrieval_from_an_open_clip_file_equals_clip_benchmark(
+    tiny_open_clip: Path, tmp_path: Path
+) -> None:
+    """configs/eval/flickr30k_retrieval.yaml on a Karpathy dataset_flickr30k.json: every test caption, and the
+    recalls CLIP_benchmark gives on open_clip's own embeddings of the same images and captions."""
+    karpathy = write_karpathy(tmp_path / "flickr30k-images", "flickr30k", n_test=12)  # K = 10 < 12 images
+    cli_eval(
+        "flickr30k_retrieval.yaml",
+        tmp_path,
+        f"--data.init_args.root={tmp_path / 'flickr30k-images'}",
+        f"--data.init_args.karpathy_json={karpathy}",
+        f"--data.init_args.tokenizer=open_clip:{TINY}",
+        "--data.init_args.num_workers=0",
+        f"--model.init_args.init_clip.name={TINY}",
+        f"--model.init_args.init_clip.path={tiny_open_clip}",
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    data = results["protocol"]["data"]
+    assert (data["dataset"], data["split"]) == ("flickr30k", "karpathy test")
+    assert (data["images_listed"], data["captions_listed"]) == (12, 61)
+    assert (data["images_counted"], data["captions_counted"]) == (12, 61)
+    assert "dataset_flickr30k.json" in data["files_sha256"]
+
+    model, tokenizer = reference_open_clip(tiny_open_clip)
+    _, _, preprocess = open_clip.create_model_and_transforms(TINY, pretrained=str(tiny_open_clip))
+    entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "test"]
+    with torch.no_grad():
+        pixels = torch.stack([preprocess(Image.open(karpathy.parent / e["filename"])) for e in entries])
+        images = model.encode_image(pixels, normalize=True)
+        captions = [s["raw"] for e in entries for s in e["sentences"]]
+        texts = model.encode_text(tokenizer(captions), normalize=True)
+    text_image = torch.tensor([i for i, e in enumerate(entries) for _ in e["sentences"]])
+    want = clip_benchmark_recalls(images, texts, text_image)
+    got = {
+        k.removeprefix("test/"): v for k, v in results["metrics"].items() if "_R@" in k and "mean" not in k
+    }
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+# -- scale ------------------------------------------------------------------------------------------------
+
+
+def sampler_shards(n: int, world: int) -> list[list[int]]:
+    """The indices each rank evaluates under Lightning's DistributedSampler (no shuffle; padded by repeats)."""
+    from torch.utils.data import DistributedSampler
+
+    return [list(DistributedSampler(range(n), world, r, shuffle=False)) for r in range(world)]
+
+
+def test_two_ranks_gathered_give_the_one_process_numbers() -> None:
+    """The arithmetic of the gather, in one process: torchmetrics' sync concatenates rank 0's rows, then rank
+    1's, each padded by the sampler with repeated images; every image still counts once."""
+    n, classes = 13, 7
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.randn(n, classes, generator=g), torch.randint(0, classes, (n,), generator=g)
+    alone, gathered = ZeroShotScores(classes), ZeroShotScores(classes)
+    alone.update(scores, labels, torch.arange(n))
+    shards = sampler_shards(n, 2)
+    assert sum(len(s) for s in shards) == 14  # one image repeated
+    for shard in shards:
+        idx = torch.tensor(shard)
+        gathered.update(scores[idx], labels[idx], idx)
+    a, b = alone.compute(), gathered.compute()
+    for key in ("top1", "top5", "mean_per_class_recall", "images"):
+        assert b[key].item() == a[key].item(), key
+    assert a["images"].item() == n and torch.equal(a["per_class"].isnan(), b["per_class"].isnan())
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str, tensors: dict) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    n = len(tensors["labels"])
+    shard = torch.tensor(sampler_shards(n, 2)[rank])
+    zero_shot = ZeroShotScores(tensors["scores"].shape[1])
+    for part in shard.split(3):  # batches of 3
+        zero_shot.update(tensors["scores"][part], tensors["labels"][part], part)
+    retrieval = RetrievalRecall("i2t", "t2i")
+    images, texts, text_image = tensors["images"], tensors["texts"], tensors["text_image"]
+    for part in sampler_shards(len(texts), 2)[rank]:
+        ids = text_image[part : part + 1]
+        retrieval.update(images[ids], ids, ids, texts[part : part + 1], torch.tensor([part]), ids)
+    out = {"zero_shot": zero_shot.compute(), "retrieval": retrieval.compute(), "counts": retrieval.counts()}
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: about 20 s on 2 cores
+def test_two_gloo_processes_give_the_one_process_numbers(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    g = torch.Generator().manual_seed(1)
+    n_images = 21
+    text_image = caption_groups(n_images, seed=1)
+    images = F.normalize(torch.randn(n_images, 8, generator=g), dim=-1)
+    tensors = {
+        "scores": torch.randn(29, 11, generator=g),
+        "labels": torch.randint(0, 11, (29,), generator=g),
+        "images": images,
+        "texts": F.normalize(images[text_image] + torch.randn(len(text_image), 8, generator=g), dim=-1),
+        "text_image": text_image,
+    }
+    mp.start_processes(
+        _ddp_worker, args=(str(tmp_path / "init"), str(tmp_path), tensors), nprocs=2, start_method="spawn"
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    alone = ZeroShotScores(11)
+    alone.update(tensors["scores"], tensors["labels"], torch.arange(29))
+    want = alone.compute()
+    want_retrieval = clip_benchmark_recalls(images, tensors["texts"], text_image)
+    for result in ranks:  # every rank computes the same, whole-set numbers
+        for key in ("top1", "top5", "mean_per_class_recall", "images"):
+            assert result["zero_shot"][key].item() == want[key].item(), key
+        assert {k: v.item() for k, v in result["retrieval"].items()} == pytest.approx(
+            want_retrieval, abs=1e-9
+        )
+        assert result["counts"] == {"a": n_images, "b": len(text_image)}
