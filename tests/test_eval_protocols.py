@@ -26,6 +26,7 @@ from datamodules.image.classification_sets import (
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.evaluation import caption_set_protocol
 from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, image_text_from_checkpoint
 from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
 
@@ -342,6 +343,7 @@ def test_cli_cifar10_zero_shot_from_an_open_clip_file_writes_its_protocol(
     assert fig["published"] == 0.8983 and fig["difference"] == pytest.approx(want_top1 - 0.8983, abs=1e-6)
 
 
+@pytest.mark.slow  # a second CLI run (~7 s); the readers of both layouts are checked in the default run
 def test_cli_imagenet_zero_shot_reads_the_flat_folder_with_its_labels_file(
     tiny_open_clip: Path, tmp_path: Path
 ) -> None:
@@ -415,6 +417,7 @@ def test_retrieval_recall_equals_clip_benchmarks_on_the_same_embeddings() -> Non
     assert metric.counts() == {"a": n_images, "b": len(texts)}
 
 
+@pytest.mark.slow  # a CLI run (~8 s); the metric's equality and the Karpathy reading are in the default run
 def test_cli_flickr30k_retrieval_from_an_open_clip_file_equals_clip_benchmark(
     tiny_open_clip: Path, tmp_path: Path
 ) -> None:
@@ -452,6 +455,26 @@ def test_cli_flickr30k_retrieval_from_an_open_clip_file_equals_clip_benchmark(
         k.removeprefix("test/"): v for k, v in results["metrics"].items() if "_R@" in k and "mean" not in k
     }
     assert got == pytest.approx(want, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["coco", "flickr30k"])
+def test_karpathy_test_split_is_read_with_every_caption(kind: str, tmp_path: Path) -> None:
+    from datamodules.image.coco_datamodule import CocoCaptionsDataModule
+
+    karpathy = write_karpathy(tmp_path, kind, n_test=4)
+    dm = CocoCaptionsDataModule(str(tmp_path), karpathy_json=str(karpathy), num_workers=0)
+    records = dm.records("test")
+    assert [len(r.captions) for r in records] == [5, 6, 5, 5]
+    assert records[1].captions[5] == "A photo number 1 with caption 5."
+    assert [r.image_id for r in records] == ([1000, 1001, 1002, 1003] if kind == "coco" else [0, 1, 2, 3])
+    data = caption_set_protocol(dm)
+    assert (data["dataset"], data["split"], data["images_listed"], data["captions_listed"]) == (
+        kind,
+        "karpathy test",
+        4,
+        21,
+    )
+    assert data["files_sha256"][karpathy.name] == hashlib.sha256(karpathy.read_bytes()).hexdigest()
 
 
 # -- scale ------------------------------------------------------------------------------------------------
@@ -533,3 +556,36 @@ def test_two_gloo_processes_give_the_one_process_numbers(tmp_path: Path) -> None
             want_retrieval, abs=1e-9
         )
         assert result["counts"] == {"a": n_images, "b": len(text_image)}
+
+
+@pytest.mark.slow  # a CLI run of the speech-text system (~15 s)
+def test_librispeech_test_clean_config_stacks_on_the_speech_run_and_reports_its_subset(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from cli import main
+    from datamodules.synthetic.tones import generate_tone_librispeech
+
+    libri = generate_tone_librispeech(tmp_path / "tones", n_train_utts=8, n_val_utts=6)
+    shutil.copytree(libri / "dev-clean", libri / "test-clean")  # the layout of LibriSpeech's test-clean
+    main(
+        [
+            "test",
+            "--config",
+            str(ROOT / "configs/speech/quickstart.yaml"),
+            "--config",
+            str(ROOT / "configs/eval/librispeech_test_clean.yaml"),
+            f"--data.root={tmp_path / 'tones'}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.num_workers=0",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
+        ]
+    )
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    data = results["protocol"]["data"]
+    assert (data["dataset"], data["subsets"], data["utterances"]) == ("librispeech", ["test-clean"], 6)
+    keys = {f"test/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
+    assert keys <= set(results["metrics"]) and all(0 <= results["metrics"][k] <= 1 for k in keys)
+    assert results["protocol"]["model"]["kind"].startswith("as configured")
