@@ -362,7 +362,13 @@ class RunStarted(L.Callback):
 
 
 # the commands besides LightningCLI's, each with its own argparse parser: (argv after the name, prog) -> the output
-COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate}
+def probe(argv: list[str], prog: str = "python cli.py") -> Any:
+    from lightning_modules.linear_probe import probe_features
+
+    return probe_features(argv, prog)
+
+
+COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate, "probe": probe}
 
 
 def _prog(args: ArgsType) -> str:

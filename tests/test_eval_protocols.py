@@ -28,6 +28,7 @@ from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.evaluation import caption_set_protocol
 from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, image_text_from_checkpoint
+from lightning_modules.linear_probe import DEFAULT_WEIGHT_DECAYS, held_out, linear_probe, read_features
 from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
 
 open_clip = pytest.importorskip("open_clip")
@@ -589,3 +590,54 @@ def test_librispeech_test_clean_config_stacks_on_the_speech_run_and_reports_its_
     keys = {f"test/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
     assert keys <= set(results["metrics"]) and all(0 <= results["metrics"][k] <= 1 for k in keys)
     assert results["protocol"]["model"]["kind"].startswith("as configured")
+
+
+# -- linear probe ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # predict and probe from the CLI (~10 s); the held-out split is checked in the default run
+def test_cli_probe_on_features_written_once_by_predict(tiny_open_clip: Path, tmp_path: Path) -> None:
+    """configs/eval/probe_features.yaml writes every split's features once; `probe` reads them, fits the probe on
+    train (its weight decay chosen on a held-out tenth) and scores the test split."""
+    from cli import main
+
+    write_cifar(tmp_path / "cifar", n_test=12)
+    out = tmp_path / "features"
+    main(
+        [
+            "predict",
+            "--config",
+            str(ROOT / "configs/eval/probe_features.yaml"),
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.callbacks.init_args.output_dir={out}",
+            f"--data.init_args.root={tmp_path / 'cifar'}",
+            "--data.init_args.image_size=32",
+            "--data.init_args.loader.num_workers=0",
+            f"--model.init_args.init_clip.name={TINY}",
+            f"--model.init_args.init_clip.path={tiny_open_clip}",
+        ]
+    )
+    splits = read_features(out)
+    assert {r: len(y) for r, (_, y) in splits.items()} == {"train": 20, "test": 12}
+    cifar = CifarDataset(tmp_path / "cifar", "cifar10", "test", lambda x: x)
+    assert sorted(splits["test"][1].tolist()) == sorted(cifar.labels)  # every test image, its own label
+    main(["probe", "--features", str(out)])
+    saved = json.loads((out / "probe.json").read_text())
+    fit, hold = held_out(splits["train"][1], 0.1)
+    (x, y), (xt, yt) = splits["train"], splits["test"]
+    want = linear_probe((x[fit], y[fit]), (x[hold], y[hold]), (xt, yt))
+    assert saved["weight_decay"] in DEFAULT_WEIGHT_DECAYS
+    assert (saved["accuracy"], saved["weight_decay"], saved["train_size"]) == (
+        want.accuracy,
+        want.weight_decay,
+        len(fit),
+    )
+
+
+def test_held_out_validation_takes_a_fraction_of_every_class() -> None:
+    labels = torch.arange(4).repeat_interleave(torch.tensor([10, 20, 1, 30]))
+    train, val = held_out(labels, 0.1, seed=0)
+    assert labels[val].bincount(minlength=4).tolist() == [1, 2, 0, 3]
+    assert sorted(train.tolist() + val.tolist()) == list(range(61))
+    assert torch.equal(held_out(labels, 0.1, seed=0)[1], val)

@@ -126,7 +126,12 @@ class ClassificationDataModule(LightningDataModule):
         return out
 
     def setup(self, stage: str | None = None) -> None:
-        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        roles = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": self.predict_roles,
+        }
         for role in roles.get(stage or "", ()):
             self.dataset(role)
 
@@ -150,8 +155,13 @@ class ClassificationDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self.loader("test")
+    @property
+    def predict_roles(self) -> list[str]:
+        """The splits `predict` embeds, one loader each: every one that is set (features for linear probes)."""
+        return [role for role in ("train", "val", "test") if self.splits[role] is not None]
+
+    def predict_dataloader(self) -> list[DataLoader]:
+        return [self.loader(role) for role in self.predict_roles]
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         self.skipped_images += int(batch["skipped"])
