@@ -289,6 +289,34 @@ def test_cifar_pickled_batches_are_read_as_distributed(tmp_path: Path) -> None:
         CifarDataset(tmp_path, "cifar10", "test", lambda x: x)
 
 
+def test_any_imagefolder_is_a_classification_set_with_its_protocol(tmp_path: Path) -> None:
+    from datamodules.image.classification_datamodule import ClassificationDataModule
+    from datamodules.sections import LoaderConfig
+    from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
+
+    root = generate_shapes_imagefolder(
+        tmp_path / "set", colours=("red", "blue"), shapes=("circle",), per_class={"test": 2}, image_size=32
+    )
+    dm = ClassificationDataModule(
+        "imagefolder", str(root), test_split="test", image_size=32, loader=LoaderConfig(num_workers=0)
+    )
+    assert dm.class_names == ["blue circle", "red circle"]
+    batch = next(iter(dm.loader("test")))
+    assert batch["labels"].tolist() == [0, 0, 1, 1] and batch["indices"].tolist() == [0, 1, 2, 3]
+    protocol = dm.protocol()
+    assert (protocol["dataset"], protocol["split"], protocol["images"], protocol["classes"]) == (
+        "imagefolder",
+        "test",
+        4,
+        2,
+    )
+    (root / "test" / "red_circle" / "00000.jpg").write_bytes(b"changed")  # a changed file changes the listing
+    assert (
+        ClassificationDataModule("imagefolder", str(root), "test").protocol()["images_listing_sha256"]
+        != (protocol["images_listing_sha256"])
+    )
+
+
 def test_cli_cifar10_zero_shot_from_an_open_clip_file_writes_its_protocol(
     tiny_open_clip: Path, tmp_path: Path
 ) -> None:
