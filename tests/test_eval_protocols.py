@@ -250,16 +250,16 @@ def _classifier_equals_open_clips(path: Path, name: str, classes: list[str]) -> 
 
 
 def test_zero_shot_classifier_equals_open_clips_own(tiny_open_clip: Path) -> None:
-    _classifier_equals_open_clips(tiny_open_clip, TINY, list(imagenet_classes()[1][:12]))
+    _classifier_equals_open_clips(tiny_open_clip, TINY, list(imagenet_classes()[1][:5]))
 
 
-@pytest.mark.slow  # a full-size ViT-B-32 text tower over 20 classes x 80 prompts: about a minute on 2 cores
+@pytest.mark.slow  # a full-size ViT-B-32 text tower over 5 classes x 80 prompts, twice: minutes on 2 shared cores
 def test_zero_shot_classifier_equals_open_clips_own_full_size_vit_b_32(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None)
     torch.save(model.state_dict(), tmp_path / "ViT-B-32-random.pt")
     _classifier_equals_open_clips(
-        tmp_path / "ViT-B-32-random.pt", "ViT-B-32", list(imagenet_classes()[1][::50])
+        tmp_path / "ViT-B-32-random.pt", "ViT-B-32", list(imagenet_classes()[1][::200])
     )
 
 
