@@ -639,6 +639,7 @@ def test_cli_probe_on_features_written_once_by_predict(tiny_open_clip: Path, tmp
             "--trainer.accelerator=cpu",
             "--trainer.enable_progress_bar=false",
             f"--trainer.callbacks.init_args.output_dir={out}",
+            f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.init_args.root={tmp_path / 'cifar'}",
             "--data.init_args.image_size=32",
             "--data.init_args.loader.num_workers=0",
@@ -651,6 +652,7 @@ def test_cli_probe_on_features_written_once_by_predict(tiny_open_clip: Path, tmp
     cifar = CifarDataset(tmp_path / "cifar", "cifar10", "test", lambda x: x)
     assert sorted(splits["test"][1].tolist()) == sorted(cifar.labels)  # every test image, its own label
     main(["probe", "--features", str(out)])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.yaml"]  # nothing outside tmp_path
     saved = json.loads((out / "probe.json").read_text())
     fit, hold = held_out(splits["train"][1], 0.1)
     (x, y), (xt, yt) = splits["train"], splits["test"]
