@@ -249,10 +249,9 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     a = p.parse_args(argv)
     speech = "speech" in (read_checkpoint(a.ckpt_path, needs=("hyper_parameters",))["hyper_parameters"])
     if speech:
-        module, ckpt = speech_text_from_checkpoint(a.ckpt_path, "export")
+        pair, ckpt = speech_text_from_checkpoint(a.ckpt_path, "export")
     else:
-        module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
-    pair = module.pair
+        pair, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
     init = ckpt["hyper_parameters"].get("init_clip") or {}
     tokenizer = TextTokenizer.carried_by(ckpt, str(a.ckpt_path))
     data = ckpt.get("datamodule_hyper_parameters") or {}
@@ -386,7 +385,13 @@ class RunStarted(L.Callback):
 
 
 # the commands besides LightningCLI's, each with its own argparse parser: (argv after the name, prog) -> the output
-COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate}
+def probe(argv: list[str], prog: str = "python cli.py") -> Any:
+    from lightning_modules.linear_probe import probe_features
+
+    return probe_features(argv, prog)
+
+
+COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate, "probe": probe}
 
 
 def _prog(args: ArgsType) -> str:

@@ -396,3 +396,15 @@ class ContrastiveModule(AlignmentModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_retrieval("test")
+
+
+def trained_text_section(text: dict | None) -> dict:
+    """A saved `text` section whose start is an MLM checkpoint of this framework (init.source ours, or the older
+    init_ckpt) made a scratch start: the architecture is the section's own either way, and the trained weights
+    that follow replace the start's, so the MLM file is not read again (nor needed)."""
+    text = dict(text or {})
+    init = dict(text.get("init") or {})
+    if init.get("source") == "ours":
+        text["init"] = {**init, "source": "scratch", "path": None}
+    text["init_ckpt"] = None
+    return text

@@ -7,7 +7,6 @@ evaluation every image is embedded once against all its captions and Recall@K co
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import os
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
-from lightning_modules.components.clip_import import load_clip
+from lightning_modules.components.clip_import import ClipParts, load_clip
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -26,9 +25,9 @@ from lightning_modules.components.contrastive import (
     as_config,
 )
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
-from lightning_modules.components.text_tower import TextTower, TextTowerConfig
+from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit
-from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
 from lightning_modules.prediction import embedding_prediction
 
 log = logging.getLogger(__name__)
@@ -62,6 +61,63 @@ class ImageTextPair(ContrastivePair):
             images, captions, image_ids, image_ids, batch["caption_ids"], caption_image_ids, first
         )
 
+    def encode_image(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) uint8 pixels (or float ones already normalised) -> (B, embed_dim) unit vectors."""
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, L) token ids and mask -> (B, embed_dim) unit vectors."""
+        return F.normalize(self.text(input_ids, attention_mask), dim=-1)
+
+
+def build_image_text_pair(
+    image: ImageTowerConfig,
+    text: TextTowerConfig,
+    init_clip: TowerInit | dict | None,
+    vocab_size: int,
+    embed_dim: int,
+    loss: ContrastiveLossConfig,
+) -> tuple[ImageTextPair, dict | None]:
+    """The contrastive core of `ImageTextModule`'s sections (towers unlocked), and the preprocessing of its CLIP
+    source ({image_size, mean, std, resize}; None for towers started one by one)."""
+    clip = as_config(TowerInit, init_clip or {})  # None: a scratch start
+    if clip.source == "scratch":
+        image_tower = ImageTower(image, embed_dim)  # first: a seed gives the weights it always gave
+        text_tower = build_text_tower(text, vocab_size, embed_dim)
+        return ImageTextPair(image_tower, text_tower, embed_dim, loss), None
+    parts = load_clip(clip)
+    for what, ours, theirs in (
+        ("model.embed_dim", embed_dim, parts.embed_dim),
+        ("model.image.image_size", image.image_size, parts.image_size),
+        ("model.vocab_size (the DataModule's tokenizer)", vocab_size, parts.vocab_size),
+    ):
+        if ours != theirs:
+            raise ValueError(
+                f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
+                "(data.tokenizer: the same checkpoint gives its tokenizer)"
+            )
+    return clip_image_text_pair(parts, image, loss), clip_preprocessing(parts)
+
+
+def clip_image_text_pair(
+    parts: ClipParts, image: ImageTowerConfig, loss: ContrastiveLossConfig
+) -> ImageTextPair:
+    """The contrastive core of a whole CLIP's parts: its towers and its temperature."""
+    pair = ImageTextPair(ImageTower(image, None, backbone=parts.image), parts.text, parts.embed_dim, loss)
+    with torch.no_grad():
+        pair.log_scale.fill_(parts.log_scale)
+    return pair
+
+
+def clip_preprocessing(parts: ClipParts) -> dict:
+    """How a whole CLIP's source preprocesses images: {image_size, mean, std, resize}."""
+    return {
+        "image_size": parts.image_size,
+        "mean": parts.mean,
+        "std": parts.std,
+        "resize": parts.image.reference_resize,
+    }
+
 
 class ImageTextModule(ContrastiveModule):
     """Aligns images with captions; logs `val/i2t_R@K` (image -> text), `val/t2i_R@K` and `val/loss`."""
@@ -88,33 +144,9 @@ class ImageTextModule(ContrastiveModule):
         super().__init__(**kwargs)
         image, text = as_config(ImageTowerConfig, image), as_config(TextTowerConfig, text)
         self.tower_configs = {"image": image, "text": text}
-        clip = as_config(TowerInit, init_clip or {})  # None: a scratch start
-        if clip.source == "scratch":
-            self.clip_preprocess = None
-            self.build_pair(ImageTextPair, ImageTower(image, self.embed_dim), text)
-            return
-        parts = load_clip(clip)
-        for what, ours, theirs in (
-            ("model.embed_dim", self.embed_dim, parts.embed_dim),
-            ("model.image.image_size", image.image_size, parts.image_size),
-            ("model.vocab_size (the DataModule's tokenizer)", self.vocab_size, parts.vocab_size),
-        ):
-            if ours != theirs:
-                raise ValueError(
-                    f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
-                    "(data.tokenizer: the same checkpoint gives its tokenizer)"
-                )
-        self.clip_preprocess = {
-            "image_size": parts.image_size,
-            "mean": parts.mean,
-            "std": parts.std,
-            "resize": parts.image.reference_resize,
-        }
-        self.pair = ImageTextPair(
-            ImageTower(image, None, backbone=parts.image), parts.text, self.embed_dim, self.loss_config
+        self.pair, self.clip_preprocess = build_image_text_pair(
+            image, text, init_clip, self.vocab_size, self.embed_dim, self.loss_config
         )
-        with torch.no_grad():
-            self.pair.log_scale.fill_(parts.log_scale)
         self.lock_towers()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -141,23 +173,11 @@ class ImageTextModule(ContrastiveModule):
     # inference --------------------------------------------------------------------------------
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 pixels (or float ones already normalised) -> (B, embed_dim) unit vectors."""
-        return F.normalize(self.pair.image(images), dim=-1)
+        return self.pair.encode_image(images)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         """Unit embeddings of the batch's images and captions, with their ids (`PredictionWriter`)."""
         return embedding_prediction(batch, image=self.encode_image, text=self.encode_text)
-
-
-def _trained_text_section(text: dict | None) -> dict:
-    """A saved `text` section whose start is an MLM checkpoint of this framework (init.source ours, or the older
-    init_ckpt) made a scratch start: the architecture is the section's own either way, and the trained weights
-    that follow replace the start's, so the MLM file is not read again (nor needed)."""
-    text = dict(text or {})
-    init = dict(text.get("init") or {})
-    if init.get("source") == "ours":
-        text["init"] = {**init, "source": "scratch", "path": None}
-    text["init_ckpt"] = None
-    return text
 
 
 def recorded_statistics(image: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
@@ -192,13 +212,14 @@ def adopt_recorded_statistics(tower: ImageTower, image: dict[str, Any], data: Ma
     )
 
 
-def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[ImageTextModule, dict]:
-    """The `ImageTextModule` of a checkpoint file (eval mode), and the checkpoint's contents.
+def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[ImageTextPair, dict]:
+    """The contrastive core (`ImageTextPair`, eval mode) of an `ImageTextModule` checkpoint, and the checkpoint.
 
-    Read through `read_checkpoint` (weights_only, memory-mapped). The architecture comes from the saved
-    hyperparameters and the trained weights follow; a text tower's MLM start is not read again, other pretrained
-    starts (init_clip, Hugging Face folders) are, for their architecture. `asked_by` names the caller in the error
-    raised for a checkpoint of another system ("export", "zero-shot").
+    Read through `read_checkpoint` (weights_only, memory-mapped). The towers are built from the saved
+    hyperparameters by `build_image_text_pair`, as the system builds them, and the trained weights follow; a text
+    tower's MLM start is not read again, other pretrained starts (init_clip, Hugging Face folders) are, for their
+    architecture. `asked_by` names the caller in the error raised for a checkpoint of another system ("export",
+    "zero-shot").
     """
     ckpt = read_checkpoint(path, needs=("state_dict", "hyper_parameters"))
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
@@ -208,13 +229,19 @@ def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[
             "this version cannot rebuild its model; train it again with the current configs"
         )
     check_system(path, ckpt, ImageTextModule, asked_by)
-    hparams["text"] = _trained_text_section(hparams.get("text"))
     image = dict(hparams.get("image") or {})
     image.update(recorded_statistics(image, ckpt.get("datamodule_hyper_parameters") or {}))
-    hparams["image"] = image
-    # In a fresh context: LightningCLI hands the hyperparameters of the module it instantiates (the caller's, such
-    # as a ZeroShotClassifier) to every `save_hyperparameters` through a context variable, which would give them
-    # to this model.
-    model = contextvars.Context().run(ImageTextModule, **hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
+    pair, _ = build_image_text_pair(
+        as_config(ImageTowerConfig, image),
+        as_config(TextTowerConfig, trained_text_section(hparams.get("text"))),
+        hparams.get("init_clip"),
+        hparams["vocab_size"],
+        hparams["embed_dim"],
+        as_config(ContrastiveLossConfig, hparams["loss"]),
+    )
+    state = ckpt["state_dict"]
+    others = sorted(k for k in state if not k.startswith("pair."))
+    if others:
+        raise CheckpointError(f"{path}: weights outside the image-text model ({', '.join(others[:3])}, ...)")
+    pair.load_state_dict({k.removeprefix("pair."): v for k, v in state.items()})
+    return pair.eval(), ckpt

@@ -9,16 +9,27 @@ drawn with a seed (`few_shot_indices`).
 
     image   ImageTextModule.encode_image over ImageFolderDataModule batches (labels: class folders)
     speech  SpeechTextModule's speech tower over LibriSpeechDataModule batches (labels: e.g. `speaker_labels`)
+
+From the command line the features are written to disk once, by `predict` with the prediction writer
+(`ImageFeatures` over a `ClassificationDataModule`'s train / val / test splits; configs/eval/probe_features.yaml),
+and the probe reads them (`python cli.py probe --features DIR`), printing and writing (probe.json) the accuracy
+and the weight decay it chose.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_modules.components.towers import TowerInit
 
 DEFAULT_WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -59,9 +70,11 @@ def extract_embeddings(
 
 
 def image_encoder(model: nn.Module) -> Callable[[dict], Tensor]:
-    """Batch -> unit joint-space embeddings of its images, by an `ImageTextModule` (frozen, eval mode)."""
+    """Batch -> unit joint-space embeddings of its images, by an `ImageTextModule` or its `ImageTextPair` (frozen,
+    eval mode)."""
     model.eval()
-    return lambda batch: model.encode_image(batch["images"].to(model.device))
+    device = next(model.parameters()).device
+    return lambda batch: model.encode_image(batch["images"].to(device))
 
 
 def speech_encoder(model: nn.Module) -> Callable[[dict], Tensor]:
@@ -174,3 +187,103 @@ def linear_probe(
             best = (val_acc, wd, classifier)
     val_acc, wd, classifier = best
     return ProbeResult(accuracy(classifier, x_test, y_test), val_acc, wd, len(y_train), num_classes)
+
+
+# features on disk ----------------------------------------------------------------------------------
+class ImageFeatures(L.LightningModule):
+    """`predict` writes the unit image embeddings of a classification DataModule's splits (prediction writer:
+    embeddings.parquet), each image's id `<split role>/<label>/<index>`, for `probe_features`."""
+
+    def __init__(
+        self, ckpt_path: str | None = None, init_clip: TowerInit | None = None, vocab_size: int | None = None
+    ) -> None:
+        """
+        Args:
+            ckpt_path: an `ImageTextModule` checkpoint.
+            init_clip: instead, a whole CLIP as published ({source: open_clip, name: ViT-B-32, path: FILE} or
+                {source: hf, path: DIR}).
+            vocab_size: unused (the CLI links the DataModule's vocabulary size to every model).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        from lightning_modules.image_text_module import image_text_from_checkpoint
+        from lightning_modules.zero_shot import load_clip_start
+
+        if bool(ckpt_path) == bool(init_clip):
+            raise ValueError("give the model as model.init_args.ckpt_path or init_clip, one of them")
+        pair = (
+            image_text_from_checkpoint(ckpt_path, "probe")[0] if ckpt_path else load_clip_start(init_clip)[0]
+        )
+        self.pair = pair.eval().requires_grad_(False)
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        role = self.trainer.datamodule.predict_roles[dataloader_idx]
+        ids = [f"{role}/{y}/{i}" for y, i in zip(batch["labels"].tolist(), batch["indices"].tolist())]
+        return {"embeddings": {"image": (ids, self.pair.encode_image(batch["images"]))}, "unreadable": []}
+
+
+def read_features(folder: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
+    """{split role: (embeddings (N, D), labels (N,))} of an `ImageFeatures` prediction folder."""
+    import pyarrow.parquet as pq
+
+    path = Path(folder) / "embeddings.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: write the features first (python cli.py predict ...)"
+        )
+    table = pq.read_table(path).to_pydict()
+    rows: dict[str, tuple[list[list[float]], list[int]]] = {}
+    for key, emb in zip(table["id"], table["embedding"]):
+        role, label, _ = key.split("/")
+        xs, ys = rows.setdefault(role, ([], []))
+        xs.append(emb)
+        ys.append(int(label))
+    return {role: (torch.tensor(xs), torch.tensor(ys)) for role, (xs, ys) in rows.items()}
+
+
+def held_out(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices of a training split and a validation split holding `fraction` of every class, drawn with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique(sorted=True).tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        cut = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        val.append(members[:cut])
+        train.append(members[cut:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def probe_features(argv: list[str], prog: str = "python cli.py") -> ProbeResult:
+    """The `probe` command: a linear probe on features written by `predict` (see the module doc)."""
+    p = argparse.ArgumentParser(
+        prog=f"{prog} probe", description="Linear probe on image features written by predict (ImageFeatures)"
+    )
+    p.add_argument("--features", required=True, help="the prediction folder (embeddings.parquet)")
+    p.add_argument("--k", type=int, default=None, help="few-shot: k training examples per class")
+    p.add_argument(
+        "--val_fraction", type=float, default=0.1, help="of train, per class, when there is no val"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    splits = read_features(a.features)
+    missing = [role for role in ("train", "test") if role not in splits]
+    if missing:
+        raise ValueError(
+            f"{a.features}: no {' or '.join(missing)} features (set data.train_split / test_split)"
+        )
+    train = splits["train"]
+    if "val" in splits:
+        val = splits["val"]
+    else:  # the probe's regularisation is chosen on training images it does not fit
+        fit, hold = held_out(train[1], a.val_fraction, a.seed)
+        train, val = (train[0][fit], train[1][fit]), (train[0][hold], train[1][hold])
+    result = linear_probe(train, val, splits["test"], k=a.k, seed=a.seed)
+    out = Path(a.features) / "probe.json"
+    out.write_text(json.dumps({**asdict(result), "k": a.k, "seed": a.seed}, indent=2) + "\n")
+    print(
+        f"linear probe: top-1 {100 * result.accuracy:.2f} on {len(splits['test'][1])} test images, weight decay "
+        f"{result.weight_decay:g} (val {100 * result.val_accuracy:.2f}), {result.train_size} training examples; "
+        f"wrote {out}"
+    )
+    return result

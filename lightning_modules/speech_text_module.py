@@ -6,14 +6,13 @@ other in the loss and in Recall@K, never negatives.
 
 from __future__ import annotations
 
-import contextvars
 import os
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.checkpoints import check_system, read_checkpoint
+from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -21,8 +20,8 @@ from lightning_modules.components.contrastive import (
     as_config,
 )
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
-from lightning_modules.components.text_tower import TextTowerConfig
-from lightning_modules.contrastive_module import ContrastiveModule
+from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
+from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
 from lightning_modules.prediction import embedding_prediction
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
@@ -98,24 +97,27 @@ class SpeechTextModule(ContrastiveModule):
         )
 
 
-def speech_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[SpeechTextModule, dict]:
-    """The `SpeechTextModule` of a checkpoint file (eval mode), and the checkpoint's contents.
+def speech_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[SpeechTextPair, dict]:
+    """The contrastive core (`SpeechTextPair`, eval mode) of a `SpeechTextModule` checkpoint, and the checkpoint.
 
-    Read through `read_checkpoint` (weights_only, memory-mapped). The architecture comes from the saved
-    hyperparameters and the trained weights follow: a text tower's MLM start is not read again; a pretrained
-    speech tower's folder is, for its architecture."""
+    Read through `read_checkpoint` (weights_only, memory-mapped). The towers are built from the saved
+    hyperparameters as the system builds them and the trained weights follow: a text tower's MLM start is not
+    read again; a pretrained speech tower's folder is, for its architecture."""
     ckpt = read_checkpoint(path, needs=("state_dict", "hyper_parameters"))
     check_system(path, ckpt, SpeechTextModule, asked_by)
-    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
-    text = dict(hparams.get("text") or {})
-    if (text.get("init") or {}).get("source") == "ours" or text.get("init_ckpt"):
-        # the section's own architecture; the trained weights below replace the MLM start's
-        text["init"], text["init_ckpt"] = (
-            {**(text.get("init") or {}), "source": "scratch", "path": None},
-            None,
-        )
-    hparams["text"] = text
-    # a fresh context: LightningCLI hands its module's hyperparameters to every save_hyperparameters through one
-    model = contextvars.Context().run(SpeechTextModule, **hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
+    hparams = ckpt["hyper_parameters"]
+    embed_dim = hparams["embed_dim"]
+    speech = as_config(SpeechTowerConfig, hparams.get("speech") or {})
+    text = as_config(TextTowerConfig, trained_text_section(hparams.get("text")))
+    pair = SpeechTextPair(
+        build_speech_tower(speech, embed_dim),
+        build_text_tower(text, hparams["vocab_size"], embed_dim),
+        embed_dim,
+        as_config(ContrastiveLossConfig, hparams["loss"]),
+    )
+    state = ckpt["state_dict"]
+    others = sorted(k for k in state if not k.startswith("pair."))
+    if others:
+        raise CheckpointError(f"{path}: weights outside the speech-text model ({', '.join(others[:3])}, ...)")
+    pair.load_state_dict({k.removeprefix("pair."): v for k, v in state.items()})
+    return pair.eval(), ckpt

@@ -1,33 +1,55 @@
-"""Zero-shot image classification with a trained image-text model: classes are named, never trained on.
+"""Zero-shot image classification with an image-text model: classes are named, never trained on.
 
-Each class name is written into every prompt template ("a picture of a {}" -> "a picture of a red circle"); the
-text tower embeds each prompt, and the class embedding is the mean of its prompts' unit embeddings, scaled back
-to unit length (the prompt ensemble of Radford et al. 2021, "Learning Transferable Visual Models From Natural
-Language Supervision"). An image is given the class whose embedding has the highest cosine with its own.
+Each class name is written into every prompt template ("a photo of a {}." -> "a photo of a tench."); the text
+tower embeds each prompt, and the class embedding is the mean of its prompts' unit embeddings, scaled back to unit
+length (the prompt ensemble of Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
+Supervision"). An image is given the class whose embedding has the highest cosine with its own: one (B, D) x
+(D, C) product per batch, so 50,000 images need no more memory than one batch.
 
-    python cli.py test --config configs/zeroshot/shapes.yaml \
-        --model.init_args.ckpt_path runs/clip_quickstart/checkpoints/last.ckpt
+The model is a checkpoint of this framework (`ckpt_path`) or a whole CLIP imported as it is (`init_clip`: an
+open_clip file or a Hugging Face CLIPModel folder). The CLIP paper's ImageNet class names and 80 templates, and its
+18 CIFAR templates, are bundled (datamodules/image/metadata/, each file naming its source):
 
-logs `test/zero_shot_acc` (top-1), `test/zero_shot_acc_top5` when there are more than 5 classes, and with
-`per_class: true` `test/zero_shot_acc/<class folder>`.
+    python cli.py test --config configs/eval/imagenet_zeroshot.yaml --data.root /data/imagenet \
+        --model.init_args.init_clip.path ViT-B-32-openai.pt
+
+logs `test/zero_shot_acc` (top-1), `test/zero_shot_acc_top5` when there are more than 5 classes,
+`test/zero_shot_mean_per_class_recall` and with `per_class: true` `test/zero_shot_acc/<class folder>`. Every
+image counts once, whatever the number of processes (the distributed sampler's repeated images are dropped).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
+from datamodules.image.classification_sets import file_sha256, prompt_templates
+from datamodules.image.clip_tokenizer import OPEN_CLIP_PREFIX, ClipTokenizer
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.image_text_module import ImageTextModule, image_text_from_checkpoint
+from lightning_modules.components.clip_import import load_clip
+from lightning_modules.components.contrastive import ContrastiveLossConfig, as_config
+from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.retrieval import first_occurrence
+from lightning_modules.components.text_tower import TextTowerConfig
+from lightning_modules.components.towers import TowerInit
+from lightning_modules.image_text_module import (
+    ImageTextPair,
+    clip_image_text_pair,
+    clip_preprocessing,
+    image_text_from_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +79,17 @@ def class_embeddings(
     context_length: int,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    fix_articles: bool = True,
 ) -> Tensor:
     """(C, D) unit vectors: for each class, the mean of the unit text embeddings of its prompts, renormalised.
 
-    `encode_text(input_ids, attention_mask)` gives (B, D) embeddings, normalised or not.
+    `encode_text(input_ids, attention_mask)` gives (B, D) embeddings, normalised or not. `fix_articles`: "a"
+    becomes "an" before a vowel (`fill_template`); off, the templates are filled verbatim, as the papers' are.
     """
     if not class_names or not templates:
         raise ValueError("zero-shot classification needs at least one class name and one prompt template")
-    prompts = [fill_template(t, name) for name in class_names for t in templates]
+    fill = fill_template if fix_articles else str.format
+    prompts = [fill(t, name) for name in class_names for t in templates]
     parts = []
     for start in range(0, len(prompts), batch_size):
         tokens = tokenizer(prompts[start : start + batch_size], context_length)
@@ -85,8 +110,9 @@ def _datamodule_class(class_path: str | None) -> type:
 
 def load_image_text(
     ckpt_path: str | Path, tokenizer: str | None = None
-) -> tuple[ImageTextModule, TextTokenizer, int]:
-    """An `ImageTextModule` checkpoint's model (eval mode), its tokenizer and its caption context length.
+) -> tuple[ImageTextPair, TextTokenizer, int]:
+    """An `ImageTextModule` checkpoint's contrastive core (eval mode), its tokenizer and its caption context
+    length.
 
     The model is rebuilt by `image_text_from_checkpoint` (read with weights_only=True, memory-mapped; a file that
     is no image-text checkpoint of this framework raises CheckpointError naming it). The tokenizer is, in order:
@@ -94,9 +120,11 @@ def load_image_text(
     (`datamodule_hyper_parameters`) loads, i.e. its tokenizer file or the vocabulary it trained and cached (trained
     again, identically, from its captions when the cache is gone).
     """
-    model, ckpt = image_text_from_checkpoint(ckpt_path, "zero-shot")
+    pair, ckpt = image_text_from_checkpoint(ckpt_path, "zero-shot")
+    vocab_size = ckpt["hyper_parameters"]["vocab_size"]
+    max_len = as_config(TextTowerConfig, ckpt["hyper_parameters"].get("text") or {}).max_len
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    context_length = int(data_hp.get("context_length") or model.tower_configs["text"].max_len)
+    context_length = int(data_hp.get("context_length") or max_len)
     if tokenizer:
         tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
@@ -110,12 +138,81 @@ def load_image_text(
             f"{ckpt_path} carries neither a tokenizer nor its DataModule's settings: pass the training tokenizer "
             "(tokenizer.json / vocab.txt) as model.init_args.tokenizer"
         )
-    if tok.vocab_size != model.hparams.vocab_size:
+    if tok.vocab_size != vocab_size:
         raise ValueError(
             f"the tokenizer ({tok.source}) has {tok.vocab_size} tokens but the checkpoint's text tower "
-            f"{model.hparams.vocab_size}: not the tokenizer the model was trained with"
+            f"{vocab_size}: not the tokenizer the model was trained with"
         )
-    return model, tok, min(context_length, model.tower_configs["text"].max_len)
+    return pair, tok, min(context_length, max_len)
+
+
+def load_clip_start(init: TowerInit | dict) -> tuple[ImageTextPair, ClipTokenizer, int, dict]:
+    """A whole CLIP imported as it is (an open_clip file, a Hugging Face CLIPModel folder; see
+    components/clip_import.py): its contrastive core (eval mode), its own tokenizer, its context length and its
+    preprocessing ({image_size, mean, std, resize})."""
+    init = as_config(TowerInit, init)
+    parts = load_clip(init)
+    pair = clip_image_text_pair(parts, ImageTowerConfig(image_size=parts.image_size), ContrastiveLossConfig())
+    tokenizer = ClipTokenizer(
+        f"{OPEN_CLIP_PREFIX}{init.name}" if init.source == "open_clip" else str(init.path)
+    )
+    return pair.eval(), tokenizer, parts.context_length, clip_preprocessing(parts)
+
+
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a model file, or of a folder's files (name and bytes, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path)}\t{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+class ZeroShotScores(Metric):
+    """Top-1, top-5 and mean per-class recall of class scores, each image counted once.
+
+    Each image adds its index, its label and its 5 best classes; `compute` gathers them from every process once
+    (torchmetrics' sync) and keeps the first row of each index, so the images the distributed sampler repeats to
+    even out the processes are not counted twice. Memory: 7 integers per image.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, top_k: int = 5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.top_k = min(top_k, num_classes)
+        for name in ("indices", "labels", "top"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, scores: Tensor, labels: Tensor, indices: Tensor) -> None:
+        """`scores` (B, C) of images `indices` (B,) with true `labels` (B,)."""
+        self.indices.append(indices.detach().long())
+        self.labels.append(labels.detach().long())
+        self.top.append(scores.detach().topk(self.top_k, dim=-1).indices)
+
+    def compute(self) -> dict[str, Tensor]:
+        """{"top1", "top5" (with 5 or more classes), "mean_per_class_recall", "per_class" (C,) recall; NaN for a
+        class without images, which the mean leaves out}."""
+        keep = first_occurrence(dim_zero_cat(self.indices))
+        labels, top = dim_zero_cat(self.labels)[keep], dim_zero_cat(self.top)[keep]
+        hit1 = (top[:, 0] == labels).float()
+        out = {"top1": hit1.mean()}
+        if self.top_k >= 5:
+            out["top5"] = (top[:, :5] == labels[:, None]).any(dim=1).float().mean()
+        count = torch.zeros(self.num_classes, device=labels.device).index_add_(
+            0, labels, torch.ones_like(hit1)
+        )
+        hits = torch.zeros(self.num_classes, device=labels.device).index_add_(0, labels, hit1)
+        per_class = hits / count  # NaN where a class has no image
+        out["per_class"] = per_class
+        out["mean_per_class_recall"] = per_class[count > 0].mean()
+        out["images"] = torch.tensor(len(labels))
+        return out
 
 
 class ZeroShotClassifier(L.LightningModule):
@@ -124,7 +221,8 @@ class ZeroShotClassifier(L.LightningModule):
     def __init__(
         self,
         ckpt_path: str | None = None,
-        templates: list[str] | None = None,
+        init_clip: TowerInit | None = None,
+        templates: list[str] | str | None = None,
         class_names: list[str] | None = None,
         tokenizer: str | None = None,
         context_length: int | None = None,
@@ -134,36 +232,55 @@ class ZeroShotClassifier(L.LightningModule):
         """
         Args:
             ckpt_path: an `ImageTextModule` checkpoint (e.g. runs/clip_quickstart/checkpoints/last.ckpt).
-            templates: prompt templates with `{}` for the class name; None uses `DEFAULT_TEMPLATES`.
-            class_names: class names in label order; None takes the DataModule's (`class_names`, from folders).
+            init_clip: instead, a whole CLIP as it was published: {source: open_clip, name: ViT-B-32, path: FILE} or
+                {source: hf, path: DIR}; its own tokenizer and context length are used.
+            templates: prompt templates with `{}` for the class name: a list ("a" becomes "an" before a vowel), a
+                bundled set ("imagenet": the CLIP paper's 80; "cifar": its 18) or a text file of templates, one
+                per line (these two filled verbatim, as the papers do); None uses `DEFAULT_TEMPLATES`.
+            class_names: class names in label order; None takes the DataModule's (ImageNet's bundled names, CIFAR's
+                meta file, class folders).
             tokenizer: the training tokenizer file; None finds it through the checkpoint (see `load_image_text`).
-            context_length: longest prompt in tokens; None uses the checkpoint's caption context length.
+            context_length: longest prompt in tokens; None uses the model's caption context length.
             per_class: also log the accuracy of every class.
             vocab_size: unused; the CLI links the DataModule's vocabulary size to every model, and this model's
                 comes with its checkpoint.
         """
         super().__init__()
         self.save_hyperparameters()
-        self.templates = list(templates) if templates else list(DEFAULT_TEMPLATES)
-        self.model: ImageTextModule | None = None
-        self.tokenizer: TextTokenizer | None = None
+        if isinstance(templates, str):
+            self.templates, self.fix_articles = prompt_templates(templates), False
+        else:
+            self.templates, self.fix_articles = list(templates or DEFAULT_TEMPLATES), True
+        self.pair: ImageTextPair | None = None
+        self.tokenizer: TextTokenizer | ClipTokenizer | None = None
         self.context_length = context_length
+        self.source: dict[str, Any] = {}
+        if ckpt_path and init_clip:
+            raise ValueError("model.init_args.ckpt_path and init_clip both name a model: give one")
         if ckpt_path:
-            model, tok, saved_length = load_image_text(ckpt_path, tokenizer)
-            self.set_model(model, tok, context_length or saved_length)
+            pair, tok, saved_length = load_image_text(ckpt_path, tokenizer)
+            self.set_model(pair, tok, context_length or saved_length)
+            self.source = {"kind": "checkpoint", "path": str(ckpt_path)}
+        elif init_clip:
+            init = as_config(TowerInit, init_clip)
+            pair, tok, clip_length, preprocess = load_clip_start(init)
+            self.set_model(pair, tok, context_length or clip_length)
+            self.source = {"kind": init.source, "name": init.name, "path": str(init.path), **preprocess}
         self.register_buffer("class_embeds", torch.empty(0), persistent=False)
         self.metrics = nn.ModuleDict()
 
-    def set_model(self, model: ImageTextModule, tokenizer: TextTokenizer, context_length: int) -> None:
-        """Use an image-text model already in memory (frozen here) instead of a checkpoint."""
-        self.model = model.eval().requires_grad_(False)
+    def set_model(
+        self, pair: ImageTextPair, tokenizer: TextTokenizer | ClipTokenizer, context_length: int
+    ) -> None:
+        """Use an image-text model's contrastive core already in memory (frozen here) instead of a checkpoint."""
+        self.pair = pair.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.context_length = self.context_length or context_length
 
     def train(self, mode: bool = True) -> ZeroShotClassifier:
         super().train(mode)
-        if self.model is not None:
-            self.model.eval()  # frozen: no dropout, ever
+        if self.pair is not None:
+            self.pair.eval()  # frozen: no dropout, ever
         return self
 
     # classes ------------------------------------------------------------------------------------
@@ -173,33 +290,60 @@ class ZeroShotClassifier(L.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         if dm is None or not hasattr(dm, "class_names"):
             raise ValueError(
-                "no class names: set model.init_args.class_names or use an ImageFolderDataModule"
+                "no class names: set model.init_args.class_names or use a classification DataModule"
             )
         return list(dm.class_names)
 
     def build_classes(self, class_names: Sequence[str]) -> Tensor:
         """Compute (and keep) the class embeddings of `class_names` with this model's prompt templates."""
-        if self.model is None:
-            raise ValueError("no image-text model: set model.init_args.ckpt_path")
+        if self.pair is None:
+            raise ValueError("no image-text model: set model.init_args.ckpt_path or init_clip")
         self.class_embeds = class_embeddings(
-            self.model.encode_text,
+            self.pair.encode_text,
             self.tokenizer,
             class_names,
             self.templates,
             self.context_length,
             device=self.device,
+            fix_articles=self.fix_articles,
         )
         return self.class_embeds
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) uint8 pixels (the image tower normalises them) -> (B, C) cosines between images and classes."""
-        return self.model.encode_image(images).float() @ self.class_embeds.T
+        return self.pair.encode_image(images).float() @ self.class_embeds.T
+
+    def protocol(self) -> dict[str, Any]:
+        """The model and prompts of this evaluation, for results.json: source and its sha256, templates, classes,
+        context length and the image tower's normalisation."""
+        templates = self.hparams.templates
+        source = dict(self.source)
+        if source.get("path") and Path(source["path"]).exists():
+            source["sha256"] = path_sha256(source["path"])
+        tower = self.pair.image if self.pair is not None else None
+        return {
+            "model": source,
+            "templates": {
+                "source": templates if isinstance(templates, str) else "given" if templates else "default",
+                "count": len(self.templates),
+                "sha256": hashlib.sha256("\n".join(self.templates).encode()).hexdigest(),
+                "verbatim": not self.fix_articles,
+            },
+            "classes": len(self.class_embeds) or None,
+            "context_length": self.context_length,
+            "normalisation": {
+                "mean": [round(float(v), 8) for v in tower.pixel_mean.flatten()]
+                if tower is not None
+                else None,
+                "std": [round(float(v), 8) for v in tower.pixel_std.flatten()] if tower is not None else None,
+            },
+        }
 
     # evaluation ---------------------------------------------------------------------------------
     def _start(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if self.model is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
-            data, tower = dict(getattr(dm, "hparams", {})), self.model.pair.image
+        if self.pair is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
+            data, tower = dict(getattr(dm, "hparams", {})), self.pair.image
             tower.check_data(data, "data")
             want = tower.reference_resize
             if want and data.get("resize", "tensor") != want:
@@ -211,39 +355,36 @@ class ZeroShotClassifier(L.LightningModule):
                 )
         names = self.class_names()
         self.build_classes(names)
-        n = len(names)
-        metrics = {"zero_shot_acc": MulticlassAccuracy(n, top_k=1, average="micro")}
-        if n > 5:
-            metrics["zero_shot_acc_top5"] = MulticlassAccuracy(n, top_k=5, average="micro")
-        if self.hparams.per_class:
-            metrics["per_class"] = MulticlassAccuracy(n, average=None)
-        self.metrics[stage] = nn.ModuleDict(metrics).to(self.device)
-        log.info("zero-shot: %d classes x %d prompt templates", n, len(self.templates))
+        self.metrics[stage] = ZeroShotScores(len(names)).to(self.device)
+        log.info("zero-shot: %d classes x %d prompt templates", len(names), len(self.templates))
 
     def _step(self, batch: dict, stage: str) -> None:
         self.log(
             f"{stage}/skipped_items", float(batch["skipped"]), reduce_fx="sum", on_step=False, on_epoch=True
         )
-        if not len(batch["labels"]):
-            return
-        logits = self(batch["images"])
-        for metric in self.metrics[stage].values():
-            metric.update(logits, batch["labels"])
+        labels = batch["labels"]
+        # an empty batch still updates: every process then holds a state for the gather
+        scores = (
+            self(batch["images"]) if len(labels) else self.class_embeds.new_zeros(0, len(self.class_embeds))
+        )
+        self.metrics[stage].update(scores, labels, batch["indices"])
 
     def _end(self, stage: str) -> None:
-        metrics = self.metrics[stage]
-        values = {f"{stage}/{k}": m.compute() for k, m in metrics.items() if k != "per_class"}
-        if "per_class" in metrics:
+        metric = self.metrics[stage]
+        scores = metric.compute()
+        values = {
+            f"{stage}/zero_shot_acc": scores["top1"],
+            f"{stage}/zero_shot_mean_per_class_recall": scores["mean_per_class_recall"],
+        }
+        if metric.num_classes > 5:
+            values[f"{stage}/zero_shot_acc_top5"] = scores["top5"]
+        if self.hparams.per_class:
             folders = getattr(getattr(self.trainer, "datamodule", None), "datasets", {}).get(stage)
-            keys = (
-                folders.folders if folders is not None else [n.replace(" ", "_") for n in self.class_names()]
-            )
-            values.update(
-                {f"{stage}/zero_shot_acc/{k}": v for k, v in zip(keys, metrics["per_class"].compute())}
-            )
+            keys = getattr(folders, "folders", None) or [n.replace(" ", "_") for n in self.class_names()]
+            values.update({f"{stage}/zero_shot_acc/{k}": v for k, v in zip(keys, scores["per_class"])})
+        self.counted = {"images": int(scores["images"])}
         self.log_dict(values)
-        for metric in metrics.values():
-            metric.reset()
+        metric.reset()
 
     def on_validation_start(self) -> None:
         self._start("val")

@@ -217,7 +217,7 @@ def test_predict_zero_shot_and_probe_embed_uint8_as_normalised_pixels() -> None:
         predicted = model.predict_step({"images": pixels, "image_keys": list("abcd")}, 0)
         probe = image_encoder(model)({"images": pixels})
         zero_shot = ZeroShotClassifier()
-        zero_shot.set_model(model, None, 16)
+        zero_shot.set_model(model.pair, None, 16)
         zero_shot.class_embeds = F.normalize(torch.randn(3, 16), dim=-1)
         logits = zero_shot(pixels)
     assert (predicted["embeddings"]["image"][1] - want).abs().max() <= 1e-5
@@ -418,6 +418,6 @@ def test_a_checkpoint_whose_datamodule_named_its_normalisation_keeps_it(tmp_path
         tmp_path / "trained.ckpt",
     )
     loaded, _ = image_text_from_checkpoint(tmp_path / "trained.ckpt", "zero-shot")
-    assert torch.equal(loaded.pair.image.pixel_mean.flatten(), torch.tensor(IMAGENET_MEAN))
-    assert torch.equal(loaded.pair.image.pixel_std.flatten(), torch.tensor(IMAGENET_STD))
+    assert torch.equal(loaded.image.pixel_mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.equal(loaded.image.pixel_std.flatten(), torch.tensor(IMAGENET_STD))
     assert torch.equal(model.pair.image.pixel_mean.flatten(), torch.tensor(CLIP_MEAN))  # scratch default

@@ -214,7 +214,7 @@ def test_checkpoint_is_rebuilt_without_reading_the_mlm_start_again(spelling: str
     mlm_file.unlink()
     rebuilt, _ = image_text_from_checkpoint(ckpt, "export")
     assert not rebuilt.training
-    for key, value in module.state_dict().items():
+    for key, value in module.pair.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
 
 

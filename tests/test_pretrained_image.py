@@ -550,7 +550,7 @@ def test_coco_openclip_config_fine_tunes_on_cpu_smoke(open_clip_ckpt: Path, tmp_
 
     model, tok, context = load_image_text(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert isinstance(tok, ClipTokenizer) and tok.vocab_size == 49408 and context == 77
-    assert torch.equal(model.pair.log_scale, cli.model.pair.log_scale)
+    assert torch.equal(model.log_scale, cli.model.pair.log_scale)
 
 
 @pytest.mark.slow  # ~10 s; locking is covered in the default run by the unit tests and the LiT proof

@@ -106,6 +106,11 @@ class RetrievalRecall(Metric):
         self.chunk_size = chunk_size
         for name in ("a_emb", "a_keys", "a_groups", "b_emb", "b_keys", "b_groups"):
             self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.scored: dict[str, int] = {}
+
+    def counts(self) -> dict[str, int]:
+        """Distinct items of each side the last `compute` scored ({"a": images, "b": captions} for COCO)."""
+        return dict(self.scored)
 
     def update(
         self,
@@ -134,6 +139,8 @@ class RetrievalRecall(Metric):
         a_emb, a_groups = dim_zero_cat(self.a_emb)[a_keep], dim_zero_cat(self.a_groups)[a_keep]
         b_emb, b_groups = dim_zero_cat(self.b_emb)[b_keep], dim_zero_cat(self.b_groups)[b_keep]
 
+        # what was scored, every process's rows together, each once (`counts`)
+        self.scored = {"a": len(a_keep), "b": len(b_keep)}
         a2b = recall_at_k(a_emb, b_emb, a_groups, b_groups, self.ks, self.chunk_size)
         b2a = recall_at_k(b_emb, a_emb, b_groups, a_groups, self.ks, self.chunk_size)
         out = {f"{self.prefix_a2b}_R@{k}": torch.tensor(v) for k, v in a2b.items()}
