@@ -108,8 +108,8 @@ def test_scratch_clip_exports_as_an_encoder_pair_the_snippet_loads(tokenizer, tm
     assert torch.equal(theirs["attention_mask"].bool(), ours["attention_mask"])
     pixels = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert max_diff(snippet["embed_texts"](CAPTIONS), pair.text(**ours)) <= TOL
-        assert max_diff(snippet["embed_images"](pixels), pair.image(pixels)) <= TOL
+        assert max_diff(snippet["embed_texts"](CAPTIONS), module.pair.text(**ours)) <= TOL
+        assert max_diff(snippet["embed_images"](pixels), module.pair.image(pixels)) <= TOL
         assert float(snippet["heads"]["logit_scale"].exp()) == pytest.approx(
             float(module.logit_scale), rel=1e-6
         )
@@ -137,8 +137,8 @@ def test_cls_pooled_clip_exports_as_a_dual_encoder_auto_classes_load(tokenizer, 
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         )
         theirs_img = model.get_image_features(pixel_values=batch["pixel_values"])
-        assert max_diff(theirs_txt.pooler_output, pair.text(**ours_ids)) <= TOL
-        assert max_diff(theirs_img.pooler_output, pair.image(batch["pixel_values"])) <= TOL
+        assert max_diff(theirs_txt.pooler_output, module.pair.text(**ours_ids)) <= TOL
+        assert max_diff(theirs_img.pooler_output, module.pair.image(batch["pixel_values"])) <= TOL
         assert float(model.logit_scale.exp()) == pytest.approx(float(module.logit_scale), rel=1e-6)
     # the processor's pixels are the tower's: the tensor-mode evaluation crop, scaled and normalised with its
     # mean and std (2e-2: one grey level over CLIP's std, where two bicubic roundings meet)
@@ -179,7 +179,7 @@ def test_hugging_face_text_towers_keep_their_class(tmp_path: Path, kind: str, po
                 ids["input_ids"],
             )
             theirs = snippet["embed_texts"](CAPTIONS)
-        assert max_diff(theirs, pair.text(**ids)) <= TOL
+        assert max_diff(theirs, module.pair.text(**ids)) <= TOL
 
 
 def test_a_hugging_face_clip_image_tower_keeps_its_class(tokenizer, tmp_path: Path) -> None:
@@ -204,7 +204,7 @@ def test_a_hugging_face_clip_image_tower_keeps_its_class(tokenizer, tmp_path: Pa
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         theirs = model.get_image_features(pixel_values=pixels).pooler_output
-        assert max_diff(theirs, pair.image(pixels)) <= TOL
+        assert max_diff(theirs, module.pair.image(pixels)) <= TOL
 
 
 def test_forms_and_parts_that_cannot_be_written_are_refused_by_name(tokenizer, tmp_path: Path) -> None:
@@ -238,7 +238,7 @@ def test_resnet_image_tower_exports_as_a_resnet_model_in_an_encoder_pair(tokeniz
     assert isinstance(snippet["image_encoder"], transformers.ResNetModel)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert max_diff(snippet["embed_images"](pixels), pair.image(pixels)) <= TOL
+        assert max_diff(snippet["embed_images"](pixels), module.pair.image(pixels)) <= TOL
     assert not (tmp_path / "dual").exists()
 
 
@@ -272,8 +272,8 @@ def test_speech_text_exports_as_an_encoder_pair_the_snippet_loads(
         assert isinstance(snippet["speech_encoder"], transformers.Wav2Vec2Model)
     wave, lengths = waves([4000, 2400])
     with torch.no_grad():
-        assert max_diff(snippet["embed_speech"](wave, lengths), pair.speech(wave, lengths)) <= TOL
-        assert max_diff(snippet["embed_texts"](CAPTIONS), pair.text(**tokenizer(CAPTIONS, 12))) <= TOL
+        assert max_diff(snippet["embed_speech"](wave, lengths), module.pair.speech(wave, lengths)) <= TOL
+        assert max_diff(snippet["embed_texts"](CAPTIONS), module.pair.text(**tokenizer(CAPTIONS, 12))) <= TOL
 
 
 # the quickstart configs -----------------------------------------------------------------------------------------
