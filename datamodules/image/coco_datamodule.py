@@ -136,7 +136,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             They are streamed, split by rank and DataLoader worker; validation and test still read the folder
             layout. Without `tokenizer`, the vocabulary is trained on the training split's annotations when they
             exist, else on the captions stored in the shards (which reads every shard once: for large remote sets
-            pass `tokenizer`).
+            pass `tokenizer`). A sample list (`.parquet`, as `curate filter` writes) trains on its samples only.
         train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
             (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
         shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
@@ -153,6 +153,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         predict_texts: `predict` embeds the captions of this UTF-8 file, one per line (keys: line numbers).
         shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
             about this times the mean image file size per worker.
+        resampled: draw training shards with replacement, each rank and worker its own seeded stream, for an epoch
+            of `train_num_samples` samples (else as many as the shards hold), as open_clip's --dataset-resampled.
     """
 
     def __init__(
@@ -185,6 +187,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         predict_split: str | None = None,
         predict_images: str | None = None,
         predict_texts: str | None = None,
+        resampled: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +215,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.train_num_samples = train_num_samples
         self.shard_retries = shard_retries
         self.caption_key = caption_key
+        self.resampled = resampled
         self.predict_inputs = {"split": predict_split, "images": predict_images, "texts": predict_texts}
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
@@ -346,11 +350,12 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
         # Imported here: webdataset_shards builds on this module.
-        from datamodules.image.webdataset_shards import ShardStream, expand_shards
+        from datamodules.image.webdataset_shards import ShardStream, shard_selection
 
         rank, world = self._topology()
+        shards, selection = shard_selection(self.train_shards)
         return ShardStream(
-            expand_shards(self.train_shards),
+            shards,
             transform,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -361,6 +366,8 @@ class CocoCaptionsDataModule(LightningDataModule):
             num_samples=self.train_num_samples,
             retries=self.shard_retries,
             caption_key=self.caption_key,
+            resampled=self.resampled,
+            selection=selection,
         )
 
     @property
