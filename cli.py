@@ -48,6 +48,7 @@ from lightning_modules.checkpoints import (  # noqa: F401
     read_sharded_model,
     resolve_class,
 )
+from lightning_modules.curation import curate
 from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
 from lightning_modules.throughput import Throughput
 
@@ -363,7 +364,7 @@ class RunStarted(L.Callback):
 
 
 # the commands besides LightningCLI's, each with its own argparse parser: (argv after the name, prog) -> the output
-COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate}
+COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate, "curate": curate}
 
 
 def _prog(args: ArgsType) -> str:
