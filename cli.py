@@ -397,7 +397,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
                 "description": "Pretraining of text, image-text and speech-text models. One more command: "
                 f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder; `{prog} export` an "
                 "image-text checkpoint as open_clip / Hugging Face CLIP, or its image tower as a state dict; "
-                f"`{prog} consolidate` writes a sharded (FSDP2) checkpoint folder as one file.",
+                f"`{prog} consolidate` writes a sharded (FSDP2) checkpoint folder as one file; `{prog} curate` scores "
+                "and filters an image-text pool (docs/curation.md).",
             },
             subclass_mode_model=True,
             subclass_mode_data=True,

@@ -251,8 +251,8 @@ def score(
 
 
 # command line ---------------------------------------------------------------------------------------------------
-def curate(argv: list[str], prog: str = "python cli.py") -> Any:
-    """`curate score ...` and `curate filter ...`: see `--help` of each."""
+def curate_parser(prog: str = "python cli.py") -> argparse.ArgumentParser:
+    """The parser of `curate score ...` and `curate filter ...`."""
     from datamodules.image import curation_filters
 
     parser = argparse.ArgumentParser(prog=f"{prog} curate", description="Curate an image-text pool.")
@@ -283,7 +283,14 @@ def curate(argv: list[str], prog: str = "python cli.py") -> Any:
     s.add_argument("--precision", default="32-true")
     f = sub.add_parser("filter", help="filter scored pairs; write scores.parquet, kept.parquet and a report")
     curation_filters.add_arguments(f)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def curate(argv: list[str], prog: str = "python cli.py") -> Any:
+    """`curate score ...` and `curate filter ...`: see `--help` of each."""
+    from datamodules.image import curation_filters
+
+    args = curate_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.step == "filter":
         return curation_filters.run(args)
