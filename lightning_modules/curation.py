@@ -179,8 +179,14 @@ class ScoreWriter(BasePredictionWriter):
         if len(rows) != count:  # the end mark follows its unit's rows in one worker's order
             raise RuntimeError(f"unit {unit}: {len(rows)} rows scored of its {count}")
         rows.sort(key=lambda r: r["index"])
-        columns = {name: [r.get(name) for r in rows] for name in _SCHEMA.names}
-        columns["embedding"] = [None if e is None else e.tolist() for e in columns["embedding"]]
+        columns = {name: [r.get(name) for r in rows] for name in _SCHEMA.names if name != "embedding"}
+        vectors = [r["embedding"] for r in rows]
+        width = next((len(v) for v in vectors if v is not None), 0)
+        flat = np.concatenate([v for v in vectors if v is not None] or [np.zeros(0, np.float16)])
+        lengths = np.array([0 if v is None else width for v in vectors], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        missing = pa.array([v is None for v in vectors])
+        columns["embedding"] = pa.ListArray.from_arrays(offsets, pa.array(flat), mask=missing)
         table = pa.Table.from_pydict(columns, schema=_SCHEMA)
         self.parts.mkdir(parents=True, exist_ok=True)
         tmp = self.parts / f".{unit}.parquet.tmp"

@@ -14,6 +14,7 @@ run skips the units already stored (`done` says which).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -65,6 +66,7 @@ class Unit:
         return f"{self.kind}-{stem}-{self.start}-{hashlib.sha1(whole.encode()).hexdigest()[:10]}"
 
 
+@functools.lru_cache(maxsize=2)  # each unit of a manifest reads its rows from the one parse
 def read_manifest(path: str | os.PathLike) -> list[tuple[str, str]]:
     """(image path, caption) rows of a CSV (with a header) or JSONL manifest; relative paths are taken from the
     manifest's folder. A row without an image or a caption field stops with the file and line named."""

@@ -56,17 +56,26 @@ def embedding_matrix(column: pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(column), -1) if len(column) else np.zeros((0, 0), dtype=np.float16)
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def apply_filters(
     table: pa.Table,
     min_score: float | None = None,
     top_fraction: float | None = None,
     dup_threshold: float | None = 0.95,
     leak_threshold: float | None = 0.95,
+    centre: bool = False,
     device: str = "cpu",
     block: int = 8192,
 ) -> dict[str, Any]:
     """Per pool sample of `table` (scores of `curate score`): its flags, cluster id, nearest evaluation image and
-    whether it is kept. A None setting turns its filter off. Returns columns as lists and numpy arrays."""
+    whether it is kept. A None setting turns its filter off. Returns columns as lists and numpy arrays.
+
+    `centre`: compare images by the cosine of their embeddings less the pool's mean embedding, which removes the
+    direction all of them share: it dominates the cosines of a teacher that has not learnt images like the
+    pool's (a randomly initialised one puts every image above 0.99)."""
     pool = table.filter(pc.equal(table["kind"], "pool"))
     evals = table.filter(pc.and_(pc.equal(table["kind"], "eval"), pc.is_valid(table["embedding"])))
     n = pool.num_rows
@@ -75,13 +84,19 @@ def apply_filters(
     cosine = np.asarray(pool["cosine"].to_numpy(zero_copy_only=False), dtype=np.float32)
     idx = np.flatnonzero(readable)
     emb = embedding_matrix(pool["embedding"].take(pa.array(idx, type=pa.int64())))
+    eval_emb = embedding_matrix(evals["embedding"])
+    if centre and len(idx):
+        mean = emb.astype(np.float32).mean(0)
+        emb, eval_emb = (
+            _unit(e.astype(np.float32) - mean) for e in (emb, eval_emb.reshape(-1, emb.shape[1]))
+        )
     for i in np.flatnonzero(~readable):
         flags[i].append("unreadable")
 
     leak_cos = np.full(n, np.nan, dtype=np.float32)
     leak_key: list[str | None] = [None] * n
     if leak_threshold is not None and evals.num_rows and len(idx):
-        best, where = nearest_in(emb, embedding_matrix(evals["embedding"]), block, device)
+        best, where = nearest_in(emb, eval_emb, block, device)
         eval_names = [f"{s}/{k}" for s, k in zip(evals["source"].to_pylist(), evals["key"].to_pylist())]
         for k, i in enumerate(idx):
             leak_cos[i], leak_key[i] = best[k], eval_names[where[k]]
@@ -239,6 +254,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--leak-threshold", type=float, default=0.95, help="image cosine to an evaluation image; -1: off"
     )
+    parser.add_argument(
+        "--centre",
+        action="store_true",
+        help="compare images less the pool's mean embedding (see apply_filters)",
+    )
     parser.add_argument("--device", default="cpu", help="device of the duplicate search (cuda for millions)")
     parser.add_argument(
         "--block", type=int, default=8192, help="embeddings per block of the duplicate search"
@@ -255,6 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dup_threshold": None if args.dup_threshold < 0 else args.dup_threshold,
         "leak_threshold": None if args.leak_threshold < 0 else args.leak_threshold,
     }
+    settings["centre"] = args.centre
     result = apply_filters(load_scores(args.scores), **settings, device=args.device, block=args.block)
     report = write_outputs(result, args.out, settings)
     print(

@@ -20,7 +20,7 @@ def _blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def _on(x: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype, non_blocking=True)
+    return torch.from_numpy(np.array(x)).to(device=device, dtype=dtype, non_blocking=True)  # a writable copy
 
 
 def similar_pairs(
