@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from datamodules.image.coco import eval_transform
@@ -20,6 +22,7 @@ from datamodules.image.webdataset_shards import (
     shard_selection,
 )
 from datamodules.synthetic.shapes import generate_shapes_coco
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,40 @@ def test_sample_list_reads_only_its_samples_in_order_of_its_shards(shards: Path,
     pq.write_table(pa.Table.from_pylist([{"shard": paths[0], "key": "x"}]), listed)
     with pytest.raises(ValueError, match=r"kept.parquet: a sample list needs columns .* lacks \['index'\]"):
         shard_selection(str(listed))
+
+
+def _gloo_rank(rank: int, shards: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # rank and world size from the process group, as the DataModule passes the trainer's
+        data = resampled(
+            shards,
+            batch_size=2,
+            num_workers=1,
+            num_samples=40,
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+        )
+        loader = ShardLoader(data, batch_size=2, num_workers=1, collate_fn=list)
+        ids = [[item["image_id"] for item in batch] for batch in loader]
+        gathered: list = [None, None]
+        dist.all_gather_object(gathered, ids)
+        if rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_take_equal_steps_from_their_own_draws(shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ids.json"
+    mp.spawn(_gloo_rank, args=(str(shards), free_port(), str(out)), nprocs=2)
+    ranks = json.loads(out.read_text())
+    assert len(ranks[0]) == len(ranks[1]) == 10  # 40 samples, 2 ranks, batches of 2
+    assert ranks[0] != ranks[1]
+    for rank in range(2):  # what each rank computes alone, told its rank (1 worker, batches of 2)
+        data = resampled(shards, batch_size=2, num_workers=1, rank=rank, world_size=2, num_samples=40)
+        loader = DataLoader(data, batch_size=2, num_workers=1, collate_fn=list)
+        assert ranks[rank] == [[item["image_id"] for item in batch] for batch in loader]
