@@ -194,6 +194,37 @@ def test_duplicate_and_eval_copy_filters_and_the_sample_list(
     assert seen == sorted(k for k, kept in zip(keys, result["kept"]) if kept)
 
 
+def test_cli_filter_writes_the_outputs_and_refuses_a_bad_fraction(
+    images_scores: Path, tmp_path: Path
+) -> None:
+    from cli import main
+
+    out = tmp_path / "curated"
+    main(
+        [
+            "curate",
+            "filter",
+            "--scores",
+            str(images_scores),
+            "--out",
+            str(out),
+            "--centre",
+            "--min-score",
+            "-1",
+        ]
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert (
+        report["kept"] == N_BASE
+        and report["dropped_by"]["duplicate"] == report["dropped_by"]["eval_duplicate"] == 8
+    )
+    assert report["settings"]["centre"] is True
+    kept = pq.read_table(out / "kept.parquet")
+    assert kept.column_names == ["shard", "index", "key"] and kept.num_rows == N_BASE
+    with pytest.raises(ValueError, match=r"--top-fraction 1.5: a fraction in \(0, 1\]"):
+        main(["curate", "filter", "--scores", str(images_scores), "--out", str(out), "--top-fraction", "1.5"])
+
+
 def test_a_resumed_run_scores_only_the_missing_units_and_equals_an_unbroken_one(
     images_pool: dict, images_scores: Path, tmp_path: Path
 ) -> None:
