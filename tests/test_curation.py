@@ -39,7 +39,7 @@ from datamodules.image.webdataset_shards import ShardStream, shard_selection, wr
 from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.clip_import import OpenClipText, OpenClipVision
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
-from lightning_modules.curation import RUN_FILE, Teacher, score, stored
+from lightning_modules.curation import RUN_FILE, Teacher, load_teacher, score, stored
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,6 +223,30 @@ def test_cli_filter_writes_the_outputs_and_refuses_a_bad_fraction(
     assert kept.column_names == ["shard", "index", "key"] and kept.num_rows == N_BASE
     with pytest.raises(ValueError, match=r"--top-fraction 1.5: a fraction in \(0, 1\]"):
         main(["curate", "filter", "--scores", str(images_scores), "--out", str(out), "--top-fraction", "1.5"])
+
+
+def test_open_clip_teacher_loads_as_init_clip_does(tmp_path: Path) -> None:
+    # a tiny architecture registered under a name of its own, with the random teacher's weights in a file
+    config = {
+        "embed_dim": 64,
+        "vision_cfg": {"layers": 1, "width": 64, "patch_size": 4, "image_size": 32, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "tiny-curation-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-curation-test.json")
+    direct = random_teacher()
+    weights = {f"visual.{k}": v for k, v in direct.image.backbone.visual.state_dict().items()}
+    weights.update(direct.text.model.state_dict())
+    weights["logit_scale"] = torch.tensor(2.0)  # kept out of the towers by the wrappers; any value
+    torch.save(weights, tmp_path / "tiny.pt")
+    loaded = load_teacher(f"open_clip:tiny-curation-test:{tmp_path / 'tiny.pt'}")
+    assert (loaded.image_size, loaded.resize, loaded.context_length) == (32, "pil", 16)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    tokens = loaded.tokenizer(["a red circle", "a blue star"], loaded.context_length)
+    with torch.no_grad():
+        a, b = direct.eval()(images, **tokens), loaded.eval()(images, **tokens)
+    for x, y in zip(a, b):  # the same weights and kernels: equal up to float32 rounding
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
 
 
 def test_a_resumed_run_scores_only_the_missing_units_and_equals_an_unbroken_one(
