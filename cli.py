@@ -51,7 +51,9 @@ from lightning_modules.checkpoints import (  # noqa: F401
     resolve_class,
 )
 from lightning_modules.components import clip_import, hf_export
+from lightning_modules.curation import curate
 from lightning_modules.image_text_module import image_text_from_checkpoint
+from lightning_modules.linear_probe import probe_features
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.resilience import AtomicCheckpointIO, AtomicCheckpoints, PreemptionCheckpoint
 from lightning_modules.speech_text_module import speech_text_from_checkpoint
@@ -385,13 +387,13 @@ class RunStarted(L.Callback):
 
 
 # the commands besides LightningCLI's, each with its own argparse parser: (argv after the name, prog) -> the output
-def probe(argv: list[str], prog: str = "python cli.py") -> Any:
-    from lightning_modules.linear_probe import probe_features
-
-    return probe_features(argv, prog)
-
-
-COMMANDS = {"export-hf": export_hf, "export": export, "consolidate": consolidate, "probe": probe}
+COMMANDS = {
+    "export-hf": export_hf,
+    "export": export,
+    "consolidate": consolidate,
+    "probe": probe_features,
+    "curate": curate,
+}
 
 
 def _prog(args: ArgsType) -> str:
@@ -424,7 +426,8 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
                 "description": "Pretraining of text, image-text and speech-text models. One more command: "
                 f"`{prog} export-hf` writes an MLM checkpoint as a Hugging Face BERT folder; `{prog} export` an "
                 "image-text checkpoint as open_clip / Hugging Face CLIP, or its image tower as a state dict; "
-                f"`{prog} consolidate` writes a sharded (FSDP2) checkpoint folder as one file.",
+                f"`{prog} consolidate` writes a sharded (FSDP2) checkpoint folder as one file; `{prog} curate` scores "
+                "and filters an image-text pool (docs/curation.md).",
             },
             subclass_mode_model=True,
             subclass_mode_data=True,

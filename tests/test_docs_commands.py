@@ -9,7 +9,8 @@ The commands are read from the pages' fenced code blocks (`\\` continuations joi
   fails the case; each override that names a key of the printed config must show there with its value. (The
   config is printed before the check that required values are set: a value the config leaves to the user, such
   as the HuBERT folder of configs/speech/librispeech_hubert.yaml, need not be given.)
-* `export`, `export-hf` and `consolidate` parse their arguments and stop at the checkpoint, which does not exist.
+* `export`, `export-hf` and `consolidate` parse their arguments and stop at the checkpoint, which does not exist;
+  `curate` parses its arguments.
 * `python -m datamodules.image.webdataset_shards` converts a generated five-image COCO set.
 
 Substitutions, the only ones: the commands run in an empty folder (`tmp_path`), so that paths such as
@@ -233,6 +234,10 @@ def test_cli_command_parses(command: Command, in_tmp: Path, capsys: pytest.Captu
         for key, value in overrides(args):
             found, printed = lookup(config, key)
             assert not found or same(printed, value), f"{command.id}: --{key} {value} printed as {printed!r}"
+    elif args[0] == "curate":  # its steps read data the pages name under /data: their arguments parse
+        from lightning_modules.curation import curate_parser
+
+        curate_parser().parse_args(args[1:])
     else:
         assert args[0] in cli.COMMANDS, f"{command.id}: unknown command {args[0]}"
         ckpt = args[args.index("--ckpt_path") + 1]

@@ -52,7 +52,13 @@ from datamodules.image.coco import (
     load_karpathy_splits,
     train_transform,
 )
-from datamodules.image.webdataset_shards import ShardLoader, ShardStream, expand_shards, shard_captions
+from datamodules.image.webdataset_shards import (
+    ShardLoader,
+    ShardStream,
+    expand_shards,
+    shard_captions,
+    shard_selection,
+)
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
 from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 from datamodules.synthetic.shapes import generate_shapes_coco
@@ -138,7 +144,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             They are streamed, split by rank and DataLoader worker; validation and test still read the folder
             layout. Without `tokenizer`, the vocabulary is trained on the training split's annotations when they
             exist, else on the captions stored in the shards (which reads every shard once: for large remote sets
-            pass `tokenizer`).
+            pass `tokenizer`). A sample list (`.parquet`, as `curate filter` writes) trains on its samples only.
         train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
             (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
         shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
@@ -155,6 +161,8 @@ class CocoCaptionsDataModule(LightningDataModule):
         predict_texts: `predict` embeds the captions of this UTF-8 file, one per line (keys: line numbers).
         shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
             about this times the mean image file size per worker.
+        resampled: draw training shards with replacement, each rank and worker its own seeded stream, for an epoch
+            of `train_num_samples` samples (else as many as the shards hold), as open_clip's --dataset-resampled.
     """
 
     def __init__(
@@ -187,6 +195,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         predict_split: str | None = None,
         predict_images: str | None = None,
         predict_texts: str | None = None,
+        resampled: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -214,6 +223,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.train_num_samples = train_num_samples
         self.shard_retries = shard_retries
         self.caption_key = caption_key
+        self.resampled = resampled
         self.predict_inputs = {"split": predict_split, "images": predict_images, "texts": predict_texts}
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
@@ -346,8 +356,9 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
         rank, world = self._topology()
+        shards, selection = shard_selection(self.train_shards)
         return ShardStream(
-            expand_shards(self.train_shards),
+            shards,
             transform,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -358,6 +369,8 @@ class CocoCaptionsDataModule(LightningDataModule):
             num_samples=self.train_num_samples,
             retries=self.shard_retries,
             caption_key=self.caption_key,
+            resampled=self.resampled,
+            selection=selection,
         )
 
     @property

@@ -28,6 +28,15 @@ start, repeating a few samples (with a warning). A worker shuffles its run throu
 encoded samples, then decodes and transforms them with the map-style path's functions and draws one caption
 per image with the same rule, so shards and image folder give the same caption for an image in an epoch.
 
+Resampled epochs (`resampled=True`, open_clip's `--dataset-resampled`, for web-scale sets): each worker run draws
+whole shards with replacement, from a stream seeded by (seed, epoch, rank and worker), and reads them from their
+start until its run is full; an epoch is a fixed number of samples (`num_samples`, else all the shards' samples),
+cut into the same steps per rank as above, and a resumed run skips the samples it already gave, as above.
+
+A sample list (a Parquet file with columns `shard`, `index` and `key`, as `python cli.py curate filter` writes)
+in place of the shards trains on the listed samples only: its shards are read, and a sample whose position is not
+listed is passed over unread; the epoch's runs count listed samples only.
+
 Shards may be gzip-compressed (`.tar.gz`, `.tgz`, as webdataset's own samples are): tar decompresses them as it
 reads. Where a sample's caption is, is a setting (`caption_key`): the `txt` member by default, any other member
 by its extension, or `json:FIELD`, a field of the json member. A sample without an image or a caption is
@@ -310,6 +319,60 @@ _TAR_NAME = re.compile(r"\.(tar|tar\.gz|tgz)$")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # what a folder of shards is listed for
 
 
+class SampleList:
+    """The samples of a curated subset of shards: per shard, the positions (in file order) and keys to read."""
+
+    def __init__(
+        self, shards: Sequence[str], positions: Sequence[np.ndarray], keys: Sequence[list[str]]
+    ) -> None:
+        self.shards, self.positions, self.keys = list(shards), list(positions), list(keys)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(p) for p in self.positions]
+
+
+def is_sample_list(spec: str) -> bool:
+    """Whether a shard setting names a sample list (a local `.parquet` file) rather than shards."""
+    return spec.endswith(".parquet") and os.path.isfile(spec)
+
+
+def read_sample_list(path: str | os.PathLike) -> SampleList:
+    """The sample list at `path`: a Parquet file with one row per sample to read (columns shard, index, key).
+
+    Shards keep the order of their first row; relative shard paths are taken relative to the list's folder."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = {"shard", "index", "key"} - set(table.column_names)
+    if missing:
+        raise ValueError(
+            f"{path}: a sample list needs columns shard, index and key; it lacks {sorted(missing)}"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    rows: dict[str, list[tuple[int, str]]] = {}
+    for shard, index, key in zip(*(table.column(c).to_pylist() for c in ("shard", "index", "key"))):
+        rows.setdefault(shard, []).append((int(index), str(key)))
+    if not rows:
+        raise ValueError(f"{path}: the sample list is empty")
+    shards, positions, keys = [], [], []
+    for shard, samples in rows.items():
+        samples.sort()
+        located = shard if is_remote(shard) or os.path.isabs(shard) else os.path.join(folder, shard)
+        shards.append(located)
+        positions.append(np.array([i for i, _ in samples], dtype=np.int64))
+        keys.append([k for _, k in samples])
+    return SampleList(shards, positions, keys)
+
+
+def shard_selection(spec: str) -> tuple[list[str], SampleList | None]:
+    """(shards, sample list or None) of a `train_shards` setting: shards (see `expand_shards`) or a sample list."""
+    if is_sample_list(spec):
+        selected = read_sample_list(spec)
+        return selected.shards, selected
+    return expand_shards(spec), None
+
+
 class ShardUnreadable(OSError):
     """A shard that could not be opened or read to its end, after its retries."""
 
@@ -370,7 +433,8 @@ def _expand_braces(spec: str) -> list[str]:
 
 def expand_shards(spec: str) -> list[str]:
     """Shards from a brace pattern (`coco-{000000..000023}.tar`), a glob (`coco-*.tar`) or a folder (every .tar,
-    .tar.gz and .tgz in it), in sorted order. Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through
+    .tar.gz and .tgz in it), in sorted order; a sample list (`.parquet`, see `read_sample_list`) gives its shards.
+    Besides local paths: URLs (`https://`, `s3://`, `gs://`, read through
     fsspec; a glob or a folder URL ending in `/` is listed by fsspec) and `pipe:COMMAND`, a command that writes the
     shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000099}.tar -`). Raises when nothing matches or a
     named local shard is missing; remote shards named by braces are not checked here (one request each) but when
@@ -378,6 +442,8 @@ def expand_shards(spec: str) -> list[str]:
     """
     if spec.startswith("pipe:"):
         return _expand_braces(spec)
+    if is_sample_list(spec):
+        return read_sample_list(spec).shards
     if _URL.match(spec):
         # listed only when it asks for it: a `?` may start a signed URL's query, not a glob
         if "{" in spec or not ("*" in spec.split("?")[0] or spec.endswith("/")):
@@ -824,6 +890,9 @@ class ShardStream(IterableDataset):
         retry_delay: seconds before the first retry of a shard, doubled at each further one; None: RETRY_DELAY.
         caption_key: where a sample's caption is: a member's extension (`txt`) or `json:FIELD` (see
             `parse_caption_key`); the converter's json record, with every caption of an image, is used first.
+        resampled: draw whole shards with replacement for each worker run (see the module docstring); an epoch is
+            `num_samples` samples when given, else as many as the shards hold.
+        selection: read only the samples of this sample list (its shards must be `shards`, in its order).
 
     A sample without an image or a caption member is skipped, logged with its reason and counted as a skipped image;
     shards whose first samples hold no caption at all stop the run before it starts. A shard skipped after its
@@ -846,14 +915,25 @@ class ShardStream(IterableDataset):
         retries: int = 2,
         retry_delay: float | None = None,
         caption_key: str = "txt",
+        resampled: bool = False,
+        selection: SampleList | None = None,
     ) -> None:
         parse_caption_key(caption_key)
         self.shards = list(shards)
         self.caption_key = caption_key
-        self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards, num_samples)
+        self.resampled = resampled
+        self.selection = selection
+        if selection is not None:
+            if selection.shards != self.shards:
+                raise ValueError("the sample list's shards are not the shards given to the stream")
+            self.sizes = selection.sizes
+        elif resampled and num_samples is not None and sizes is None:
+            self.sizes = []  # drawn shards are read whole: their sizes are not needed
+        else:
+            self.sizes = list(sizes) if sizes is not None else shard_sizes(self.shards, num_samples)
         # a wrong address or a set without captions fails here, in one line, not as a run of empty batches
         first_readable(self.shards, caption_key=caption_key)
-        self.num_samples = sum(self.sizes)
+        self.num_samples = num_samples if resampled and num_samples is not None else sum(self.sizes)
         if self.num_samples == 0:
             raise ValueError(f"the {len(self.shards)} shards hold no samples (the first: {self.shards[0]})")
         self.transform = transform
@@ -939,12 +1019,70 @@ class ShardStream(IterableDataset):
                     break
         return pieces
 
+    def _piece(self, i: int, first: int, stop: int | None) -> Iterator[dict[str, Any]]:
+        """Samples `first` to `stop` (None: the end) of shard i; of its listed samples with a sample list."""
+        if self.selection is None:
+            yield from read_shard(
+                self.shards[i],
+                first,
+                None if stop is None else stop - first,
+                retries=self.retries,
+                retry_delay=self.retry_delay,
+            )
+            return
+        positions, keys = self.selection.positions[i][first:stop], self.selection.keys[i][first:stop]
+        if len(positions) == 0:
+            return
+        wanted = dict(zip(positions.tolist(), keys))
+        lo = int(positions[0])
+        samples = read_shard(
+            self.shards[i],
+            lo,
+            int(positions[-1]) + 1 - lo,
+            retries=self.retries,
+            retry_delay=self.retry_delay,
+        )
+        for index, sample in enumerate(samples, start=lo):
+            if index in wanted:
+                if sample["__key__"] != wanted[index]:
+                    raise ValueError(
+                        f"{self.shards[i]}: sample {index} is {sample['__key__']}, not {wanted[index]} as the "
+                        "sample list says: the shard changed since it was scored"
+                    )
+                yield sample
+
+    def drawn_shards(self, epoch: int, slot: int) -> Iterator[int]:
+        """The shards a resampled run of worker slot `slot` reads in `epoch`, in order (endless): drawn with
+        replacement from (seed, epoch, slot), so every rank and worker has its own stream."""
+        rng = np.random.default_rng([self.seed, epoch, slot, 1])
+        while True:
+            yield int(rng.integers(len(self.shards)))
+
+    def _resampled(self, epoch: int, slot: int, worker: int, length: int) -> Iterator[dict[str, Any]]:
+        given, empty = 0, 0
+        for i in self.drawn_shards(epoch, slot):
+            if given >= length or empty >= len(self.shards):  # nothing readable left: padded in __iter__
+                return
+            before = given
+            try:
+                for sample in self._piece(i, 0, None):
+                    yield sample
+                    given += 1
+                    if given >= length:
+                        return
+            except ShardUnreadable as err:
+                log.error("skipping shard %s", err)
+                self._skipped[worker] += 1
+            empty = empty + 1 if given == before else 0
+
     def _encoded(self, epoch: int, slot: int, worker: int) -> Iterator[dict[str, Any]]:
+        if self.resampled:
+            first, end = self.run(slot)
+            yield from self._resampled(epoch, slot, worker, end - first)
+            return
         for i, first, stop in self.assignment(epoch, slot):
             try:
-                yield from read_shard(
-                    self.shards[i], first, stop - first, retries=self.retries, retry_delay=self.retry_delay
-                )
+                yield from self._piece(i, first, stop)
             except ShardUnreadable as err:  # the run is padded to its length in __iter__
                 log.error("skipping shard %s", err)  # the message starts with the shard's name
                 self._skipped[worker] += 1
