@@ -28,8 +28,15 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 
+from datamodules.image import curation_filters
+from datamodules.image.clip_tokenizer import ClipTokenizer
 from datamodules.image.coco import eval_transform
 from datamodules.image.curation_data import CurationCollate, CurationDataModule, Unit, pool_units
+from datamodules.tokenizer import TextTokenizer
+from lightning_modules.components.clip_import import load_clip
+from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
+from lightning_modules.components.towers import TowerInit
+from lightning_modules.image_text_module import image_text_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +76,6 @@ class Teacher(nn.Module):
 def load_teacher(spec: str) -> Teacher:
     """The teacher a setting names: a checkpoint of this framework's image-text system (`runs/x/last.ckpt`),
     `open_clip:NAME:CHECKPOINT` (`open_clip:ViT-B-32:/weights/vit_b32.pt`) or `hf:FOLDER` (a CLIPModel folder)."""
-    from datamodules.image.clip_tokenizer import ClipTokenizer
-    from lightning_modules.components.clip_import import load_clip
-    from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
-    from lightning_modules.components.towers import TowerInit
-
     if spec.startswith(("open_clip:", "hf:")):
         source, _, rest = spec.partition(":")
         name, path = rest.split(":", 1) if source == "open_clip" and ":" in rest else (None, rest)
@@ -86,23 +88,20 @@ def load_teacher(spec: str) -> Teacher:
         tokenizer = ClipTokenizer(f"open_clip:{name}" if source == "open_clip" else path)
         resize = parts.image.reference_resize
         return Teacher(image, parts.text, tokenizer, parts.image_size, resize, parts.context_length, spec)
-    from datamodules.tokenizer import TextTokenizer
-    from lightning_modules.image_text_module import image_text_from_checkpoint
-
     if not os.path.isfile(spec):
         raise FileNotFoundError(
             f"--teacher {spec}: no such checkpoint (or use open_clip:NAME:CHECKPOINT, hf:DIR)"
         )
-    module, ckpt = image_text_from_checkpoint(spec, "curate")
+    pair, ckpt = image_text_from_checkpoint(spec, "curate")
     data = ckpt.get("datamodule_hyper_parameters") or {}
     saved = str(data.get("tokenizer") or "")
     tokenizer = (
         ClipTokenizer(saved) if saved.startswith("open_clip:") else TextTokenizer.from_checkpoint(spec)
     )
-    image_size = module.tower_configs["image"].image_size
-    resize = module.pair.image.reference_resize or data.get("resize", "tensor")
+    image_size = pair.image.cfg.image_size
+    resize = pair.image.reference_resize or data.get("resize", "tensor")
     context = int(data.get("context_length", 64))
-    return Teacher(module.pair.image, module.pair.text, tokenizer, image_size, resize, context, spec)
+    return Teacher(pair.image, pair.text, tokenizer, image_size, resize, context, spec)
 
 
 class CurationScorer(L.LightningModule):
@@ -259,7 +258,6 @@ def score(
 # command line ---------------------------------------------------------------------------------------------------
 def curate_parser(prog: str = "python cli.py") -> argparse.ArgumentParser:
     """The parser of `curate score ...` and `curate filter ...`."""
-    from datamodules.image import curation_filters
 
     parser = argparse.ArgumentParser(prog=f"{prog} curate", description="Curate an image-text pool.")
     sub = parser.add_subparsers(dest="step", required=True)
@@ -294,7 +292,6 @@ def curate_parser(prog: str = "python cli.py") -> argparse.ArgumentParser:
 
 def curate(argv: list[str], prog: str = "python cli.py") -> Any:
     """`curate score ...` and `curate filter ...`: see `--help` of each."""
-    from datamodules.image import curation_filters
 
     args = curate_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
