@@ -35,6 +35,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from datamodules.sections import flat_hparams
 from lightning_modules.components.towers import TowerTraining
 
 # OpenAI CLIP's pixel statistics (what scratch towers are normalised with) and ImageNet's (torchvision's
@@ -136,6 +137,7 @@ class ImageTowerConfig(TowerTraining):
 
     def check_data(self, data: dict, where: str) -> None:
         """A ViT's position table is made for one image size: the DataModule's (its hyperparameters `data`)."""
+        data = flat_hparams(data)
         if self.arch != "resnet50" and data.get("image_size", self.image_size) != self.image_size:
             raise ValueError(
                 f"{where}.image_size ({data['image_size']}) differs from model.image.image_size "
@@ -220,6 +222,7 @@ class ImageTower(nn.Module):
     def check_data(self, data: dict, where: str) -> None:
         """A DataModule's `mean` / `std` (hyperparameters `data`), where given, must be the tower's own: the
         tower, not the DataModule, normalises the pixels."""
+        data = flat_hparams(data)
         for key, own in (("mean", self.pixel_mean), ("std", self.pixel_std)):
             given = data.get(key)
             want = [round(float(v), 8) for v in own.flatten()]
