@@ -42,7 +42,11 @@ def tone_copy(tone_root: Path, tmp_path: Path) -> Path:
 
 def make_dm(root: Path, tmp_path: Path, **kwargs) -> LibriSpeechDataModule:
     kwargs = {"num_workers": 0, "max_batch_seconds": 30.0, "num_buckets": 3, **kwargs}
-    return LibriSpeechDataModule(str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
+    return LibriSpeechDataModule(
+        str(root),
+        **kwargs,
+        tokenizer={"cache_dir": str(tmp_path / "cache")},
+    )
 
 
 def chapter_dirs(base: Path, subset: str = "train-clean-100") -> list[Path]:
@@ -319,7 +323,7 @@ def test_too_long_utterances_are_dropped(tone_root: Path, tmp_path: Path, caplog
     # a warning that counts them and names the setting, since validation then scores fewer utterances
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"val: max_duration=2.0 s drops {dropped} of {N_VAL} utterances" in warning
-    assert "they are not scored" in warning and "--data.init_args.max_duration" in warning
+    assert "they are not scored" in warning and "--data.init_args.batching.max_duration" in warning
 
 
 def test_max_duration_10_warns_about_genuine_librispeech(tmp_path: Path, caplog) -> None:
@@ -332,7 +336,7 @@ def test_max_duration_10_warns_about_genuine_librispeech(tmp_path: Path, caplog)
     assert len(dm.datasets["test"]) == 3
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("test: max_duration=10.0 s drops 1 of 4 utterances (25%), the longest 10.4 s")
-    assert "raise max_duration to 11 (--data.init_args.max_duration 11;" in warning
+    assert "raise max_duration to 11 (--data.init_args.batching.max_duration 11;" in warning
 
 
 def test_missing_root_or_subset_is_named(tone_root: Path, tmp_path: Path) -> None:

@@ -30,13 +30,8 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _clip_data(root: Path, tmp: Path, **predict) -> CocoCaptionsDataModule:
     return CocoCaptionsDataModule(
         str(root),
-        image_size=32,
-        eval_batch_size=4,
-        num_workers=0,
-        tokenizer_vocab_size=120,
         context_length=32,
-        cache_dir=str(tmp / "cache"),
-        **predict,
+        **predict,images={"image_size": 32}, loader={"eval_batch_size": 4, "num_workers": 0}, tokenizer={"vocab_size": 120, "cache_dir": str(tmp / "cache")},
     )
 
 
@@ -129,7 +124,7 @@ def test_writer_refuses_a_folder_of_other_files_and_replaces_its_own(shapes: Pat
 
 def test_predict_without_inputs_is_one_clear_error(shapes: Path, tmp_path: Path) -> None:
     dm = _clip_data(shapes, tmp_path)
-    with pytest.raises(ValueError, match="nothing to predict: set --data.predict_split"):
+    with pytest.raises(ValueError, match="nothing to predict: set --data.predict.split"):
         _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
 
 
@@ -152,7 +147,7 @@ def test_glue_submission_tsv_has_the_label_names_and_every_index_once(vocab: Pat
     task.mkdir()
     rows = ["index\tsentence1\tsentence2", *(f"{i}\tthe cat sat\t{WORDS[i]} ran" for i in range(7))]
     (task / "test.tsv").write_text("\n".join(rows) + "\n")
-    dm = GlueDataModule(str(task), task="rte", tokenizer=str(vocab), batch_size=3)
+    dm = GlueDataModule(str(task), task="rte", , tokenizer={"path": str(vocab)}, loader={"batch_size": 3},)
     torch.manual_seed(0)
     module = SequenceClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     meta = _predict(module, dm, tmp_path / "out")
@@ -174,7 +169,7 @@ def test_conll_predictions_add_a_tag_column_to_the_input_file(vocab: Path, tmp_p
 
     text = "-DOCSTART- -X- -X- O\n\njohn NNP B-NP I-PER\nlives VBZ B-VP O\n\nthe DT B-NP O\ncat NN I-NP O\nsat VBD O O\n"
     (tmp_path / "test.txt").write_text(text)
-    dm = CoNLLDataModule(str(tmp_path), tokenizer=str(vocab), batch_size=1)
+    dm = CoNLLDataModule(str(tmp_path), , tokenizer={"path": str(vocab)}, loader={"batch_size": 1},)
     torch.manual_seed(0)
     module = TokenClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     _predict(module, dm, tmp_path / "out")
@@ -199,7 +194,7 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
     masked = tmp_path / "masked.txt"
     masked.write_text("the [MASK] sat on the mat .\n\nno masks here\njohn [MASK] in [MASK] .\n")
     dm = MLMDataModule(
-        tokenizer=str(vocab), predict_texts=str(masked), predict_top_k=3, batch_size=2, num_workers=0
+        , tokenizer={"path": str(vocab)}, predict={"texts": str(masked), "top_k": 3}, loader={"batch_size": 2, "num_workers": 0},
     )
     torch.manual_seed(0)
     module = MLMPretrainingModule(size="tiny", vocab_size=dm.vocab_size, num_layers=1).eval()
@@ -235,13 +230,8 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
     (audio / "empty.flac").write_bytes(b"")
     dm = LibriSpeechDataModule(
         str(tmp_path / "tones"),
-        num_workers=0,
-        tokenizer_vocab_size=120,
         context_length=32,
-        cache_dir=str(tmp_path / "cache"),
-        predict_subsets=["dev-clean"],
-        predict_audio=str(audio),
-        predict_batch_size=4,
+        r={"num_workers": 0}, tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")}, predict={"subsets": ["dev-clean"], "audio": str(audio), "batch_size": 4},
     )
     torch.manual_seed(0)
     module = SpeechTextModule(
@@ -353,10 +343,10 @@ def test_cli_predict_with_the_config_snippet(
         "--model.image.layers=1",
         "--model.text.layers=1",
         f"--data.root={shapes}",
-        "--data.image_size=32",
-        "--data.num_workers=0",
-        "--data.eval_batch_size=4",
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.images.image_size=32",
+        "--data.loader.num_workers=0",
+        "--data.loader.eval_batch_size=4",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
@@ -366,7 +356,7 @@ def test_cli_predict_with_the_config_snippet(
             "fit",
             f"--config={REPO / 'configs/clip/quickstart.yaml'}",
             *tiny,
-            "--data.batch_size=8",
+            "--data.loader.batch_size=8",
             "--trainer.max_steps=1",
             "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
@@ -416,7 +406,7 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
         root=str(tmp_path / "speech"), num_workers=0, context_length=32, predict_subsets=["dev-clean"]
     )
     dm = TriModalDataModule(
-        image_text, speech_text, tokenizer_vocab_size=120, cache_dir=str(tmp_path / "cache")
+        image_text, speech_text, , tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
     )
     torch.manual_seed(0)
     module = TriModalModule(vocab_size=dm.vocab_size, **TINY).eval()

@@ -74,7 +74,7 @@ def datamodule(root: Path, speech_root: Path | None = None, **kw) -> TriModalDat
         context_length=32,
     )
     return TriModalDataModule(
-        image_text, speech_text, tokenizer_vocab_size=200, cache_dir=str(root / "cache"), **kw
+        image_text, speech_text, **kw, tokenizer={"vocab_size": 200, "cache_dir": str(root / "cache")},
     )
 
 
@@ -96,7 +96,7 @@ def test_one_vocabulary_serves_captions_and_transcripts(tmp_path: Path) -> None:
     assert image_text.unk_id not in ids.tolist()[0] + ids.tolist()[1]
     # on their own, the COCO DataModule's vocabulary knows no transcript words
     alone = CocoCaptionsDataModule(
-        str(tmp_path / "shapes"), cache_dir=str(tmp_path / "alone"), tokenizer_vocab_size=200
+        str(tmp_path / "shapes"), , tokenizer={"cache_dir": str(tmp_path / "alone"), "vocab_size": 200},
     )
     assert alone.tokenizer.fingerprint() != image_text.fingerprint()
 
@@ -214,7 +214,7 @@ def test_setup_names_the_task_whose_data_does_not_fit_the_towers() -> None:
         (
             "image_text",
             {"image_size": 64},
-            r"data.image_text.image_size \(64\) differs from model.image.image_size \(32\)",
+            r"data.image_text.images.image_size \(64\) differs from model.image.image_size \(32\)",
         ),
         ("speech_text", {"sample_rate": 8000}, r"data.speech_text.sample_rate \(8000\) differs"),
     ):
