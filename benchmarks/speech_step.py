@@ -96,7 +96,9 @@ def main() -> None:
             tmp,
             test_subsets=["dev-clean"],
             context_length=32,
-            {"max_duration": 10.0}, loader={"num_workers": 0}, tokenizer={"vocab_size": 200, "cache_dir": str(Path(tmp) / "cache")},
+            batching={"max_duration": 10.0},
+            loader={"num_workers": 0},
+            tokenizer={"vocab_size": 200, "cache_dir": str(Path(tmp) / "cache")},
         )
         dm.setup("fit")
 

@@ -48,7 +48,9 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
         dm = CocoCaptionsDataModule(
             str(root),
             context_length=32,
-            image_size": 32, "min_scale": 1.0}, loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0}, tokenizer={"vocab_size": 200, "cache_dir": str(tmp / "cache")},
+            images={"image_size": 32, "min_scale": 1.0},
+            loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0},
+            tokenizer={"vocab_size": 200, "cache_dir": str(tmp / "cache")},
         )
         module = ImageTextModule(
             vocab_size=dm.vocab_size,

@@ -176,7 +176,11 @@ def test_generate_if_missing_writes_the_set_into_root(
     )
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = tmp_path / "quick"
-    dm = CocoCaptionsDataModule(str(root), generate_if_missing=True, , loader={"num_workers": 0},)
+    dm = CocoCaptionsDataModule(
+        str(root),
+        generate_if_missing=True,
+        loader={"num_workers": 0},
+    )
     assert dm.vocab_size > 20  # usable before setup(): the CLI links it to the model at instantiation
     assert len(list((root / "train2017").glob("*.jpg"))) == 8
     # the vocabulary is cached in the per-user cache folder, not in the data root
@@ -327,7 +331,10 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
 
 
 def test_missing_annotations_raise_with_the_expected_layout(tmp_path: Path) -> None:
-    dm = CocoCaptionsDataModule(str(tmp_path / "nowhere"), , loader={"num_workers": 0},)
+    dm = CocoCaptionsDataModule(
+        str(tmp_path / "nowhere"),
+        loader={"num_workers": 0},
+    )
     with pytest.raises(
         FileNotFoundError, match=r"captions_train2017\.json.*annotations/captions_<split>\.json"
     ):
@@ -385,7 +392,8 @@ def test_real_coco_sample_one_eval_epoch(tmp_path: Path) -> None:
         str(REAL),
         train_split="val2017",
         val_split="val2017",
-        r={"batch_size": 8, "eval_batch_size": 8, "num_workers": 0}, tokenizer={"cache_dir": str(tmp_path / "cache")},
+        loader={"batch_size": 8, "eval_batch_size": 8, "num_workers": 0},
+        tokenizer={"cache_dir": str(tmp_path / "cache")},
     )
     dm.setup("fit")
     batches = list(dm.val_dataloader())

@@ -239,7 +239,9 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
 def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_mrpc(tmp_path / "MRPC")
     args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.lr=1e-3")
-    cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32", "--model.layer_decay=0.8"])
+    cli = main(
+        ["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32", "--model.layer_decay=0.8"]
+    )
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"MRPC-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
     assert acc >= majority + 0.2
@@ -480,7 +482,10 @@ def test_wordpiece_labels_on_first_piece(tmp_path: Path) -> None:
 
 def test_conll_datamodule_rejects_unknown_tags(tmp_path: Path, mlm_ckpt: Path) -> None:
     (tmp_path / "train.txt").write_text("Oslo NNP B-NP B-GPE\n")
-    dm = CoNLLDataModule(str(tmp_path), , tokenizer={"path": str(mlm_ckpt)},)
+    dm = CoNLLDataModule(
+        str(tmp_path),
+        tokenizer={"path": str(mlm_ckpt)},
+    )
     with pytest.raises(ValueError, match=r"train.txt:1: tag 'B-GPE'"):
         dm._encode("train")
 

@@ -64,7 +64,10 @@ def _coco(root: Path, tmp_path: Path, **kw) -> CocoCaptionsDataModule:
     return CocoCaptionsDataModule(
         str(root),
         context_length=16,
-        **kw,images={"image_size": 32}, loader={"batch_size": 4, "eval_batch_size": 4, "num_workers": kw.pop("num_workers", 0)}, tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
+        **kw,
+        images={"image_size": 32},
+        loader={"batch_size": 4, "eval_batch_size": 4, "num_workers": kw.pop("num_workers", 0)},
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
     )
 
 
@@ -94,7 +97,11 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
         per_class={"train": 2, "val": 2, "test": 2},
         image_size=40,
     )
-    images = ImageFolderDataModule(str(folder), , images={"image_size": 32}, loader={"batch_size": 4, "num_workers": 0},)
+    images = ImageFolderDataModule(
+        str(folder),
+        images={"image_size": 32},
+        loader={"batch_size": 4, "num_workers": 0},
+    )
     batches["imagefolder"] = next(iter(images.test_dataloader()))
     generate_spoken_captions(root, tmp_path / "speech", (1, 1))
     tri = TriModalDataModule(
@@ -105,7 +112,7 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
             "num_workers": 0,
             "context_length": 16,
         },
-        izer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
     )
     tri.setup("fit")
     batches["trimodal_train"] = next(iter(tri.train_dataloader()))[0]["image_text"]
@@ -329,8 +336,10 @@ def _predicted_distances(source: str, clip_224: dict[str, Path], photos: list[Pa
     assert resize == {"open_clip": "pil", "hf": "tensor"}[source]
     dm = CocoCaptionsDataModule(
         str(photos[0].parent / "no_coco"),
-        # CLIP's BPE; no texts are embedded here
-        s={"image_size": 224, "resize": resize}, loader={"eval_batch_size": len(photos), "num_workers": 0}, tokenizer={"path": "open_clip:ViT-B-32"}, predict={"images": str(photos[0].parent)},
+        images={"image_size": 224, "resize": resize},
+        loader={"eval_batch_size": len(photos), "num_workers": 0},
+        tokenizer={"path": "open_clip:ViT-B-32"},  # CLIP's BPE; no texts are embedded here
+        predict={"images": str(photos[0].parent)},
     )
     (loader,) = dm.predict_dataloader()
     with torch.no_grad():

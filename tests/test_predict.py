@@ -31,7 +31,10 @@ def _clip_data(root: Path, tmp: Path, **predict) -> CocoCaptionsDataModule:
     return CocoCaptionsDataModule(
         str(root),
         context_length=32,
-        **predict,images={"image_size": 32}, loader={"eval_batch_size": 4, "num_workers": 0}, tokenizer={"vocab_size": 120, "cache_dir": str(tmp / "cache")},
+        **predict,
+        images={"image_size": 32},
+        loader={"eval_batch_size": 4, "num_workers": 0},
+        tokenizer={"vocab_size": 120, "cache_dir": str(tmp / "cache")},
     )
 
 
@@ -147,7 +150,12 @@ def test_glue_submission_tsv_has_the_label_names_and_every_index_once(vocab: Pat
     task.mkdir()
     rows = ["index\tsentence1\tsentence2", *(f"{i}\tthe cat sat\t{WORDS[i]} ran" for i in range(7))]
     (task / "test.tsv").write_text("\n".join(rows) + "\n")
-    dm = GlueDataModule(str(task), task="rte", , tokenizer={"path": str(vocab)}, loader={"batch_size": 3},)
+    dm = GlueDataModule(
+        str(task),
+        task="rte",
+        tokenizer={"path": str(vocab)},
+        loader={"batch_size": 3},
+    )
     torch.manual_seed(0)
     module = SequenceClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     meta = _predict(module, dm, tmp_path / "out")
@@ -169,7 +177,11 @@ def test_conll_predictions_add_a_tag_column_to_the_input_file(vocab: Path, tmp_p
 
     text = "-DOCSTART- -X- -X- O\n\njohn NNP B-NP I-PER\nlives VBZ B-VP O\n\nthe DT B-NP O\ncat NN I-NP O\nsat VBD O O\n"
     (tmp_path / "test.txt").write_text(text)
-    dm = CoNLLDataModule(str(tmp_path), , tokenizer={"path": str(vocab)}, loader={"batch_size": 1},)
+    dm = CoNLLDataModule(
+        str(tmp_path),
+        tokenizer={"path": str(vocab)},
+        loader={"batch_size": 1},
+    )
     torch.manual_seed(0)
     module = TokenClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     _predict(module, dm, tmp_path / "out")
@@ -194,7 +206,9 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
     masked = tmp_path / "masked.txt"
     masked.write_text("the [MASK] sat on the mat .\n\nno masks here\njohn [MASK] in [MASK] .\n")
     dm = MLMDataModule(
-        , tokenizer={"path": str(vocab)}, predict={"texts": str(masked), "top_k": 3}, loader={"batch_size": 2, "num_workers": 0},
+        tokenizer={"path": str(vocab)},
+        predict={"texts": str(masked), "top_k": 3},
+        loader={"batch_size": 2, "num_workers": 0},
     )
     torch.manual_seed(0)
     module = MLMPretrainingModule(size="tiny", vocab_size=dm.vocab_size, num_layers=1).eval()
@@ -231,7 +245,9 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
     dm = LibriSpeechDataModule(
         str(tmp_path / "tones"),
         context_length=32,
-        r={"num_workers": 0}, tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")}, predict={"subsets": ["dev-clean"], "audio": str(audio), "batch_size": 4},
+        loader={"num_workers": 0},
+        tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
+        predict={"subsets": ["dev-clean"], "audio": str(audio), "batch_size": 4},
     )
     torch.manual_seed(0)
     module = SpeechTextModule(
@@ -406,7 +422,9 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
         root=str(tmp_path / "speech"), num_workers=0, context_length=32, predict_subsets=["dev-clean"]
     )
     dm = TriModalDataModule(
-        image_text, speech_text, , tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
+        image_text,
+        speech_text,
+        tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
     )
     torch.manual_seed(0)
     module = TriModalModule(vocab_size=dm.vocab_size, **TINY).eval()

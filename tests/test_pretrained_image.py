@@ -456,7 +456,9 @@ def _lit_run(tiny_clip: dict, tmp_path: Path, steps: int) -> dict[str, float]:
         dm = CocoCaptionsDataModule(
             str(tiny_clip["root"]),
             context_length=32,
-            image_size": 32, "min_scale": 1.0}, loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0}, tokenizer={"path": str(tiny_clip["tokenizer"]), "cache_dir": str(tmp_path / "cache")},
+            images={"image_size": 32, "min_scale": 1.0},
+            loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0},
+            tokenizer={"path": str(tiny_clip["tokenizer"]), "cache_dir": str(tmp_path / "cache")},
         )
         module = ImageTextModule(
             vocab_size=dm.vocab_size,

@@ -205,8 +205,11 @@ def test_shard_that_always_breaks_is_skipped_named_and_counted(
         return CocoCaptionsDataModule(
             str(coco),
             train_split="unannotated",  # the vocabulary is trained on the shards' captions, over HTTP
+            shards={"urls": server.url(BRACES), "retries": 1},
+            loader={"batch_size": 4, "num_workers": 0},
+            images={"image_size": 16},
             context_length=16,
-            urls": server.url(BRACES), "retries": 1}, loader={"batch_size": 4, "num_workers": 0}, images={"image_size": 16}, tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
+            tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
         )
 
     dm = datamodule()
@@ -226,7 +229,9 @@ def test_shard_that_always_breaks_is_skipped_named_and_counted(
     (skipped,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert skipped.startswith(f"skipping shard {server.url(broken)}: ClientPayloadError")
     # A vocabulary without the broken shard's captions could differ between ranks: it is not trained.
-    with pytest.raises(ShardUnreadable, match=f"one cannot be read: {server.url(broken)}: .* data.tokenizer.path"):
+    with pytest.raises(
+        ShardUnreadable, match=f"one cannot be read: {server.url(broken)}: .* data.tokenizer.path"
+    ):
         _ = datamodule().tokenizer
 
 

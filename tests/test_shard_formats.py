@@ -113,9 +113,7 @@ def test_gzip_shards_train(tmp_path: Path) -> None:
         (out / f"{plain.name}.gz").write_bytes(gzip.compress(plain.read_bytes()))
         plain.unlink()
     (out / "sizes.json").write_text(json.dumps({f"coco-{k:06d}.tar.gz": 4 for k in range(2)}))
-    dm = CocoCaptionsDataModule(
-        root=str(shapes), context_length=16, s={"image_size": 16, "min_scale": 1.0}, loader={"batch_size": 4, "num_workers": 0}, tokenizer={"vocab_size": 60, "cache_dir": str(tmp_path / "cache")}, shards={"urls": str(out / "coco-{000000..000001}.tar.gz")},
-    )  # fmt: skip
+    dm = CocoCaptionsDataModule(root=str(shapes), context_length=16, images={"image_size": 16, "min_scale": 1.0}, loader={"batch_size": 4, "num_workers": 0}, tokenizer={"vocab_size": 60, "cache_dir": str(tmp_path / "cache")}, shards={"urls": str(out / "coco-{000000..000001}.tar.gz")},)  # fmt: skip
     module = ImageTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=16,

@@ -231,7 +231,7 @@ def test_learns_tone_retrieval_far_above_chance(tmp_path: Path) -> None:
         str(tmp_path / "tones"),
         test_subsets=["dev-clean"],
         context_length=32,
-        ing={"max_duration": 10.0, "max_batch_seconds": 60.0, "num_buckets": 4},
+        batching={"max_duration": 10.0, "max_batch_seconds": 60.0, "num_buckets": 4},
         loader={"num_workers": 0},
         tokenizer={"vocab_size": 200, "cache_dir": str(tmp_path / "cache")},
     )

@@ -249,12 +249,18 @@ def test_mlm_prepared_folder_with_another_tokenizer_is_refused(tmp_path: Path) -
     dm = MLMDataModule(
         bookcorpus=[str(books)],
         num_proc=1,
-        izer={"vocab_size": 100, "cache_dir": str(tmp_path / "c")}, examples={"max_seq_length": 32}, loader={"num_workers": 0},
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "c")},
+        examples={"max_seq_length": 32},
+        loader={"num_workers": 0},
     )
     dm.prepare_data()
     (prepared,) = (tmp_path / "c").glob("mlm-*")
     other = save_tokenizer(sentences(random.Random(5), 50), tmp_path / "other")
-    dm = MLMDataModule(prepared=str(prepared), , tokenizer={"path": str(other)}, loader={"num_workers": 0},)
+    dm = MLMDataModule(
+        prepared=str(prepared),
+        tokenizer={"path": str(other)},
+        loader={"num_workers": 0},
+    )
     with pytest.raises(ValueError, match=rf"{prepared} was prepared with another tokenizer .* than {other}"):
         dm.setup("test")
     with pytest.raises(

@@ -74,7 +74,10 @@ def datamodule(root: Path, speech_root: Path | None = None, **kw) -> TriModalDat
         context_length=32,
     )
     return TriModalDataModule(
-        image_text, speech_text, **kw, tokenizer={"vocab_size": 200, "cache_dir": str(root / "cache")},
+        image_text,
+        speech_text,
+        **kw,
+        tokenizer={"vocab_size": 200, "cache_dir": str(root / "cache")},
     )
 
 
@@ -96,7 +99,8 @@ def test_one_vocabulary_serves_captions_and_transcripts(tmp_path: Path) -> None:
     assert image_text.unk_id not in ids.tolist()[0] + ids.tolist()[1]
     # on their own, the COCO DataModule's vocabulary knows no transcript words
     alone = CocoCaptionsDataModule(
-        str(tmp_path / "shapes"), , tokenizer={"cache_dir": str(tmp_path / "alone"), "vocab_size": 200},
+        str(tmp_path / "shapes"),
+        tokenizer={"cache_dir": str(tmp_path / "alone"), "vocab_size": 200},
     )
     assert alone.tokenizer.fingerprint() != image_text.fingerprint()
 

@@ -50,7 +50,12 @@ def clip_run(tiny_clip: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def class_folder_dm(root: Path, **kwargs) -> ImageFolderDataModule:
-    return ImageFolderDataModule(str(root), **kwargs, images={"image_size": 32}, loader={"batch_size": 128, "num_workers": 0},)
+    return ImageFolderDataModule(
+        str(root),
+        **kwargs,
+        images={"image_size": 32},
+        loader={"batch_size": 128, "num_workers": 0},
+    )
 
 
 # -- zero-shot -----------------------------------------------------------------------------------------
@@ -175,7 +180,9 @@ def test_linear_probe_on_frozen_speech_embeddings_reads_the_word_count(tmp_path:
     already carries it, since its mean-pooled positions depend on the length."""
     generate_tone_librispeech(tmp_path, n_train_utts=240, n_val_utts=4)
     dm = LibriSpeechDataModule(
-        str(tmp_path), , loader={"num_workers": 0}, tokenizer={"cache_dir": str(tmp_path / "cache"), "vocab_size": 120},
+        str(tmp_path),
+        loader={"num_workers": 0},
+        tokenizer={"cache_dir": str(tmp_path / "cache"), "vocab_size": 120},
     )
     dm.setup("fit")
     words = torch.tensor([len(u.transcript.split()) - 3 for u in dm.datasets["train"].utterances])

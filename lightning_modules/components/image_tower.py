@@ -140,7 +140,7 @@ class ImageTowerConfig(TowerTraining):
         data = flat_hparams(data)
         if self.arch != "resnet50" and data.get("image_size", self.image_size) != self.image_size:
             raise ValueError(
-                f"{where}.image_size ({data['image_size']}) differs from model.image.image_size "
+                f"{where}.images.image_size ({data['image_size']}) differs from model.image.image_size "
                 f"({self.image_size}), the size the ViT's position table is made for"
             )
 
@@ -229,9 +229,9 @@ class ImageTower(nn.Module):
             # 1e-6: the configs' 8-digit CLIP numbers against their float32 copies
             if given is not None and any(abs(float(g) - w) > 1e-6 for g, w in zip(given, want, strict=True)):
                 raise ValueError(
-                    f"{where}.{key} ({list(given)}) differs from the image tower's normalisation ({want}: "
+                    f"{where}.images.{key} ({list(given)}) differs from the image tower's normalisation ({want}: "
                     f"model.image.{key}, or its source's): the tower normalises the uint8 batches on the device; "
-                    f"leave {where}.{key} unset, or set model.image.{key}"
+                    f"leave {where}.images.{key} unset, or set model.image.{key}"
                 )
 
     def normalize(self, images: Tensor) -> Tensor:
