@@ -19,7 +19,7 @@ import datamodules.image.coco_datamodule as coco
 from datamodules.image.coco import CaptionsFileError, load_karpathy_splits, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
-from tests.helpers import quiet_trainer
+from tests.helpers import data_args, quiet_trainer
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.image.coco_datamodule"
@@ -104,14 +104,12 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_dm(root: Path, tmp_path: Path, **kwargs) -> CocoCaptionsDataModule:
     defaults = {
         "train_split": "val2017",
-        "image_size": 32,
-        "batch_size": 4,
-        "eval_batch_size": 4,
-        "num_workers": 0,
+        "images": {"image_size": 32},
+        "loader": {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0},
         "context_length": 16,
-        "cache_dir": str(tmp_path / "cache"),
+        "tokenizer": {"cache_dir": str(tmp_path / "cache")},
     }
-    return CocoCaptionsDataModule(str(root), **{**defaults, **kwargs})
+    return CocoCaptionsDataModule(str(root), **data_args(defaults, kwargs))
 
 
 def draws(loader, epochs: int) -> list[dict[int, int]]:
@@ -192,7 +190,7 @@ def test_generate_if_missing_writes_the_set_into_root(
 
 
 def test_batch_shapes_and_dtypes(shapes_root: Path, tmp_path: Path) -> None:
-    dm = make_dm(shapes_root, tmp_path, train_split="train2017", eval_batch_size=3)
+    dm = make_dm(shapes_root, tmp_path, train_split="train2017", loader={"eval_batch_size": 3})
     dm.setup("fit")
     train = next(iter(dm.train_dataloader()))
     assert train["images"].shape == (4, 3, 32, 32) and train["images"].dtype == torch.uint8
@@ -219,7 +217,10 @@ def test_tokenizer_is_cached_and_a_given_vocabulary_is_used(shapes_root: Path, t
     assert len(list((tmp_path / "cache").glob("wordpiece-*"))) == 1
     first.tokenizer.save(tmp_path / "vocab")
     given = make_dm(
-        shapes_root, tmp_path, train_split="train2017", tokenizer=str(tmp_path / "vocab" / "vocab.txt")
+        shapes_root,
+        tmp_path,
+        train_split="train2017",
+        tokenizer={"path": str(tmp_path / "vocab" / "vocab.txt")},
     )
     assert given.vocab_size == first.vocab_size
     assert given.tokenizer.source.endswith("vocab.txt")
@@ -283,14 +284,17 @@ def test_eval_keeps_every_caption_with_its_image_and_skips_bad_files(fixture_roo
 
 def test_training_draw_varies_by_epoch_and_is_reproducible(fixture_root, tmp_path) -> None:
     root, owner = fixture_root
-    dm = make_dm(root, tmp_path, batch_size=2)
+    dm = make_dm(root, tmp_path, loader={"batch_size": 2})
     epochs = draws(dm.train_dataloader(), 3)
     assert all(owner[c] == i for drawn in epochs for i, c in drawn.items())
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
-    assert draws(make_dm(root, tmp_path, batch_size=2).train_dataloader(), 3) == epochs
-    assert draws(make_dm(root, tmp_path, batch_size=2, seed=1).train_dataloader(), 1)[0] != epochs[0]
+    assert draws(make_dm(root, tmp_path, loader={"batch_size": 2}).train_dataloader(), 3) == epochs
+    assert (
+        draws(make_dm(root, tmp_path, loader={"batch_size": 2, "seed": 1}).train_dataloader(), 1)[0]
+        != epochs[0]
+    )
     # Persistent workers keep their own dataset copy; the epoch still reaches them.
-    with_worker = make_dm(root, tmp_path, batch_size=2, num_workers=1)
+    with_worker = make_dm(root, tmp_path, loader={"batch_size": 2, "num_workers": 1})
     assert draws(with_worker.train_dataloader(), 2) == epochs[:2]
 
 
@@ -312,7 +316,7 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     # 14 files on disk, batches of 7: no batch is dropped, so both bad files are met every epoch.
-    dm = make_dm(root, tmp_path, batch_size=7)
+    dm = make_dm(root, tmp_path, loader={"batch_size": 7})
     model = Recorder()
     trainer = quiet_trainer(
         max_epochs=2,
@@ -323,7 +327,7 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
     trainer.fit(model, datamodule=dm)
     assert dm.skipped_images == 4
     assert [model.drawn[e] for e in (0, 1)] == draws(
-        make_dm(root, tmp_path, batch_size=7).train_dataloader(), 2
+        make_dm(root, tmp_path, loader={"batch_size": 7}).train_dataloader(), 2
     )
 
 
@@ -366,7 +370,10 @@ def test_karpathy_splits_decide_membership(fixture_root, tmp_path) -> None:
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
 
     dm = make_dm(
-        root, tmp_path, karpathy_json=str(tmp_path / "dataset_coco.json"), cache_dir=str(tmp_path / "k")
+        root,
+        tmp_path,
+        karpathy_json=str(tmp_path / "dataset_coco.json"),
+        tokenizer={"cache_dir": str(tmp_path / "k")},
     )
     dm.setup()
     assert [r.image_id for r in dm.datasets["train"].images] == [1, 2]
