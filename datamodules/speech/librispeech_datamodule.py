@@ -329,8 +329,8 @@ class LibriSpeechDataModule(LightningDataModule):
             keep = math.ceil(longest)
             log.warning(
                 "%s: max_duration=%s s drops %d of %d utterances (%.0f%%), the longest %.1f s, e.g. %s; %s. To keep "
-                "them raise max_duration to %d (--data.batching.max_duration %d; tri-modal: "
-                "--data.speech_text.batching.max_duration %d) and max_batch_seconds to at least as much",
+                "them raise max_duration to %d (--data.init_args.batching.max_duration %d; tri-modal: "
+                "--data.init_args.speech_text.batching.max_duration %d) and max_batch_seconds to at least as much",
                 split,
                 max_duration,
                 len(too_long),
