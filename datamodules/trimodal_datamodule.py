@@ -182,6 +182,8 @@ class TriModalDataModule(LightningDataModule):
         Args:
             image_text: `CocoCaptionsDataModule` arguments (root, images, loader, ...; sections as dicts).
             speech_text: `LibriSpeechDataModule` arguments (root, batching, loader, ...; sections as dicts).
+                Both are dicts to the parser: an override of a section replaces all of it, so it names every
+                field it needs (`--data.image_text.loader '{batch_size: 8, num_workers: 0}'`).
             tokenizer: the one tokenizer of both tasks: `path` a vocab.txt / tokenizer.json (or folder); None
                 trains one WordPiece of `vocab_size` on the COCO training captions and the LibriSpeech training
                 transcripts together, cached in `cache_dir` (also both DataModules' cache folder); `lowercase`

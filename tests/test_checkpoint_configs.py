@@ -184,14 +184,13 @@ def test_trimodal_quickstart_writes_last_and_best_in_root(tmp_path: Path) -> Non
     cli = _fit(
         "trimodal/quickstart.yaml",
         root,
-        f"{data}.cache_dir={tmp_path / 'cache'}",
+        f"{data}.tokenizer.cache_dir={tmp_path / 'cache'}",
         f"{data}.image_text.root={tmp_path / 'shapes'}",
-        f"{data}.image_text.batch_size=4",
-        f"{data}.image_text.num_workers=0",
+        # a dict argument: the override replaces the config's whole loader section of image_text
+        f'{data}.image_text.loader={{"batch_size": 4, "num_workers": 0}}',
         f"{data}.speech_text.root={tmp_path / 'speech'}",
-        f"{data}.speech_text.max_duration=6",
-        f"{data}.speech_text.max_batch_seconds=8",
-        f"{data}.speech_text.num_workers=0",
+        f'{data}.speech_text.batching={{"max_duration": 6, "max_batch_seconds": 8, "num_buckets": 4}}',
+        f"{data}.speech_text.loader.num_workers=0",
         "--trainer.val_check_interval=2",
     )
     _assert_last_in_root(root)
