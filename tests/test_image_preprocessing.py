@@ -105,11 +105,16 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     batches["imagefolder"] = next(iter(images.test_dataloader()))
     generate_spoken_captions(root, tmp_path / "speech", (1, 1))
     tri = TriModalDataModule(
-        {"root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0, "context_length": 16},
+        {
+            "root": str(root),
+            "images": {"image_size": 32},
+            "loader": {"batch_size": 4, "num_workers": 0},
+            "context_length": 16,
+        },
         {
             "root": str(tmp_path / "speech"),
             "test_subsets": ["dev-clean"],
-            "num_workers": 0,
+            "loader": {"num_workers": 0},
             "context_length": 16,
         },
         tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
