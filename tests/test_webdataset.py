@@ -383,4 +383,4 @@ def test_shards_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(ROOT / "configs/clip/coco_shards_vit_b16.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
-    assert "train_shards: /data/coco_shards/train" in capsys.readouterr().out
+    assert "shards:\n      urls: /data/coco_shards/train\n" in capsys.readouterr().out
