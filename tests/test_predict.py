@@ -27,14 +27,15 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_shapes_coco(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=N_VAL, image_size=32)
 
 
-def _clip_data(root: Path, tmp: Path, **predict) -> CocoCaptionsDataModule:
+def _clip_data(root: Path, tmp: Path, tokenizer: str | None = None, **predict) -> CocoCaptionsDataModule:
+    """The test set's DataModule; `predict` holds the predict section's fields (split, images, texts)."""
     return CocoCaptionsDataModule(
         str(root),
         context_length=32,
-        **predict,
         images={"image_size": 32},
         loader={"eval_batch_size": 4, "num_workers": 0},
-        tokenizer={"vocab_size": 120, "cache_dir": str(tmp / "cache")},
+        tokenizer={"path": tokenizer, "vocab_size": 120, "cache_dir": str(tmp / "cache")},
+        predict=predict,
     )
 
 
@@ -63,9 +64,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     texts = tmp_path / "captions.txt"
     texts.write_text("a red circle on the left\n\na blue square\n", encoding="utf-8")
-    dm = _clip_data(
-        shapes, tmp_path, predict_split="val2017", predict_images=str(folder), predict_texts=str(texts)
-    )
+    dm = _clip_data(shapes, tmp_path, split="val2017", images=str(folder), texts=str(texts))
     module = _clip(dm.vocab_size)
     meta = _predict(module, dm, tmp_path / "out")
 
@@ -103,7 +102,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
 def test_writer_refuses_a_folder_of_other_files_and_replaces_its_own(shapes: Path, tmp_path: Path) -> None:
     texts = tmp_path / "captions.txt"
     texts.write_text("a red circle\n")
-    dm = _clip_data(shapes, tmp_path, predict_texts=str(texts))
+    dm = _clip_data(shapes, tmp_path, texts=str(texts))
     module = _clip(dm.vocab_size)
     out = tmp_path / "mine"
     out.mkdir()
@@ -288,7 +287,7 @@ from tests.test_predict import _clip, _clip_data
 from lightning_modules.prediction import PredictionWriter
 from pathlib import Path
 
-dm = _clip_data(Path({shapes!r}), Path({tmp!r}), predict_images={images!r}, predict_texts={texts!r},
+dm = _clip_data(Path({shapes!r}), Path({tmp!r}), images={images!r}, texts={texts!r},
                 tokenizer={tokenizer!r})
 module = _clip(dm.vocab_size)
 module.load_state_dict(torch.load({weights!r}))
@@ -307,7 +306,7 @@ def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Pat
     texts = tmp_path / "captions.txt"
     texts.write_text("".join(f"caption number {i}\n" for i in range(7)))  # odd: the sampler pads a rank
     images = str(shapes / "val2017")  # N_VAL images, with the eval batch of 4: ranks get 2 batches and 1
-    dm = _clip_data(shapes, tmp_path, predict_images=images, predict_texts=str(texts))
+    dm = _clip_data(shapes, tmp_path, images=images, texts=str(texts))
     module = _clip(dm.vocab_size)
     _predict(module, dm, tmp_path / "one")
     torch.save(module.state_dict(), tmp_path / "weights.pt")
@@ -396,7 +395,7 @@ def test_cli_predict_with_the_config_snippet(
     table = pq.read_table(out / "embeddings.parquet")
     assert table.column("kind").to_pylist().count("image") == N_VAL
     # the checkpoint's weights, not a fresh model's: the first image's row equals this module's embedding
-    item = _clip_data(shapes, tmp_path, predict_split="val2017").predict_dataloader()[0].dataset[0]
+    item = _clip_data(shapes, tmp_path, split="val2017").predict_dataloader()[0].dataset[0]
     with torch.no_grad():
         direct = module.encode_image(item["image"][None])[0]
     row = next(r for r in table.to_pylist() if r["id"] == item["image_key"] and r["kind"] == "image")
@@ -412,14 +411,16 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
     shapes_with_speech(tmp_path, n_train=12, n_val=3)
     image_text = dict(
         root=str(tmp_path / "shapes"),
-        image_size=32,
-        eval_batch_size=4,
-        num_workers=0,
+        images={"image_size": 32},
+        loader={"eval_batch_size": 4, "num_workers": 0},
         context_length=32,
-        predict_split="val2017",
+        predict={"split": "val2017"},
     )
     speech_text = dict(
-        root=str(tmp_path / "speech"), num_workers=0, context_length=32, predict_subsets=["dev-clean"]
+        root=str(tmp_path / "speech"),
+        loader={"num_workers": 0},
+        context_length=32,
+        predict={"subsets": ["dev-clean"]},
     )
     dm = TriModalDataModule(
         image_text,
@@ -451,7 +452,7 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
 def test_an_unreadable_image_of_the_split_is_listed_and_its_captions_left_out(tmp_path: Path) -> None:
     root = generate_shapes_coco(tmp_path / "shapes", n_train=10, n_val=2, image_size=32)
     broken, kept = sorted((root / "val2017").iterdir())
-    dm = _clip_data(root, tmp_path, predict_split="val2017")
+    dm = _clip_data(root, tmp_path, split="val2017")
     module = _clip(dm.vocab_size)
     broken.write_bytes(broken.read_bytes()[:40])  # cut short after the vocabulary is trained
     meta = _predict(module, dm, tmp_path / "out")
@@ -472,7 +473,7 @@ def test_a_folder_of_unreadable_images_gives_an_empty_table_and_lists_them(
     folder.mkdir()
     for name in ("a.png", "b.png"):
         (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    dm = _clip_data(shapes, tmp_path, predict_images=str(folder))
+    dm = _clip_data(shapes, tmp_path, images=str(folder))
     meta = _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
     assert sorted(Path(p).name for p in meta["unreadable"]) == ["a.png", "b.png"] and meta["skipped"] == 2
     assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 0
