@@ -389,16 +389,16 @@ def test_cli_hands_the_checkpoint_tokenizer_only_when_there_is_one(tmp_path: Pat
     torch.save({"state_dict": {}, "tokenizer_json": tok.tokenizer.to_str()}, with_tokenizer)
     torch.save({"state_dict": {}}, without)
 
-    cfg = config(with_tokenizer, tokenizer="vocab.txt")
+    cfg = config(with_tokenizer, tokenizer=Namespace(path="vocab.txt"))
     PretrainCLI._tokenizer_from_checkpoint(cfg)
     assert cfg.data.init_args.tokenizer.path == str(with_tokenizer)
-    cfg = config(without, tokenizer="vocab.txt")
+    cfg = config(without, tokenizer=Namespace(path="vocab.txt"))
     with pytest.warns(UserWarning, match=rf"no tokenizer read from {without} \(.*holds no tokenizer"):
         PretrainCLI._tokenizer_from_checkpoint(cfg)
     assert cfg.data.init_args.tokenizer.path == "vocab.txt"  # the configured one stays
-    cfg = config(with_tokenizer, root="images")  # a DataModule without a tokenizer argument
+    cfg = config(with_tokenizer, root="images")  # a DataModule without a tokenizer section
     PretrainCLI._tokenizer_from_checkpoint(cfg)
     assert "tokenizer" not in cfg.data.init_args
-    cfg = config(tmp_path / "best", tokenizer=None)  # not a file: nothing to read
+    cfg = config(tmp_path / "best", tokenizer=Namespace(path=None))  # not a file: nothing to read
     PretrainCLI._tokenizer_from_checkpoint(cfg)
     assert cfg.data.init_args.tokenizer.path is None
