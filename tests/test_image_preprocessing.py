@@ -60,14 +60,14 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 # -- Item: uint8 batches, normalised on the device ---------------------------------------------------------------
-def _coco(root: Path, tmp_path: Path, num_workers: int = 0, **predict) -> CocoCaptionsDataModule:
+def _coco(root: Path, tmp_path: Path, num_workers: int = 0, **sections) -> CocoCaptionsDataModule:
     return CocoCaptionsDataModule(
         str(root),
         context_length=16,
         images={"image_size": 32},
         loader={"batch_size": 4, "eval_batch_size": 4, "num_workers": num_workers},
         tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
-        predict=predict,
+        **sections,
     )
 
 
@@ -80,7 +80,7 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     from datamodules.trimodal_datamodule import TriModalDataModule, generate_spoken_captions
 
     root = generate_shapes_coco(tmp_path / "shapes", n_train=8, n_val=4, image_size=40)
-    dm = _coco(root, tmp_path, split="val2017", images=str(root / "val2017"))
+    dm = _coco(root, tmp_path, predict={"split": "val2017", "images": str(root / "val2017")})
     batches = {
         "train": next(iter(dm.train_dataloader())),
         "val": next(iter(dm.val_dataloader())),
@@ -89,7 +89,7 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     }
     coco_to_shards(root, "train2017", tmp_path / "shards", max_samples_per_shard=4)
     batches["shards"] = next(
-        iter(_coco(root, tmp_path, train_shards=str(tmp_path / "shards")).train_dataloader())
+        iter(_coco(root, tmp_path, shards={"urls": str(tmp_path / "shards")}).train_dataloader())
     )
     folder = generate_shapes_imagefolder(
         tmp_path / "folder",
