@@ -90,7 +90,7 @@ def test_loader_override_reaches_the_loaders_and_keeps_the_other_defaults(tmp_pa
     args = ["--data", "datamodules.text.glue_datamodule.GlueDataModule", f"--data.root={tmp_path}"]
     args += [f"--data.tokenizer.path={tmp_path / 'vocab.txt'}", "--data.loader.batch_size=3"]
     dm = parser.instantiate_classes(parser.parse_args(args)).data
-    assert (dm.loader.batch_size, dm.loader.seed, dm.loader.num_workers) == (
+    assert (dm.loader_config.batch_size, dm.loader_config.seed, dm.loader_config.num_workers) == (
         3,
         12345,
         0,

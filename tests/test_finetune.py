@@ -501,4 +501,4 @@ def test_configs_take_the_tokenizer_from_init_ckpt(config: str, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / config), "--model.init_ckpt=/x/mlm.ckpt", "--print_config"])
     printed = capsys.readouterr().out
-    assert "init_ckpt: /x/mlm.ckpt" in printed and "tokenizer: /x/mlm.ckpt" in printed
+    assert "init_ckpt: /x/mlm.ckpt" in printed and "tokenizer:\n      path: /x/mlm.ckpt\n" in printed

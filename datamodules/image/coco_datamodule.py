@@ -175,7 +175,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.test_split = test_split
         self.karpathy_json = karpathy_json
         self.images = as_section(ImagesConfig, images)
-        self.loader = as_section(LoaderConfig, loader)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         self.context_length = context_length
         self.generate_if_missing = generate_if_missing
@@ -183,10 +183,10 @@ class CocoCaptionsDataModule(LightningDataModule):
         self.predict_inputs = as_section(CaptionPredict, predict)
         # the settings read where they are used, under their short names
         self.image_size = self.images.image_size
-        self.batch_size = self.loader.batch_size
-        self.eval_batch_size = self.loader.eval_size
-        self.num_workers = self.loader.num_workers
-        self.seed = self.loader.seed
+        self.batch_size = self.loader_config.batch_size
+        self.eval_batch_size = self.loader_config.eval_size
+        self.num_workers = self.loader_config.num_workers
+        self.seed = self.loader_config.seed
         self.cache_dir = Path(self.tokenizer_config.cache)
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
@@ -361,7 +361,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             "num_workers": self.num_workers,
             # evaluation loaders start their workers at each run: idle between runs, they would hold shared memory
             "persistent_workers": train and self.num_workers > 0,
-            "pin_memory": self.loader.pin,  # pinning without a GPU only warns
+            "pin_memory": self.loader_config.pin,  # pinning without a GPU only warns
             "collate_fn": CaptionCollate(self.tokenizer, self.context_length, self.image_size, train),
         }
         if not train:

@@ -129,11 +129,11 @@ class ImageFolderDataModule(LightningDataModule):
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.images = as_section(ImagesConfig, images)
-        self.loader = as_section(LoaderConfig, loader)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.image_size = self.images.image_size
         self.transform = eval_transform(self.image_size, self.images.resize)
-        self.batch_size = self.loader.batch_size
-        self.num_workers = self.loader.num_workers
+        self.batch_size = self.loader_config.batch_size
+        self.num_workers = self.loader_config.num_workers
         self.generate_if_missing = generate_if_missing
         self.datasets: dict[str, ImageFolderDataset] = {}
         self.skipped_images = 0  # undecodable images met in batches on this process (counted from `skipped`)
@@ -187,7 +187,7 @@ class ImageFolderDataModule(LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=False,
-            pin_memory=self.loader.pin,
+            pin_memory=self.loader_config.pin,
             collate_fn=LabelledImageCollate(self.image_size),
         )
 

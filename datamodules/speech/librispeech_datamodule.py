@@ -215,7 +215,7 @@ class LibriSpeechDataModule(LightningDataModule):
         """
         super().__init__()
         self.batching = as_section(DurationBatching, batching)
-        self.loader = as_section(LoaderConfig, loader)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         self.predict_inputs = as_section(SpeechPredict, predict)
         max_duration, max_batch_seconds = self.batching.max_duration, self.batching.max_batch_seconds
@@ -230,7 +230,7 @@ class LibriSpeechDataModule(LightningDataModule):
         self.sample_rate = sample_rate
         self.context_length = context_length
         self.generate_if_missing = generate_if_missing
-        self.seed = self.loader.seed
+        self.seed = self.loader_config.seed
         self.lowercase = self.tokenizer_config.lowercase
         self.subsets = {
             "train": list(train_subsets),
@@ -384,7 +384,7 @@ class LibriSpeechDataModule(LightningDataModule):
             shuffle=shuffle,
             seed=self.seed,
         )
-        workers = self.loader.num_workers
+        workers = self.loader_config.num_workers
         # the training loader's position is checkpointed, so a run killed mid-epoch resumes at the next batch
         loader_cls = ResumableBatchDataLoader if split == "train" else DataLoader
         collate: Callable = SpeechTextCollator(self.tokenizer, self.context_length)
@@ -395,7 +395,7 @@ class LibriSpeechDataModule(LightningDataModule):
             batch_sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
-            pin_memory=self.loader.pin,
+            pin_memory=self.loader_config.pin,
             # Training workers keep their "already warned about this file" memory across epochs; evaluation
             # workers would only hold memory between validations.
             persistent_workers=split == "train" and workers > 0,
@@ -440,7 +440,7 @@ class LibriSpeechDataModule(LightningDataModule):
             DataLoader(
                 d,
                 batch_size=self.predict_inputs.batch_size,
-                num_workers=self.loader.num_workers,
+                num_workers=self.loader_config.num_workers,
                 collate_fn=collate,
             )
             for d in datasets

@@ -223,14 +223,14 @@ class FineTuneDataModule(L.LightningDataModule):
     def collator(self):
         raise NotImplementedError
 
-    loader: LoaderConfig
+    loader_config: LoaderConfig
     tokenizer_config: TokenizerConfig
 
     def _sections(self, loader: LoaderConfig | dict, tokenizer: TokenizerConfig | dict) -> None:
         """Keep the sections, and save every argument of the subclass's `__init__` (this frame's caller)."""
         self.save_hyperparameters(frame=inspect.currentframe().f_back)
         plain_sections(self.hparams)
-        self.loader = as_section(LoaderConfig, loader)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         if not self.tokenizer_config.path:
             raise ValueError(NO_TOKENIZER)
@@ -248,9 +248,9 @@ class FineTuneDataModule(L.LightningDataModule):
             self.datasets[split],
             self.trainer,
             train,
-            self.loader.batch_size if train else self.loader.eval_size,
-            self.loader.seed,
-            self.loader.num_workers,
+            self.loader_config.batch_size if train else self.loader_config.eval_size,
+            self.loader_config.seed,
+            self.loader_config.num_workers,
             self.collator(),
             drop_last=False,
         )
@@ -268,8 +268,8 @@ class FineTuneDataModule(L.LightningDataModule):
         # a plain loader: Lightning swaps in its own batch sampler to track which example each prediction is
         return DataLoader(
             self.datasets[self.predict_split],
-            batch_size=self.loader.eval_size,
-            num_workers=self.loader.num_workers,
+            batch_size=self.loader_config.eval_size,
+            num_workers=self.loader_config.num_workers,
             collate_fn=self.collator(),
         )
 

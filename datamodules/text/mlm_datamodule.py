@@ -168,7 +168,7 @@ class MLMDataModule(L.LightningDataModule):
         self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         self.examples = as_section(ExamplesConfig, examples)
         self.masking = as_section(MaskingConfig, masking)
-        self.loader = as_section(LoaderConfig, loader)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.predict_inputs = as_section(FillMaskPredict, predict)
         self.tokenizer_train_docs = tokenizer_train_docs
         self.language_variant = language_variant
@@ -211,7 +211,7 @@ class MLMDataModule(L.LightningDataModule):
             val_fraction=ex.val_fraction,
             test_fraction=ex.test_fraction,
             lines_per_document=ex.lines_per_document,
-            seed=self.loader.seed,
+            seed=self.loader_config.seed,
             variant=language_variant,
         )
         self.folder: Path | None = None
@@ -329,7 +329,7 @@ class MLMDataModule(L.LightningDataModule):
             mask_prob=self.masking.mask_prob,
             whole_word=whole_word,
             word_start=word_start,
-            seed=self.loader.seed + eval_seed_offset,
+            seed=self.loader_config.seed + eval_seed_offset,
         )
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
@@ -339,9 +339,9 @@ class MLMDataModule(L.LightningDataModule):
             self.datasets[split],
             self.trainer,
             train,
-            self.loader.batch_size if train else self.loader.eval_size,
-            self.loader.seed,
-            self.loader.num_workers,
+            self.loader_config.batch_size if train else self.loader_config.eval_size,
+            self.loader_config.seed,
+            self.loader_config.num_workers,
             # evaluation masks are fixed (epoch 0, their own seed) so validation numbers are comparable
             self.collator(0 if train else 1),
         )
@@ -366,8 +366,8 @@ class MLMDataModule(L.LightningDataModule):
             )
         return DataLoader(
             TextLines(self.predict_inputs.texts),
-            batch_size=self.loader.eval_size,
-            num_workers=self.loader.num_workers,
+            batch_size=self.loader_config.eval_size,
+            num_workers=self.loader_config.num_workers,
             collate_fn=MaskedLinesCollate(
                 self.tokenizer, self.examples.max_seq_length, self.predict_inputs.top_k
             ),
