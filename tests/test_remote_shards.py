@@ -119,7 +119,7 @@ def no_delay(monkeypatch: pytest.MonkeyPatch) -> None:
 def ids(data: ShardStream, epoch: int, workers: int = 0) -> list[list[int | None]]:
     """Image ids (None for an item that did not decode) of each batch of `epoch`."""
     data.set_epoch(epoch)
-    loader = DataLoader(data, batch_size=data.loader.batch_size, num_workers=workers, collate_fn=list)
+    loader = DataLoader(data, batch_size=data.batch_size, num_workers=workers, collate_fn=list)
     return [[item and item["image_id"] for item in batch] for batch in loader]
 
 

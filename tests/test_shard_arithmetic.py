@@ -41,7 +41,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def covered(data: ShardStream, world: int, epoch: int = 0) -> Counter:
     """How many times each (shard, sample) is in a run of some worker of some rank in `epoch`."""
     seen: Counter = Counter()
-    for slot in range(world * data.loader.num_workers):
+    for slot in range(world * data.num_workers):
         for shard, first, end in data.assignment(epoch, slot):
             seen.update((shard, k) for k in range(first, end))
     return seen
