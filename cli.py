@@ -122,27 +122,23 @@ class PretrainCLI(LightningCLI):
         hold (a trained vocabulary would otherwise be rebuilt from the training captions, transcripts or corpora)."""
         ckpt = Path(str(cfg.get("ckpt_path") or ""))
         init_args = (cfg.get("data") or {}).get("init_args") or {}
-        if not ckpt.is_file() or "tokenizer" not in init_args:
-            return  # no checkpoint file ("best", "last" or none), or a DataModule without a tokenizer argument
+        section = init_args.get("tokenizer")
+        if not ckpt.is_file() or section is None:
+            return  # no checkpoint file ("best", "last" or none), or a DataModule without a tokenizer section
         try:
             saved = TextTokenizer.from_checkpoint(ckpt)
         except Exception as err:  # whether the checkpoint loads at all is for Lightning to report
             rank_zero_warn(f"no tokenizer read from {ckpt} ({err}): the DataModule loads or trains its own")
             return
-        given = init_args.get("tokenizer")
-        section = given if hasattr(given, "path") else None  # a `TokenizerConfig` section: its path is set
-        given = section.path if section is not None else given
+        given = section.get("path")
         if given and str(given) != str(ckpt):
             logging.getLogger(__name__).info(
-                "%s: using the checkpoint's tokenizer (%d tokens) instead of data.tokenizer %s",
+                "%s: using the checkpoint's tokenizer (%d tokens) instead of data.tokenizer.path %s",
                 ckpt,
                 saved.vocab_size,
                 given,
             )
-        if section is not None:
-            section.path = str(ckpt)
-        else:
-            init_args["tokenizer"] = str(ckpt)
+        section["path"] = str(ckpt)
 
     def instantiate_classes(self) -> None:
         try:

@@ -113,12 +113,10 @@ def bench_dataloader(step_time: float, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dm = MLMDataModule(
             sample_corpus=True,
-            tokenizer_vocab_size=VOCAB,
-            max_seq_length=SEQ,
-            batch_size=BATCH,
-            num_workers=workers,
-            cache_dir=tmp,
             num_proc=2,
+            tokenizer={"vocab_size": VOCAB, "cache_dir": tmp},
+            examples={"max_seq_length": SEQ},
+            loader={"batch_size": BATCH, "num_workers": workers},
         )
         dm.prepare_data()
         dm.setup("fit")

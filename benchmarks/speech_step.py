@@ -95,11 +95,10 @@ def main() -> None:
         dm = LibriSpeechDataModule(
             tmp,
             test_subsets=["dev-clean"],
-            max_duration=10.0,
-            num_workers=0,
-            tokenizer_vocab_size=200,
             context_length=32,
-            cache_dir=str(Path(tmp) / "cache"),
+            batching={"max_duration": 10.0},
+            loader={"num_workers": 0},
+            tokenizer={"vocab_size": 200, "cache_dir": str(Path(tmp) / "cache")},
         )
         dm.setup("fit")
 

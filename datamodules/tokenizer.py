@@ -248,7 +248,7 @@ class TextTokenizer:
         tokenizer = cls.carried_by(read_checkpoint(path, needs=()), str(path))
         if tokenizer is None:
             raise TokenizerError(
-                f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer"
+                f"{path} holds no tokenizer: pass its vocab.txt or tokenizer.json as --data.tokenizer.path"
             )
         return tokenizer
 
@@ -297,7 +297,7 @@ class TextTokenizer:
         if not isinstance(model, models.WordPiece):
             raise ValueError(
                 f"whole-word masking needs a WordPiece vocabulary (continuation pieces marked ##); {self.source} "
-                f"is a {type(model).__name__} vocabulary: set data.whole_word_masking false"
+                f"is a {type(model).__name__} vocabulary: set data.masking.whole_word false"
             )
         prefix = model.continuing_subword_prefix
         return [not self.tokenizer.id_to_token(i).startswith(prefix) for i in ids]

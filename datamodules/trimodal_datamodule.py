@@ -1,9 +1,9 @@
 """Image-text and speech-text batches for one tri-modal model: the COCO and LibriSpeech DataModules, composed,
 with ONE vocabulary for both.
 
-Shared vocabulary: without `tokenizer`, one WordPiece is trained on the COCO training captions together with
+Shared vocabulary: without `tokenizer.path`, one WordPiece is trained on the COCO training captions together with
 the LibriSpeech training transcripts (cached like every vocabulary here), and both DataModules are configured
-with it through their own `tokenizer` argument: the text tower sees the same ids for the same words, whichever
+with it through their own `tokenizer` section: the text tower sees the same ids for the same words, whichever
 task the text comes from.
 
 Batches:
@@ -31,6 +31,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,11 +45,12 @@ from torch.utils.data import DataLoader
 from datamodules.generated import claim_folder, root_advice, written_whole
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
+from datamodules.sections import TokenizerConfig, as_section, plain_sections
 from datamodules.speech.librispeech import subset_transcripts
 from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import render_sentence, tone_lexicon
-from datamodules.tokenizer import TextTokenizer, build_tokenizer
+from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ SPOKEN_GENERATOR = "datamodules.trimodal_datamodule.generate_spoken_captions"
 _SUBSETS = (("train2017", "train-clean-100"), ("val2017", "dev-clean"))  # COCO split -> LibriSpeech subset
 _LEXICON_SEED = 20240917
 _TONE_FREQS = np.geomspace(300.0, 3400.0, 16)
+_TOKENIZER = TokenizerConfig()
 
 
 def caption_words(caption: str) -> list[str]:
@@ -170,23 +173,22 @@ class TriModalDataModule(LightningDataModule):
         self,
         image_text: dict[str, Any] | None = None,
         speech_text: dict[str, Any] | None = None,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 8192,
-        lowercase: bool = True,
-        cache_dir: str = "data_cache",
+        tokenizer: TokenizerConfig = _TOKENIZER,
         train_mode: Literal["min_size", "max_size_cycle"] = "min_size",
         generate_if_missing: bool = False,
         spoken_captions_per_image: tuple[int, int] = (2, 1),
     ) -> None:
         """
         Args:
-            image_text: `CocoCaptionsDataModule` arguments (root, image_size, batch_size, ...).
-            speech_text: `LibriSpeechDataModule` arguments (root, subsets, max_batch_seconds, ...).
-            tokenizer: a vocab.txt / tokenizer.json (or folder) for both tasks; None trains one WordPiece on the
-                COCO training captions and the LibriSpeech training transcripts together, cached in cache_dir.
-            tokenizer_vocab_size: size of that WordPiece vocabulary; `vocab_size` gives the size trained.
-            lowercase: lowercase text before tokenizing, in both tasks (LibriSpeech is upper case).
-            cache_dir: where the shared vocabulary is cached; also both DataModules' cache_dir unless they set one.
+            image_text: `CocoCaptionsDataModule` arguments (root, images, loader, ...; sections as dicts).
+            speech_text: `LibriSpeechDataModule` arguments (root, batching, loader, ...; sections as dicts).
+                Both are dicts to the parser: an override of a section replaces all of it, so it names every
+                field it needs (`--data.image_text.loader '{batch_size: 8, num_workers: 0}'`).
+            tokenizer: the one tokenizer of both tasks: `path` a vocab.txt / tokenizer.json (or folder); None
+                trains one WordPiece of `vocab_size` on the COCO training captions and the LibriSpeech training
+                transcripts together, cached in `cache_dir` (also both DataModules' cache folder); `lowercase`
+                applies to both tasks (LibriSpeech is upper case). The `vocab_size` property gives the size
+                trained.
             train_mode: CombinedLoader mode of training: "min_size" or "max_size_cycle" (see the module doc).
             generate_if_missing: write the shapes set into image_text's root and its spoken captions into
                 speech_text's root when they are missing (the quickstart); only into roots that are new, empty
@@ -195,25 +197,28 @@ class TriModalDataModule(LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        plain_sections(self.hparams)
+        self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         # Arguments, not DataModules: LightningCLI gives every DataModule it instantiates the hyperparameters of
         # the top-level one, so nested DataModules built by the CLI would not know their own settings.
         self._args: dict[str, dict[str, Any]] = {}
         for name, args in (("image_text", image_text), ("speech_text", speech_text)):
-            shared = sorted((args or {}).keys() & {"tokenizer", "tokenizer_vocab_size", "lowercase"})
-            if shared:
-                raise ValueError(f"data.{name} sets {shared}: set them once, as data.<name>, for both tasks")
-            self._args[name] = {"cache_dir": cache_dir, **(args or {}), "lowercase": lowercase}
+            if "tokenizer" in (args or {}):
+                raise ValueError(
+                    f"data.{name} sets a tokenizer: set it once, as data.tokenizer, for both tasks"
+                )
+            self._args[name] = dict(args or {})
         # as configured: they give the texts the vocabulary is trained on, and generate the quickstart data
         self._readers: dict[str, LightningDataModule] = {}
         self._tasks: dict[str, LightningDataModule] = {}  # the same, tokenizing with the shared vocabulary
         self._tokenizer: TextTokenizer | None = None
-        self._tokenizer_path: str | None = tokenizer
+        self._tokenizer_path: str | None = self.tokenizer_config.path
 
     def _build(self, name: str, tokenizer: str | None) -> LightningDataModule:
         cls = CocoCaptionsDataModule if name == "image_text" else LibriSpeechDataModule
         # built on first use, never in __init__: LightningCLI hands the hyperparameters it instantiates this
         # DataModule with to every `save_hyperparameters` run inside that call, which would give them to these
-        return cls(**self._args[name], tokenizer=tokenizer)
+        return cls(**self._args[name], tokenizer=replace(self.tokenizer_config, path=tokenizer))
 
     def _reader(self, name: str) -> LightningDataModule:
         if name not in self._readers:
@@ -232,28 +237,27 @@ class TriModalDataModule(LightningDataModule):
                 coco.root,
                 speech.root,
                 tuple(self.hparams.spoken_captions_per_image),
-                sample_rate=speech.hparams.sample_rate,
-                seed=speech.hparams.seed,
+                sample_rate=speech.sample_rate,
+                seed=speech.seed,
             )
 
     def _training_texts(self) -> list[str]:
         coco, speech = self._reader("image_text"), self._reader("speech_text")
         captions = [c for r in coco.records("train") for c in r.captions]
-        return captions + subset_transcripts(speech.subset_dirs("train"), self.hparams.lowercase)
+        return captions + subset_transcripts(speech.subset_dirs("train"), self.tokenizer_config.lowercase)
 
     # the shared tokenizer and the two DataModules that use it -------------------------------------------
     @property
     def tokenizer(self) -> TextTokenizer:
         """One vocabulary for captions and transcripts, loaded or trained (and cached) on first use."""
         if self._tokenizer is None:
-            hp = self.hparams
             if self._tokenizer_path:
-                self._tokenizer = TextTokenizer.from_file(self._tokenizer_path, hp.lowercase)
+                self._tokenizer = TextTokenizer.from_file(
+                    self._tokenizer_path, self.tokenizer_config.lowercase
+                )
             else:
                 self._ensure_data()
-                self._tokenizer = build_tokenizer(
-                    None, self._training_texts, hp.cache_dir, hp.tokenizer_vocab_size, hp.lowercase
-                )
+                self._tokenizer = self.tokenizer_config.build(self._training_texts)
                 self._tokenizer_path = self._tokenizer.source  # the cached tokenizer.json the two tasks load
         return self._tokenizer
 
@@ -321,8 +325,8 @@ class TriModalDataModule(LightningDataModule):
         return self._eval_loaders("test")
 
     def predict_dataloader(self) -> list[DataLoader]:
-        """The predict loaders of both tasks that have inputs (data.image_text.predict_split, .predict_images,
-        .predict_texts; data.speech_text.predict_subsets, .predict_audio, .predict_texts), in one shared space."""
+        """The predict loaders of both tasks that have inputs (data.image_text.predict.split, .images, .texts;
+        data.speech_text.predict.subsets, .audio, .texts), in one shared space."""
         loaders = [
             loader
             for name in TASKS
@@ -331,7 +335,7 @@ class TriModalDataModule(LightningDataModule):
         ]
         if not loaders:
             raise ValueError(
-                "nothing to predict: set data.image_text.predict_split / .predict_images / .predict_texts and/or "
-                "data.speech_text.predict_subsets / .predict_audio / .predict_texts"
+                "nothing to predict: set data.image_text.predict.split / .images / .texts and/or "
+                "data.speech_text.predict.subsets / .audio / .texts"
             )
         return loaders

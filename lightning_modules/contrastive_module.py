@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.sections import flat_hparams
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -229,8 +230,9 @@ class ContrastiveModule(AlignmentModule):
         self.lock_towers()
 
     def data_hparams(self) -> dict:
+        """The DataModule's hyperparameters, its sections' fields at the top level (`flat_hparams`)."""
         dm = self.trainer.datamodule if self._trainer is not None else None
-        return dict(getattr(dm, "hparams", {}))
+        return flat_hparams(getattr(dm, "hparams", {}))
 
     def embed(self, batch: dict, stage: str) -> PairEmbeddings:
         return self.pair.embed(batch, stage)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules.sections import flat_hparams
 from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.components.clip_import import ClipParts, load_clip
 from lightning_modules.components.contrastive import (
@@ -94,7 +95,7 @@ def build_image_text_pair(
         if ours != theirs:
             raise ValueError(
                 f"{what} is {ours} but the CLIP checkpoint's is {theirs}: set it to {theirs} "
-                "(data.tokenizer: the same checkpoint gives its tokenizer)"
+                "(data.tokenizer.path: the same checkpoint gives its tokenizer)"
             )
     return clip_image_text_pair(parts, image, loss), clip_preprocessing(parts)
 
@@ -161,11 +162,11 @@ class ImageTextModule(ContrastiveModule):
         want = self.pair.image.reference_resize  # None for a scratch tower: any mode
         if data and want and data.get("resize", "tensor") != want:
             message = (
-                f"data.resize ({data.get('resize', 'tensor')}) is not {want}, the mode that reproduces the "
+                f"data.images.resize ({data.get('resize', 'tensor')}) is not {want}, the mode that reproduces the "
                 "preprocessing of the image tower's source"
             )
             if self.clip_preprocess:  # a whole CLIP is evaluated on exactly its library's pixels
-                raise ValueError(f"{message}: set data.resize {want}")
+                raise ValueError(f"{message}: set data.images.resize {want}")
             log.warning(
                 "%s: its evaluation crops differ from the reference's by resampling or a pixel", message
             )
@@ -182,7 +183,9 @@ class ImageTextModule(ContrastiveModule):
 
 def recorded_statistics(image: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, tuple[float, ...]]:
     """The mean and std a run's DataModule named (its hyperparameters `data`) where the image section `image`
-    leaves them unset: the tower was trained on pixels normalised with them, and normalises with the same."""
+    leaves them unset: the tower was trained on pixels normalised with them, and normalises with the same.
+    `data` may be nested (`images.mean`) or flat (`mean`)."""
+    data = flat_hparams(data)
     return {
         key: tuple(float(v) for v in data[key])
         for key in ("mean", "std")

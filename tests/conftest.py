@@ -47,14 +47,10 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict:
         L.seed_everything(0)
         dm = CocoCaptionsDataModule(
             str(root),
-            image_size=32,
-            min_scale=1.0,
-            batch_size=64,
-            eval_batch_size=100,
-            num_workers=0,
-            tokenizer_vocab_size=200,
             context_length=32,
-            cache_dir=str(tmp / "cache"),
+            images={"image_size": 32, "min_scale": 1.0},
+            loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0},
+            tokenizer={"vocab_size": 200, "cache_dir": str(tmp / "cache")},
         )
         module = ImageTextModule(
             vocab_size=dm.vocab_size,

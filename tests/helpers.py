@@ -55,3 +55,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def data_args(defaults: dict, overrides: dict) -> dict:
+    """DataModule arguments: `overrides` on `defaults`, a section given as a dict updated field by field."""
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = {**merged[key], **value} if both else value
+    return merged

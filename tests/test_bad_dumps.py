@@ -73,12 +73,12 @@ def _args(tmp_path: Path, wikipedia: Path, *extra: str) -> list[str]:
         MLM,
         f"--data.init_args.wikipedia=[{wikipedia}]",
         "--data.init_args.sample_corpus=false",
-        "--data.init_args.tokenizer_vocab_size=300",
-        "--data.init_args.val_fraction=0",
-        "--data.init_args.test_fraction=0",
+        "--data.init_args.tokenizer.vocab_size=300",
+        "--data.init_args.examples.val_fraction=0",
+        "--data.init_args.examples.test_fraction=0",
         "--data.init_args.num_proc=1",
-        "--data.init_args.num_workers=0",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.loader.num_workers=0",
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--trainer.max_steps=0",
         "--trainer.num_sanity_val_steps=0",
@@ -256,7 +256,7 @@ def test_error_line_starts_after_the_progress_bar(tmp_path: Path, capsys: pytest
     tokenizer = tmp_path / "vocab"
     TextTokenizer.train([text for _, text in JA_PAGES] * 5, vocab_size=120).save(tokenizer)
     path, offset = _undecodable(tmp_path)
-    args = _args(tmp_path, path, f"--data.init_args.tokenizer={tokenizer / 'tokenizer.json'}")
+    args = _args(tmp_path, path, f"--data.init_args.tokenizer.path={tokenizer / 'tokenizer.json'}")
     error, err = _one_error_line(args, capsys)
     assert "tokenizing documents" in err  # the bar was drawn
     assert error.startswith(f"error: {path}: byte {offset} does not decode as utf-8")

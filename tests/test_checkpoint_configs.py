@@ -149,9 +149,9 @@ def test_clip_quickstart_writes_last_and_best_in_root(tmp_path: Path) -> None:
         "clip/quickstart.yaml",
         root,
         f"--data.root={tmp_path / 'shapes'}",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--data.num_workers=0",
-        "--data.batch_size=8",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
+        "--data.loader.batch_size=8",
         "--trainer.val_check_interval=2",
     )
     _assert_last_in_root(root)
@@ -165,10 +165,10 @@ def test_speech_quickstart_writes_last_and_best_in_root(tmp_path: Path) -> None:
         "speech/quickstart.yaml",
         root,
         f"--data.root={tmp_path / 'tones'}",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--data.num_workers=0",
-        "--data.max_duration=6",  # 2 or 3 utterances a batch: fast steps
-        "--data.max_batch_seconds=8",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
+        "--data.batching.max_duration=6",  # 2 or 3 utterances a batch: fast steps
+        "--data.batching.max_batch_seconds=8",
         "--trainer.val_check_interval=2",
     )
     _assert_last_in_root(root)
@@ -184,14 +184,13 @@ def test_trimodal_quickstart_writes_last_and_best_in_root(tmp_path: Path) -> Non
     cli = _fit(
         "trimodal/quickstart.yaml",
         root,
-        f"{data}.cache_dir={tmp_path / 'cache'}",
+        f"{data}.tokenizer.cache_dir={tmp_path / 'cache'}",
         f"{data}.image_text.root={tmp_path / 'shapes'}",
-        f"{data}.image_text.batch_size=4",
-        f"{data}.image_text.num_workers=0",
+        # a dict argument: the override replaces the config's whole loader section of image_text
+        f'{data}.image_text.loader={{"batch_size": 4, "num_workers": 0}}',
         f"{data}.speech_text.root={tmp_path / 'speech'}",
-        f"{data}.speech_text.max_duration=6",
-        f"{data}.speech_text.max_batch_seconds=8",
-        f"{data}.speech_text.num_workers=0",
+        f'{data}.speech_text.batching={{"max_duration": 6, "max_batch_seconds": 8, "num_buckets": 4}}',
+        f"{data}.speech_text.loader.num_workers=0",
         "--trainer.val_check_interval=2",
     )
     _assert_last_in_root(root)
@@ -206,8 +205,8 @@ def test_mlm_quickstart_writes_last_in_root_without_validating(tmp_path: Path) -
     _fit(
         "mlm/quickstart.yaml",
         root,
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--data.init_args.num_workers=0",
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
         "--model.init_args.size=tiny",
         "--model.init_args.hidden_size=32",

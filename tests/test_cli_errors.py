@@ -134,7 +134,7 @@ def test_coco_root_without_annotations_names_the_file_not_the_link(
         CLIP,
         f"--data.init_args.root={root}",
         "--data.init_args.generate_if_missing=false",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
     error = _fails(args, capsys)

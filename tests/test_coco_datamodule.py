@@ -19,7 +19,7 @@ import datamodules.image.coco_datamodule as coco
 from datamodules.image.coco import CaptionsFileError, load_karpathy_splits, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
-from tests.helpers import quiet_trainer
+from tests.helpers import data_args, quiet_trainer
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.image.coco_datamodule"
@@ -104,14 +104,12 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def make_dm(root: Path, tmp_path: Path, **kwargs) -> CocoCaptionsDataModule:
     defaults = {
         "train_split": "val2017",
-        "image_size": 32,
-        "batch_size": 4,
-        "eval_batch_size": 4,
-        "num_workers": 0,
+        "images": {"image_size": 32},
+        "loader": {"batch_size": 4, "eval_batch_size": 4, "num_workers": 0},
         "context_length": 16,
-        "cache_dir": str(tmp_path / "cache"),
+        "tokenizer": {"cache_dir": str(tmp_path / "cache")},
     }
-    return CocoCaptionsDataModule(str(root), **{**defaults, **kwargs})
+    return CocoCaptionsDataModule(str(root), **data_args(defaults, kwargs))
 
 
 def draws(loader, epochs: int) -> list[dict[int, int]]:
@@ -176,7 +174,11 @@ def test_generate_if_missing_writes_the_set_into_root(
     )
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     root = tmp_path / "quick"
-    dm = CocoCaptionsDataModule(str(root), generate_if_missing=True, num_workers=0)
+    dm = CocoCaptionsDataModule(
+        str(root),
+        generate_if_missing=True,
+        loader={"num_workers": 0},
+    )
     assert dm.vocab_size > 20  # usable before setup(): the CLI links it to the model at instantiation
     assert len(list((root / "train2017").glob("*.jpg"))) == 8
     # the vocabulary is cached in the per-user cache folder, not in the data root
@@ -188,7 +190,7 @@ def test_generate_if_missing_writes_the_set_into_root(
 
 
 def test_batch_shapes_and_dtypes(shapes_root: Path, tmp_path: Path) -> None:
-    dm = make_dm(shapes_root, tmp_path, train_split="train2017", eval_batch_size=3)
+    dm = make_dm(shapes_root, tmp_path, train_split="train2017", loader={"eval_batch_size": 3})
     dm.setup("fit")
     train = next(iter(dm.train_dataloader()))
     assert train["images"].shape == (4, 3, 32, 32) and train["images"].dtype == torch.uint8
@@ -215,7 +217,10 @@ def test_tokenizer_is_cached_and_a_given_vocabulary_is_used(shapes_root: Path, t
     assert len(list((tmp_path / "cache").glob("wordpiece-*"))) == 1
     first.tokenizer.save(tmp_path / "vocab")
     given = make_dm(
-        shapes_root, tmp_path, train_split="train2017", tokenizer=str(tmp_path / "vocab" / "vocab.txt")
+        shapes_root,
+        tmp_path,
+        train_split="train2017",
+        tokenizer={"path": str(tmp_path / "vocab" / "vocab.txt")},
     )
     assert given.vocab_size == first.vocab_size
     assert given.tokenizer.source.endswith("vocab.txt")
@@ -279,14 +284,17 @@ def test_eval_keeps_every_caption_with_its_image_and_skips_bad_files(fixture_roo
 
 def test_training_draw_varies_by_epoch_and_is_reproducible(fixture_root, tmp_path) -> None:
     root, owner = fixture_root
-    dm = make_dm(root, tmp_path, batch_size=2)
+    dm = make_dm(root, tmp_path, loader={"batch_size": 2})
     epochs = draws(dm.train_dataloader(), 3)
     assert all(owner[c] == i for drawn in epochs for i, c in drawn.items())
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
-    assert draws(make_dm(root, tmp_path, batch_size=2).train_dataloader(), 3) == epochs
-    assert draws(make_dm(root, tmp_path, batch_size=2, seed=1).train_dataloader(), 1)[0] != epochs[0]
+    assert draws(make_dm(root, tmp_path, loader={"batch_size": 2}).train_dataloader(), 3) == epochs
+    assert (
+        draws(make_dm(root, tmp_path, loader={"batch_size": 2, "seed": 1}).train_dataloader(), 1)[0]
+        != epochs[0]
+    )
     # Persistent workers keep their own dataset copy; the epoch still reaches them.
-    with_worker = make_dm(root, tmp_path, batch_size=2, num_workers=1)
+    with_worker = make_dm(root, tmp_path, loader={"batch_size": 2, "num_workers": 1})
     assert draws(with_worker.train_dataloader(), 2) == epochs[:2]
 
 
@@ -308,7 +316,7 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
             return torch.optim.SGD(self.parameters(), lr=0.0)
 
     # 14 files on disk, batches of 7: no batch is dropped, so both bad files are met every epoch.
-    dm = make_dm(root, tmp_path, batch_size=7)
+    dm = make_dm(root, tmp_path, loader={"batch_size": 7})
     model = Recorder()
     trainer = quiet_trainer(
         max_epochs=2,
@@ -319,7 +327,7 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
     trainer.fit(model, datamodule=dm)
     assert dm.skipped_images == 4
     assert [model.drawn[e] for e in (0, 1)] == draws(
-        make_dm(root, tmp_path, batch_size=7).train_dataloader(), 2
+        make_dm(root, tmp_path, loader={"batch_size": 7}).train_dataloader(), 2
     )
 
 
@@ -327,7 +335,10 @@ def test_trainer_sets_the_draw_epoch_and_counts_skips(fixture_root, tmp_path) ->
 
 
 def test_missing_annotations_raise_with_the_expected_layout(tmp_path: Path) -> None:
-    dm = CocoCaptionsDataModule(str(tmp_path / "nowhere"), num_workers=0)
+    dm = CocoCaptionsDataModule(
+        str(tmp_path / "nowhere"),
+        loader={"num_workers": 0},
+    )
     with pytest.raises(
         FileNotFoundError, match=r"captions_train2017\.json.*annotations/captions_<split>\.json"
     ):
@@ -359,7 +370,10 @@ def test_karpathy_splits_decide_membership(fixture_root, tmp_path) -> None:
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
 
     dm = make_dm(
-        root, tmp_path, karpathy_json=str(tmp_path / "dataset_coco.json"), cache_dir=str(tmp_path / "k")
+        root,
+        tmp_path,
+        karpathy_json=str(tmp_path / "dataset_coco.json"),
+        tokenizer={"cache_dir": str(tmp_path / "k")},
     )
     dm.setup()
     assert [r.image_id for r in dm.datasets["train"].images] == [1, 2]
@@ -385,10 +399,8 @@ def test_real_coco_sample_one_eval_epoch(tmp_path: Path) -> None:
         str(REAL),
         train_split="val2017",
         val_split="val2017",
-        batch_size=8,
-        eval_batch_size=8,
-        num_workers=0,
-        cache_dir=str(tmp_path / "cache"),
+        loader={"batch_size": 8, "eval_batch_size": 8, "num_workers": 0},
+        tokenizer={"cache_dir": str(tmp_path / "cache")},
     )
     dm.setup("fit")
     batches = list(dm.val_dataloader())
@@ -458,7 +470,7 @@ def test_cli_names_the_captions_file_and_what_is_wrong(
     captions.parent.mkdir(parents=True)
     captions.write_text(text)
     args = ["fit", "--config", str(QUICKSTART), f"--data.root={tmp_path / 'coco'}"]
-    args += ["--data.generate_if_missing=false", f"--data.cache_dir={tmp_path / 'cache'}"]
+    args += ["--data.generate_if_missing=false", f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], friendly_errors=True)
     assert exit_info.value.code == 2

@@ -313,7 +313,11 @@ def test_clip_quickstart_on_a_genuine_coco_val_folder(
 ) -> None:
     before = sha256_of_files(coco_val)
     args = quick("clip/quickstart.yaml", stage, tmp_path, f"--data.root={coco_val}")
-    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0", "--data.test_split=val2017"]
+    args += [
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
+        "--data.test_split=val2017",
+    ]
     cli, error = run_cli(args, capsys)
     # no training captions to train a vocabulary on, and the synthetic set is not written in their place
     assert cli is None and f"{coco_val} holds other data" in error
@@ -329,7 +333,11 @@ def test_clip_quickstart_tests_on_the_genuine_val_split(
     tokenizer.save(tmp_path / "vocab")
     before = sha256_of_files(coco_val)
     args = quick("clip/quickstart.yaml", "test", tmp_path, f"--data.root={coco_val}")
-    args += [f"--data.tokenizer={tmp_path / 'vocab'}", "--data.test_split=val2017", "--data.num_workers=0"]
+    args += [
+        f"--data.tokenizer.path={tmp_path / 'vocab'}",
+        "--data.test_split=val2017",
+        "--data.loader.num_workers=0",
+    ]
     cli, error = run_cli(args, capsys)
     assert error is None
     records = cli.datamodule.records("test")
@@ -347,7 +355,7 @@ def test_speech_quickstart_on_genuine_librispeech_subsets(
     root = librispeech if layout == "LibriSpeech tree" else librispeech_subsets
     before = sha256_of_files(root)
     args = quick("speech/quickstart.yaml", stage, tmp_path, f"--data.root={root}")
-    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0"]
+    args += [f"--data.tokenizer.cache_dir={tmp_path / 'cache'}", "--data.loader.num_workers=0"]
     cli, error = run_cli(args, capsys)
     assert cli is None
     if layout == "LibriSpeech tree":  # read as LibriSpeech: the subsets the config asks for are missing
@@ -362,7 +370,7 @@ def test_speech_quickstart_tests_on_the_genuine_subset(
 ) -> None:
     before = sha256_of_files(librispeech)
     args = quick("speech/quickstart.yaml", "test", tmp_path, f"--data.root={librispeech}")
-    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0"]
+    args += [f"--data.tokenizer.cache_dir={tmp_path / 'cache'}", "--data.loader.num_workers=0"]
     args += [f"--data.{split}_subsets=[test-clean]" for split in ("train", "val", "test")]
     cli, error = run_cli(args, capsys)
     assert error is None
@@ -377,7 +385,9 @@ def test_trimodal_quickstart_on_genuine_coco_and_librispeech(
     stage: str, coco_val: Path, librispeech: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     before = {root: sha256_of_files(root) for root in (coco_val, librispeech)}
-    args = quick("trimodal/quickstart.yaml", stage, tmp_path, f"--data.cache_dir={tmp_path / 'cache'}")
+    args = quick(
+        "trimodal/quickstart.yaml", stage, tmp_path, f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"
+    )
     args += [f"--data.image_text.root={coco_val}", f"--data.speech_text.root={librispeech}"]
     cli, error = run_cli(args, capsys)
     assert cli is None and f"{coco_val} holds other data" in error and "data.image_text.root" in error
@@ -390,7 +400,9 @@ def test_trimodal_quickstart_does_not_speak_captions_into_a_speech_folder(
 ) -> None:
     shapes = generate_shapes_coco(tmp_path / "shapes", n_train=8, n_val=4, image_size=16)
     before = sha256_of_files(librispeech_subsets)
-    args = quick("trimodal/quickstart.yaml", "fit", tmp_path, f"--data.cache_dir={tmp_path / 'cache'}")
+    args = quick(
+        "trimodal/quickstart.yaml", "fit", tmp_path, f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"
+    )
     args += [f"--data.image_text.root={shapes}", f"--data.speech_text.root={librispeech_subsets}"]
     cli, error = run_cli(args, capsys)
     assert cli is None and f"{librispeech_subsets} holds other data" in error
@@ -405,9 +417,9 @@ def test_mlm_quickstart_never_replaces_a_wikipedia_folder_in_its_cache(
     """The sample corpus goes to <cache_dir>/sample_corpus; a folder of one's own there is not replaced by it
     (the generator used to remove it whole)."""
     before = sha256_of_files(wikipedia)
-    args = quick("mlm/quickstart.yaml", stage, tmp_path, f"--data.cache_dir={wikipedia.parent}")
+    args = quick("mlm/quickstart.yaml", stage, tmp_path, f"--data.tokenizer.cache_dir={wikipedia.parent}")
     cli, error = run_cli(args, capsys)
-    assert cli is None and f"{wikipedia} holds other data" in error and "data.cache_dir" in error
+    assert cli is None and f"{wikipedia} holds other data" in error and "data.tokenizer.cache_dir" in error
     assert_untouched(wikipedia, before)
     assert sorted(p.name for p in wikipedia.parent.iterdir()) == ["sample_corpus"]
 
@@ -419,8 +431,16 @@ def test_mlm_quickstart_validates_on_the_genuine_dump(
     dump = next(wikipedia.glob("*.xml.bz2"))
     before = sha256_of_files(wikipedia)
     args = quick("mlm/quickstart.yaml", "validate", tmp_path, f"--data.wikipedia=[{dump}]")
-    args += [f"--data.cache_dir={tmp_path / 'cache'}", "--data.num_workers=0", "--data.num_proc=1"]
-    args += ["--data.tokenizer_vocab_size=150", "--data.val_fraction=0.3", "--data.test_fraction=0.0"]
+    args += [
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
+        "--data.num_proc=1",
+    ]
+    args += [
+        "--data.tokenizer.vocab_size=150",
+        "--data.examples.val_fraction=0.3",
+        "--data.examples.test_fraction=0.0",
+    ]
     cli, error = run_cli(args, capsys)
     assert error is None
     index = json.loads((cli.datamodule.folder / "index.json").read_text())

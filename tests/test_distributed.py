@@ -40,10 +40,10 @@ def _args(cache: str, root: Path, batch_size: int) -> list[str]:
     return [
         "--config",
         QUICKSTART,
-        f"--data.init_args.cache_dir={cache}",
-        "--data.init_args.num_workers=0",
+        f"--data.init_args.tokenizer.cache_dir={cache}",
+        "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
-        f"--data.init_args.batch_size={batch_size}",
+        f"--data.init_args.loader.batch_size={batch_size}",
         "--model.init_args.dropout=0",
         "--model.init_args.attention_dropout=0",
         "--model.init_args.num_layers=2",

@@ -35,8 +35,8 @@ def _mlm_args(cache_dir: str, root: Path, *extra: str) -> list[str]:
     return [
         "--config",
         MLM,
-        f"--data.init_args.cache_dir={cache_dir}",
-        "--data.init_args.num_workers=0",
+        f"--data.init_args.tokenizer.cache_dir={cache_dir}",
+        "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
         f"--trainer.default_root_dir={root}",
         *extra,
@@ -203,7 +203,11 @@ def test_wandb_retrieval_tables(task: str, offline_wandb: Path) -> None:
         extra, key, media = [], "val/examples/a2t", "audio"
     else:
         generate_shapes_coco(root / "data", n_train=32, n_val=12)
-        extra, key, media = ["--data.batch_size=8", "--data.eval_batch_size=12"], "val/examples/i2t", "image"
+        extra, key, media = (
+            ["--data.loader.batch_size=8", "--data.loader.eval_batch_size=12"],
+            "val/examples/i2t",
+            "image",
+        )
     cli_ = main(
         [
             "fit",
@@ -212,8 +216,8 @@ def test_wandb_retrieval_tables(task: str, offline_wandb: Path) -> None:
             "--config",
             WANDB,
             f"--data.root={root / 'data'}",
-            f"--data.cache_dir={root / 'cache'}",
-            "--data.num_workers=0",
+            f"--data.tokenizer.cache_dir={root / 'cache'}",
+            "--data.loader.num_workers=0",
             f"--trainer.default_root_dir={root / 'run'}",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",

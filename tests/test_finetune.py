@@ -216,7 +216,7 @@ def _fit_args(config: str, ckpt: Path, root: Path, out: Path, *extra: str) -> li
 def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_sst2(tmp_path / "SST-2")
     args = _fit_args("sst2.yaml", mlm_ckpt, tmp_path / "SST-2", tmp_path / "run", "--model.lr=1e-3")
-    cli = main(["fit", *args, "--trainer.max_epochs=3", "--data.batch_size=32"])
+    cli = main(["fit", *args, "--trainer.max_epochs=3", "--data.loader.batch_size=32"])
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"SST-2-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
     assert acc >= majority + 0.25
@@ -226,7 +226,7 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
     cli = main(["test", *args, f"--ckpt_path={best}"])
     assert float(cli.trainer.callback_metrics["test/acc"]) >= majority + 0.25
     # predict runs on test.tsv; predictions keep the file's index. The fine-tuned checkpoint holds the tokenizer.
-    cli = main(["predict", *args, f"--ckpt_path={best}", f"--data.tokenizer={best}"])
+    cli = main(["predict", *args, f"--ckpt_path={best}", f"--data.tokenizer.path={best}"])
     out = cli.trainer.predict_loop.predictions
     index = torch.cat([b["index"] for b in out]).tolist()
     predicted = torch.cat([b["prediction"] for b in out]).tolist()
@@ -239,7 +239,9 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
 def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_mrpc(tmp_path / "MRPC")
     args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.lr=1e-3")
-    cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.batch_size=32", "--model.layer_decay=0.8"])
+    cli = main(
+        ["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32", "--model.layer_decay=0.8"]
+    )
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"MRPC-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
     assert acc >= majority + 0.2
@@ -251,7 +253,7 @@ def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
 def test_conll_like_ner_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     write_conll(tmp_path / "conll")
     args = _fit_args("conll2003.yaml", mlm_ckpt, tmp_path / "conll", tmp_path / "run", "--model.lr=1e-3")
-    cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.batch_size=32"])
+    cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32"])
     m = cli.trainer.callback_metrics
     print({k: round(float(v), 3) for k, v in m.items() if k.startswith("val/")})
     # all-O scores 0; the generated entities are easy once learned
@@ -480,7 +482,10 @@ def test_wordpiece_labels_on_first_piece(tmp_path: Path) -> None:
 
 def test_conll_datamodule_rejects_unknown_tags(tmp_path: Path, mlm_ckpt: Path) -> None:
     (tmp_path / "train.txt").write_text("Oslo NNP B-NP B-GPE\n")
-    dm = CoNLLDataModule(str(tmp_path), tokenizer=str(mlm_ckpt))
+    dm = CoNLLDataModule(
+        str(tmp_path),
+        tokenizer={"path": str(mlm_ckpt)},
+    )
     with pytest.raises(ValueError, match=r"train.txt:1: tag 'B-GPE'"):
         dm._encode("train")
 
@@ -496,4 +501,4 @@ def test_configs_take_the_tokenizer_from_init_ckpt(config: str, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(CONFIGS / config), "--model.init_ckpt=/x/mlm.ckpt", "--print_config"])
     printed = capsys.readouterr().out
-    assert "init_ckpt: /x/mlm.ckpt" in printed and "tokenizer: /x/mlm.ckpt" in printed
+    assert "init_ckpt: /x/mlm.ckpt" in printed and "tokenizer:\n      path: /x/mlm.ckpt\n" in printed

@@ -338,7 +338,10 @@ def _quickstart_on_cuda(name: str, tmp_path: Path, *extra: str):
     from datamodules.synthetic.shapes import generate_shapes_coco
     from datamodules.synthetic.tones import generate_tone_librispeech
 
-    data = [f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.num_workers=0"]
+    data = [
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.loader.num_workers=0",
+    ]
     if name == "mlm":
         data.append("--data.init_args.num_proc=1")
     elif name == "speech":
@@ -346,7 +349,7 @@ def _quickstart_on_cuda(name: str, tmp_path: Path, *extra: str):
         data.append(f"--data.init_args.root={tmp_path / 'tones'}")
     else:
         generate_shapes_coco(tmp_path / "shapes", n_train=64, n_val=8, image_size=32)
-        data += [f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.batch_size=8"]
+        data += [f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.loader.batch_size=8"]
     return main(
         [
             "fit",

@@ -60,17 +60,14 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 
 # -- Item: uint8 batches, normalised on the device ---------------------------------------------------------------
-def _coco(root: Path, tmp_path: Path, **kw) -> CocoCaptionsDataModule:
+def _coco(root: Path, tmp_path: Path, num_workers: int = 0, **sections) -> CocoCaptionsDataModule:
     return CocoCaptionsDataModule(
         str(root),
-        image_size=32,
-        batch_size=4,
-        eval_batch_size=4,
-        num_workers=kw.pop("num_workers", 0),
-        tokenizer_vocab_size=100,
         context_length=16,
-        cache_dir=str(tmp_path / "cache"),
-        **kw,
+        images={"image_size": 32},
+        loader={"batch_size": 4, "eval_batch_size": 4, "num_workers": num_workers},
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
+        **sections,
     )
 
 
@@ -83,7 +80,7 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     from datamodules.trimodal_datamodule import TriModalDataModule, generate_spoken_captions
 
     root = generate_shapes_coco(tmp_path / "shapes", n_train=8, n_val=4, image_size=40)
-    dm = _coco(root, tmp_path, predict_split="val2017", predict_images=str(root / "val2017"))
+    dm = _coco(root, tmp_path, predict={"split": "val2017", "images": str(root / "val2017")})
     batches = {
         "train": next(iter(dm.train_dataloader())),
         "val": next(iter(dm.val_dataloader())),
@@ -92,7 +89,7 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     }
     coco_to_shards(root, "train2017", tmp_path / "shards", max_samples_per_shard=4)
     batches["shards"] = next(
-        iter(_coco(root, tmp_path, train_shards=str(tmp_path / "shards")).train_dataloader())
+        iter(_coco(root, tmp_path, shards={"urls": str(tmp_path / "shards")}).train_dataloader())
     )
     folder = generate_shapes_imagefolder(
         tmp_path / "folder",
@@ -100,19 +97,27 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
         per_class={"train": 2, "val": 2, "test": 2},
         image_size=40,
     )
-    images = ImageFolderDataModule(str(folder), image_size=32, batch_size=4, num_workers=0)
+    images = ImageFolderDataModule(
+        str(folder),
+        images={"image_size": 32},
+        loader={"batch_size": 4, "num_workers": 0},
+    )
     batches["imagefolder"] = next(iter(images.test_dataloader()))
     generate_spoken_captions(root, tmp_path / "speech", (1, 1))
     tri = TriModalDataModule(
-        {"root": str(root), "image_size": 32, "batch_size": 4, "num_workers": 0, "context_length": 16},
+        {
+            "root": str(root),
+            "images": {"image_size": 32},
+            "loader": {"batch_size": 4, "num_workers": 0},
+            "context_length": 16,
+        },
         {
             "root": str(tmp_path / "speech"),
             "test_subsets": ["dev-clean"],
-            "num_workers": 0,
+            "loader": {"num_workers": 0},
             "context_length": 16,
         },
-        tokenizer_vocab_size=100,
-        cache_dir=str(tmp_path / "cache"),
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
     )
     tri.setup("fit")
     batches["trimodal_train"] = next(iter(tri.train_dataloader()))[0]["image_text"]
@@ -228,7 +233,7 @@ def test_predict_zero_shot_and_probe_embed_uint8_as_normalised_pixels() -> None:
 def test_a_datamodule_mean_other_than_the_towers_is_refused() -> None:
     tower = ImageTower(ImageTowerConfig("vit_tiny", image_size=32, layers=1), 16)
     tower.check_data({"mean": list(CLIP_MEAN), "std": None}, "data")  # the tower's own, or unset: fine
-    with pytest.raises(ValueError, match=r"data.mean .* model.image.mean"):
+    with pytest.raises(ValueError, match=r"data.images.mean .* model.image.mean"):
         tower.check_data({"mean": list(IMAGENET_MEAN)}, "data")
     imagenet = ImageTower(
         ImageTowerConfig("vit_tiny", image_size=32, layers=1, mean=IMAGENET_MEAN, std=IMAGENET_STD), 16
@@ -240,7 +245,7 @@ def test_a_datamodule_mean_other_than_the_towers_is_refused() -> None:
 
 # -- Item: the reference pipelines on full-size photos -----------------------------------------------------------
 def test_resize_modes_crop_the_reference_pixels(photos: list[Path]) -> None:
-    """Each `data.resize` mode gives its reference's pixels exactly, on photos of odd and even crop margins:
+    """Each `data.images.resize` mode gives its reference's pixels exactly, on photos of odd and even crop margins:
     tensor = transformers' CLIPImageProcessor, pil = open_clip's preprocessing, torchvision = the
     ImageClassification preset of torchvision's IMAGENET1K_V1 weights (normalised: 1e-6, the float32 rounding of
     one formula, far below a grey level's 1/255/std)."""
@@ -324,7 +329,7 @@ def _reference_embeddings(source: str, clip_224: dict[str, Path], photos: list[P
 def _predicted_distances(source: str, clip_224: dict[str, Path], photos: list[Path]) -> dict[str, float]:
     """1 - cos between the reference embeddings of `photos` (one folder, in file-name order) and those of a
     whole-CLIP start (model.init_clip) through the predict path: the DataModule's predict_images loader with
-    the source's data.resize, then predict_step."""
+    the source's data.images.resize, then predict_step."""
     init = (
         TowerInit("open_clip", str(clip_224["open_clip"]), OPEN_CLIP_224) if source == "open_clip" else None
     )
@@ -336,12 +341,10 @@ def _predicted_distances(source: str, clip_224: dict[str, Path], photos: list[Pa
     assert resize == {"open_clip": "pil", "hf": "tensor"}[source]
     dm = CocoCaptionsDataModule(
         str(photos[0].parent / "no_coco"),
-        image_size=224,
-        resize=resize,
-        eval_batch_size=len(photos),
-        num_workers=0,
-        tokenizer="open_clip:ViT-B-32",  # CLIP's BPE; no texts are embedded here
-        predict_images=str(photos[0].parent),
+        images={"image_size": 224, "resize": resize},
+        loader={"eval_batch_size": len(photos), "num_workers": 0},
+        tokenizer={"path": "open_clip:ViT-B-32"},  # CLIP's BPE; no texts are embedded here
+        predict={"images": str(photos[0].parent)},
     )
     (loader,) = dm.predict_dataloader()
     with torch.no_grad():
@@ -374,7 +377,7 @@ def test_whole_clip_embeds_genuine_coco_photos_as_its_library(source: str, clip_
 
 def test_torchvision_tower_embeds_full_size_photos_as_torchvision(photos: list[Path], tmp_path: Path) -> None:
     """A torchvision architecture's published state-dict file (the file name of ResNet18_Weights.IMAGENET1K_V1):
-    data.resize torchvision and the tower's ImageNet normalisation give the pooled features of torchvision's model
+    data.images.resize torchvision and the tower's ImageNet normalisation give the pooled features of torchvision's model
     on its weights' own preset (1 - cos <= 1e-6 in fp32)."""
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     torch.manual_seed(0)

@@ -240,9 +240,9 @@ def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
         str(ROOT / "configs/clip/quickstart.yaml"),
         f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--data.root={tmp_path / 'shapes'}",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--data.num_workers=0",
-        "--data.batch_size=8",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
+        "--data.loader.batch_size=8",
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",
     ]

@@ -20,6 +20,7 @@ from datamodules.loading import seeded_loader
 from datamodules.speech.librispeech import load_audio, parse_speakers
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule
 from datamodules.synthetic.tones import generate_tone_librispeech, render_sentence, tone_lexicon
+from tests.helpers import data_args
 
 N_TRAIN, N_VAL = 24, 8
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real" / "librispeech"
@@ -41,8 +42,12 @@ def tone_copy(tone_root: Path, tmp_path: Path) -> Path:
 
 
 def make_dm(root: Path, tmp_path: Path, **kwargs) -> LibriSpeechDataModule:
-    kwargs = {"num_workers": 0, "max_batch_seconds": 30.0, "num_buckets": 3, **kwargs}
-    return LibriSpeechDataModule(str(root), cache_dir=str(tmp_path / "cache"), **kwargs)
+    defaults = {
+        "loader": {"num_workers": 0},
+        "batching": {"max_batch_seconds": 30.0, "num_buckets": 3},
+        "tokenizer": {"cache_dir": str(tmp_path / "cache")},
+    }
+    return LibriSpeechDataModule(str(root), **data_args(defaults, kwargs))
 
 
 def chapter_dirs(base: Path, subset: str = "train-clean-100") -> list[Path]:
@@ -310,7 +315,7 @@ def test_collate_of_an_all_bad_batch_is_empty(tone_root: Path, tmp_path: Path) -
 
 def test_too_long_utterances_are_dropped(tone_root: Path, tmp_path: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
-    dm = make_dm(tone_root, tmp_path, max_duration=2.0)
+    dm = make_dm(tone_root, tmp_path, batching={"max_duration": 2.0})
     dm.setup("validate")
     kept = dm.datasets["val"].durations
     assert all(d <= 2.0 for d in kept)
@@ -319,7 +324,7 @@ def test_too_long_utterances_are_dropped(tone_root: Path, tmp_path: Path, caplog
     # a warning that counts them and names the setting, since validation then scores fewer utterances
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"val: max_duration=2.0 s drops {dropped} of {N_VAL} utterances" in warning
-    assert "they are not scored" in warning and "--data.init_args.max_duration" in warning
+    assert "they are not scored" in warning and "--data.init_args.batching.max_duration" in warning
 
 
 def test_max_duration_10_warns_about_genuine_librispeech(tmp_path: Path, caplog) -> None:
@@ -327,12 +332,12 @@ def test_max_duration_10_warns_about_genuine_librispeech(tmp_path: Path, caplog)
     if not (REAL / "LibriSpeech" / "test-clean").is_dir():
         pytest.skip(f"no LibriSpeech sample at {REAL}")
     caplog.set_level(logging.WARNING, logger=LOGGER)
-    dm = make_dm(REAL, tmp_path, train_subsets=["test-clean"], max_duration=10.0)
+    dm = make_dm(REAL, tmp_path, train_subsets=["test-clean"], batching={"max_duration": 10.0})
     dm.setup("test")
     assert len(dm.datasets["test"]) == 3
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("test: max_duration=10.0 s drops 1 of 4 utterances (25%), the longest 10.4 s")
-    assert "raise max_duration to 11 (--data.init_args.max_duration 11;" in warning
+    assert "raise max_duration to 11 (--data.init_args.batching.max_duration 11;" in warning
 
 
 def test_missing_root_or_subset_is_named(tone_root: Path, tmp_path: Path) -> None:
@@ -359,7 +364,12 @@ def test_real_librispeech_sample(tmp_path: Path) -> None:
     if not (REAL / "LibriSpeech" / "test-clean").is_dir():
         pytest.skip(f"no LibriSpeech sample at {REAL}")
     # The sample holds only test-clean, so the tokenizer trains on it too.
-    dm = make_dm(REAL, tmp_path, train_subsets=["test-clean"], max_batch_seconds=200.0, max_duration=20.0)
+    dm = make_dm(
+        REAL,
+        tmp_path,
+        train_subsets=["test-clean"],
+        batching={"max_batch_seconds": 200.0, "max_duration": 20.0},
+    )
     dm.setup("test")
     ds = dm.datasets["test"]
     assert len(ds) == 4 and {u.speaker for u in ds.utterances} == {1089}
@@ -380,7 +390,7 @@ def test_real_librispeech_sample(tmp_path: Path) -> None:
 
 def test_only_the_training_loader_keeps_its_workers(tone_root: Path, tmp_path: Path) -> None:
     """Evaluation workers would hold their prefetched batches in memory between validations."""
-    dm = make_dm(tone_root, tmp_path, num_workers=1)
+    dm = make_dm(tone_root, tmp_path, loader={"num_workers": 1})
     dm.setup("fit")
     assert dm.train_dataloader().persistent_workers
     assert not dm.val_dataloader().persistent_workers

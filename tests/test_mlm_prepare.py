@@ -319,14 +319,11 @@ def test_incomplete_final_folder_is_replaced(corpus, nsp_cache: Path, tmp_path: 
 def _datamodule(tmp_path: Path, books: list[str], **kw) -> MLMDataModule:
     return MLMDataModule(
         bookcorpus=books,
-        tokenizer_vocab_size=500,
-        max_seq_length=MAX_LEN,
-        cache_dir=str(tmp_path / "c"),
-        num_workers=0,
         num_proc=1,
-        batch_size=8,
-        val_fraction=0.2,
         **kw,
+        tokenizer={"vocab_size": 500, "cache_dir": str(tmp_path / "c")},
+        examples={"max_seq_length": MAX_LEN, "val_fraction": 0.2},
+        loader={"num_workers": 0, "batch_size": 8},
     )
 
 

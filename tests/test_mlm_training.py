@@ -27,8 +27,8 @@ def _cli_args(cache_dir: str, root: Path, *extra: str) -> list[str]:
     return [
         "--config",
         QUICKSTART,
-        f"--data.init_args.cache_dir={cache_dir}",
-        "--data.init_args.num_workers=0",
+        f"--data.init_args.tokenizer.cache_dir={cache_dir}",
+        "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
@@ -161,15 +161,15 @@ def test_quickstart_model_learns(cache_dir: str) -> None:
     L.seed_everything(0)
     dm = MLMDataModule(
         sample_corpus=True,
-        cache_dir=cache_dir,
-        tokenizer_vocab_size=2000,
-        max_seq_length=64,
-        val_fraction=0.05,
-        test_fraction=0.05,
-        lines_per_document=50,
-        batch_size=32,
-        num_workers=0,
         num_proc=1,
+        tokenizer={"cache_dir": cache_dir, "vocab_size": 2000},
+        examples={
+            "max_seq_length": 64,
+            "val_fraction": 0.05,
+            "test_fraction": 0.05,
+            "lines_per_document": 50,
+        },
+        loader={"batch_size": 32, "num_workers": 0},
     )
     model = MLMPretrainingModule(
         size="mini",

@@ -27,16 +27,15 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_shapes_coco(tmp_path_factory.mktemp("shapes"), n_train=40, n_val=N_VAL, image_size=32)
 
 
-def _clip_data(root: Path, tmp: Path, **predict) -> CocoCaptionsDataModule:
+def _clip_data(root: Path, tmp: Path, tokenizer: str | None = None, **predict) -> CocoCaptionsDataModule:
+    """The test set's DataModule; `predict` holds the predict section's fields (split, images, texts)."""
     return CocoCaptionsDataModule(
         str(root),
-        image_size=32,
-        eval_batch_size=4,
-        num_workers=0,
-        tokenizer_vocab_size=120,
         context_length=32,
-        cache_dir=str(tmp / "cache"),
-        **predict,
+        images={"image_size": 32},
+        loader={"eval_batch_size": 4, "num_workers": 0},
+        tokenizer={"path": tokenizer, "vocab_size": 120, "cache_dir": str(tmp / "cache")},
+        predict=predict,
     )
 
 
@@ -65,9 +64,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     texts = tmp_path / "captions.txt"
     texts.write_text("a red circle on the left\n\na blue square\n", encoding="utf-8")
-    dm = _clip_data(
-        shapes, tmp_path, predict_split="val2017", predict_images=str(folder), predict_texts=str(texts)
-    )
+    dm = _clip_data(shapes, tmp_path, split="val2017", images=str(folder), texts=str(texts))
     module = _clip(dm.vocab_size)
     meta = _predict(module, dm, tmp_path / "out")
 
@@ -105,7 +102,7 @@ def test_clip_embeddings_of_a_split_a_folder_and_a_caption_file(shapes: Path, tm
 def test_writer_refuses_a_folder_of_other_files_and_replaces_its_own(shapes: Path, tmp_path: Path) -> None:
     texts = tmp_path / "captions.txt"
     texts.write_text("a red circle\n")
-    dm = _clip_data(shapes, tmp_path, predict_texts=str(texts))
+    dm = _clip_data(shapes, tmp_path, texts=str(texts))
     module = _clip(dm.vocab_size)
     out = tmp_path / "mine"
     out.mkdir()
@@ -129,7 +126,7 @@ def test_writer_refuses_a_folder_of_other_files_and_replaces_its_own(shapes: Pat
 
 def test_predict_without_inputs_is_one_clear_error(shapes: Path, tmp_path: Path) -> None:
     dm = _clip_data(shapes, tmp_path)
-    with pytest.raises(ValueError, match="nothing to predict: set --data.predict_split"):
+    with pytest.raises(ValueError, match="nothing to predict: set --data.predict.split"):
         _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
 
 
@@ -152,7 +149,12 @@ def test_glue_submission_tsv_has_the_label_names_and_every_index_once(vocab: Pat
     task.mkdir()
     rows = ["index\tsentence1\tsentence2", *(f"{i}\tthe cat sat\t{WORDS[i]} ran" for i in range(7))]
     (task / "test.tsv").write_text("\n".join(rows) + "\n")
-    dm = GlueDataModule(str(task), task="rte", tokenizer=str(vocab), batch_size=3)
+    dm = GlueDataModule(
+        str(task),
+        task="rte",
+        tokenizer={"path": str(vocab)},
+        loader={"batch_size": 3},
+    )
     torch.manual_seed(0)
     module = SequenceClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     meta = _predict(module, dm, tmp_path / "out")
@@ -174,7 +176,11 @@ def test_conll_predictions_add_a_tag_column_to_the_input_file(vocab: Path, tmp_p
 
     text = "-DOCSTART- -X- -X- O\n\njohn NNP B-NP I-PER\nlives VBZ B-VP O\n\nthe DT B-NP O\ncat NN I-NP O\nsat VBD O O\n"
     (tmp_path / "test.txt").write_text(text)
-    dm = CoNLLDataModule(str(tmp_path), tokenizer=str(vocab), batch_size=1)
+    dm = CoNLLDataModule(
+        str(tmp_path),
+        tokenizer={"path": str(vocab)},
+        loader={"batch_size": 1},
+    )
     torch.manual_seed(0)
     module = TokenClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
     _predict(module, dm, tmp_path / "out")
@@ -199,7 +205,9 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
     masked = tmp_path / "masked.txt"
     masked.write_text("the [MASK] sat on the mat .\n\nno masks here\njohn [MASK] in [MASK] .\n")
     dm = MLMDataModule(
-        tokenizer=str(vocab), predict_texts=str(masked), predict_top_k=3, batch_size=2, num_workers=0
+        tokenizer={"path": str(vocab)},
+        predict={"texts": str(masked), "top_k": 3},
+        loader={"batch_size": 2, "num_workers": 0},
     )
     torch.manual_seed(0)
     module = MLMPretrainingModule(size="tiny", vocab_size=dm.vocab_size, num_layers=1).eval()
@@ -235,13 +243,10 @@ def test_speech_embeddings_of_subsets_and_an_audio_folder(tmp_path: Path) -> Non
     (audio / "empty.flac").write_bytes(b"")
     dm = LibriSpeechDataModule(
         str(tmp_path / "tones"),
-        num_workers=0,
-        tokenizer_vocab_size=120,
         context_length=32,
-        cache_dir=str(tmp_path / "cache"),
-        predict_subsets=["dev-clean"],
-        predict_audio=str(audio),
-        predict_batch_size=4,
+        loader={"num_workers": 0},
+        tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
+        predict={"subsets": ["dev-clean"], "audio": str(audio), "batch_size": 4},
     )
     torch.manual_seed(0)
     module = SpeechTextModule(
@@ -282,7 +287,7 @@ from tests.test_predict import _clip, _clip_data
 from lightning_modules.prediction import PredictionWriter
 from pathlib import Path
 
-dm = _clip_data(Path({shapes!r}), Path({tmp!r}), predict_images={images!r}, predict_texts={texts!r},
+dm = _clip_data(Path({shapes!r}), Path({tmp!r}), images={images!r}, texts={texts!r},
                 tokenizer={tokenizer!r})
 module = _clip(dm.vocab_size)
 module.load_state_dict(torch.load({weights!r}))
@@ -301,7 +306,7 @@ def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Pat
     texts = tmp_path / "captions.txt"
     texts.write_text("".join(f"caption number {i}\n" for i in range(7)))  # odd: the sampler pads a rank
     images = str(shapes / "val2017")  # N_VAL images, with the eval batch of 4: ranks get 2 batches and 1
-    dm = _clip_data(shapes, tmp_path, predict_images=images, predict_texts=str(texts))
+    dm = _clip_data(shapes, tmp_path, images=images, texts=str(texts))
     module = _clip(dm.vocab_size)
     _predict(module, dm, tmp_path / "one")
     torch.save(module.state_dict(), tmp_path / "weights.pt")
@@ -353,10 +358,10 @@ def test_cli_predict_with_the_config_snippet(
         "--model.image.layers=1",
         "--model.text.layers=1",
         f"--data.root={shapes}",
-        "--data.image_size=32",
-        "--data.num_workers=0",
-        "--data.eval_batch_size=4",
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.images.image_size=32",
+        "--data.loader.num_workers=0",
+        "--data.loader.eval_batch_size=4",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
@@ -366,7 +371,7 @@ def test_cli_predict_with_the_config_snippet(
             "fit",
             f"--config={REPO / 'configs/clip/quickstart.yaml'}",
             *tiny,
-            "--data.batch_size=8",
+            "--data.loader.batch_size=8",
             "--trainer.max_steps=1",
             "--trainer.limit_val_batches=0",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
@@ -390,7 +395,7 @@ def test_cli_predict_with_the_config_snippet(
     table = pq.read_table(out / "embeddings.parquet")
     assert table.column("kind").to_pylist().count("image") == N_VAL
     # the checkpoint's weights, not a fresh model's: the first image's row equals this module's embedding
-    item = _clip_data(shapes, tmp_path, predict_split="val2017").predict_dataloader()[0].dataset[0]
+    item = _clip_data(shapes, tmp_path, split="val2017").predict_dataloader()[0].dataset[0]
     with torch.no_grad():
         direct = module.encode_image(item["image"][None])[0]
     row = next(r for r in table.to_pylist() if r["id"] == item["image_key"] and r["kind"] == "image")
@@ -406,17 +411,21 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
     shapes_with_speech(tmp_path, n_train=12, n_val=3)
     image_text = dict(
         root=str(tmp_path / "shapes"),
-        image_size=32,
-        eval_batch_size=4,
-        num_workers=0,
+        images={"image_size": 32},
+        loader={"eval_batch_size": 4, "num_workers": 0},
         context_length=32,
-        predict_split="val2017",
+        predict={"split": "val2017"},
     )
     speech_text = dict(
-        root=str(tmp_path / "speech"), num_workers=0, context_length=32, predict_subsets=["dev-clean"]
+        root=str(tmp_path / "speech"),
+        loader={"num_workers": 0},
+        context_length=32,
+        predict={"subsets": ["dev-clean"]},
     )
     dm = TriModalDataModule(
-        image_text, speech_text, tokenizer_vocab_size=120, cache_dir=str(tmp_path / "cache")
+        image_text,
+        speech_text,
+        tokenizer={"vocab_size": 120, "cache_dir": str(tmp_path / "cache")},
     )
     torch.manual_seed(0)
     module = TriModalModule(vocab_size=dm.vocab_size, **TINY).eval()
@@ -443,7 +452,7 @@ def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
 def test_an_unreadable_image_of_the_split_is_listed_and_its_captions_left_out(tmp_path: Path) -> None:
     root = generate_shapes_coco(tmp_path / "shapes", n_train=10, n_val=2, image_size=32)
     broken, kept = sorted((root / "val2017").iterdir())
-    dm = _clip_data(root, tmp_path, predict_split="val2017")
+    dm = _clip_data(root, tmp_path, split="val2017")
     module = _clip(dm.vocab_size)
     broken.write_bytes(broken.read_bytes()[:40])  # cut short after the vocabulary is trained
     meta = _predict(module, dm, tmp_path / "out")
@@ -464,7 +473,7 @@ def test_a_folder_of_unreadable_images_gives_an_empty_table_and_lists_them(
     folder.mkdir()
     for name in ("a.png", "b.png"):
         (folder / name).write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    dm = _clip_data(shapes, tmp_path, predict_images=str(folder))
+    dm = _clip_data(shapes, tmp_path, images=str(folder))
     meta = _predict(_clip(dm.vocab_size), dm, tmp_path / "out")
     assert sorted(Path(p).name for p in meta["unreadable"]) == ["a.png", "b.png"] and meta["skipped"] == 2
     assert pq.read_table(tmp_path / "out" / "embeddings.parquet").num_rows == 0

@@ -116,7 +116,7 @@ def test_open_clip_whole_start_gives_reference_logits(open_clip_ckpt: Path) -> N
     """Image tower, text tower, projections, temperature and tokenizer from one open_clip checkpoint: image-text
     logits equal open_clip's own usage (create_model_and_transforms + its tokenizer) within 1e-4. The images'
     short side is the checkpoint's size, so both pipelines only center-crop and normalise (torchvision's tensor
-    resize and PIL's differ by a grey level here and there), and once resized from 64x48: with data.resize pil,
+    resize and PIL's differ by a grey level here and there), and once resized from 64x48: with data.images.resize pil,
     as open_clip's preprocessing resizes with Pillow."""
     model, _, preprocess = open_clip.create_model_and_transforms(
         TINY_OPEN_CLIP, pretrained=str(open_clip_ckpt)
@@ -455,14 +455,10 @@ def _lit_run(tiny_clip: dict, tmp_path: Path, steps: int) -> dict[str, float]:
         L.seed_everything(0)
         dm = CocoCaptionsDataModule(
             str(tiny_clip["root"]),
-            image_size=32,
-            min_scale=1.0,
-            batch_size=64,
-            eval_batch_size=100,
-            num_workers=0,
-            tokenizer=str(tiny_clip["tokenizer"]),
             context_length=32,
-            cache_dir=str(tmp_path / "cache"),
+            images={"image_size": 32, "min_scale": 1.0},
+            loader={"batch_size": 64, "eval_batch_size": 100, "num_workers": 0},
+            tokenizer={"path": str(tiny_clip["tokenizer"]), "cache_dir": str(tmp_path / "cache")},
         )
         module = ImageTextModule(
             vocab_size=dm.vocab_size,
@@ -509,10 +505,10 @@ _CPU = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
     "--data.generate_if_missing=true",
-    "--data.num_workers=0",
-    "--data.batch_size=4",
-    "--data.eval_batch_size=8",
-    "--data.image_size=32",
+    "--data.loader.num_workers=0",
+    "--data.loader.batch_size=4",
+    "--data.loader.eval_batch_size=8",
+    "--data.images.image_size=32",
     "--data.context_length=77",
     "--model.init_args.image.image_size=32",
 ]
@@ -537,7 +533,7 @@ def test_coco_openclip_config_fine_tunes_on_cpu_smoke(open_clip_ckpt: Path, tmp_
             *_CPU,
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.root={_shapes(tmp_path)}",
-            f"--data.tokenizer=open_clip:{TINY_OPEN_CLIP}",
+            f"--data.tokenizer.path=open_clip:{TINY_OPEN_CLIP}",
             f"--model.init_args.init_clip.name={TINY_OPEN_CLIP}",
             f"--model.init_args.init_clip.path={open_clip_ckpt}",
             "--model.init_args.embed_dim=32",
@@ -570,9 +566,9 @@ def test_coco_lit_config_trains_only_the_text_tower_on_cpu_smoke(
             *_CPU,
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.root={_shapes(tmp_path)}",
-            "--data.tokenizer=null",
-            "--data.tokenizer_vocab_size=100",
-            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.tokenizer.path=null",
+            "--data.tokenizer.vocab_size=100",
+            f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
             f"--model.init_args.image.init.name={TINY_OPEN_CLIP}",
             f"--model.init_args.image.init.path={open_clip_ckpt}",
             "--model.init_args.text.init.source=scratch",

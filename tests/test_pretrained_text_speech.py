@@ -202,7 +202,7 @@ def test_a_tokenizer_of_another_size_is_refused_in_one_line(tmp_path: Path, sour
         ValueError, match=rf"has {size + 5} tokens but the text tower from .* has {size}"
     ) as err:
         build_text_tower(cfg, size + 5, embed_dim=8)
-    assert "\n" not in str(err.value) and f"data.tokenizer={folder}" in str(err.value)
+    assert "\n" not in str(err.value) and f"data.tokenizer.path={folder}" in str(err.value)
 
 
 @pytest.mark.parametrize("source", ["hf", "hf_bert"])
@@ -373,11 +373,11 @@ def test_librispeech_hubert_config_runs_on_cpu(tmp_path: Path) -> None:
             "16",
             "--data.root",
             str(tmp_path / "tones"),
-            "--data.tokenizer",
+            "--data.tokenizer.path",
             str(text),
-            "--data.cache_dir",
+            "--data.tokenizer.cache_dir",
             str(tmp_path / "cache"),
-            "--data.num_workers",
+            "--data.loader.num_workers",
             "0",
             "--data.context_length",
             "64",  # the tiny RoBERTa's position table
@@ -385,11 +385,11 @@ def test_librispeech_hubert_config_runs_on_cpu(tmp_path: Path) -> None:
             "[train-clean-100]",
             "--data.val_subsets",
             "[dev-clean]",
-            "--data.max_batch_seconds",
+            "--data.batching.max_batch_seconds",
             "8",
-            "--data.max_duration",
+            "--data.batching.max_duration",
             "4",
-            "--data.num_buckets",
+            "--data.batching.num_buckets",
             "2",
             "--trainer.accelerator",
             "cpu",

@@ -205,14 +205,11 @@ def test_shard_that_always_breaks_is_skipped_named_and_counted(
         return CocoCaptionsDataModule(
             str(coco),
             train_split="unannotated",  # the vocabulary is trained on the shards' captions, over HTTP
-            train_shards=server.url(BRACES),
-            shard_retries=1,
-            batch_size=4,
-            num_workers=0,
-            image_size=16,
+            shards={"urls": server.url(BRACES), "retries": 1},
+            loader={"batch_size": 4, "num_workers": 0},
+            images={"image_size": 16},
             context_length=16,
-            tokenizer_vocab_size=100,
-            cache_dir=str(tmp_path / "cache"),
+            tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
         )
 
     dm = datamodule()
@@ -232,7 +229,9 @@ def test_shard_that_always_breaks_is_skipped_named_and_counted(
     (skipped,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert skipped.startswith(f"skipping shard {server.url(broken)}: ClientPayloadError")
     # A vocabulary without the broken shard's captions could differ between ranks: it is not trained.
-    with pytest.raises(ShardUnreadable, match=f"one cannot be read: {server.url(broken)}: .* data.tokenizer"):
+    with pytest.raises(
+        ShardUnreadable, match=f"one cannot be read: {server.url(broken)}: .* data.tokenizer.path"
+    ):
         _ = datamodule().tokenizer
 
 

@@ -259,10 +259,10 @@ MLM_STEPS = 16
 def _mlm_overrides(cache: Path, workers: int) -> list[str]:
     # batches of 256 make a 7-step epoch of the sample corpus's 1950 training instances (drop_last)
     return [
-        f"--data.init_args.cache_dir={cache}",
-        f"--data.init_args.num_workers={workers}",
+        f"--data.init_args.tokenizer.cache_dir={cache}",
+        f"--data.init_args.loader.num_workers={workers}",
         "--data.init_args.num_proc=1",
-        "--data.init_args.batch_size=256",
+        "--data.init_args.loader.batch_size=256",
         "--model.init_args.size=tiny",
         "--model.init_args.hidden_size=32",
         "--model.init_args.num_layers=1",
@@ -307,7 +307,7 @@ def test_mlm_ddp_kill9_and_resume_matches_unbroken_run(mlm_straight, tmp_path: P
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
         "--trainer.accelerator=cpu",
-        "--data.init_args.batch_size=128",  # per rank: the same 7-step epochs
+        "--data.init_args.loader.batch_size=128",  # per rank: the same 7-step epochs
     ]
     _fit(tmp_path / "straight", MLM_CONFIG, 100, overrides)
     _fit(tmp_path / "killed", MLM_CONFIG, 3, overrides, kill_at=11)
@@ -331,9 +331,9 @@ def test_speech_kill9_and_resume_matches_unbroken_run(tmp_path: Path) -> None:
     generate_tone_librispeech(tmp_path / "tones", n_train_utts=60, n_val_utts=8)
     overrides = [
         f"--data.init_args.root={tmp_path / 'tones'}",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--data.init_args.num_workers=2",
-        "--data.init_args.max_batch_seconds=20",
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.loader.num_workers=2",
+        "--data.init_args.batching.max_batch_seconds=20",
         "--model.init_args.embed_dim=32",
         "--model.init_args.speech.layers=1",
         "--model.init_args.speech.hidden=64",

@@ -113,11 +113,7 @@ def test_gzip_shards_train(tmp_path: Path) -> None:
         (out / f"{plain.name}.gz").write_bytes(gzip.compress(plain.read_bytes()))
         plain.unlink()
     (out / "sizes.json").write_text(json.dumps({f"coco-{k:06d}.tar.gz": 4 for k in range(2)}))
-    dm = CocoCaptionsDataModule(
-        root=str(shapes), image_size=16, batch_size=4, num_workers=0, tokenizer_vocab_size=60,
-        context_length=16, cache_dir=str(tmp_path / "cache"), min_scale=1.0,
-        train_shards=str(out / "coco-{000000..000001}.tar.gz"),
-    )  # fmt: skip
+    dm = CocoCaptionsDataModule(root=str(shapes), context_length=16, images={"image_size": 16, "min_scale": 1.0}, loader={"batch_size": 4, "num_workers": 0}, tokenizer={"vocab_size": 60, "cache_dir": str(tmp_path / "cache")}, shards={"urls": str(out / "coco-{000000..000001}.tar.gz")},)  # fmt: skip
     module = ImageTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=16,
@@ -169,12 +165,12 @@ def _fit_args(tmp_path: Path, root: Path, shards: Path, *extra: str) -> list[str
         CLIP,
         f"--data.init_args.root={root}",
         "--data.init_args.generate_if_missing=false",
-        f"--data.init_args.train_shards={shards}",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.shard_retries=0",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        f"--data.init_args.shards.urls={shards}",
+        "--data.init_args.loader.num_workers=0",
+        "--data.init_args.shards.retries=0",
+        f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
-        "--data.init_args.batch_size=2",
+        "--data.init_args.loader.batch_size=2",
         "--trainer.max_steps=2",  # a run that got past the checks ends soon
         "--trainer.limit_val_batches=0",
         *extra,
@@ -197,8 +193,8 @@ def test_shards_without_captions_are_one_line(
     root.mkdir(exist_ok=True)
     error = _fails(_fit_args(tmp_path, root, shard.parent), capsys)
     assert error == (
-        f"error: {shard}: no caption in its first samples for data.caption_key='txt' (sample 000000 holds cls, "
-        "png): set data.caption_key to the member holding the caption (txt, ...) or json:FIELD for a field of "
+        f"error: {shard}: no caption in its first samples for data.shards.caption_key='txt' (sample 000000 holds cls, "
+        "png): set data.shards.caption_key to the member holding the caption (txt, ...) or json:FIELD for a field of "
         "the json member"
     )
 

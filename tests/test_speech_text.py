@@ -230,13 +230,10 @@ def test_learns_tone_retrieval_far_above_chance(tmp_path: Path) -> None:
     dm = LibriSpeechDataModule(
         str(tmp_path / "tones"),
         test_subsets=["dev-clean"],
-        max_duration=10.0,
-        max_batch_seconds=60.0,
-        num_buckets=4,
-        num_workers=0,
-        tokenizer_vocab_size=200,
         context_length=32,
-        cache_dir=str(tmp_path / "cache"),
+        batching={"max_duration": 10.0, "max_batch_seconds": 60.0, "num_buckets": 4},
+        loader={"num_workers": 0},
+        tokenizer={"vocab_size": 200, "cache_dir": str(tmp_path / "cache")},
     )
     L.seed_everything(0)
     model = SpeechTextModule(
@@ -282,9 +279,9 @@ def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
         str(ROOT / "configs" / "speech" / "quickstart.yaml"),
         "--data.root",
         str(tmp_path / "tones"),
-        "--data.cache_dir",
+        "--data.tokenizer.cache_dir",
         str(tmp_path / "cache"),
-        "--data.num_workers",
+        "--data.loader.num_workers",
         "0",
         "--trainer.default_root_dir",
         str(tmp_path / "run"),

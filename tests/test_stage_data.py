@@ -97,17 +97,17 @@ def save_tokenizer(texts: list[str], folder: Path) -> Path:
 def test_coco_test_reads_only_the_test_split(tmp_path: Path) -> None:
     generate_shapes_coco(tmp_path / "train_root", n_train=8, n_val=4, image_size=32)
     small = [
-        "--data.image_size=32",
+        "--data.images.image_size=32",
         "--model.image.image_size=32",
-        "--data.num_workers=0",
-        "--data.batch_size=4",
+        "--data.loader.num_workers=0",
+        "--data.loader.batch_size=4",
     ]
-    small += ["--data.eval_batch_size=4", "--data.generate_if_missing=false"]
+    small += ["--data.loader.eval_batch_size=4", "--data.generate_if_missing=false"]
     ckpt = fit_checkpoint(
         "clip/quickstart.yaml",
         tmp_path,
         f"--data.root={tmp_path / 'train_root'}",
-        f"--data.cache_dir={tmp_path / 'train_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'train_cache'}",
         *small,
     )
     # the evaluation machine: only the test split's captions and images
@@ -124,7 +124,7 @@ def test_coco_test_reads_only_the_test_split(tmp_path: Path) -> None:
         tmp_path,
         f"--data.root={root}",
         "--data.test_split=test",
-        f"--data.cache_dir={tmp_path / 'eval_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'eval_cache'}",
         *small,
     )
     assert_checkpoint_tokenizer(cli, ckpt)
@@ -136,12 +136,12 @@ def test_coco_test_reads_only_the_test_split(tmp_path: Path) -> None:
 def test_librispeech_test_reads_only_the_test_subsets(tmp_path: Path) -> None:
     """The command of the issue: `test --data.root DIR --data.test_subsets '[test-clean]' --ckpt_path C`."""
     generate_tone_librispeech(tmp_path / "train_root", n_train_utts=8, n_val_utts=4)
-    common = ["--data.num_workers=0", "--trainer.use_distributed_sampler=false"]
+    common = ["--data.loader.num_workers=0", "--trainer.use_distributed_sampler=false"]
     ckpt = fit_checkpoint(
         "speech/quickstart.yaml",
         tmp_path,
         f"--data.root={tmp_path / 'train_root'}",
-        f"--data.cache_dir={tmp_path / 'train_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'train_cache'}",
         *common,
     )
     root = tmp_path / "eval_root"
@@ -153,7 +153,7 @@ def test_librispeech_test_reads_only_the_test_subsets(tmp_path: Path) -> None:
         tmp_path,
         f"--data.root={root}",
         "--data.test_subsets=[test-clean]",
-        f"--data.cache_dir={tmp_path / 'eval_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'eval_cache'}",
         *common,
     )
     assert_checkpoint_tokenizer(cli, ckpt)
@@ -167,7 +167,7 @@ def test_librispeech_without_training_data_or_checkpoint_says_what_to_pass(tmp_p
     root = tmp_path / "eval_root"
     shutil.copytree(tmp_path / "train_root/LibriSpeech/dev-clean", root / "LibriSpeech/test-clean")
     args = ["test", "--config", str(CONFIGS / "speech/quickstart.yaml"), f"--data.root={root}"]
-    args += ["--data.test_subsets=[test-clean]", f"--data.cache_dir={tmp_path / 'cache'}"]
+    args += ["--data.test_subsets=[test-clean]", f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"]
     with pytest.raises(SystemExit) as exit_info:
         main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], friendly_errors=True)
     assert exit_info.value.code == 2
@@ -187,9 +187,9 @@ def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) ->
     books = tmp_path / "corpus" / "books_large_p1.txt"
     write_books(books, n_docs=40)
     small = [
-        "--data.num_workers=0",
+        "--data.loader.num_workers=0",
         "--data.num_proc=1",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
         "--model.max_position_embeddings=64",
     ]
     ckpt = fit_checkpoint(
@@ -197,11 +197,11 @@ def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) ->
         tmp_path,
         f"--data.bookcorpus=[{books}]",
         "--data.sample_corpus=false",
-        "--data.tokenizer_vocab_size=100",
-        "--data.max_seq_length=32",
-        "--data.val_fraction=0.2",
-        "--data.test_fraction=0.2",
-        f"--data.cache_dir={tmp_path / 'train_cache'}",
+        "--data.tokenizer.vocab_size=100",
+        "--data.examples.max_seq_length=32",
+        "--data.examples.val_fraction=0.2",
+        "--data.examples.test_fraction=0.2",
+        f"--data.tokenizer.cache_dir={tmp_path / 'train_cache'}",
         *small,
     )
     (prepared,) = (tmp_path / "train_cache").glob("mlm-*")
@@ -217,7 +217,7 @@ def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) ->
         ckpt,
         tmp_path,
         f"--data.prepared={eval_prepared}",
-        f"--data.cache_dir={tmp_path / 'eval_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'eval_cache'}",
         *small,
     )
     assert_checkpoint_tokenizer(cli, ckpt)
@@ -233,7 +233,7 @@ def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) ->
         ckpt,
         tmp_path,
         f"--data.prepared={eval_prepared}",
-        f"--data.cache_dir={tmp_path / 'eval_cache'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'eval_cache'}",
         *small,
     )
     assert set(cli.datamodule.datasets) == {"val"} and len(cli.datamodule.datasets["val"]) > 0
@@ -248,16 +248,19 @@ def test_mlm_prepared_folder_with_another_tokenizer_is_refused(tmp_path: Path) -
     write_books(books, n_docs=20)
     dm = MLMDataModule(
         bookcorpus=[str(books)],
-        tokenizer_vocab_size=100,
-        max_seq_length=32,
         num_proc=1,
-        num_workers=0,
-        cache_dir=str(tmp_path / "c"),
+        tokenizer={"vocab_size": 100, "cache_dir": str(tmp_path / "c")},
+        examples={"max_seq_length": 32},
+        loader={"num_workers": 0},
     )
     dm.prepare_data()
     (prepared,) = (tmp_path / "c").glob("mlm-*")
     other = save_tokenizer(sentences(random.Random(5), 50), tmp_path / "other")
-    dm = MLMDataModule(prepared=str(prepared), tokenizer=str(other), num_workers=0)
+    dm = MLMDataModule(
+        prepared=str(prepared),
+        tokenizer={"path": str(other)},
+        loader={"num_workers": 0},
+    )
     with pytest.raises(ValueError, match=rf"{prepared} was prepared with another tokenizer .* than {other}"):
         dm.setup("test")
     with pytest.raises(
@@ -286,7 +289,7 @@ FRESH_TINY = [
     "--model.size=tiny",
     "--model.max_position_embeddings=64",
     "--data.max_length=32",
-    "--data.batch_size=8",
+    "--data.loader.batch_size=8",
 ]
 
 
@@ -295,7 +298,7 @@ def test_glue_test_and_predict_read_only_their_file(tmp_path: Path) -> None:
     tokenizer = save_tokenizer(texts, tmp_path / "tokenizer")
     args = [
         f"--data.root={tmp_path / 'train_root'}",
-        f"--data.tokenizer={tokenizer}",
+        f"--data.tokenizer.path={tokenizer}",
         "--trainer.accelerator=cpu",
     ]
     ckpt = fit_checkpoint("finetune/sst2.yaml", tmp_path, *args, *FRESH_TINY)
@@ -338,7 +341,7 @@ def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
     tokenizer = save_tokenizer(texts, tmp_path / "tokenizer")
     args = [
         f"--data.root={tmp_path / 'train_root'}",
-        f"--data.tokenizer={tokenizer}",
+        f"--data.tokenizer.path={tokenizer}",
         "--trainer.accelerator=cpu",
     ]
     ckpt = fit_checkpoint("finetune/conll2003.yaml", tmp_path, *args, *FRESH_TINY)
@@ -386,16 +389,16 @@ def test_cli_hands_the_checkpoint_tokenizer_only_when_there_is_one(tmp_path: Pat
     torch.save({"state_dict": {}, "tokenizer_json": tok.tokenizer.to_str()}, with_tokenizer)
     torch.save({"state_dict": {}}, without)
 
-    cfg = config(with_tokenizer, tokenizer="vocab.txt")
+    cfg = config(with_tokenizer, tokenizer=Namespace(path="vocab.txt"))
     PretrainCLI._tokenizer_from_checkpoint(cfg)
-    assert cfg.data.init_args.tokenizer == str(with_tokenizer)
-    cfg = config(without, tokenizer="vocab.txt")
+    assert cfg.data.init_args.tokenizer.path == str(with_tokenizer)
+    cfg = config(without, tokenizer=Namespace(path="vocab.txt"))
     with pytest.warns(UserWarning, match=rf"no tokenizer read from {without} \(.*holds no tokenizer"):
         PretrainCLI._tokenizer_from_checkpoint(cfg)
-    assert cfg.data.init_args.tokenizer == "vocab.txt"  # the configured one stays
-    cfg = config(with_tokenizer, root="images")  # a DataModule without a tokenizer argument
+    assert cfg.data.init_args.tokenizer.path == "vocab.txt"  # the configured one stays
+    cfg = config(with_tokenizer, root="images")  # a DataModule without a tokenizer section
     PretrainCLI._tokenizer_from_checkpoint(cfg)
     assert "tokenizer" not in cfg.data.init_args
-    cfg = config(tmp_path / "best", tokenizer=None)  # not a file: nothing to read
+    cfg = config(tmp_path / "best", tokenizer=Namespace(path=None))  # not a file: nothing to read
     PretrainCLI._tokenizer_from_checkpoint(cfg)
-    assert cfg.data.init_args.tokenizer is None
+    assert cfg.data.init_args.tokenizer.path is None

@@ -57,24 +57,23 @@ def shapes_with_speech(root: Path, n_train: int, n_val: int, per_image: tuple[in
 def datamodule(root: Path, speech_root: Path | None = None, **kw) -> TriModalDataModule:
     image_text = dict(
         root=str(root / "shapes"),
-        image_size=32,
-        min_scale=1.0,
-        batch_size=kw.pop("batch_size", 32),
-        eval_batch_size=100,
-        num_workers=0,
+        images={"image_size": 32, "min_scale": 1.0},
+        loader={"batch_size": kw.pop("batch_size", 32), "eval_batch_size": 100, "num_workers": 0},
         context_length=32,
     )
     speech_text = dict(
         root=str(speech_root or root / "speech"),
         test_subsets=["dev-clean"],
-        max_duration=10.0,
-        max_batch_seconds=kw.pop("max_batch_seconds", 40.0),
-        num_buckets=4,
-        num_workers=0,
+        batching={
+            "max_duration": 10.0,
+            "max_batch_seconds": kw.pop("max_batch_seconds", 40.0),
+            "num_buckets": 4,
+        },
+        loader={"num_workers": 0},
         context_length=32,
     )
     return TriModalDataModule(
-        image_text, speech_text, tokenizer_vocab_size=200, cache_dir=str(root / "cache"), **kw
+        image_text, speech_text, tokenizer={"vocab_size": 200, "cache_dir": str(root / "cache")}, **kw
     )
 
 
@@ -96,7 +95,8 @@ def test_one_vocabulary_serves_captions_and_transcripts(tmp_path: Path) -> None:
     assert image_text.unk_id not in ids.tolist()[0] + ids.tolist()[1]
     # on their own, the COCO DataModule's vocabulary knows no transcript words
     alone = CocoCaptionsDataModule(
-        str(tmp_path / "shapes"), cache_dir=str(tmp_path / "alone"), tokenizer_vocab_size=200
+        str(tmp_path / "shapes"),
+        tokenizer={"cache_dir": str(tmp_path / "alone"), "vocab_size": 200},
     )
     assert alone.tokenizer.fingerprint() != image_text.fingerprint()
 
@@ -214,7 +214,7 @@ def test_setup_names_the_task_whose_data_does_not_fit_the_towers() -> None:
         (
             "image_text",
             {"image_size": 64},
-            r"data.image_text.image_size \(64\) differs from model.image.image_size \(32\)",
+            r"data.image_text.images.image_size \(64\) differs from model.image.image_size \(32\)",
         ),
         ("speech_text", {"sample_rate": 8000}, r"data.speech_text.sample_rate \(8000\) differs"),
     ):
@@ -294,13 +294,13 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
             "--trainer.enable_progress_bar=false",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
-            f"{data}.cache_dir={tmp_path / 'cache'}",
+            f"{data}.tokenizer.cache_dir={tmp_path / 'cache'}",
             f"{data}.image_text.root={tmp_path / 'shapes'}",
-            f"{data}.image_text.batch_size=8",
-            f"{data}.image_text.num_workers=0",
+            # a dict argument: the override replaces the config's whole loader section of image_text
+            f'{data}.image_text.loader={{"batch_size": 8, "num_workers": 0}}',
             f"{data}.speech_text.root={tmp_path / 'speech'}",
-            f"{data}.speech_text.max_batch_seconds=20",
-            f"{data}.speech_text.num_workers=0",
+            f'{data}.speech_text.batching={{"max_duration": 10, "max_batch_seconds": 20, "num_buckets": 4}}',
+            f"{data}.speech_text.loader.num_workers=0",
         ]
     )
     assert cli.trainer.global_step == 2
@@ -309,5 +309,5 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
     towers = cli.model.tower_configs
     assert towers["image"].image_size == 32 and towers["speech"].conv_channels == 16
     assert cli.model.hparams.image["image_size"] == 32 and cli.model.hparams.text["max_len"] == 32
-    assert cli.datamodule.speech_text.hparams.max_batch_seconds == 20
+    assert cli.datamodule.speech_text.batching.max_batch_seconds == 20
     assert {"val/i2t_R@5", "val/a2t_R@5", "val/i2a_R@5", "val/loss"} <= cli.trainer.callback_metrics.keys()

@@ -30,7 +30,7 @@ from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.helpers import quiet_trainer
+from tests.helpers import data_args, quiet_trainer
 from tests.test_coco_datamodule import (
     CORRUPT,
     MISSING,
@@ -252,20 +252,17 @@ def test_shards_of_another_tool_stream_with_txt_captions(shapes: Path, tmp_path:
 
 def make_dm(root: Path, tmp_path: Path, **kwargs) -> CocoCaptionsDataModule:
     defaults = {
-        "image_size": 16,
-        "batch_size": 4,
-        "eval_batch_size": 6,
-        "num_workers": 0,
+        "images": {"image_size": 16},
+        "loader": {"batch_size": 4, "eval_batch_size": 6, "num_workers": 0},
         "context_length": 16,
-        "tokenizer_vocab_size": 100,
-        "cache_dir": str(tmp_path / "cache"),
+        "tokenizer": {"vocab_size": 100, "cache_dir": str(tmp_path / "cache")},
     }
-    return CocoCaptionsDataModule(str(root), **{**defaults, **kwargs})
+    return CocoCaptionsDataModule(str(root), **data_args(defaults, kwargs))
 
 
 def test_shard_batches_match_folder_batches(shapes: Path, shards: Path, tmp_path: Path) -> None:
     folder = make_dm(shapes, tmp_path)
-    sharded = make_dm(shapes, tmp_path, train_shards=str(shards / "coco-{000000..000004}.tar"))
+    sharded = make_dm(shapes, tmp_path, shards={"urls": str(shards / "coco-{000000..000004}.tar")})
     assert sharded.tokenizer.fingerprint() == folder.tokenizer.fingerprint()  # trained on the annotations
     a, b = next(iter(folder.train_dataloader())), next(iter(sharded.train_dataloader()))
     assert set(a) == set(b)
@@ -289,12 +286,12 @@ def test_shard_batches_match_folder_batches(shapes: Path, shards: Path, tmp_path
 
 
 def test_tokenizer_trains_on_shard_captions_without_annotations(shards: Path, tmp_path: Path) -> None:
-    dm = make_dm(tmp_path / "empty", tmp_path, train_shards=str(shards))
+    dm = make_dm(tmp_path / "empty", tmp_path, shards={"urls": str(shards)})
     assert "circle" in dm.tokenizer.decode(dm.tokenizer(["a red circle"], 16)["input_ids"][0].tolist())
 
 
 def test_fit_from_shards_smoke(shapes: Path, shards: Path, tmp_path: Path) -> None:
-    dm = make_dm(shapes, tmp_path, train_shards=str(shards), num_workers=1)
+    dm = make_dm(shapes, tmp_path, shards={"urls": str(shards)}, loader={"num_workers": 1})
     module = ImageTextModule(
         vocab_size=dm.vocab_size,
         embed_dim=16,
@@ -340,7 +337,7 @@ def test_fit_resumed_mid_epoch_sees_the_batches_an_unbroken_run_sees(
     source: str, shapes: Path, shards: Path, tmp_path: Path
 ) -> None:
     def fit(run: str, stop: int | None = None, resume: str | None = None) -> list:
-        extra = {"train_shards": str(shards), "num_workers": 2} if source == "shards" else {}
+        extra = {"shards": {"urls": str(shards)}, "loader": {"num_workers": 2}} if source == "shards" else {}
         dm = make_dm(shapes, tmp_path, **extra)
         model = Recorder()
         trainer = quiet_trainer(
@@ -386,4 +383,4 @@ def test_shards_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", str(ROOT / "configs/clip/coco_shards_vit_b16.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
-    assert "train_shards: /data/coco_shards/train" in capsys.readouterr().out
+    assert "shards:\n      urls: /data/coco_shards/train\n" in capsys.readouterr().out

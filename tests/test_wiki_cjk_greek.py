@@ -171,7 +171,11 @@ def test_variant_markup_forms() -> None:
 def test_language_variant_setting_reaches_the_vocabulary_texts(tmp_path: Path) -> None:
     path = write_dump(tmp_path, "zh", {"體": ZH_VARIANTS})
     for variant, word in ((None, "域是"), ("zh-tw", "體是")):
-        dm = MLMDataModule(wikipedia=[str(path)], cache_dir=str(tmp_path / "c"), language_variant=variant)
+        dm = MLMDataModule(
+            wikipedia=[str(path)],
+            language_variant=variant,
+            tokenizer={"cache_dir": str(tmp_path / "c")},
+        )
         assert dm.settings.variant == variant
         assert word in "".join(dm._training_texts())
 

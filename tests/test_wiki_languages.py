@@ -204,7 +204,7 @@ def test_empty_wikipedia_folder_fails_before_a_tokenizer_is_trained(tmp_path: Pa
         "--config",
         str(REPO / "configs/mlm/quickstart.yaml"),
         f"--data.init_args.wikipedia=[{folder}]",
-        f"--data.init_args.cache_dir={cache}",
+        f"--data.init_args.tokenizer.cache_dir={cache}",
         f"--trainer.default_root_dir={tmp_path / 'run'}",
     ]
     with pytest.raises(SystemExit) as exit_info:
@@ -223,7 +223,10 @@ def test_folder_without_text_stops_the_tokenizer_training(tmp_path: Path):
     folder = tmp_path / "wiki"
     folder.mkdir()
     (folder / "categories.xml").write_text(dump_xml("de", article=False), encoding="utf-8")
-    dm = MLMDataModule(wikipedia=[str(folder)], cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=100)
+    dm = MLMDataModule(
+        wikipedia=[str(folder)],
+        tokenizer={"cache_dir": str(tmp_path / "cache"), "vocab_size": 100},
+    )
     counts = "files_read=1, pages_read=1, non_article_skipped=1"
     with pytest.raises(
         ValueError, match=rf"^no text found in the inputs \['{folder}'\] \({counts}\); nothing"
@@ -272,9 +275,7 @@ def test_mlm_datamodule_passes_strip_accents(tmp_path: Path):
     path.write_text(dump_xml("vi"), encoding="utf-8")
     dm = MLMDataModule(
         wikipedia=[str(path)],
-        cache_dir=str(tmp_path / "cache"),
-        tokenizer_vocab_size=120,
-        strip_accents=False,
+        tokenizer={"cache_dir": str(tmp_path / "cache"), "vocab_size": 120, "strip_accents": False},
     )
     tok = dm.tokenizer
     assert tok.tokenizer.normalizer.normalize_str("Đông Nam Á") == "đông nam á"

@@ -50,7 +50,12 @@ def clip_run(tiny_clip: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
 
 
 def class_folder_dm(root: Path, **kwargs) -> ImageFolderDataModule:
-    return ImageFolderDataModule(str(root), image_size=32, batch_size=128, num_workers=0, **kwargs)
+    return ImageFolderDataModule(
+        str(root),
+        **kwargs,
+        images={"image_size": 32},
+        loader={"batch_size": 128, "num_workers": 0},
+    )
 
 
 # -- zero-shot -----------------------------------------------------------------------------------------
@@ -128,7 +133,7 @@ def test_cli_zero_shot_test_smoke(clip_run: dict, tmp_path: Path) -> None:
             str(ROOT / "configs/zeroshot/shapes.yaml"),
             f"--model.init_args.ckpt_path={clip_run['ckpt']}",
             f"--data.root={clip_run['classes']}",
-            "--data.image_size=32",
+            "--data.images.image_size=32",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             "--trainer.enable_progress_bar=false",
         ]
@@ -175,7 +180,9 @@ def test_linear_probe_on_frozen_speech_embeddings_reads_the_word_count(tmp_path:
     already carries it, since its mean-pooled positions depend on the length."""
     generate_tone_librispeech(tmp_path, n_train_utts=240, n_val_utts=4)
     dm = LibriSpeechDataModule(
-        str(tmp_path), num_workers=0, cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=120
+        str(tmp_path),
+        loader={"num_workers": 0},
+        tokenizer={"cache_dir": str(tmp_path / "cache"), "vocab_size": 120},
     )
     dm.setup("fit")
     words = torch.tensor([len(u.transcript.split()) - 3 for u in dm.datasets["train"].utterances])

@@ -241,7 +241,7 @@ def eval_transform(image_size: int, resize: Resize = "tensor") -> v2.Compose:
     """A decoded (3, H, W) uint8 image to the (3, image_size, image_size) uint8 crop of the `resize` mode's
     reference pipeline (see `Resize`); the image tower scales and normalises on the device."""
     if resize not in ("tensor", "pil", "torchvision"):
-        raise ValueError(f"data.resize {resize!r} is not one of tensor, pil, torchvision")
+        raise ValueError(f"data.images.resize {resize!r} is not one of tensor, pil, torchvision")
     bicubic, bilinear = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR
     if resize == "tensor":
         return v2.Compose(

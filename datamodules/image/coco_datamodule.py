@@ -21,7 +21,7 @@ A file that cannot be decoded never ends a run: its item comes back as None, the
 together with its captions and counts it in `skipped`. Missing files are found and dropped up front in `setup`.
 
 Training reads either the folder layout above, through a seeded sampler whose position is saved in checkpoints
-(a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`train_shards`, see
+(a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`shards.urls`, see
 datamodules/image/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
 layout: retrieval ranks every caption against every image of the split.
 """
@@ -31,22 +31,20 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.generated import default_cache_dir
 from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
 from datamodules.image.coco import (
     CaptionCollate,
     CaptionedImage,
     CocoCaptionsDataset,
-    Resize,
     eval_transform,
     load_coco_captions,
     load_karpathy_splits,
@@ -61,8 +59,16 @@ from datamodules.image.webdataset_shards import (
 )
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
 from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
+from datamodules.sections import (
+    ImagesConfig,
+    LoaderConfig,
+    ShardsConfig,
+    TokenizerConfig,
+    as_section,
+    plain_sections,
+)
 from datamodules.synthetic.shapes import generate_shapes_coco
-from datamodules.tokenizer import TextTokenizer, build_tokenizer
+from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,28 @@ class EpochDataLoader(ResumableDataLoader):
         self._passes = state["epoch"]  # without a trainer, the resumed pass is the saved epoch
 
 
+@dataclass
+class CaptionPredict:
+    """What `predict` embeds into the joint space; one loader per input given (datamodules/predict_data.py)."""
+
+    split: str | None = None
+    """This split's images and all their captions (keys: COCO image and caption ids); with `karpathy_json`, a
+    role: train, val or test."""
+    images: str | None = None
+    """The images of this folder, recursively (keys: paths relative to it); unreadable files are skipped and
+    listed in the writer's metadata."""
+    texts: str | None = None
+    """The captions of this UTF-8 file, one per line (keys: line numbers)."""
+
+
+# defaults of the sections (each DataModule works on copies of its own)
+_IMAGES = ImagesConfig()
+_LOADER = LoaderConfig(batch_size=64)
+_TOKENIZER = TokenizerConfig(cache_dir=None)  # not under root: the data root is the user's, the cache ours
+_SHARDS = ShardsConfig()
+_PREDICT = CaptionPredict()
+
+
 class CocoCaptionsDataModule(LightningDataModule):
     """COCO Captions (or any set in its format) for contrastive image-text training and retrieval evaluation.
 
@@ -111,58 +139,24 @@ class CocoCaptionsDataModule(LightningDataModule):
         test_split: split tested on; None tests on `val_split`, since COCO's test2017 has no public captions.
         karpathy_json: Karpathy's dataset_coco.json; when given it decides membership (train + restval / val /
             test), the three split arguments are ignored and images are read from root/<filepath>/<filename>.
-        image_size: side of the square crops fed to the image encoder.
-        mean: per-channel normalisation mean; None: the image tower's. Batches hold uint8 pixels and the image tower
-            normalises them on the device with its source's mean and std (model.image.mean / .std); a value given
-            here must be the tower's (the system checks), so configs that name the normalisation keep reading.
-        std: per-channel normalisation standard deviation; None: the image tower's (see `mean`).
-        resize: the reference pipeline evaluation images are resized and centre-cropped with (coco.py `Resize`):
-            'tensor' (Hugging Face's CLIPImageProcessor), 'pil' (open_clip's preprocessing;
-            configs/clip/coco_openclip_vit_b32.yaml sets it) or 'torchvision' (torchvision's ImageClassification
-            preset).
-        batch_size: training images per batch and device.
-        eval_batch_size: images per evaluation batch; None means batch_size.
-        num_workers: DataLoader worker processes per device.
-        tokenizer: a vocab.txt / tokenizer.json (or a folder with one) or a checkpoint (.ckpt) of this framework;
-            for a whole-CLIP start (model.init_clip) CLIP's tokenizer: `open_clip:ViT-B-32` or the HF CLIP folder;
-            None trains a WordPiece vocabulary on the training captions once and caches it under cache_dir. The
-            CLI's validate and test set it to --ckpt_path, so only that stage's split needs to be on the machine.
-        tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given); the
-            `vocab_size` property gives the size actually trained.
-        lowercase: lowercase text before tokenizing.
+        images: crop size, normalisation and resize mode; `images.resize` pil reproduces open_clip's evaluation
+            crops (configs/clip/coco_openclip_vit_b32.yaml sets it).
+        loader: batch sizes (images per batch), workers, and the seed of the shuffle and the per-epoch caption draw.
+        tokenizer: `tokenizer.path` a vocab.txt / tokenizer.json (or a folder with one) or a checkpoint (.ckpt)
+            of this framework; for a whole-CLIP start (model.init_clip) CLIP's tokenizer: `open_clip:ViT-B-32` or
+            the HF CLIP folder; None trains a WordPiece vocabulary of `tokenizer.vocab_size` on the training
+            captions once and caches it under `tokenizer.cache_dir` (None: `$XDG_CACHE_HOME/mmpretrain`, never
+            root). The `vocab_size` property gives the size actually trained. The CLI's validate and test set the
+            path to --ckpt_path, so only that stage's split needs to be on the machine.
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
-        cache_dir: where the trained vocabulary is cached; None means `$XDG_CACHE_HOME/mmpretrain`, never root.
-        seed: seeds the per-epoch caption draw.
         generate_if_missing: write the synthetic shapes set into root when a split it reads has no annotations
             (quickstart); only into a root that is new, empty or a generated set, any other is refused.
-        min_scale: smallest crop area, as a fraction of the image, of the training RandomResizedCrop.
-        train_shards: WebDataset tar shards to train on instead of the training split's folder: a brace pattern
-            (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of .tar files (plain, or
-            gzip-compressed as .tar.gz / .tgz), as written by `python -m datamodules.image.webdataset_shards`; or
-            remote: URLs (`https://host/coco-{000000..000023}.tar`, `s3://`, `gs://` through fsspec) or
-            `pipe:COMMAND` writing a shard to its output (`pipe:aws s3 cp s3://bucket/coco-{000000..000023}.tar -`).
-            They are streamed, split by rank and DataLoader worker; validation and test still read the folder
-            layout. Without `tokenizer`, the vocabulary is trained on the training split's annotations when they
-            exist, else on the captions stored in the shards (which reads every shard once: for large remote sets
-            pass `tokenizer`). A sample list (`.parquet`, as `curate filter` writes) trains on its samples only.
-        train_num_samples: samples in all the shards, for shards without the converter's `sizes.json` beside them
-            (spread evenly over them); ignored when sizes files count every shard. Remote shards need one of the two.
-        shard_retries: times a shard that fails to open or is cut short mid-stream is opened again (continuing
-            after the samples it gave) before it is skipped, logged by name and counted in `skipped_shards`.
-        caption_key: where a shard sample's caption is: `txt` (the member `KEY.txt`, as img2dataset writes it),
-            another member's extension (`caption`, ...), or `json:FIELD` for a field of the json member (a string
-            or a list of strings: `json:caption`). The converter's json record, with every caption of an image,
-            is used whatever this says. Shards whose first samples have no caption there stop before training,
-            naming the shard and the members its samples hold; a later sample without one is a logged skip.
-        predict_split: `predict` embeds this split's images and all their captions (keys: COCO image and
-            caption ids); with `karpathy_json`, a role: train, val or test.
-        predict_images: `predict` embeds the images of this folder (recursively; keys: paths relative to it);
-            unreadable files are skipped and listed in the writer's metadata.
-        predict_texts: `predict` embeds the captions of this UTF-8 file, one per line (keys: line numbers).
-        shuffle_buffer: samples (still encoded) each worker holds to shuffle the shard stream; memory grows by
-            about this times the mean image file size per worker.
-        resampled: draw training shards with replacement, each rank and worker its own seeded stream, for an epoch
-            of `train_num_samples` samples (else as many as the shards hold), as open_clip's --dataset-resampled.
+        shards: WebDataset tar shards (`shards.urls`) to train on instead of the training split's folder, as
+            written by `python -m datamodules.image.webdataset_shards`; validation and test still read the folder
+            layout. Without `tokenizer.path`, the vocabulary is trained on the training split's annotations when
+            they exist, else on the captions stored in the shards (which reads every shard once: for large remote
+            sets pass `tokenizer.path`).
+        predict: the inputs `predict` embeds: a split, a folder of images, a file of captions.
     """
 
     def __init__(
@@ -172,59 +166,36 @@ class CocoCaptionsDataModule(LightningDataModule):
         val_split: str = "val2017",
         test_split: str | None = None,
         karpathy_json: str | None = None,
-        image_size: int = 224,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        resize: Resize = "tensor",
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 8192,
-        lowercase: bool = True,
+        images: ImagesConfig = _IMAGES,
+        loader: LoaderConfig = _LOADER,
+        tokenizer: TokenizerConfig = _TOKENIZER,
         context_length: int = 64,
-        cache_dir: str | None = None,
-        seed: int = 0,
         generate_if_missing: bool = False,
-        min_scale: float = 0.5,
-        train_shards: str | None = None,
-        shuffle_buffer: int = 1000,
-        train_num_samples: int | None = None,
-        shard_retries: int = 2,
-        caption_key: str = "txt",
-        predict_split: str | None = None,
-        predict_images: str | None = None,
-        predict_texts: str | None = None,
-        resampled: bool = False,
+        shards: ShardsConfig = _SHARDS,
+        predict: CaptionPredict = _PREDICT,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        plain_sections(self.hparams)
         self.root = Path(root)
         self.train_split = train_split
         self.val_split = val_split
         self.test_split = test_split
         self.karpathy_json = karpathy_json
-        self.image_size = image_size
-        self.resize = resize
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.tokenizer_path = tokenizer
-        self.target_vocab_size = tokenizer_vocab_size
-        self.lowercase = lowercase
+        self.images = as_section(ImagesConfig, images)
+        self.loader_config = as_section(LoaderConfig, loader)
+        self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
         self.context_length = context_length
-        # not root/.cache: the data root is the user's, the cache folder ours
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-        self.seed = seed
         self.generate_if_missing = generate_if_missing
-        self.min_scale = min_scale
-        self.train_shards = train_shards
-        self.shuffle_buffer = shuffle_buffer
-        self.train_num_samples = train_num_samples
-        self.shard_retries = shard_retries
-        self.caption_key = caption_key
-        self.resampled = resampled
-        self.predict_inputs = {"split": predict_split, "images": predict_images, "texts": predict_texts}
+        self.shards = as_section(ShardsConfig, shards)
+        self.predict_inputs = as_section(CaptionPredict, predict)
+        # the settings read where they are used, under their short names
+        self.image_size = self.images.image_size
+        self.batch_size = self.loader_config.batch_size
+        self.eval_batch_size = self.loader_config.eval_size
+        self.num_workers = self.loader_config.num_workers
+        self.seed = self.loader_config.seed
+        self.cache_dir = Path(self.tokenizer_config.cache)
 
         self._loaded: dict[str, list[CaptionedImage]] = {}  # by split name, or by role in Karpathy mode
         # by role: "train", "val", "test"; training from shards is a ShardStream (an IterableDataset)
@@ -289,15 +260,9 @@ class CocoCaptionsDataModule(LightningDataModule):
     def tokenizer(self) -> TextTokenizer | ClipTokenizer:
         """The text tokenizer, loaded or trained (and cached, keyed by the captions) on first use, so it works
         before setup(). CLIP's BPE for `open_clip:NAME` or a Hugging Face CLIP folder (a whole-CLIP start)."""
-        if is_clip_tokenizer(self.tokenizer_path):
-            return ClipTokenizer(self.tokenizer_path)
-        return build_tokenizer(
-            self.tokenizer_path,
-            self._training_captions,
-            self.cache_dir,
-            self.target_vocab_size,
-            self.lowercase,
-        )
+        if is_clip_tokenizer(self.tokenizer_config.path):
+            return ClipTokenizer(self.tokenizer_config.path)
+        return self.tokenizer_config.build(self._training_captions)
 
     def _training_captions(self) -> list[str]:
         try:
@@ -305,18 +270,20 @@ class CocoCaptionsDataModule(LightningDataModule):
         except FileNotFoundError as err:
             raise FileNotFoundError(
                 f"{err}. The vocabulary is trained on the training captions: to evaluate without them, "
-                "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+                "pass --ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer.path"
             ) from None
 
     def _read_training_captions(self) -> list[str]:
         # Annotations first, so shards and folder train the same vocabulary; shards alone when there are none.
         annotated = self.karpathy_json or self._annotation_file(self.train_split).is_file()
-        if self.train_shards and not annotated:
+        if self.shards.urls and not annotated:
             log.info(
                 "no training annotations under %s: training the vocabulary on the shards' captions", self.root
             )
-            shards = expand_shards(self.train_shards)
-            return list(shard_captions(shards, retries=self.shard_retries, caption_key=self.caption_key))
+            shards = expand_shards(self.shards.urls)
+            return list(
+                shard_captions(shards, retries=self.shards.retries, caption_key=self.shards.caption_key)
+            )
         return [c for r in self.records("train") for c in r.captions]
 
     @property
@@ -344,11 +311,11 @@ class CocoCaptionsDataModule(LightningDataModule):
                 continue
             train = role == "train"
             transform = (
-                train_transform(self.image_size, self.min_scale)
+                train_transform(self.image_size, self.images.min_scale)
                 if train
-                else eval_transform(self.image_size, self.resize)
+                else eval_transform(self.image_size, self.images.resize)
             )
-            if train and self.train_shards:
+            if train and self.shards.urls:
                 self.datasets[role] = self._shard_stream(transform)
                 continue
             images = self._existing(self.records(role), role)
@@ -356,27 +323,27 @@ class CocoCaptionsDataModule(LightningDataModule):
 
     def _shard_stream(self, transform: Callable[[Tensor], Tensor]) -> IterableDataset:
         rank, world = self._topology()
-        shards, selection = shard_selection(self.train_shards)
+        shards, selection = shard_selection(self.shards.urls)
         return ShardStream(
             shards,
             transform,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             seed=self.seed,
-            shuffle_buffer=self.shuffle_buffer,
+            shuffle_buffer=self.shards.shuffle_buffer,
             rank=rank,
             world_size=world,
-            num_samples=self.train_num_samples,
-            retries=self.shard_retries,
-            caption_key=self.caption_key,
-            resampled=self.resampled,
+            num_samples=self.shards.num_samples,
+            retries=self.shards.retries,
+            caption_key=self.shards.caption_key,
+            resampled=self.shards.resampled,
             selection=selection,
         )
 
     @property
     def skipped_shards(self) -> int:
         """Reads of training shards given up after their retries on this process, over all epochs (0 without
-        `train_shards`); a shard split between two workers' runs and lost to both counts twice."""
+        `shards.urls`); a shard split between two workers' runs and lost to both counts twice."""
         stream = self.datasets.get("train")
         return int(getattr(stream, "skipped_shards", 0))
 
@@ -400,7 +367,7 @@ class CocoCaptionsDataModule(LightningDataModule):
             "num_workers": self.num_workers,
             # evaluation loaders start their workers at each run: idle between runs, they would hold shared memory
             "persistent_workers": train and self.num_workers > 0,
-            "pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+            "pin_memory": self.loader_config.pin,  # pinning without a GPU only warns
             "collate_fn": CaptionCollate(self.tokenizer, self.context_length, self.image_size, train),
         }
         if not train:
@@ -427,28 +394,28 @@ class CocoCaptionsDataModule(LightningDataModule):
     @property
     def predicts(self) -> bool:
         """Whether any predict input is set."""
-        return any(self.predict_inputs.values())
+        return any(asdict(self.predict_inputs).values())
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the split's images with their captions, a folder of images, a file of
         captions (see `datamodules/predict_data.py` for the batches)."""
-        transform = eval_transform(self.image_size, self.resize)
+        transform = eval_transform(self.image_size, self.images.resize)
         inputs = self.predict_inputs
         datasets = []
-        if inputs["split"]:
+        if inputs.split:
             # a role (train, val, test) with karpathy_json, else a split's folder name
-            split = inputs["split"]
+            split = inputs.split
             records = self.records(split) if self.karpathy_json else self._split_records(split)
             records = self._existing(records, "predict")
             datasets.append(CaptionedImageItems(CocoCaptionsDataset(records, transform, train=False)))
-        if inputs["images"]:
-            datasets.append(ImageFiles(inputs["images"], transform))
-        if inputs["texts"]:
-            datasets.append(TextLines(inputs["texts"]))
+        if inputs.images:
+            datasets.append(ImageFiles(inputs.images, transform))
+        if inputs.texts:
+            datasets.append(TextLines(inputs.texts))
         if not datasets:
             raise ValueError(
-                "nothing to predict: set --data.predict_split (a split's images and captions), --data.predict_images "
-                "(a folder of images) and/or --data.predict_texts (a text file, one caption per line)"
+                "nothing to predict: set --data.predict.split (a split's images and captions), --data.predict.images "
+                "(a folder of images) and/or --data.predict.texts (a text file, one caption per line)"
             )
         collate = PredictCollate(self.tokenizer, self.context_length)
         return [

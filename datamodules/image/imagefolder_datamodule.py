@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
-from datamodules.image.coco import Resize, eval_transform, read_rgb
+from datamodules.image.coco import eval_transform, read_rgb
+from datamodules.sections import ImagesConfig, LoaderConfig, as_section, plain_sections
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ class LabelledImageCollate:
         }
 
 
+# defaults of the sections (each DataModule works on copies of its own)
+_IMAGES = ImagesConfig()
+_LOADER = LoaderConfig(batch_size=256)
+
+
 class ImageFolderDataModule(LightningDataModule):
     """Labelled images in ImageFolder layout, evaluation-transformed, for zero-shot tests and probes."""
 
@@ -101,12 +107,8 @@ class ImageFolderDataModule(LightningDataModule):
         train_split: str | None = "train",
         val_split: str | None = "val",
         test_split: str = "test",
-        image_size: int = 224,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        resize: Resize = "tensor",
-        batch_size: int = 256,
-        num_workers: int = 4,
+        images: ImagesConfig = _IMAGES,
+        loader: LoaderConfig = _LOADER,
         generate_if_missing: bool = False,
     ) -> None:
         """
@@ -115,25 +117,23 @@ class ImageFolderDataModule(LightningDataModule):
             train_split: sub-folder of root with the training images (linear probes); None for none.
             val_split: sub-folder of root with the validation images (probe regularisation); None for none.
             test_split: sub-folder of root with the test images; "." is root itself (root/<class>/<image>).
-            image_size: side of the square centre crop; the image-text model's image_size.
-            mean: per-channel normalisation mean; None: the image tower's, which normalises the uint8 batches on
-                the device; a value given must be the tower's, as in the COCO DataModule.
-            std: per-channel normalisation standard deviation; None: the image tower's.
-            resize: the reference pipeline images are resized and cropped with: tensor (Hugging Face CLIP), pil
-                (open_clip) or torchvision (its ImageClassification preset); see datamodules/image/coco.py.
-            batch_size: images per batch.
-            num_workers: DataLoader worker processes.
+            images: the centre crop's size (the image-text model's image_size), the normalisation (None: the image
+                tower's) and the resize mode; every split gets the evaluation transform (`min_scale` is not used).
+            loader: images per batch (`batch_size`; the loaders are not shuffled) and DataLoader workers.
             generate_if_missing: write the synthetic coloured-shapes classes (train / val / test) into root when
                 it does not exist (quickstart).
         """
         super().__init__()
         self.save_hyperparameters()
+        plain_sections(self.hparams)
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
-        self.image_size = image_size
-        self.transform = eval_transform(image_size, resize)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.images = as_section(ImagesConfig, images)
+        self.loader_config = as_section(LoaderConfig, loader)
+        self.image_size = self.images.image_size
+        self.transform = eval_transform(self.image_size, self.images.resize)
+        self.batch_size = self.loader_config.batch_size
+        self.num_workers = self.loader_config.num_workers
         self.generate_if_missing = generate_if_missing
         self.datasets: dict[str, ImageFolderDataset] = {}
         self.skipped_images = 0  # undecodable images met in batches on this process (counted from `skipped`)
@@ -187,7 +187,7 @@ class ImageFolderDataModule(LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=False,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.loader_config.pin,
             collate_fn=LabelledImageCollate(self.image_size),
         )
 

@@ -642,8 +642,8 @@ def first_readable(shards: Sequence[str], tries: int = 16, caption_key: str | No
             if first is not None:
                 members = ", ".join(sorted(k for k in first if not k.startswith("__")))
                 raise ValueError(
-                    f"{url}: no caption in its first samples for data.caption_key={caption_key!r} (sample "
-                    f"{first['__key__']} holds {members}): set data.caption_key to the member holding the "
+                    f"{url}: no caption in its first samples for data.shards.caption_key={caption_key!r} (sample "
+                    f"{first['__key__']} holds {members}): set data.shards.caption_key to the member holding the "
                     "caption (txt, ...) or json:FIELD for a field of the json member"
                 )
             return url
@@ -767,7 +767,7 @@ def parse_caption_key(caption_key: str) -> tuple[str, str | None]:
     member = member.strip().lower()
     if not member or (colon and (member != "json" or not field)):
         raise ValueError(
-            f"data.caption_key={caption_key!r}: expected a member's extension (txt, caption, ...) or json:FIELD "
+            f"data.shards.caption_key={caption_key!r}: expected a member's extension (txt, caption, ...) or json:FIELD "
             "(a field of the json member, e.g. json:caption)"
         )
     return member, field or None
@@ -837,7 +837,7 @@ def shard_captions(
         except ShardUnreadable as err:
             raise ShardUnreadable(
                 f"the vocabulary is trained on the captions of every shard, and one cannot be read: {err}; "
-                "pass data.tokenizer (a vocabulary or checkpoint) to train without it"
+                "pass data.tokenizer.path (a vocabulary or checkpoint) to train without it"
             ) from None
 
 

@@ -15,18 +15,18 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from datamodules.generated import default_cache_dir
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits, take_skip
 from datamodules.predict_data import AudioFiles, PredictCollate, TextLines, UtteranceItems
+from datamodules.sections import LoaderConfig, TokenizerConfig, as_section, plain_sections
 from datamodules.speech.librispeech import (
     LibriSpeechDataset,
     Speaker,
@@ -37,13 +37,13 @@ from datamodules.speech.librispeech import (
     subset_transcripts,
 )
 from datamodules.synthetic.tones import generate_tone_librispeech
-from datamodules.tokenizer import TextTokenizer, build_tokenizer
+from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 NO_TRAINING_DATA = (
     "The vocabulary is trained on the training transcripts: to evaluate without them, pass --ckpt_path "
-    "(validate, test and predict use the checkpoint's tokenizer) or --data.tokenizer"
+    "(validate, test and predict use the checkpoint's tokenizer) or --data.tokenizer.path"
 )
 
 
@@ -134,6 +134,39 @@ class DurationBucketBatchSampler(Sampler[list[int]]):
 # -- the DataModule -------------------------------------------------------------------------------
 
 
+@dataclass
+class DurationBatching:
+    """Batches by audio duration (`DurationBucketBatchSampler`): their size is set in padded seconds."""
+
+    max_duration: float = 20.0
+    """Utterances longer than this (seconds) are dropped and counted."""
+    max_batch_seconds: float = 200.0
+    """Padded audio seconds per batch (batch size x longest utterance)."""
+    num_buckets: int = 10
+    """Duration buckets; more buckets mean less padding but less mixing."""
+
+
+@dataclass
+class SpeechPredict:
+    """What `predict` embeds into the joint space; one loader per input given (datamodules/predict_data.py)."""
+
+    subsets: list[str] = field(default_factory=list)
+    """LibriSpeech subsets whose utterances and transcripts are embedded."""
+    audio: str | None = None
+    """A folder of audio files to embed."""
+    texts: str | None = None
+    """A UTF-8 file of transcripts to embed, one per line."""
+    batch_size: int = 16
+    """Items per predict batch (training and evaluation batches are sized by `batching`)."""
+
+
+# defaults of the sections (each DataModule works on copies of its own)
+_BATCHING = DurationBatching()
+_LOADER = LoaderConfig()
+_TOKENIZER = TokenizerConfig(cache_dir=None)
+_PREDICT = SpeechPredict()
+
+
 class LibriSpeechDataModule(LightningDataModule):
     """LibriSpeech (or the synthetic tone set) as padded waveform + token batches for speech-text alignment.
 
@@ -153,21 +186,12 @@ class LibriSpeechDataModule(LightningDataModule):
         val_subsets: Sequence[str] = ("dev-clean",),
         test_subsets: Sequence[str] = ("test-clean",),
         sample_rate: int = 16000,
-        max_duration: float = 20.0,
-        max_batch_seconds: float = 200.0,
-        num_buckets: int = 10,
-        num_workers: int = 4,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 8192,
-        lowercase: bool = True,
+        batching: DurationBatching = _BATCHING,
+        loader: LoaderConfig = _LOADER,
+        tokenizer: TokenizerConfig = _TOKENIZER,
         context_length: int = 64,
-        cache_dir: str | None = None,
-        seed: int = 0,
         generate_if_missing: bool = False,
-        predict_subsets: Sequence[str] = (),
-        predict_audio: str | None = None,
-        predict_texts: str | None = None,
-        predict_batch_size: int = 16,
+        predict: SpeechPredict = _PREDICT,
     ) -> None:
         """
         Args:
@@ -176,38 +200,46 @@ class LibriSpeechDataModule(LightningDataModule):
             val_subsets: subset folders for validation.
             test_subsets: subset folders for testing.
             sample_rate: audio is resampled to this rate (Hz) when a file differs.
-            max_duration: utterances longer than this (seconds) are dropped and counted.
-            max_batch_seconds: padded audio seconds per batch (batch size x longest utterance).
-            num_buckets: duration buckets; more buckets mean less padding but less mixing.
-            num_workers: DataLoader worker processes.
-            tokenizer: a `vocab.txt` / `tokenizer.json` (or folder), a Hugging Face model folder (its own
-                tokenizer, for a text tower from that folder) or a checkpoint (.ckpt) of this framework; None trains WordPiece on the training transcripts once and caches it. The CLI's validate, test
-                and predict set it to --ckpt_path, so only that stage's subsets need to be on the machine.
-            tokenizer_vocab_size: size of the trained WordPiece vocabulary (ignored with a tokenizer file);
-                the `vocab_size` property gives the size actually trained.
-            lowercase: lowercase transcripts (LibriSpeech is UPPER CASE) before tokenizing.
+            batching: the longest utterance kept and the padded seconds per batch.
+            loader: workers and the seed of the per-epoch batch shuffle (`batch_size` is not used: batches are
+                sized in seconds by `batching`, predict batches by `predict.batch_size`).
+            tokenizer: `path` a `vocab.txt` / `tokenizer.json` (or folder), a Hugging Face model folder (its own
+                tokenizer, for a text tower from that folder) or a checkpoint (.ckpt) of this framework; None
+                trains WordPiece of `vocab_size` on the training transcripts once and caches it in `cache_dir`
+                (None: `$XDG_CACHE_HOME/mmpretrain`), with the audio index. The CLI's validate, test and predict
+                set the path to --ckpt_path, so only that stage's subsets need to be on the machine. `lowercase`
+                lowercases the transcripts (LibriSpeech is UPPER CASE) before tokenizing.
             context_length: maximum tokens per transcript, including [CLS] and [SEP].
-            cache_dir: where the trained tokenizer and the audio index are cached
-                (default `$XDG_CACHE_HOME/mmpretrain`).
-            seed: seed of the per-epoch batch shuffle.
             generate_if_missing: write the synthetic tone set into `root` when it has no LibriSpeech tree; only
                 into a root that is new, empty or a generated set, any other is refused.
+            predict: the inputs `predict` embeds: subsets, a folder of audio, a file of transcripts.
         """
         super().__init__()
+        self.batching = as_section(DurationBatching, batching)
+        self.loader_config = as_section(LoaderConfig, loader)
+        self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
+        self.predict_inputs = as_section(SpeechPredict, predict)
+        max_duration, max_batch_seconds = self.batching.max_duration, self.batching.max_batch_seconds
         if max_duration > max_batch_seconds:
             raise ValueError(
                 f"max_duration ({max_duration} s) exceeds max_batch_seconds ({max_batch_seconds} s): "
                 "the longest utterances would not fit in a batch"
             )
         self.save_hyperparameters()
+        plain_sections(self.hparams)
         self.root = Path(root)
+        self.sample_rate = sample_rate
+        self.context_length = context_length
+        self.generate_if_missing = generate_if_missing
+        self.seed = self.loader_config.seed
+        self.lowercase = self.tokenizer_config.lowercase
         self.subsets = {
             "train": list(train_subsets),
             "val": list(val_subsets),
             "test": list(test_subsets),
-            "predict": list(predict_subsets),
+            "predict": list(self.predict_inputs.subsets),
         }
-        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.cache_dir = Path(self.tokenizer_config.cache)
         self.datasets: dict[str, LibriSpeechDataset] = {}
         self.problems: dict[str, dict[str, int]] = {}  # split -> kind of problem -> count
         self._speakers: dict[int, Speaker] | None = None
@@ -221,12 +253,8 @@ class LibriSpeechDataModule(LightningDataModule):
                 or any((candidate / s).is_dir() for subs in self.subsets.values() for s in subs)
             ):
                 return candidate
-        if (
-            self.hparams.generate_if_missing
-        ):  # refuses a root that holds other data (datamodules/generated.py)
-            return generate_tone_librispeech(
-                self.root, sample_rate=self.hparams.sample_rate, seed=self.hparams.seed
-            )
+        if self.generate_if_missing:  # refuses a root that holds other data (datamodules/generated.py)
+            return generate_tone_librispeech(self.root, sample_rate=self.sample_rate, seed=self.seed)
         what = "does not exist" if not self.root.exists() else "holds no LibriSpeech tree"
         raise FileNotFoundError(
             f"{self.root} {what} (expected {self.root}/LibriSpeech/<subset>/<speaker>/<chapter>/*.flac); "
@@ -257,17 +285,14 @@ class LibriSpeechDataModule(LightningDataModule):
     def tokenizer(self) -> TextTokenizer:
         """Loaded or trained (keyed by the transcripts) on first use, so `vocab_size` is known before `setup`
         (e.g. for CLI links)."""
-        hp = self.hparams
-        return build_tokenizer(
-            hp.tokenizer, self._training_transcripts, self.cache_dir, hp.tokenizer_vocab_size, hp.lowercase
-        )
+        return self.tokenizer_config.build(self._training_transcripts)
 
     def _training_transcripts(self) -> list[str]:
         try:
             train_dirs = self.subset_dirs("train")
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}. {NO_TRAINING_DATA}") from None
-        return subset_transcripts(train_dirs, self.hparams.lowercase)
+        return subset_transcripts(train_dirs, self.lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -295,7 +320,7 @@ class LibriSpeechDataModule(LightningDataModule):
             utterances += utts
             for kind, items in found.items():
                 problems.setdefault(kind, []).extend(items)
-        max_duration = self.hparams.max_duration
+        max_duration = self.batching.max_duration
         too_long = [u for u in utterances if u.duration > max_duration]
         if too_long:
             problems["too_long"] = [u.path for u in too_long]
@@ -305,8 +330,8 @@ class LibriSpeechDataModule(LightningDataModule):
             keep = math.ceil(longest)
             log.warning(
                 "%s: max_duration=%s s drops %d of %d utterances (%.0f%%), the longest %.1f s, e.g. %s; %s. To keep "
-                "them raise max_duration to %d (--data.init_args.max_duration %d; tri-modal: "
-                "--data.init_args.speech_text.max_duration %d) and max_batch_seconds to at least as much",
+                "them raise max_duration to %d (--data.init_args.batching.max_duration %d; tri-modal: "
+                "--data.init_args.speech_text.batching.max_duration %d) and max_batch_seconds to at least as much",
                 split,
                 max_duration,
                 len(too_long),
@@ -338,7 +363,7 @@ class LibriSpeechDataModule(LightningDataModule):
                 "; ".join(items[:3]),
             )
         self.problems[split] = {kind: len(items) for kind, items in problems.items()}
-        dataset = LibriSpeechDataset(utterances, self.hparams.sample_rate, self.hparams.lowercase)
+        dataset = LibriSpeechDataset(utterances, self.sample_rate, self.lowercase)
         hours = sum(dataset.durations) / 3600
         log.info(
             "%s: %d utterances, %.2f h, from %s", split, len(dataset), hours, ", ".join(self.subsets[split])
@@ -355,15 +380,15 @@ class LibriSpeechDataModule(LightningDataModule):
         dataset = self.datasets[split]
         sampler = DurationBucketBatchSampler(
             dataset.durations,
-            self.hparams.max_batch_seconds,
-            num_buckets=self.hparams.num_buckets,
+            self.batching.max_batch_seconds,
+            num_buckets=self.batching.num_buckets,
             shuffle=shuffle,
-            seed=self.hparams.seed,
+            seed=self.seed,
         )
-        workers = self.hparams.num_workers
+        workers = self.loader_config.num_workers
         # the training loader's position is checkpointed, so a run killed mid-epoch resumes at the next batch
         loader_cls = ResumableBatchDataLoader if split == "train" else DataLoader
-        collate: Callable = SpeechTextCollator(self.tokenizer, self.hparams.context_length)
+        collate: Callable = SpeechTextCollator(self.tokenizer, self.context_length)
         if wrap_collate is not None:
             collate = wrap_collate(collate)
         return loader_cls(
@@ -371,7 +396,7 @@ class LibriSpeechDataModule(LightningDataModule):
             batch_sampler=sampler,
             num_workers=workers,
             collate_fn=collate,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.loader_config.pin,
             # Training workers keep their "already warned about this file" memory across epochs; evaluation
             # workers would only hold memory between validations.
             persistent_workers=split == "train" and workers > 0,
@@ -389,32 +414,32 @@ class LibriSpeechDataModule(LightningDataModule):
     @property
     def predicts(self) -> bool:
         """Whether any predict input is set."""
-        return bool(self.subsets["predict"] or self.hparams.predict_audio or self.hparams.predict_texts)
+        return bool(self.subsets["predict"] or self.predict_inputs.audio or self.predict_inputs.texts)
 
     def predict_dataloader(self) -> list[DataLoader]:
-        """One loader per input given: the utterances of `predict_subsets` with their transcripts, a folder of
+        """One loader per input given: the utterances of `predict.subsets` with their transcripts, a folder of
         audio files, a file of transcripts (see `datamodules/predict_data.py` for the batches)."""
         datasets = []
         if self.subsets["predict"]:
             if "predict" not in self.datasets:
                 self.datasets["predict"] = self._build_split("predict")
             datasets.append(UtteranceItems(self.datasets["predict"]))
-        if self.hparams.predict_audio:
-            datasets.append(AudioFiles(self.hparams.predict_audio, self.hparams.sample_rate))
-        if self.hparams.predict_texts:
-            datasets.append(TextLines(self.hparams.predict_texts))
+        if self.predict_inputs.audio:
+            datasets.append(AudioFiles(self.predict_inputs.audio, self.sample_rate))
+        if self.predict_inputs.texts:
+            datasets.append(TextLines(self.predict_inputs.texts))
         if not datasets:
             raise ValueError(
-                "nothing to predict: set --data.predict_subsets (LibriSpeech subsets: utterances and transcripts), "
-                "--data.predict_audio (a folder of audio files) and/or --data.predict_texts (a text file, one "
+                "nothing to predict: set --data.predict.subsets (LibriSpeech subsets: utterances and transcripts), "
+                "--data.predict.audio (a folder of audio files) and/or --data.predict.texts (a text file, one "
                 "transcript per line)"
             )
-        collate = PredictCollate(self.tokenizer, self.hparams.context_length, text_kind="transcript")
+        collate = PredictCollate(self.tokenizer, self.context_length, text_kind="transcript")
         return [
             DataLoader(
                 d,
-                batch_size=self.hparams.predict_batch_size,
-                num_workers=self.hparams.num_workers,
+                batch_size=self.predict_inputs.batch_size,
+                num_workers=self.loader_config.num_workers,
                 collate_fn=collate,
             )
             for d in datasets

@@ -130,7 +130,7 @@ def generate_sample_corpus(
         return paths
     params = {"articles_per_town": articles_per_town, "story_lines": story_lines, "seed": seed}
     advice = (
-        "point data.cache_dir to an empty or new folder (the sample goes to its sample_corpus/), "
+        "point data.tokenizer.cache_dir to an empty or new folder (the sample goes to its sample_corpus/), "
         "or read a corpus of your own with data.wikipedia / data.bookcorpus"
     )
     claim_folder(root, GENERATOR, params, advice)

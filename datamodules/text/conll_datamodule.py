@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.masking import IGNORE_INDEX
-from datamodules.text.glue_datamodule import NO_TOKENIZER, FineTuneDataModule
+from datamodules.sections import LoaderConfig, TokenizerConfig
+from datamodules.text.glue_datamodule import FINETUNE_LOADER, FINETUNE_TOKENIZER, FineTuneDataModule
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -173,13 +174,9 @@ class CoNLLDataModule(FineTuneDataModule):
         test_file: str | None = None,
         labels: list[str] | None = None,
         tag_column: int = -1,
-        tokenizer: str | None = None,
-        lowercase: bool = True,
+        tokenizer: TokenizerConfig = FINETUNE_TOKENIZER,
         max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 12345,
+        loader: LoaderConfig = FINETUNE_LOADER,
     ) -> None:
         """
         Args:
@@ -190,22 +187,18 @@ class CoNLLDataModule(FineTuneDataModule):
             labels: the tag set, IOB1 or IOB2 (class index = position); must equal the model's. None: CoNLL-2003's
                 O, B-PER, I-PER, B-ORG, I-ORG, B-LOC, I-LOC, B-MISC, I-MISC.
             tag_column: column of the NER tag (CoNLL-2003: token POS chunk NER, the last).
-            tokenizer: vocab.txt, tokenizer.json, a Hugging Face BERT folder, or a checkpoint (.ckpt) of this
-                framework whose saved tokenizer is used; the finetune configs default it to --model.init_ckpt.
-            lowercase: lowercase text when the tokenizer is a vocab.txt (False for a cased BERT).
+            tokenizer: `path` a vocab.txt, tokenizer.json, a Hugging Face BERT folder, or a checkpoint (.ckpt) of
+                this framework whose saved tokenizer is used (the finetune configs default it to --model.init_ckpt);
+                `lowercase` lowercases text when it is a vocab.txt (False for a cased BERT). Nothing is trained.
             max_length: word pieces per sentence, [CLS] and [SEP] included; words beyond are predicted O.
-            batch_size: training batch size per device.
-            eval_batch_size: validation/test batch size (defaults to batch_size).
-            num_workers: DataLoader workers (the data is tokenized in memory at setup).
-            seed: seed of the training order.
+            loader: batch sizes, workers (the data is tokenized in memory at setup) and the seed of the training
+                order.
         """
         super().__init__()
-        self.save_hyperparameters()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"CoNLL folder {root} does not exist")
+        self._sections(loader, tokenizer)
         self.labels = list(labels or CONLL2003_LABELS)
-        if not tokenizer:
-            raise ValueError(NO_TOKENIZER)
         self.datasets: dict[str, NERDataset] = {}
         self.skipped: dict[str, list[str]] = {}
         self.sentences: dict[str, list[Sentence]] = {}

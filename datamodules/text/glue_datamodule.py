@@ -7,6 +7,7 @@ The GLUE test files carry no labels, so the `test` stage evaluates on the dev fi
 from __future__ import annotations
 
 import csv
+import inspect
 import itertools
 import logging
 import os
@@ -21,14 +22,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.loading import ResumableDataLoader, seeded_loader
+from datamodules.sections import LoaderConfig, TokenizerConfig, as_section, plain_sections
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
 NO_TOKENIZER = (
-    "no tokenizer: pass --model.init_ckpt (the checkpoint's tokenizer is used) or --data.tokenizer "
+    "no tokenizer: pass --model.init_ckpt (the checkpoint's tokenizer is used) or --data.tokenizer.path "
     "(vocab.txt, tokenizer.json, a Hugging Face BERT folder or a .ckpt)"
 )
+# the fine-tuning DataModules' section defaults (each DataModule works on copies of its own)
+FINETUNE_TOKENIZER = TokenizerConfig()
+FINETUNE_LOADER = LoaderConfig(num_workers=0, seed=12345)
 
 
 @dataclass(frozen=True)
@@ -218,9 +223,21 @@ class FineTuneDataModule(L.LightningDataModule):
     def collator(self):
         raise NotImplementedError
 
+    loader_config: LoaderConfig
+    tokenizer_config: TokenizerConfig
+
+    def _sections(self, loader: LoaderConfig | dict, tokenizer: TokenizerConfig | dict) -> None:
+        """Keep the sections, and save every argument of the subclass's `__init__` (this frame's caller)."""
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        plain_sections(self.hparams)
+        self.loader_config = as_section(LoaderConfig, loader)
+        self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
+        if not self.tokenizer_config.path:
+            raise ValueError(NO_TOKENIZER)
+
     @cached_property
     def tokenizer(self) -> TextTokenizer:
-        return load_tokenizer(self.hparams.tokenizer, self.hparams.lowercase)
+        return load_tokenizer(self.tokenizer_config.path, self.tokenizer_config.lowercase)
 
     @property
     def vocab_size(self) -> int:
@@ -231,9 +248,9 @@ class FineTuneDataModule(L.LightningDataModule):
             self.datasets[split],
             self.trainer,
             train,
-            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            self.hparams.seed,
-            self.hparams.num_workers,
+            self.loader_config.batch_size if train else self.loader_config.eval_size,
+            self.loader_config.seed,
+            self.loader_config.num_workers,
             self.collator(),
             drop_last=False,
         )
@@ -251,8 +268,8 @@ class FineTuneDataModule(L.LightningDataModule):
         # a plain loader: Lightning swaps in its own batch sampler to track which example each prediction is
         return DataLoader(
             self.datasets[self.predict_split],
-            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
+            batch_size=self.loader_config.eval_size,
+            num_workers=self.loader_config.num_workers,
             collate_fn=self.collator(),
         )
 
@@ -264,34 +281,26 @@ class GlueDataModule(FineTuneDataModule):
         self,
         root: str,
         task: TaskName = "sst2",
-        tokenizer: str | None = None,
-        lowercase: bool = True,
+        tokenizer: TokenizerConfig = FINETUNE_TOKENIZER,
         max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        seed: int = 12345,
+        loader: LoaderConfig = FINETUNE_LOADER,
     ) -> None:
         """
         Args:
             root: the task folder as distributed (train.tsv, dev.tsv, test.tsv; MNLI: dev_matched.tsv, ...).
             task: which GLUE task: the columns and label set of its files.
-            tokenizer: vocab.txt, tokenizer.json, a Hugging Face BERT folder, or a checkpoint (.ckpt) of this
-                framework whose saved tokenizer is used; the finetune configs default it to --model.init_ckpt.
-            lowercase: lowercase text (uncased BERT) when the tokenizer is a vocab.txt.
+            tokenizer: `path` a vocab.txt, tokenizer.json, a Hugging Face BERT folder, or a checkpoint (.ckpt) of
+                this framework whose saved tokenizer is used (the finetune configs default it to --model.init_ckpt);
+                `lowercase` lowercases text (uncased BERT) when it is a vocab.txt. Nothing is trained.
             max_length: tokens per example, special tokens included; longer pairs are cut longest-first.
-            batch_size: training batch size per device.
-            eval_batch_size: validation/test/predict batch size (defaults to batch_size).
-            num_workers: DataLoader workers (the data is tokenized in memory at setup; padding is all they do).
-            seed: seed of the training order.
+            loader: batch sizes, workers (the data is tokenized in memory at setup; padding is all they do) and
+                the seed of the training order.
         """
         super().__init__()
-        self.save_hyperparameters()
         if not Path(root).is_dir():
             raise FileNotFoundError(f"GLUE task folder {root} does not exist")
+        self._sections(loader, tokenizer)
         self.task = GLUE_TASKS[task]
-        if not tokenizer:
-            raise ValueError(NO_TOKENIZER)
         self.datasets: dict[str, EncodedDataset] = {}
         self.skipped: dict[str, list[str]] = {}
 

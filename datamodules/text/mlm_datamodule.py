@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -18,13 +19,14 @@ from tqdm.auto import tqdm
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, seeded_loader, stage_splits
 from datamodules.masking import MLMCollator
 from datamodules.predict_data import MaskedLinesCollate, TextLines
+from datamodules.sections import LoaderConfig, TokenizerConfig, as_section, plain_sections
 from datamodules.synthetic.sample_corpus import generate_sample_corpus
 from datamodules.text.documents import BOOKCORPUS_FILES, WIKIPEDIA_FILES, ReadStats, resolve_paths
 from datamodules.text.mlm_prepare import InstanceShards, PrepareSettings, iter_documents, prepare_mlm_cache
 from datamodules.text.multistream import check_multistream, multistream_index
 from datamodules.text.sentences import split_sentences
 from datamodules.text.wikiclean import to_plain_text
-from datamodules.tokenizer import TextTokenizer, build_tokenizer
+from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,60 @@ class MLMInstanceDataset(Dataset):
         return sample
 
 
+@dataclass
+class ExamplesConfig:
+    """How documents become training instances (BERT's `create_pretraining_data`), and which are held out."""
+
+    max_seq_length: int = 128
+    """Tokens per instance, [CLS] and [SEP] included."""
+    nsp: bool = True
+    """Next-sentence-prediction pairs; False packs full sentences (RoBERTa)."""
+    short_seq_prob: float = 0.1
+    """Probability of a shorter target length (NSP instances)."""
+    dupe_factor: int = 1
+    """Times each document is turned into instances, with different segment choices."""
+    lines_per_document: int = 2000
+    """BookCorpus lines per document when a file has no blank-line boundaries."""
+    val_fraction: float = 0.005
+    """Documents held out for validation (by a stable hash of the document)."""
+    test_fraction: float = 0.005
+    """Documents held out for test."""
+
+
+@dataclass
+class MaskingConfig:
+    """Which tokens the model is asked to predict."""
+
+    mask_prob: float = 0.15
+    """Fraction of tokens chosen for prediction (0.15 in BERT; 0.3 also works)."""
+    whole_word: bool = False
+    """Choose whole words instead of single word pieces (needs a WordPiece vocabulary)."""
+
+
+@dataclass
+class FillMaskPredict:
+    """What `predict` fills in."""
+
+    texts: str | None = None
+    """A UTF-8 file whose lines (one sentence each) hold `[MASK]`s, filled in with the checkpoint's tokenizer;
+    no corpus is read then."""
+    top_k: int = 5
+    """Tokens proposed per `[MASK]`, with their probabilities."""
+
+
+# defaults of the sections (each DataModule works on copies of its own)
+_TOKENIZER = TokenizerConfig(vocab_size=30522)
+_EXAMPLES = ExamplesConfig()
+_MASKING = MaskingConfig()
+_LOADER = LoaderConfig(seed=12345)
+_PREDICT = FillMaskPredict()
+
+
 class MLMDataModule(L.LightningDataModule):
     """Reads the corpora, trains or loads the tokenizer, prepares instance shards once, serves masked batches.
 
     With no corpus given it generates the bundled sample corpus (a MediaWiki XML dump and BookCorpus-style
-    lines) under `cache_dir`, so the quickstart needs no download.
+    lines) under `tokenizer.cache_dir`, so the quickstart needs no download.
     """
 
     def __init__(
@@ -71,73 +122,53 @@ class MLMDataModule(L.LightningDataModule):
         bookcorpus: list[str] | None = None,
         sample_corpus: bool = False,
         prepared: str | None = None,
-        tokenizer: str | None = None,
-        tokenizer_vocab_size: int = 30522,
-        lowercase: bool = True,
-        strip_accents: bool | None = None,
+        tokenizer: TokenizerConfig = _TOKENIZER,
         tokenizer_train_docs: int = 200_000,
-        max_seq_length: int = 128,
-        nsp: bool = True,
-        short_seq_prob: float = 0.1,
-        dupe_factor: int = 1,
-        mask_prob: float = 0.15,
-        whole_word_masking: bool = False,
-        val_fraction: float = 0.005,
-        test_fraction: float = 0.005,
-        lines_per_document: int = 2000,
+        examples: ExamplesConfig = _EXAMPLES,
+        masking: MaskingConfig = _MASKING,
         language_variant: str | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
+        loader: LoaderConfig = _LOADER,
         num_proc: int | None = None,
-        cache_dir: str = "data_cache",
-        seed: int = 12345,
-        predict_texts: str | None = None,
-        predict_top_k: int = 5,
+        predict: FillMaskPredict = _PREDICT,
     ) -> None:
         """
         Args:
             wikipedia: MediaWiki XML dumps (.xml, .xml.bz2), WikiExtractor output, JSON lines or Parquet; paths or globs.
             bookcorpus: one-sentence-per-line files or folders of per-book .txt files; paths or globs.
-            sample_corpus: use the bundled sample corpus (generated into cache_dir/sample_corpus, which must be
-                new, empty or a generated sample) when no corpus is given.
+            sample_corpus: use the bundled sample corpus (generated into <tokenizer.cache_dir>/sample_corpus, which
+                must be new, empty or a generated sample) when no corpus is given.
             prepared: a folder of instances prepared earlier (`<cache_dir>/mlm-<key>`, holding index.json), read
                 instead of the corpora, which then need not exist; its own settings (max_seq_length, nsp, ...)
                 apply. To evaluate on a machine without the corpora, copy index.json and the val/ or test/
                 folder: a stage opens only its own split. Needs the tokenizer the instances were made with.
-            tokenizer: a BERT vocab.txt or tokenizer.json, or a checkpoint (.ckpt) of this framework; None trains
-                WordPiece on the corpus. The CLI's validate and test set it to --ckpt_path.
-            tokenizer_vocab_size: size of the WordPiece vocabulary to train (ignored when `tokenizer` is given).
-            lowercase: lowercase text (uncased BERT). Like BERT-uncased this also strips accents unless
-                `strip_accents` is False: "Việt Nam" becomes "viet nam".
-            strip_accents: remove accents (é -> e); None follows `lowercase` (BERT's rule). Set False for
-                languages where accents carry meaning (Vietnamese, French, German...) with lowercase true.
+            tokenizer: `path` a BERT vocab.txt or tokenizer.json, or a checkpoint (.ckpt) of this framework (the
+                CLI's validate and test set it to --ckpt_path); None trains WordPiece on the corpus. Like
+                BERT-uncased, `lowercase` also strips accents unless `strip_accents` is False: "Việt Nam" becomes
+                "viet nam"; set it False for languages where accents carry meaning. `cache_dir` keeps the sample
+                corpus, the tokenizer (under tokenizers/) and the prepared instances (under mlm-<key>/).
             tokenizer_train_docs: documents read to train the vocabulary.
-            max_seq_length: tokens per instance, [CLS] and [SEP] included.
-            nsp: next-sentence-prediction pairs; False packs full sentences (RoBERTa).
-            short_seq_prob: probability of a shorter target length (NSP instances).
-            dupe_factor: times each document is turned into instances, with different segment choices.
-            mask_prob: fraction of tokens chosen for prediction (0.15 in BERT; 0.3 also works).
-            whole_word_masking: choose whole words instead of single word pieces.
-            val_fraction: documents held out for validation (by a stable hash of the document).
-            test_fraction: documents held out for test.
-            lines_per_document: BookCorpus lines per document when a file has no blank-line boundaries.
+            examples: instance length, NSP, duplication and the held-out fractions.
+            masking: the masking rate and whole-word masking.
             language_variant: the variant whose text Wikipedia's language-variant markup keeps, e.g. zh-cn or
                 zh-tw for `-{zh-cn:域;zh-tw:體}-` (a variant of the same script stands in); None keeps the first
                 variant written. The rest of the text stays in the script its authors wrote.
-            batch_size: training batch size per device.
-            eval_batch_size: validation/test batch size (defaults to batch_size).
-            num_workers: DataLoader worker processes.
+            loader: batch sizes, workers, and the seed of instance creation and masking.
             num_proc: preprocessing processes (default: the CPUs available, at most 8); the prepared data
                 is the same whatever the number.
-            cache_dir: where the sample corpus, the tokenizer and prepared shards are kept.
-            seed: seed of instance creation and masking.
-            predict_texts: `predict` fills in each `[MASK]` of this UTF-8 file's lines (one sentence per line),
-                with the checkpoint's tokenizer; no corpus is read then.
-            predict_top_k: tokens proposed per `[MASK]` (with their probabilities) by `predict`.
+            predict: a file of sentences with `[MASK]`s to fill in, and how many tokens to propose.
         """
         super().__init__()
         self.save_hyperparameters()
+        plain_sections(self.hparams)
+        self.tokenizer_config = as_section(TokenizerConfig, tokenizer)
+        self.examples = as_section(ExamplesConfig, examples)
+        self.masking = as_section(MaskingConfig, masking)
+        self.loader_config = as_section(LoaderConfig, loader)
+        self.predict_inputs = as_section(FillMaskPredict, predict)
+        self.tokenizer_train_docs = tokenizer_train_docs
+        self.language_variant = language_variant
+        self.num_proc = num_proc
+        self.cache_dir = self.tokenizer_config.cache
         self.wikipedia = list(wikipedia or [])
         self.bookcorpus = list(bookcorpus or [])
         self.prepared = Path(prepared) if prepared else None
@@ -147,13 +178,17 @@ class MLMDataModule(L.LightningDataModule):
                     f"prepared MLM folder {self.prepared} holds no index.json: expected a <cache_dir>/mlm-<key> "
                     "folder written by an earlier run"
                 )
-        elif not self.wikipedia and not self.bookcorpus and not (predict_texts and tokenizer):
+        elif (
+            not self.wikipedia
+            and not self.bookcorpus
+            and not (self.predict_inputs.texts and self.tokenizer_config.path)
+        ):
             if not sample_corpus:
                 raise ValueError(
                     "no corpus given: pass --data.wikipedia '[dump.xml.bz2, ...]' and/or --data.bookcorpus "
                     "'[books_large_p1.txt, ...]', or --data.sample_corpus true for the bundled sample"
                 )
-            sample = generate_sample_corpus(Path(cache_dir) / "sample_corpus")
+            sample = generate_sample_corpus(Path(self.cache_dir) / "sample_corpus")
             self.wikipedia, self.bookcorpus = [str(sample["wikipedia"])], [str(sample["bookcorpus"])]
         if self.prepared is None:
             # fail now, naming a missing path or a folder with no files, before any vocabulary is trained
@@ -162,15 +197,16 @@ class MLMDataModule(L.LightningDataModule):
                 if rank_zero_only.rank == 0 and (index := multistream_index(path)) is not None:
                     check_multistream(path, index)
             resolve_paths(self.bookcorpus, BOOKCORPUS_FILES)
+        ex = self.examples
         self.settings = PrepareSettings(
-            max_seq_length=max_seq_length,
-            nsp=nsp,
-            short_seq_prob=short_seq_prob,
-            dupe_factor=dupe_factor,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            lines_per_document=lines_per_document,
-            seed=seed,
+            max_seq_length=ex.max_seq_length,
+            nsp=ex.nsp,
+            short_seq_prob=ex.short_seq_prob,
+            dupe_factor=ex.dupe_factor,
+            val_fraction=ex.val_fraction,
+            test_fraction=ex.test_fraction,
+            lines_per_document=ex.lines_per_document,
+            seed=self.loader_config.seed,
             variant=language_variant,
         )
         self.folder: Path | None = None
@@ -180,7 +216,7 @@ class MLMDataModule(L.LightningDataModule):
     def _training_texts(self):
         stats = ReadStats()
         docs = iter_documents(self.wikipedia, self.bookcorpus, stats, self.settings.lines_per_document)
-        docs = itertools.islice(docs, self.hparams.tokenizer_train_docs)
+        docs = itertools.islice(docs, self.tokenizer_train_docs)
         # reading and cleaning 200k Wikipedia articles takes minutes: show that it moves
         found = 0
         for doc in tqdm(docs, desc="reading documents for the tokenizer", unit=" docs"):
@@ -197,27 +233,22 @@ class MLMDataModule(L.LightningDataModule):
     @cached_property
     def tokenizer(self) -> TextTokenizer:
         """Loaded, or trained on the corpus (keyed by its files' names, sizes and times) on first use."""
-        hp = self.hparams
-        if self.prepared is not None and not hp.tokenizer:
+        config = self.tokenizer_config
+        if self.prepared is not None and not config.path:
             raise ValueError(
                 f"data.prepared {self.prepared} needs the tokenizer its instances were made with: pass "
-                "--ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer"
+                "--ckpt_path (validate and test use the checkpoint's tokenizer) or --data.tokenizer.path"
             )
         key = None
-        if not hp.tokenizer:
+        if not config.path:
             inputs = resolve_paths([*self.wikipedia, *self.bookcorpus])
             files = str([(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in inputs])
-            key = f"{files}|{hp.tokenizer_train_docs}"
-            if hp.language_variant:  # other text
-                key += f"|{hp.language_variant}"
-        return build_tokenizer(
-            hp.tokenizer,
-            self._training_texts,
-            Path(hp.cache_dir) / "tokenizers",
-            hp.tokenizer_vocab_size,
-            hp.lowercase,
-            key=key,
-            strip_accents=hp.strip_accents,
+            key = f"{files}|{self.tokenizer_train_docs}"
+            if self.language_variant:  # other text
+                key += f"|{self.language_variant}"
+        # vocabularies apart from the instances and the sample corpus in the same cache folder
+        return replace(config, cache_dir=str(Path(self.cache_dir) / "tokenizers")).build(
+            self._training_texts, key
         )
 
     @property
@@ -251,8 +282,8 @@ class MLMDataModule(L.LightningDataModule):
             self.bookcorpus,
             self.tokenizer,
             self.settings,
-            self.hparams.cache_dir,
-            self.hparams.num_proc,
+            self.cache_dir,
+            self.num_proc,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -267,15 +298,15 @@ class MLMDataModule(L.LightningDataModule):
                 self.bookcorpus,
                 self.tokenizer,
                 self.settings,
-                self.hparams.cache_dir,
-                self.hparams.num_proc,
+                self.cache_dir,
+                self.num_proc,
             )
         for split in stage_splits(stage):  # an evaluation machine may hold no training shards
             if split in self.datasets:
                 continue
             self.datasets[split] = MLMInstanceDataset(self.folder, split)
             if split != "train" and len(self.datasets[split]) == 0:
-                log.warning("the %s split is empty; raise %s_fraction", split, split)
+                log.warning("the %s split is empty; raise data.examples.%s_fraction", split, split)
 
     def set_epoch(self, epoch: int) -> None:
         if "train" in self.datasets:
@@ -283,17 +314,17 @@ class MLMDataModule(L.LightningDataModule):
 
     def collator(self, eval_seed_offset: int = 0) -> MLMCollator:
         tok = self.tokenizer
-        whole_word = self.hparams.whole_word_masking
+        whole_word = self.masking.whole_word
         word_start = np.asarray(tok.word_starts(range(tok.vocab_size)), dtype=bool) if whole_word else None
         return MLMCollator(
             vocab_size=tok.vocab_size,
             pad_id=tok.pad_id,
             mask_id=tok.mask_id,
             special_ids=sorted(tok.special_ids),
-            mask_prob=self.hparams.mask_prob,
+            mask_prob=self.masking.mask_prob,
             whole_word=whole_word,
             word_start=word_start,
-            seed=self.hparams.seed + eval_seed_offset,
+            seed=self.loader_config.seed + eval_seed_offset,
         )
 
     def _loader(self, split: str, train: bool) -> ResumableDataLoader:
@@ -303,9 +334,9 @@ class MLMDataModule(L.LightningDataModule):
             self.datasets[split],
             self.trainer,
             train,
-            self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            self.hparams.seed,
-            self.hparams.num_workers,
+            self.loader_config.batch_size if train else self.loader_config.eval_size,
+            self.loader_config.seed,
+            self.loader_config.num_workers,
             # evaluation masks are fixed (epoch 0, their own seed) so validation numbers are comparable
             self.collator(0 if train else 1),
         )
@@ -320,17 +351,17 @@ class MLMDataModule(L.LightningDataModule):
         return self._loader("test", False)
 
     def predict_dataloader(self) -> DataLoader:
-        """The lines of `predict_texts`, their `[MASK]`s marked for fill-in (`MaskedLinesCollate`)."""
-        if not self.hparams.predict_texts:
+        """The lines of `predict.texts`, their `[MASK]`s marked for fill-in (`MaskedLinesCollate`)."""
+        if not self.predict_inputs.texts:
             raise ValueError(
-                "nothing to predict: set --data.predict_texts (a text file with one sentence per line, holding "
+                "nothing to predict: set --data.predict.texts (a text file with one sentence per line, holding "
                 "[MASK] where a word is to be filled in)"
             )
         return DataLoader(
-            TextLines(self.hparams.predict_texts),
-            batch_size=self.hparams.eval_batch_size or self.hparams.batch_size,
-            num_workers=self.hparams.num_workers,
+            TextLines(self.predict_inputs.texts),
+            batch_size=self.loader_config.eval_size,
+            num_workers=self.loader_config.num_workers,
             collate_fn=MaskedLinesCollate(
-                self.tokenizer, self.hparams.max_seq_length, self.hparams.predict_top_k
+                self.tokenizer, self.examples.max_seq_length, self.predict_inputs.top_k
             ),
         )

@@ -35,6 +35,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from datamodules.sections import flat_hparams
 from lightning_modules.components.clip_import import load_image_backbone
 from lightning_modules.components.image_presets import (
     CLIP_MEAN,
@@ -127,9 +128,10 @@ class ImageTowerConfig(TowerTraining):
 
     def check_data(self, data: dict, where: str) -> None:
         """A ViT's position table is made for one image size: the DataModule's (its hyperparameters `data`)."""
+        data = flat_hparams(data)
         if self.arch != "resnet50" and data.get("image_size", self.image_size) != self.image_size:
             raise ValueError(
-                f"{where}.image_size ({data['image_size']}) differs from model.image.image_size "
+                f"{where}.images.image_size ({data['image_size']}) differs from model.image.image_size "
                 f"({self.image_size}), the size the ViT's position table is made for"
             )
 
@@ -207,15 +209,16 @@ class ImageTower(nn.Module):
     def check_data(self, data: dict, where: str) -> None:
         """A DataModule's `mean` / `std` (hyperparameters `data`), where given, must be the tower's own: the
         tower, not the DataModule, normalises the pixels."""
+        data = flat_hparams(data)
         for key, own in (("mean", self.pixel_mean), ("std", self.pixel_std)):
             given = data.get(key)
             want = [round(float(v), 8) for v in own.flatten()]
             # 1e-6: the configs' 8-digit CLIP numbers against their float32 copies
             if given is not None and any(abs(float(g) - w) > 1e-6 for g, w in zip(given, want, strict=True)):
                 raise ValueError(
-                    f"{where}.{key} ({list(given)}) differs from the image tower's normalisation ({want}: "
+                    f"{where}.images.{key} ({list(given)}) differs from the image tower's normalisation ({want}: "
                     f"model.image.{key}, or its source's): the tower normalises the uint8 batches on the device; "
-                    f"leave {where}.{key} unset, or set model.image.{key}"
+                    f"leave {where}.images.{key} unset, or set model.image.{key}"
                 )
 
     def normalize(self, images: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ import torch
 import torchaudio
 from torch import Tensor, nn
 
+from datamodules.sections import flat_hparams
 from lightning_modules.components.encoder import (
     EncoderConfig,
     TransformerEncoder,
@@ -77,6 +78,7 @@ class SpeechTowerConfig(EncoderShape, TowerTraining):
     def check_data(self, data: dict, where: str) -> None:
         """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`).
         Pretrained wav2vec 2.0 / HuBERT / WavLM towers were trained on 16 kHz audio."""
+        data = flat_hparams(data)
         if self.init.source != "scratch" and data.get("sample_rate", 16000) != 16000:
             raise ValueError(
                 f"{where}.sample_rate is {data['sample_rate']} but the pretrained speech tower "

@@ -14,6 +14,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from datamodules.sections import flat_hparams
 from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel
 from lightning_modules.components.hf_interop import load_hf_bert
@@ -75,6 +76,7 @@ class TextTowerConfig(EncoderShape, TowerTraining):
 
     def check_data(self, data: dict, where: str) -> None:
         """The DataModule's texts (its hyperparameters `data`) must fit the position table."""
+        data = flat_hparams(data)
         limit = self.position_limit()
         if data.get("context_length", 0) > limit:
             table = (
