@@ -20,6 +20,8 @@ import lightning as L
 import torch
 
 from datamodules.image.classification_sets import file_sha256
+from datamodules.sections import flat_hparams
+from lightning_modules.zero_shot import path_sha256
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,6 @@ def model_protocol(trainer: L.Trainer, module: L.LightningModule) -> dict[str, A
         if Path(str(ckpt)).is_file():
             out["model"]["sha256"] = file_sha256(ckpt)
     elif init and init.get("source", "scratch") != "scratch":
-        from lightning_modules.zero_shot import path_sha256
-
         out["model"] = {k: init.get(k) for k in ("source", "name", "path")}
         if init.get("path") and Path(init["path"]).exists():
             out["model"]["sha256"] = path_sha256(init["path"])
@@ -173,7 +173,7 @@ def model_protocol(trainer: L.Trainer, module: L.LightningModule) -> dict[str, A
 
 
 def preprocessing(dm: Any) -> dict[str, Any]:
-    data = dict(getattr(dm, "hparams", {}) or {})
+    data = flat_hparams(getattr(dm, "hparams", {}) or {})
     if "image_size" not in data:
         return {}
     return {

@@ -37,6 +37,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from datamodules.image.classification_sets import file_sha256, prompt_templates
 from datamodules.image.clip_tokenizer import OPEN_CLIP_PREFIX, ClipTokenizer
+from datamodules.sections import flat_hparams
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.components.clip_import import load_clip
 from lightning_modules.components.contrastive import ContrastiveLossConfig, as_config
@@ -126,7 +127,7 @@ def load_image_text(
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     context_length = int(data_hp.get("context_length") or max_len)
     if tokenizer:
-        tok = TextTokenizer.from_file(tokenizer, bool(data_hp.get("lowercase", True)))
+        tok = TextTokenizer.from_file(tokenizer, bool(flat_hparams(data_hp).get("lowercase", True)))
     elif "tokenizer_json" in ckpt:
         tok = TextTokenizer.carried_by(ckpt, f"{ckpt_path}:tokenizer_json")
     elif data_hp:
@@ -343,12 +344,12 @@ class ZeroShotClassifier(L.LightningModule):
     def _start(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         if self.pair is not None and dm is not None:  # the tower normalises: a DataModule's mean must be its
-            data, tower = dict(getattr(dm, "hparams", {})), self.pair.image
+            data, tower = flat_hparams(getattr(dm, "hparams", {})), self.pair.image
             tower.check_data(data, "data")
             want = tower.reference_resize
             if want and data.get("resize", "tensor") != want:
                 log.warning(
-                    "data.resize (%s) is not %s, the mode of the image tower's source: its crops differ from the "
+                    "data.images.resize (%s) is not %s, the mode of the image tower's source: its crops differ from the "
                     "reference preprocessing by resampling or a pixel",
                     data.get("resize", "tensor"),
                     want,

@@ -218,7 +218,7 @@ def cli_eval(config: str, tmp_path: Path, *overrides: str):
             "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--data.init_args.image_size=32",
+            "--data.init_args.images.image_size=32",
             *overrides,
         ]
     )
@@ -298,7 +298,7 @@ def test_any_imagefolder_is_a_classification_set_with_its_protocol(tmp_path: Pat
         tmp_path / "set", colours=("red", "blue"), shapes=("circle",), per_class={"test": 2}, image_size=32
     )
     dm = ClassificationDataModule(
-        "imagefolder", str(root), test_split="test", image_size=32, loader=LoaderConfig(num_workers=0)
+        "imagefolder", str(root), test_split="test", images=ImagesConfig(image_size=32), loader=LoaderConfig(num_workers=0)
     )
     assert dm.class_names == ["blue circle", "red circle"]
     batch = next(iter(dm.loader("test")))
@@ -458,8 +458,8 @@ def test_cli_flickr30k_retrieval_from_an_open_clip_file_equals_clip_benchmark(
         tmp_path,
         f"--data.init_args.root={tmp_path / 'flickr30k-images'}",
         f"--data.init_args.karpathy_json={karpathy}",
-        f"--data.init_args.tokenizer=open_clip:{TINY}",
-        "--data.init_args.num_workers=0",
+        f"--data.init_args.tokenizer.path=open_clip:{TINY}",
+        "--data.init_args.loader.num_workers=0",
         f"--model.init_args.init_clip.name={TINY}",
         f"--model.init_args.init_clip.path={tiny_open_clip}",
     )
@@ -606,8 +606,8 @@ def test_librispeech_test_clean_config_stacks_on_the_speech_run_and_reports_its_
             "--config",
             str(ROOT / "configs/eval/librispeech_test_clean.yaml"),
             f"--data.root={tmp_path / 'tones'}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--data.num_workers=0",
+            f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+            "--data.loader.num_workers=0",
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
         ]
@@ -641,7 +641,7 @@ def test_cli_probe_on_features_written_once_by_predict(tiny_open_clip: Path, tmp
             f"--trainer.callbacks.init_args.output_dir={out}",
             f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.init_args.root={tmp_path / 'cifar'}",
-            "--data.init_args.image_size=32",
+            "--data.init_args.images.image_size=32",
             "--data.init_args.loader.num_workers=0",
             f"--model.init_args.init_clip.name={TINY}",
             f"--model.init_args.init_clip.path={tiny_open_clip}",

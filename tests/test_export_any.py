@@ -323,10 +323,10 @@ def test_quickstart_runs_export_with_equal_embeddings(tmp_path: Path, task: str)
 
     if task == "clip":
         generate_shapes_coco(tmp_path / "data", n_train=16, n_val=8, image_size=64)
-        data = ["--data.batch_size=8"]
+        data = ["--data.loader.batch_size=8"]
     else:
         generate_tone_librispeech(tmp_path / "data", n_train_utts=16, n_val_utts=6)
-        data = ["--data.max_duration=6", "--data.max_batch_seconds=8"]
+        data = ["--data.batching.max_duration=6", "--data.batching.max_batch_seconds=8"]
     root = tmp_path / "run"
     main(
         [
@@ -340,8 +340,8 @@ def test_quickstart_runs_export_with_equal_embeddings(tmp_path: Path, task: str)
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             f"--data.root={tmp_path / 'data'}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--data.num_workers=0",
+            f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+            "--data.loader.num_workers=0",
             *data,
         ]
     )

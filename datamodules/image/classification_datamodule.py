@@ -16,11 +16,12 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image.classification_sets import CifarDataset, ImageNetDataset, file_sha256, listing_sha256
-from datamodules.image.coco import Resize, eval_transform
+from datamodules.image.coco import eval_transform
 from datamodules.image.imagefolder_datamodule import ImageFolderDataset, LabelledImageCollate
-from datamodules.sections import LoaderConfig
+from datamodules.sections import ImagesConfig, LoaderConfig, as_section, plain_sections
 
 ClassificationSet = Literal["imagenet", "cifar10", "cifar100", "imagefolder"]
+_IMAGES = ImagesConfig()
 _LOADER = LoaderConfig(batch_size=256)
 
 
@@ -35,10 +36,7 @@ class ClassificationDataModule(LightningDataModule):
         train_split: str | None = None,
         val_split: str | None = None,
         labels_file: str | None = None,
-        image_size: int = 224,
-        resize: Resize = "tensor",
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        images: ImagesConfig = _IMAGES,
         loader: LoaderConfig = _LOADER,
     ) -> None:
         """
@@ -51,23 +49,23 @@ class ClassificationDataModule(LightningDataModule):
             train_split: the split linear probes train on (ImageNet's train, CIFAR's train); None for none.
             val_split: the split linear probes choose their weight decay on; None for none.
             labels_file: labels of a flat ImageNet folder: LOC_val_solution.csv, or `<file> <wnid or index>` lines.
-            image_size: side of the square centre crop; the image tower's image_size.
-            resize: the reference pipeline images are resized and cropped with: tensor (Hugging Face CLIP), pil
-                (open_clip) or torchvision (its ImageClassification preset); see datamodules/image/coco.py.
-            mean: normalisation mean; None: the image tower's (batches are uint8, the tower normalises).
-            std: normalisation standard deviation; None: the image tower's.
+            images: the centre crop's side (the image tower's image_size), the reference pipeline images are
+                resized and cropped with (tensor: Hugging Face CLIP, pil: open_clip, torchvision: its
+                ImageClassification preset; see datamodules/image/coco.py) and the normalisation (None: the image
+                tower's; batches are uint8 and the tower normalises). The training crop scale is unused here.
             loader: batch sizes and workers (loader.eval_batch_size, or batch_size, per evaluation batch).
         """
         super().__init__()
         self.save_hyperparameters()
+        plain_sections(self.hparams)
         self.name = dataset
         self.root = Path(root)
         self.splits = {"train": train_split, "val": val_split, "test": test_split}
         self.labels_file = labels_file
-        self.image_size = image_size
-        self.resize = resize
-        self.transform = eval_transform(image_size, resize)
-        self.loader_config = loader if isinstance(loader, LoaderConfig) else LoaderConfig(**loader)
+        self.images = as_section(ImagesConfig, images)
+        self.image_size, self.resize = self.images.image_size, self.images.resize
+        self.transform = eval_transform(self.image_size, self.resize)
+        self.loader_config = as_section(LoaderConfig, loader)
         self.datasets: dict[str, Dataset] = {}
         self.skipped_images = 0  # undecodable images met in batches on this process
 

@@ -13,7 +13,7 @@ each of which flags the pool samples it drops:
 
 Written to `--out`: `scores.parquet` (per pool sample: key, source shard or manifest, index, caption, cosine,
 cluster id, nearest evaluation image and its cosine, flags, kept), `kept.parquet` (the sample list of the kept
-shard samples, which `data.train_shards` reads directly), `kept.csv` (the kept manifest rows: path,caption),
+shard samples, which `data.shards.urls` reads directly), `kept.csv` (the kept manifest rows: path,caption),
 `report.json` (counts per filter and the settings), `histogram.png` (the cosine histogram of kept and dropped
 samples) and `report.md` (the counts and a few kept and dropped examples of each filter).
 """

@@ -749,7 +749,7 @@ def shard_sizes(paths: Sequence[str], num_samples: int | None = None) -> list[in
         if remote:
             raise FileNotFoundError(
                 f"{len(remote)} remote shards have no sample counts (e.g. {remote[0]}): put the converter's "
-                f"{SIZES_FILE} beside them or set data.train_num_samples"
+                f"{SIZES_FILE} beside them or set data.shards.num_samples"
             )
         log.info("%d shards have no sample counts beside them: counting their samples", len(unknown))
         for p in unknown:

@@ -234,7 +234,7 @@ def load_image_backbone(
     if backbone.image_size != image_size:
         raise ValueError(
             f"{where}.image_size ({image_size}) differs from the checkpoint's ({backbone.image_size}): set "
-            f"{where}.image_size and data.image_size to {backbone.image_size}"
+            f"{where}.image_size and data.images.image_size to {backbone.image_size}"
         )
     return backbone
 
