@@ -291,14 +291,18 @@ def test_cifar_pickled_batches_are_read_as_distributed(tmp_path: Path) -> None:
 
 def test_any_imagefolder_is_a_classification_set_with_its_protocol(tmp_path: Path) -> None:
     from datamodules.image.classification_datamodule import ClassificationDataModule
-    from datamodules.sections import LoaderConfig
+    from datamodules.sections import ImagesConfig, LoaderConfig
     from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
     root = generate_shapes_imagefolder(
         tmp_path / "set", colours=("red", "blue"), shapes=("circle",), per_class={"test": 2}, image_size=32
     )
     dm = ClassificationDataModule(
-        "imagefolder", str(root), test_split="test", images=ImagesConfig(image_size=32), loader=LoaderConfig(num_workers=0)
+        "imagefolder",
+        str(root),
+        test_split="test",
+        images=ImagesConfig(image_size=32),
+        loader=LoaderConfig(num_workers=0),
     )
     assert dm.class_names == ["blue circle", "red circle"]
     batch = next(iter(dm.loader("test")))
