@@ -493,9 +493,12 @@ def test_cli_flickr30k_retrieval_from_an_open_clip_file_equals_clip_benchmark(
 @pytest.mark.parametrize("kind", ["coco", "flickr30k"])
 def test_karpathy_test_split_is_read_with_every_caption(kind: str, tmp_path: Path) -> None:
     from datamodules.image.coco_datamodule import CocoCaptionsDataModule
+    from datamodules.sections import LoaderConfig
 
     karpathy = write_karpathy(tmp_path, kind, n_test=4)
-    dm = CocoCaptionsDataModule(str(tmp_path), karpathy_json=str(karpathy), num_workers=0)
+    dm = CocoCaptionsDataModule(
+        str(tmp_path), karpathy_json=str(karpathy), loader=LoaderConfig(num_workers=0)
+    )
     records = dm.records("test")
     assert [len(r.captions) for r in records] == [5, 6, 5, 5]
     assert records[1].captions[5] == "A photo number 1 with caption 5."
