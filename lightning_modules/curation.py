@@ -32,6 +32,7 @@ from datamodules.image import curation_filters
 from datamodules.image.clip_tokenizer import ClipTokenizer
 from datamodules.image.coco import eval_transform
 from datamodules.image.curation_data import CurationCollate, CurationDataModule, Unit, pool_units
+from datamodules.sections import LoaderConfig
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.components.clip_import import load_clip
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
@@ -243,7 +244,14 @@ def score(
     log.info("%d of %d units to score (%d stored)", left, len(units), len(units) - left)
     collate = CurationCollate(teacher.tokenizer, teacher.context_length, teacher.image_size)
     transform = eval_transform(teacher.image_size, teacher.resize)
-    dm = CurationDataModule(units, transform, collate, _Done(out), batch_size, num_workers, caption_key)
+    dm = CurationDataModule(
+        units,
+        transform,
+        collate,
+        _Done(out),
+        LoaderConfig(batch_size=batch_size, num_workers=num_workers),
+        caption_key,
+    )
     writer = ScoreWriter(out)
     if trainer is None:
         trainer_kwargs.setdefault("logger", False)

@@ -41,6 +41,7 @@ from datamodules.image.webdataset_shards import (
     is_remote,
     read_shard,
 )
+from datamodules.sections import LoaderConfig
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,9 @@ class CurationCollate:
         }
 
 
+_LOADER = LoaderConfig(batch_size=256)
+
+
 class CurationDataModule(LightningDataModule):
     """The prediction loader of a curation run: a `CurationStream` over the pool and evaluation units.
 
@@ -257,13 +261,16 @@ class CurationDataModule(LightningDataModule):
         transform: Callable[[Tensor], Tensor],
         collate: CurationCollate,
         done: Callable[[Unit], bool] = lambda unit: False,
-        batch_size: int = 256,
-        num_workers: int = 4,
+        loader: LoaderConfig = _LOADER,
         caption_key: str = "txt",
     ) -> None:
         super().__init__()
         self.units, self.transform, self.collate, self.done = list(units), transform, collate, done
-        self.batch_size, self.num_workers, self.caption_key = batch_size, num_workers, caption_key
+        self.batch_size, self.num_workers, self.caption_key = (
+            loader.batch_size,
+            loader.num_workers,
+            caption_key,
+        )
 
     def predict_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (None, None)
