@@ -10,5 +10,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-timeout 480 python benchmarks/gpu_throughput.py --model both --modes eager,compiled "$@"
+timeout 560 python benchmarks/gpu_throughput.py --model both --modes eager,compiled "$@"
 timeout 90 python benchmarks/patch_dropout.py --vit-b --device cuda --steps 10 --warmup 3
