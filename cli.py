@@ -48,6 +48,7 @@ from lightning_modules.checkpoints import (  # noqa: F401
     read_sharded_model,
     resolve_class,
 )
+from lightning_modules.ema import add_ema_switch, move_sharded_ema, use_ema_weights
 from lightning_modules.resilience import AtomicCheckpoints, PreemptionCheckpoint
 from lightning_modules.throughput import Throughput
 
@@ -206,6 +207,7 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     )
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True)
+    add_ema_switch(p)
     a = p.parse_args(argv)
     ckpt = read_checkpoint(a.ckpt_path, needs=("state_dict", "hyper_parameters"))
     check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
@@ -215,6 +217,8 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     }
     module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
+    if a.ema:
+        use_ema_weights(module, ckpt, a.ckpt_path)
     out = module.export_hf(a.out, TextTokenizer.carried_by(ckpt, str(a.ckpt_path)))
     print(f"wrote {out}")
     return out
@@ -234,8 +238,11 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True, help="a new file (open_clip, image) or folder (hf)")
     p.add_argument("--what", choices=("auto", "image"), default="auto", help="image: only the image tower")
+    add_ema_switch(p)
     a = p.parse_args(argv)
     module, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
+    if a.ema:
+        use_ema_weights(module, ckpt, a.ckpt_path)
     init = ckpt["hyper_parameters"].get("init_clip") or {}
     pair = module.pair
     if a.what == "image" or init.get("source", "scratch") == "scratch":
@@ -278,6 +285,7 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     meta = folder / "meta.pt"
     ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
     ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
+    move_sharded_ema(ckpt)  # model.ema's averages: to the file's `ema` entry
     AtomicCheckpointIO().save_checkpoint(ckpt, out)  # makes the folder of `out` too
     print(f"wrote {out}")
     return out

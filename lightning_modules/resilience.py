@@ -32,6 +32,7 @@ from packaging.version import Version
 from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
+from lightning_modules.ema import ema_callbacks, load_ema, save_ema
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ class CheckpointExtras(L.LightningModule):
     """What every system's checkpoint carries besides weights and loop state: every rank's RNG state, so a resumed
     run draws the dropout masks an unbroken one would, the DataModule's tokenizer (`tokenizer_json`), so
     zero-shot, fine-tuning and the HF export need no data cache, and the system's class path
-    (`system_class_path`), so a checkpoint given to the wrong config is refused by name."""
+    (`system_class_path`), so a checkpoint given to the wrong config is refused by name; with `model.ema`, the
+    average of the weights (lightning_modules/ema.py)."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
@@ -61,6 +63,7 @@ class CheckpointExtras(L.LightningModule):
         inner = getattr(getattr(dm, "tokenizer", None), "tokenizer", None)
         if inner is not None:
             checkpoint["tokenizer_json"] = inner.to_str()
+        save_ema(self, checkpoint)
 
     def configure_model(self) -> None:
         # FSDP2 shards here, on the strategy's device mesh (one function for every system); other strategies
@@ -71,6 +74,11 @@ class CheckpointExtras(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
+        load_ema(self, checkpoint)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # the system's `ema` section, when set: the average's updates and evaluation (lightning_modules/ema.py)
+        return ema_callbacks(self)
 
 
 def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
