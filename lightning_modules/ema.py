@@ -102,7 +102,8 @@ class EMAWeights:
             return False
         self.last_step = step
         if step <= cfg.start_step:
-            torch._foreach_copy_(self.average, self.live)
+            for average, live in zip(self.average, self.live, strict=True):  # DTensor has no foreach copy
+                average.copy_(live)
             return True
         if (step - cfg.start_step) % cfg.every_n_steps:
             return False
