@@ -315,3 +315,52 @@ def test_two_processes_keep_one_average_and_resume_it(kind: str, unbroken: dict,
     for key, value in ranks[0].items():
         assert torch.equal(ckpt["ema"][key], value), key
     print(json.dumps({"kind": kind, "tensors": len(reference)}))
+
+
+@pytest.mark.slow  # the MLM quickstart's corpus prepared, 4 steps, a validation, a test and an export: ~30 s
+def test_mlm_cli_trains_validates_and_exports_the_average(tmp_path: Path) -> None:
+    """Through the CLI: `--model.init_args.ema.*` parses, the checkpoint holds the average, validate and test of
+    the checkpoint score it, and `export-hf --ema` writes it."""
+    from cli import main
+    from tests.test_mlm_training import _cli_args
+
+    args = _cli_args(str(tmp_path / "cache"), tmp_path, "--model.init_args.ema.decay=0.5")
+    main(["fit", *args, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])
+    ckpt_path = next(tmp_path.rglob("last.ckpt"))
+    ckpt = read_checkpoint(ckpt_path)
+    assert ckpt["hyper_parameters"]["ema"]["decay"] == 0.5
+    assert ckpt["ema"].keys() <= ckpt["state_dict"].keys()
+    assert any(not torch.equal(v, ckpt["state_dict"][k]) for k, v in ckpt["ema"].items())
+    # LightningCLI takes the model's arguments of --ckpt_path from the checkpoint: variants of it say what to score
+    raw = dict(
+        ckpt,
+        hyper_parameters={
+            **ckpt["hyper_parameters"],
+            "ema": {**ckpt["hyper_parameters"]["ema"], "evaluate": False},
+        },
+    )
+    # the average under every name of a tensor: the MLM head's decoder is the word embedding, saved once
+    state = ckpt["state_dict"]
+    first_name = {state[k].data_ptr(): k for k in reversed(list(state)) if k in ckpt["ema"]}
+    averaged_state = {k: ckpt["ema"].get(first_name.get(v.data_ptr(), k), v) for k, v in state.items()}
+    averaged = dict(raw, state_dict=averaged_state)
+    losses = {}
+    for name, variant in (("ema", None), ("raw", raw), ("averaged", averaged)):
+        path = ckpt_path
+        if variant is not None:
+            path = tmp_path / f"{name}.ckpt"
+            torch.save(variant, path)
+        cli = main(["validate", *args, f"--ckpt_path={path}"])
+        losses[name] = float(cli.trainer.callback_metrics["val/loss"])
+    assert losses["ema"] != losses["raw"]
+    assert losses["ema"] == losses["averaged"]  # validation scored the average
+    out = tmp_path / "hf"
+    main(["export-hf", f"--ckpt_path={ckpt_path}", f"--out={out}", "--ema"])
+    from safetensors.torch import load_file
+
+    written = load_file(out / "model.safetensors")
+    qkv = "model.bert.encoder.blocks.0.attention.qkv.weight"
+    width = ckpt["ema"][qkv].shape[1]
+    query = written["bert.encoder.layer.0.attention.self.query.weight"]
+    assert torch.equal(query, ckpt["ema"][qkv][:width])
+    assert not torch.equal(query, ckpt["state_dict"][qkv][:width])
