@@ -86,6 +86,12 @@ class EMAWeights:
 
     def __init__(self, config: EMAConfig, module: nn.Module) -> None:
         self.config = config
+        # DeepSpeed ZeRO-3 partitions every parameter into a flat buffer of its own
+        if any(hasattr(p, "ds_id") for p in module.parameters()):
+            raise ValueError(
+                "model.ema does not work with DeepSpeed ZeRO stage 3 (partitioned parameters): use FSDP2Strategy "
+                "(configs/strategy/fsdp2.yaml), DDP or ZeRO stage 1-2"
+            )
         live = averaged_tensors(module)
         self.names = list(live)
         self.live = [t.detach() for t in live.values()]
