@@ -1,5 +1,6 @@
 """An exponential moving average (EMA) of a system's weights, for every system (`model.ema`).
 
+    the average starts as the weights training starts from (a fresh run's, or a resumed checkpoint's that has none)
     after optimizer step s:   s <= start_step                            average = weights
                               s > start_step, (s - start_step) % N == 0  average = decay average + (1 - decay) weights
 
@@ -183,6 +184,11 @@ class EMACallback(L.Callback):
 
     def __init__(self) -> None:
         self.swapped: EMAWeights | None = None  # the averages now in the model's place
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ema = ema_of(pl_module)  # after a checkpoint's average was restored, or made from the weights now
+        if ema is not None:
+            ema.last_step = max(ema.last_step, trainer.global_step)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         ema = ema_of(pl_module)

@@ -227,6 +227,15 @@ def test_fsdp2_averages_are_dtensors_sharded_as_the_parameters(tmp_path: Path) -
             for n, t in averaged_tensors(module).items()
         }
         with torch.no_grad():
+            ema.average[0].add_(1.0)  # average and weights differ in one tensor: the swap exchanges them
+        ema.swap()
+        swapped = averaged_tensors(module)[ema.names[0]]
+        assert torch.equal(swapped.full_tensor(), full[ema.names[0]] + 1.0)
+        assert torch.equal(ema.state()[ema.names[0]], full[ema.names[0]])
+        ema.swap()
+        with torch.no_grad():
+            ema.average[0].sub_(1.0)
+        with torch.no_grad():
             for p in module.parameters():
                 p.add_(1.0)
         assert ema.update(1)  # step 1 <= start_step: the weights themselves
