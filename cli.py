@@ -52,6 +52,7 @@ from lightning_modules.checkpoints import (  # noqa: F401
 )
 from lightning_modules.components import clip_import, hf_export
 from lightning_modules.curation import curate
+from lightning_modules.ema import add_ema_switch, move_sharded_ema, use_ema_weights
 from lightning_modules.image_text_module import image_text_from_checkpoint
 from lightning_modules.linear_probe import probe_features
 from lightning_modules.mlm_module import MLMPretrainingModule
@@ -210,6 +211,7 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     )
     p.add_argument("--ckpt_path", required=True)
     p.add_argument("--out", required=True)
+    add_ema_switch(p)
     a = p.parse_args(argv)
     ckpt = read_checkpoint(a.ckpt_path, needs=("state_dict", "hyper_parameters"))
     check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
@@ -219,6 +221,8 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     }
     module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
+    if a.ema:
+        use_ema_weights(module, ckpt, a.ckpt_path)
     out = module.export_hf(a.out, TextTokenizer.carried_by(ckpt, str(a.ckpt_path)))
     print(f"wrote {out}")
     return out
@@ -244,12 +248,15 @@ def export(argv: list[str], prog: str = "python cli.py") -> Path:
         help="an image-text model other than a whole CLIP: dual (one VisionTextDualEncoderModel), pair (two "
         "encoder folders and the projections) or auto (dual where the towers' pooling allows)",
     )
+    add_ema_switch(p)
     a = p.parse_args(argv)
     speech = "speech" in (read_checkpoint(a.ckpt_path, needs=("hyper_parameters",))["hyper_parameters"])
     if speech:
         pair, ckpt = speech_text_from_checkpoint(a.ckpt_path, "export")
     else:
         pair, ckpt = image_text_from_checkpoint(a.ckpt_path, "export")
+    if a.ema:  # the core's weights are the system's under `pair.`
+        use_ema_weights(pair, ckpt, a.ckpt_path, prefix="pair.")
     init = ckpt["hyper_parameters"].get("init_clip") or {}
     tokenizer = TextTokenizer.carried_by(ckpt, str(a.ckpt_path))
     data = ckpt.get("datamodule_hyper_parameters") or {}
@@ -298,6 +305,7 @@ def consolidate(argv: list[str], prog: str = "python cli.py") -> Path:
     meta = folder / "meta.pt"
     ckpt = read_checkpoint(meta, needs=()) if meta.is_file() else {}
     ckpt["state_dict"] = read_sharded_model(folder)  # the model only: the optimizer state is not read
+    move_sharded_ema(ckpt)  # model.ema's averages: to the file's `ema` entry
     AtomicCheckpointIO().save_checkpoint(ckpt, out)  # makes the folder of `out` too
     print(f"wrote {out}")
     return out

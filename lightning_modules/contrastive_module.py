@@ -30,6 +30,7 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerTraining, apply_lock, tower_param_groups
+from lightning_modules.ema import EMAConfig
 from lightning_modules.optim import Schedule, build_optimizer, param_groups
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.rng import rng_state, set_rng_state
@@ -149,6 +150,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         optimizer: OptimizerConfig = _OPTIMIZER,
         max_nonfinite_in_row: int = 20,
         compile: bool = False,
+        ema: EMAConfig | None = None,
     ) -> None:
         """
         Args:
@@ -159,6 +161,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
             compile: torch.compile every tower's blocks, in place (parameter names, checkpoints and exports
                 unchanged), after FSDP2 has sharded them when it is the strategy.
+            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s

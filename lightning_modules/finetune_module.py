@@ -19,6 +19,7 @@ from lightning_modules.components.bert import BertConfig, BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.ner_metrics import EntityF1
+from lightning_modules.ema import EMAConfig
 from lightning_modules.llrd import build_llrd_optimizer
 from lightning_modules.optim import Schedule
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
@@ -47,6 +48,7 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
         warmup_steps: int | float = 0.1,
         schedule: Schedule = "linear",
         max_nonfinite_in_row: int = 20,
+        ema: EMAConfig | None = None,
     ) -> None:
         """
         Args:
@@ -66,6 +68,7 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
             warmup_steps: linear warmup steps, or a fraction of all steps when < 1.
             schedule: decay after warmup: linear, cosine or constant.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()

@@ -14,6 +14,7 @@ from datamodules.masking import IGNORE_INDEX
 from lightning_modules.components.bert import BertConfig, BertForPreTraining, SparseLayout
 from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
+from lightning_modules.ema import EMAConfig
 from lightning_modules.optim import Schedule, build_optimizer
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
@@ -49,6 +50,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         max_nonfinite_in_row: int = 20,
+        ema: EMAConfig | None = None,
     ) -> None:
         """
         Args:
@@ -73,6 +75,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             gradient_checkpointing: recompute encoder blocks in backward to save memory.
             compile: wrap the model in torch.compile.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
+            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()

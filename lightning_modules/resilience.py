@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from lightning_modules.atomic_files import fsync_folder, pid_is_alive, temporary_name
 from lightning_modules.checkpoints import SYSTEM_CLASS_KEY
+from lightning_modules.ema import ema_callbacks, load_ema, save_ema
 from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
 from lightning_modules.strategies import configure_parallelism
 
@@ -47,7 +48,8 @@ class CheckpointExtras(L.LightningModule):
     """What every system's checkpoint carries besides weights and loop state: every rank's RNG state, so a resumed
     run draws the dropout masks an unbroken one would, the DataModule's tokenizer (`tokenizer_json`), so
     zero-shot, fine-tuning and the HF export need no data cache, and the system's class path
-    (`system_class_path`), so a checkpoint given to the wrong config is refused by name."""
+    (`system_class_path`), so a checkpoint given to the wrong config is refused by name; with `model.ema`, the
+    average of the weights (lightning_modules/ema.py)."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
@@ -59,6 +61,7 @@ class CheckpointExtras(L.LightningModule):
         inner = getattr(getattr(dm, "tokenizer", None), "tokenizer", None)
         if inner is not None:
             checkpoint["tokenizer_json"] = inner.to_str()
+        save_ema(self, checkpoint)
 
     def configure_model(self) -> None:
         # FSDP2 shards here, on the strategy's device mesh (one function for every system); other strategies
@@ -67,6 +70,11 @@ class CheckpointExtras(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_rng_state(checkpoint, self.global_rank, self.trainer.world_size if self._trainer else 1)
+        load_ema(self, checkpoint)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # the system's `ema` section, when set: the average's updates and evaluation (lightning_modules/ema.py)
+        return ema_callbacks(self)
 
 
 def _device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
