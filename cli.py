@@ -28,7 +28,7 @@ import jsonargparse
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -78,6 +78,30 @@ class SaveConfig(SaveConfigCallback):
             logger.experiment.config.update(config, allow_val_change=True)
 
 
+CHECKPOINT_DIR = "${..trainer.default_root_dir}/checkpoints"  # relative: from the section to its sibling
+# the best by `monitor`, saved when validation ends and ranked on that validation's value (a step or time trigger
+# would rank on the value of the validation before); a config names its metric, e.g. val/R@mean, mode max
+BEST_CHECKPOINT = {
+    "dirpath": CHECKPOINT_DIR,
+    "monitor": "val/loss",
+    "mode": "min",
+    "save_top_k": 1,
+    "filename": "best-{step}",
+}
+# last.ckpt alone, every so many steps from the start, so a run killed before its first validation resumes with
+# --ckpt_path last (SIGTERM or SLURM's requeue signal write it at once: PreemptionCheckpoint). Steps, not time: a
+# time trigger broadcasts rank 0's clock every batch.
+LAST_CHECKPOINT = {
+    "dirpath": CHECKPOINT_DIR,
+    "save_top_k": 0,
+    "save_last": True,
+    "every_n_train_steps": 1000,
+}
+
+
+WRITERS = {"checkpoint": BEST_CHECKPOINT, "last_checkpoint": LAST_CHECKPOINT}
+
+
 class PretrainCLI(LightningCLI):
     def parse_arguments(self, parser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -88,7 +112,31 @@ class PretrainCLI(LightningCLI):
             model = cfg.get("model")
             check_checkpoint(cfg.get("ckpt_path"), getattr(model, "class_path", None), "the config")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyper-parameters of `--ckpt_path` into the config; those of checkpoints with flat
+        arguments (`lr`, `hidden_size`, ...) are read into the model's sections first (`upgrade_hparams`)."""
+        cfg = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = cfg.get("ckpt_path") if cfg is not None else None
+        system = resolve_class(getattr(cfg.get("model"), "class_path", "") or "") if cfg is not None else None
+        upgrade = getattr(system, "upgrade_hparams", None)
+        if upgrade is None or not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        hparams = dict(read_checkpoint(ckpt_path, needs=()).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return None
+        hparams = upgrade(hparams)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        return None
+
     def add_arguments_to_parser(self, parser) -> None:
+        # the two checkpoint writers of every run, configured by the top-level sections `checkpoint` and
+        # `last_checkpoint`: trainer.callbacks, set or appended to (`callbacks+`), come besides them
+        for key, defaults in WRITERS.items():
+            parser.add_class_arguments(ModelCheckpoint, key, fail_untyped=False, sub_configs=True)
+            parser.set_defaults({f"{key}.{k}": v for k, v in defaults.items()})
         # the text tower's vocabulary comes from the tokenizer the DataModule trained or loaded
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate"
@@ -147,12 +195,14 @@ class PretrainCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_checkpointing") is not False:  # false: no checkpoint at all, as in Lightning
+            callbacks = [*callbacks, *(self._get(self.config_init, key) for key in WRITERS)]
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Rich in a terminal; in a log file (SLURM, CI) tqdm, which prints as it goes; both show the loss of
             # the last logging step (a progress-bar metric would be read from the device after every batch)
-            bar = LossRichProgressBar() if _interactive_terminal() else LossTQDMProgressBar()
-            kwargs.setdefault("callbacks", [*callbacks, bar])
+            callbacks.append(LossRichProgressBar() if _interactive_terminal() else LossTQDMProgressBar())
+        kwargs.setdefault("callbacks", callbacks)
         trainer = super().instantiate_trainer(**kwargs)
         # a Throughput of the config (its own peak_tflops) replaces the default one
         default = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, Throughput)]
@@ -210,9 +260,8 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     ckpt = read_checkpoint(a.ckpt_path, needs=("state_dict", "hyper_parameters"))
     check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
     # the architecture comes from the saved hyperparameters; the weights follow
-    hparams = {
-        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_") and k != "init_from_hf"
-    }
+    hparams = MLMPretrainingModule.upgrade_hparams(ckpt["hyper_parameters"])
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "init_from_hf"}
     module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     out = module.export_hf(a.out, TextTokenizer.carried_by(ckpt, str(a.ckpt_path)))
