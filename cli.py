@@ -28,7 +28,7 @@ import jsonargparse
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -39,6 +39,7 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from datamodules.image.webdataset_shards import ShardUnreadable
 from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
+from lightning_modules.checkpoint_writers import BEST, LAST, CheckpointWriter
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
 from lightning_modules.checkpoints import (  # noqa: F401
@@ -78,28 +79,8 @@ class SaveConfig(SaveConfigCallback):
             logger.experiment.config.update(config, allow_val_change=True)
 
 
-CHECKPOINT_DIR = "${..trainer.default_root_dir}/checkpoints"  # relative: from the section to its sibling
-# the best by `monitor`, saved when validation ends and ranked on that validation's value (a step or time trigger
-# would rank on the value of the validation before); a config names its metric, e.g. val/R@mean, mode max
-BEST_CHECKPOINT = {
-    "dirpath": CHECKPOINT_DIR,
-    "monitor": "val/loss",
-    "mode": "min",
-    "save_top_k": 1,
-    "filename": "best-{step}",
-}
-# last.ckpt alone, every so many steps from the start, so a run killed before its first validation resumes with
-# --ckpt_path last (SIGTERM or SLURM's requeue signal write it at once: PreemptionCheckpoint). Steps, not time: a
-# time trigger broadcasts rank 0's clock every batch.
-LAST_CHECKPOINT = {
-    "dirpath": CHECKPOINT_DIR,
-    "save_top_k": 0,
-    "save_last": True,
-    "every_n_train_steps": 1000,
-}
-
-
-WRITERS = {"checkpoint": BEST_CHECKPOINT, "last_checkpoint": LAST_CHECKPOINT}
+# the two checkpoint writers of every run, configured by the top-level sections `checkpoint` and `last_checkpoint`
+WRITERS = {"checkpoint": BEST, "last_checkpoint": LAST}
 
 
 class PretrainCLI(LightningCLI):
@@ -132,11 +113,9 @@ class PretrainCLI(LightningCLI):
         return None
 
     def add_arguments_to_parser(self, parser) -> None:
-        # the two checkpoint writers of every run, configured by the top-level sections `checkpoint` and
-        # `last_checkpoint`: trainer.callbacks, set or appended to (`callbacks+`), come besides them
-        for key, defaults in WRITERS.items():
-            parser.add_class_arguments(ModelCheckpoint, key, fail_untyped=False, sub_configs=True)
-            parser.set_defaults({f"{key}.{k}": v for k, v in defaults.items()})
+        # trainer.callbacks, set or appended to (`callbacks+`), come besides the writers
+        for key, default in WRITERS.items():
+            parser.add_class_arguments(CheckpointWriter, key, default=default, sub_configs=True)
         # the text tower's vocabulary comes from the tokenizer the DataModule trained or loaded
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate"
@@ -196,7 +175,7 @@ class PretrainCLI(LightningCLI):
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if trainer.get("enable_checkpointing") is not False:  # false: no checkpoint at all, as in Lightning
-            callbacks = [*callbacks, *(self._get(self.config_init, key) for key in WRITERS)]
+            callbacks = [*callbacks, *(self._get(self.config_init, key).build() for key in WRITERS)]
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Rich in a terminal; in a log file (SLURM, CI) tqdm, which prints as it goes; both show the loss of

@@ -8,6 +8,8 @@ hyperparameters) or `init_from_hf` (a Hugging Face BERT folder); with neither, a
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,10 +20,15 @@ from datamodules.masking import IGNORE_INDEX
 from datamodules.text.conll_datamodule import CONLL2003_LABELS
 from lightning_modules.components.bert import BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
-from lightning_modules.components.contrastive import as_config, plain_sections
 from lightning_modules.components.ner_metrics import EntityF1
 from lightning_modules.components.towers import EncoderShape
-from lightning_modules.hparams import FINETUNE_ENCODER, FINETUNE_OPTIMIZER, ReadsFlatHparams, bert_config
+from lightning_modules.hparams import (
+    FINETUNE_ENCODER,
+    FINETUNE_OPTIMIZER,
+    ReadsFlatHparams,
+    bert_config,
+    section,
+)
 from lightning_modules.llrd import build_llrd_optimizer
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
@@ -60,8 +67,10 @@ class FineTuneModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
         """
         super().__init__()
         self.save_hyperparameters()
-        plain_sections(self.hparams)
-        self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        encoder, optimizer = section(FINETUNE_ENCODER, encoder), section(FINETUNE_OPTIMIZER, optimizer)
+        # the whole sections, as plain dicts: a checkpoint loads with weights_only=True
+        self.hparams.update(encoder=asdict(encoder), optimizer=asdict(optimizer))
+        self.optimizer_config = optimizer
         self.max_nonfinite_in_row = max_nonfinite_in_row
 
     def pretrained_encoder(self) -> tuple[BertModel, float]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +30,15 @@ FINETUNE_ENCODER = EncoderShape(size="base", dropout=0.1)
 FINETUNE_OPTIMIZER = OptimizerConfig(
     lr=3e-5, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-6, warmup_steps=0.1, schedule="linear"
 )
+
+S = TypeVar("S")
+
+
+def section(default: S, value: S | Mapping[str, Any]) -> S:
+    """A section given as its dataclass, or as a dict of some of its fields over the system's `default` (a
+    checkpoint stores sections as dicts; Python callers may give only the fields they change)."""
+    return replace(default, **value) if isinstance(value, Mapping) else value
+
 
 # flat argument -> field of the encoder section
 FLAT_ENCODER = {

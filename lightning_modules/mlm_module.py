@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,10 +13,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.masking import IGNORE_INDEX
 from lightning_modules.components.bert import BertForPreTraining, SparseLayout
-from lightning_modules.components.contrastive import as_config, plain_sections
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.components.towers import EncoderShape
-from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, ReadsFlatHparams, bert_config
+from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, ReadsFlatHparams, bert_config, section
 from lightning_modules.llrd import build_llrd_optimizer
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
@@ -60,8 +60,10 @@ class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtra
         """
         super().__init__()
         self.save_hyperparameters()
-        plain_sections(self.hparams)
-        self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        encoder, optimizer = section(MLM_ENCODER, encoder), section(MLM_OPTIMIZER, optimizer)
+        # the whole sections, as plain dicts: a checkpoint loads with weights_only=True
+        self.hparams.update(encoder=asdict(encoder), optimizer=asdict(optimizer))
+        self.optimizer_config = optimizer
         self.max_nonfinite_in_row = max_nonfinite_in_row
         if init_from_hf:
             self.model = load_hf_bert(init_from_hf)

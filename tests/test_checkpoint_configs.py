@@ -209,9 +209,9 @@ def test_mlm_quickstart_writes_last_in_root_without_validating(tmp_path: Path) -
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",
         "--data.init_args.num_workers=0",
         "--data.init_args.num_proc=1",
-        "--model.init_args.size=tiny",
-        "--model.init_args.hidden_size=32",
-        "--model.init_args.num_layers=1",
+        "--model.init_args.encoder.size=tiny",
+        "--model.init_args.encoder.hidden=32",
+        "--model.init_args.encoder.layers=1",
     )
     _assert_last_in_root(root)
     assert not list((root / "checkpoints").glob("best-*"))  # no validation yet, so no best

@@ -411,7 +411,7 @@ def test_examples_callback_runs_the_same_forwards_on_every_rank_and_logs_on_rank
     tok = TextTokenizer.train(["the cat sat on the mat", "a dog sat on a log"] * 20, vocab_size=60)
     torch.manual_seed(0)
     module = MLMPretrainingModule(
-        size="tiny", num_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=16
+        vocab_size=tok.vocab_size, max_position_embeddings=16, encoder={"size": "tiny", "heads": 2}
     )
     module.eval()
     enc = tok(["the cat sat on the mat", "a dog sat on a log"], max_length=16)
