@@ -96,10 +96,10 @@ class PretrainCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyper-parameters of `--ckpt_path` into the config; those of checkpoints with flat
         arguments (`lr`, `hidden_size`, ...) are read into the model's sections first (`upgrade_hparams`)."""
-        cfg = self.config.get(self.config.get("subcommand") or "", None)
-        ckpt_path = cfg.get("ckpt_path") if cfg is not None else None
-        system = resolve_class(getattr(cfg.get("model"), "class_path", "") or "") if cfg is not None else None
-        upgrade = getattr(system, "upgrade_hparams", None)
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else {}
+        ckpt_path, model = cfg.get("ckpt_path"), cfg.get("model")
+        upgrade = getattr(resolve_class(getattr(model, "class_path", None) or ""), "upgrade_hparams", None)
         if upgrade is None or not ckpt_path or not Path(ckpt_path).is_file():
             return super()._parse_ckpt_path()
         hparams = dict(read_checkpoint(ckpt_path, needs=()).get("hyper_parameters") or {})
@@ -109,7 +109,7 @@ class PretrainCLI(LightningCLI):
         hparams = upgrade(hparams)
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
         return None
 
     def add_arguments_to_parser(self, parser) -> None:

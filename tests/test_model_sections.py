@@ -25,6 +25,7 @@ from lightning_modules.finetune_module import SequenceClassificationModule
 from lightning_modules.hparams import (
     FINETUNE_ENCODER,
     FINETUNE_OPTIMIZER,
+    FLAT_ENCODER,
     MLM_ENCODER,
     MLM_OPTIMIZER,
     bert_config,
@@ -299,3 +300,39 @@ def test_a_callback_given_on_the_command_line_keeps_the_writers(callbacks: str, 
     assert all(Path(w.dirpath) == root / "checkpoints" for w in writers)
     monitors = sum(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
     assert monitors == (2 if "+=" in callbacks else 0), callbacks  # the config's and the added one
+
+
+@pytest.mark.slow  # a zero-step fit and a test run of the MLM quickstart, about 20 s
+def test_cli_test_reads_a_checkpoint_with_flat_hyperparameters(tmp_path: Path) -> None:
+    """`test --ckpt_path` reads the checkpoint's hyper-parameters into the config (Lightning's `_parse_ckpt_path`):
+    flat ones come in as the sections."""
+    from tests.test_stage_data import evaluate, fit_checkpoint, write_books
+
+    books = tmp_path / "corpus" / "books_large_p1.txt"
+    write_books(books, n_docs=40)
+    data = [
+        f"--data.bookcorpus=[{books}]",
+        "--data.sample_corpus=false",
+        "--data.tokenizer_vocab_size=100",
+        "--data.max_seq_length=32",
+        "--data.val_fraction=0.2",
+        "--data.test_fraction=0.2",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.num_workers=0",
+        "--data.num_proc=1",
+        "--data.batch_size=4",
+    ]
+    tiny = ["--model.encoder.size=tiny", "--model.encoder.layers=1", "--model.max_position_embeddings=64"]
+    ckpt = torch.load(fit_checkpoint("mlm/quickstart.yaml", tmp_path, *data, *tiny), weights_only=True)
+    hparams = dict(ckpt["hyper_parameters"])
+    encoder, optimizer = hparams.pop("encoder"), hparams.pop("optimizer")
+    flat_names = {field: flat for flat, field in FLAT_ENCODER.items()}
+    hparams.update({flat_names[k]: v for k, v in encoder.items() if k in flat_names})
+    hparams.update({k: v for k, v in optimizer.items() if k != "layer_decay"})
+    assert "encoder" not in hparams and hparams["num_layers"] == 1 and hparams["lr"] == 1e-3
+    flat = tmp_path / "flat.ckpt"
+    torch.save({**ckpt, "hyper_parameters": hparams}, flat)
+    # the config's own shape (base) differs: the checkpoint's is the one the model is built with
+    cli = evaluate("test", "mlm/quickstart.yaml", flat, tmp_path, *data)
+    assert cli.model.model.cfg.num_layers == 1 and cli.model.optimizer_config.lr == 1e-3
+    assert float(cli.trainer.callback_metrics["test/loss"]) > 0
