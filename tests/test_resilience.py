@@ -66,14 +66,14 @@ class RandomMLMBatches(Dataset):
         }
 
 
-def tiny_mlm(cls: type = MLMPretrainingModule, **kwargs) -> MLMPretrainingModule:
+def tiny_mlm(
+    cls: type = MLMPretrainingModule, dropout: float = 0.1, attention_dropout: float = 0.1, **kwargs
+) -> MLMPretrainingModule:
     defaults = dict(
-        size="tiny",
         vocab_size=VOCAB,
         max_position_embeddings=LENGTH,
-        lr=1e-3,
-        warmup_steps=0,
-        schedule="constant",
+        encoder={"size": "tiny", "dropout": dropout, "attention_dropout": attention_dropout},
+        optimizer={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
     )
     return cls(**{**defaults, **kwargs})
 
