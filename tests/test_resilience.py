@@ -67,12 +67,22 @@ class RandomMLMBatches(Dataset):
 
 
 def tiny_mlm(
-    cls: type = MLMPretrainingModule, dropout: float = 0.1, attention_dropout: float = 0.1, **kwargs
+    cls: type = MLMPretrainingModule,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+    num_layers: int | None = None,
+    **kwargs,
 ) -> MLMPretrainingModule:
+    encoder = {
+        "size": "tiny",
+        "layers": num_layers,
+        "dropout": dropout,
+        "attention_dropout": attention_dropout,
+    }
     defaults = dict(
         vocab_size=VOCAB,
         max_position_embeddings=LENGTH,
-        encoder={"size": "tiny", "dropout": dropout, "attention_dropout": attention_dropout},
+        encoder=encoder,
         optimizer={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
     )
     return cls(**{**defaults, **kwargs})
