@@ -41,6 +41,7 @@ import lightning_modules  # noqa: F401
 from datamodules.image.webdataset_shards import ShardUnreadable
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
+from lightning_modules.checkpoint_writers import BEST, LAST, CheckpointWriter
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
 from lightning_modules.checkpoints import (  # noqa: F401
@@ -87,6 +88,10 @@ class SaveConfig(SaveConfigCallback):
             logger.experiment.config.update(config, allow_val_change=True)
 
 
+# the two checkpoint writers of every run, configured by the top-level sections `checkpoint` and `last_checkpoint`
+WRITERS = {"checkpoint": BEST, "last_checkpoint": LAST}
+
+
 class PretrainCLI(LightningCLI):
     def parse_arguments(self, parser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -97,7 +102,29 @@ class PretrainCLI(LightningCLI):
             model = cfg.get("model")
             check_checkpoint(cfg.get("ckpt_path"), getattr(model, "class_path", None), "the config")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyper-parameters of `--ckpt_path` into the config; those of checkpoints with flat
+        arguments (`lr`, `hidden_size`, ...) are read into the model's sections first (`upgrade_hparams`)."""
+        subcommand = self.config.get("subcommand")
+        cfg = self.config[subcommand] if subcommand else {}
+        ckpt_path, model = cfg.get("ckpt_path"), cfg.get("model")
+        upgrade = getattr(resolve_class(getattr(model, "class_path", None) or ""), "upgrade_hparams", None)
+        if upgrade is None or not ckpt_path or not Path(ckpt_path).is_file():
+            return super()._parse_ckpt_path()
+        hparams = dict(read_checkpoint(ckpt_path, needs=()).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return None
+        hparams = upgrade(hparams)
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+        return None
+
     def add_arguments_to_parser(self, parser) -> None:
+        # trainer.callbacks, set or appended to (`callbacks+`), come besides the writers
+        for key, default in WRITERS.items():
+            parser.add_class_arguments(CheckpointWriter, key, default=default, sub_configs=True)
         # the text tower's vocabulary comes from the tokenizer the DataModule trained or loaded
         parser.link_arguments(
             "data", "model.init_args.vocab_size", compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate"
@@ -155,12 +182,14 @@ class PretrainCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={})
         callbacks = trainer.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer.get("enable_checkpointing") is not False:  # false: no checkpoint at all, as in Lightning
+            callbacks = [*callbacks, *(self._get(self.config_init, key).build() for key in WRITERS)]
         wants_bar = trainer.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
             # Rich in a terminal; in a log file (SLURM, CI) tqdm, which prints as it goes; both show the loss of
             # the last logging step (a progress-bar metric would be read from the device after every batch)
-            bar = LossRichProgressBar() if _interactive_terminal() else LossTQDMProgressBar()
-            kwargs.setdefault("callbacks", [*callbacks, bar])
+            callbacks.append(LossRichProgressBar() if _interactive_terminal() else LossTQDMProgressBar())
+        kwargs.setdefault("callbacks", callbacks)
         trainer = super().instantiate_trainer(**kwargs)
         # a Throughput of the config (its own peak_tflops) replaces the default one
         default = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, Throughput)]
@@ -216,9 +245,8 @@ def export_hf(argv: list[str], prog: str = "python cli.py") -> Path:
     ckpt = read_checkpoint(a.ckpt_path, needs=("state_dict", "hyper_parameters"))
     check_system(a.ckpt_path, ckpt, MLMPretrainingModule, "export-hf")
     # the architecture comes from the saved hyperparameters; the weights follow
-    hparams = {
-        k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_") and k != "init_from_hf"
-    }
+    hparams = MLMPretrainingModule.upgrade_hparams(ckpt["hyper_parameters"])
+    hparams = {k: v for k, v in hparams.items() if not k.startswith("_") and k != "init_from_hf"}
     module = MLMPretrainingModule(**hparams)
     module.load_state_dict(ckpt["state_dict"])
     if a.ema:

@@ -85,7 +85,9 @@ def bert_pair(args: argparse.Namespace, device: torch.device, compiled: bool) ->
     from transformers import BertConfig as HFConfig
     from transformers import BertForPreTraining as HFBert
 
-    ours = MLMPretrainingModule(size=args.size, vocab_size=30522, max_position_embeddings=512, dropout=0.1)
+    ours = MLMPretrainingModule(
+        vocab_size=30522, max_position_embeddings=512, encoder={"size": args.size, "dropout": 0.1}
+    )
     ours.to(device).train()
     cfg = ours.model.cfg
     # the export's config mapping, so both sides have the same shape, activation, dropout and norm epsilon

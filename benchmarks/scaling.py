@@ -81,7 +81,10 @@ def run(processes: int, args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "timing.json")
         model = MLMPretrainingModule(
-            size=args.size, vocab_size=args.vocab, max_position_embeddings=args.seq, warmup_steps=0
+            vocab_size=args.vocab,
+            max_position_embeddings=args.seq,
+            encoder={"size": args.size},
+            optimizer={"warmup_steps": 0},
         )
         data = RandomMLM(args.batch * processes * (args.steps + args.warmup + 1), args.seq, args.vocab)
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch, shuffle=True, drop_last=True)

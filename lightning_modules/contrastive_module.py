@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,9 +29,9 @@ from lightning_modules.components.contrastive import (
 )
 from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
-from lightning_modules.components.towers import TowerTraining, apply_lock, tower_param_groups
+from lightning_modules.components.towers import TowerTraining, apply_lock
 from lightning_modules.ema import EMAConfig
-from lightning_modules.optim import Schedule, build_optimizer, param_groups
+from lightning_modules.optim import OptimizerConfig
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.rng import rng_state, set_rng_state
 from lightning_modules.strategies import shard_units
@@ -41,57 +41,6 @@ log = logging.getLogger(__name__)
 # parameters, besides biases and norms, that AdamW does not decay in the contrastive systems: the temperature,
 # SigLIP's bias, position tables and the ViT class token
 NO_DECAY_NAMES = ("log_scale", "logit_bias", "position", "cls_token", "class_token")
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW with linear warmup, then a decay of the learning rate to zero."""
-
-    lr: float = 5e-4
-    """Peak learning rate."""
-    weight_decay: float = 0.2
-    """Decoupled decay of the matrices (not of biases, norms, the temperature, position tables)."""
-    betas: tuple[float, float] = (0.9, 0.98)
-    """Adam's moment decay rates (CLIP's)."""
-    eps: float = 1e-6
-    """Adam's epsilon."""
-    warmup_steps: int | float = 0.05
-    """Linear warmup steps, or a fraction of all steps when < 1."""
-    schedule: Schedule = "cosine"
-    """Decay after warmup: linear, cosine or constant."""
-
-    def build(
-        self,
-        model: nn.Module,
-        total_steps: int,
-        fused: bool,
-        towers: dict[str, tuple[nn.Module, TowerTraining]] | None = None,
-    ) -> dict:
-        """Lightning's `configure_optimizers` answer for `model`; `towers` (name: module, config) get their own
-        learning rate, the optimiser's times their `lr_mult`."""
-        groups = None
-        # only when a tower asks for its own rate: otherwise the two groups of before, so the optimiser state of
-        # checkpoints written before lr_mult existed still loads on resume
-        if towers and any(cfg.lr_mult != 1.0 for _, cfg in towers.values()):
-            groups = tower_param_groups(
-                towers,
-                model,
-                self.lr,
-                lambda m: param_groups(m, self.weight_decay, NO_DECAY_NAMES),
-            )
-        return build_optimizer(
-            model,
-            self.lr,
-            self.weight_decay,
-            tuple(self.betas),
-            self.eps,
-            self.warmup_steps,
-            total_steps,
-            self.schedule,
-            no_decay_names=NO_DECAY_NAMES,
-            fused=fused,
-            groups=groups,
-        )
 
 
 _ROW_FIELDS = ("a", "b", "a_keys", "a_groups", "b_keys", "b_groups")  # of a training batch (no pair_index)
@@ -169,6 +118,11 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
         self.vocab_size, self.embed_dim = vocab_size, embed_dim
         self.loss_config = as_config(ContrastiveLossConfig, loss)
         self.optimizer_config = as_config(OptimizerConfig, optimizer)
+        if self.optimizer_config.layer_decay is not None:
+            raise ValueError(
+                "model.optimizer.layer_decay applies to the one BERT encoder of MLM pretraining and fine-tuning; "
+                "an alignment system sets each tower's learning rate with model.<tower>.lr_mult"
+            )
         self.max_nonfinite_in_row = max_nonfinite_in_row
         self.compile_blocks = compile
 
@@ -201,7 +155,11 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
     def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return self.optimizer_config.build(
-            self, total, fused=self.fused_adamw_allowed(), towers=self.towers()
+            self,
+            total,
+            fused=self.fused_adamw_allowed(),
+            towers=self.towers(),
+            no_decay_names=NO_DECAY_NAMES,
         )
 
 

@@ -1,11 +1,14 @@
 """Fine-tuning a pretrained BERT: sequence (and sentence-pair) classification, and token classification (NER).
 
 The encoder comes from `init_ckpt` (an MLM checkpoint of this framework; architecture from its saved
-hyperparameters) or `init_from_hf` (a Hugging Face BERT folder); with neither, a fresh encoder of `size` is
-trained from scratch, a baseline. `layer_decay` turns on layer-wise learning-rate decay (see `llrd.py`).
+hyperparameters) or `init_from_hf` (a Hugging Face BERT folder); with neither, a fresh encoder of the shape
+`encoder` is trained from scratch, a baseline. `optimizer.layer_decay` turns on layer-wise learning-rate decay
+(see `llrd.py`).
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -15,38 +18,39 @@ from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, Multi
 
 from datamodules.masking import IGNORE_INDEX
 from datamodules.text.conll_datamodule import CONLL2003_LABELS
-from lightning_modules.components.bert import BertConfig, BertModel
+from lightning_modules.components.bert import BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
-from lightning_modules.components.encoder import SizeName
 from lightning_modules.components.ner_metrics import EntityF1
+from lightning_modules.components.towers import EncoderShape
 from lightning_modules.ema import EMAConfig
+from lightning_modules.hparams import (
+    FINETUNE_ENCODER,
+    FINETUNE_OPTIMIZER,
+    ReadsFlatHparams,
+    bert_config,
+    section,
+)
 from lightning_modules.llrd import build_llrd_optimizer
-from lightning_modules.optim import Schedule
+from lightning_modules.optim import OptimizerConfig
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 STAGES = ("val", "test")
 
 
-class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
+class FineTuneModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
     """What both tasks share: the pretrained encoder, the optimizer with optional LLRD, the training step."""
+
+    DEFAULT_ENCODER, DEFAULT_OPTIMIZER = FINETUNE_ENCODER, FINETUNE_OPTIMIZER
 
     def __init__(
         self,
         init_ckpt: str | None = None,
         init_from_hf: str | None = None,
         vocab_size: int | None = None,
-        size: SizeName = "base",
-        num_layers: int | None = None,
-        hidden_size: int | None = None,
+        encoder: EncoderShape = FINETUNE_ENCODER,
         max_position_embeddings: int = 512,
         classifier_dropout: float | None = None,
-        lr: float = 3e-5,
-        layer_decay: float | None = None,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        warmup_steps: int | float = 0.1,
-        schedule: Schedule = "linear",
+        optimizer: OptimizerConfig = FINETUNE_OPTIMIZER,
         max_nonfinite_in_row: int = 20,
         ema: EMAConfig | None = None,
     ) -> None:
@@ -55,36 +59,27 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
             init_ckpt: an MLM checkpoint of this framework to start from (read with weights_only=True).
             init_from_hf: a Hugging Face BERT folder (config.json + weights) to start from.
             vocab_size: vocabulary size (linked from the DataModule's tokenizer; must match the checkpoint's).
-            size: BERT preset of a fresh encoder (neither init_ckpt nor init_from_hf: a from-scratch baseline).
-            num_layers: override the preset's layer count (fresh encoder only).
-            hidden_size: override the preset's width, heads = width / 64 (fresh encoder only).
+            encoder: shape of a fresh encoder (neither init_ckpt nor init_from_hf: a from-scratch baseline); a
+                pretrained encoder has its checkpoint's shape.
             max_position_embeddings: length of the position table (fresh encoder only).
             classifier_dropout: dropout before the classifier; None takes the encoder's hidden dropout.
-            lr: peak learning rate of AdamW (of the head and, without layer_decay, of every layer).
-            layer_decay: layer-wise lr decay d: block l of L gets lr * d^(L - l), embeddings lr * d^(L + 1).
-            weight_decay: AdamW decay on matrices (none on biases and LayerNorm).
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            warmup_steps: linear warmup steps, or a fraction of all steps when < 1.
-            schedule: decay after warmup: linear, cosine or constant.
+            optimizer: AdamW and its schedule (lr 3e-5, weight decay 0.01, 10% warmup, linear decay by default);
+                layer_decay d gives block l of L the rate lr * d^(L - l), the embeddings lr * d^(L + 1).
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
             ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()
+        encoder, optimizer = section(FINETUNE_ENCODER, encoder), section(FINETUNE_OPTIMIZER, optimizer)
+        # the whole sections, as plain dicts: a checkpoint loads with weights_only=True
+        self.hparams.update(encoder=asdict(encoder), optimizer=asdict(optimizer))
+        self.optimizer_config = optimizer
         self.max_nonfinite_in_row = max_nonfinite_in_row
 
     def pretrained_encoder(self) -> tuple[BertModel, float]:
         """The encoder the head goes on, and the head's dropout."""
         h = self.hparams
-        fresh = BertConfig.from_size(
-            h.size,
-            num_layers=h.num_layers,
-            hidden_size=h.hidden_size,
-            num_heads=h.hidden_size // 64 if h.hidden_size else None,
-            vocab_size=h.vocab_size or 30522,
-            max_position_embeddings=h.max_position_embeddings,
-        )
+        fresh = bert_config(h.encoder, h.vocab_size or 30522, h.max_position_embeddings)
         bert = pretrained_bert(h.init_ckpt, h.init_from_hf, fresh)
         if h.vocab_size is not None and bert.cfg.vocab_size != h.vocab_size:
             raise ValueError(
@@ -135,20 +130,10 @@ class FineTuneModule(SkipNonFiniteSteps, CheckpointExtras):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
-    def configure_optimizers(self):
-        h = self.hparams
+    def configure_optimizers(self) -> dict:
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         return build_llrd_optimizer(
-            self.model,
-            self.model.bert,
-            h.lr,
-            h.layer_decay,
-            h.weight_decay,
-            h.betas,
-            h.eps,
-            h.warmup_steps,
-            max(1, int(self.trainer.estimated_stepping_batches)),
-            h.schedule,
-            fused=self.fused_adamw_allowed(),
+            self.model, self.model.bert, self.optimizer_config, total, fused=self.fused_adamw_allowed()
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_modules.components.bert import BertModel
-from lightning_modules.optim import Schedule, build_optimizer, param_groups
+from lightning_modules.optim import OptimizerConfig, param_groups
 
 
 def layer_scales(model: nn.Module, bert: BertModel, layer_decay: float | None) -> dict[int, float]:
@@ -47,20 +47,9 @@ def llrd_param_groups(
 
 
 def build_llrd_optimizer(
-    model: nn.Module,
-    bert: BertModel,
-    lr: float,
-    layer_decay: float | None,
-    weight_decay: float,
-    betas: tuple[float, float],
-    eps: float,
-    warmup_steps: int | float,
-    total_steps: int,
-    schedule: Schedule,
-    fused: bool = True,
+    model: nn.Module, bert: BertModel, cfg: OptimizerConfig, total_steps: int, fused: bool = True
 ) -> dict:
-    """`optim.build_optimizer` with per-layer learning rates; the schedule scales every group alike."""
-    groups = llrd_param_groups(model, bert, lr, layer_decay, weight_decay)
-    return build_optimizer(
-        model, lr, weight_decay, betas, eps, warmup_steps, total_steps, schedule, fused=fused, groups=groups
-    )
+    """`OptimizerConfig.build` with per-layer learning rates (`cfg.layer_decay`; one rate when None); the
+    schedule scales every group alike."""
+    groups = llrd_param_groups(model, bert, cfg.lr, cfg.layer_decay, cfg.weight_decay)
+    return cfg.build(model, total_steps, fused=fused, groups=groups)

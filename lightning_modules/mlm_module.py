@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,15 +12,17 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.masking import IGNORE_INDEX
-from lightning_modules.components.bert import BertConfig, BertForPreTraining, SparseLayout
-from lightning_modules.components.encoder import SizeName
+from lightning_modules.components.bert import BertForPreTraining, SparseLayout
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
+from lightning_modules.components.towers import EncoderShape
 from lightning_modules.ema import EMAConfig
-from lightning_modules.optim import Schedule, build_optimizer
+from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, ReadsFlatHparams, bert_config, section
+from lightning_modules.llrd import build_llrd_optimizer
+from lightning_modules.optim import OptimizerConfig
 from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 
-class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
+class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
     """loss = CE(MLM logits at masked positions) + CE(NSP logits) when the batch holds NSP pairs.
 
     The MLM head runs only at the masked positions, its vocabulary projection fused with the cross-entropy in
@@ -27,26 +30,16 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     (tested), at a fraction of the cost.
     """
 
+    DEFAULT_ENCODER, DEFAULT_OPTIMIZER = MLM_ENCODER, MLM_OPTIMIZER
+
     def __init__(
         self,
-        size: SizeName = "base",
         vocab_size: int = 30522,
-        num_layers: int | None = None,
-        hidden_size: int | None = None,
-        num_heads: int | None = None,
-        intermediate_size: int | None = None,
+        encoder: EncoderShape = MLM_ENCODER,
         max_position_embeddings: int = 512,
-        dropout: float = 0.1,
-        attention_dropout: float = 0.1,
-        norm_first: bool = False,
         pad_token_id: int = 0,
         init_from_hf: str | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        warmup_steps: int | float = 10000,
-        schedule: Schedule = "linear",
+        optimizer: OptimizerConfig = MLM_OPTIMIZER,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         max_nonfinite_in_row: int = 20,
@@ -54,24 +47,15 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     ) -> None:
         """
         Args:
-            size: BERT preset (tiny, mini, small, medium, base, large); the fields below override it.
             vocab_size: vocabulary size (linked from the DataModule's tokenizer).
-            num_layers: override the preset's layer count.
-            hidden_size: override the preset's width (heads default to width / 64).
-            num_heads: override the preset's head count.
-            intermediate_size: feed-forward width (default 4 x hidden_size).
+            encoder: BERT size preset and overrides of its shape (model.encoder.size, .layers, .hidden, ...);
+                BERT's dropout 0.1 and post-LN by default.
             max_position_embeddings: length of the position table.
-            dropout: hidden dropout.
-            attention_dropout: dropout on attention probabilities.
-            norm_first: pre-LN blocks instead of BERT's post-LN.
-            pad_token_id: id of [PAD] (linked from the tokenizer).
-            init_from_hf: a Hugging Face BERT folder (config.json + weights) to start from.
-            lr: peak learning rate of AdamW.
-            weight_decay: AdamW decay on matrices (none on biases and LayerNorm).
-            betas: AdamW betas.
-            eps: AdamW epsilon.
-            warmup_steps: linear warmup steps, or a fraction of all steps when < 1.
-            schedule: decay after warmup: linear, cosine or constant.
+            pad_token_id: id of [PAD].
+            init_from_hf: a Hugging Face BERT folder (config.json + weights) to start from; its shape replaces
+                `encoder`'s.
+            optimizer: AdamW and its schedule (BERT's: lr 1e-4, betas (0.9, 0.999), weight decay 0.01, 10000
+                warmup steps, linear decay); layer_decay gives the encoder's lower layers lower rates.
             gradient_checkpointing: recompute encoder blocks in backward to save memory.
             compile: wrap the model in torch.compile.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
@@ -79,6 +63,10 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
         """
         super().__init__()
         self.save_hyperparameters()
+        encoder, optimizer = section(MLM_ENCODER, encoder), section(MLM_OPTIMIZER, optimizer)
+        # the whole sections, as plain dicts: a checkpoint loads with weights_only=True
+        self.hparams.update(encoder=asdict(encoder), optimizer=asdict(optimizer))
+        self.optimizer_config = optimizer
         self.max_nonfinite_in_row = max_nonfinite_in_row
         if init_from_hf:
             self.model = load_hf_bert(init_from_hf)
@@ -88,20 +76,7 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
                     f"has {vocab_size}: pass the checkpoint's vocab.txt as --data.tokenizer"
                 )
         else:
-            heads = num_heads or (hidden_size // 64 if hidden_size else None)
-            cfg = BertConfig.from_size(
-                size,
-                num_layers=num_layers,
-                hidden_size=hidden_size,
-                num_heads=heads,
-                intermediate_size=intermediate_size,
-                dropout=dropout,
-                attention_dropout=attention_dropout,
-                norm_first=norm_first,
-                vocab_size=vocab_size,
-                max_position_embeddings=max_position_embeddings,
-                pad_token_id=pad_token_id,
-            )
+            cfg = bert_config(encoder, vocab_size, max_position_embeddings, pad_token_id)
             self.model = BertForPreTraining(cfg)
         self.model.bert.encoder.gradient_checkpointing = gradient_checkpointing
         if compile:
@@ -190,7 +165,8 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
     # training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss = self.model_step(batch, "train")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0)
+        # the last group is the heads', at the full lr also with layer_decay
+        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"] if self._trainer else 0.0)
         return self.skip_if_nonfinite(loss)
 
     # evaluation -------------------------------------------------------------------------------
@@ -238,19 +214,10 @@ class MLMPretrainingModule(SkipNonFiniteSteps, CheckpointExtras):
             "top_scores": scores,
         }
 
-    def configure_optimizers(self):
-        h = self.hparams
+    def configure_optimizers(self) -> dict:
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return build_optimizer(
-            self.model,
-            h.lr,
-            h.weight_decay,
-            h.betas,
-            h.eps,
-            h.warmup_steps,
-            total,
-            h.schedule,
-            fused=self.fused_adamw_allowed(),
+        return build_llrd_optimizer(
+            self.model, self.model.bert, self.optimizer_config, total, fused=self.fused_adamw_allowed()
         )
 
     # interop ----------------------------------------------------------------------------------

@@ -1,12 +1,16 @@
-"""AdamW and the warmup-then-decay schedule shared by every task."""
+"""AdamW and the warmup-then-decay schedule shared by every task, and `OptimizerConfig`, the `model.optimizer`
+section of every system (each system gives it its own defaults)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
+
+from lightning_modules.components.towers import TowerTraining, tower_param_groups
 
 Schedule = Literal["linear", "cosine", "constant"]
 
@@ -71,3 +75,58 @@ def build_optimizer(
         opt, lambda s: warmup_decay(s, int(warmup_steps), total_steps, schedule)
     )
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup, then a decay of the learning rate to zero. The defaults here are CLIP's (the
+    alignment systems'); MLM pretraining and fine-tuning default to BERT's."""
+
+    lr: float = 5e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.2
+    """Decoupled decay of the matrices (not of biases, norms, the temperature, position tables)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's moment decay rates (CLIP's)."""
+    eps: float = 1e-6
+    """Adam's epsilon."""
+    warmup_steps: int | float = 0.05
+    """Linear warmup steps, or a fraction of all steps when < 1."""
+    schedule: Schedule = "cosine"
+    """Decay after warmup: linear, cosine or constant."""
+    layer_decay: float | None = None
+    """Layer-wise learning-rate decay d of a BERT encoder (MLM pretraining, fine-tuning; see llrd.py): block l
+    of L gets lr * d^(L - l), the embeddings lr * d^(L + 1), the heads lr. None: one rate. The alignment systems
+    have several towers and refuse it: their towers' rates are set by model.<tower>.lr_mult."""
+
+    def build(
+        self,
+        model: nn.Module,
+        total_steps: int,
+        fused: bool = True,
+        towers: dict[str, tuple[nn.Module, TowerTraining]] | None = None,
+        no_decay_names: tuple[str, ...] = (),
+        groups: list[dict] | None = None,
+    ) -> dict:
+        """Lightning's `configure_optimizers` answer for `model`. `towers` (name: module, config) get their own
+        learning rate, the optimiser's times their `lr_mult`; `groups` (e.g. layer-wise ones) replace the
+        default decay / no-decay split."""
+        # only when a tower asks for its own rate: otherwise the two groups of before, so the optimiser state of
+        # checkpoints written before lr_mult existed still loads on resume
+        if groups is None and towers and any(cfg.lr_mult != 1.0 for _, cfg in towers.values()):
+            groups = tower_param_groups(
+                towers, model, self.lr, lambda m: param_groups(m, self.weight_decay, no_decay_names)
+            )
+        return build_optimizer(
+            model,
+            self.lr,
+            self.weight_decay,
+            tuple(self.betas),
+            self.eps,
+            self.warmup_steps,
+            total_steps,
+            self.schedule,
+            no_decay_names=no_decay_names,
+            fused=fused,
+            groups=groups,
+        )

@@ -44,9 +44,9 @@ def _args(cache: str, root: Path, batch_size: int) -> list[str]:
         "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
         f"--data.init_args.loader.batch_size={batch_size}",
-        "--model.init_args.dropout=0",
-        "--model.init_args.attention_dropout=0",
-        "--model.init_args.num_layers=2",
+        "--model.init_args.encoder.dropout=0",
+        "--model.init_args.encoder.attention_dropout=0",
+        "--model.init_args.encoder.layers=2",
         f"--trainer.default_root_dir={root}",
         "--trainer.enable_progress_bar=false",
         "--trainer.limit_val_batches=0",
@@ -201,7 +201,7 @@ def test_fsdp2_two_processes_equal_one_process_and_consolidate(
     assert len(ours) == STEPS
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=RTOL, atol=0)
     ckpt = torch.load(out, map_location="cpu", weights_only=True)
-    assert ckpt["hyper_parameters"]["num_layers"] == 2
+    assert ckpt["hyper_parameters"]["encoder"]["layers"] == 2
     reference = _final_state(one_process_double_batch)
     assert ckpt["state_dict"].keys() == reference.keys()
     for key, value in reference.items():  # as in _assert_same_run: reassociation carried through the steps

@@ -150,7 +150,7 @@ def test_wandb_offline_run_holds_config_metrics_and_fill_mask_table(
     assert config["model"]["init_args"]["vocab_size"] == cli_.datamodule.vocab_size != 30522
     assert config["trainer"]["max_steps"] == 4
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(root)
-    assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == f"{root}/checkpoints"
+    assert config["last_checkpoint"]["dirpath"] == f"{root}/checkpoints"
     assert (root / "config.yaml").is_file() and (root / "checkpoints" / "last.ckpt").is_file()
 
     # the metrics: 4 validations, the last equal to what the trainer holds
@@ -415,7 +415,7 @@ def test_examples_callback_runs_the_same_forwards_on_every_rank_and_logs_on_rank
     tok = TextTokenizer.train(["the cat sat on the mat", "a dog sat on a log"] * 20, vocab_size=60)
     torch.manual_seed(0)
     module = MLMPretrainingModule(
-        size="tiny", num_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=16
+        vocab_size=tok.vocab_size, max_position_embeddings=16, encoder={"size": "tiny", "heads": 2}
     )
     module.eval()
     enc = tok(["the cat sat on the mat", "a dog sat on a log"], max_length=16)

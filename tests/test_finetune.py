@@ -187,7 +187,10 @@ def mlm_ckpt(tmp_path_factory) -> Path:
 
     L.seed_everything(0)
     model = MLMPretrainingModule(
-        size="tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=64, warmup_steps=0
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=64,
+        encoder={"size": "tiny"},
+        optimizer={"warmup_steps": 0},
     )
     trainer = quiet_trainer(
         max_steps=2,
@@ -215,7 +218,7 @@ def _fit_args(config: str, ckpt: Path, root: Path, out: Path, *extra: str) -> li
 # learning --------------------------------------------------------------------------------------------------
 def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_sst2(tmp_path / "SST-2")
-    args = _fit_args("sst2.yaml", mlm_ckpt, tmp_path / "SST-2", tmp_path / "run", "--model.lr=1e-3")
+    args = _fit_args("sst2.yaml", mlm_ckpt, tmp_path / "SST-2", tmp_path / "run", "--model.optimizer.lr=1e-3")
     cli = main(["fit", *args, "--trainer.max_epochs=3", "--data.loader.batch_size=32"])
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"SST-2-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
@@ -238,9 +241,15 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
 
 def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_mrpc(tmp_path / "MRPC")
-    args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.lr=1e-3")
+    args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.optimizer.lr=1e-3")
     cli = main(
-        ["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32", "--model.layer_decay=0.8"]
+        [
+            "fit",
+            *args,
+            "--trainer.max_epochs=4",
+            "--data.loader.batch_size=32",
+            "--model.optimizer.layer_decay=0.8",
+        ]
     )
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"MRPC-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
@@ -252,7 +261,9 @@ def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
 
 def test_conll_like_ner_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     write_conll(tmp_path / "conll")
-    args = _fit_args("conll2003.yaml", mlm_ckpt, tmp_path / "conll", tmp_path / "run", "--model.lr=1e-3")
+    args = _fit_args(
+        "conll2003.yaml", mlm_ckpt, tmp_path / "conll", tmp_path / "run", "--model.optimizer.lr=1e-3"
+    )
     cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32"])
     m = cli.trainer.callback_metrics
     print({k: round(float(v), 3) for k, v in m.items() if k.startswith("val/")})
@@ -281,15 +292,11 @@ def test_init_ckpt_loads_the_encoder_and_its_tokenizer(mlm_ckpt: Path) -> None:
     "hparams",
     [
         {
-            "size": "mini",
-            "hidden_size": 128,
-            "num_heads": 2,
+            "encoder": {"size": "mini", "hidden": 128, "heads": 2},
             "max_position_embeddings": 128,
         },  # the quickstart
         {
-            "size": "tiny",
-            "hidden_size": 192,
-            "norm_first": True,
+            "encoder": {"size": "tiny", "hidden": 192, "norm_first": True},
         },  # heads from the width, as the MLM module does
     ],
 )
@@ -310,7 +317,7 @@ def test_init_from_hf_folder(mlm_ckpt: Path, tmp_path: Path) -> None:
 
 # layer-wise lr decay ---------------------------------------------------------------------------------------
 def test_llrd_gives_each_layer_its_lr() -> None:
-    module = SequenceClassificationModule(size="tiny", num_layers=3, vocab_size=100)
+    module = SequenceClassificationModule(vocab_size=100, encoder={"size": "tiny", "layers": 3})
     model, bert = module.model, module.model.bert
     groups = llrd_param_groups(model, bert, lr=1.0, layer_decay=0.5, weight_decay=0.01)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}

@@ -528,7 +528,7 @@ def _system(name: str) -> SkipNonFiniteSteps:
     if name == "mlm":
         return tiny_mlm()
     if name == "finetune":
-        return SequenceClassificationModule(size="tiny", num_layers=1, vocab_size=100)
+        return SequenceClassificationModule(vocab_size=100, encoder={"size": "tiny", "layers": 1})
     image = ImageTowerConfig("vit_custom", 16, patch_size=8, layers=1, width=16, heads=2, mlp_dim=32)
     return ImageTextModule(vocab_size=100, embed_dim=8, image=image, text=TextTowerConfig("tiny", layers=1))
 

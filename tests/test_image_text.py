@@ -180,7 +180,9 @@ def test_unused_bert_pooler_is_frozen_so_ddp_needs_no_unused_parameter_search() 
 def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(1)
     mlm = MLMPretrainingModule(
-        size="tiny", vocab_size=VOCAB, hidden_size=32, num_heads=2, num_layers=1, max_position_embeddings=16
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        encoder={"size": "tiny", "hidden": 32, "heads": 2, "layers": 1},
     )
     ckpt = tmp_path / "mlm.ckpt"
     torch.save({"state_dict": mlm.state_dict(), "hyper_parameters": dict(mlm.hparams)}, ckpt)
@@ -203,7 +205,9 @@ def test_checkpoint_is_rebuilt_without_reading_the_mlm_start_again(spelling: str
     """export and zero-shot rebuild an image-text checkpoint from its hyperparameters and weights: a text tower
     started from an MLM checkpoint (either spelling) does not read that file again, which may be gone."""
     mlm = MLMPretrainingModule(
-        size="tiny", vocab_size=VOCAB, hidden_size=32, num_heads=2, num_layers=1, max_position_embeddings=16
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        encoder={"size": "tiny", "hidden": 32, "heads": 2, "layers": 1},
     )
     mlm_file = tmp_path / "mlm.ckpt"
     torch.save({"state_dict": mlm.state_dict()}, mlm_file)

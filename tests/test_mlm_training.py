@@ -105,7 +105,10 @@ def _fit(
     L.seed_everything(seed)
     dm = MLMDataModule(**dm_kwargs)
     model = MLMPretrainingModule(
-        size="tiny", vocab_size=dm.vocab_size, max_position_embeddings=64, lr=1e-3, warmup_steps=2
+        vocab_size=dm.vocab_size,
+        max_position_embeddings=64,
+        encoder={"size": "tiny"},
+        optimizer={"lr": 1e-3, "warmup_steps": 2},
     )
     trainer = quiet_trainer(
         max_steps=steps,
@@ -148,7 +151,7 @@ def test_resume_matches_uninterrupted_run(cache_dir: str, tmp_path: Path) -> Non
     # and training did move the weights away from the initialisation
     L.seed_everything(7)
     init = MLMPretrainingModule(
-        size="tiny", vocab_size=resumed.hparams.vocab_size, max_position_embeddings=64
+        vocab_size=resumed.hparams.vocab_size, max_position_embeddings=64, encoder={"size": "tiny"}
     )
     assert not torch.equal(
         init.state_dict()["model.bert.encoder.blocks.0.ffn.0.weight"],
@@ -172,13 +175,10 @@ def test_quickstart_model_learns(cache_dir: str) -> None:
         loader={"batch_size": 32, "num_workers": 0},
     )
     model = MLMPretrainingModule(
-        size="mini",
-        hidden_size=128,
-        num_heads=2,
         vocab_size=dm.vocab_size,
         max_position_embeddings=64,
-        lr=1e-3,
-        warmup_steps=0.05,
+        encoder={"size": "mini", "hidden": 128, "heads": 2},
+        optimizer={"lr": 1e-3, "warmup_steps": 0.05},
     )
     trainer = quiet_trainer(
         max_steps=400,

@@ -156,7 +156,9 @@ def test_glue_submission_tsv_has_the_label_names_and_every_index_once(vocab: Pat
         loader={"batch_size": 3},
     )
     torch.manual_seed(0)
-    module = SequenceClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
+    module = SequenceClassificationModule(
+        vocab_size=dm.vocab_size, encoder={"size": "tiny", "layers": 1}
+    ).eval()
     meta = _predict(module, dm, tmp_path / "out")
 
     lines = (tmp_path / "out" / "RTE.tsv").read_text().splitlines()
@@ -182,7 +184,7 @@ def test_conll_predictions_add_a_tag_column_to_the_input_file(vocab: Path, tmp_p
         loader={"batch_size": 1},
     )
     torch.manual_seed(0)
-    module = TokenClassificationModule(vocab_size=dm.vocab_size, size="tiny", num_layers=1).eval()
+    module = TokenClassificationModule(vocab_size=dm.vocab_size, encoder={"size": "tiny", "layers": 1}).eval()
     _predict(module, dm, tmp_path / "out")
 
     written = (tmp_path / "out" / "predictions.conll").read_text().splitlines()
@@ -210,7 +212,7 @@ def test_mlm_fill_mask_gives_the_top_k_of_the_model(vocab: Path, tmp_path: Path)
         loader={"batch_size": 2, "num_workers": 0},
     )
     torch.manual_seed(0)
-    module = MLMPretrainingModule(size="tiny", vocab_size=dm.vocab_size, num_layers=1).eval()
+    module = MLMPretrainingModule(vocab_size=dm.vocab_size, encoder={"size": "tiny", "layers": 1}).eval()
     meta = _predict(module, dm, tmp_path / "out")
 
     rows = [json.loads(line) for line in (tmp_path / "out" / "fill_mask.jsonl").read_text().splitlines()]

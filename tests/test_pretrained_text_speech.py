@@ -339,7 +339,7 @@ def test_ours_source_is_the_mlm_checkpoint_start_and_init_ckpt_its_older_spellin
 
     torch.manual_seed(0)
     mlm = MLMPretrainingModule(
-        size="tiny", vocab_size=50, num_layers=1, hidden_size=64, max_position_embeddings=16
+        vocab_size=50, max_position_embeddings=16, encoder={"size": "tiny", "layers": 1, "hidden": 64}
     )
     ckpt = tmp_path / "mlm.ckpt"
     torch.save({"state_dict": mlm.state_dict()}, ckpt)

@@ -66,14 +66,24 @@ class RandomMLMBatches(Dataset):
         }
 
 
-def tiny_mlm(cls: type = MLMPretrainingModule, **kwargs) -> MLMPretrainingModule:
+def tiny_mlm(
+    cls: type = MLMPretrainingModule,
+    dropout: float = 0.1,
+    attention_dropout: float = 0.1,
+    num_layers: int | None = None,
+    **kwargs,
+) -> MLMPretrainingModule:
+    encoder = {
+        "size": "tiny",
+        "layers": num_layers,
+        "dropout": dropout,
+        "attention_dropout": attention_dropout,
+    }
     defaults = dict(
-        size="tiny",
         vocab_size=VOCAB,
         max_position_embeddings=LENGTH,
-        lr=1e-3,
-        warmup_steps=0,
-        schedule="constant",
+        encoder=encoder,
+        optimizer={"lr": 1e-3, "warmup_steps": 0, "schedule": "constant"},
     )
     return cls(**{**defaults, **kwargs})
 

@@ -263,9 +263,9 @@ def _mlm_overrides(cache: Path, workers: int) -> list[str]:
         f"--data.init_args.loader.num_workers={workers}",
         "--data.init_args.num_proc=1",
         "--data.init_args.loader.batch_size=256",
-        "--model.init_args.size=tiny",
-        "--model.init_args.hidden_size=32",
-        "--model.init_args.num_layers=1",
+        "--model.init_args.encoder.size=tiny",
+        "--model.init_args.encoder.hidden=32",
+        "--model.init_args.encoder.layers=1",
         f"--trainer.max_steps={MLM_STEPS}",
         "--trainer.limit_val_batches=0",
     ]

@@ -206,7 +206,7 @@ def test_empty_batch_gives_a_zero_loss_that_reaches_every_parameter() -> None:
 def test_text_tower_starts_from_an_mlm_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mlm = MLMPretrainingModule(
-        size="tiny", vocab_size=VOCAB, num_layers=1, hidden_size=64, max_position_embeddings=32
+        vocab_size=VOCAB, max_position_embeddings=32, encoder={"size": "tiny", "layers": 1, "hidden": 64}
     )
     ckpt = tmp_path / "mlm.ckpt"
     torch.save({"state_dict": mlm.state_dict()}, ckpt)

@@ -286,7 +286,7 @@ def write_glue(folder: Path, files: dict[str, int], seed: int = 0) -> list[str]:
 
 
 FRESH_TINY = [
-    "--model.size=tiny",
+    "--model.encoder.size=tiny",
     "--model.max_position_embeddings=64",
     "--data.max_length=32",
     "--data.loader.batch_size=8",

@@ -16,26 +16,14 @@ from torch import Tensor, nn
 from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel, init_bert_weights
 from lightning_modules.components.hf_interop import config_from_hf, load_hf_bert
+from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, bert_config, sections_from_flat
 
 log = logging.getLogger(__name__)
 
-# the MLMPretrainingModule arguments that shape its BertConfig
-_MLM_SHAPE_ARGS = (
-    "num_layers",
-    "hidden_size",
-    "num_heads",
-    "intermediate_size",
-    "dropout",
-    "attention_dropout",
-    "norm_first",
-    "vocab_size",
-    "max_position_embeddings",
-    "pad_token_id",
-)
-
 
 def mlm_bert_config(hparams: dict) -> BertConfig:
-    """The encoder configuration an `MLMPretrainingModule` built from these hyperparameters."""
+    """The encoder configuration an `MLMPretrainingModule` built from these hyperparameters (its sections, or the
+    flat arguments of older checkpoints)."""
     if hparams.get("init_from_hf"):
         # the shape came from that folder's config.json, not from the arguments
         folder = Path(hparams["init_from_hf"])
@@ -45,10 +33,13 @@ def mlm_bert_config(hparams: dict) -> BertConfig:
                 "(the architecture) is no longer there"
             )
         return config_from_hf(json.loads((folder / "config.json").read_text()))
-    shape = {k: hparams[k] for k in _MLM_SHAPE_ARGS if hparams.get(k) is not None}
-    if "num_heads" not in shape and "hidden_size" in shape:
-        shape["num_heads"] = shape["hidden_size"] // 64  # the MLM module's rule
-    return BertConfig.from_size(hparams.get("size", "base"), **shape)
+    h = sections_from_flat(hparams, MLM_ENCODER, MLM_OPTIMIZER)
+    return bert_config(
+        h.get("encoder") or MLM_ENCODER,
+        h.get("vocab_size") or 30522,
+        h.get("max_position_embeddings") or 512,
+        h.get("pad_token_id") or 0,
+    )
 
 
 def read_mlm_checkpoint(path: str | os.PathLike) -> tuple[BertConfig, dict[str, Tensor]]:

@@ -68,12 +68,9 @@ class SpeechTowerConfig(EncoderShape, TowerTraining):
     them for wav2vec2_model / wavlm_model, which have no preset size)."""
 
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig.from_size(
-            self.size,
-            norm_first=True,  # pre-LN: trains from scratch without the warmup tricks post-LN needs
-            layer_norm_eps=1e-5,
-            **self.encoder_overrides(),
-        )
+        # pre-LN unless norm_first says otherwise: trains from scratch without the warmup tricks post-LN needs
+        shape = {"norm_first": True, **self.encoder_overrides()}
+        return EncoderConfig.from_size(self.size, layer_norm_eps=1e-5, **shape)
 
     def check_data(self, data: dict, where: str) -> None:
         """The log-mel front end is made for one sample rate: the DataModule's (its hyperparameters `data`).

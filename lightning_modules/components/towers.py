@@ -20,10 +20,11 @@ from lightning_modules.components.encoder import SizeName
 
 @dataclass
 class EncoderShape:
-    """Size preset of a Transformer tower and overrides of its shape."""
+    """Size preset of a Transformer encoder and overrides of its shape (the text and speech towers, and the MLM
+    and fine-tuning encoders)."""
 
     size: SizeName = "base"
-    """Preset (tiny, mini, small, medium, base, large, as for BERT); the three fields below override it."""
+    """Preset (tiny, mini, small, medium, base, large, as for BERT); the fields below override it."""
     layers: int | None = None
     """Encoder blocks; None keeps the preset's."""
     hidden: int | None = None
@@ -31,17 +32,28 @@ class EncoderShape:
     heads: int | None = None
     """Attention heads; None keeps the preset's (or width / 64 when only the width is overridden)."""
     dropout: float = 0.0
-    """Dropout on the encoder's input, attention probabilities and block outputs."""
+    """Dropout on the encoder's input and block outputs, and on attention probabilities unless
+    attention_dropout is set."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities; None: `dropout`."""
+    intermediate: int | None = None
+    """Feed-forward width; None keeps the preset's (4 x the preset's width)."""
+    norm_first: bool | None = None
+    """Pre-LN blocks (with a final LayerNorm) when true, post-LN when false; None: the encoder's own (BERT's
+    post-LN for text, pre-LN for speech)."""
 
     def encoder_overrides(self) -> dict[str, Any]:
-        """`EncoderConfig.from_size` arguments of this shape (None: the preset's)."""
-        return dict(
+        """`EncoderConfig.from_size` arguments of this shape; the fields left None are not in it."""
+        overrides = dict(
             num_layers=self.layers,
             hidden_size=self.hidden,
             num_heads=self.heads or (self.hidden // 64 if self.hidden else None),
+            intermediate_size=self.intermediate,
             dropout=self.dropout,
-            attention_dropout=self.dropout,
+            attention_dropout=self.dropout if self.attention_dropout is None else self.attention_dropout,
+            norm_first=self.norm_first,
         )
+        return {k: v for k, v in overrides.items() if v is not None}
 
 
 TowerSource = Literal["scratch", "ours", "hf_bert", "hf", "open_clip", "torchvision", "torchaudio"]
