@@ -191,16 +191,18 @@ def test_export_writes_the_average_and_refuses_a_checkpoint_without_one(
 
 
 def test_every_system_takes_the_section() -> None:
+    from lightning_modules.components.towers import EncoderShape
     from lightning_modules.finetune_module import SequenceClassificationModule
     from lightning_modules.mlm_module import MLMPretrainingModule
     from lightning_modules.speech_text_module import SpeechTextModule
     from lightning_modules.trimodal_module import TriModalModule
     from tests.test_contrastive_ddp import SPEECH
 
-    tiny = dict(size="tiny", num_layers=1, hidden_size=64, vocab_size=VOCAB)  # heads: width / 64
     systems = [
-        MLMPretrainingModule(**tiny, num_heads=2, ema=EMAConfig()),
-        SequenceClassificationModule(**tiny, ema=EMAConfig()),
+        MLMPretrainingModule(VOCAB, EncoderShape("tiny", layers=1, hidden=64, heads=2), ema=EMAConfig()),
+        SequenceClassificationModule(
+            encoder=EncoderShape("tiny", layers=1, hidden=64), vocab_size=VOCAB, ema=EMAConfig()
+        ),
         SpeechTextModule(SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16, ema=EMAConfig()),
         TriModalModule(IMAGE, SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16, ema=EMAConfig()),
     ]
