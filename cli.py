@@ -41,6 +41,7 @@ import lightning_modules  # noqa: F401
 from datamodules.image.webdataset_shards import ShardUnreadable
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
+from lightning_modules.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints
 from lightning_modules.checkpoint_writers import BEST, LAST, CheckpointWriter
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
@@ -57,7 +58,7 @@ from lightning_modules.ema import add_ema_switch, move_sharded_ema, use_ema_weig
 from lightning_modules.image_text_module import image_text_from_checkpoint
 from lightning_modules.linear_probe import probe_features
 from lightning_modules.mlm_module import MLMPretrainingModule
-from lightning_modules.resilience import AtomicCheckpointIO, AtomicCheckpoints, PreemptionCheckpoint
+from lightning_modules.preemption import PreemptionCheckpoint
 from lightning_modules.speech_text_module import speech_text_from_checkpoint
 from lightning_modules.throughput import Throughput
 

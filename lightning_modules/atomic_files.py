@@ -1,4 +1,4 @@
-"""The file-system pieces of atomic checkpoint writes, shared by the single-file writer (resilience.py's
+"""The file-system pieces of atomic checkpoint writes, shared by the single-file writer (checkpoint_io.py's
 `AtomicCheckpointIO`) and the sharded one (strategies.py's `FSDP2Strategy`): the temporary name a writer uses,
 whether its process still lives, and the fsync that makes a rename durable."""
 

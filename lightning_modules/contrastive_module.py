@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.sections import flat_hparams
+from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -31,8 +32,8 @@ from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerTraining, apply_lock
 from lightning_modules.ema import EMAConfig
+from lightning_modules.nonfinite import SkipNonFiniteSteps
 from lightning_modules.optim import OptimizerConfig
-from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 from lightning_modules.rng import rng_state, set_rng_state
 from lightning_modules.strategies import shard_units
 

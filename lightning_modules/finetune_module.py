@@ -18,6 +18,7 @@ from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, Multi
 
 from datamodules.masking import IGNORE_INDEX
 from datamodules.text.conll_datamodule import CONLL2003_LABELS
+from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.bert import BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
 from lightning_modules.components.ner_metrics import EntityF1
@@ -31,8 +32,8 @@ from lightning_modules.hparams import (
     section,
 )
 from lightning_modules.llrd import build_llrd_optimizer
+from lightning_modules.nonfinite import SkipNonFiniteSteps
 from lightning_modules.optim import OptimizerConfig
-from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 STAGES = ("val", "test")
 

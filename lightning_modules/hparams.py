@@ -102,7 +102,7 @@ class ReadsFlatHparams:
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike | io.IOBase, *args: Any, **kwargs: Any):
-        from lightning_modules.checkpoints import read_checkpoint
+        from datamodules.checkpoint_file import read_checkpoint
 
         if isinstance(checkpoint_path, (str, os.PathLike)) and Path(checkpoint_path).is_file():
             ckpt = read_checkpoint(checkpoint_path, needs=())  # memory-mapped: the weights are not read here

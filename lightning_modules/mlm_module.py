@@ -12,14 +12,15 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.masking import IGNORE_INDEX
+from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.bert import BertForPreTraining, SparseLayout
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.components.towers import EncoderShape
 from lightning_modules.ema import EMAConfig
 from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, ReadsFlatHparams, bert_config, section
 from lightning_modules.llrd import build_llrd_optimizer
+from lightning_modules.nonfinite import SkipNonFiniteSteps
 from lightning_modules.optim import OptimizerConfig
-from lightning_modules.resilience import CheckpointExtras, SkipNonFiniteSteps
 
 
 class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from datamodules.masking import MLMCollator
 from lightning_modules.callbacks import LossTQDMProgressBar
 from lightning_modules.components.bert import SparseLayout
-from lightning_modules.resilience import PreemptionCheckpoint
+from lightning_modules.preemption import PreemptionCheckpoint
 from lightning_modules.throughput import Throughput, peak_tflops_of
 from tests.helpers import quiet_trainer
 from tests.test_resilience import RandomMLMBatches, loader, tiny_mlm
@@ -291,7 +291,7 @@ class WatchQuietSteps(L.Callback):
         step = trainer.global_step
         if step >= 1 and (step + 1) % trainer.log_every_n_steps != 0:
             # PreemptionCheckpoint reads its flags from a pinned host copy whose event has landed (on CUDA)
-            self.mode = HostReads(host_tensors=("resilience.py:on_train_batch_end",))
+            self.mode = HostReads(host_tensors=("preemption.py:on_train_batch_end",))
             self.mode.__enter__()
             self.watched.append(step)
 

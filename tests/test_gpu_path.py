@@ -24,7 +24,8 @@ from torchvision.models.vision_transformer import VisionTransformer
 from cli import CheckpointError, consolidate, read_checkpoint
 from lightning_modules.callbacks import LossTQDMProgressBar
 from lightning_modules.components.encoder import EncoderBlock
-from lightning_modules.resilience import PreemptionCheckpoint, SkipNonFiniteSteps
+from lightning_modules.nonfinite import SkipNonFiniteSteps
+from lightning_modules.preemption import PreemptionCheckpoint
 from lightning_modules.strategies import shard_units
 from lightning_modules.throughput import Throughput, batch_counts, peak_tflops_of
 from tests.helpers import quiet_trainer
@@ -598,7 +599,7 @@ def test_compile_switch_of_the_contrastive_systems_compiles_every_block_in_place
 def test_nonfinite_rows_are_read_at_logging_steps_and_at_the_end(tmp_path: Path) -> None:
     """Between logging steps the skips are only counted on the device; the run stops at the next read, here the
     end of training, naming the longest row, and no NaN step updated the weights."""
-    from lightning_modules.resilience import NonFiniteLossError
+    from lightning_modules.nonfinite import NonFiniteLossError
     from tests.test_resilience import NaNAtCalls
 
     model = tiny_mlm(NaNAtCalls, nan_calls=set(range(1, 10)), max_nonfinite_in_row=3)

@@ -16,14 +16,14 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_modules.contrastive_module as contrastive_module
-import lightning_modules.resilience as resilience
+import lightning_modules.nonfinite as nonfinite
 from lightning_modules.components.contrastive import ContrastiveLossConfig, PairEmbeddings
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.resilience import NonFiniteLossError
+from lightning_modules.nonfinite import NonFiniteLossError
 from lightning_modules.speech_text_module import SpeechTextModule
 from tests.helpers import quiet_trainer
 
@@ -331,7 +331,7 @@ def test_nonfinite_loss_skips_the_step_with_grad_cache(
     train/nonfinite_skipped, and the step's flag and logged loss share one `reduce_step`. Around it the run is
     that of automatic optimisation: the LR schedule advances on the skipped batch too."""
     if skip == "host":
-        monkeypatch.setattr(resilience, "_skips_on_device", lambda optimizer: False)
+        monkeypatch.setattr(nonfinite, "_skips_on_device", lambda optimizer: False)
     good = speech_text_batch(GROUPS)
     bad = nan_batch(good)
     kwargs = dict(warmup_steps=2, schedule="constant", eps=ADAM_EPS)  # the LR doubles after the first batch
@@ -368,7 +368,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_with_grad_cache(
     """max_nonfinite_in_row NaN losses in a row stop the run with the message: at a logging step when fused
     AdamW skips on the device, right at the host read otherwise (no global step passes there)."""
     if skip == "host":
-        monkeypatch.setattr(resilience, "_skips_on_device", lambda optimizer: False)
+        monkeypatch.setattr(nonfinite, "_skips_on_device", lambda optimizer: False)
     module = speech_text(grad_cache_chunks=2)
     module.max_nonfinite_in_row = 3
     bad = nan_batch(speech_text_batch(GROUPS))

@@ -24,8 +24,9 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lightning_modules import resilience
-from lightning_modules.resilience import PreemptionCheckpoint, SkipNonFiniteSteps, deepspeed_skips_nonfinite
+from lightning_modules import nonfinite, preemption
+from lightning_modules.nonfinite import SkipNonFiniteSteps, deepspeed_skips_nonfinite
+from lightning_modules.preemption import PreemptionCheckpoint
 from lightning_modules.strategies import BlockFSDPStrategy
 from tests.helpers import free_port, quiet_trainer
 
@@ -129,7 +130,7 @@ def test_every_rank_saves_at_the_same_step_whatever_its_events_answer(
         for rank in (0, 1):
             if rank in stopped:
                 continue
-            monkeypatch.setattr(resilience, "copy_to_host", copies[rank])
+            monkeypatch.setattr(preemption, "copy_to_host", copies[rank])
             callbacks[rank].receive_step_flags(flags)
             try:
                 callbacks[rank].on_train_batch_end(trainers[rank], None)
@@ -163,7 +164,7 @@ def test_gpu_flags_are_acted_on_one_step_later_even_when_the_host_runs_ahead(
     """A training run whose flags take the GPU path (copies whose events never say landed, as for a host that
     keeps running ahead of the device): SIGTERM at step 2 is saved at the end of step 3, on step 2's flags."""
     copies = FakeCopies([False])
-    monkeypatch.setattr(resilience, "copy_to_host", copies)
+    monkeypatch.setattr(preemption, "copy_to_host", copies)
     preempted = PreemptionCheckpoint(requeue=False)
     t = quiet_trainer(
         max_steps=8,
@@ -188,7 +189,7 @@ def _rank_with_events(rank: int, root: str, port: int) -> None:
     os.environ.pop("SLURM_JOB_ID", None)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    resilience.copy_to_host = FakeCopies([rank == 0])
+    preemption.copy_to_host = FakeCopies([rank == 0])
 
     class SignalRankOne(SignalAt):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -347,7 +348,7 @@ def test_deepspeed_configs_that_would_apply_a_nonfinite_step_are_refused_in_one_
 
 def test_deepspeed_check_runs_when_the_system_is_configured_for_fit(deepspeed_strategy, monkeypatch) -> None:
     """`configure_model` (before Lightning builds the engine from the config) sets or refuses, for `fit` only."""
-    monkeypatch.setattr(resilience, "installed_version", lambda name: "0.19.8")
+    monkeypatch.setattr(nonfinite, "installed_version", lambda name: "0.19.8")
     system = TinySystem()
     for precision, fn in (("32-true", TrainerFn.VALIDATING), ("bf16-mixed", TrainerFn.FITTING)):
         strategy = deepspeed_strategy()

@@ -24,17 +24,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset
 
 from datamodules.loading import ResumableDataLoader, ResumableSampler
-from lightning_modules import resilience
+from lightning_modules import preemption
+from lightning_modules.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints, remove_stale_temporaries
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule
-from lightning_modules.resilience import (
-    AtomicCheckpointIO,
-    AtomicCheckpoints,
-    NonFiniteLossError,
-    PreemptionCheckpoint,
-    remove_stale_temporaries,
-    signal_named,
-    slurm_requeue_target,
-)
+from lightning_modules.nonfinite import NonFiniteLossError
+from lightning_modules.preemption import PreemptionCheckpoint, signal_named, slurm_requeue_target
 from tests.helpers import free_port, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +228,7 @@ def scontrol(monkeypatch) -> list[list[str]]:
         calls.append(list(cmd))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(resilience.subprocess, "run", run)
+    monkeypatch.setattr(preemption.subprocess, "run", run)
     return calls
 
 
@@ -392,7 +386,7 @@ import io, os, signal, sys
 import torch
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning_modules.resilience import AtomicCheckpointIO
+from lightning_modules.checkpoint_io import AtomicCheckpointIO
 
 path, atomic = sys.argv[1], sys.argv[2] == "atomic"
 writer = AtomicCheckpointIO() if atomic else TorchCheckpointIO()
