@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 from importlib.metadata import version as installed_version
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -35,9 +35,24 @@ def device_scalar(value: Tensor | float, device: torch.device) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
-def _flag_sources(trainer: L.Trainer | None) -> list[Any]:
-    """The callbacks whose per-step flags ride in the step's all-reduce (`PreemptionCheckpoint`)."""
-    return [c for c in (trainer.callbacks if trainer is not None else []) if hasattr(c, "receive_step_flags")]
+@runtime_checkable
+class StepFlags(Protocol):
+    """A callback whose per-step flags ride in the training step's one all-reduce (`reduce_step`), so a decision
+    every rank must take together costs no collective of its own (`PreemptionCheckpoint`'s SIGTERM and requeue
+    flags). Each source gives exactly two flags."""
+
+    def local_step_flags(self, trainer: L.Trainer, device: torch.device) -> list[Tensor]:
+        """This rank's two flags (float scalars on `device`, 0 or 1), added to the step's all-reduce."""
+        ...
+
+    def receive_step_flags(self, flags: Tensor) -> None:
+        """The two flags summed over ranks (a device tensor of shape (2,)), the same on every rank."""
+        ...
+
+
+def _flag_sources(trainer: L.Trainer | None) -> list[StepFlags]:
+    """The callbacks whose per-step flags ride in the step's all-reduce."""
+    return [c for c in (trainer.callbacks if trainer is not None else []) if isinstance(c, StepFlags)]
 
 
 class SkipNonFiniteSteps(L.LightningModule):

@@ -1,7 +1,7 @@
 """A last checkpoint before the job exits: `PreemptionCheckpoint` turns SIGTERM (`scancel`, preemption, eviction)
 or SLURM's requeue signal into `last.ckpt` written by every rank at the same step, then stops the run and, after
 the requeue signal only, requeues the SLURM job (`slurm_requeue_target`). The signal flags travel in the training
-step's one all-reduce (`reduce_step`, lightning_modules/nonfinite.py) and reach the host without the device waiting
+step's one all-reduce (`StepFlags`, lightning_modules/nonfinite.py) and reach the host without the device waiting
 (`copy_to_host`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from lightning_modules.nonfinite import device_scalar
+from lightning_modules.nonfinite import StepFlags, device_scalar
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def signal_named(name: str) -> signal.Signals:
         ) from None
 
 
-class PreemptionCheckpoint(L.Callback):
+class PreemptionCheckpoint(L.Callback, StepFlags):
     """On SIGTERM (`scancel`, preemption, Kubernetes eviction, `kill`) or on the SLURM requeue signal (`#SBATCH
     --signal=USR1@120`: the time limit is near), finish the current step, write `last.ckpt` and stop; after the
     requeue signal, and only then, also requeue the SLURM job. Resume with `fit ... --ckpt_path last`.
