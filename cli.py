@@ -56,6 +56,7 @@ from lightning_modules.components import clip_import, hf_export
 from lightning_modules.curation import curate
 from lightning_modules.ema import add_ema_switch, move_sharded_ema, use_ema_weights
 from lightning_modules.image_text_module import image_text_from_checkpoint
+from lightning_modules.lightning_private import parse_ckpt_path_into_sections
 from lightning_modules.linear_probe import probe_features
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.preemption import PreemptionCheckpoint
@@ -106,21 +107,7 @@ class PretrainCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyper-parameters of `--ckpt_path` into the config; those of checkpoints with flat
         arguments (`lr`, `hidden_size`, ...) are read into the model's sections first (`upgrade_hparams`)."""
-        subcommand = self.config.get("subcommand")
-        cfg = self.config[subcommand] if subcommand else {}
-        ckpt_path, model = cfg.get("ckpt_path"), cfg.get("model")
-        upgrade = getattr(resolve_class(getattr(model, "class_path", None) or ""), "upgrade_hparams", None)
-        if upgrade is None or not ckpt_path or not Path(ckpt_path).is_file():
-            return super()._parse_ckpt_path()
-        hparams = dict(read_checkpoint(ckpt_path, needs=()).get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        if not hparams:
-            return None
-        hparams = upgrade(hparams)
-        if "_class_path" in hparams:
-            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-        return None
+        parse_ckpt_path_into_sections(self)
 
     def add_arguments_to_parser(self, parser) -> None:
         # trainer.callbacks, set or appended to (`callbacks+`), come besides the writers

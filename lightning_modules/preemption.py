@@ -21,6 +21,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
+from lightning_modules.lightning_private import restore_sigterm_broadcast, silence_sigterm_broadcast
 from lightning_modules.nonfinite import StepFlags, device_scalar
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ def copy_to_host(flags: Tensor) -> tuple[Tensor, Any]:
     event = torch.cuda.Event()
     event.record()
     return host, event
-
-
-def _no_sigterm_broadcast() -> None:
-    """Stands in for Lightning's per-step SIGTERM broadcast while `PreemptionCheckpoint` owns the signal."""
 
 
 def signal_named(name: str) -> signal.Signals:
@@ -156,7 +153,7 @@ class PreemptionCheckpoint(L.Callback, StepFlags):
             self._previous_handler = signal.signal(self._signum, self._on_requeue_signal)
         self._previous_sigterm_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         # the flag rides in the step's all-reduce: Lightning's broadcast before every step is not needed
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = _no_sigterm_broadcast
+        silence_sigterm_broadcast(trainer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._restore(trainer)
@@ -172,7 +169,7 @@ class PreemptionCheckpoint(L.Callback, StepFlags):
                 signal.signal(self._signum, self._previous_handler)
             if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
                 signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
-        vars(trainer.fit_loop.epoch_loop).pop("_broadcast_sigterm_tensor", None)
+        restore_sigterm_broadcast(trainer)
         self._previous_handler = self._previous_sigterm_handler = self._trainer = None
 
     def _received(self, trainer: L.Trainer) -> tuple[bool, bool]:
