@@ -40,28 +40,28 @@ import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
 from datamodules.image.webdataset_shards import ShardUnreadable
 from datamodules.tokenizer import TextTokenizer
-from lightning_modules.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
-from lightning_modules.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints
-from lightning_modules.checkpoint_writers import BEST, LAST, CheckpointWriter
+from lightning_modules.components import clip_import, hf_export
+from lightning_modules.curation import curate
+from lightning_modules.image_text_module import image_text_from_checkpoint
+from lightning_modules.linear_probe import probe_features
+from lightning_modules.mlm_module import MLMPretrainingModule
+from lightning_modules.speech_text_module import speech_text_from_checkpoint
+from lightning_modules.training.callbacks import LossRichProgressBar, LossTQDMProgressBar, MetricCurves
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints
+from lightning_modules.training.checkpoint_writers import BEST, LAST, CheckpointWriter
 
 # the checkpoint reader lives in the library (every loader uses it); these names stay importable from here
-from lightning_modules.checkpoints import (  # noqa: F401
+from lightning_modules.training.checkpoints import (  # noqa: F401
     CheckpointError,
     check_system,
     read_checkpoint,
     read_sharded_model,
     resolve_class,
 )
-from lightning_modules.components import clip_import, hf_export
-from lightning_modules.curation import curate
-from lightning_modules.ema import add_ema_switch, move_sharded_ema, use_ema_weights
-from lightning_modules.image_text_module import image_text_from_checkpoint
-from lightning_modules.lightning_private import parse_ckpt_path_into_sections
-from lightning_modules.linear_probe import probe_features
-from lightning_modules.mlm_module import MLMPretrainingModule
-from lightning_modules.preemption import PreemptionCheckpoint
-from lightning_modules.speech_text_module import speech_text_from_checkpoint
-from lightning_modules.throughput import Throughput
+from lightning_modules.training.ema import add_ema_switch, move_sharded_ema, use_ema_weights
+from lightning_modules.training.lightning_private import parse_ckpt_path_into_sections
+from lightning_modules.training.preemption import PreemptionCheckpoint
+from lightning_modules.training.throughput import Throughput
 
 # `${trainer.default_root_dir}` in any config file is rewritten relative to where it stands, so it resolves
 # under the subcommand (`fit.trainer...`) on the merged config

@@ -12,7 +12,7 @@ tokenised with open_clip's own BPE tokenizer. open_clip always runs its text Tra
 (causal mask, pooling at the end-of-text token), as its tokenizer pads every caption to the context length.
 Ours receives what our collate function produces, the same ids padded to the longest caption of the batch with
 an attention mask, and its encoder runs the per-token work (projections, feed-forward, LayerNorms) on the real
-tokens only. Each side uses its own training recipe's optimiser: ours `lightning_modules.optim.build_optimizer`,
+tokens only. Each side uses its own training recipe's optimiser: ours `lightning_modules.training.optim.build_optimizer`,
 open_clip's `torch.optim.AdamW` with its default implementation, plus its logit-scale clamp after the step.
 
 The two steps are interleaved in one process after warm-up, alternating which goes first, and the median step
@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
-from lightning_modules.optim import build_optimizer  # noqa: E402
+from lightning_modules.training.optim import build_optimizer  # noqa: E402
 
 IMAGE, PATCH, LAYERS, WIDTH, HEADS = 224, 32, 4, 256, 4
 CONTEXT, VOCAB, EMBED, BATCH = 64, 49408, 256, 64

@@ -40,7 +40,7 @@ from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule  # noqa: E402
-from lightning_modules.throughput import peak_tflops_of  # noqa: E402
+from lightning_modules.training.throughput import peak_tflops_of  # noqa: E402
 
 Step = Callable[[], None]
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_modules.components.bert import BertConfig, BertForPreTraining  # noqa: E402
-from lightning_modules.optim import param_groups  # noqa: E402
+from lightning_modules.training.optim import param_groups  # noqa: E402
 
 L_, H, A, SEQ, BATCH, VOCAB = 4, 256, 4, 128, 32, 30522
 

@@ -30,7 +30,7 @@ from benchmarks.clip_step import interleaved_medians  # noqa: E402
 from lightning_modules.components.image_tower import ImageTowerConfig  # noqa: E402
 from lightning_modules.components.text_tower import TextTowerConfig  # noqa: E402
 from lightning_modules.image_text_module import ImageTextModule  # noqa: E402
-from lightning_modules.optim import build_optimizer  # noqa: E402
+from lightning_modules.training.optim import build_optimizer  # noqa: E402
 
 VOCAB, CONTEXT, EMBED = 1000, 32, 256
 

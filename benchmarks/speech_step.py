@@ -30,8 +30,8 @@ from datamodules.speech.librispeech import LibriSpeechDataset, SpeechTextCollato
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule  # noqa: E402
 from datamodules.synthetic.tones import generate_tone_librispeech  # noqa: E402
 from lightning_modules.components.speech_tower import LogMel, SpeechTowerConfig  # noqa: E402
-from lightning_modules.optim import param_groups  # noqa: E402
 from lightning_modules.speech_text_module import SpeechTextModule  # noqa: E402
+from lightning_modules.training.optim import param_groups  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real" / "librispeech"
 TARGET_RTF = 50.0

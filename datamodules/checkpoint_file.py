@@ -6,7 +6,7 @@ the file runs) and memory-mapped (tensors are read when used). Whatever is wrong
 with one line that names the file.
 
 It sits in the data layer because the tokenizer a checkpoint carries is read through it as well; the loaders of
-lightning_modules and cli.py import it from lightning_modules/checkpoints.py, which re-exports these names.
+lightning_modules and cli.py import it from lightning_modules/training/checkpoints.py, which re-exports these names.
 Imports only torch.
 """
 

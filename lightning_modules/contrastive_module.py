@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.sections import flat_hparams
-from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -31,11 +30,12 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerTraining, apply_lock
-from lightning_modules.ema import EMAConfig
-from lightning_modules.nonfinite import SkipNonFiniteSteps
-from lightning_modules.optim import OptimizerConfig
-from lightning_modules.rng import rng_state, set_rng_state
-from lightning_modules.strategies import shard_units
+from lightning_modules.training.checkpoint_io import CheckpointExtras
+from lightning_modules.training.ema import EMAConfig
+from lightning_modules.training.nonfinite import SkipNonFiniteSteps
+from lightning_modules.training.optim import OptimizerConfig
+from lightning_modules.training.rng import rng_state, set_rng_state
+from lightning_modules.training.strategies import shard_units
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
             compile: torch.compile every tower's blocks, in place (parameter names, checkpoints and exports
                 unchanged), after FSDP2 has sharded them when it is the strategy.
-            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
+            ema: an exponential moving average of the weights (lightning_modules/training/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()  # the subclasses' arguments too: this frame's callers are their __init__s

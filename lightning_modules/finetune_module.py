@@ -18,22 +18,22 @@ from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, Multi
 
 from datamodules.masking import IGNORE_INDEX
 from datamodules.text.conll_datamodule import CONLL2003_LABELS
-from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.bert import BertModel
 from lightning_modules.components.bert_finetune import SequenceClassifier, TokenClassifier, pretrained_bert
 from lightning_modules.components.ner_metrics import EntityF1
 from lightning_modules.components.towers import EncoderShape
-from lightning_modules.ema import EMAConfig
-from lightning_modules.hparams import (
+from lightning_modules.training.checkpoint_io import CheckpointExtras
+from lightning_modules.training.ema import EMAConfig
+from lightning_modules.training.hparams import (
     FINETUNE_ENCODER,
     FINETUNE_OPTIMIZER,
     ReadsFlatHparams,
     bert_config,
     section,
 )
-from lightning_modules.llrd import build_llrd_optimizer
-from lightning_modules.nonfinite import SkipNonFiniteSteps
-from lightning_modules.optim import OptimizerConfig
+from lightning_modules.training.llrd import build_llrd_optimizer
+from lightning_modules.training.nonfinite import SkipNonFiniteSteps
+from lightning_modules.training.optim import OptimizerConfig
 
 STAGES = ("val", "test")
 
@@ -67,7 +67,7 @@ class FineTuneModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
             optimizer: AdamW and its schedule (lr 3e-5, weight decay 0.01, 10% warmup, linear decay by default);
                 layer_decay d gives block l of L the rate lr * d^(L - l), the embeddings lr * d^(L + 1).
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
-            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
+            ema: an exponential moving average of the weights (lightning_modules/training/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.sections import flat_hparams
-from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.components.clip_import import ClipParts, load_clip
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
@@ -29,7 +28,8 @@ from lightning_modules.components.image_tower import ImageTower, ImageTowerConfi
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
-from lightning_modules.prediction import embedding_prediction
+from lightning_modules.training.checkpoints import CheckpointError, check_system, read_checkpoint
+from lightning_modules.training.prediction import embedding_prediction
 
 log = logging.getLogger(__name__)
 

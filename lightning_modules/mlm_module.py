@@ -12,15 +12,21 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.masking import IGNORE_INDEX
-from lightning_modules.checkpoint_io import CheckpointExtras
 from lightning_modules.components.bert import BertForPreTraining, SparseLayout
 from lightning_modules.components.hf_interop import load_hf_bert, save_hf_bert
 from lightning_modules.components.towers import EncoderShape
-from lightning_modules.ema import EMAConfig
-from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, ReadsFlatHparams, bert_config, section
-from lightning_modules.llrd import build_llrd_optimizer
-from lightning_modules.nonfinite import SkipNonFiniteSteps
-from lightning_modules.optim import OptimizerConfig
+from lightning_modules.training.checkpoint_io import CheckpointExtras
+from lightning_modules.training.ema import EMAConfig
+from lightning_modules.training.hparams import (
+    MLM_ENCODER,
+    MLM_OPTIMIZER,
+    ReadsFlatHparams,
+    bert_config,
+    section,
+)
+from lightning_modules.training.llrd import build_llrd_optimizer
+from lightning_modules.training.nonfinite import SkipNonFiniteSteps
+from lightning_modules.training.optim import OptimizerConfig
 
 
 class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
@@ -60,7 +66,7 @@ class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtra
             gradient_checkpointing: recompute encoder blocks in backward to save memory.
             compile: wrap the model in torch.compile.
             max_nonfinite_in_row: a NaN/Inf loss skips its step; this many in a row stop the run.
-            ema: an exponential moving average of the weights (lightning_modules/ema.py); None: none.
+            ema: an exponential moving average of the weights (lightning_modules/training/ema.py); None: none.
         """
         super().__init__()
         self.save_hyperparameters()

@@ -12,7 +12,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.components.contrastive import (
     ContrastiveLossConfig,
     ContrastivePair,
@@ -22,7 +21,8 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
-from lightning_modules.prediction import embedding_prediction
+from lightning_modules.training.checkpoints import CheckpointError, check_system, read_checkpoint
+from lightning_modules.training.prediction import embedding_prediction
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
 _SPEECH, _TEXT = SpeechTowerConfig(), TextTowerConfig(dropout=0.1, max_len=512)

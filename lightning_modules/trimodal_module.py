@@ -31,8 +31,8 @@ from lightning_modules.components.speech_tower import SpeechTowerConfig, build_s
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.contrastive_module import AlignmentModule, log_empty
 from lightning_modules.image_text_module import ImageTextPair, adopt_recorded_statistics
-from lightning_modules.prediction import embedding_prediction
 from lightning_modules.speech_text_module import SpeechTextPair
+from lightning_modules.training.prediction import embedding_prediction
 
 TASKS = ("image_text", "speech_text")  # the order of the evaluation loaders, as in TriModalDataModule
 _IMAGE, _SPEECH, _TEXT = ImageTowerConfig(), SpeechTowerConfig(), TextTowerConfig()

@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import cli
 from cli import CheckpointError, check_system, main, read_checkpoint
-from lightning_modules.checkpoints import SYSTEM_CLASS_KEY
 from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.mlm_module import MLMPretrainingModule
+from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 MLM = str(REPO / "configs/mlm/quickstart.yaml")

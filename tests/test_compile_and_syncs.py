@@ -18,10 +18,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from datamodules.masking import MLMCollator
-from lightning_modules.callbacks import LossTQDMProgressBar
 from lightning_modules.components.bert import SparseLayout
-from lightning_modules.preemption import PreemptionCheckpoint
-from lightning_modules.throughput import Throughput, peak_tflops_of
+from lightning_modules.training.callbacks import LossTQDMProgressBar
+from lightning_modules.training.preemption import PreemptionCheckpoint
+from lightning_modules.training.throughput import Throughput, peak_tflops_of
 from tests.helpers import quiet_trainer
 from tests.test_resilience import RandomMLMBatches, loader, tiny_mlm
 
@@ -418,7 +418,7 @@ def test_collate_layout_gives_the_same_loss_and_gradients() -> None:
 def test_activation_checkpointing_is_found_in_every_form() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from lightning_modules.throughput import recomputes_activations
+    from lightning_modules.training.throughput import recomputes_activations
 
     model = tiny_mlm()
     assert not recomputes_activations(model)

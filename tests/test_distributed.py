@@ -156,8 +156,8 @@ def test_torchrun_two_nodes_on_localhost(
     "experiment, snippet, strategy",
     [
         ("configs/clip/coco_vit_b16.yaml", "ddp", "lightning.pytorch.strategies.DDPStrategy"),
-        ("configs/mlm/bert_base.yaml", "fsdp", "lightning_modules.strategies.BlockFSDPStrategy"),
-        ("configs/clip/coco_vit_b16.yaml", "fsdp2", "lightning_modules.strategies.FSDP2Strategy"),
+        ("configs/mlm/bert_base.yaml", "fsdp", "lightning_modules.training.strategies.BlockFSDPStrategy"),
+        ("configs/clip/coco_vit_b16.yaml", "fsdp2", "lightning_modules.training.strategies.FSDP2Strategy"),
         (
             "configs/speech/librispeech_base.yaml",
             "deepspeed",
@@ -188,7 +188,7 @@ def test_fsdp2_two_processes_equal_one_process_and_consolidate(
     The bf16 compute policy of configs/strategy/fsdp2.yaml needs a GPU to be checked."""
     fsdp2 = [
         "--trainer.accelerator=cpu",
-        "--trainer.strategy=lightning_modules.strategies.FSDP2Strategy",
+        "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
         "--trainer.strategy.param_dtype=float32",
         "--trainer.devices=2",
     ]

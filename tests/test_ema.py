@@ -1,4 +1,4 @@
-"""The exponential moving average of the weights (`model.ema`, lightning_modules/ema.py).
+"""The exponential moving average of the weights (`model.ema`, lightning_modules/training/ema.py).
 
 Default run: the average equals one computed by hand from the weights after each step (start step and update
 interval included); a run interrupted by a checkpoint and resumed ends with the same average, bit for bit, as
@@ -24,11 +24,11 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from cli import consolidate, export
-from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.contrastive_module import OptimizerConfig
-from lightning_modules.ema import EMACallback, EMAConfig, averaged_tensors, ema_of
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
+from lightning_modules.training.checkpoints import read_checkpoint
+from lightning_modules.training.ema import EMACallback, EMAConfig, averaged_tensors, ema_of
+from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
 from tests.helpers import free_port, quiet_trainer
 from tests.test_contrastive_ddp import IMAGE, TEXT, VOCAB, image_text_batches
 from tests.test_fsdp2_contrastive import ResumableBatches, world_of_one

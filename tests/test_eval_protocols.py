@@ -26,9 +26,9 @@ from datamodules.image.classification_sets import (
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.retrieval import RetrievalRecall
 from lightning_modules.components.text_tower import TextTowerConfig
-from lightning_modules.evaluation import caption_set_protocol
 from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, image_text_from_checkpoint
 from lightning_modules.linear_probe import DEFAULT_WEIGHT_DECAYS, held_out, linear_probe, read_features
+from lightning_modules.training.evaluation import caption_set_protocol
 from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
 
 open_clip = pytest.importorskip("open_clip")

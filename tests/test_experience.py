@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 import cli
 from cli import main
-from lightning_modules.callbacks import join_wordpieces, plot_metrics_csv
+from lightning_modules.training.callbacks import join_wordpieces, plot_metrics_csv
 
 REPO = Path(__file__).resolve().parents[1]
 MLM = str(REPO / "configs/mlm/quickstart.yaml")
@@ -401,8 +401,8 @@ def test_examples_callback_runs_the_same_forwards_on_every_rank_and_logs_on_rank
     from lightning.pytorch.plugins.precision import Precision
 
     from datamodules.tokenizer import TextTokenizer
-    from lightning_modules.callbacks import WandbExamples
     from lightning_modules.mlm_module import MLMPretrainingModule
+    from lightning_modules.training.callbacks import WandbExamples
 
     class RecordingLogger(WandbLogger):  # never starts a W&B run
         def __init__(self) -> None:

@@ -24,8 +24,8 @@ from lightning_modules.components.bert_finetune import mlm_bert_config
 from lightning_modules.components.hf_interop import save_hf_bert
 from lightning_modules.components.ner_metrics import EntityF1, entity_spans
 from lightning_modules.finetune_module import SequenceClassificationModule, TokenClassificationModule
-from lightning_modules.llrd import llrd_param_groups
 from lightning_modules.mlm_module import MLMPretrainingModule
+from lightning_modules.training.llrd import llrd_param_groups
 from tests.helpers import quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,12 +29,12 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from cli import consolidate
-from lightning_modules.checkpoints import SYSTEM_CLASS_KEY, read_checkpoint
 from lightning_modules.components.contrastive import ContrastiveLossConfig, ContrastivePair
 from lightning_modules.components.speech_tower import LogMel
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
+from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY, read_checkpoint
+from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
 from tests.helpers import free_port, quiet_trainer, single_thread
 from tests.test_contrastive_ddp import IMAGE, SYSTEMS, TEXT, VOCAB, image_text_batches, speech_text_batch
 

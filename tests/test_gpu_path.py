@@ -22,12 +22,12 @@ from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 from torchvision.models.vision_transformer import VisionTransformer
 
 from cli import CheckpointError, consolidate, read_checkpoint
-from lightning_modules.callbacks import LossTQDMProgressBar
 from lightning_modules.components.encoder import EncoderBlock
-from lightning_modules.nonfinite import SkipNonFiniteSteps
-from lightning_modules.preemption import PreemptionCheckpoint
-from lightning_modules.strategies import shard_units
-from lightning_modules.throughput import Throughput, batch_counts, peak_tflops_of
+from lightning_modules.training.callbacks import LossTQDMProgressBar
+from lightning_modules.training.nonfinite import SkipNonFiniteSteps
+from lightning_modules.training.preemption import PreemptionCheckpoint
+from lightning_modules.training.strategies import shard_units
+from lightning_modules.training.throughput import Throughput, batch_counts, peak_tflops_of
 from tests.helpers import quiet_trainer
 from tests.test_resilience import LENGTH, RandomMLMBatches, loader, tiny_mlm
 
@@ -195,7 +195,7 @@ def test_fsdp2_shards_a_channels_last_tower(tmp_path: Path) -> None:
     to it contiguous (one process, gloo, a mesh of one)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_modules.strategies import apply_fsdp2
+    from lightning_modules.training.strategies import apply_fsdp2
 
     tower = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten())
     tower.to(memory_format=torch.channels_last)
@@ -599,7 +599,7 @@ def test_compile_switch_of_the_contrastive_systems_compiles_every_block_in_place
 def test_nonfinite_rows_are_read_at_logging_steps_and_at_the_end(tmp_path: Path) -> None:
     """Between logging steps the skips are only counted on the device; the run stops at the next read, here the
     end of training, naming the longest row, and no NaN step updated the weights."""
-    from lightning_modules.nonfinite import NonFiniteLossError
+    from lightning_modules.training.nonfinite import NonFiniteLossError
     from tests.test_resilience import NaNAtCalls
 
     model = tiny_mlm(NaNAtCalls, nan_calls=set(range(1, 10)), max_nonfinite_in_row=3)

@@ -16,15 +16,15 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 import lightning_modules.contrastive_module as contrastive_module
-import lightning_modules.nonfinite as nonfinite
+import lightning_modules.training.nonfinite as nonfinite
 from lightning_modules.components.contrastive import ContrastiveLossConfig, PairEmbeddings
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.nonfinite import NonFiniteLossError
 from lightning_modules.speech_text_module import SpeechTextModule
+from lightning_modules.training.nonfinite import NonFiniteLossError
 from tests.helpers import quiet_trainer
 
 VOCAB = 60

@@ -19,7 +19,6 @@ from torchvision.transforms import v2
 from datamodules.image.coco import eval_transform, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.image.imagefolder_datamodule import ImageFolderDataModule
-from lightning_modules.callbacks import to_picture
 from lightning_modules.components.image_tower import (
     CLIP_MEAN,
     CLIP_STD,
@@ -30,6 +29,7 @@ from lightning_modules.components.image_tower import (
 )
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.training.callbacks import to_picture
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")

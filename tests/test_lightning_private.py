@@ -1,4 +1,4 @@
-"""The private Lightning names the framework relies on (lightning_modules/lightning_private.py) exist on the
+"""The private Lightning names the framework relies on (lightning_modules/training/lightning_private.py) exist on the
 installed Lightning with the signatures it calls them with, Lightning still calls them where the framework expects,
 and the guarded functions work on a real Trainer's loop or fail with a one-line error naming the missing name."""
 
@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
-from lightning_modules.lightning_private import (
+from lightning_modules.training.lightning_private import (
     PARSE_CKPT_PATH,
     SIGTERM_BROADCAST,
     parse_ckpt_path_into_sections,

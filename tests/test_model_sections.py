@@ -18,11 +18,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from cli import main
 from datamodules.synthetic.shapes import generate_shapes_coco
-from lightning_modules.checkpoints import _init_args, _systems
 from lightning_modules.components.bert import BertConfig
 from lightning_modules.components.bert_finetune import read_mlm_checkpoint
 from lightning_modules.finetune_module import SequenceClassificationModule
-from lightning_modules.hparams import (
+from lightning_modules.mlm_module import MLMPretrainingModule
+from lightning_modules.training.checkpoints import _init_args, _systems
+from lightning_modules.training.hparams import (
     FINETUNE_ENCODER,
     FINETUNE_OPTIMIZER,
     FLAT_ENCODER,
@@ -31,8 +32,7 @@ from lightning_modules.hparams import (
     bert_config,
     sections_from_flat,
 )
-from lightning_modules.mlm_module import MLMPretrainingModule
-from lightning_modules.optim import OptimizerConfig
+from lightning_modules.training.optim import OptimizerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ["mlm/bert_base.yaml", "finetune/sst2.yaml", "clip/quickstart.yaml", "speech/quickstart.yaml"]

@@ -242,7 +242,7 @@ def test_cli_trains_validates_and_predicts_from_one_csv(shapes, tmp_path: Path) 
     out = tmp_path / "predictions"
     writer.write_text(
         "return_predictions: false\ntrainer:\n  logger: false\n  callbacks:\n"
-        "    - class_path: lightning_modules.prediction.PredictionWriter\n"
+        "    - class_path: lightning_modules.training.prediction.PredictionWriter\n"
         f"      init_args:\n        output_dir: {out}\n"
     )
     main(["predict", *common, "--config", str(writer), f"--data.predict={val}", f"--ckpt_path={ckpt}"])

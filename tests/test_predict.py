@@ -1,4 +1,4 @@
-"""Predictions to disk (lightning_modules/prediction.py): what the writer puts in its files, for every kind of
+"""Predictions to disk (lightning_modules/training/prediction.py): what the writer puts in its files, for every kind of
 system, on one process and merged from two."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.prediction import PredictionWriter
+from lightning_modules.training.prediction import PredictionWriter
 from tests.helpers import quiet_trainer
 
 N_VAL = 6
@@ -286,7 +286,7 @@ import sys, torch
 sys.path.insert(0, {repo!r})
 from tests.helpers import quiet_trainer
 from tests.test_predict import _clip, _clip_data
-from lightning_modules.prediction import PredictionWriter
+from lightning_modules.training.prediction import PredictionWriter
 from pathlib import Path
 
 dm = _clip_data(Path({shapes!r}), Path({tmp!r}), images={images!r}, texts={texts!r},

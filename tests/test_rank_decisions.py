@@ -24,10 +24,10 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lightning_modules import nonfinite, preemption
-from lightning_modules.nonfinite import SkipNonFiniteSteps, deepspeed_skips_nonfinite
-from lightning_modules.preemption import PreemptionCheckpoint
-from lightning_modules.strategies import BlockFSDPStrategy
+from lightning_modules.training import nonfinite, preemption
+from lightning_modules.training.nonfinite import SkipNonFiniteSteps, deepspeed_skips_nonfinite
+from lightning_modules.training.preemption import PreemptionCheckpoint
+from lightning_modules.training.strategies import BlockFSDPStrategy
 from tests.helpers import free_port, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def test_fsdp1_with_bert_bases_clipping_clips_through_the_fsdp_root() -> None:
     rank-local clipping besides. FSDP1 itself refuses CPU: its root is a mock of FullyShardedDataParallel."""
     trainer = _composed("configs/mlm/bert_base.yaml", "configs/strategy/fsdp.yaml")
     spec = trainer["strategy"]
-    assert spec["class_path"] == "lightning_modules.strategies.BlockFSDPStrategy"
+    assert spec["class_path"] == "lightning_modules.training.strategies.BlockFSDPStrategy"
     strategy = BlockFSDPStrategy(**spec["init_args"])
     system = TinySystem()
     strategy.model = root = mock.Mock(spec=FullyShardedDataParallel)

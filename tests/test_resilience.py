@@ -24,11 +24,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset
 
 from datamodules.loading import ResumableDataLoader, ResumableSampler
-from lightning_modules import preemption
-from lightning_modules.checkpoint_io import AtomicCheckpointIO, AtomicCheckpoints, remove_stale_temporaries
 from lightning_modules.mlm_module import IGNORE_INDEX, MLMPretrainingModule
-from lightning_modules.nonfinite import NonFiniteLossError
-from lightning_modules.preemption import PreemptionCheckpoint, signal_named, slurm_requeue_target
+from lightning_modules.training import preemption
+from lightning_modules.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    AtomicCheckpoints,
+    remove_stale_temporaries,
+)
+from lightning_modules.training.nonfinite import NonFiniteLossError
+from lightning_modules.training.preemption import PreemptionCheckpoint, signal_named, slurm_requeue_target
 from tests.helpers import free_port, quiet_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,7 +390,7 @@ import io, os, signal, sys
 import torch
 from lightning.fabric.plugins.io import torch_io
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning_modules.checkpoint_io import AtomicCheckpointIO
+from lightning_modules.training.checkpoint_io import AtomicCheckpointIO
 
 path, atomic = sys.argv[1], sys.argv[2] == "atomic"
 writer = AtomicCheckpointIO() if atomic else TorchCheckpointIO()
@@ -569,7 +573,7 @@ def test_fsdp_strategy_wraps_and_checkpoints_each_block() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
     from lightning_modules.components.encoder import EncoderBlock
-    from lightning_modules.strategies import BlockFSDPStrategy
+    from lightning_modules.training.strategies import BlockFSDPStrategy
 
     strategy = BlockFSDPStrategy(activation_checkpointing=True)
     model = tiny_mlm(num_layers=3, dropout=0.0, attention_dropout=0.0).model

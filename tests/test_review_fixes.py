@@ -22,7 +22,6 @@ from datamodules.image.webdataset_shards import (
     shard_captions,
     shard_sizes,
 )
-from lightning_modules import strategies
 from lightning_modules.components.image_tower import (
     CLIP_MEAN,
     CLIP_STD,
@@ -32,7 +31,8 @@ from lightning_modules.components.image_tower import (
 )
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.strategies import FSDP2Strategy, apply_fsdp2
+from lightning_modules.training import strategies
+from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
 from lightning_modules.trimodal_module import TriModalModule
 from tests.helpers import quiet_trainer
 from tests.test_contrastive_ddp import IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB, image_text_batches

@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
 from cli import main
-from lightning_modules import strategies
-from lightning_modules.checkpoints import read_sharded_model
-from lightning_modules.strategies import FSDP2Strategy
+from lightning_modules.training import strategies
+from lightning_modules.training.checkpoints import read_sharded_model
+from lightning_modules.training.strategies import FSDP2Strategy
 from tests.test_distributed import STEPS, _args, _run
 
 # one process, no process group: torch.distributed.checkpoint then writes as a single rank, and says so
@@ -173,7 +173,7 @@ def mlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_fsdp2_two_processes_replace_last_ckpt_and_resume(mlm_cache: str, tmp_path: Path) -> None:
     fsdp2 = [
         "--trainer.accelerator=cpu",
-        "--trainer.strategy=lightning_modules.strategies.FSDP2Strategy",
+        "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
         "--trainer.strategy.param_dtype=float32",
         "--trainer.devices=2",
     ]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel, init_bert_weights
 from lightning_modules.components.hf_interop import config_from_hf, load_hf_bert
-from lightning_modules.hparams import MLM_ENCODER, MLM_OPTIMIZER, bert_config, sections_from_flat
+from lightning_modules.training.checkpoints import read_checkpoint
+from lightning_modules.training.hparams import MLM_ENCODER, MLM_OPTIMIZER, bert_config, sections_from_flat
 
 log = logging.getLogger(__name__)
 

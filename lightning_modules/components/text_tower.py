@@ -15,11 +15,11 @@ from typing import Literal
 from torch import Tensor, nn
 
 from datamodules.sections import flat_hparams
-from lightning_modules.checkpoints import read_checkpoint
 from lightning_modules.components.bert import BertConfig, BertModel
 from lightning_modules.components.hf_interop import load_hf_bert
 from lightning_modules.components.hf_towers import HFTextTower
 from lightning_modules.components.towers import EncoderShape, TowerInit, TowerTraining
+from lightning_modules.training.checkpoints import read_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from lightning_modules.components.bert import BertModel
-from lightning_modules.optim import OptimizerConfig, param_groups
+from lightning_modules.training.optim import OptimizerConfig, param_groups
 
 
 def layer_scales(model: nn.Module, bert: BertModel, layer_decay: float | None) -> dict[int, float]:

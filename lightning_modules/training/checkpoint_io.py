@@ -20,11 +20,11 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.fsdp import FSDPModule
 
-from lightning_modules.atomic_files import fsync_folder, pid_is_alive, temporary_name
-from lightning_modules.checkpoints import SYSTEM_CLASS_KEY
-from lightning_modules.ema import ema_callbacks, load_ema, save_ema
-from lightning_modules.rng import restore_rng_state, rng_states_of_all_ranks
-from lightning_modules.strategies import configure_parallelism
+from lightning_modules.training.atomic_files import fsync_folder, pid_is_alive, temporary_name
+from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY
+from lightning_modules.training.ema import ema_callbacks, load_ema, save_ema
+from lightning_modules.training.rng import restore_rng_state, rng_states_of_all_ranks
+from lightning_modules.training.strategies import configure_parallelism
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class CheckpointExtras(L.LightningModule):
     run draws the dropout masks an unbroken one would, the DataModule's tokenizer (`tokenizer_json`), so
     zero-shot, fine-tuning and the HF export need no data cache, and the system's class path
     (`system_class_path`), so a checkpoint given to the wrong config is refused by name; with `model.ema`, the
-    average of the weights (lightning_modules/ema.py)."""
+    average of the weights (lightning_modules/training/ema.py)."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states_of_all_ranks()
@@ -58,7 +58,7 @@ class CheckpointExtras(L.LightningModule):
         load_ema(self, checkpoint)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        # the system's `ema` section, when set: the average's updates and evaluation (lightning_modules/ema.py)
+        # the system's `ema` section, when set: the average's updates and evaluation (lightning_modules/training/ema.py)
         return ema_callbacks(self)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from lightning_modules.components.bert import BertConfig
 from lightning_modules.components.towers import EncoderShape
-from lightning_modules.optim import OptimizerConfig
+from lightning_modules.training.optim import OptimizerConfig
 
 # BERT's: dropout 0.1 on hidden states and attention probabilities, post-LN
 MLM_ENCODER = EncoderShape(size="base", dropout=0.1)

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_modules.checkpoints import read_checkpoint, resolve_class
+from lightning_modules.training.checkpoints import read_checkpoint, resolve_class
 
 SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"
 PARSE_CKPT_PATH = "_parse_ckpt_path"
@@ -25,7 +25,7 @@ def require_private(owner: Any, name: str) -> None:
         where = owner.__name__ if isinstance(owner, type) else type(owner).__name__
         raise RuntimeError(
             f"lightning {L.__version__} has no {where}.{name}, a private name this framework relies on "
-            "(lightning_modules/lightning_private.py); install a lightning version its setup.cfg allows"
+            "(lightning_modules/training/lightning_private.py); install a lightning version its setup.cfg allows"
         )
 
 

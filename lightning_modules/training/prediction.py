@@ -166,7 +166,7 @@ class PredictionWriter(BasePredictionWriter):
         if not isinstance(prediction, dict):
             raise TypeError(
                 f"{type(pl_module).__name__}.predict_step returned {type(prediction).__name__}; the prediction "
-                "writer needs a dict (embeddings, classes, tags or fill-mask: see lightning_modules/prediction.py)"
+                "writer needs a dict (embeddings, classes, tags or fill-mask: see lightning_modules/training/prediction.py)"
             )
         rank_dir = self._rank_dir(trainer.global_rank)
         if "embeddings" in prediction:

@@ -37,8 +37,8 @@ from torchaudio.models.conformer import ConformerLayer
 from torchvision.models.resnet import Bottleneck
 from torchvision.models.vision_transformer import EncoderBlock as ViTBlock
 
-from lightning_modules.atomic_files import fsync_folder, pid_is_alive, temporary_name
 from lightning_modules.components.encoder import EncoderBlock
+from lightning_modules.training.atomic_files import fsync_folder, pid_is_alive, temporary_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

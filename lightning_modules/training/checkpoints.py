@@ -109,7 +109,9 @@ def _systems() -> list[type]:
 def _system_from_hparams(hparams: dict, expected: type) -> str | None:
     """For a checkpoint that does not name its system (written before `system_class_path` existed, from Python):
     None when `expected` takes its hyper-parameters, else the system that does, or a description."""
-    from lightning_modules.hparams import sections_from_flat  # flat encoder / optimizer names: their sections
+    from lightning_modules.training.hparams import (
+        sections_from_flat,  # flat encoder / optimizer names: their sections
+    )
 
     names = {k for k in sections_from_flat(hparams) if not k.startswith("_")}
     if not names or names <= _init_args(expected):

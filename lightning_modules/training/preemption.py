@@ -1,7 +1,7 @@
 """A last checkpoint before the job exits: `PreemptionCheckpoint` turns SIGTERM (`scancel`, preemption, eviction)
 or SLURM's requeue signal into `last.ckpt` written by every rank at the same step, then stops the run and, after
 the requeue signal only, requeues the SLURM job (`slurm_requeue_target`). The signal flags travel in the training
-step's one all-reduce (`StepFlags`, lightning_modules/nonfinite.py) and reach the host without the device waiting
+step's one all-reduce (`StepFlags`, lightning_modules/training/nonfinite.py) and reach the host without the device waiting
 (`copy_to_host`)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from lightning_modules.lightning_private import restore_sigterm_broadcast, silence_sigterm_broadcast
-from lightning_modules.nonfinite import StepFlags, device_scalar
+from lightning_modules.training.lightning_private import restore_sigterm_broadcast, silence_sigterm_broadcast
+from lightning_modules.training.nonfinite import StepFlags, device_scalar
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The training machinery every system shares: callbacks, checkpoint IO, strategies, optimisers, resilience."""
