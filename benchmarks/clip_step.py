@@ -12,8 +12,9 @@ tokenised with open_clip's own BPE tokenizer. open_clip always runs its text Tra
 (causal mask, pooling at the end-of-text token), as its tokenizer pads every caption to the context length.
 Ours receives what our collate function produces, the same ids padded to the longest caption of the batch with
 an attention mask, and its encoder runs the per-token work (projections, feed-forward, LayerNorms) on the real
-tokens only. Each side uses its own training recipe's optimiser: ours `lightning_modules.training.optim.build_optimizer`,
-open_clip's `torch.optim.AdamW` with its default implementation, plus its logit-scale clamp after the step.
+tokens only. Each side uses its own training recipe's optimiser: ours
+`lightning_modules.training.optim.build_optimizer`, open_clip's `torch.optim.AdamW` with its default
+implementation, plus its logit-scale clamp after the step.
 
 The two steps are interleaved in one process after warm-up, alternating which goes first, and the median step
 time of each is reported as pairs/s; `ratio: X` = our pairs/s / open_clip's. One torch thread by default
