@@ -22,7 +22,7 @@ together with its captions and counts it in `skipped`. Missing files are found a
 
 Training reads either the folder layout above, through a seeded sampler whose position is saved in checkpoints
 (a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`shards.urls`, see
-datamodules/image/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
+datamodules/image/shards/), streamed and split by rank and worker. Evaluation always reads the folder
 layout: retrieval ranks every caption against every image of the split.
 """
 
@@ -50,13 +50,9 @@ from datamodules.image.coco import (
     load_karpathy_splits,
     train_transform,
 )
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    expand_shards,
-    shard_captions,
-    shard_selection,
-)
+from datamodules.image.shards.listing import expand_shards, shard_selection
+from datamodules.image.shards.members import shard_captions
+from datamodules.image.shards.stream import ShardLoader, ShardStream
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
 from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 from datamodules.sections import (
@@ -152,7 +148,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         generate_if_missing: write the synthetic shapes set into root when a split it reads has no annotations
             (quickstart); only into a root that is new, empty or a generated set, any other is refused.
         shards: WebDataset tar shards (`shards.urls`) to train on instead of the training split's folder, as
-            written by `python -m datamodules.image.webdataset_shards`; validation and test still read the folder
+            written by `python -m datamodules.image.shards.write`; validation and test still read the folder
             layout. Without `tokenizer.path`, the vocabulary is trained on the training split's annotations when
             they exist, else on the captions stored in the shards (which reads every shard once: for large remote
             sets pass `tokenizer.path`).

@@ -32,15 +32,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.image.coco import decode_rgb
-from datamodules.image.webdataset_shards import (
-    IMAGE_EXTENSIONS,
-    MalformedSample,
-    ShardUnreadable,
-    _sample_captions,
-    expand_shards,
-    is_remote,
-    read_shard,
-)
+from datamodules.image.shards.listing import expand_shards
+from datamodules.image.shards.members import IMAGE_EXTENSIONS, MalformedSample, read_shard, sample_captions
+from datamodules.image.shards.remote import ShardUnreadable, is_remote
 from datamodules.sections import LoaderConfig
 
 log = logging.getLogger(__name__)
@@ -148,7 +142,7 @@ def unit_items(unit: Unit, caption_key: str = "txt", retries: int = 2) -> Iterat
             for count, sample in enumerate(read_shard(unit.source, retries=retries), start=1):
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 try:
-                    captions = _sample_captions(sample, caption_key)[1]
+                    captions = sample_captions(sample, caption_key)[1]
                 except MalformedSample as err:
                     captions, error = [], err.why
                 else:
@@ -252,7 +246,7 @@ class CurationDataModule(LightningDataModule):
         done: whether a unit's scores are already stored (it is then skipped).
         batch_size: samples per batch and device.
         num_workers: DataLoader worker processes per device.
-        caption_key: where a shard sample's caption is (see `webdataset_shards.parse_caption_key`).
+        caption_key: where a shard sample's caption is (see `shards.members.parse_caption_key`).
     """
 
     def __init__(

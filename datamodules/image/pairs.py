@@ -9,7 +9,7 @@ Formats (`infer_format` tells them by the path):
     parquet     the image column holds a path, the encoded bytes, or the {bytes, path} struct Hugging Face
                 `datasets` writes for an `Image()` feature; local or remote (fsspec: s3://, gs://, https://)
     folder      images with a caption beside each in a `.txt` of the same name (`cat.jpg`, `cat.txt`)
-    shards      WebDataset tar shards (img2dataset's layout), read by datamodules/image/webdataset_shards.py
+    shards      WebDataset tar shards (img2dataset's layout), read by datamodules/image/shards/
 
 A row that cannot be used (a missing image file, an empty caption, too few fields, a line that is not JSON) is
 skipped, named by its file and line, and counted; a manifest without the configured column stops with
@@ -301,12 +301,12 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
     Training streams its shards instead (`ShardStream`)."""
     import pyarrow as pa
 
-    from datamodules.image.webdataset_shards import (
+    from datamodules.image.shards.listing import expand_shards
+    from datamodules.image.shards.members import (
         IMAGE_EXTENSIONS,
         MalformedSample,
-        _sample_captions,
-        expand_shards,
         read_shard,
+        sample_captions,
     )
 
     rows = _Rows(spec)
@@ -316,7 +316,7 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
             where = f"{shard}:{sample['__key__']}"
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             try:
-                captions = _sample_captions(sample, caption_key)[1]
+                captions = sample_captions(sample, caption_key)[1]
             except MalformedSample as err:
                 rows.skip(where, err.why)
                 continue

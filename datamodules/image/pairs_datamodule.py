@@ -10,7 +10,7 @@ carry `sources` (the source of each row), which the DataModule counts to log eac
 
 Training from files goes through `MixtureSampler` (datamodules/mixture.py) and a resumable loader: a run
 resumed mid-epoch continues with the next unseen batch. Training from shards streams them (`ShardStream`,
-datamodules/image/webdataset_shards.py) and cannot be mixed with other sources.
+datamodules/image/shards/) and cannot be mixed with other sources.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class ImagePipeline:
 
 @dataclass
 class ShardOptions:
-    """Streaming WebDataset shards for training (datamodules/image/webdataset_shards.py `ShardStream`)."""
+    """Streaming WebDataset shards for training (datamodules/image/shards/stream.py `ShardStream`)."""
 
     num_samples: int | None = None
     """Samples in all the shards, for shards without sizes files beside them."""
@@ -273,7 +273,8 @@ class ImageTextPairsDataModule(LightningDataModule):
                 "--ckpt_path (evaluation uses the checkpoint's tokenizer) or data.tokenizer.path"
             )
         if self._is_shards("train"):
-            from datamodules.image.webdataset_shards import expand_shards, shard_captions
+            from datamodules.image.shards.listing import expand_shards
+            from datamodules.image.shards.members import shard_captions
 
             shards = expand_shards(self.sources["train"][0].path)
             return list(
@@ -325,7 +326,8 @@ class ImageTextPairsDataModule(LightningDataModule):
         return groups
 
     def _shard_stream(self) -> Any:
-        from datamodules.image.webdataset_shards import ShardStream, expand_shards
+        from datamodules.image.shards.listing import expand_shards
+        from datamodules.image.shards.stream import ShardStream
 
         rank, world = self._topology()
         o = self.shard_options
@@ -382,7 +384,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         dataset = self.datasets["train"]
         kwargs = self._loader_kwargs(train=True)
         if not isinstance(dataset, PairsDataset):  # shards
-            from datamodules.image.webdataset_shards import ShardLoader
+            from datamodules.image.shards.stream import ShardLoader
 
             return ShardLoader(dataset, epoch_fn=self._current_epoch, **kwargs)
         sampler = self.sampler()
