@@ -259,7 +259,7 @@ def test_shard_cut_between_members_is_not_taken_for_a_whole_shard(shards: Path, 
 def test_unreachable_shards_give_one_line_errors(tmp_path: Path) -> None:
     urls = expand_shards(f"http://127.0.0.1:{free_port()}/coco-{{000000..000002}}.tar")
     with pytest.raises(
-        FileNotFoundError, match=r"^3 remote shards have no sample counts .* data\.train_num_samples$"
+        FileNotFoundError, match=r"^3 remote shards have no sample counts .* data\.shards\.num_samples$"
     ):
         ShardStream(urls, TRANSFORM)
     with pytest.raises(ShardUnreadable) as err:
