@@ -1,17 +1,7 @@
-"""Contrastive image-text training on the user's own pairs: CSV/TSV, JSON lines, Parquet (paths or embedded
-image bytes, local or remote), a folder of images with `.txt` captions, or WebDataset shards; one source per
-split, or for training a weighted mixture of several (`a.csv::b.parquet` with `mixture.weights: [3, 1]`).
-
-Batches are those of `CocoCaptionsDataModule` (datamodules/image/coco_datamodule.py): uint8 images, one caption
-per image, `image_ids` that group rows as positives and `caption_ids`. In training, `image_ids` is the row's
-duplicate group: rows with the same image bytes or the same normalised caption share it, so the loss never
-treats a pair's own copy as a negative. Evaluation batches number every row on its own. Training batches also
-carry `sources` (the source of each row), which the DataModule counts to log each source's realised share.
-
-Training from files goes through `MixtureSampler` (datamodules/mixture.py) and a resumable loader: a run
-resumed mid-epoch continues with the next unseen batch. Training from shards streams them (`ShardStream`,
-datamodules/image/shards/) and cannot be mixed with other sources.
-"""
+"""Contrastive image-text training on the user's own pairs (CSV/TSV, JSON lines, Parquet, a folder of images with
+`.txt` captions, or WebDataset shards): one source per split, or for training a weighted mixture of several,
+with the batches of `CocoCaptionsDataModule` and duplicate groups that keep a pair's copies from being
+negatives."""
 
 from __future__ import annotations
 
@@ -149,6 +139,20 @@ class PairItems(Dataset):
 
 class ImageTextPairsDataModule(LightningDataModule):
     """Image-caption pairs from the user's files for contrastive training, retrieval evaluation and predict.
+
+    Sources: CSV/TSV, JSON lines, Parquet (paths or embedded image bytes, local or remote), a folder of images with
+    `.txt` captions, or WebDataset shards; one source per split, or for training a weighted mixture of several
+    (`a.csv::b.parquet` with `mixture.weights: [3, 1]`).
+
+    Batches are those of `CocoCaptionsDataModule` (datamodules/image/coco_datamodule.py): uint8 images, one caption
+    per image, `image_ids` that group rows as positives and `caption_ids`. In training, `image_ids` is the row's
+    duplicate group: rows with the same image bytes or the same normalised caption share it, so the loss never
+    treats a pair's own copy as a negative. Evaluation batches number every row on its own. Training batches also
+    carry `sources` (the source of each row), which the DataModule counts to log each source's realised share.
+
+    Training from files goes through `MixtureSampler` (datamodules/mixture.py) and a resumable loader: a run
+    resumed mid-epoch continues with the next unseen batch. Training from shards streams them (`ShardStream`,
+    datamodules/image/shards/) and cannot be mixed with other sources.
 
     Args:
         train: the training source: a path (`data/pairs.csv`), or several joined by `::` (`a.csv::b.parquet`,
