@@ -1,15 +1,9 @@
-"""Image-text pairs read for curation: every sample of a pool once, with where it came from.
-
-A pool is WebDataset shards (any setting `expand_shards` takes) or manifests: CSV with a header, or JSONL, whose
-rows name an image file (`path` or `image`; relative paths are taken from the manifest's folder) and its caption
-(`caption` or `text`). Evaluation images (COCO or Flickr test splits, an ImageFolder: any folder, read
-recursively) are read beside them, so that pool images copying them can be found.
-
-The pool is cut into units: a shard, `MANIFEST_UNIT` rows of a manifest, or `MANIFEST_UNIT` files of an
-evaluation folder. Unit u is read by rank u % world and, among that rank's units, by DataLoader worker
-(position % workers). Each unit ends with an end mark, so its scores are stored as soon as it is whole; a resumed
-run skips the units already stored (`done` says which).
-"""
+"""Image-text pairs read for curation: every sample of a pool once, with where it came from. A pool is WebDataset
+shards (any setting `expand_shards` takes) or manifests (CSV with a header, or JSONL, whose rows name an image
+file, `path` or `image`, relative paths taken from the manifest's folder, and its caption, `caption` or `text`);
+evaluation images (any folder, read recursively) are read beside them, so that pool images copying them can be
+found. The pool is read in units split over ranks and workers (`pool_units`), so a resumed run skips what is
+stored."""
 
 from __future__ import annotations
 
@@ -104,7 +98,13 @@ def eval_files(folder: str | os.PathLike) -> list[str]:
 
 
 def pool_units(pool: Sequence[str], eval_folders: Sequence[str] = ()) -> list[Unit]:
-    """The units of a pool (shard settings and manifests) and of evaluation folders, in a fixed order."""
+    """The units of a pool (shard settings and manifests) and of evaluation folders, in a fixed order.
+
+    A unit is a shard, `MANIFEST_UNIT` rows of a manifest, or `MANIFEST_UNIT` files of an evaluation folder. Unit u
+    is read by rank u % world and, among that rank's units, by DataLoader worker (position % workers). Each unit ends
+    with an end mark, so its scores are stored as soon as it is whole; a resumed run skips the units already stored
+    (`done` says which).
+    """
     units: list[Unit] = []
     for spec in pool:
         if spec.endswith(MANIFEST_SUFFIXES):
