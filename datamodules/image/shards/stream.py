@@ -66,7 +66,7 @@ def worker_batches(steps: int, workers: int) -> list[int]:
 
 
 class ShardStream(IterableDataset):
-    """Training samples streamed from WebDataset shards, split by rank and worker (docs/data.md, "Shards").
+    """Training samples streamed from WebDataset shards, split by rank and worker (docs/data.md, "Web-scale data").
 
     Yields the items of `CocoCaptionsDataset` in training (one caption per image), None for an image that does
     not decode (`CaptionCollate` drops and counts it). `len()` is the number of samples of one rank per epoch.
