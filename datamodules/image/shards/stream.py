@@ -86,7 +86,7 @@ class ShardStream(IterableDataset):
         retry_delay: seconds before the first retry of a shard, doubled at each further one; None: RETRY_DELAY.
         caption_key: where a sample's caption is: a member's extension (`txt`) or `json:FIELD` (see
             `parse_caption_key`); the converter's json record, with every caption of an image, is used first.
-        resampled: draw whole shards with replacement for each worker run (docs/data.md); an epoch is
+        resampled: draw whole shards with replacement for each worker run (docs/curation.md); an epoch is
             `num_samples` samples when given, else as many as the shards hold.
         selection: read only the samples of this sample list (its shards must be `shards`, in its order).
 
