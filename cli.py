@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 # the task packages must be importable for class_path resolution
 import datamodules  # noqa: F401
 import lightning_modules  # noqa: F401
-from datamodules.image.webdataset_shards import ShardUnreadable
+from datamodules.image.shards.remote import ShardUnreadable
 from datamodules.tokenizer import TextTokenizer
 from lightning_modules.components import clip_import, hf_export
 from lightning_modules.curation import curate

@@ -47,7 +47,7 @@ def tiny_teacher():
 
 def bench_scoring(pairs: int, teacher_spec: str | None, device: str, batch_size: int, workers: int) -> float:
     from datamodules.image.coco import load_coco_captions
-    from datamodules.image.webdataset_shards import write_shards
+    from datamodules.image.shards.write import write_shards
     from datamodules.synthetic.shapes import generate_shapes_coco
     from lightning_modules.curation import score
 

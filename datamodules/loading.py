@@ -1,20 +1,6 @@
-"""DataLoaders whose position in the epoch is saved in checkpoints: `ResumableDataLoader` over a seeded
-sampler (positions in samples), `ResumableBatchDataLoader` over a batch sampler (positions in batches).
-
-Lightning 2.x keeps the `state_dict()` of every training DataLoader that has `state_dict` and `load_state_dict`
-in the checkpoint (`loops.fit_loop.state_dict.combined_loader`) and hands it back through `load_state_dict()`
-before the resumed run first iterates. The state is the sampler's epoch and how many samples the training
-loop has received in it; on resume the sampler skips exactly those indices (no sample is loaded to skip it),
-so the run continues with the next unseen batch. (Lightning restores the loader state only when it resumes
-mid-epoch or in iteration-based training, and it does not call `on_train_epoch_start` when it resumes
-mid-epoch: the loaders therefore tell an epoch-dependent dataset its epoch themselves.)
-
-What counts is what the training loop took, not what worker processes prefetched: the count grows as each
-batch is handed over. Lightning's fetcher reads one batch ahead only for loaders without a length, so for
-these (sized) loaders the count at checkpoint time is the number of batches trained on. The checkpoint is
-written by rank 0 and loaded by every rank; that is right because under DDP every rank takes the same number
-of batches per epoch.
-"""
+"""DataLoaders whose position in the epoch is saved in checkpoints, so a run resumed mid-epoch continues with the
+next unseen batch: `ResumableDataLoader` over a seeded sampler (positions in samples), `ResumableBatchDataLoader`
+over a batch sampler (positions in batches)."""
 
 from __future__ import annotations
 
@@ -59,7 +45,22 @@ class ResumableSampler(DistributedSampler):
 
 
 class _PositionedLoader(DataLoader):
-    """Counts what the training loop takes and saves it as (epoch, consumed) in `position`'s units."""
+    """Counts what the training loop takes and saves it as (epoch, consumed) in `position`'s units.
+
+    Lightning 2.x keeps the `state_dict()` of every training DataLoader that has `state_dict` and `load_state_dict`
+    in the checkpoint (`loops.fit_loop.state_dict.combined_loader`) and hands it back through `load_state_dict()`
+    before the resumed run first iterates. The state is the sampler's epoch and how many samples the training
+    loop has received in it; on resume the sampler skips exactly those indices (no sample is loaded to skip it).
+    Lightning restores the loader state only when it resumes mid-epoch or in iteration-based training, and it does
+    not call `on_train_epoch_start` when it resumes mid-epoch: the loaders therefore tell an epoch-dependent dataset
+    its epoch themselves.
+
+    What counts is what the training loop took, not what worker processes prefetched: the count grows as each
+    batch is handed over. Lightning's fetcher reads one batch ahead only for loaders without a length, so for
+    these (sized) loaders the count at checkpoint time is the number of batches trained on. The checkpoint is
+    written by rank 0 and loaded by every rank; that is right because under DDP every rank takes the same number
+    of batches per epoch.
+    """
 
     def _position(self) -> Any:
         """The sampler that holds `epoch`, `skip` and `skip_epoch`."""

@@ -1,25 +1,6 @@
-"""A training set made of several sources, each with a weight: `MixtureSampler` over their concatenation.
-
-The sources are concatenated (`torch.utils.data.ConcatDataset(sources)`: source i holds the global indices
-[sum(sizes[:i]), sum(sizes[:i + 1]))) and the sampler yields global indices. A weight is an upsampling factor,
-as open_clip's `--train-data-upsampling-factors`: a sample of a source with weight 3 is drawn three times as
-often as one of weight 1, so source i's expected share of an epoch is size_i * weight_i / sum_j size_j * weight_j
-(all weights 1: every sample equally often, whatever the source). Sources of equal size with weights [3, 1] give
-shares of 75 % and 25 %.
-
-An epoch is `num_samples` draws over all ranks (default: sum of size_i * weight_i, rounded):
-
-    replacement=True    each draw picks a source by its share, then a sample of it uniformly at random;
-    replacement=False   source i gets a quota of draws proportional to its share; it is met as whole passes over
-                        the source (each a fresh permutation) plus a random part of one more, so no sample comes
-                        back before its whole source has been seen in that epoch.
-
-The epoch's order depends on (seed, epoch) only, and every rank computes the same global order and takes every
-`num_replicas`-th index from its rank on, so every rank takes the same number of samples (the order is padded
-by wrapping around to a multiple of the world size). Mid-epoch resume follows datamodules/loading.py: the sampler
-has `epoch`, `seed`, `skip` and `skip_epoch`, and a `ResumableDataLoader` over it checkpoints its position; the
-sampler's own `state_dict()` does the same for use without that loader.
-"""
+"""A training set made of several sources, each with a weight (an upsampling factor, as open_clip's
+`--train-data-upsampling-factors`): `MixtureSampler` draws global indices into their concatenation, the same
+order on every rank, and resumes mid-epoch like the samplers of datamodules/loading.py."""
 
 from __future__ import annotations
 
@@ -46,7 +27,26 @@ def largest_remainder(total: int, shares: Sequence[float]) -> list[int]:
 
 
 class MixtureSampler(DistributedSampler):
-    """Global indices into the concatenation of sources of `sizes`, each source drawn by its `weights` (module doc).
+    """Global indices into the concatenation of sources of `sizes`, each source drawn by its `weights`.
+
+    The sources are concatenated (`torch.utils.data.ConcatDataset(sources)`: source i holds the global indices
+    [sum(sizes[:i]), sum(sizes[:i + 1]))) and the sampler yields global indices. A sample of a source with weight 3
+    is drawn three times as often as one of weight 1, so source i's expected share of an epoch is
+    size_i * weight_i / sum_j size_j * weight_j (all weights 1: every sample equally often, whatever the source).
+    Sources of equal size with weights [3, 1] give shares of 75 % and 25 %.
+
+    An epoch is `num_samples` draws over all ranks (default: sum of size_i * weight_i, rounded):
+
+        replacement=True    each draw picks a source by its share, then a sample of it uniformly at random;
+        replacement=False   source i gets a quota of draws proportional to its share; it is met as whole passes over
+                            the source (each a fresh permutation) plus a random part of one more, so no sample comes
+                            back before its whole source has been seen in that epoch.
+
+    The epoch's order depends on (seed, epoch) only, and every rank computes the same global order and takes every
+    `num_replicas`-th index from its rank on, so every rank takes the same number of samples (the order is padded
+    by wrapping around to a multiple of the world size). Mid-epoch resume follows datamodules/loading.py: the sampler
+    has `epoch`, `seed`, `skip` and `skip_epoch`, and a `ResumableDataLoader` over it checkpoints its position; the
+    sampler's own `state_dict()` does the same for use without that loader.
 
     A `DistributedSampler` for Lightning's sake only (Lightning keeps a training loader's sampler under DDP when it
     is one, and would wrap any other); it reads no dataset and is built from sizes alone.

@@ -117,7 +117,7 @@ class ShardsConfig:
 
     urls: str | None = None
     """The shards: a brace pattern (`/data/coco_shards/train/coco-{000000..000023}.tar`), a glob or a folder of
-    .tar files (plain, or gzip-compressed as .tar.gz / .tgz), as `python -m datamodules.image.webdataset_shards`
+    .tar files (plain, or gzip-compressed as .tar.gz / .tgz), as `python -m datamodules.image.shards.write`
     writes them; or remote: URLs (`https://host/coco-{000000..000023}.tar`, `s3://`, `gs://` through fsspec) or
     `pipe:COMMAND` writing a shard to its output; or a sample list (`.parquet`, as `curate filter` writes it) to
     train on its samples only. None: train on the folder layout."""

@@ -1,28 +1,6 @@
-"""Image-text and speech-text batches for one tri-modal model: the COCO and LibriSpeech DataModules, composed,
-with ONE vocabulary for both.
-
-Shared vocabulary: without `tokenizer.path`, one WordPiece is trained on the COCO training captions together with
-the LibriSpeech training transcripts (cached like every vocabulary here), and both DataModules are configured
-with it through their own `tokenizer` section: the text tower sees the same ids for the same words, whichever
-task the text comes from.
-
-Batches:
-
-    train  {"image_text": <COCO training batch>, "speech_text": <LibriSpeech training batch>}, one of each per
-           step, from Lightning's CombinedLoader (`train_mode`: "min_size" ends the epoch with the shorter
-           loader, each loader reshuffled every epoch; "max_size_cycle" runs the longer one to its end and
-           restarts the shorter one, which repeats its order within the epoch).
-    eval   two loaders, in `TASKS` order: COCO (image-text), then LibriSpeech (speech-text). When the speech
-           set is spoken captions (below), each speech batch also holds `image_ids` (B,) long: the image whose
-           caption the utterance speaks, -1 for none, so image <-> speech retrieval can be scored.
-
-Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set (datamodules/
-synthetic_shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as tone patterns
-(datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
-utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
-which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
-image-text and speech-text retrieval are reported.
-"""
+"""Image-text and speech-text batches for one tri-modal model: the COCO and LibriSpeech DataModules composed, with
+ONE vocabulary for both, so the text tower sees the same ids for the same words whichever task the text comes
+from; for the CPU quickstart, a generated speech set that speaks the generated images' captions."""
 
 from __future__ import annotations
 
@@ -163,6 +141,27 @@ class PairedSpeechCollate:
 
 class TriModalDataModule(LightningDataModule):
     """COCO captions and LibriSpeech together, tokenized with one vocabulary, for `TriModalModule`.
+
+    Shared vocabulary: without `tokenizer.path`, one WordPiece is trained on the COCO training captions together with
+    the LibriSpeech training transcripts (cached like every vocabulary here), and both DataModules are configured
+    with it through their own `tokenizer` section.
+
+    Batches:
+
+        train  {"image_text": <COCO training batch>, "speech_text": <LibriSpeech training batch>}, one of each per
+               step, from Lightning's CombinedLoader (`train_mode`: "min_size" ends the epoch with the shorter
+               loader, each loader reshuffled every epoch; "max_size_cycle" runs the longer one to its end and
+               restarts the shorter one, which repeats its order within the epoch).
+        eval   two loaders, in `TASKS` order: COCO (image-text), then LibriSpeech (speech-text). When the speech
+               set is spoken captions (below), each speech batch also holds `image_ids` (B,) long: the image whose
+               caption the utterance speaks, -1 for none, so image <-> speech retrieval can be scored.
+
+    Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set (datamodules/
+    synthetic_shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as tone patterns
+    (datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
+    utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
+    which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
+    image-text and speech-text retrieval are reported.
 
     Needs `Trainer(use_distributed_sampler=False)`, as LibriSpeech alone does: its batch sampler and the COCO
     training sampler shard by rank themselves (under DDP every rank then also evaluates the whole COCO split;

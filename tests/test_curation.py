@@ -35,7 +35,9 @@ from datamodules.image.coco import CaptionedImage, eval_transform, load_coco_cap
 from datamodules.image.curation_data import CurationStream, pool_units, read_manifest
 from datamodules.image.curation_filters import apply_filters, load_scores, write_outputs
 from datamodules.image.near_duplicates import clusters, nearest_in, similar_pairs
-from datamodules.image.webdataset_shards import ShardStream, shard_selection, write_shards
+from datamodules.image.shards.listing import shard_selection
+from datamodules.image.shards.stream import ShardStream
+from datamodules.image.shards.write import write_shards
 from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.clip_import import OpenClipText, OpenClipVision
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig

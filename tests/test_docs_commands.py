@@ -11,7 +11,7 @@ The commands are read from the pages' fenced code blocks (`\\` continuations joi
   as the HuBERT folder of configs/speech/librispeech_hubert.yaml, need not be given.)
 * `export`, `export-hf` and `consolidate` parse their arguments and stop at the checkpoint, which does not exist;
   `curate` parses its arguments.
-* `python -m datamodules.image.webdataset_shards` converts a generated five-image COCO set.
+* `python -m datamodules.image.shards.write` converts a generated five-image COCO set.
 
 Substitutions, the only ones: the commands run in an empty folder (`tmp_path`), so that paths such as
 `runs/.../last.ckpt` name nothing and nothing is written into the clone, and `configs/...` is made absolute
@@ -46,7 +46,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 class Command:
     page: str  # README.md or docs/<page>.md
     line: int  # where the command starts
-    kind: str  # "cli" (cli.py / multimodal-pretrain) or "webdataset_shards"
+    kind: str  # "cli" (cli.py / multimodal-pretrain) or "shard_writer"
     args: tuple[str, ...]  # the arguments after the program
 
     @property
@@ -102,9 +102,9 @@ def commands_of(page: Path) -> list[Command]:
                 found.append(
                     Command(rel, line, "cli", tuple(words[words.index("multimodal-pretrain") + 1 :]))
                 )
-            elif "datamodules.image.webdataset_shards" in words:
-                at = words.index("datamodules.image.webdataset_shards")
-                found.append(Command(rel, line, "webdataset_shards", tuple(words[at + 1 :])))
+            elif "datamodules.image.shards.write" in words:
+                at = words.index("datamodules.image.shards.write")
+                found.append(Command(rel, line, "shard_writer", tuple(words[at + 1 :])))
     return found
 
 
@@ -248,12 +248,12 @@ def test_cli_command_parses(command: Command, in_tmp: Path, capsys: pytest.Captu
         assert not any(in_tmp.iterdir()), "nothing is written"
 
 
-WEBDATASET_COMMANDS = unique([c for c in COMMANDS if c.kind == "webdataset_shards"])
+WEBDATASET_COMMANDS = unique([c for c in COMMANDS if c.kind == "shard_writer"])
 
 
 @pytest.mark.parametrize("command", WEBDATASET_COMMANDS, ids=[c.id for c in WEBDATASET_COMMANDS])
 def test_webdataset_converter_command_runs(command: Command, tmp_path: Path) -> None:
-    from datamodules.image.webdataset_shards import main
+    from datamodules.image.shards.write import main
     from datamodules.synthetic.shapes import generate_shapes_coco
 
     coco = generate_shapes_coco(tmp_path / "coco", n_train=5, n_val=1, image_size=16)

@@ -74,7 +74,7 @@ def _coco(root: Path, tmp_path: Path, num_workers: int = 0, **sections) -> CocoC
 def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     """COCO (folder training, validation, test, predict), WebDataset shards, ImageFolder and the tri-modal
     DataModule: images arrive as (B, 3, S, S) uint8; evaluation loaders keep no workers between runs."""
-    from datamodules.image.webdataset_shards import coco_to_shards
+    from datamodules.image.shards.write import coco_to_shards
     from datamodules.synthetic.shapes import generate_shapes_coco
     from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
     from datamodules.trimodal_datamodule import TriModalDataModule, generate_spoken_captions

@@ -116,7 +116,7 @@ def test_no_import_cycle_among_the_project_modules() -> None:
     graph = project_graph()
     # the walk sees both packages, the CLI, and imports made inside functions
     assert {"cli", "lightning_modules.components.image_tower", "datamodules.tokenizer"} <= set(graph)
-    assert "datamodules.image.webdataset_shards" in graph["datamodules.image.coco_datamodule"]
+    assert "datamodules.image.shards.stream" in graph["datamodules.image.coco_datamodule"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 

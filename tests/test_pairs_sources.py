@@ -202,7 +202,7 @@ def test_mixture_shares_are_counted_and_logged(shapes, tmp_path: Path, caplog) -
 
 def test_shards_train_and_evaluate(shapes, tmp_path: Path) -> None:
     """img2dataset-layout shards: streamed for training (`ShardStream`), held whole for validation."""
-    from datamodules.image.webdataset_shards import write_shards
+    from datamodules.image.shards.write import write_shards
 
     root = Path(shapes["val2017"][0][0]).parents[1]
     records = load_coco_captions(root / "annotations/captions_val2017.json", root / "val2017")[:24]

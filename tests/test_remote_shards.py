@@ -15,24 +15,21 @@ from pathlib import Path
 import pytest
 from torch.utils.data import DataLoader
 
-import datamodules.image.webdataset_shards as wds
+import datamodules.image.shards.members as shard_members
 from datamodules.image.coco import eval_transform
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    ShardUnreadable,
-    coco_to_shards,
-    expand_shards,
-    iter_tar_samples,
-)
+from datamodules.image.shards.listing import expand_shards
+from datamodules.image.shards.members import iter_tar_samples
+from datamodules.image.shards.remote import ShardUnreadable
+from datamodules.image.shards.stream import ShardLoader, ShardStream
+from datamodules.image.shards.write import coco_to_shards
 from datamodules.synthetic.shapes import generate_shapes_coco
 from tests.helpers import free_port
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
 
-LOGGER = "datamodules.image.webdataset_shards"
+LOGGER = "datamodules.image.shards"
 TRANSFORM = eval_transform(16)
 BRACES = "coco-{000000..000004}.tar"
 
@@ -113,7 +110,7 @@ def server(shards: Path) -> Iterator[Server]:
 
 @pytest.fixture
 def no_delay(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wds, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(shard_members, "RETRY_DELAY", 0.0)
 
 
 def ids(data: ShardStream, epoch: int, workers: int = 0) -> list[list[int | None]]:
@@ -242,7 +239,7 @@ def test_failing_command_is_not_taken_for_a_whole_shard(shards: Path, no_delay: 
     got = [i for batch in ids(data, 0) for i in batch]
     assert len(got) == 4 and got.count(None) == 1 and data.skipped_shards == 1
     with pytest.raises(ShardUnreadable, match="exited with status 3"):
-        list(wds.read_shard(shard, retries=0))
+        list(shard_members.read_shard(shard, retries=0))
 
 
 def test_shard_cut_between_members_is_not_taken_for_a_whole_shard(shards: Path, tmp_path: Path) -> None:
@@ -262,7 +259,7 @@ def test_shard_cut_between_members_is_not_taken_for_a_whole_shard(shards: Path, 
 def test_unreachable_shards_give_one_line_errors(tmp_path: Path) -> None:
     urls = expand_shards(f"http://127.0.0.1:{free_port()}/coco-{{000000..000002}}.tar")
     with pytest.raises(
-        FileNotFoundError, match=r"^3 remote shards have no sample counts .* data\.train_num_samples$"
+        FileNotFoundError, match=r"^3 remote shards have no sample counts .* data\.shards\.num_samples$"
     ):
         ShardStream(urls, TRANSFORM)
     with pytest.raises(ShardUnreadable) as err:

@@ -13,14 +13,10 @@ import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from datamodules.image.coco import eval_transform
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    coco_to_shards,
-    expand_shards,
-    iter_tar_samples,
-    shard_selection,
-)
+from datamodules.image.shards.listing import expand_shards, shard_selection
+from datamodules.image.shards.members import iter_tar_samples
+from datamodules.image.shards.stream import ShardLoader, ShardStream
+from datamodules.image.shards.write import coco_to_shards
 from datamodules.synthetic.shapes import generate_shapes_coco
 from tests.helpers import free_port
 

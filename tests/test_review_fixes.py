@@ -15,13 +15,10 @@ import torch
 import torchvision
 from torch.utils.data import DataLoader
 
-from datamodules.image.webdataset_shards import (
-    ShardStream,
-    ShardUnreadable,
-    first_readable,
-    shard_captions,
-    shard_sizes,
-)
+from datamodules.image.shards.listing import shard_sizes
+from datamodules.image.shards.members import first_readable, shard_captions
+from datamodules.image.shards.remote import ShardUnreadable
+from datamodules.image.shards.stream import ShardStream
 from lightning_modules.components.image_tower import (
     CLIP_MEAN,
     CLIP_STD,

@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 
 from datamodules.image.coco import eval_transform
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    coco_to_shards,
-    expand_shards,
-)
+from datamodules.image.shards.listing import expand_shards
+from datamodules.image.shards.stream import ShardLoader, ShardStream
+from datamodules.image.shards.write import coco_to_shards
 from datamodules.synthetic.shapes import generate_shapes_coco
 
-LOGGER = "datamodules.image.webdataset_shards"
+LOGGER = "datamodules.image.shards"
 TRANSFORM = eval_transform(16)
 # 2 cores here; the loaders below need their worker counts, not speed
 MANY_WORKERS = pytest.mark.filterwarnings("ignore:This DataLoader will create")

@@ -17,14 +17,11 @@ from PIL import Image
 
 from datamodules.image.coco import eval_transform
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.image.webdataset_shards import (
-    ShardStream,
-    ShardUnreadable,
-    coco_to_shards,
-    expand_shards,
-    iter_tar_samples,
-    read_shard,
-)
+from datamodules.image.shards.listing import expand_shards
+from datamodules.image.shards.members import iter_tar_samples, read_shard
+from datamodules.image.shards.remote import ShardUnreadable
+from datamodules.image.shards.stream import ShardStream
+from datamodules.image.shards.write import coco_to_shards
 from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
@@ -32,7 +29,7 @@ from lightning_modules.image_text_module import ImageTextModule
 from tests.helpers import quiet_trainer
 from tests.test_cli_errors import CLIP, _fails
 
-LOGGER = "datamodules.image.webdataset_shards"
+LOGGER = "datamodules.image.shards"
 TRANSFORM = eval_transform(16)
 
 

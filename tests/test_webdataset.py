@@ -17,15 +17,10 @@ from torch.utils.data import DataLoader
 from cli import main as cli_main
 from datamodules.image.coco import CocoCaptionsDataset, eval_transform, load_coco_captions
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    coco_to_shards,
-    expand_shards,
-    iter_tar_samples,
-    main,
-    shard_sizes,
-)
+from datamodules.image.shards.listing import expand_shards, shard_sizes
+from datamodules.image.shards.members import iter_tar_samples
+from datamodules.image.shards.stream import ShardLoader, ShardStream
+from datamodules.image.shards.write import coco_to_shards, main
 from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
@@ -43,7 +38,7 @@ from tests.test_coco_datamodule import (
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = ROOT.parent / "shared" / "data" / "real" / "coco"
-LOGGER = "datamodules.image.webdataset_shards"
+LOGGER = "datamodules.image.shards"
 N_TRAIN = 24
 
 

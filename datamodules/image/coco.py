@@ -1,6 +1,6 @@
 """COCO captions, read: the records of the official and the Karpathy JSON files, image decoding, the CLIP
 train/eval transforms (uint8 in, uint8 out: the image tower normalises on the device), the map-style dataset and
-its collate function. The DataModule (coco_datamodule.py) and the WebDataset shard reader (webdataset_shards.py)
+its collate function. The DataModule (coco_datamodule.py) and the WebDataset shard reader (shards/)
 both build on this file and do not import each other."""
 
 from __future__ import annotations

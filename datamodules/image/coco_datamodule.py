@@ -1,30 +1,6 @@
-"""COCO Captions for CLIP-style image-text training and retrieval evaluation.
-
-Where the data is read from:
-
-    official layout   root/annotations/captions_<split>.json, images in root/<split>/<file_name>
-                      (file_name comes from the JSON, so 2014 names like COCO_val2014_000000042.jpg work too)
-    karpathy_json     dataset_coco.json decides the splits (train + restval / val / test), images in
-                      root/<filepath>/<filename>
-
-Batches, the contract with the image-text LightningModule:
-
-    train  images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), input_ids (B, L)
-           long, attention_mask (B, L) bool, image_ids (B,) long, caption_ids (B,) long annotation ids,
-           skipped: int = images of this batch that failed to decode.
-           One caption per image, drawn afresh each epoch, seeded by (seed, epoch, image id).
-    eval   the same keys, but input_ids, attention_mask and caption_ids have one row per caption of every image
-           in the batch (N >= B rows), and caption_image_ids (N,) long holds each caption's image id, so the
-           retrieval metric sees every image once and every caption.
-
-A file that cannot be decoded never ends a run: its item comes back as None, the collate function drops it
-together with its captions and counts it in `skipped`. Missing files are found and dropped up front in `setup`.
-
-Training reads either the folder layout above, through a seeded sampler whose position is saved in checkpoints
-(a run resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`shards.urls`, see
-datamodules/image/webdataset_shards.py), streamed and split by rank and worker. Evaluation always reads the folder
-layout: retrieval ranks every caption against every image of the split.
-"""
+"""COCO Captions for CLIP-style image-text training and retrieval evaluation: the official or Karpathy layout
+read from a folder (or, for training, WebDataset shards streamed by datamodules/image/shards/), with batches
+of uint8 images and tokenized captions for the image-text systems."""
 
 from __future__ import annotations
 
@@ -50,13 +26,9 @@ from datamodules.image.coco import (
     load_karpathy_splits,
     train_transform,
 )
-from datamodules.image.webdataset_shards import (
-    ShardLoader,
-    ShardStream,
-    expand_shards,
-    shard_captions,
-    shard_selection,
-)
+from datamodules.image.shards.listing import expand_shards, shard_selection
+from datamodules.image.shards.members import shard_captions
+from datamodules.image.shards.stream import ShardLoader, ShardStream
 from datamodules.loading import SPLIT_STAGE, ResumableDataLoader, ResumableSampler, stage_splits
 from datamodules.predict_data import CaptionedImageItems, ImageFiles, PredictCollate, TextLines
 from datamodules.sections import (
@@ -132,6 +104,31 @@ _PREDICT = CaptionPredict()
 class CocoCaptionsDataModule(LightningDataModule):
     """COCO Captions (or any set in its format) for contrastive image-text training and retrieval evaluation.
 
+    Where the data is read from:
+
+        official layout   root/annotations/captions_<split>.json, images in root/<split>/<file_name>
+                          (file_name comes from the JSON, so 2014 names like COCO_val2014_000000042.jpg work too)
+        karpathy_json     dataset_coco.json decides the splits (train + restval / val / test), images in
+                          root/<filepath>/<filename>
+
+    Batches, the contract with the image-text LightningModule:
+
+        train  images (B, 3, H, W) uint8 (the image tower scales and normalises them on the device), input_ids (B, L)
+               long, attention_mask (B, L) bool, image_ids (B,) long, caption_ids (B,) long annotation ids,
+               skipped: int = images of this batch that failed to decode.
+               One caption per image, drawn afresh each epoch, seeded by (seed, epoch, image id).
+        eval   the same keys, but input_ids, attention_mask and caption_ids have one row per caption of every image
+               in the batch (N >= B rows), and caption_image_ids (N,) long holds each caption's image id, so the
+               retrieval metric sees every image once and every caption.
+
+    A file that cannot be decoded never ends a run: its item comes back as None, the collate function drops it
+    together with its captions and counts it in `skipped`. Missing files are found and dropped up front in `setup`.
+
+    Training reads either the folder layout, through a seeded sampler whose position is saved in checkpoints (a run
+    resumed mid-epoch continues with the next unseen batch), or WebDataset tar shards (`shards.urls`), streamed and
+    split by rank and worker. Evaluation always reads the folder layout: retrieval ranks every caption against every
+    image of the split.
+
     Args:
         root: dataset folder: annotations/captions_<split>.json and one image folder per split.
         train_split: split trained on (official layout).
@@ -152,7 +149,7 @@ class CocoCaptionsDataModule(LightningDataModule):
         generate_if_missing: write the synthetic shapes set into root when a split it reads has no annotations
             (quickstart); only into a root that is new, empty or a generated set, any other is refused.
         shards: WebDataset tar shards (`shards.urls`) to train on instead of the training split's folder, as
-            written by `python -m datamodules.image.webdataset_shards`; validation and test still read the folder
+            written by `python -m datamodules.image.shards.write`; validation and test still read the folder
             layout. Without `tokenizer.path`, the vocabulary is trained on the training split's annotations when
             they exist, else on the captions stored in the shards (which reads every shard once: for large remote
             sets pass `tokenizer.path`).

@@ -1,15 +1,9 @@
-"""Image-text pairs read for curation: every sample of a pool once, with where it came from.
-
-A pool is WebDataset shards (any setting `expand_shards` takes) or manifests: CSV with a header, or JSONL, whose
-rows name an image file (`path` or `image`; relative paths are taken from the manifest's folder) and its caption
-(`caption` or `text`). Evaluation images (COCO or Flickr test splits, an ImageFolder: any folder, read
-recursively) are read beside them, so that pool images copying them can be found.
-
-The pool is cut into units: a shard, `MANIFEST_UNIT` rows of a manifest, or `MANIFEST_UNIT` files of an
-evaluation folder. Unit u is read by rank u % world and, among that rank's units, by DataLoader worker
-(position % workers). Each unit ends with an end mark, so its scores are stored as soon as it is whole; a resumed
-run skips the units already stored (`done` says which).
-"""
+"""Image-text pairs read for curation: every sample of a pool once, with where it came from. A pool is WebDataset
+shards (any setting `expand_shards` takes) or manifests (CSV with a header, or JSONL, whose rows name an image
+file, `path` or `image`, relative paths taken from the manifest's folder, and its caption, `caption` or `text`);
+evaluation images (any folder, read recursively) are read beside them, so that pool images copying them can be
+found. The pool is read in units split over ranks and workers (`pool_units`), so a resumed run skips what is
+stored."""
 
 from __future__ import annotations
 
@@ -32,15 +26,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.image.coco import decode_rgb
-from datamodules.image.webdataset_shards import (
-    IMAGE_EXTENSIONS,
-    MalformedSample,
-    ShardUnreadable,
-    _sample_captions,
-    expand_shards,
-    is_remote,
-    read_shard,
-)
+from datamodules.image.shards.listing import expand_shards
+from datamodules.image.shards.members import IMAGE_EXTENSIONS, MalformedSample, read_shard, sample_captions
+from datamodules.image.shards.remote import ShardUnreadable, is_remote
 from datamodules.sections import LoaderConfig
 
 log = logging.getLogger(__name__)
@@ -110,7 +98,13 @@ def eval_files(folder: str | os.PathLike) -> list[str]:
 
 
 def pool_units(pool: Sequence[str], eval_folders: Sequence[str] = ()) -> list[Unit]:
-    """The units of a pool (shard settings and manifests) and of evaluation folders, in a fixed order."""
+    """The units of a pool (shard settings and manifests) and of evaluation folders, in a fixed order.
+
+    A unit is a shard, `MANIFEST_UNIT` rows of a manifest, or `MANIFEST_UNIT` files of an evaluation folder. Unit u
+    is read by rank u % world and, among that rank's units, by DataLoader worker (position % workers). Each unit ends
+    with an end mark, so its scores are stored as soon as it is whole; a resumed run skips the units already stored
+    (`done` says which).
+    """
     units: list[Unit] = []
     for spec in pool:
         if spec.endswith(MANIFEST_SUFFIXES):
@@ -148,7 +142,7 @@ def unit_items(unit: Unit, caption_key: str = "txt", retries: int = 2) -> Iterat
             for count, sample in enumerate(read_shard(unit.source, retries=retries), start=1):
                 ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
                 try:
-                    captions = _sample_captions(sample, caption_key)[1]
+                    captions = sample_captions(sample, caption_key)[1]
                 except MalformedSample as err:
                     captions, error = [], err.why
                 else:
@@ -252,7 +246,7 @@ class CurationDataModule(LightningDataModule):
         done: whether a unit's scores are already stored (it is then skipped).
         batch_size: samples per batch and device.
         num_workers: DataLoader worker processes per device.
-        caption_key: where a shard sample's caption is (see `webdataset_shards.parse_caption_key`).
+        caption_key: where a shard sample's caption is (see `shards.members.parse_caption_key`).
     """
 
     def __init__(

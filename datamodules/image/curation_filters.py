@@ -1,22 +1,7 @@
-"""Filters over a scored pool (`python cli.py curate filter`), and what they write.
-
-The scores of `curate score` (one Parquet part per unit, lightning_modules/curation.py) go through three filters,
-each of which flags the pool samples it drops:
-
-    low_score       image-text cosine below `min_score`, or outside the best `top_fraction` of the readable pool
-                    (DataComp's CLIP-score filter)
-    duplicate       the image is a near-duplicate of another pool image (image-embedding cosine above
-                    `dup_threshold`, joined transitively into clusters): one per cluster is kept, the best scored
-    eval_duplicate  the image is a near-duplicate of an evaluation image (cosine above `leak_threshold`): test-set
-                    leakage
-    unreadable      the sample could not be scored (no image, no caption, an undecodable image)
-
-Written to `--out`: `scores.parquet` (per pool sample: key, source shard or manifest, index, caption, cosine,
-cluster id, nearest evaluation image and its cosine, flags, kept), `kept.parquet` (the sample list of the kept
-shard samples, which `data.shards.urls` reads directly), `kept.csv` (the kept manifest rows: path,caption),
-`report.json` (counts per filter and the settings), `histogram.png` (the cosine histogram of kept and dropped
-samples) and `report.md` (the counts and a few kept and dropped examples of each filter).
-"""
+"""Filters over a scored pool (`python cli.py curate filter`), and what they write: the scores of `curate score`
+(lightning_modules/curation.py) go through a CLIP-score filter, near-duplicate clustering and a test-set leakage
+check (`apply_filters`), and the kept samples are written as a sample list, a manifest and a report
+(`write_outputs`)."""
 
 from __future__ import annotations
 
@@ -72,6 +57,16 @@ def apply_filters(
 ) -> dict[str, Any]:
     """Per pool sample of `table` (scores of `curate score`): its flags, cluster id, nearest evaluation image and
     whether it is kept. A None setting turns its filter off. Returns columns as lists and numpy arrays.
+
+    The scores (one Parquet part per unit) go through three filters, each of which flags the pool samples it drops:
+
+        low_score       image-text cosine below `min_score`, or outside the best `top_fraction` of the readable pool
+                        (DataComp's CLIP-score filter)
+        duplicate       the image is a near-duplicate of another pool image (image-embedding cosine above
+                        `dup_threshold`, joined transitively into clusters): one per cluster is kept, the best scored
+        eval_duplicate  the image is a near-duplicate of an evaluation image (cosine above `leak_threshold`): test-set
+                        leakage
+        unreadable      the sample could not be scored (no image, no caption, an undecodable image)
 
     `centre`: compare images by the cosine of their embeddings less the pool's mean embedding, which removes the
     direction all of them share: it dominates the cosines of a teacher that has not learnt images like the
@@ -138,7 +133,14 @@ def apply_filters(
 
 def write_outputs(result: dict[str, Any], out: str | os.PathLike, settings: dict[str, Any]) -> dict[str, Any]:
     """scores.parquet, kept.parquet, kept.csv, report.json, histogram.png and report.md under `out`; returns the
-    report."""
+    report.
+
+    `scores.parquet` (per pool sample: key, source shard or manifest, index, caption, cosine, cluster id, nearest
+    evaluation image and its cosine, flags, kept), `kept.parquet` (the sample list of the kept shard samples, which
+    `data.shards.urls` reads directly), `kept.csv` (the kept manifest rows: path,caption), `report.json` (counts per
+    filter and the settings), `histogram.png` (the cosine histogram of kept and dropped samples) and `report.md`
+    (the counts and a few kept and dropped examples of each filter).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pool, kept, flags = result["pool"], result["kept"], result["flags"]

@@ -1,21 +1,7 @@
-"""Image-caption pairs of the user's own data: the readers of each manifest format, the map-style dataset and the
-duplicate groups.
-
-Formats (`infer_format` tells them by the path):
-
-    csv / tsv   a header row naming the image-path column and the caption column (open_clip's `filepath` and
-                `title` by default); paths relative to the manifest's folder, absolute, or URLs
-    jsonl       one JSON object per line with the same two fields
-    parquet     the image column holds a path, the encoded bytes, or the {bytes, path} struct Hugging Face
-                `datasets` writes for an `Image()` feature; local or remote (fsspec: s3://, gs://, https://)
-    folder      images with a caption beside each in a `.txt` of the same name (`cat.jpg`, `cat.txt`)
-    shards      WebDataset tar shards (img2dataset's layout), read by datamodules/image/webdataset_shards.py
-
-A row that cannot be used (a missing image file, an empty caption, too few fields, a line that is not JSON) is
-skipped, named by its file and line, and counted; a manifest without the configured column stops with
-`MissingColumn`, naming the file and the column. An image that fails to decode later gives None (the collate
-function drops it and counts it in the batch's `skipped`).
-"""
+"""Image-caption pairs of the user's own data: the readers of each manifest format (`infer_format`), the map-style
+dataset and the duplicate groups. A row that cannot be used is skipped, named by its file and line, and counted;
+a manifest without the configured column stops with `MissingColumn`, naming the file and the column; an image
+that fails to decode later gives None (the collate function drops it and counts it in the batch's `skipped`)."""
 
 from __future__ import annotations
 
@@ -65,7 +51,20 @@ def _fs_open(path: str, mode: str = "rb") -> Any:
 
 def infer_format(path: str) -> Format:
     """The format of a source by its path: the extension, a folder (of images, or of .tar shards) or a shard
-    pattern (`{000000..000009}.tar`)."""
+    pattern (`{000000..000009}.tar`).
+
+    Formats:
+
+        csv / tsv   a header row naming the image-path column and the caption column (open_clip's `filepath` and
+                    `title` by default); paths relative to the manifest's folder, absolute, or URLs
+        jsonl       one JSON object per line with the same two fields
+        parquet     the image column holds a path, the encoded bytes, or the {bytes, path} struct Hugging Face
+                    `datasets` writes for an `Image()` feature; local or remote (fsspec: s3://, gs://, https://)
+        folder      images with a caption beside each in a `.txt` of the same name (`cat.jpg`, `cat.txt`)
+        shards      WebDataset tar shards (img2dataset's layout), read by datamodules/image/shards/
+
+    A row that cannot be used: a missing image file, an empty caption, too few fields, a line that is not JSON.
+    """
     name = path.split("?", 1)[0].lower()
     if name.endswith(SHARD_SUFFIXES) or "{" in name or name.startswith("pipe:"):
         return "shards"
@@ -301,12 +300,12 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
     Training streams its shards instead (`ShardStream`)."""
     import pyarrow as pa
 
-    from datamodules.image.webdataset_shards import (
+    from datamodules.image.shards.listing import expand_shards
+    from datamodules.image.shards.members import (
         IMAGE_EXTENSIONS,
         MalformedSample,
-        _sample_captions,
-        expand_shards,
         read_shard,
+        sample_captions,
     )
 
     rows = _Rows(spec)
@@ -316,7 +315,7 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
             where = f"{shard}:{sample['__key__']}"
             ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
             try:
-                captions = _sample_captions(sample, caption_key)[1]
+                captions = sample_captions(sample, caption_key)[1]
             except MalformedSample as err:
                 rows.skip(where, err.why)
                 continue

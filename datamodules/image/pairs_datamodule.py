@@ -1,17 +1,7 @@
-"""Contrastive image-text training on the user's own pairs: CSV/TSV, JSON lines, Parquet (paths or embedded
-image bytes, local or remote), a folder of images with `.txt` captions, or WebDataset shards; one source per
-split, or for training a weighted mixture of several (`a.csv::b.parquet` with `mixture.weights: [3, 1]`).
-
-Batches are those of `CocoCaptionsDataModule` (datamodules/image/coco_datamodule.py): uint8 images, one caption
-per image, `image_ids` that group rows as positives and `caption_ids`. In training, `image_ids` is the row's
-duplicate group: rows with the same image bytes or the same normalised caption share it, so the loss never
-treats a pair's own copy as a negative. Evaluation batches number every row on its own. Training batches also
-carry `sources` (the source of each row), which the DataModule counts to log each source's realised share.
-
-Training from files goes through `MixtureSampler` (datamodules/mixture.py) and a resumable loader: a run
-resumed mid-epoch continues with the next unseen batch. Training from shards streams them (`ShardStream`,
-datamodules/image/webdataset_shards.py) and cannot be mixed with other sources.
-"""
+"""Contrastive image-text training on the user's own pairs (CSV/TSV, JSON lines, Parquet, a folder of images with
+`.txt` captions, or WebDataset shards): one source per split, or for training a weighted mixture of several,
+with the batches of `CocoCaptionsDataModule` and duplicate groups that keep a pair's copies from being
+negatives."""
 
 from __future__ import annotations
 
@@ -100,7 +90,7 @@ class ImagePipeline:
 
 @dataclass
 class ShardOptions:
-    """Streaming WebDataset shards for training (datamodules/image/webdataset_shards.py `ShardStream`)."""
+    """Streaming WebDataset shards for training (datamodules/image/shards/stream.py `ShardStream`)."""
 
     num_samples: int | None = None
     """Samples in all the shards, for shards without sizes files beside them."""
@@ -149,6 +139,20 @@ class PairItems(Dataset):
 
 class ImageTextPairsDataModule(LightningDataModule):
     """Image-caption pairs from the user's files for contrastive training, retrieval evaluation and predict.
+
+    Sources: CSV/TSV, JSON lines, Parquet (paths or embedded image bytes, local or remote), a folder of images with
+    `.txt` captions, or WebDataset shards; one source per split, or for training a weighted mixture of several
+    (`a.csv::b.parquet` with `mixture.weights: [3, 1]`).
+
+    Batches are those of `CocoCaptionsDataModule` (datamodules/image/coco_datamodule.py): uint8 images, one caption
+    per image, `image_ids` that group rows as positives and `caption_ids`. In training, `image_ids` is the row's
+    duplicate group: rows with the same image bytes or the same normalised caption share it, so the loss never
+    treats a pair's own copy as a negative. Evaluation batches number every row on its own. Training batches also
+    carry `sources` (the source of each row), which the DataModule counts to log each source's realised share.
+
+    Training from files goes through `MixtureSampler` (datamodules/mixture.py) and a resumable loader: a run
+    resumed mid-epoch continues with the next unseen batch. Training from shards streams them (`ShardStream`,
+    datamodules/image/shards/) and cannot be mixed with other sources.
 
     Args:
         train: the training source: a path (`data/pairs.csv`), or several joined by `::` (`a.csv::b.parquet`,
@@ -273,7 +277,8 @@ class ImageTextPairsDataModule(LightningDataModule):
                 "--ckpt_path (evaluation uses the checkpoint's tokenizer) or data.tokenizer.path"
             )
         if self._is_shards("train"):
-            from datamodules.image.webdataset_shards import expand_shards, shard_captions
+            from datamodules.image.shards.listing import expand_shards
+            from datamodules.image.shards.members import shard_captions
 
             shards = expand_shards(self.sources["train"][0].path)
             return list(
@@ -325,7 +330,8 @@ class ImageTextPairsDataModule(LightningDataModule):
         return groups
 
     def _shard_stream(self) -> Any:
-        from datamodules.image.webdataset_shards import ShardStream, expand_shards
+        from datamodules.image.shards.listing import expand_shards
+        from datamodules.image.shards.stream import ShardStream
 
         rank, world = self._topology()
         o = self.shard_options
@@ -382,7 +388,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         dataset = self.datasets["train"]
         kwargs = self._loader_kwargs(train=True)
         if not isinstance(dataset, PairsDataset):  # shards
-            from datamodules.image.webdataset_shards import ShardLoader
+            from datamodules.image.shards.stream import ShardLoader
 
             return ShardLoader(dataset, epoch_fn=self._current_epoch, **kwargs)
         sampler = self.sampler()

@@ -1,22 +1,7 @@
-"""Audio-text sources, read: NeMo JSON-lines manifests, Clotho's and AudioCaps' caption CSVs, LibriSpeech subsets.
-
-Every reader turns its source into `AudioClip`s (one audio file with one or more captions and its duration) and a
-record of the rows it left out, by kind, each named `file:line: what`. A bad row (a missing or unreadable audio
-file, an empty caption, too few fields) is skipped and counted, never fatal; a file without a configured column
-stops with `ManifestColumnError`, one line naming the file and the column.
-
-    nemo         {"audio_filepath": "a.wav", "duration": 2.4, "text": "..."} per line; paths relative to the
-                 manifest's folder (NeMo's rule) or absolute
-    clotho       `file_name,caption_1,...,caption_5`, the clips in a folder beside the CSV
-    audiocaps    `audiocap_id,youtube_id,start_time,caption`, the clips named `<youtube_id>_<start_time>.wav`
-                 (aac-datasets), `<audiocap_id>.wav` (yt-dlp scripts), `Y<youtube_id>.wav` (AudioSet) or
-                 `<youtube_id>.wav`, `.flac` too; the rows of one YouTube clip are one clip with all their captions
-    librispeech  a subset folder of the LibriSpeech tree (`librispeech.index_subset`)
-
-Durations come from the manifest where it gives them, else from the file's header (`soundfile.info`), so
-bucketing by duration decodes nothing. The dataset and collate function serve the batches of
-`speech_text_module.SpeechTextPair`; `AudioTextDataModule` (manifest_datamodule.py) batches and distributes them.
-"""
+"""Audio-text sources, read: NeMo JSON-lines manifests, Clotho's and AudioCaps' caption CSVs, LibriSpeech subsets
+(`read_source`). Every reader turns its source into `AudioClip`s and a record of the rows it left out, by kind;
+a bad row is skipped and counted, never fatal, and a file without a configured column stops with
+`ManifestColumnError`. `AudioTextDataModule` (manifest_datamodule.py) batches and distributes the clips."""
 
 from __future__ import annotations
 
@@ -356,7 +341,24 @@ def read_source(
     source: AudioTextSource, root: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
 ) -> tuple[list[AudioClip], Problems]:
     """The clips of one source and the rows it left out, by kind. A missing file or folder raises
-    FileNotFoundError naming it."""
+    FileNotFoundError naming it.
+
+    An `AudioClip` is one audio file with one or more captions and its duration; a left-out row is named
+    `file:line: what`. A bad row is a missing or unreadable audio file, an empty caption or too few fields; a file
+    without a configured column stops with `ManifestColumnError`, one line naming the file and the column.
+
+        nemo         {"audio_filepath": "a.wav", "duration": 2.4, "text": "..."} per line; paths relative to the
+                     manifest's folder (NeMo's rule) or absolute
+        clotho       `file_name,caption_1,...,caption_5`, the clips in a folder beside the CSV
+        audiocaps    `audiocap_id,youtube_id,start_time,caption`, the clips named `<youtube_id>_<start_time>.wav`
+                     (aac-datasets), `<audiocap_id>.wav` (yt-dlp scripts), `Y<youtube_id>.wav` (AudioSet) or
+                     `<youtube_id>.wav`, `.flac` too; the rows of one YouTube clip are one clip with all their captions
+        librispeech  a subset folder of the LibriSpeech tree (`librispeech.index_subset`)
+
+    Durations come from the manifest where it gives them, else from the file's header (`soundfile.info`), so
+    bucketing by duration decodes nothing. The dataset and collate function serve the batches of
+    `speech_text_module.SpeechTextPair`.
+    """
     path = Path(source.path)
     if root is not None and not path.is_absolute():
         path = Path(root) / path

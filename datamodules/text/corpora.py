@@ -1,21 +1,11 @@
-"""Streaming readers for the BERT pretraining corpora (English Wikipedia and BookCorpus).
-
-Every reader yields `Document`s one at a time and keeps memory constant in the size of the input: XML
-dumps are parsed incrementally with `mwxml`, text files are decoded chunk by chunk, Parquet files are read
-in row-group batches. Formats are detected per file from its content, not its name, so WikiExtractor's
-extension-less `AA/wiki_00` files and compressed files (`.bz2`, `.gz`, `.xz`) need no configuration.
-
-Text is UTF-8 unless a byte-order mark says UTF-16 or UTF-32 (little or big endian), or an XML dump's
-declaration names another encoding. Bad input is survived where that loses nothing else: a truncated or
-malformed file keeps what was read before the break, a page without a title is skipped, bytes of a text
-file that do not decode are replaced with U+FFFD, empty documents are dropped; each case is counted in
-`ReadStats` and logged with the file name. A missing path or a folder with no files raises
-`FileNotFoundError`, and a file of an unknown format or an XML dump with a byte its encoding does not
-decode raises `ValueError`, all naming the path: a run must not train on replacement characters.
-
-The readers only read: documents and counters are in `documents`, decoding in `textstream`, multistream
-planning in `multistream`, wikitext cleaning in `wikiclean` and sentence splitting in `sentences`.
-"""
+"""Streaming readers for the BERT pretraining corpora (English Wikipedia and BookCorpus): each yields `Document`s
+in constant memory (XML dumps parsed incrementally with `mwxml`, text decoded chunk by chunk, Parquet read in
+row-group batches), with formats and compression told by content, not name. Bad input is survived where that
+loses nothing else (a truncated file keeps what was read, undecodable text bytes become U+FFFD, pages without a
+title and empty documents are dropped), each case counted in `ReadStats` and logged by file; a missing path, an
+unknown format or an XML dump byte its encoding does not decode raises, naming the path (docs/data.md).
+Documents and counters live in `documents`, decoding in `textstream`, multistream planning in `multistream`,
+wikitext cleaning in `wikiclean` and sentence splitting in `sentences`."""
 
 from __future__ import annotations
 

@@ -1,27 +1,7 @@
-"""Preprocessing for MLM pretraining: documents -> sentences -> token ids -> training instances -> shards.
-
-Stage 1 reads the corpora in worker processes (byte ranges of bz2 streams of a multistream Wikipedia dump,
-or whole files; a large plain file is read by the main process and fed to them), which turn each document
-into plain text, sentences and token ids (batched through the Rust tokenizer); the main process appends
-them, in corpus order, to a per-split sentence store on disk (flat token array + sentence and document
-offsets), so memory stays constant whatever the corpus size.
-Stage 2 builds training instances from document ranges in parallel, one shard per range:
-
-* with NSP, as Google's `create_pretraining_data.py`: document-aware segment pairs A/B, B the actual next
-  segment or (50%) a segment of a random other document, target length `max_seq_length - 3` or, with
-  probability `short_seq_prob`, a random shorter one; the longer segment is truncated first;
-* without NSP, RoBERTa's FULL-SENTENCES: whole sentences packed up to `max_seq_length - 2` across
-  document boundaries (a [SEP] marks each boundary), so almost no position is padding.
-
-The output depends on the data and the settings only, never on `num_proc` or on how the input is read:
-stage 1 keeps the corpus order, stage 2's ranges are cut from the token counts (`plan_shards`) and every
-document draws from its own random stream, seeded by its position in the split. The processes only decide
-who builds which shard, so two machines with the same inputs, tokenizer, settings and libraries write
-byte-identical shards under the same cache key (`cache_key`).
-
-Everything is written into a temporary folder renamed into place at the end: an interrupted run never
-leaves a cache that a later run would load.
-"""
+"""Preprocessing for MLM pretraining: documents -> sentences -> token ids -> training instances -> shards, in
+parallel and in constant memory, with output that depends on the data and the settings only (never on
+`num_proc`), written under a cache key so that an interrupted run never leaves a cache a later run would load.
+`prepare_mlm_cache` describes the two stages."""
 
 from __future__ import annotations
 
@@ -476,6 +456,28 @@ def prepare_mlm_cache(
     stream_unit_bytes: int = 1 << 18,
 ) -> Path:
     """Build (or find) the instance shards for these inputs and return the cache folder.
+
+    Stage 1 reads the corpora in worker processes (byte ranges of bz2 streams of a multistream Wikipedia dump,
+    or whole files; a large plain file is read by the main process and fed to them), which turn each document
+    into plain text, sentences and token ids (batched through the Rust tokenizer); the main process appends
+    them, in corpus order, to a per-split sentence store on disk (flat token array + sentence and document
+    offsets), so memory stays constant whatever the corpus size.
+    Stage 2 builds training instances from document ranges in parallel, one shard per range:
+
+    * with NSP, as Google's `create_pretraining_data.py`: document-aware segment pairs A/B, B the actual next
+      segment or (50%) a segment of a random other document, target length `max_seq_length - 3` or, with
+      probability `short_seq_prob`, a random shorter one; the longer segment is truncated first;
+    * without NSP, RoBERTa's FULL-SENTENCES: whole sentences packed up to `max_seq_length - 2` across
+      document boundaries (a [SEP] marks each boundary), so almost no position is padding.
+
+    The output depends on the data and the settings only, never on `num_proc` or on how the input is read:
+    stage 1 keeps the corpus order, stage 2's ranges are cut from the token counts (`plan_shards`) and every
+    document draws from its own random stream, seeded by its position in the split. The processes only decide
+    who builds which shard, so two machines with the same inputs, tokenizer, settings and libraries write
+    byte-identical shards under the same cache key (`cache_key`).
+
+    Everything is written into a temporary folder renamed into place at the end: an interrupted run never
+    leaves a cache that a later run would load.
 
     Reading is parallel too: the `num_proc` workers decompress and parse their own byte ranges of a
     multistream dump (its `*-index.txt.bz2` found beside it), of about `stream_unit_bytes` compressed, and

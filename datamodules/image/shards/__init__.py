@@ -1,0 +1,1 @@
+"""WebDataset tar shards of image-text pairs: written, listed, read and streamed (docs/data.md)."""
