@@ -26,6 +26,7 @@ TRAINING = {
     "clip/coco_openclip_vit_b32.yaml",
     "clip/coco_shards_vit_b16.yaml",
     "clip/coco_vit_b16.yaml",
+    "clip/pairs.yaml",
     "clip/quickstart.yaml",
     "finetune/conll2003.yaml",
     "finetune/mrpc.yaml",
@@ -33,8 +34,10 @@ TRAINING = {
     "mlm/bert_base.yaml",
     "mlm/bert_small.yaml",
     "mlm/quickstart.yaml",
+    "speech/clotho.yaml",
     "speech/librispeech_base.yaml",
     "speech/librispeech_hubert.yaml",
+    "speech/manifest.yaml",
     "speech/quickstart.yaml",
     "trimodal/quickstart.yaml",
 }
