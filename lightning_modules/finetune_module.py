@@ -85,7 +85,7 @@ class FineTuneModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtras):
         if h.vocab_size is not None and bert.cfg.vocab_size != h.vocab_size:
             raise ValueError(
                 f"the pretrained encoder has a vocabulary of {bert.cfg.vocab_size} tokens but the data's tokenizer "
-                f"has {h.vocab_size}: give the data module the checkpoint's own tokenizer (--data.tokenizer)"
+                f"has {h.vocab_size}: give the data module the checkpoint's own tokenizer (--data.tokenizer.path)"
             )
         return bert, bert.cfg.dropout if h.classifier_dropout is None else h.classifier_dropout
 

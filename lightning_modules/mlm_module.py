@@ -80,7 +80,7 @@ class MLMPretrainingModule(ReadsFlatHparams, SkipNonFiniteSteps, CheckpointExtra
             if self.model.cfg.vocab_size != vocab_size:
                 raise ValueError(
                     f"{init_from_hf} has a vocabulary of {self.model.cfg.vocab_size} tokens but the data's tokenizer "
-                    f"has {vocab_size}: pass the checkpoint's vocab.txt as --data.tokenizer"
+                    f"has {vocab_size}: pass the checkpoint's vocab.txt as --data.tokenizer.path"
                 )
         else:
             cfg = bert_config(encoder, vocab_size, max_position_embeddings, pad_token_id)

@@ -6,7 +6,7 @@ definitions: a query is a hit at K when any of its matches ranks among its K mos
         --data.karpathy_json /data/coco/dataset_coco.json --model.init_args.init_clip.path ViT-B-32-openai.pt
 
 The model is a checkpoint of this framework (`ckpt_path`; give the DataModule its tokenizer with
-`--data.tokenizer <the same checkpoint>`) or a whole CLIP (`init_clip`; the DataModule's tokenizer is CLIP's,
+`--data.tokenizer.path <the same checkpoint>`) or a whole CLIP (`init_clip`; the DataModule's tokenizer is CLIP's,
 `open_clip:NAME` or the Hugging Face folder). Logs `test/i2t_R@K` (image -> text), `test/t2i_R@K`, `test/R@mean`.
 """
 

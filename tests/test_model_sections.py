@@ -90,6 +90,7 @@ def test_mlm_arguments_are_sections() -> None:
         "gradient_checkpointing",
         "compile",
         "max_nonfinite_in_row",
+        "ema",
     }
 
 
@@ -285,8 +286,8 @@ def test_a_callback_given_on_the_command_line_keeps_the_writers(callbacks: str, 
             "--trainer.num_sanity_val_steps=0",
             "--trainer.enable_progress_bar=false",
             f"--data.root={tmp_path / 'shapes'}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            "--data.num_workers=0",
+            f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+            "--data.loader.num_workers=0",
             "--model.image.layers=1",
             "--model.text.layers=1",
             "--last_checkpoint.every_n_train_steps=7",
@@ -313,14 +314,14 @@ def test_cli_test_reads_a_checkpoint_with_flat_hyperparameters(tmp_path: Path) -
     data = [
         f"--data.bookcorpus=[{books}]",
         "--data.sample_corpus=false",
-        "--data.tokenizer_vocab_size=100",
-        "--data.max_seq_length=32",
-        "--data.val_fraction=0.2",
-        "--data.test_fraction=0.2",
-        f"--data.cache_dir={tmp_path / 'cache'}",
-        "--data.num_workers=0",
+        "--data.tokenizer.vocab_size=100",
+        "--data.examples.max_seq_length=32",
+        "--data.examples.val_fraction=0.2",
+        "--data.examples.test_fraction=0.2",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
         "--data.num_proc=1",
-        "--data.batch_size=4",
+        "--data.loader.batch_size=4",
     ]
     tiny = ["--model.encoder.size=tiny", "--model.encoder.layers=1", "--model.max_position_embeddings=64"]
     ckpt = torch.load(fit_checkpoint("mlm/quickstart.yaml", tmp_path, *data, *tiny), weights_only=True)

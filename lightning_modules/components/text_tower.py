@@ -149,7 +149,7 @@ def check_vocab(tower_vocab: int, tokenizer_vocab: int, source: str | Path) -> N
     if tower_vocab != tokenizer_vocab:
         raise ValueError(
             f"the tokenizer has {tokenizer_vocab} tokens but the text tower from {source} has {tower_vocab}: "
-            f"give the tower's own tokenizer, data.tokenizer={source}"
+            f"give the tower's own tokenizer, data.tokenizer.path={source}"
         )
 
 
