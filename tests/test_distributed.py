@@ -110,6 +110,7 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(
     _assert_same_run(tmp_path, one_process_double_batch)
 
 
+@pytest.mark.slow  # about 17 s; the two-process DDP test above keeps the multi-process path in the default run
 def test_torchrun_two_nodes_on_localhost(
     cache_dir: str, one_process_double_batch: Path, tmp_path: Path
 ) -> None:
