@@ -366,6 +366,7 @@ def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     )
 
 
+@pytest.mark.slow  # a subprocess run, about 7 s; test_cli_errors checks the one-line errors in-process
 def test_command_line_error_is_one_line() -> None:
     done = _run_cli("fit", "--config", MLM, "--trainer.not_a_key", "1")
     assert done.returncode == 2
@@ -375,6 +376,7 @@ def test_command_line_error_is_one_line() -> None:
     ]
 
 
+@pytest.mark.slow  # a subprocess run, about 8 s; the in-process offline W&B run stays in the default run
 def test_command_line_wandb_without_an_account(cache_dir: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(

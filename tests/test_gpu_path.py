@@ -74,6 +74,7 @@ class CountCollectives(L.Callback):
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
 
 
+@pytest.mark.slow  # about 15 s; test_rank_decisions checks the per-step decisions with fake collectives in the default run
 def test_one_small_all_reduce_per_step_in_two_process_ddp(tmp_path: Path) -> None:
     """The masked-token count, the logged losses, the non-finite check and the SIGTERM/requeue flags travel in one
     all-reduce of a few scalars per step (gloo, 2 processes), and nothing else is collective besides DDP's
@@ -560,6 +561,7 @@ def _benchmark(*extra: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow  # about 9 s; the benchmark's pieces have their own default-run tests
 def test_gpu_benchmark_smoke_eager_bert_on_cpu() -> None:
     """Smoke test: the benchmark's BERT comparison runs with tiny sizes and prints its ratio, and beside it what
     each side computes."""

@@ -298,6 +298,7 @@ trainer.predict(module, dm, return_predictions=False)
 """
 
 
+@pytest.mark.slow  # about 8 s; the one-process writer tests stay in the default run
 def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Path) -> None:
     import os
     import subprocess

@@ -180,6 +180,7 @@ class NaNOnRankOne(MLMPretrainingModule):
         self.model.pretraining_outputs = NaNOutputs(self, {1}, rank=1)
 
 
+@pytest.mark.slow  # about 8 s; test_rank_decisions checks the shared decision with fake collectives in the default run
 def test_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path) -> None:
     """Under DDP the decision is all-reduced: rank 0 skips too (a rank skipping alone would leave the other in the
     gradient all-reduce for ever), and training goes on."""
