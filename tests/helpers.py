@@ -11,6 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+# the repository's root: configs, notebooks and cli.py are found from it
+REPO = Path(__file__).resolve().parents[1]
+
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
 

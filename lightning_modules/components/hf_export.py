@@ -421,7 +421,7 @@ def _write_spec(out: Path, spec: dict, readme: str) -> None:
     (out / "README.md").write_text(readme)
 
 
-# The README snippets: what a user runs, and what tests/test_export_any.py runs against the folders.
+# The README snippets: what a user runs, and what tests/models/test_export_any.py runs against the folders.
 _POOL = '''def pool(out, mask, how):
     """The tower's pooling over the encoder's output (export.json names it)."""
     if how == "pooler_output":

@@ -3,7 +3,7 @@ training loop's per-step SIGTERM broadcast (`_TrainingEpochLoop._broadcast_sigte
 `PreemptionCheckpoint` carries the signal in the step's all-reduce, and `LightningCLI._parse_ckpt_path`, which the
 CLI overrides to read older checkpoints' flat hyper-parameters into the model's sections. Each function raises a
 RuntimeError naming the installed Lightning and the missing name when an upgrade removed it;
-tests/test_lightning_private.py checks the names and their signatures on the installed Lightning."""
+tests/training/test_lightning_private.py checks the names and their signatures on the installed Lightning."""
 
 from __future__ import annotations
 
