@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -303,7 +304,18 @@ def _dist_worker(rank: int, init_file: str, out_file: str) -> None:
 def two_rank_results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     out_file = str(tmp / "results.pt")
-    mp.spawn(_dist_worker, args=(str(tmp / "init"), out_file), nprocs=WORLD, join=True)
+    for attempt in range(2):
+        try:
+            mp.spawn(_dist_worker, args=(str(tmp / f"init{attempt}"), out_file), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessExitedException as err:
+            # rank 0 writes the results after the last collective, so both ranks computed them; gloo's teardown
+            # can still abort a process at exit (std::terminate in its thread) on a loaded machine. A process
+            # killed before that is run once more; a Python error in a worker is raised as it is.
+            if os.path.exists(out_file):
+                break
+            if attempt == 1:
+                raise err
     return torch.load(out_file)
 
 
