@@ -119,6 +119,7 @@ def logged_tables(history: list[dict], artifacts: list, key: str) -> list[tuple[
     return [(step, table, files) for step, (table, files) in zip(steps, staged)]
 
 
+@pytest.mark.slow  # about 9 s; the offline W&B retrieval-table runs stay in the default run
 # W&B ------------------------------------------------------------------------------------------------------
 def test_wandb_offline_run_holds_config_metrics_and_fill_mask_table(
     cache_dir: str, offline_wandb: Path

@@ -73,6 +73,7 @@ def test_notebook_is_stripped(name: str) -> None:
             assert cell.outputs == [] and cell.execution_count is None, cell.source[:60]
 
 
+@pytest.mark.slow  # about 12 s (a kernel and a short training); every notebook's stripped-output check stays in the default run
 def test_04_attention_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     nb = _execute("04_attention_maps.ipynb", tmp_path, monkeypatch)
     _check_ran(nb)

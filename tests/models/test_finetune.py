@@ -238,6 +238,7 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
     assert sum(p == t for p, t in zip(predicted, truth)) >= 0.8 * len(rows)
 
 
+@pytest.mark.slow  # about 5 s; the SST-2-like and CoNLL-like learning tests stay in the default run
 def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_mrpc(tmp_path / "MRPC")
     args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.optimizer.lr=1e-3")

@@ -281,8 +281,9 @@ def mlm_straight(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(
     "every,kill_at",
-    # the second case (kill right after the checkpoint on an epoch's last batch) runs with the slow tests
-    [(3, 11), pytest.param(7, 9, marks=pytest.mark.slow)],
+    # about 20 s each; the default run keeps the in-process mid-epoch resume of the MLM system
+    # (tests/models/test_mlm_training.py) and the loaders' and samplers' resume-state tests
+    [pytest.param(3, 11, marks=pytest.mark.slow), pytest.param(7, 9, marks=pytest.mark.slow)],
     ids=["mid_epoch_1", "checkpoint_on_last_batch_of_epoch_0"],
 )
 def test_mlm_kill9_and_resume_matches_unbroken_run(
