@@ -6,7 +6,7 @@ negatives."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
-from datamodules.image.coco import CaptionCollate, Resize, eval_transform, train_transform
+from datamodules.image.coco import CaptionCollate, eval_transform, train_transform
 from datamodules.image.coco_datamodule import EpochDataLoader
 from datamodules.image.pairs import (
     Format,
@@ -27,7 +27,7 @@ from datamodules.image.pairs import (
 )
 from datamodules.loading import SPLIT_STAGE, stage_splits
 from datamodules.mixture import MixtureSampler
-from datamodules.sections import LoaderConfig, TokenizerConfig
+from datamodules.sections import ImagesConfig, LoaderConfig, TokenizerConfig, as_section
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -77,18 +77,6 @@ class MixtureConfig:
 
 
 @dataclass
-class ImagePipeline:
-    """Image size and augmentation (the COCO DataModule's pipeline, datamodules/image/coco.py)."""
-
-    image_size: int = 224
-    """Side of the square crops fed to the image tower."""
-    min_scale: float = 0.5
-    """Smallest crop area, as a fraction of the image, of the training RandomResizedCrop."""
-    resize: Resize = "tensor"
-    """Evaluation resize and centre crop: tensor (Hugging Face CLIP), pil (open_clip) or torchvision."""
-
-
-@dataclass
 class ShardOptions:
     """Streaming WebDataset shards for training (datamodules/image/shards/stream.py `ShardStream`)."""
 
@@ -100,7 +88,7 @@ class ShardOptions:
     """Times a shard that fails to open or is cut short is opened again before it is skipped."""
 
 
-_COLUMNS, _MIXTURE, _IMAGES, _SHARDS = PairColumns(), MixtureConfig(), ImagePipeline(), ShardOptions()
+_COLUMNS, _MIXTURE, _IMAGES, _SHARDS = PairColumns(), MixtureConfig(), ImagesConfig(), ShardOptions()
 _LOADER, _TOKENIZER = LoaderConfig(), TokenizerConfig()
 
 
@@ -181,7 +169,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         predict: str | None = None,
         columns: PairColumns = _COLUMNS,
         mixture: MixtureConfig = _MIXTURE,
-        images: ImagePipeline = _IMAGES,
+        images: ImagesConfig = _IMAGES,
         context_length: int = 64,
         dedup: bool = True,
         shards: ShardOptions = _SHARDS,
@@ -191,14 +179,12 @@ class ImageTextPairsDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         columns, mixture, images = (
-            _section(PairColumns, columns),
-            _section(MixtureConfig, mixture),
-            _section(ImagePipeline, images),
+            as_section(PairColumns, columns),
+            as_section(MixtureConfig, mixture),
+            as_section(ImagesConfig, images),
         )
-        shards, loader = _section(ShardOptions, shards), _section(LoaderConfig, loader)
-        tokenizer = _section(TokenizerConfig, tokenizer)
-        # the image system checks its tower against the flat data.image_size and data.resize
-        self.hparams.update(image_size=images.image_size, resize=images.resize)
+        shards, loader = as_section(ShardOptions, shards), as_section(LoaderConfig, loader)
+        tokenizer = as_section(TokenizerConfig, tokenizer)
         self.sources = {
             "train": self._train_sources(train, mixture),
             "val": _joined(val),
@@ -479,12 +465,6 @@ class _ReportingLoader(EpochDataLoader):
         yield from super().__iter__()
         if self.on_end is not None:
             self.on_end()
-
-
-def _section(cls: type, value: Any) -> Any:
-    """A config section given as its dataclass or, from Python, as a dict of its fields; a copy, so that changing
-    it never changes the shared default."""
-    return cls(**value) if isinstance(value, dict) else replace(value)
 
 
 def _joined(spec: str | None) -> list[PairSource]:

@@ -17,8 +17,8 @@ import cli
 from cli import main
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.pairs import MissingColumn, read_source
-from datamodules.image.pairs_datamodule import ImagePipeline, ImageTextPairsDataModule, MixtureConfig
-from datamodules.sections import LoaderConfig, TokenizerConfig
+from datamodules.image.pairs_datamodule import ImageTextPairsDataModule, MixtureConfig
+from datamodules.sections import ImagesConfig, LoaderConfig, TokenizerConfig
 from datamodules.synthetic.shapes import generate_shapes_coco
 from tests.helpers import REPO
 
@@ -45,7 +45,7 @@ def _csv(path: Path, rows: list[tuple[str, str]], sep: str = ",", header=("filep
 
 
 def _dm(tmp_path: Path, **kwargs) -> ImageTextPairsDataModule:
-    kwargs.setdefault("images", ImagePipeline(image_size=32, min_scale=1.0))
+    kwargs.setdefault("images", ImagesConfig(image_size=32, min_scale=1.0))
     return ImageTextPairsDataModule(
         context_length=32,
         loader=LoaderConfig(batch_size=8, num_workers=0),
