@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 _INDEX_VERSION = 1
 # FLAC leaves total_samples at 0 when the encoder did not know it; libsndfile then reports SF_COUNT_MAX.
-_UNKNOWN_FRAMES = 1 << 62
+UNKNOWN_FRAMES = 1 << 62
 
 
 class AudioDecodeError(ValueError):
@@ -117,7 +117,7 @@ def load_audio(
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
         raise AudioDecodeError(f"{path}: {err}") from None
-    if expected_frames is not None and expected_frames < _UNKNOWN_FRAMES and len(data) < expected_frames:
+    if expected_frames is not None and expected_frames < UNKNOWN_FRAMES and len(data) < expected_frames:
         raise AudioDecodeError(f"{path}: truncated ({len(data)} of {expected_frames} frames)")
     if len(data) == 0:
         raise AudioDecodeError(f"{path}: no audio samples")
@@ -125,6 +125,20 @@ def load_audio(
     if sample_rate is not None and rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)
     return wave.contiguous()
+
+
+def load_audio_or_skip(
+    path: str, sample_rate: int, expected_frames: int | None, warned: set[str]
+) -> torch.Tensor | None:
+    """`load_audio`, or None for a file that does not decode, logged once per path (`warned` remembers them):
+    the datasets' items, which the collate drops and counts."""
+    try:
+        return load_audio(path, sample_rate, expected_frames=expected_frames)
+    except AudioDecodeError as err:
+        if path not in warned:
+            warned.add(path)
+            log.warning("skipping undecodable audio %s", err)
+        return None
 
 
 # -- index ----------------------------------------------------------------------------------------
@@ -164,7 +178,7 @@ def _index_chapter(chapter_dir: Path) -> dict[str, list]:
         try:
             info = sf.info(str(path))
             frames, rate = info.frames, info.samplerate
-            if frames >= _UNKNOWN_FRAMES:  # length not in the header: decode once to count
+            if frames >= UNKNOWN_FRAMES:  # length not in the header: decode once to count
                 frames = len(load_audio(path))
         except (RuntimeError, OSError, ValueError) as err:
             out["unreadable"].append(f"{path} ({err})")
@@ -268,12 +282,8 @@ class LibriSpeechDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         utt = self.utterances[i]
-        try:
-            wave = load_audio(utt.path, self.sample_rate, expected_frames=utt.frames)
-        except AudioDecodeError as err:
-            if utt.path not in self._warned:
-                self._warned.add(utt.path)
-                log.warning("skipping undecodable audio %s", err)
+        wave = load_audio_or_skip(utt.path, self.sample_rate, utt.frames, self._warned)
+        if wave is None:
             return None
         return {
             "waveform": wave,

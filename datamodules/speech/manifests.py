@@ -21,10 +21,11 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.speech.librispeech import (
-    _UNKNOWN_FRAMES,
+    UNKNOWN_FRAMES,
     AudioDecodeError,
     index_subset,
     load_audio,
+    load_audio_or_skip,
     normalise_transcript,
     pad_waveforms,
 )
@@ -116,7 +117,7 @@ def audio_header(path: str | os.PathLike) -> tuple[int, float]:
     except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
         raise AudioDecodeError(f"{path}: {err}") from None
     frames = info.frames
-    if frames >= _UNKNOWN_FRAMES:
+    if frames >= UNKNOWN_FRAMES:
         frames = len(load_audio(path))
     return frames, frames / info.samplerate if info.samplerate else 0.0
 
@@ -462,12 +463,8 @@ class AudioTextDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         clip = self.clips[i]
-        try:
-            wave = load_audio(clip.path, self.sample_rate, expected_frames=clip.frames)
-        except AudioDecodeError as err:
-            if clip.path not in self._warned:
-                self._warned.add(clip.path)
-                log.warning("skipping undecodable audio %s", err)
+        wave = load_audio_or_skip(clip.path, self.sample_rate, clip.frames, self._warned)
+        if wave is None:
             return None
         chosen = self.caption_choice(i)
         return {
