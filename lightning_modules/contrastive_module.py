@@ -10,6 +10,7 @@ still sees every pair of the batch, while the towers hold the activations of one
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -31,6 +32,7 @@ from lightning_modules.components.retrieval import mean_recall
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerTraining, apply_lock
 from lightning_modules.training.checkpoint_io import CheckpointExtras
+from lightning_modules.training.checkpoints import CheckpointError
 from lightning_modules.training.ema import EMAConfig
 from lightning_modules.training.nonfinite import SkipNonFiniteSteps
 from lightning_modules.training.optim import OptimizerConfig
@@ -372,3 +374,16 @@ def trained_text_section(text: dict | None) -> dict:
         text["init"] = {**init, "source": "scratch", "path": None}
     text["init_ckpt"] = None
     return text
+
+
+def load_pair_weights(
+    pair: ContrastivePair, ckpt: dict, path: str | os.PathLike, what: str
+) -> ContrastivePair:
+    """`pair` (a system's contrastive core, built from the checkpoint's sections) with the checkpoint's trained
+    weights, in eval mode; weights outside `pair.` (another model's) are refused naming the file."""
+    state = ckpt["state_dict"]
+    others = sorted(k for k in state if not k.startswith("pair."))
+    if others:
+        raise CheckpointError(f"{path}: weights outside the {what} model ({', '.join(others[:3])}, ...)")
+    pair.load_state_dict({k.removeprefix("pair."): v for k, v in state.items()})
+    return pair.eval()

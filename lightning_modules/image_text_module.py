@@ -27,7 +27,7 @@ from lightning_modules.components.contrastive import (
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit
-from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
+from lightning_modules.contrastive_module import ContrastiveModule, load_pair_weights, trained_text_section
 from lightning_modules.training.checkpoints import CheckpointError, check_system, read_checkpoint
 from lightning_modules.training.prediction import embedding_prediction
 
@@ -242,9 +242,4 @@ def image_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple[
         hparams["embed_dim"],
         as_config(ContrastiveLossConfig, hparams["loss"]),
     )
-    state = ckpt["state_dict"]
-    others = sorted(k for k in state if not k.startswith("pair."))
-    if others:
-        raise CheckpointError(f"{path}: weights outside the image-text model ({', '.join(others[:3])}, ...)")
-    pair.load_state_dict({k.removeprefix("pair."): v for k, v in state.items()})
-    return pair.eval(), ckpt
+    return load_pair_weights(pair, ckpt, path, "image-text"), ckpt

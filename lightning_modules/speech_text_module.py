@@ -20,8 +20,8 @@ from lightning_modules.components.contrastive import (
 )
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTowerConfig, build_text_tower
-from lightning_modules.contrastive_module import ContrastiveModule, trained_text_section
-from lightning_modules.training.checkpoints import CheckpointError, check_system, read_checkpoint
+from lightning_modules.contrastive_module import ContrastiveModule, load_pair_weights, trained_text_section
+from lightning_modules.training.checkpoints import check_system, read_checkpoint
 from lightning_modules.training.prediction import embedding_prediction
 
 # transcripts are longer than captions, and the text tower trains from scratch with BERT's dropout
@@ -115,9 +115,4 @@ def speech_text_from_checkpoint(path: str | os.PathLike, asked_by: str) -> tuple
         embed_dim,
         as_config(ContrastiveLossConfig, hparams["loss"]),
     )
-    state = ckpt["state_dict"]
-    others = sorted(k for k in state if not k.startswith("pair."))
-    if others:
-        raise CheckpointError(f"{path}: weights outside the speech-text model ({', '.join(others[:3])}, ...)")
-    pair.load_state_dict({k.removeprefix("pair."): v for k, v in state.items()})
-    return pair.eval(), ckpt
+    return load_pair_weights(pair, ckpt, path, "speech-text"), ckpt
