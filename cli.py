@@ -1,19 +1,10 @@
-"""Command line: `multimodal-pretrain fit|validate|test|predict --config configs/<task>/<experiment>.yaml` (the
-console script of `pip install .`), or `python cli.py ...` from a clone.
+"""Command line: `multimodal-pretrain fit|validate|test|predict --config configs/<task>/<experiment>.yaml`
+(the console script of `pip install .`), or `python cli.py ...` from a clone.
 
-A LightningCLI with the omegaconf+ parser: `${trainer.default_root_dir}` style interpolation is resolved on
-the merged config, after every `--config` file and command-line override, so a snippet such as
-`configs/logger/wandb.yaml` may refer to keys of the experiment config. Tests call `main([...])` in-process.
-Two extra commands: `export-hf --ckpt_path C --out DIR` writes an MLM checkpoint as a Hugging Face BERT folder;
-`export --ckpt_path C --out PATH` writes an image-text checkpoint back as open_clip / Hugging Face CLIP (whole-CLIP
-starts), any other image-text or speech-text checkpoint as transformers folders, or an image tower as a torchvision
-state dict.
-
-From the command line, errors of configuration and input found before the first batch (a missing dataset
-path, an unknown key, a precision the hardware cannot run, a checkpoint that is truncated or of another system)
-end with one line on stderr and exit status 2; `MMPRETRAIN_DEBUG=1` shows the traceback. Errors raised once
-the first batch has started keep their traceback.
-"""
+A LightningCLI with the omegaconf+ parser, so `${...}` interpolation resolves on the merged config; tests call
+`main([...])` in-process. Extra commands (`COMMANDS`): `export-hf`, `export`, `consolidate`, `probe` and
+`curate`. Configuration and input errors found before the first batch end with one line on stderr and exit
+status 2 (`MMPRETRAIN_DEBUG=1` shows the traceback); see `docs/usage.md`."""
 
 from __future__ import annotations
 

@@ -1,14 +1,11 @@
 """Scoring a web pool for curation: every image-text pair embedded by a teacher, scores written per unit.
 
-`python cli.py curate score` embeds each sample of a pool (WebDataset shards or CSV/JSONL manifests, see
-datamodules/image/curation_data.py) and of evaluation image folders with a teacher: a checkpoint of this
-framework's image-text system, an open_clip model and checkpoint, or a Hugging Face CLIP folder, imported as
-`ImageTextModule`'s `init_clip` imports them. It runs as a Lightning prediction, so each rank embeds its share of
-the units under any strategy (`--devices 8 --strategy ddp`). Each unit's rows (key, source shard, position,
-caption, image-text cosine, unit image embedding, error) go to `<out>/parts/<unit>.parquet` as soon as the unit
-is whole, written under a temporary name and renamed: a run started again with the same `--out` skips the units
-already there. `python cli.py curate filter` (datamodules/image/curation_filters.py) reads them.
-"""
+`python cli.py curate score` embeds each sample of a pool (datamodules/image/curation_data.py) and of
+evaluation image folders with a teacher (a checkpoint of this framework, an open_clip model or a Hugging Face
+CLIP folder). It runs as a Lightning prediction, so each rank embeds its share of the units under any
+strategy. Each whole unit's rows go to `<out>/parts/<unit>.parquet`, written under a temporary name and
+renamed, so a run started again with the same `--out` skips the units already there. `python cli.py curate
+filter` (datamodules/image/curation_filters.py) reads them; see `docs/curation.md`."""
 
 from __future__ import annotations
 

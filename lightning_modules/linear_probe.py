@@ -1,20 +1,11 @@
 """Linear probes: how much of a label a frozen tower's embeddings carry, read by a linear classifier.
 
-The tower embeds every example once (`extract_embeddings`); a multinomial logistic regression is then fitted
-on the embeddings, full batch, with L-BFGS, for each L2 weight decay of a grid; the decay with the best
-validation accuracy is kept and its classifier scored on the test split (the protocol of Radford et al. 2021,
-"Learning Transferable Visual Models From Natural Language Supervision", which tunes the regularisation of
-scikit-learn's logistic regression on a validation split). Few-shot probes train on exactly k examples per class,
-drawn with a seed (`few_shot_indices`).
-
-    image   ImageTextModule.encode_image over ImageFolderDataModule batches (labels: class folders)
-    speech  SpeechTextModule's speech tower over LibriSpeechDataModule batches (labels: e.g. `speaker_labels`)
-
-From the command line the features are written to disk once, by `predict` with the prediction writer
-(`ImageFeatures` over a `ClassificationDataModule`'s train / val / test splits; configs/eval/probe_features.yaml),
-and the probe reads them (`python cli.py probe --features DIR`), printing and writing (probe.json) the accuracy
-and the weight decay it chose.
-"""
+The tower embeds every example once (`extract_embeddings`); a multinomial logistic regression is fitted on the
+embeddings, full batch, with L-BFGS, for each L2 weight decay of a grid, and the decay with the best
+validation accuracy is scored on the test split (the protocol of Radford et al. 2021, CLIP). Few-shot probes
+train on exactly k examples per class, drawn with a seed (`few_shot_indices`). From the command line,
+`predict` writes the features once (configs/eval/probe_features.yaml) and `python cli.py probe --features DIR`
+fits and scores the probe; see `docs/finetune-and-eval.md`."""
 
 from __future__ import annotations
 

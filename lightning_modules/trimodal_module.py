@@ -4,14 +4,9 @@ on one text tower.
     loss = image_text_weight * L(images, captions) + speech_text_weight * L(utterances, transcripts)
 
 Each step takes one COCO batch and one LibriSpeech batch (datamodules/trimodal_datamodule.py). The module
-holds two contrastive pairs, the image-text and the speech-text systems' own (components/contrastive.py), built
-on ONE text tower object, so both objectives train it. Each pair keeps its own learnable temperature: the two
-tasks differ in how hard they are, and one shared temperature would be a compromise that fits neither.
-
-Images and speech never meet in training; they meet through the text both are aligned to. Evaluation reports
-i2t/t2i on COCO, a2t/t2a on LibriSpeech and, when the speech set speaks the COCO captions (the quickstart's
-spoken captions), i2a/a2i: an utterance is a hit for an image query when it speaks one of the image's captions.
-"""
+holds the two systems' contrastive pairs built on ONE text tower object, so both objectives train it; each
+pair keeps its own temperature, as the two tasks differ in difficulty. Images and speech meet only through the
+text: evaluation reports i2t/t2i, a2t/t2a and, when the utterances speak the COCO captions, i2a/a2i."""
 
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
 """The contrastive core every alignment system shares: two towers in one joint space, a learnable temperature,
 a loss from the one loss library and the one retrieval metric.
 
-A `ContrastivePair` subclass registers its two towers and says how a batch becomes `PairEmbeddings`
-(`embed`); this class normalises, scores and evaluates. Image-text and speech-text are thin LightningModules
-over one pair; the tri-modal system holds two pairs that share one text tower object.
-
-Empty and uneven batches, once for every system. A batch whose every item failed to decode has zero rows. Its
-rank still runs the same collectives as the others, in the same order: it contributes zero rows to the loss's
-cross-rank gather, its loss is a zero connected to every parameter of the pair (so DDP's gradient all-reduce
-finds a gradient for each), and it updates the retrieval metric with zero rows (so the metric's sync at the
-end of the epoch finds a state on every rank). The other ranks score their rows against the rows that exist.
-
-Training weights rank r's loss by W * n_r / N (W ranks, n_r local rows, N rows in all). The loss library
-normalises each rank's loss by its own row count; DDP averages the ranks' gradients; with this weight the
-average is the gradient of the mean over all N rows, the loss one process holding every row would compute,
-whether the ranks hold equal, uneven or zero rows. With equal rows the weight is 1. The row counts of every
-rank are gathered once per training step (`row_counts`), for the loss's cross-rank gather and for the weight.
-"""
+A `ContrastivePair` subclass registers its two towers and says how a batch becomes `PairEmbeddings` (`embed`);
+this class normalises, scores and evaluates. A rank whose batch has zero rows (every item failed to decode)
+still runs every collective of the step, so the other ranks never wait on it. Training weights rank r's loss
+by W * n_r / N (W ranks, n_r local rows, N rows in all), so DDP's gradient average is the gradient of the mean
+over all N rows, whether the ranks hold equal, uneven or zero rows."""
 
 from __future__ import annotations
 

@@ -1,25 +1,12 @@
 """Export of any trained image-text or speech-text pair as folders the reference libraries load.
 
-Image-text, two forms:
-    dual encoder  one `VisionTextDualEncoderModel` folder (`AutoModel`, `AutoProcessor`), where both towers'
-                  pooled outputs are what the transformers classes pool: a ViT (torchvision's, as `ViTModel` with
-                  an identity pooler) or a Hugging Face CLIP vision tower, and a text tower pooled by its tanh
-                  pooler (`pooling: cls`).
-    encoder pair  otherwise (a ResNet, whose `ResNetModel` pools to (B, C, 1, 1); a text tower pooled by its
-                  first token, its mean or its last token): the image encoder and the text encoder as two
-                  transformers folders (`AutoModel`, `AutoImageProcessor`, `AutoTokenizer`), the projections and the
-                  temperature in projections.safetensors, the pooling in export.json, and a README.md whose
-                  snippet loads and embeds.
-Speech-text is an encoder pair: the speech encoder as its `Wav2Vec2Model` / `HubertModel` / `WavLMModel` folder
-where it came from one, this framework's scratch tower as its config and state dict; the text encoder and the
-README as for image-text.
-
-Our BERT is written as transformers' `BertModel` (hf_interop.py's key map), a torchvision ViT as `ViTModel`, a
-torchvision ResNet as `ResNetModel`; Hugging Face towers keep their class. Parts transformers has no class for
-(a pre-LN BERT, open_clip's towers outside a whole CLIP, a torchaudio speech tower) are refused with an error
-naming the part. Images are described by a `CLIPImageProcessor`: shorter side to the tower's size with bicubic,
-centre crop, the tower's mean and std (the `data.resize: tensor` pipeline).
-"""
+An image-text pair whose towers both pool as transformers does (a ViT or a Hugging Face CLIP vision tower, a
+text tower with `pooling: cls`) becomes one `VisionTextDualEncoderModel` folder; any other pair, speech-text
+included, becomes an encoder pair: two transformers folders, the projections and temperature in
+projections.safetensors, the pooling in export.json, and a README.md whose snippet loads and embeds. Our BERT
+is written as `BertModel`, a torchvision ViT as `ViTModel`, a ResNet as `ResNetModel`; Hugging Face towers
+keep their class. Parts transformers has no class for are refused with an error naming the part. See
+`docs/pretrained.md`."""
 
 from __future__ import annotations
 

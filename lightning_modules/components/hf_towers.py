@@ -1,16 +1,12 @@
-"""Pretrained text and speech towers from local files: any Hugging Face encoder folder (BERT, RoBERTa, XLM-R ...),
-wav2vec 2.0 / HuBERT / WavLM as a Hugging Face folder or as a torchaudio architecture with its state dict.
+"""Pretrained text and speech towers from local files: any Hugging Face encoder folder (BERT, RoBERTa, XLM-R
+...), wav2vec 2.0 / HuBERT / WavLM as a Hugging Face folder or as a torchaudio architecture with its state
+dict.
 
-The reference libraries' own model classes run the encoders; these wrappers add what a tower of ours has:
-pooling over real tokens or frames, a projection into the joint space and `blocks` (for `unlocked_layers`).
-Nothing is downloaded: folders are read with `local_files_only=True`, state dicts with `weights_only=True`.
-
-Speech towers take raw 16 kHz waveforms (B, T) with their lengths in samples. Padding never changes an
-utterance's embedding: the convolutional feature encoders of the base models normalise each channel over the
-whole time axis (GroupNorm), padding included, so those run one utterance at a time on its own samples;
-the layer-normalised ones (large models, WavLM) run batched with the attention mask, which both libraries
-apply in the positional convolution and in attention.
-"""
+The reference libraries' model classes run the encoders; these wrappers add pooling over real tokens or
+frames, a projection into the joint space and `blocks` (for `unlocked_layers`). Nothing is downloaded
+(`local_files_only=True`, `weights_only=True`). Speech towers take raw 16 kHz waveforms (B, T) and their
+lengths; padding never changes an embedding: base models, whose feature encoder's GroupNorm spans the whole
+time axis, run one utterance at a time, the layer-normalised ones batched with the attention mask."""
 
 from __future__ import annotations
 

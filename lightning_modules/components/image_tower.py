@@ -4,25 +4,11 @@
     ResNet  images -> ResNet-50 trunk -> global average pool (2048-d)
     both    pooled features -> W_proj (no bias) -> embed_dim (not normalised: the loss normalises)
 
-Pixels: the DataModules send uint8 images (a quarter of float32's bytes through the workers' shared memory and
-the host-to-device copy); the tower scales them to [0, 1] and normalises them with its source's mean and std on
-the device, the one place this happens (`ImageTower.normalize`), for training, evaluation, prediction, zero-shot
-and probes alike. Float input is taken as already normalised (the reference libraries' own preprocessing).
-
-The ViTs are torchvision's `VisionTransformer`: `vit_b_16` and `vit_b_32` have exactly the shape of
-`torchvision.models.vit_b_16/vit_b_32` (built here directly so the image size is free), `vit_tiny` is a CPU size
-for the quickstart and the tests, and `vit_custom` starts from the benchmark's shape (patch 32, 4 layers,
-width 256). Any ViT field given in `ImageTowerConfig` overrides its preset.
-
-Memory format: a backbone with more than one 2-D convolution (torchvision's ResNets, open_clip's
-ModifiedResNet, any other convolutional trunk) is kept channels-last (NHWC), its 4-D weights converted once
-when the tower is built and its input images in `forward`; on GPUs under AMP, NHWC convolutions run cuDNN's
-tensor-core kernels. A ViT (torchvision's, open_clip's, Hugging Face CLIP's) has one convolution, the patch
-embedding, where NHWC gains nothing and the token reshape after it would copy: it stays as it is. The rule is
-`uses_channels_last`, the same on every device. Channels-last changes strides only: state-dict keys and values
-are unchanged, and the exports write contiguous tensors. FSDP2's `fully_shard` refuses non-contiguous
-parameters (PyTorch 2.11), so a channels-last tower does not shard with `FSDP2Strategy` as it stands.
-"""
+The DataModules send uint8 images (a quarter of float32's bytes to copy); `ImageTower.normalize` scales and
+normalises them on the device, the one place this happens; float input is taken as already normalised. A
+backbone with more than one 2-D convolution runs channels-last (`uses_channels_last`) for cuDNN's tensor-core
+kernels; a ViT, whose one convolution is the patch embedding, stays as it is. FSDP2 refuses non-contiguous
+parameters, so a channels-last tower does not shard with `FSDP2Strategy`."""
 
 from __future__ import annotations
 

@@ -1,21 +1,13 @@
-"""Cross-entropy of a vocabulary projection, fused and blocked: loss = Σ_i [logsumexp(z_i) - z_i[t_i]], z = h Wᵀ + b.
+"""Cross-entropy of a vocabulary projection, fused and blocked: loss = Σ_i [logsumexp(z_i) - z_i[t_i]], z = h
+Wᵀ + b.
 
-The vocabulary projection of a language-model head makes an (N, V) logits tensor (584 x 30522 floats = 71 MB
-for BERT's masked tokens of a batch of 32 x 128); log-softmax makes a second one and backward two more.
-`linear_cross_entropy` works on blocks of rows instead: for each block it computes the logits, the loss and at
-once the gradients (∂loss/∂z = softmax(z) - onehot(t) is known in the forward pass), which it multiplies into
-∂h, ∂W and ∂b; backward then only scales those by the incoming gradient. The FLOPs are the three matmuls of the
-plain computation, no recomputation; what goes is the memory traffic of the big intermediates, and on CPU the
-cost of allocating them anew every step (a large allocation is a fresh mapping whose pages fault in one by
-one): the block lives in a workspace kept between calls there.
-
-The logits are computed as W hᵀ (V, block), the matmul orientation that BLAS runs fastest for a short inner
-dimension (the hidden size) and a long vocabulary, and the softmax works in place on that vocabulary-major
-block. The loss is exact: the same value and gradients as `F.cross_entropy(F.linear(h, W, b), t,
-reduction="sum")` (tested) in fp32; under bf16 autocast the three matmuls run in bf16 and the softmax and the
-accumulation in fp32, as autocast does for the plain computation. Without gradients (evaluation) and under
-fp16 it is the plain computation.
-"""
+The (N, V) logits of a language-model head and their softmax are the largest tensors of an MLM step.
+`linear_cross_entropy` works on blocks of rows: per block it computes the logits, the loss and at once the
+gradients (∂loss/∂z = softmax(z) - onehot(t)), so backward only scales them. Same FLOPs, without the big
+intermediates; on CPU the block lives in a workspace kept between calls (fresh large allocations fault their
+pages in one by one). The result equals `F.cross_entropy(F.linear(h, W, b), t, reduction="sum")` in fp32;
+under bf16 autocast the matmuls run in bf16, the softmax in fp32. Without gradients and under fp16 it is the
+plain computation."""
 
 from __future__ import annotations
 

@@ -1,29 +1,12 @@
 """Contrastive and metric-learning losses shared by the image-text and speech-text tasks.
 
-Every loss has the same call signature::
-
-    loss(a, b, logit_scale, logit_bias=None, ids=None, *, sizes=None) -> Tensor
-
-* ``a``, ``b``: L2-normalised embeddings (B, D) of the two modalities; row i of ``a`` pairs with row i of ``b``.
-* ``logit_scale``: the multiplicative temperature ``t`` (already exponentiated), logits are ``t * a @ b.T``.
-  Triplet, N-pair and Circle work on raw cosine similarities and ignore it.
-* ``logit_bias``: additive bias ``b`` of SigLIP; ignored by the others (a constant shift cancels in a softmax).
-* ``ids``: optional (B,) int64 group ids. Rows with equal ids are mutual positives (two captions of one image,
-  identical transcripts), so they are never used as negatives of each other. ``ids=None`` means every row is its
-  own group.
-* ``sizes``: optional row count of every rank (``gather_sizes``), for a caller that needs them too (the rank
-  weight of the contrastive training step) and has gathered them once for both; ``None`` gathers them here.
-  Only read when the loss gathers across ranks.
-
-Distributed semantics (``gather=True``, the default, and a process group with world size > 1): every rank
-scores its B local rows against the W*B columns gathered from all ranks with gradient; the positive of local row
-i is global column ``offset + i``, offset being the row count of the lower ranks (``rank * B`` when all ranks
-hold B rows). The per-rank loss is normalised by the local batch size, so the mean of the per-rank losses
-equals the loss of one process holding the whole W*B batch; gradients flowing back through the gather are
-summed on the owning rank, so DDP's gradient averaging reproduces the single-process gradient too. Ranks may
-hold different row counts (duration bucketing makes such batches): the gather pads and trims, every row still
-meets every global column, and the rank mean then weights each rank's rows by 1 / its batch size.
-"""
+Every loss has the call signature ``loss(a, b, logit_scale, logit_bias=None, ids=None, *, sizes=None)``:
+``a``, ``b`` are L2-normalised (B, D) embeddings, row i of ``a`` pairing with row i of ``b``; logits are
+``logit_scale * a @ b.T`` (+ ``logit_bias`` for SigLIP; Triplet, N-pair and Circle use raw cosines); rows with
+equal ``ids`` are mutual positives, never each other's negatives; ``sizes`` are the ranks' row counts when the
+caller has gathered them already. With ``gather=True`` and several ranks, each rank scores its rows against
+the columns of every rank (gathered with gradient) and normalises by its local rows, so DDP's average
+reproduces the single-process loss and gradient, uneven row counts included."""
 
 from __future__ import annotations
 

@@ -4,26 +4,11 @@
     after optimizer step s:   s <= start_step                            average = weights
                               s > start_step, (s - start_step) % N == 0  average = decay average + (1 - decay) weights
 
-What is averaged: the trainable parameters and the floating-point buffers of the state dict (BatchNorm's running
-statistics); frozen parameters never change and are not copied. The averages are plain tensors beside the model,
-not part of it (its state-dict keys, its DDP buffers and its FSDP2 units stay as they are): clones of the live
-tensors, so under FSDP2 they are DTensors sharded as the parameters, each rank holding and updating its shard, and
-under DDP every rank holds the same average (the weights are the same on every rank after each step), with no
-communication at all. The update is torch's own `get_ema_multi_avg_fn` (one `_foreach_lerp_` over all tensors).
-
-Checkpoints hold the averages and resume them exactly: a single-file checkpoint under the top-level key `ema`
-(full tensors; `state_dict` stays the raw weights, so every reader of checkpoints works as before); a sharded
-(FSDP2) checkpoint folder in its `state_dict` entries under `ema.<name>`, written and read shard by shard by
-torch.distributed.checkpoint (`consolidate` moves them to `ema` in the file it writes). With `evaluate`, validation
-and test run on the averaged weights: they are swapped in for the evaluation epoch and swapped back after it,
-before any checkpoint of that validation is written. `export --ema` / `export-hf --ema` write the averaged weights.
-
-Why not Lightning's `WeightAveraging` callback or torch's `AveragedModel`: both deep-copy the whole module (an
-FSDP2-sharded system cannot be copied that way: WeightAveraging says it does not support sharding), and
-WeightAveraging writes the averaged weights in place of `state_dict` (moving the raw ones to another key), always
-evaluates on the average and copies it over the weights at the end of training; here the raw weights stay the
-model's and the average is an option of the system's config.
-"""
+The averages (trainable parameters and floating-point buffers) are plain tensors beside the model, so its
+state-dict keys, DDP buffers and FSDP2 units stay as they are; under FSDP2 each rank averages its own shard.
+The update is torch's `get_ema_multi_avg_fn`. Checkpoints keep them under `ema` and `state_dict` stays the raw
+weights (see `docs/long-runs.md`). Lightning's `WeightAveraging` and torch's `AveragedModel` are not used:
+both deep-copy the module, which an FSDP2-sharded system does not allow."""
 
 from __future__ import annotations
 

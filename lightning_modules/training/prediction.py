@@ -1,21 +1,15 @@
 """Predictions to disk: one `BasePredictionWriter` for every system.
 
-Each rank appends what its `predict_step` returns to its own part files under `<output_dir>/rank-<r>/` as the
-batches come; when prediction ends, rank 0 (after a barrier, on a folder every rank can see) merges the parts into
-the final files, drops the rows the distributed sampler repeated to even out the ranks, and writes
-`metadata.json`. What `predict_step` returns decides what is written:
+Each rank appends what its `predict_step` returns to part files under `<output_dir>/rank-<r>/`; at the end
+rank 0 merges them, drops the rows the distributed sampler repeated, and writes `metadata.json`. The keys
+`predict_step` returns pick the output:
 
-    embeddings   {"embeddings": {kind: (ids, (N, D) unit vectors)}, "unreadable": [paths]}
-                 -> embeddings.parquet: columns id (string), kind (image, caption, utterance, transcript),
-                    embedding (fixed-size list of float32); one row per (kind, id), sorted by kind then id
-    classes      {"index": (B,), "prediction": (B,) class indices}   (GLUE)
-                 -> <TASK>.tsv: `index<TAB>prediction` with the label names GLUE's server expects
-    tags         {"index": (B,) sentence numbers, "tags": [[tag per word]]}   (CoNLL)
-                 -> predictions.conll: the input file, each token line with the predicted tag as a last column
-    fill-mask    {"index": (B,) line numbers, "text": [str], "top_ids": (M, k), "top_scores": (M, k),
-                  "masks": [masks per row]}   (MLM)
-                 -> fill_mask.jsonl: per line of the input, its text and the k best tokens of each [MASK]
-"""
+    {"embeddings": {kind: (ids, (N, D))}, "unreadable": [paths]}      -> embeddings.parquet
+    {"index", "prediction"}   (GLUE)                                  -> <TASK>.tsv
+    {"index", "tags"}         (CoNLL)                                 -> predictions.conll
+    {"index", "text", "top_ids", "top_scores", "masks"}   (MLM)       -> fill_mask.jsonl
+
+The files' columns are in `docs/predictions.md`."""
 
 from __future__ import annotations
 

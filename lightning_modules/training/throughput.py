@@ -1,27 +1,12 @@
 """Training throughput and model FLOPs utilisation (MFU) of every system, logged at the logger's interval.
 
-Lightning's `ThroughputMonitor` synchronises CUDA after every batch; this callback keeps the per-batch work on the
-device (token and audio counts are summed there) and synchronises once per logging interval, when the logger reads
-the metrics anyway.
-
-FLOPs: one training batch (forward, backward and optimizer step, as run) is counted once, on the first, with
-`torch.utils.flop_counter.FlopCounterMode`, under `torch.compiler.set_stance("force_eager")`: Dynamo does not run
-compiled frames while a dispatch mode is active, and a compiled module first called under one would run eagerly
-for the rest of the run; forced eager, the counted batch runs the same operators and later batches compile as
-usual. The count is per unit of work, the batch's audio seconds (speech), else its non-padding tokens (text),
-else its rows (images), and an interval's FLOPs are that times the units it trained on: bucketed speech and
-packed or padded text change length from batch to batch (attention, which grows with the square of the length,
-is scaled linearly: an approximation where lengths vary much). MFU = FLOPs per second / the device's dense bf16
-peak. Under activation checkpointing the counted batch includes the recomputed forward passes, so the ratio is
-hardware-FLOPs utilisation and is logged as `train/hfu` instead. The clock starts after the batch that compiles:
-the second where the first is counted (forced eager), else the first.
-
-Keys (all ranks together, from this rank's counts x the world size): `train/samples_per_sec`,
-`train/tokens_per_sec` (text: non-padding tokens), `train/audio_sec_per_sec` (speech: seconds of audio),
-`train/tflops_per_device` and `train/mfu` or `train/hfu` (only where the peak is known: a GPU named in
-`PEAK_TFLOPS`, a MIG slice of one at its share of the streaming multiprocessors, or `peak_tflops` given). They
-are logged once per optimizer step that is a logging step, also under gradient accumulation.
-"""
+Lightning's `ThroughputMonitor` synchronises CUDA after every batch; this callback sums its counts on the
+device and synchronises once per logging interval, when the logger reads the metrics anyway. The FLOPs of one
+training batch are counted once, on the first, by `FlopCounterMode` under
+`torch.compiler.set_stance("force_eager")` (Dynamo does not run compiled frames under a dispatch mode), per
+unit of work: audio seconds (speech), else non-padding tokens (text), else rows (images). MFU is FLOPs per
+second over the device's dense bf16 peak, logged as `train/hfu` under activation checkpointing, whose
+recomputed forward is counted too. Keys and peaks: `docs/scale-and-gpus.md`."""
 
 from __future__ import annotations
 
