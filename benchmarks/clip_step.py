@@ -1,37 +1,16 @@
 """Training-step throughput of our image-text module against open_clip's `CLIP` + `ClipLoss`, side by side.
 
-What is compared: one full training step (forward of both towers, the symmetric InfoNCE loss, backward, AdamW
-step) at the same configuration for both:
+One full training step (both towers, symmetric InfoNCE, backward, AdamW) at the same configuration for both:
 
     image  ViT, 224 px, patch 32 (49 patches + class token), 4 layers, width 256, 4 heads, MLP 1024
     text   4 layers, width 256, 4 heads, MLP 1024, context 64, vocabulary 49408 (CLIP's BPE size)
     joint  embed_dim 256; batch 64 image-caption pairs; fp32; CPU; learnable temperature
 
-Both get the same pixels and the same captions: real COCO captions (from the genuine sample when present)
-tokenised with open_clip's own BPE tokenizer. open_clip always runs its text Transformer over all 64 positions
-(causal mask, pooling at the end-of-text token), as its tokenizer pads every caption to the context length.
-Ours receives what our collate function produces, the same ids padded to the longest caption of the batch with
-an attention mask, and its encoder runs the per-token work (projections, feed-forward, LayerNorms) on the real
-tokens only. Each side uses its own training recipe's optimiser: ours
-`lightning_modules.training.optim.build_optimizer`, open_clip's `torch.optim.AdamW` with its default
-implementation, plus its logit-scale clamp after the step.
+Same pixels and COCO captions for both; open_clip's text Transformer runs on all 64 positions, ours on the
+real tokens. `ratio: X` = our pairs/s / open_clip's (medians of alternating steps). Also timed: one DataLoader
+worker's images/s, and with `--locked` the LiT step against the unlocked one.
 
-The two steps are interleaved in one process after warm-up, alternating which goes first, and the median step
-time of each is reported as pairs/s; `ratio: X` = our pairs/s / open_clip's. One torch thread by default
-(`--threads 0` keeps torch's default): timings with threads competing for a busy shared CPU are not repeatable.
-
-It also measures how many training images per second ONE DataLoader worker reads, decodes (JPEG),
-augments (RandomResizedCrop to 224) and collates (with tokenisation), from the genuine COCO sample at
-../shared/data/real/coco when present, else from generated 512 px JPEGs, and how many such workers one
-training process of this size would need.
-
-    python benchmarks/clip_step.py [--steps 10] [--warmup 2] [--threads 1] [--skip-data]
-
-With `--locked` it times instead our step with the image tower locked (`model.image.lock: true`, LiT) against the
-same step unlocked, and prints `ratio: X` = unlocked step time / locked step time (> 1: the LiT step is cheaper).
-
-    python benchmarks/clip_step.py --locked [--steps 10]
-"""
+    python benchmarks/clip_step.py [--steps 10] [--warmup 2] [--threads 1] [--skip-data] [--locked]"""
 
 from __future__ import annotations
 

@@ -3,13 +3,10 @@
     python benchmarks/curation.py                      # CPU: a tiny teacher, searches of 1e5 and 1e6 embeddings
     python benchmarks/curation.py --device cuda --teacher open_clip:ViT-B-32:/weights/vit_b32.pt --pairs 20000
 
-Scoring: a generated pool of `--pairs` shapes pairs in shards, scored by `curate score` (decode, resize, both
-towers, Parquet parts) on one device. The search: random unit vectors of `--dim` dimensions with planted
-copies, through `similar_pairs` in blocks of `--block`. The search compares all N^2 / 2 pairs, so its time grows
-as N^2 (N / block rows of tiles, each tile a block x block product); where a size would take longer than
-`--budget` seconds, a few tiles are timed and the whole is extrapolated from them (every tile costs the same),
-which the output marks as `extrapolated`.
-"""
+Scoring: `curate score` over a generated pool of `--pairs` shapes pairs on one device. The search: random unit
+vectors with planted copies through `similar_pairs` in blocks of `--block`; its time grows as N^2, so a size
+that would exceed `--budget` seconds is timed on a few tiles and extrapolated (every tile costs the same),
+marked `extrapolated`."""
 
 from __future__ import annotations
 

@@ -1,25 +1,15 @@
 """Training throughput and MFU on one GPU, ours beside the reference implementations, in one process.
 
-BERT-Base MLM+NSP (seq 128) against `transformers.BertForPreTraining` of the same shape, and CLIP ViT-B/16
-against open_clip's ViT-B-16 with our text tower shaped as open_clip's (12 layers, 512 wide, 8 heads, 2048
-feed-forward, 49,408 tokens, 77 positions, the last real token pooled); each eager and compiled; the two sides of
-a comparison timed in alternating rounds after warm-up, so clocks and thermals treat them alike. Each line ends
-in `ratio:` (ours / theirs, > 1 = ours faster) and says beside it what each side computes: the models have the
-same shapes, and what differs is work one side skips (BERT: our MLM head and last block run on the masked rows
-and [CLS] only; CLIP: our text tower runs on the real tokens only, open_clip's on all 77 positions with a causal
-mask). `--smoke` runs tiny models on CPU so the script does not rot (the compiled rows then use the "eager"
-compile backend: the path, not the speed).
-
-Each model trains on random data of its real shape (BERT: seq 128, 15% of tokens masked, NSP pairs; CLIP:
-224 px images, 77-token captions) with the framework's own modules, optimiser (fused AdamW) and bf16 autocast,
-so what is timed is the model, not a data pipeline. The FLOPs of one training step (forward + backward) are
-counted by `torch.utils.flop_counter.FlopCounterMode` on the step as run (MLM head on masked positions only,
-unpadding, attention), not from a formula; MFU = counted FLOPs x steps/s / the GPU's dense bf16 peak.
+BERT-Base MLM+NSP (seq 128) against `transformers.BertForPreTraining`, and CLIP ViT-B/16 against open_clip's
+ViT-B-16 with our text tower in its shape; each eager and compiled, on random data of the real shapes, the two
+sides timed in alternating rounds after warm-up. Each line ends in `ratio:` (ours / theirs, > 1 = ours faster)
+and says what work each side skips. FLOPs are counted by `FlopCounterMode` on the step as run; MFU = FLOPs x
+steps/s / the GPU's dense bf16 peak. `--smoke` runs tiny models on CPU so the script does not rot. See
+`docs/performance.md`.
 
     python benchmarks/gpu_throughput.py                       # both models, defaults for an 80-141 GB GPU
     python benchmarks/gpu_throughput.py --model bert --batch 256 --compile
-    python benchmarks/gpu_throughput.py --smoke                # tiny sizes on CPU, seconds
-"""
+    python benchmarks/gpu_throughput.py --smoke                # tiny sizes on CPU, seconds"""
 
 from __future__ import annotations
 

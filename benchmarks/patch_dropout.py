@@ -1,18 +1,13 @@
 """Training-step time of the image-text system with patch dropout (FLIP, `model.image.patch_dropout: 0.5`)
 against the same system without it (0.0), side by side.
 
-What is compared: one full training step (both towers forward, the contrastive loss, backward, AdamW step) of
-two `ImageTextModule`s with the same weights and the same batch, which differ only in `patch_dropout`. The steps
-are interleaved in one process after warm-up, alternating which goes first, and the median of each is reported;
-`ratio: X` = step time at 0.0 / step time at 0.5 (> 1: patch dropout makes the step cheaper).
-
-By default a CPU size (ViT 64 px, patch 8: 64 patches, 4 layers, width 128; batch 32; one thread). With `--vit-b`
-the image tower is ViT-B/16 at 224 px (196 patches), the size FLIP reports on (expect about 1.6 or more on a
-GPU, where `--device cuda` runs it in bf16 autocast with batch `--batch`, 128 by default there):
+Two `ImageTextModule`s with the same weights and batch, differing only in `patch_dropout`, run full training
+steps interleaved after warm-up; `ratio: X` = median step time at 0.0 / at 0.5 (> 1: patch dropout is
+cheaper). The default is a CPU size (ViT 64 px, patch 8, 4 layers, width 128, batch 32, one thread); `--vit-b`
+uses ViT-B/16 at 224 px, the size FLIP reports on, in bf16 autocast with `--device cuda`.
 
     python benchmarks/patch_dropout.py [--steps 10] [--warmup 2] [--threads 1]
-    python benchmarks/patch_dropout.py --vit-b --device cuda [--batch 128]
-"""
+    python benchmarks/patch_dropout.py --vit-b --device cuda [--batch 128]"""
 
 from __future__ import annotations
 

@@ -1,15 +1,12 @@
 """Speech-text throughput on CPU: seconds of audio trained per second of wall time, and how fast one
 DataLoader worker decodes and featurises audio.
 
-1. Training: the quickstart model (configs/speech/quickstart.yaml) and a base-size model (12 x 768 speech
-   Transformer, BERT-base text tower), full AdamW steps on tone-corpus batches after one warm-up step.
-2. One worker: `LibriSpeechDataset.__getitem__` (FLAC decode with soundfile) plus the log-mel features, in one
-   process with one thread (as a DataLoader worker runs), over the tone corpus and, when present, the real
-   LibriSpeech sample in shared/data/real. The target is 50x real time per worker: the last line prints
-   `ratio: X` = the slower corpus's real-time factor / 50, so X >= 1 meets it.
+Training: the quickstart model and a base-size one (12 x 768 speech Transformer, BERT-base text tower), AdamW
+steps on tone-corpus batches after a warm-up step. One worker: `LibriSpeechDataset.__getitem__` plus log-mel
+features, one thread, on the tone corpus and the real LibriSpeech sample when present. `ratio: X` = the slower
+corpus's real-time factor / 50 (the target per worker), so X >= 1 meets it.
 
-    python benchmarks/speech_step.py [--steps 3] [--base-steps 2] [--threads 1]
-"""
+    python benchmarks/speech_step.py [--steps 3] [--base-steps 2] [--threads 1]"""
 
 from __future__ import annotations
 
