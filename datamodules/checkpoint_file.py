@@ -29,7 +29,7 @@ class CheckpointError(ValueError):
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """A checkpoint file that does not exist (also a FileNotFoundError, as the loaders raised before)."""
+    """A checkpoint file that does not exist (also a FileNotFoundError, for callers that catch that)."""
 
 
 def _kind_of_file(head: bytes) -> str:
@@ -40,7 +40,7 @@ def _kind_of_file(head: bytes) -> str:
         return "a JPEG image"
     if head.startswith(b"\x89PNG"):
         return "a PNG image"
-    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # torch's legacy magic number
+    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # the magic number of torch's pre-zip format
         return "a torch file in the format before torch 1.6"
     if head.startswith(b"\x80"):
         return "a plain pickle"

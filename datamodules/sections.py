@@ -160,7 +160,7 @@ def plain_sections(hparams: MutableMapping[str, Any]) -> None:
 # the sections of the DataModules, whose fields `flat_hparams` lifts to the top level
 SECTIONS = ("loader", "tokenizer", "images", "shards", "predict", "examples", "masking", "batching")
 # (section, field) -> its name among flat hyperparameters, where that is not the field's own (predict's fields
-# were `predict_<name>`)
+# are `predict_<name>`)
 FLAT_NAMES = {
     ("tokenizer", "path"): "tokenizer",
     ("tokenizer", "vocab_size"): "tokenizer_vocab_size",

@@ -365,7 +365,7 @@ class ContrastiveModule(AlignmentModule):
 
 
 def trained_text_section(text: dict | None) -> dict:
-    """A saved `text` section whose start is an MLM checkpoint of this framework (init.source ours, or the older
+    """A saved `text` section whose start is an MLM checkpoint of this framework (init.source ours, or
     init_ckpt) made a scratch start: the architecture is the section's own either way, and the trained weights
     that follow replace the start's, so the MLM file is not read again (nor needed)."""
     text = dict(text or {})

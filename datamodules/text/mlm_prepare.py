@@ -253,7 +253,7 @@ class SentenceStore:
 def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: np.random.Generator) -> None:
     """Trim the longer segment first, one token at a time from the front or back at random (as in BERT),
     in place. The coin flips are drawn at once and the lists cut once: token-by-token deletion with a
-    random draw each was a third of the time spent building NSP instances."""
+    random draw each costs a third of the time spent building NSP instances."""
     excess = len(a) + len(b) - max_tokens
     if excess <= 0:
         return

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def mlm_bert_config(hparams: dict) -> BertConfig:
     """The encoder configuration an `MLMPretrainingModule` built from these hyperparameters (its sections, or the
-    flat arguments of older checkpoints)."""
+    flat arguments that checkpoints without sections hold)."""
     if hparams.get("init_from_hf"):
         # the shape came from that folder's config.json, not from the arguments
         folder = Path(hparams["init_from_hf"])

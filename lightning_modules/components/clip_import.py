@@ -54,7 +54,7 @@ def load_open_clip(init: TowerInit, where: str = "model.init_clip") -> nn.Module
     except RuntimeError as err:
         raise ValueError(f"{where}.init.name: {err}") from None
     state = read_state_dict(init.path)
-    # checkpoints of older open_clip releases hold a scalar temperature; the class's is (1,) or ()
+    # some open_clip releases save a scalar temperature; the class's is (1,) or ()
     for key in ("logit_scale", "logit_bias"):
         own = getattr(model, key, None)
         if key in state and isinstance(own, Tensor) and state[key].ndim != own.ndim:

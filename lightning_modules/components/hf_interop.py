@@ -114,7 +114,7 @@ def _read_hf_weights(folder: Path) -> dict[str, Tensor]:
         raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
     out = {}
     for k, v in sd.items():
-        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        # TF-converted checkpoints name LayerNorm parameters gamma/beta.
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         # A bare BertModel checkpoint has no "bert." prefix.
         if k.startswith(("embeddings.", "encoder.", "pooler.")):

@@ -60,7 +60,7 @@ class TextTowerConfig(EncoderShape, TowerTraining):
 
     @property
     def start(self) -> TowerInit:
-        """`init`, with the older `init_ckpt` read as `{source: ours, path: init_ckpt}`."""
+        """`init`, with `init_ckpt` read as `{source: ours, path: init_ckpt}`."""
         return TowerInit(source="ours", path=self.init_ckpt) if self.init_ckpt else self.init
 
     def position_limit(self) -> int:

@@ -107,7 +107,7 @@ def _systems() -> list[type]:
 
 
 def _system_from_hparams(hparams: dict, expected: type) -> str | None:
-    """For a checkpoint that does not name its system (written before `system_class_path` existed, from Python):
+    """For a checkpoint that does not name its system (one without `system_class_path`, or saved from Python):
     None when `expected` takes its hyper-parameters, else the system that does, or a description."""
     from lightning_modules.training.hparams import (
         sections_from_flat,  # flat encoder / optimizer names: their sections

@@ -1,7 +1,7 @@
 """The framework's only uses of Lightning's private names, in one place that checks them before use. Two: the
 training loop's per-step SIGTERM broadcast (`_TrainingEpochLoop._broadcast_sigterm_tensor`), switched off while
 `PreemptionCheckpoint` carries the signal in the step's all-reduce, and `LightningCLI._parse_ckpt_path`, which the
-CLI overrides to read older checkpoints' flat hyper-parameters into the model's sections. Each function raises a
+CLI overrides to read flat hyper-parameters of checkpoints into the model's sections. Each function raises a
 RuntimeError naming the installed Lightning and the missing name when an upgrade removed it;
 tests/training/test_lightning_private.py checks the names and their signatures on the installed Lightning."""
 

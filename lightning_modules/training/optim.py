@@ -111,8 +111,8 @@ class OptimizerConfig:
         """Lightning's `configure_optimizers` answer for `model`. `towers` (name: module, config) get their own
         learning rate, the optimiser's times their `lr_mult`; `groups` (e.g. layer-wise ones) replace the
         default decay / no-decay split."""
-        # only when a tower asks for its own rate: otherwise the two groups of before, so the optimiser state of
-        # checkpoints written before lr_mult existed still loads on resume
+        # only when a tower asks for its own rate: otherwise the plain two groups, so the optimiser state of
+        # checkpoints without per-tower groups still loads on resume
         if groups is None and towers and any(cfg.lr_mult != 1.0 for _, cfg in towers.values()):
             groups = tower_param_groups(
                 towers, model, self.lr, lambda m: param_groups(m, self.weight_decay, no_decay_names)

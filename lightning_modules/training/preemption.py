@@ -141,7 +141,7 @@ class PreemptionCheckpoint(L.Callback, StepFlags):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning registered its handlers, so ours replace its SLURM and SIGTERM ones, and its signal
-        # connector puts back the handlers of before the run when the run ends, also when it ends with an exception
+        # connector restores the handlers it found when the run ends, also when it ends with an exception
         self._requeue_received = self._sigterm_received = False
         self.saved_path = self.requeued_job = None
         self._step_flags = self._in_flight = None

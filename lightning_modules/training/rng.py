@@ -49,5 +49,5 @@ def restore_rng_state(checkpoint: dict, rank: int, world_size: int) -> None:
     states = checkpoint.get("rng_states")
     if states:
         set_rng_state(states[rank] if len(states) == world_size else states[0])
-    elif "rng_state" in checkpoint:  # checkpoints written before every rank's state was kept
+    elif "rng_state" in checkpoint:  # checkpoints holding one state only
         set_rng_state(checkpoint["rng_state"])
