@@ -139,7 +139,7 @@ class AlignmentModule(SkipNonFiniteSteps, CheckpointExtras):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         # AdamW's moments of a temperature or bias saved as a scalar, for its one-element vector (the weights
-        # themselves are reshaped by the pair's load hook); no parameter of these systems is a scalar now
+        # themselves are reshaped by the pair's load hook): these systems hold no scalar parameter
         for optimizer in checkpoint.get("optimizer_states", []):
             for state in optimizer.get("state", {}).values():
                 for key, value in state.items():

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 HIDDEN_NAMESPACE_IDS = (-2, 6, 14)
 _CANONICAL_HIDDEN = ("media", "file", "image", "category")
 # Namespace aliases are not in the XML export: `wikitext.NAMESPACE_ALIASES` holds the local names MediaWiki
-# accepts besides the declared ones (the old Image namespace, `[[Hình:...]]` in Vietnamese, `[[画像:...]]` in
+# accepts besides the declared ones (Image for File, `[[Hình:...]]` in Vietnamese, `[[画像:...]]` in
 # Japanese; both Chinese scripts). A File link under a name in neither is still known by its shape.
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-# Local names of Media (-2), File (6, and the old Image) and Category (14) that a dump's <siteinfo> does
+# Local names of Media (-2), File (6, also called Image) and Category (14) that a dump's <siteinfo> does
 # not list, by language: MediaWiki accepts them besides the declared ones.
 NAMESPACE_ALIASES: dict[str, tuple[str, ...]] = {
     "bg": ("Картинка",), "de": ("Bild",), "es": ("Imagen",), "it": ("Immagine",), "nl": ("Afbeelding",),

@@ -42,7 +42,7 @@ class TextTowerConfig(EncoderShape, TowerTraining):
     """Rows of the position table: at least the DataModule's context_length, and equal to the MLM
     checkpoint's max_position_embeddings with init.source ours. Sources hf_bert and hf take the folder's."""
     init_ckpt: str | None = None
-    """Older spelling of `init: {source: ours, path: ...}`, kept so existing configs run."""
+    """Short for `init: {source: ours, path: ...}`: an MLM checkpoint of this framework to start from."""
     gradient_checkpointing: bool = False
     """Recompute the Transformer blocks in backward: less activation memory for about one more forward."""
 
