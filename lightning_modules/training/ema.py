@@ -168,10 +168,10 @@ class EMACallback(L.Callback):
     (`model.ema.evaluate`). The system returns it from `configure_callbacks`."""
 
     def __init__(self) -> None:
-        self.swapped: EMAWeights | None = None  # the averages now in the model's place
+        self.swapped: EMAWeights | None = None  # the averages while they sit in the model's place
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ema = ema_of(pl_module)  # after a checkpoint's average was restored, or made from the weights now
+        ema = ema_of(pl_module)  # a checkpoint's restored average, or one made from the current weights
         if ema is not None:
             ema.last_step = max(ema.last_step, trainer.global_step)
 

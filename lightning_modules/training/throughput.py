@@ -212,7 +212,7 @@ class Throughput(L.Callback):
         self._batches += 1
         if not stepped or trainer.global_step % trainer.log_every_n_steps != 0 or not trainer.loggers:
             return
-        self._sync(trainer)  # once per interval: the logger reads the metrics now anyway
+        self._sync(trainer)  # once per interval, when the logger reads the metrics anyway
         now = time.perf_counter()
         elapsed, self._start = now - self._start, now
         world = trainer.world_size
