@@ -40,7 +40,7 @@ def _kind_of_file(head: bytes) -> str:
         return "a JPEG image"
     if head.startswith(b"\x89PNG"):
         return "a PNG image"
-    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # the magic number of torch's pre-zip format
+    if head.startswith(b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"):  # torch's pre-zip magic
         return "a torch file in the format before torch 1.6"
     if head.startswith(b"\x80"):
         return "a plain pickle"
