@@ -68,27 +68,23 @@ def signal_named(name: str) -> signal.Signals:
 
 
 class PreemptionCheckpoint(L.Callback, StepFlags):
-    """On SIGTERM (`scancel`, preemption, Kubernetes eviction, `kill`) or on the SLURM requeue signal (`#SBATCH
-    --signal=USR1@120`: the time limit is near), finish the current step, write `last.ckpt` and stop; after the
-    requeue signal, and only then, also requeue the SLURM job. Resume with `fit ... --ckpt_path last`.
+    """On SIGTERM (`scancel`, preemption, Kubernetes eviction, `kill`) or on the SLURM requeue signal
+    (`#SBATCH --signal=USR1@120`: the time limit is near), finish the current step, write `last.ckpt` and
+    stop; after the requeue signal, and only then, also requeue the SLURM job. Resume with `fit ...
+    --ckpt_path last`.
 
-    Every rank takes the decision together, on the same all-reduced flags at the same step (a rank saving alone
-    would wait forever in the collective save), and every rank stops by raising Lightning's `SIGTERMException`.
-    On a GPU the flags of step k are read at the end of step k+1, when their copy to the host has long landed, so
-    the device never waits for the host; on a CPU at the end of step k.
+    Every rank takes the decision together, on the same all-reduced flags at the same step (a rank saving
+    alone would wait forever in the collective save), and every rank stops by raising Lightning's
+    `SIGTERMException`. On a GPU the flags of step k are read at the end of step k+1, when their copy to the
+    host has long landed, so the device never waits for the host; on a CPU at the end of step k.
 
-    The requeue signal is that of Lightning's `SLURMEnvironment` when the strategy has one (`--trainer.plugins
-    SLURMEnvironment` with `requeue_signal` and `auto_requeue`; Lightning detects SLURM on its own under `srun`),
-    else `requeue_signal` here. This callback's handler for that signal replaces Lightning's, so Lightning does not
-    also write its `hpc_ckpt_*.ckpt` from inside the signal handler, in the middle of a step.
-
-    While training, this callback also owns SIGTERM. Lightning's own handling would stop a run without the
-    checkpoint whenever the signal lands after the step's flags were taken (its loop raises at the end of that
-    very batch), and it costs a broadcast and a device-to-host read before every step, plus a broadcast from inside
-    rank 0's signal handler. Here the handler only records the signal (and passes it on to the processes Lightning
-    launched, as Lightning does); the flag travels in the step's one all-reduce, and Lightning's per-step broadcast
-    is switched off for the run. A signal received during validation is acted on at the next training step.
-    """
+    The requeue signal is that of Lightning's `SLURMEnvironment` when the strategy has one, else
+    `requeue_signal` here. This callback's handlers replace Lightning's for that signal and, while training,
+    for SIGTERM: they only record the signal (and pass it on to the processes Lightning launched), the flag
+    travels in the step's one all-reduce, and Lightning's per-step SIGTERM broadcast is switched off.
+    Lightning's own handling would write `hpc_ckpt_*.ckpt` from inside the handler, mid-step, or stop without
+    a checkpoint. A signal received during validation is acted on at the next training step
+    (`docs/long-runs.md`)."""
 
     def __init__(
         self, requeue: bool = True, requeue_signal: str | None = "SIGUSR1", filename: str = "last.ckpt"
