@@ -157,8 +157,8 @@ class TriModalDataModule(LightningDataModule):
                caption the utterance speaks, -1 for none, so image <-> speech retrieval can be scored.
 
     Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set
-    (datamodules/synthetic/shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as tone patterns
-    (datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
+    (datamodules/synthetic/shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as
+    tone patterns (datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
     utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
     which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
     image-text and speech-text retrieval are reported.
