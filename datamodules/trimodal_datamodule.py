@@ -157,11 +157,11 @@ class TriModalDataModule(LightningDataModule):
                caption the utterance speaks, -1 for none, so image <-> speech retrieval can be scored.
 
     Spoken captions, for the CPU quickstart: `generate_if_missing` writes the shapes set
-    (datamodules/synthetic/shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions as
-    tone patterns (datamodules/synthetic/tones.py `render_sentence`): training utterances speak training captions, dev-clean
-    utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each utterance to its image,
-    which is what pairs images with speech for evaluation; with real LibriSpeech there is no such file and only
-    image-text and speech-text retrieval are reported.
+    (datamodules/synthetic/shapes.py) and then a LibriSpeech-format tree whose utterances speak its captions
+    as tone patterns (datamodules/synthetic/tones.py `render_sentence`): training utterances speak training
+    captions, dev-clean utterances speak validation captions. `SPOKEN_CAPTIONS.json` beside the tree maps each
+    utterance to its image, which is what pairs images with speech for evaluation; with real LibriSpeech there
+    is no such file and only image-text and speech-text retrieval are reported.
 
     Needs `Trainer(use_distributed_sampler=False)`, as LibriSpeech alone does: its batch sampler and the COCO
     training sampler shard by rank themselves (under DDP every rank then also evaluates the whole COCO split;
