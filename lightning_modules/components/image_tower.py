@@ -35,7 +35,8 @@ from lightning_modules.components.towers import TowerTraining
 
 ImageArch = Literal["vit_b_16", "vit_b_32", "vit_tiny", "vit_custom", "resnet50"]
 
-# (patch size, layers, width, heads); the MLP is 4 x width as in ViT-B.
+# (patch size, layers, width, heads); the MLP is 4 x width as in ViT-B. vit_b_16 / vit_b_32 are torchvision's
+# shapes, built here so the image size is free; vit_tiny is a CPU size, vit_custom the benchmark's shape.
 VIT_PRESETS: dict[str, tuple[int, int, int, int]] = {
     "vit_b_16": (16, 12, 768, 12),
     "vit_b_32": (32, 12, 768, 12),
