@@ -1,17 +1,15 @@
 """A synthetic COCO-captions set of coloured shapes, for the CPU quickstart and the tests.
 
 Each image holds one or two shapes (circle, square, triangle, diamond, star, cross) in one of eight colours,
-small or large, at a named position; five captions per image describe them in varied wordings ("a small red
-circle on the left", "a blue star to the right of a yellow square", ...). A small model learns retrieval on it
-in minutes on a CPU. The files follow the official COCO layout, so `CocoCaptionsDataModule` reads them like the
-real thing:
+small or large, at a named position, with five captions in varied wordings ("a small red circle on the left",
+"a blue star to the right of a yellow square"); a small model learns retrieval on it in minutes on a CPU. The
+files follow the official COCO layout, so `CocoCaptionsDataModule` reads them like the real thing:
 
     root/annotations/captions_train2017.json, root/annotations/captions_val2017.json
     root/train2017/<id>.jpg, root/val2017/<id>.jpg
 
-Every image entry also records its shapes under "objects" (shape, colour, size, centre, radius), which the
-tests use to check that captions describe the pixels.
-"""
+Each image entry also records its shapes under "objects", which the tests use to check captions against
+pixels."""
 
 from __future__ import annotations
 

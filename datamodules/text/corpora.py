@@ -1,11 +1,10 @@
-"""Streaming readers for the BERT pretraining corpora (English Wikipedia and BookCorpus): each yields `Document`s
-in constant memory (XML dumps parsed incrementally with `mwxml`, text decoded chunk by chunk, Parquet read in
-row-group batches), with formats and compression told by content, not name. Bad input is survived where that
-loses nothing else (a truncated file keeps what was read, undecodable text bytes become U+FFFD, pages without a
-title and empty documents are dropped), each case counted in `ReadStats` and logged by file; a missing path, an
-unknown format or an XML dump byte its encoding does not decode raises, naming the path (docs/data.md).
-Documents and counters live in `documents`, decoding in `textstream`, multistream planning in `multistream`,
-wikitext cleaning in `wikiclean` and sentence splitting in `sentences`."""
+"""Streaming readers for the BERT pretraining corpora (English Wikipedia and BookCorpus): each yields
+`Document`s in constant memory (XML dumps parsed incrementally with `mwxml`, text decoded chunk by chunk,
+Parquet read in row-group batches), with formats and compression told by content, not name. Bad input that
+loses nothing else is survived (truncated files keep what was read, undecodable bytes become U+FFFD), each
+case counted in `ReadStats` and logged by file; a missing path, an unknown format or an undecodable XML dump
+raises, naming the path (docs/data.md). Documents and counters live in `documents`, decoding in `textstream`,
+multistream planning in `multistream`, cleaning in `wikiclean` and sentence splitting in `sentences`."""
 
 from __future__ import annotations
 

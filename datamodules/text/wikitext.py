@@ -1,17 +1,13 @@
 """Wikitext conventions that vary between Wikipedias, as data and small pure functions for the cleaner in
 `wikiclean.wikitext_to_text`.
 
-* Namespace aliases: the local names MediaWiki accepts for Media, File and Category besides the ones a dump
-  declares (its `Messages*.php` names and `$namespaceAliases`), and a fold of Chinese script variants, so
-  `[[分類:X]]` is a category where the dump declares `分类` or only `Category`.
-* Image links by shape: a namespaced link to a media file, or with image options (`thumb`, `250px`,
-  `center` and their localised forms), is an image whatever its namespace is called locally.
-* Language-variant markup (`-{zh-cn:域;zh-tw:體}-`, Chinese, Serbian, Kazakh... wikis): one variant's
-  text is kept (`resolve_variants`).
-* Spacing in scripts written without spaces (Chinese, Japanese): the cleaner marks where it dropped
-  something with `DROPPED`; `close_gaps` removes the whitespace around such a mark, and at joined line
-  ends, when the characters on both sides are CJK.
-"""
+    namespace aliases   local names of Media, File and Category that a dump does not declare, with Chinese
+                        script variants folded, so `[[分類:X]]` is a category where the dump declares `分类`
+    image links         a link with image options (`thumb`, `250px` and their localised forms) is an image
+                        whatever its namespace is called locally
+    language variants   `-{zh-cn:域;zh-tw:體}-` keeps one variant's text (`resolve_variants`)
+    CJK spacing         `close_gaps` removes the whitespace around a `DROPPED` mark or a joined line end
+                        when the characters on both sides are CJK"""
 
 from __future__ import annotations
 
