@@ -200,7 +200,8 @@ def _segment(
         _note(
             problems,
             "bad_segment",
-            f"{where}: offset {offset} s + duration {duration} s runs {past / rate:.3f} s past the end of {length}",
+            f"{where}: offset {offset} s + duration {duration} s runs {past / rate:.3f} s past the end of "
+            f"{length}",
         )
         return None
     count = min(count, frames - start)
@@ -446,8 +447,8 @@ def read_source(
         librispeech  a subset folder of the LibriSpeech tree (`librispeech.index_subset`)
 
     Durations come from the manifest where it gives them, else from the file's header (`soundfile.info`), so
-    bucketing by duration decodes nothing; a segment's is its own, checked against its file's header. The dataset and collate function serve the batches of
-    `speech_text_module.SpeechTextPair`.
+    bucketing by duration decodes nothing; a segment's is its own, checked against its file's header. The dataset
+    and collate function serve the batches of `speech_text_module.SpeechTextPair`.
     """
     path = Path(source.path)
     if root is not None and not path.is_absolute():
