@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image.coco import read_rgb  # decodes every format torchvision or PIL can
 from datamodules.speech.librispeech import AudioDecodeError, load_audio, pad_waveforms
@@ -186,6 +186,39 @@ class PredictCollate:
             batch.update(self.tokenizer(texts, self.context_length))
             batch["text_keys"] = [k for it in kept for k in it.get("text_keys", ())]
         return batch
+
+
+def audio_text_predict_loaders(
+    items: Dataset | None,
+    audio: str | None,
+    texts: str | None,
+    *,
+    sample_rate: int,
+    collate: Callable[[], Callable[[list[dict[str, Any]]], dict[str, Any]]],
+    batch_size: int,
+    num_workers: int,
+    nothing: str,
+    pin_memory: bool = False,
+) -> list[DataLoader]:
+    """The speech-text DataModules' predict loaders, one per input given, in this order: a split's `items` (clips
+    or utterances with their texts), the audio files of the folder `audio` at `sample_rate`, the lines of the
+    file `texts`. With none given, ValueError(`nothing`), which names the module's settings; `collate` makes the
+    batch function (a `PredictCollate`) only then, so that error comes before any tokenizer is loaded or
+    trained."""
+    datasets: list[Dataset] = [items] if items is not None else []
+    if audio:
+        datasets.append(AudioFiles(audio, sample_rate))
+    if texts:
+        datasets.append(TextLines(texts))
+    if not datasets:
+        raise ValueError(nothing)
+    collate_fn = collate()
+    return [
+        DataLoader(
+            d, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory
+        )
+        for d in datasets
+    ]
 
 
 class MaskedLinesCollate:

@@ -107,20 +107,28 @@ def subset_transcripts(subset_dirs: Sequence[Path], lowercase: bool = True) -> l
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int | None = None, expected_frames: int | None = None
+    path: str | os.PathLike,
+    sample_rate: int | None = None,
+    expected_frames: int | None = None,
+    segment: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Decode to a mono float32 waveform at `sample_rate` (the file's own rate when None).
+    """Decode to a mono float32 waveform at `sample_rate` (the file's own rate when None). `segment` = (first
+    frame, frames) at the file's own rate decodes only those frames: soundfile seeks to the first, so a segment
+    of a long file costs its own length.
 
-    Raises `AudioDecodeError` for an unreadable file, no samples, or fewer frames than the header promised.
+    Raises `AudioDecodeError` for an unreadable file, no samples, or fewer frames than the header (or the
+    segment) promised.
     """
+    start, frames = segment if segment is not None else (0, -1)
+    where = f"{path}" if segment is None else f"{path} (frames {start} to {start + frames})"
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(str(path), frames=frames, start=start, dtype="float32", always_2d=True)
     except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
-        raise AudioDecodeError(f"{path}: {err}") from None
+        raise AudioDecodeError(f"{where}: {err}") from None
     if expected_frames is not None and expected_frames < UNKNOWN_FRAMES and len(data) < expected_frames:
-        raise AudioDecodeError(f"{path}: truncated ({len(data)} of {expected_frames} frames)")
+        raise AudioDecodeError(f"{where}: truncated ({len(data)} of {expected_frames} frames)")
     if len(data) == 0:
-        raise AudioDecodeError(f"{path}: no audio samples")
+        raise AudioDecodeError(f"{where}: no audio samples")
     wave = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
     if sample_rate is not None and rate != sample_rate:
         wave = torchaudio.functional.resample(wave, rate, sample_rate)
@@ -128,12 +136,16 @@ def load_audio(
 
 
 def load_audio_or_skip(
-    path: str, sample_rate: int, expected_frames: int | None, warned: set[str]
+    path: str,
+    sample_rate: int,
+    expected_frames: int | None,
+    warned: set[str],
+    segment: tuple[int, int] | None = None,
 ) -> torch.Tensor | None:
-    """`load_audio`, or None for a file that does not decode, logged once per path (`warned` remembers them):
-    the datasets' items, which the collate drops and counts."""
+    """`load_audio`, or None for a file (or segment) that does not decode, logged once per path (`warned`
+    remembers them): the datasets' items, which the collate drops and counts."""
     try:
-        return load_audio(path, sample_rate, expected_frames=expected_frames)
+        return load_audio(path, sample_rate, expected_frames=expected_frames, segment=segment)
     except AudioDecodeError as err:
         if path not in warned:
             warned.add(path)

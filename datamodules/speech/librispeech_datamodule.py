@@ -25,7 +25,7 @@ from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits, take_skip
-from datamodules.predict_data import AudioFiles, PredictCollate, TextLines, UtteranceItems
+from datamodules.predict_data import PredictCollate, UtteranceItems, audio_text_predict_loaders
 from datamodules.sections import LoaderConfig, TokenizerConfig, as_section, plain_sections
 from datamodules.speech.librispeech import (
     LibriSpeechDataset,
@@ -419,28 +419,20 @@ class LibriSpeechDataModule(LightningDataModule):
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given: the utterances of `predict.subsets` with their transcripts, a folder of
         audio files, a file of transcripts (see `datamodules/predict_data.py` for the batches)."""
-        datasets = []
+        items = None
         if self.subsets["predict"]:
             if "predict" not in self.datasets:
                 self.datasets["predict"] = self._build_split("predict")
-            datasets.append(UtteranceItems(self.datasets["predict"]))
-        if self.predict_inputs.audio:
-            datasets.append(AudioFiles(self.predict_inputs.audio, self.sample_rate))
-        if self.predict_inputs.texts:
-            datasets.append(TextLines(self.predict_inputs.texts))
-        if not datasets:
-            raise ValueError(
-                "nothing to predict: set --data.predict.subsets (LibriSpeech subsets: utterances and transcripts), "
-                "--data.predict.audio (a folder of audio files) and/or --data.predict.texts (a text file, one "
-                "transcript per line)"
-            )
-        collate = PredictCollate(self.tokenizer, self.context_length, text_kind="transcript")
-        return [
-            DataLoader(
-                d,
-                batch_size=self.predict_inputs.batch_size,
-                num_workers=self.loader_config.num_workers,
-                collate_fn=collate,
-            )
-            for d in datasets
-        ]
+            items = UtteranceItems(self.datasets["predict"])
+        return audio_text_predict_loaders(
+            items,
+            self.predict_inputs.audio,
+            self.predict_inputs.texts,
+            sample_rate=self.sample_rate,
+            collate=lambda: PredictCollate(self.tokenizer, self.context_length, text_kind="transcript"),
+            batch_size=self.predict_inputs.batch_size,
+            num_workers=self.loader_config.num_workers,
+            nothing="nothing to predict: set --data.predict.subsets (LibriSpeech subsets: utterances and "
+            "transcripts), --data.predict.audio (a folder of audio files) and/or --data.predict.texts (a text "
+            "file, one transcript per line)",
+        )

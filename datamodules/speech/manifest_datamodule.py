@@ -380,29 +380,18 @@ class AudioTextDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given (see `datamodules/predict_data.py` for the batches)."""
-        from datamodules.predict_data import AudioFiles, PredictCollate, TextLines
+        from datamodules.predict_data import PredictCollate, audio_text_predict_loaders
 
         inputs = self.predict_inputs
-        datasets = []
-        if inputs.split:
-            datasets.append(ClipItems(self._build_split(inputs.split, train=False)))
-        if inputs.audio:
-            datasets.append(AudioFiles(inputs.audio, self.audio.sample_rate))
-        if inputs.texts:
-            datasets.append(TextLines(inputs.texts))
-        if not datasets:
-            raise ValueError(
-                "nothing to predict: set --data.predict.split (train, val or test: clips and captions), "
-                "--data.predict.audio (a folder of audio files) and/or --data.predict.texts (one text a line)"
-            )
-        collate = PredictCollate(self.tokenizer, self.context_length, text_kind="caption")
-        return [
-            DataLoader(
-                d,
-                batch_size=self.loader.eval_size,
-                num_workers=self.loader.num_workers,
-                collate_fn=collate,
-                pin_memory=self.loader.pin,
-            )
-            for d in datasets
-        ]
+        return audio_text_predict_loaders(
+            ClipItems(self._build_split(inputs.split, train=False)) if inputs.split else None,
+            inputs.audio,
+            inputs.texts,
+            sample_rate=self.audio.sample_rate,
+            collate=lambda: PredictCollate(self.tokenizer, self.context_length, text_kind="caption"),
+            batch_size=self.loader.eval_size,
+            num_workers=self.loader.num_workers,
+            pin_memory=self.loader.pin,
+            nothing="nothing to predict: set --data.predict.split (train, val or test: clips and captions), "
+            "--data.predict.audio (a folder of audio files) and/or --data.predict.texts (one text a line)",
+        )

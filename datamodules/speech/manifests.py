@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -49,7 +50,8 @@ PROBLEMS = {
     "missing_audio": "row(s) whose audio file does not exist",
     "unreadable": "unreadable audio file(s)",
     "empty": "zero-length audio file(s)",
-    "segment": "row(s) naming a segment of a file (offset), which is not read",
+    "bad_segment": "segment row(s) (offset) outside their file: offset negative or past the end, duration missing "
+    "or not positive, or the segment running past the file's end",
     "no_audio": "LibriSpeech transcript line(s) without audio",
     "no_transcript": "LibriSpeech audio file(s) without a transcript line",
 }
@@ -99,7 +101,16 @@ class AudioClip:
     duration: float
     """Seconds."""
     frames: int | None = None
-    """Frames at the file's own rate, when the header was read: a file that decodes shorter is truncated."""
+    """Frames at the file's own rate, when the header was read: a file that decodes shorter is truncated. A
+    segment's own frames."""
+    start: int | None = None
+    """A segment of the file (a NeMo row with `offset`): its first frame at the file's own rate, from which
+    `frames` frames are decoded; None: the whole file."""
+
+    @property
+    def segment(self) -> tuple[int, int] | None:
+        """(first frame, frames) of a segment, as `load_audio` takes it; None for the whole file."""
+        return None if self.start is None else (self.start, self.frames or 0)
 
 
 Problems = dict[str, list[str]]
@@ -109,9 +120,9 @@ def _note(problems: Problems, kind: str, where: str) -> None:
     problems.setdefault(kind, []).append(where)
 
 
-def audio_header(path: str | os.PathLike) -> tuple[int, float]:
-    """(frames, seconds) from the file's header; a FLAC that does not state its length is decoded once to count.
-    Raises `AudioDecodeError` for a file soundfile cannot open."""
+def audio_frames(path: str | os.PathLike) -> tuple[int, int]:
+    """(frames, sample rate) from the file's header; a FLAC that does not state its length is decoded once to
+    count. Raises `AudioDecodeError` for a file soundfile cannot open."""
     try:
         info = sf.info(str(path))
     except (RuntimeError, OSError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
@@ -119,7 +130,13 @@ def audio_header(path: str | os.PathLike) -> tuple[int, float]:
     frames = info.frames
     if frames >= UNKNOWN_FRAMES:
         frames = len(load_audio(path))
-    return frames, frames / info.samplerate if info.samplerate else 0.0
+    return frames, info.samplerate
+
+
+def audio_header(path: str | os.PathLike) -> tuple[int, float]:
+    """(frames, seconds) from the file's header, as `audio_frames` reads them."""
+    frames, rate = audio_frames(path)
+    return frames, frames / rate if rate else 0.0
 
 
 def _timed(
@@ -142,6 +159,58 @@ def _timed(
     return AudioClip(key, str(path), tuple(captions), float(duration), frames)
 
 
+# Manifests write durations rounded (NeMo's tools: to 2 or 3 decimals), so a file's last segment may end up to
+# this many seconds past the file's end; it is read to the end. A segment running further is left out.
+SEGMENT_END_SLACK = 0.01
+
+
+def _segment(
+    key: str,
+    path: Path,
+    captions: Sequence[str],
+    offset: float,
+    duration: float,
+    where: str,
+    problems: Problems,
+    headers: dict[Path, tuple[int, int] | AudioDecodeError],
+) -> AudioClip | None:
+    """A clip of the seconds [offset, offset + duration) of an existing file, checked against its header (read
+    once per file: `headers` keeps them). Frames are the seconds times the file's rate, rounded. None when left
+    out."""
+    if not path.is_file():
+        _note(problems, "missing_audio", f"{where}: {path}")
+        return None
+    if path not in headers:
+        try:
+            headers[path] = audio_frames(path)
+        except AudioDecodeError as err:
+            headers[path] = err
+    header = headers[path]
+    if isinstance(header, AudioDecodeError):
+        _note(problems, "unreadable", f"{where}: {header}")
+        return None
+    frames, rate = header
+    start, count = round(offset * rate), round(duration * rate)
+    length = f"{path} ({frames / rate:.3f} s)" if rate else str(path)
+    if start >= frames:
+        _note(problems, "bad_segment", f"{where}: offset {offset} s is at or past the end of {length}")
+        return None
+    past = start + count - frames
+    if past > round(SEGMENT_END_SLACK * rate):
+        _note(
+            problems,
+            "bad_segment",
+            f"{where}: offset {offset} s + duration {duration} s runs {past / rate:.3f} s past the end of "
+            f"{length}",
+        )
+        return None
+    count = min(count, frames - start)
+    if count <= 0:
+        _note(problems, "bad_segment", f"{where}: duration {duration} s is shorter than one frame")
+        return None
+    return AudioClip(key, str(path), tuple(captions), count / rate, count, start)
+
+
 def _clean(text: Any) -> str:
     return " ".join(str(text).split()) if text is not None else ""
 
@@ -154,10 +223,16 @@ def read_nemo_manifest(
     duration_field: str | None = "duration",
 ) -> tuple[list[AudioClip], Problems]:
     """A NeMo manifest: one JSON object a line. Relative audio paths resolve against `audio_dir`, by default the
-    manifest's folder; rows of the same file are one clip with all their texts."""
+    manifest's folder; rows of the same file (or the same segment) are one clip with all their texts.
+
+    A row with `offset` names a segment of its file, as NeMo reads it: the seconds [offset, offset + duration),
+    keyed `<audio path>@<offset>+<duration>`; several rows may point into one file. A segment with a negative
+    offset, no duration or one not above zero, starting past the file's end or running past it (beyond
+    `SEGMENT_END_SLACK`) is left out as a "bad_segment". `offset` 0 without a duration is the whole file."""
     base = audio_dir or path.parent
     problems: Problems = {}
-    rows: dict[str, tuple[Path, list[str], float | None, str]] = {}
+    # clip key -> (file, texts, duration, first row, offset: None for the whole file)
+    rows: dict[str, tuple[Path, list[str], float | None, str, float | None]] = {}
     seen_fields: set[str] = set()
     has = {audio_field: False, text_field: False}
     try:
@@ -183,14 +258,13 @@ def read_nemo_manifest(
             missing = audio_field if audio_field not in row else text_field
             _note(problems, "malformed", f"{where}: no field {missing!r}")
             continue
-        try:
-            offset = float(row.get("offset") or 0)
-        except (TypeError, ValueError):
-            _note(problems, "malformed", f"{where}: offset {row['offset']!r} is not a number")
-            continue
-        if offset > 0:
-            _note(problems, "segment", f"{where}: offset {offset}")
-            continue
+        offset = None
+        if row.get("offset") is not None:
+            try:
+                offset = float(row["offset"])
+            except (TypeError, ValueError):
+                _note(problems, "malformed", f"{where}: offset {row['offset']!r} is not a number")
+                continue
         text = _clean(row[text_field])
         if not text:
             _note(problems, "empty_caption", where)
@@ -207,7 +281,18 @@ def read_nemo_manifest(
                 )
                 continue
         name = str(row[audio_field])
-        entry = rows.setdefault(name, (base / name, [], duration, where))
+        if offset is not None and (offset != 0 or duration is not None):
+            if not offset >= 0 or not math.isfinite(offset):
+                _note(problems, "bad_segment", f"{where}: offset {offset} s is not a time in the file")
+                continue
+            if duration is None or not duration > 0 or not math.isfinite(duration):
+                what = "no duration" if duration is None else f"duration {duration} s"
+                _note(problems, "bad_segment", f"{where}: offset {offset} s with {what}")
+                continue
+            key = f"{name}@{offset}+{duration}"
+        else:
+            key, offset = name, None
+        entry = rows.setdefault(key, (base / name, [], duration, where, offset))
         entry[1].append(text)
     for name, ok in has.items():
         if not ok and (rows or problems):
@@ -216,11 +301,15 @@ def read_nemo_manifest(
                 f"{path}: no row has the field {name!r} (fields found: {found}); name the right one with the "
                 "source's audio_field / text_field"
             )
-    clips = [
-        clip
-        for name, (file, texts, duration, where) in rows.items()
-        if (clip := _timed(name, file, texts, duration, where, problems)) is not None
-    ]
+    headers: dict[Path, tuple[int, int] | AudioDecodeError] = {}
+    clips = []
+    for key, (file, texts, duration, where, offset) in rows.items():
+        if offset is None:
+            clip = _timed(key, file, texts, duration, where, problems)
+        else:
+            clip = _segment(key, file, texts, offset, duration or 0.0, where, problems, headers)
+        if clip is not None:
+            clips.append(clip)
     return clips, problems
 
 
@@ -349,7 +438,8 @@ def read_source(
     without a configured column stops with `ManifestColumnError`, one line naming the file and the column.
 
         nemo         {"audio_filepath": "a.wav", "duration": 2.4, "text": "..."} per line; paths relative to the
-                     manifest's folder (NeMo's rule) or absolute
+                     manifest's folder (NeMo's rule) or absolute; with "offset" a row is the segment
+                     [offset, offset + duration) s of its file
         clotho       `file_name,caption_1,...,caption_5`, the clips in a folder beside the CSV
         audiocaps    `audiocap_id,youtube_id,start_time,caption`, the clips named `<youtube_id>_<start_time>.wav`
                      (aac-datasets), `<audiocap_id>.wav` (yt-dlp scripts), `Y<youtube_id>.wav` (AudioSet) or
@@ -357,8 +447,8 @@ def read_source(
         librispeech  a subset folder of the LibriSpeech tree (`librispeech.index_subset`)
 
     Durations come from the manifest where it gives them, else from the file's header (`soundfile.info`), so
-    bucketing by duration decodes nothing. The dataset and collate function serve the batches of
-    `speech_text_module.SpeechTextPair`.
+    bucketing by duration decodes nothing; a segment's is its own, checked against its file's header. The dataset
+    and collate function serve the batches of `speech_text_module.SpeechTextPair`.
     """
     path = Path(source.path)
     if root is not None and not path.is_absolute():
@@ -463,7 +553,7 @@ class AudioTextDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         clip = self.clips[i]
-        wave = load_audio_or_skip(clip.path, self.sample_rate, clip.frames, self._warned)
+        wave = load_audio_or_skip(clip.path, self.sample_rate, clip.frames, self._warned, clip.segment)
         if wave is None:
             return None
         chosen = self.caption_choice(i)
