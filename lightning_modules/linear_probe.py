@@ -7,7 +7,7 @@ validation accuracy is kept and its classifier scored on the test split (the pro
 scikit-learn's logistic regression on a validation split). Few-shot probes train on exactly k examples per class,
 drawn with a seed (`few_shot_indices`).
 
-    image   ImageTextModule.encode_image over ImageFolderDataModule batches (labels: class folders)
+    image   ImageTextModule.encode_image over ClassificationDataModule batches (labels: e.g. class folders)
     speech  SpeechTextModule's speech tower over LibriSpeechDataModule batches (labels: e.g. `speaker_labels`)
 
 From the command line the features are written to disk once, by `predict` with the prediction writer
