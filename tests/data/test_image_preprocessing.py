@@ -101,6 +101,8 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
     images = ClassificationDataModule(
         "imagefolder",
         str(folder),
+        train_split="train",
+        val_split="val",
         images={"image_size": 32},
         loader={"batch_size": 4, "num_workers": 0},
     )
