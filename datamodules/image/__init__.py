@@ -1,1 +1,1 @@
-"""Images: COCO captions and WebDataset shards readers, the COCO and ImageFolder DataModules."""
+"""Images: COCO captions, WebDataset shards, image-text pairs, classification sets: readers, DataModules."""

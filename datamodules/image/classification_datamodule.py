@@ -1,26 +1,33 @@
-"""Image classification sets for zero-shot evaluation and linear probes: ImageNet-1k, CIFAR-10/100 and any
-ImageFolder, in their distributed layouts (readers: classification_sets.py, imagefolder_datamodule.py).
-
-Images get the evaluation transform of the image-text DataModule (shorter side to `image_size`, centre crop, in
-the `resize` mode of the model's source); batches are {images (B, 3, S, S) uint8, labels (B,), indices (B,) into
-the split, skipped}. `protocol(role)` describes what was evaluated (set, split, counts, file fingerprints) for
-results.json.
+"""Labelled image sets for zero-shot evaluation and linear probes, one `dataset` choice each: any ImageFolder
+(root/<split>/<class>/<image>, class names from the folders), ImageNet-1k or CIFAR-10/100 in their distributed
+layouts (readers: classification_sets.py). Every split gets the evaluation transform of the image-text DataModule,
+so a model sees what it saw in validation; batches are {images (B, 3, S, S) uint8, labels (B,), indices (B,) into
+the split, skipped: undecodable images dropped}, and `protocol(role)` describes what was read (set, split, counts,
+file fingerprints) for results.json.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.image.classification_sets import CifarDataset, ImageNetDataset, file_sha256, listing_sha256
+from datamodules.image.classification_sets import (
+    CifarDataset,
+    ImageFolderDataset,
+    ImageNetDataset,
+    LabelledImageCollate,
+    file_sha256,
+    listing_sha256,
+)
 from datamodules.image.coco import eval_transform
-from datamodules.image.imagefolder_datamodule import ImageFolderDataset, LabelledImageCollate
 from datamodules.sections import ImagesConfig, LoaderConfig, as_section, plain_sections
+from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 
-ClassificationSet = Literal["imagenet", "cifar10", "cifar100", "imagefolder"]
+ClassificationSet = Literal["imagefolder", "imagenet", "cifar10", "cifar100"]
+# defaults of the sections (each DataModule works on copies of its own)
 _IMAGES = ImagesConfig()
 _LOADER = LoaderConfig(batch_size=256)
 
@@ -31,31 +38,41 @@ class ClassificationDataModule(LightningDataModule):
     def __init__(
         self,
         dataset: ClassificationSet = "imagefolder",
-        root: str = "data/imagenet",
-        test_split: str = "val",
+        root: str = "data/imagefolder",
+        test_split: str = "test",
         train_split: str | None = None,
         val_split: str | None = None,
         labels_file: str | None = None,
         images: ImagesConfig = _IMAGES,
         loader: LoaderConfig = _LOADER,
+        generate_if_missing: bool = False,
     ) -> None:
         """
         Args:
-            dataset: imagenet (wnid folders, or a flat folder with `labels_file`), cifar10 / cifar100
-                (torchvision's pickled batches under root) or imagefolder (root/<split>/<class>/<image>).
+            dataset: imagefolder (root/<split>/<class>/<image>), imagenet (wnid folders, or a flat folder with
+                `labels_file`) or cifar10 / cifar100 (torchvision's pickled batches under root).
             root: the dataset folder.
-            test_split: the split evaluated: a sub-folder of root (ImageNet's val, an ImageFolder's test; "." is
-                root itself), or CIFAR's test.
-            train_split: the split linear probes train on (ImageNet's train, CIFAR's train); None for none.
-            val_split: the split linear probes choose their weight decay on; None for none.
+            test_split: the split evaluated: a sub-folder of root (an ImageFolder's test, ImageNet's val; "." is
+                root itself, root/<class>/<image>), or CIFAR's test.
+            train_split: the split linear probes train on (an ImageFolder's or CIFAR's train); None for none.
+            val_split: the split linear probes choose their weight decay on, and `validate` reads; None for none.
             labels_file: labels of a flat ImageNet folder: LOC_val_solution.csv, or `<file> <wnid or index>` lines.
             images: the centre crop's side (the image tower's image_size), the reference pipeline images are
                 resized and cropped with (tensor: Hugging Face CLIP, pil: open_clip, torchvision: its
                 ImageClassification preset; see datamodules/image/coco.py) and the normalisation (None: the image
                 tower's; batches are uint8 and the tower normalises). The training crop scale is unused here.
-            loader: batch sizes and workers (loader.eval_batch_size, or batch_size, per evaluation batch).
+            loader: batch sizes and workers (loader.eval_batch_size, or batch_size, per batch of every split; the
+                loaders are not shuffled).
+            generate_if_missing: write the synthetic coloured-shapes classes (train / val / test) into root when
+                it does not exist (quickstart; imagefolder only).
         """
         super().__init__()
+        if dataset not in get_args(ClassificationSet):
+            raise ValueError(f"data.dataset {dataset!r}: one of {', '.join(get_args(ClassificationSet))}")
+        if generate_if_missing and dataset != "imagefolder":
+            raise ValueError(
+                f"data.generate_if_missing writes the synthetic ImageFolder set: not for data.dataset {dataset}"
+            )
         self.save_hyperparameters()
         plain_sections(self.hparams)
         self.name = dataset
@@ -66,11 +83,16 @@ class ClassificationDataModule(LightningDataModule):
         self.image_size, self.resize = self.images.image_size, self.images.resize
         self.transform = eval_transform(self.image_size, self.resize)
         self.loader_config = as_section(LoaderConfig, loader)
+        self.generate_if_missing = generate_if_missing
         self.datasets: dict[str, Dataset] = {}
-        self.skipped_images = 0  # undecodable images met in batches on this process
+        self.skipped_images = 0  # undecodable images met in batches on this process (counted from `skipped`)
+
+    def prepare_data(self) -> None:
+        if self.generate_if_missing and not self.root.exists():
+            generate_shapes_imagefolder(self.root, image_size=self.image_size)
 
     def dataset(self, role: str) -> Dataset:
-        """The dataset of "train", "val" or "test", read on first use."""
+        """The dataset of "train", "val" or "test", read on first use; every split must hold the same classes."""
         if role not in self.datasets:
             split = self.splits[role]
             if split is None:
@@ -80,10 +102,15 @@ class ClassificationDataModule(LightningDataModule):
             elif self.name == "imagenet":
                 labels = self.labels_file if role == "test" else None
                 dataset = ImageNetDataset(self.root / split, self.transform, labels)
-            elif self.name == "imagefolder":
-                dataset = ImageFolderDataset(self.root / split, self.transform)
             else:
-                raise ValueError(f"data.dataset {self.name!r}: imagenet, cifar10, cifar100 or imagefolder")
+                self.prepare_data()
+                dataset = ImageFolderDataset(self.root / split, self.transform)
+            for other in self.datasets.values():
+                if other.folders != dataset.folders:
+                    raise ValueError(
+                        f"{dataset.root} and {other.root} hold different class folders: "
+                        f"{dataset.folders} vs {other.folders}"
+                    )
             self.datasets[role] = dataset
         return self.datasets[role]
 
@@ -98,7 +125,8 @@ class ClassificationDataModule(LightningDataModule):
 
     @property
     def vocab_size(self) -> None:
-        """None: no text here (the CLI links every DataModule's `vocab_size` to its model)."""
+        """None: no text here. The CLI links every DataModule's `vocab_size` to its model; a zero-shot model's
+        vocabulary comes with its checkpoint."""
         return None
 
     def protocol(self, role: str = "test") -> dict[str, Any]:
@@ -113,14 +141,10 @@ class ClassificationDataModule(LightningDataModule):
         }
         if isinstance(ds, CifarDataset):
             out["files_sha256"] = {p.name: file_sha256(p) for p in ds.files()}
-        elif isinstance(ds, ImageNetDataset):
-            images = [p for p, _ in ds.samples]
-            out["images_listing_sha256"] = listing_sha256(ds.root, images)
-            if ds.labels_file is not None:
-                out["files_sha256"] = {ds.labels_file.name: file_sha256(ds.labels_file)}
         else:
-            images = [Path(p) for p, _ in ds.samples]
-            out["images_listing_sha256"] = listing_sha256(ds.root, images)
+            out["images_listing_sha256"] = listing_sha256(ds.root, [p for p, _ in ds.samples])
+            if isinstance(ds, ImageNetDataset) and ds.labels_file is not None:
+                out["files_sha256"] = {ds.labels_file.name: file_sha256(ds.labels_file)}
         return out
 
     def setup(self, stage: str | None = None) -> None:
@@ -134,12 +158,14 @@ class ClassificationDataModule(LightningDataModule):
             self.dataset(role)
 
     def loader(self, role: str) -> DataLoader:
-        """An unshuffled loader of one split, in file order."""
+        """An unshuffled loader of one split, in file order: the probes embed every image once. Its workers end
+        with each pass (no persistent workers): an evaluation loader idle between runs would hold shared memory."""
         cfg = self.loader_config
         return DataLoader(
             self.dataset(role),
             batch_size=cfg.eval_size,
             num_workers=cfg.num_workers,
+            persistent_workers=False,
             pin_memory=cfg.pin,
             collate_fn=LabelledImageCollate(self.image_size),
         )

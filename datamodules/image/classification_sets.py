@@ -1,15 +1,18 @@
 """Readers of the image classification sets the papers evaluate on, in the layouts they are distributed in.
 
-    ImageNet-1k   root/<split>/<wnid>/<image>          the train and val folders, one folder per WordNet id
-                  root/<split>/<image> + labels file   the flat val folder (ILSVRC2012_val_00000001.JPEG, ...)
-    CIFAR-10/100  root/cifar-10-batches-py/, root/cifar-100-python/: the pickled batches torchvision reads
+    any ImageFolder   root/<split>/<class>/<image>          e.g. root/test/red_circle/00001.jpg
+    ImageNet-1k       root/<split>/<wnid>/<image>           the train and val folders, one folder per WordNet id
+                      root/<split>/<image> + labels file    the flat val folder (ILSVRC2012_val_00000001.JPEG, ...)
+    CIFAR-10/100      root/cifar-10-batches-py/, root/cifar-100-python/: the pickled batches torchvision reads
 
-ImageNet labels are indices into the 1,000 sorted WordNet ids (the standard order), whatever subset of classes a
-folder holds; class names and prompt templates are the CLIP paper's, bundled under metadata/ (each file names its
-source). CIFAR's class names are its own `batches.meta` / `meta` names, underscores read as spaces.
+An ImageFolder's labels follow its sorted folder names (torchvision's rule) and its class names are the folder
+names, underscores read as spaces ("red circle"). ImageNet labels are indices into the 1,000 sorted WordNet ids
+(the standard order), whatever subset of classes a folder holds; class names and prompt templates are the CLIP
+paper's, bundled under metadata/ (each file names its source). CIFAR's class names are its own `batches.meta` /
+`meta` names, underscores read as spaces.
 
 Items are {"image": (3, S, S) uint8, "label": int, "index": int}, or None for an image that does not decode
-(warned once per file; the collate function drops and counts it).
+(warned once per file and process); `LabelledImageCollate` drops and counts it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from datamodules.image.coco import read_rgb
 
@@ -84,6 +87,11 @@ def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(r[0] for r in rows), tuple(r[1] for r in rows)
 
 
+def class_name(folder: str) -> str:
+    """The readable class name of a class folder: underscores are spaces ("red_circle" -> "red circle")."""
+    return " ".join(folder.replace("_", " ").split())
+
+
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMG_EXTENSIONS
 
@@ -109,6 +117,45 @@ class _Images(Dataset):
                 log.warning("skipping unreadable image %s: %s", path, err)
             return None
         return {"image": self.transform(pixels), "label": label, "index": index}
+
+
+class ImageFolderDataset(_Images):
+    """root/<class>/<image> files with integer labels in sorted-folder order (see the module doc)."""
+
+    def __init__(self, root: str | Path, transform: Callable[[Tensor], Tensor]) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"image folder {self.root} does not exist (expected {self.root}/<class>/<image>)"
+            )
+        self.folders, class_to_idx = find_classes(self.root)
+        samples = make_dataset(self.root, class_to_idx, extensions=IMG_EXTENSIONS)
+        super().__init__([(Path(path), label) for path, label in samples], transform)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [class_name(f) for f in self.folders]
+
+
+class LabelledImageCollate:
+    """Drops undecodable items and stacks the rest; `skipped` counts the dropped."""
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+    def __call__(self, items: list[dict[str, Any] | None]) -> dict[str, Tensor | int]:
+        kept = [item for item in items if item is not None]
+        images = (
+            torch.stack([item["image"] for item in kept])
+            if kept
+            else torch.empty(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
+        )
+        return {
+            "images": images,
+            "labels": torch.tensor([item["label"] for item in kept], dtype=torch.long),
+            "indices": torch.tensor([item["index"] for item in kept], dtype=torch.long),
+            "skipped": len(items) - len(kept),
+        }
 
 
 def read_imagenet_labels(labels_file: Path) -> dict[str, int]:
@@ -267,7 +314,7 @@ class CifarDataset(Dataset):
         meta = _unpickle(self.paths[-1])
         if names_key not in meta:
             raise ValueError(f"{self.paths[-1]}: no {names_key} (not the {name} meta file)")
-        self.class_names = [" ".join(n.replace("_", " ").split()) for n in meta[names_key]]
+        self.class_names = [class_name(n) for n in meta[names_key]]
         self.folders = list(meta[names_key])
         self.images = torch.from_numpy(np.concatenate(pixels))
         self.labels = labels

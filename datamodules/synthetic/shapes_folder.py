@@ -6,7 +6,8 @@ quickstart can be tested zero-shot on it:
 
     root/<split>/<colour>_<shape>/<n>.jpg        split in train, val, test
 
-`ImageFolderDataModule` reads it; folder names become the class names "red circle", "blue square", ...
+`ClassificationDataModule` reads it (`dataset: imagefolder`); folder names become the class names
+"red circle", "blue square", ...
 """
 
 from __future__ import annotations

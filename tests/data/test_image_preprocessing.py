@@ -16,9 +16,9 @@ import torchvision
 from PIL import Image
 from torchvision.transforms import v2
 
+from datamodules.image.classification_datamodule import ClassificationDataModule
 from datamodules.image.coco import eval_transform, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
-from datamodules.image.imagefolder_datamodule import ImageFolderDataModule
 from lightning_modules.components.image_tower import (
     CLIP_MEAN,
     CLIP_STD,
@@ -98,8 +98,11 @@ def test_every_image_datamodule_sends_uint8_images(tmp_path: Path) -> None:
         per_class={"train": 2, "val": 2, "test": 2},
         image_size=40,
     )
-    images = ImageFolderDataModule(
+    images = ClassificationDataModule(
+        "imagefolder",
         str(folder),
+        train_split="train",
+        val_split="val",
         images={"image_size": 32},
         loader={"batch_size": 4, "num_workers": 0},
     )

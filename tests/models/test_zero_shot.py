@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cli import main
-from datamodules.image.imagefolder_datamodule import ImageFolderDataModule
+from datamodules.image.classification_datamodule import ClassificationDataModule
 from datamodules.speech.librispeech_datamodule import LibriSpeechDataModule
 from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
 from datamodules.synthetic.tones import generate_tone_librispeech
@@ -48,10 +48,14 @@ def clip_run(tiny_clip: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[
     return {"ckpt": tiny_clip["ckpt"], "classes": folder, "tokenizer": tiny_clip["tokenizer"]}
 
 
-def class_folder_dm(root: Path, **kwargs) -> ImageFolderDataModule:
-    return ImageFolderDataModule(
+def class_folder_dm(
+    root: Path, train_split: str | None = "train", val_split: str | None = "val"
+) -> ClassificationDataModule:
+    return ClassificationDataModule(
+        "imagefolder",
         str(root),
-        **kwargs,
+        train_split=train_split,
+        val_split=val_split,
         images={"image_size": 32},
         loader={"batch_size": 128, "num_workers": 0},
     )
