@@ -5,11 +5,9 @@
                       root/<split>/<image> + labels file    the flat val folder (ILSVRC2012_val_00000001.JPEG, ...)
     CIFAR-10/100      root/cifar-10-batches-py/, root/cifar-100-python/: the pickled batches torchvision reads
 
-An ImageFolder's labels follow its sorted folder names (torchvision's rule) and its class names are the folder
-names, underscores read as spaces ("red circle"). ImageNet labels are indices into the 1,000 sorted WordNet ids
-(the standard order), whatever subset of classes a folder holds; class names and prompt templates are the CLIP
-paper's, bundled under metadata/ (each file names its source). CIFAR's class names are its own `batches.meta` /
-`meta` names, underscores read as spaces.
+Labels follow the sorted folder names (torchvision's rule) for an ImageFolder and the 1,000 sorted WordNet
+ids for ImageNet, whatever subset a folder holds. Class names are the folder names (underscores read as
+spaces), the CLIP paper's for ImageNet (bundled under metadata/, each file naming its source) and CIFAR's own.
 
 Items are {"image": (3, S, S) uint8, "label": int, "index": int}, or None for an image that does not decode
 (warned once per file and process); `LabelledImageCollate` drops and counts it.
