@@ -330,9 +330,16 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
 
 
 def read_source(
-    path: str, fmt: Format, image_key: str, caption_key: str, separator: str | None, shard_caption_key: str
+    path: str,
+    fmt: Format,
+    image_key: str,
+    caption_key: str,
+    separator: str | None,
+    shard_caption_key: str,
+    shard_retries: int = 2,
 ) -> PairTable:
-    """The rows of one source; `fmt` auto tells the format by the path (`infer_format`)."""
+    """The rows of one source; `fmt` auto tells the format by the path (`infer_format`). Shards take their caption
+    member and retries from `shard_caption_key` and `shard_retries` (data.shards.caption_key and .retries)."""
     fmt = infer_format(path) if fmt == "auto" else fmt
     if fmt in ("csv", "tsv"):
         table = read_csv(path, image_key, caption_key, separator or ("\t" if fmt == "tsv" else ","))
@@ -345,7 +352,7 @@ def read_source(
             raise FileNotFoundError(f"image-text folder {path} does not exist")
         table = read_folder(path)
     elif fmt == "shards":
-        table = read_shards_into_memory(path, shard_caption_key, retries=2)
+        table = read_shards_into_memory(path, shard_caption_key, retries=shard_retries)
     else:
         raise ValueError(f"image-text source {path}: unknown format {fmt!r}")
     _drop_missing_files(table)
