@@ -17,14 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
 from datamodules.image.coco import CaptionCollate, eval_transform, train_transform
 from datamodules.image.coco_datamodule import EpochDataLoader
-from datamodules.image.pairs import (
-    Format,
-    PairsDataset,
-    PairTable,
-    duplicate_groups,
-    infer_format,
-    read_source,
-)
+from datamodules.image.pair_duplicates import cached_duplicate_groups
+from datamodules.image.pairs import Format, PairsDataset, PairTable, infer_format, read_source
 from datamodules.loading import SPLIT_STAGE, stage_splits
 from datamodules.mixture import MixtureSampler
 from datamodules.sections import ImagesConfig, LoaderConfig, ShardsConfig, TokenizerConfig, as_section
@@ -140,7 +134,9 @@ class ImageTextPairsDataModule(LightningDataModule):
             name, and Lightning merges both sets of hyper-parameters).
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
         dedup: group exact duplicates of the training set (same image bytes or same normalised caption) as mutual
-            positives; reads every training image once at setup.
+            positives. Finding them reads every training image once, in `prepare_data` (once per node); the groups
+            are cached under `tokenizer.cache_dir` (pair-duplicates/, keyed by the rows and the sizes and times of
+            their files), and each rank's setup reads them there.
         shards: streaming, caption member and retries of WebDataset shards (the training source, streamed; or an
             evaluation source, read whole); their paths are the sources, so `shards.urls` stays unset.
         loader: batch sizes, workers and seed.
@@ -275,6 +271,9 @@ class ImageTextPairsDataModule(LightningDataModule):
     # Lightning hooks --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         _ = self.tokenizer  # trains and caches the vocabulary once, on the first process
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if fitting and self.dedup and self.sources["train"] and not self._is_shards("train"):
+            self._duplicate_groups()  # reads every training image once per node; setup reads the cache
 
     def setup(self, stage: str | None = None) -> None:
         for split in stage_splits(stage):
@@ -285,7 +284,7 @@ class ImageTextPairsDataModule(LightningDataModule):
                 self.datasets[split] = self._shard_stream()
                 continue
             tables = self.tables(split)
-            groups = self._groups(tables) if train and self.dedup else None
+            groups = self._groups() if train and self.dedup else None
             transform = (
                 train_transform(self.images.image_size, self.images.min_scale)
                 if train
@@ -293,8 +292,13 @@ class ImageTextPairsDataModule(LightningDataModule):
             )
             self.datasets[split] = PairsDataset(tables, transform, train, groups, seed=self.loader.seed)
 
-    def _groups(self, tables: list[PairTable]) -> Any:
-        groups, counts = duplicate_groups(tables)
+    def _duplicate_groups(self) -> tuple[Any, dict[str, int]]:
+        """The training rows' duplicate groups and counts, from the cache (built there when missing or bad)."""
+        paths = [s.path for s in self.sources["train"]]
+        return cached_duplicate_groups(paths, self.tables("train"), self.tokenizer_config.cache)
+
+    def _groups(self) -> Any:
+        groups, counts = self._duplicate_groups()
         self.duplicates = counts
         if counts["image"] or counts["caption"]:
             log.info(
