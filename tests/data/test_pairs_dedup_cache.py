@@ -9,9 +9,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
 from datamodules.image.pair_duplicates import cache_key, cache_path, duplicate_groups
@@ -98,6 +100,14 @@ def test_prepare_data_caches_the_groups_every_setup_reads(manifest: Path, opened
         assert dm.duplicates == {"image": 1, "caption": 1}
     uncached, counts = duplicate_groups(first.tables("train"))
     assert uncached.tolist() == GROUPS and counts == first.duplicates
+
+
+def test_evaluation_runs_prepare_no_groups(manifest: Path, opened: list[str]) -> None:
+    """prepare_data of a validate run leaves the training images alone: only fitting uses the groups."""
+    dm = _dm(manifest)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    dm.prepare_data()
+    assert opened == [] and _cached(manifest) == []
 
 
 def test_changed_source_files_change_the_key(manifest: Path, opened: list[str]) -> None:
