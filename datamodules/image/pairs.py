@@ -1,7 +1,8 @@
-"""Image-caption pairs of the user's own data: the readers of each manifest format (`infer_format`), the map-style
-dataset and the duplicate groups. A row that cannot be used is skipped, named by its file and line, and counted;
-a manifest without the configured column stops with `MissingColumn`, naming the file and the column; an image
-that fails to decode later gives None (the collate function drops it and counts it in the batch's `skipped`)."""
+"""Image-caption pairs of the user's own data: the readers of each manifest format (`infer_format`) and the
+map-style dataset (the duplicate groups are in pair_duplicates.py). A row that cannot be used is skipped, named
+by its file and line, and counted; a manifest without the configured column stops with `MissingColumn`, naming
+the file and the column; an image that fails to decode later gives None (the collate function drops it and
+counts it in the batch's `skipped`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import io
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -330,9 +330,16 @@ def read_shards_into_memory(spec: str, caption_key: str, retries: int) -> PairTa
 
 
 def read_source(
-    path: str, fmt: Format, image_key: str, caption_key: str, separator: str | None, shard_caption_key: str
+    path: str,
+    fmt: Format,
+    image_key: str,
+    caption_key: str,
+    separator: str | None,
+    shard_caption_key: str,
+    shard_retries: int = 2,
 ) -> PairTable:
-    """The rows of one source; `fmt` auto tells the format by the path (`infer_format`)."""
+    """The rows of one source; `fmt` auto tells the format by the path (`infer_format`). Shards take their caption
+    member and retries from `shard_caption_key` and `shard_retries` (data.shards.caption_key and .retries)."""
     fmt = infer_format(path) if fmt == "auto" else fmt
     if fmt in ("csv", "tsv"):
         table = read_csv(path, image_key, caption_key, separator or ("\t" if fmt == "tsv" else ","))
@@ -345,7 +352,7 @@ def read_source(
             raise FileNotFoundError(f"image-text folder {path} does not exist")
         table = read_folder(path)
     elif fmt == "shards":
-        table = read_shards_into_memory(path, shard_caption_key, retries=2)
+        table = read_shards_into_memory(path, shard_caption_key, retries=shard_retries)
     else:
         raise ValueError(f"image-text source {path}: unknown format {fmt!r}")
     _drop_missing_files(table)
@@ -387,49 +394,6 @@ def _drop_missing_files(table: PairTable) -> None:
         import pyarrow as pa
 
         table.blobs = table.blobs.take(pa.array(keep, type=pa.int64()))
-
-
-def normalise_caption(text: str) -> str:
-    """A caption as duplicates are compared: case-folded, punctuation dropped, whitespace collapsed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
-
-
-def duplicate_groups(tables: Sequence[PairTable]) -> tuple[np.ndarray, dict[str, int]]:
-    """A group id per row of the concatenated tables: rows with the same image bytes or the same normalised
-    caption (and, transitively, what they share it with) get the same id, the first row's index. Also the counts
-    of rows joined to an earlier one by each: {"image": ..., "caption": ...}."""
-    n = sum(len(t) for t in tables)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = int(parent[i])
-        return i
-
-    first: dict[tuple[str, str], int] = {}
-    counts = {"image": 0, "caption": 0}
-    row = 0
-    for table in tables:
-        for i in range(len(table)):
-            keys = (("image", _safe_digest(table, i)), ("caption", normalise_caption(table.captions[i])))
-            for kind, value in keys:
-                if value is None:
-                    continue
-                other = first.setdefault((kind, value), row)
-                if other != row:
-                    counts[kind] += 1
-                    a, b = find(row), find(other)
-                    parent[max(a, b)] = min(a, b)
-            row += 1
-    return np.array([find(i) for i in range(n)], dtype=np.int64), counts
-
-
-def _safe_digest(table: PairTable, i: int) -> str | None:
-    try:
-        return table.digest(i)
-    except Exception:  # an unreadable file has no bytes to compare; it is skipped when loaded
-        return None
 
 
 class PairsDataset(Dataset):

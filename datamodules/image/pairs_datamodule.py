@@ -17,17 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.image.clip_tokenizer import ClipTokenizer, is_clip_tokenizer
 from datamodules.image.coco import CaptionCollate, eval_transform, train_transform
 from datamodules.image.coco_datamodule import EpochDataLoader
-from datamodules.image.pairs import (
-    Format,
-    PairsDataset,
-    PairTable,
-    duplicate_groups,
-    infer_format,
-    read_source,
-)
+from datamodules.image.pair_duplicates import cached_duplicate_groups
+from datamodules.image.pairs import Format, PairsDataset, PairTable, infer_format, read_source
 from datamodules.loading import SPLIT_STAGE, stage_splits
 from datamodules.mixture import MixtureSampler
-from datamodules.sections import ImagesConfig, LoaderConfig, TokenizerConfig, as_section
+from datamodules.sections import ImagesConfig, LoaderConfig, ShardsConfig, TokenizerConfig, as_section
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)
@@ -58,8 +52,6 @@ class PairColumns:
     """Column or field of the caption."""
     separator: str | None = None
     """Field separator of CSV manifests; None: ',' for .csv and a tab for .tsv."""
-    shard_caption_key: str = "txt"
-    """Where a WebDataset sample's caption is: a member's extension (`txt`) or `json:FIELD`."""
 
 
 @dataclass
@@ -76,19 +68,7 @@ class MixtureConfig:
     """Draw with replacement (each draw independent) or without (every sample of a source before any repeats)."""
 
 
-@dataclass
-class ShardOptions:
-    """Streaming WebDataset shards for training (datamodules/image/shards/stream.py `ShardStream`)."""
-
-    num_samples: int | None = None
-    """Samples in all the shards, for shards without sizes files beside them."""
-    shuffle_buffer: int = 1000
-    """Encoded samples each worker holds to shuffle the stream."""
-    retries: int = 2
-    """Times a shard that fails to open or is cut short is opened again before it is skipped."""
-
-
-_COLUMNS, _MIXTURE, _IMAGES, _SHARDS = PairColumns(), MixtureConfig(), ImagesConfig(), ShardOptions()
+_COLUMNS, _MIXTURE, _IMAGES, _SHARDS = PairColumns(), MixtureConfig(), ImagesConfig(), ShardsConfig()
 _LOADER, _TOKENIZER = LoaderConfig(), TokenizerConfig()
 
 
@@ -154,8 +134,11 @@ class ImageTextPairsDataModule(LightningDataModule):
             name, and Lightning merges both sets of hyper-parameters).
         context_length: longest token sequence, [CLS] and [SEP] included; longer captions are truncated.
         dedup: group exact duplicates of the training set (same image bytes or same normalised caption) as mutual
-            positives; reads every training image once at setup.
-        shards: streaming options when the training source is WebDataset shards.
+            positives. Finding them reads every training image once, in `prepare_data` (once per node); the groups
+            are cached under `tokenizer.cache_dir` (pair-duplicates/, keyed by the rows and the sizes and times of
+            their files), and each rank's setup reads them there.
+        shards: streaming, caption member and retries of WebDataset shards (the training source, streamed; or an
+            evaluation source, read whole); their paths are the sources, so `shards.urls` stays unset.
         loader: batch sizes, workers and seed.
         tokenizer: the WordPiece tokenizer (trained on the training captions unless `path` is given); a path
             `open_clip:NAME` or a Hugging Face CLIP folder loads CLIP's BPE.
@@ -172,7 +155,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         images: ImagesConfig = _IMAGES,
         context_length: int = 64,
         dedup: bool = True,
-        shards: ShardOptions = _SHARDS,
+        shards: ShardsConfig = _SHARDS,
         loader: LoaderConfig = _LOADER,
         tokenizer: TokenizerConfig = _TOKENIZER,
     ) -> None:
@@ -183,7 +166,12 @@ class ImageTextPairsDataModule(LightningDataModule):
             as_section(MixtureConfig, mixture),
             as_section(ImagesConfig, images),
         )
-        shards, loader = as_section(ShardOptions, shards), as_section(LoaderConfig, loader)
+        shards, loader = as_section(ShardsConfig, shards), as_section(LoaderConfig, loader)
+        if shards.urls:
+            raise ValueError(
+                f"data.shards.urls ({shards.urls}): image-text pairs take their shards as a source, "
+                "data.train (or data.val, data.test); leave data.shards.urls unset"
+            )
         tokenizer = as_section(TokenizerConfig, tokenizer)
         self.sources = {
             "train": self._train_sources(train, mixture),
@@ -194,7 +182,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         self.columns, self.mixture, self.images = columns, mixture, images
         self.context_length = context_length
         self.dedup = dedup
-        self.shard_options = shards
+        self.shards = shards
         self.loader, self.tokenizer_config = loader, tokenizer
         self._tables: dict[str, list[PairTable]] = {}
         self.datasets: dict[str, Any] = {}
@@ -240,9 +228,11 @@ class ImageTextPairsDataModule(LightningDataModule):
             sources = self.sources[split]
             if not sources:
                 raise ValueError(f"no data.{split} source given")
-            c = self.columns
+            c, o = self.columns, self.shards
             self._tables[split] = [
-                read_source(s.path, s.format, c.image_key, c.caption_key, c.separator, c.shard_caption_key)
+                read_source(
+                    s.path, s.format, c.image_key, c.caption_key, c.separator, o.caption_key, o.retries
+                )
                 for s in sources
             ]
             self.skipped_rows[split] = sum(sum(t.skipped.values()) for t in self._tables[split])
@@ -267,9 +257,7 @@ class ImageTextPairsDataModule(LightningDataModule):
             from datamodules.image.shards.members import shard_captions
 
             shards = expand_shards(self.sources["train"][0].path)
-            return list(
-                shard_captions(shards, self.shard_options.retries, caption_key=self.columns.shard_caption_key)
-            )
+            return list(shard_captions(shards, self.shards.retries, caption_key=self.shards.caption_key))
         return [c for t in self.tables("train") for c in t.captions]
 
     @property
@@ -283,6 +271,9 @@ class ImageTextPairsDataModule(LightningDataModule):
     # Lightning hooks --------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
         _ = self.tokenizer  # trains and caches the vocabulary once, on the first process
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if fitting and self.dedup and self.sources["train"] and not self._is_shards("train"):
+            self._duplicate_groups()  # reads every training image once per node; setup reads the cache
 
     def setup(self, stage: str | None = None) -> None:
         for split in stage_splits(stage):
@@ -293,7 +284,7 @@ class ImageTextPairsDataModule(LightningDataModule):
                 self.datasets[split] = self._shard_stream()
                 continue
             tables = self.tables(split)
-            groups = self._groups(tables) if train and self.dedup else None
+            groups = self._groups() if train and self.dedup else None
             transform = (
                 train_transform(self.images.image_size, self.images.min_scale)
                 if train
@@ -301,8 +292,13 @@ class ImageTextPairsDataModule(LightningDataModule):
             )
             self.datasets[split] = PairsDataset(tables, transform, train, groups, seed=self.loader.seed)
 
-    def _groups(self, tables: list[PairTable]) -> Any:
-        groups, counts = duplicate_groups(tables)
+    def _duplicate_groups(self) -> tuple[Any, dict[str, int]]:
+        """The training rows' duplicate groups and counts, from the cache (built there when missing or bad)."""
+        paths = [s.path for s in self.sources["train"]]
+        return cached_duplicate_groups(paths, self.tables("train"), self.tokenizer_config.cache)
+
+    def _groups(self) -> Any:
+        groups, counts = self._duplicate_groups()
         self.duplicates = counts
         if counts["image"] or counts["caption"]:
             log.info(
@@ -320,7 +316,7 @@ class ImageTextPairsDataModule(LightningDataModule):
         from datamodules.image.shards.stream import ShardStream
 
         rank, world = self._topology()
-        o = self.shard_options
+        o = self.shards
         return ShardStream(
             expand_shards(self.sources["train"][0].path),
             train_transform(self.images.image_size, self.images.min_scale),
@@ -332,7 +328,8 @@ class ImageTextPairsDataModule(LightningDataModule):
             world_size=world,
             num_samples=o.num_samples,
             retries=o.retries,
-            caption_key=self.columns.shard_caption_key,
+            caption_key=o.caption_key,
+            resampled=o.resampled,
         )
 
     def _topology(self) -> tuple[int, int]:

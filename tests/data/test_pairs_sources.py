@@ -18,7 +18,7 @@ from cli import main
 from datamodules.image.coco import load_coco_captions
 from datamodules.image.pairs import MissingColumn, read_source
 from datamodules.image.pairs_datamodule import ImageTextPairsDataModule, MixtureConfig
-from datamodules.sections import ImagesConfig, LoaderConfig, TokenizerConfig
+from datamodules.sections import ImagesConfig, LoaderConfig, ShardsConfig, TokenizerConfig
 from datamodules.synthetic.shapes import generate_shapes_coco
 from tests.helpers import REPO
 
@@ -213,6 +213,30 @@ def test_shards_train_and_evaluate(shapes, tmp_path: Path) -> None:
     assert batch["images"].shape == (8, 3, 32, 32)
     val = [b for b in dm.val_dataloader()]
     assert sum(len(b["images"]) for b in val) == 24
+
+
+def test_shards_read_the_shared_shards_section(shapes, tmp_path: Path) -> None:
+    """`data.shards` (ShardsConfig) tells where a shard sample's caption is, for the training stream and for shards
+    read whole; its `urls` is refused, as the shards are the sources."""
+    import io
+    import tarfile
+
+    (tmp_path / "shards").mkdir()
+    pairs = shapes["val2017"][:8]
+    with tarfile.open(tmp_path / "shards" / "part-0.tar", "w") as tar:  # captions in a `.cap` member
+        for k, (image, caption) in enumerate(pairs):
+            for ext, data in (("jpg", Path(image).read_bytes()), ("cap", caption.encode())):
+                info = tarfile.TarInfo(f"{k:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    source = str(tmp_path / "shards")
+    dm = _dm(tmp_path, train=source, val=source, shards=ShardsConfig(num_samples=8, caption_key="cap"))
+    dm.setup("fit")
+    assert dm.datasets["train"].caption_key == "cap"
+    assert [dm.datasets["val"].caption(i) for i in range(8)] == [caption for _, caption in pairs]
+    assert next(iter(dm.train_dataloader()))["images"].shape == (8, 3, 32, 32)
+    with pytest.raises(ValueError, match="leave data.shards.urls unset"):
+        _dm(tmp_path, train=source, shards=ShardsConfig(urls=source))
 
 
 @pytest.mark.slow
