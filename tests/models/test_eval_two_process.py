@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
-import torch
+import yaml
 
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
@@ -21,9 +22,8 @@ from tests.helpers import REPO, free_port, quiet_trainer, single_thread
 from tests.models.test_eval_protocols import write_cifar, write_karpathy
 
 CIFAR_TEST_IMAGES = 21  # odd: two processes get 11 each, one image twice
-FLICKR_TEST_IMAGES = (
-    7  # 36 captions (one image has 6): 4 images and 18 captions a process, one image repeated
-)
+# 36 captions (one image has 6); two processes get 4 images each, one image (with its captions) twice
+FLICKR_TEST_IMAGES = 7
 
 
 def image_text_checkpoint(tmp: Path) -> tuple[Path, Path]:
@@ -96,11 +96,21 @@ def assert_same_numbers(one: dict, two: dict, keys: set[str]) -> None:
     assert one["protocol"]["processes"] == 1 and two["protocol"]["processes"] == 2
 
 
-@pytest.mark.slow  # three CLI processes a task (one, then two under DDP): about a minute on 2 cores
-def test_cifar10_and_flickr30k_evaluations_in_two_processes_give_the_one_process_numbers(
-    tmp_path: Path,
+@pytest.fixture(scope="module")
+def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return image_text_checkpoint(tmp_path_factory.mktemp("clip"))
+
+
+def report(task: str, one: dict, two: dict, keys: set[str]) -> None:
+    """The numbers of both runs on stdout (`pytest -s` shows them)."""
+    print(task, json.dumps({k: [one["metrics"][k], two["metrics"][k]] for k in sorted(keys)}))
+
+
+@pytest.mark.slow  # three CLI processes (one run, then two under DDP): about a minute on 2 shared cores
+def test_cifar10_zero_shot_in_two_processes_gives_the_one_process_numbers(
+    clip_checkpoint: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    ckpt, karpathy = image_text_checkpoint(tmp_path)
+    ckpt, _ = clip_checkpoint
     write_cifar(tmp_path / "cifar", n_test=CIFAR_TEST_IMAGES)
     cifar = [
         "--config",
@@ -112,37 +122,134 @@ def test_cifar10_and_flickr30k_evaluations_in_two_processes_give_the_one_process
         "--data.init_args.loader.batch_size=4",  # several batches a process, the last one short
         "--data.init_args.loader.num_workers=0",
     ]
-    one = evaluate(tmp_path / "cifar_one", 1, *cifar)
-    two = evaluate(tmp_path / "cifar_two", 2, *cifar)
-    assert_same_numbers(
-        one, two, {"test/zero_shot_acc", "test/zero_shot_acc_top5", "test/zero_shot_mean_per_class_recall"}
-    )
+    one = evaluate(tmp_path / "one", 1, *cifar)
+    two = evaluate(tmp_path / "two", 2, *cifar)
+    keys = {"test/zero_shot_acc", "test/zero_shot_acc_top5", "test/zero_shot_mean_per_class_recall"}
+    report("cifar10", one, two, keys)
+    assert_same_numbers(one, two, keys)
     for results in (one, two):
         data = results["protocol"]["data"]
         assert (data["images"], data["images_counted"], data["classes"]) == (CIFAR_TEST_IMAGES,) * 2 + (10,)
         assert results["protocol"]["model"]["kind"] == "checkpoint"
 
+
+@pytest.mark.slow  # three CLI processes (one run, then two under DDP): about a minute on 2 shared cores
+def test_flickr30k_retrieval_in_two_processes_gives_the_one_process_numbers(
+    clip_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    ckpt, karpathy = clip_checkpoint
     flickr = [
         "--config",
         str(REPO / "configs/eval/flickr30k_retrieval.yaml"),
         "--model.init_args.init_clip=null",
         f"--model.init_args.ckpt_path={ckpt}",
-        f"--data.init_args.root={tmp_path / 'flickr30k-images'}",
+        f"--data.init_args.root={karpathy.parent}",
         f"--data.init_args.karpathy_json={karpathy}",
         f"--data.init_args.tokenizer.path={ckpt}",
         "--data.init_args.context_length=16",
         "--data.init_args.images.image_size=32",
-        "--data.init_args.loader.eval_batch_size=2",
+        "--data.init_args.loader.eval_batch_size=2",  # 4 batches of images, the last one short
         "--data.init_args.loader.num_workers=0",
     ]
-    one = evaluate(tmp_path / "flickr_one", 1, *flickr)
-    two = evaluate(tmp_path / "flickr_two", 2, *flickr)
+    one = evaluate(tmp_path / "one", 1, *flickr)
+    two = evaluate(tmp_path / "two", 2, *flickr)
     recalls = {f"test/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    report("flickr30k", one, two, recalls)
     assert_same_numbers(one, two, recalls | {"test/R@mean"})
+    assert 0 < one["metrics"]["test/t2i_R@1"] < 1  # neither a model that finds nothing nor a trivial set
     captions = 5 * FLICKR_TEST_IMAGES + 1
     for results in (one, two):
         data = results["protocol"]["data"]
         assert (data["images_listed"], data["captions_listed"]) == (FLICKR_TEST_IMAGES, captions)
         assert (data["images_counted"], data["captions_counted"]) == (FLICKR_TEST_IMAGES, captions)
-    print({k: (one["metrics"][k], two["metrics"][k]) for k in sorted(recalls)})
-    assert torch.tensor([one["metrics"][k] for k in recalls]).gt(0).any()  # not a model that scores nothing
+
+
+LIBRISPEECH_TEST_UTTERANCES = 7  # in 3 duration buckets, one batch each: the second process repeats the first
+
+
+def speech_text_checkpoint(tmp: Path) -> tuple[Path, Path]:
+    """A tiny speech-text model (width 32, one layer a tower) trained one step by `cli.py fit` on the speech
+    quickstart config over the generated tone LibriSpeech, and saved by its trainer; its test-clean is a copy of the
+    7 dev-clean utterances. Returns the checkpoint and the data root."""
+    from cli import main
+    from datamodules.synthetic.tones import generate_tone_librispeech
+
+    libri = generate_tone_librispeech(tmp / "tones", n_train_utts=8, n_val_utts=LIBRISPEECH_TEST_UTTERANCES)
+    shutil.copytree(libri / "dev-clean", libri / "test-clean")  # LibriSpeech's test-clean layout
+    with single_thread():
+        cli = main(
+            [
+                "fit",
+                "--config",
+                str(REPO / "configs/speech/quickstart.yaml"),
+                f"--data.root={tmp / 'tones'}",
+                f"--data.tokenizer.cache_dir={tmp / 'cache'}",
+                "--data.tokenizer.vocab_size=100",
+                "--data.context_length=16",
+                "--data.loader.num_workers=0",
+                "--model.embed_dim=16",
+                "--model.speech.layers=1",
+                "--model.speech.hidden=32",
+                "--model.speech.conv_channels=8",
+                "--model.text.layers=1",
+                "--model.text.hidden=32",
+                "--model.text.max_len=16",
+                "--trainer.max_steps=1",
+                "--trainer.limit_val_batches=0",
+                "--trainer.enable_checkpointing=false",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp / 'fit'}",
+            ]
+        )
+        ckpt = tmp / "speech.ckpt"
+        cli.trainer.save_checkpoint(ckpt)
+    return ckpt, tmp / "tones"
+
+
+@pytest.mark.slow  # three CLI processes (one run, then two under DDP): about a minute on 2 shared cores
+def test_librispeech_test_clean_retrieval_in_two_processes_gives_the_one_process_numbers(
+    tmp_path: Path,
+) -> None:
+    """configs/eval/librispeech_test_clean.yaml stacked on the speech run's config, as its header says; the
+    duration-bucketing batch sampler shards by rank itself and repeats whole batches to even the ranks out."""
+    from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule
+
+    ckpt, root = speech_text_checkpoint(tmp_path / "speech")
+    config = yaml.safe_load((REPO / "configs/speech/quickstart.yaml").read_text())
+    batching = {**config["data"]["init_args"]["batching"], "num_buckets": 3}
+    dm = LibriSpeechDataModule(
+        str(root),
+        test_subsets=["test-clean"],
+        batching=batching,
+        tokenizer={"path": str(ckpt), "cache_dir": str(tmp_path / "cache")},
+    )
+    dm.setup("test")
+    durations = dm.datasets["test"].durations
+    seconds, buckets = batching["max_batch_seconds"], batching["num_buckets"]
+    shards = [
+        DurationBucketBatchSampler(durations, seconds, buckets, shuffle=False, num_replicas=2, rank=r)
+        for r in (0, 1)
+    ]
+    assert len(durations) == LIBRISPEECH_TEST_UTTERANCES
+    assert sum(len(batch) for shard in shards for batch in shard) > len(durations)  # a batch evaluated twice
+    libri = [
+        "--config",
+        str(REPO / "configs/speech/quickstart.yaml"),
+        "--config",
+        str(REPO / "configs/eval/librispeech_test_clean.yaml"),
+        f"--ckpt_path={ckpt}",
+        f"--data.root={root}",
+        "--data.context_length=16",
+        "--data.batching.num_buckets=3",  # 3 batches: the second process repeats one
+        "--data.loader.num_workers=0",
+    ]
+    one = evaluate(tmp_path / "one", 1, *libri)
+    two = evaluate(tmp_path / "two", 2, *libri)
+    recalls = {f"test/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
+    report("librispeech test-clean", one, two, recalls)
+    assert_same_numbers(one, two, recalls | {"test/R@mean"})
+    for results in (one, two):
+        data = results["protocol"]["data"]
+        assert (data["subsets"], data["utterances"]) == (["test-clean"], LIBRISPEECH_TEST_UTTERANCES)
+        assert (data["utterances_counted"], data["texts_counted"]) == (LIBRISPEECH_TEST_UTTERANCES,) * 2
+        assert results["protocol"]["model"]["kind"] == "checkpoint"
