@@ -96,6 +96,34 @@ def assert_same_numbers(one: dict, two: dict, keys: set[str]) -> None:
     assert one["protocol"]["processes"] == 1 and two["protocol"]["processes"] == 2
 
 
+class OtherRank:
+    """The trainer as a process other than rank 0 of two sees it; `log_dir` counts the broadcasts it joins."""
+
+    is_global_zero, world_size, precision = False, 2, "32-true"
+    callback_metrics: dict = {}
+    datamodule = ckpt_path = None
+
+    def __init__(self, root: Path) -> None:
+        self.default_root_dir, self.broadcasts = str(root), 0
+
+    @property
+    def log_dir(self) -> str:
+        self.broadcasts += 1  # under DDP every process must call it: rank 0 waits for the others
+        return self.default_root_dir
+
+
+def test_every_process_joins_the_log_dir_broadcast_and_only_rank_0_writes(tmp_path: Path) -> None:
+    """Lightning's `trainer.log_dir` is a collective under DDP; a report that asked for it on rank 0 only would
+    leave rank 0 waiting for a peer that has finished (the two-process runs below fail that way)."""
+    from types import SimpleNamespace
+
+    from lightning_modules.training.evaluation import EvaluationReport
+
+    trainer = OtherRank(tmp_path)
+    EvaluationReport().on_test_end(trainer, SimpleNamespace(protocol=lambda: {"model": {}}))
+    assert trainer.broadcasts == 1 and not list(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def clip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return image_text_checkpoint(tmp_path_factory.mktemp("clip"))
