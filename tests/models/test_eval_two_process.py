@@ -162,6 +162,45 @@ def test_cifar10_zero_shot_in_two_processes_gives_the_one_process_numbers(
 
 
 @pytest.mark.slow  # three CLI processes (one run, then two under DDP): about a minute on 2 shared cores
+def test_zero_shot_with_an_undecodable_image_in_two_processes_gives_the_one_process_numbers(
+    clip_checkpoint: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """An image folder of 9 images whose 4th does not decode: the second process meets it, and the skipped count in
+    results.json is the whole run's, as in one process, not rank 0's alone."""
+    from datamodules.synthetic.shapes_folder import generate_shapes_imagefolder
+
+    ckpt, _ = clip_checkpoint
+    colours = ("red", "green", "blue")
+    root = generate_shapes_imagefolder(
+        tmp_path / "shapes", colours, ("circle",), per_class={"test": 3}, image_size=32
+    )
+    # files in sorted order: blue 0-2, green 3-5, red 6-8; two processes take 0, 2, 4, 6, 8 and 1, 3, 5, 7, 0
+    broken = sorted((root / "test" / "green_circle").iterdir())[0]
+    broken.write_bytes(b"not an image")
+    shapes = [
+        "--config",
+        str(REPO / "configs/zeroshot/shapes.yaml"),
+        f"--model.init_args.ckpt_path={ckpt}",
+        f"--data.init_args.root={root}",
+        "--data.init_args.generate_if_missing=false",
+        "--data.init_args.images.image_size=32",
+        "--data.init_args.loader.batch_size=2",
+        "--trainer.logger=false",
+        "--trainer.callbacks+=lightning_modules.training.evaluation.EvaluationReport",
+    ]
+    one = evaluate(tmp_path / "one", 1, *shapes)
+    two = evaluate(tmp_path / "two", 2, *shapes)
+    keys = {"test/zero_shot_acc", "test/zero_shot_mean_per_class_recall", "test/skipped_items"}
+    report("shapes folder", one, two, keys)
+    assert_same_numbers(one, two, keys)
+    files = sorted((root / "test").rglob("*.jpg"))
+    assert len(files) == 9
+    for results in (one, two):  # every file accounted for once: 8 scored, 1 skipped
+        counted = results["protocol"]["data"]["images_counted"]
+        assert (counted, results["metrics"]["test/skipped_items"]) == (len(files) - 1, 1)
+
+
+@pytest.mark.slow  # three CLI processes (one run, then two under DDP): about a minute on 2 shared cores
 def test_flickr30k_retrieval_in_two_processes_gives_the_one_process_numbers(
     clip_checkpoint: tuple[Path, Path], tmp_path: Path
 ) -> None:
