@@ -81,6 +81,10 @@ def evaluate(root: Path, devices: int, *args: str) -> dict:
     ]
     done = subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    for rank in range(
+        devices if devices > 1 else 0
+    ):  # Lightning's log line of each process joining the group
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{devices}" in done.stderr, done.stderr[-3000:]
     found = sorted(root.rglob("results.json"))
     assert len(found) == 1, f"results.json under {root}: {found}\n{done.stderr[-3000:]}"
     return json.loads(found[0].read_text())
