@@ -1,6 +1,8 @@
 """A whole evaluation from the command line, in one process and in two (DDP over gloo on the CPU), gives the same
 numbers over the same items: a checkpoint of this framework, the eval configs as published, sets whose size the
-two processes do not divide (the distributed sampler repeats items to even them out, and each must count once)."""
+two processes do not divide (the distributed sampler repeats items to even them out, and each must count once).
+The runs are slow (separate processes); in the default run, test_eval_protocols.py checks the gather's arithmetic
+on two fake ranks and this file that every process joins the report's one collective."""
 
 from __future__ import annotations
 
@@ -81,9 +83,8 @@ def evaluate(root: Path, devices: int, *args: str) -> dict:
     ]
     done = subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    for rank in range(
-        devices if devices > 1 else 0
-    ):  # Lightning's log line of each process joining the group
+    joined = range(devices) if devices > 1 else []  # Lightning logs each process joining the process group
+    for rank in joined:
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{devices}" in done.stderr, done.stderr[-3000:]
     found = sorted(root.rglob("results.json"))
     assert len(found) == 1, f"results.json under {root}: {found}\n{done.stderr[-3000:]}"
