@@ -352,6 +352,9 @@ class ContrastiveModule(AlignmentModule):
         if not metric.update_called:
             return
         recalls = metric.compute()
+        # the items scored, each once over every process (EvaluationReport writes them into results.json)
+        counts, (a, b) = metric.counts(), self.pair.sides
+        self.counted = {a: counts["a"], b: counts["b"]}
         values = {f"{stage}/{k}": v for k, v in recalls.items()}
         values[f"{stage}/R@mean"] = mean_recall(recalls)  # what the configs' best checkpoint monitors
         self.log_dict(values, prog_bar=stage == "val")

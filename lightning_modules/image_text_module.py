@@ -40,6 +40,7 @@ class ImageTextPair(ContrastivePair):
     """Images (a) against captions (b); logs `i2t` (image -> text) and `t2i` retrieval."""
 
     rows_key = "image_ids"
+    sides = ("images", "captions")
     row_keys = ("images", "input_ids", "attention_mask", "image_ids", "caption_ids")
 
     def __init__(

@@ -32,6 +32,7 @@ class SpeechTextPair(ContrastivePair):
     """Utterances (a) against transcripts (b); logs `a2t` (speech -> text) and `t2a` retrieval."""
 
     rows_key = "utt_keys"
+    sides = ("utterances", "texts")
     row_keys = (
         "waveforms",
         "wave_lengths",

@@ -360,8 +360,14 @@ class ZeroShotClassifier(L.LightningModule):
         log.info("zero-shot: %d classes x %d prompt templates", len(names), len(self.templates))
 
     def _step(self, batch: dict, stage: str) -> None:
+        # summed over the processes too: rank 0's count alone misses what the others could not decode
         self.log(
-            f"{stage}/skipped_items", float(batch["skipped"]), reduce_fx="sum", on_step=False, on_epoch=True
+            f"{stage}/skipped_items",
+            float(batch["skipped"]),
+            reduce_fx="sum",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
         )
         labels = batch["labels"]
         # an empty batch still updates: every process then holds a state for the gather

@@ -80,6 +80,8 @@ class ContrastivePair(nn.Module):
     """The batch entry with one item per row: its length is the batch's row count (0 for an empty batch)."""
     row_keys: tuple[str, ...] = ()
     """Entries of a training batch with one item per row, which gradient caching cuts into chunks."""
+    sides: tuple[str, str] = ("a", "b")
+    """What the two sides' items are, as results.json counts them ("images", "captions")."""
 
     def __init__(self, embed_dim: int, loss: ContrastiveLossConfig, prefixes: tuple[str, str]) -> None:
         super().__init__()

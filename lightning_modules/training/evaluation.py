@@ -257,8 +257,9 @@ class EvaluationReport(L.Callback):
                 },
             }
         self.results = results
+        # every process asks: under DDP `log_dir` is a broadcast from rank 0, which the others must join
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            folder = Path(trainer.log_dir or trainer.default_root_dir)
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / self.filename
             tmp = path.with_suffix(".tmp")
