@@ -63,7 +63,7 @@ def _running_stats_kept(module: nn.Module) -> Iterator[None]:
 
 
 def log_empty(module: SkipNonFiniteSteps, batch: dict, rows: int, stage: str, task: str = "") -> None:
-    """Count empty batches (`{stage}/{task}empty_batches`, summed over ranks) and undecodable items. Logged on
+    """Count empty batches (`{stage}/{task}empty_batches`) and undecodable items, each summed over ranks. Logged on
     every rank at every step, 0 or not, so the epoch-end sum finds the key on each."""
     if not rows and stage == "train":
         log.warning("training batch is empty (all %s items undecodable)", batch.get("skipped", "its"))
@@ -83,6 +83,7 @@ def log_empty(module: SkipNonFiniteSteps, batch: dict, rows: int, stage: str, ta
             reduce_fx="sum",
             on_step=False,
             on_epoch=True,
+            sync_dist=True,  # on_epoch only: one all-reduce at the epoch's end, none per step
             add_dataloader_idx=False,
         )
 

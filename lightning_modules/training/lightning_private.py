@@ -1,8 +1,8 @@
 """The framework's only uses of Lightning's private names, in one place that checks them before use. Two: the
 training loop's per-step SIGTERM broadcast (`_TrainingEpochLoop._broadcast_sigterm_tensor`), switched off while
 `PreemptionCheckpoint` carries the signal in the step's all-reduce, and `LightningCLI._parse_ckpt_path`, which the
-CLI overrides to read flat hyper-parameters of checkpoints into the model's sections. Each function raises a
-RuntimeError naming the installed Lightning and the missing name when an upgrade removed it;
+CLI overrides to read flat hyper-parameters, and checkpoints saved from Python, into the model's sections. Each
+function raises a RuntimeError naming the installed Lightning and the missing name when an upgrade removed it;
 tests/training/test_lightning_private.py checks the names and their signatures on the installed Lightning."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_modules.training.checkpoints import read_checkpoint, resolve_class
+from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY, read_checkpoint, resolve_class
 
 SIGTERM_BROADCAST = "_broadcast_sigterm_tensor"
 PARSE_CKPT_PATH = "_parse_ckpt_path"
@@ -49,20 +49,26 @@ def restore_sigterm_broadcast(trainer: L.Trainer) -> None:
 def parse_ckpt_path_into_sections(cli: LightningCLI) -> None:
     """`LightningCLI._parse_ckpt_path` (the hyper-parameters of `--ckpt_path` read into the config), with those of
     checkpoints with flat arguments (`lr`, `hidden_size`, ...) read into the model's sections first by the model
-    class's `upgrade_hparams`. Models without it, and paths that are no file, take Lightning's own path."""
+    class's `upgrade_hparams`. A checkpoint saved from Python (`trainer.save_checkpoint` in a notebook) names no
+    `_class_path` among its hyper-parameters: its system is the one it recorded (`system_class_path`), else the
+    config's model. Paths that are no file take Lightning's own path."""
     require_private(LightningCLI, PARSE_CKPT_PATH)
     subcommand = cli.config.get("subcommand")
     cfg = cli.config[subcommand] if subcommand else {}
     ckpt_path, model = cfg.get("ckpt_path"), cfg.get("model")
-    upgrade = getattr(resolve_class(getattr(model, "class_path", None) or ""), "upgrade_hparams", None)
-    if upgrade is None or not ckpt_path or not Path(ckpt_path).is_file():
+    if not ckpt_path or not Path(ckpt_path).is_file():
         return getattr(LightningCLI, PARSE_CKPT_PATH)(cli)
-    hparams = dict(read_checkpoint(ckpt_path, needs=()).get("hyper_parameters") or {})
+    ckpt = read_checkpoint(ckpt_path, needs=())
+    hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     if not hparams:
         return None
-    hparams = upgrade(hparams)
-    if "_class_path" in hparams:
-        hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+    configured = getattr(model, "class_path", None)
+    upgrade = getattr(resolve_class(configured or ""), "upgrade_hparams", None)
+    if upgrade is not None:
+        hparams = upgrade(hparams)
+    class_path = hparams.pop("_class_path", None) or ckpt.get(SYSTEM_CLASS_KEY) or configured
+    if class_path:
+        hparams = {"class_path": class_path, "dict_kwargs": hparams}
     cli.config = cli.parser.parse_object({subcommand: {"model": hparams}}, cli.config)
     return None

@@ -72,3 +72,27 @@ def test_a_missing_private_name_is_a_one_line_error_naming_it_and_the_version(mo
     monkeypatch.delattr(LightningCLI, PARSE_CKPT_PATH)
     with pytest.raises(RuntimeError, match=rf"no LightningCLI\.{PARSE_CKPT_PATH},"):
         parse_ckpt_path_into_sections(None)
+
+
+def test_a_checkpoint_saved_from_python_is_read_into_the_configs_model(tmp_path, monkeypatch) -> None:
+    # trainer.save_checkpoint from a notebook records no `_class_path`: Lightning's own parse then reads the
+    # hyper-parameters as a bare LightningModule's and fails; ours takes the config's system
+    from cli import PretrainCLI, main
+    from lightning_modules.speech_text_module import SpeechTextModule
+    from tests.helpers import REPO
+
+    monkeypatch.setattr(PretrainCLI, "instantiate_classes", lambda self: None)
+    monkeypatch.setattr(PretrainCLI, "_run_subcommand", lambda self, subcommand: None)
+    model = SpeechTextModule(vocab_size=97, embed_dim=48, speech={"size": "tiny"}, text={"size": "tiny"})
+    hparams = {k: v for k, v in model.hparams.items() if not k.startswith("_")}
+    assert "_class_path" not in model.hparams  # as saved from Python
+    path = tmp_path / "notebook.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, path)
+    config = str(REPO / "configs/speech/quickstart.yaml")
+    cli = main(["test", "--config", config, "--ckpt_path", str(path), "--trainer.logger=false"])
+    model_cfg = cli.config.test.model
+    assert model_cfg.class_path == "lightning_modules.speech_text_module.SpeechTextModule"
+    assert (model_cfg.init_args.vocab_size, model_cfg.init_args.embed_dim) == (
+        97,
+        48,
+    )  # the checkpoint's, not the config's
