@@ -1,21 +1,13 @@
 """Zero-shot image classification with an image-text model: classes are named, never trained on.
 
-Each class name is written into every prompt template ("a photo of a {}." -> "a photo of a tench."); the text
-tower embeds each prompt, and the class embedding is the mean of its prompts' unit embeddings, scaled back to unit
-length (the prompt ensemble of Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
-Supervision"). An image is given the class whose embedding has the highest cosine with its own: one (B, D) x
-(D, C) product per batch, so 50,000 images need no more memory than one batch.
-
-The model is a checkpoint of this framework (`ckpt_path`) or a whole CLIP imported as it is (`init_clip`: an
-open_clip file or a Hugging Face CLIPModel folder). The CLIP paper's ImageNet class names and 80 templates, and its
-18 CIFAR templates, are bundled (datamodules/image/metadata/, each file naming its source):
-
-    python cli.py test --config configs/eval/imagenet_zeroshot.yaml --data.root /data/imagenet \
-        --model.init_args.init_clip.path ViT-B-32-openai.pt
-
-logs `test/zero_shot_acc` (top-1), `test/zero_shot_acc_top5` when there are more than 5 classes,
-`test/zero_shot_mean_per_class_recall` and with `per_class: true` `test/zero_shot_acc/<class folder>`. Every
-image counts once, whatever the number of processes (the distributed sampler's repeated images are dropped).
+Each class embedding is the renormalised mean of the unit text embeddings of its prompts (every template filled
+with the class name: the prompt ensemble of the CLIP paper); an image gets the class of highest cosine, one
+(B, D) x (D, C) product per batch, so 50,000 images need the memory of one batch. The model is a checkpoint of
+this framework (`ckpt_path`) or a whole imported CLIP (`init_clip`: an open_clip file or a Hugging Face folder);
+the CLIP paper's ImageNet class names and templates are bundled (datamodules/image/metadata/). Logs
+`{stage}/zero_shot_acc` (top-1), `_top5` (more than 5 classes), `_mean_per_class_recall` and, with
+`per_class: true`, one accuracy per class; every image counts once over all processes. Protocols and commands:
+`docs/finetune-and-eval.md`.
 """
 
 from __future__ import annotations
@@ -411,8 +403,8 @@ class ZeroShotClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end("test")
 
-    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
-        """Predicted class ids of a batch."""
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Predicted class ids of a batch (one loader per split the DataModule sets)."""
         if not len(self.class_embeds):
             self.build_classes(self.class_names())
         return self(batch["images"]).argmax(dim=-1)
