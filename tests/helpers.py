@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +16,8 @@ import torch
 
 # the repository's root: configs, notebooks and cli.py are found from it
 REPO = Path(__file__).resolve().parents[1]
+
+CONFIGS = REPO / "configs"
 
 QUIET = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
 
@@ -67,3 +72,44 @@ def data_args(defaults: dict, overrides: dict) -> dict:
         both = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = {**merged[key], **value} if both else value
     return merged
+
+
+def cli_args(
+    command: str, *extra: str, config: str | Path | Iterable[str | Path] = (), root: Path | None = None
+):
+    """The arguments of `cli.py <command>`: each config file (a name under configs/ or a path), a CPU trainer that
+    prints no progress bar or model summary and writes under `root`, then `extra`, which come last and so win.
+    Loggers stay as the config sets them: some tests read the CSV logger's metrics."""
+    configs = [config] if isinstance(config, (str, Path)) else list(config)
+    args = [command]
+    for c in configs:
+        args += ["--config", str(c if Path(c).is_absolute() else CONFIGS / c)]
+    args += [
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+    if root is not None:
+        args.append(f"--trainer.default_root_dir={root}")
+    return [*args, *extra]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a `cli.py` child process: W&B disabled, one thread per process, the repository importable,
+    a free port for Lightning's launcher, and none of this process's rank variables; `extra` adds or overrides."""
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env["MASTER_PORT"] = str(free_port())
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK"):
+        env.pop(key, None)
+    return {**env, **extra}
+
+
+def run_cli(args: list[str], *, timeout: int = 600, cwd: Path = REPO, env: dict | None = None):
+    """`python cli.py *args` in a child process; fails the test with the command and the end of its output unless it
+    exits 0. Returns the finished process (stdout and stderr as text)."""
+    command = [sys.executable, str(REPO / "cli.py"), *args]
+    done = subprocess.run(
+        command, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done

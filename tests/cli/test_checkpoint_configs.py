@@ -17,9 +17,8 @@ from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.trimodal_datamodule import generate_spoken_captions
 from lightning_modules.components.retrieval import mean_recall
-from tests.helpers import REPO
+from tests.helpers import CONFIGS, cli_args
 
-CONFIGS = REPO / "configs"
 FOLDER = "${..trainer.default_root_dir}/checkpoints"  # the trainer's folder, from the writer's section
 TRAINING = {
     "clip/coco_lit.yaml",
@@ -104,17 +103,14 @@ def test_mean_recall_is_the_mean_of_every_recall_both_ways() -> None:
 
 def _fit(config: str, root: Path, *overrides: str):
     return main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(CONFIGS / config),
-            f"--trainer.default_root_dir={root}",
             "--trainer.max_steps=2",
             "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
             *overrides,
-        ]
+            config=config,
+            root=root,
+        )
     )
 
 
