@@ -28,16 +28,9 @@ from torch.utils.data import DataLoader
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits
 from datamodules.mixture import MixtureSampler
 from datamodules.sections import LoaderConfig, TokenizerConfig
+from datamodules.speech.audio_text_data import AudioTextCollator, AudioTextDataset, ClipItems
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler
-from datamodules.speech.manifests import (
-    PROBLEMS,
-    AudioClip,
-    AudioTextCollator,
-    AudioTextDataset,
-    AudioTextSource,
-    ClipItems,
-    read_source,
-)
+from datamodules.speech.manifests import PROBLEMS, AudioClip, AudioTextSource, read_source
 from datamodules.tokenizer import TextTokenizer
 
 log = logging.getLogger(__name__)

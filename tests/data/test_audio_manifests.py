@@ -16,14 +16,10 @@ import soundfile as sf
 import torch
 
 from datamodules.sections import LoaderConfig, TokenizerConfig
+from datamodules.speech.audio_text_data import caption_groups
 from datamodules.speech.librispeech import index_subset
 from datamodules.speech.manifest_datamodule import AudioConfig, AudioTextDataModule, MixtureBucketBatchSampler
-from datamodules.speech.manifests import (
-    AudioTextSource,
-    ManifestColumnError,
-    caption_groups,
-    read_source,
-)
+from datamodules.speech.manifests import AudioTextSource, ManifestColumnError, read_source
 from datamodules.synthetic.tones import VOCABULARY, generate_tone_librispeech, render_sentence, tone_lexicon
 from lightning_modules.components.contrastive import ContrastiveLossConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig

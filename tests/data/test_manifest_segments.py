@@ -15,8 +15,9 @@ import torch
 import torchaudio
 
 from datamodules.sections import LoaderConfig
+from datamodules.speech.audio_text_data import AudioTextDataset
 from datamodules.speech.manifest_datamodule import AudioConfig, AudioTextDataModule
-from datamodules.speech.manifests import AudioTextDataset, AudioTextSource, read_source
+from datamodules.speech.manifests import AudioTextSource, read_source
 
 RATE = 16000
 LONG_SECONDS = 12  # longer than max_duration below: only its segments fit
