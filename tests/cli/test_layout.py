@@ -152,6 +152,8 @@ def test_one_sub_package_per_modality_and_generated_sets_read_no_user_data() -> 
 # A module docstring is one short paragraph (two where a contract such as a batch format needs it); longer
 # explanations belong in docs/.
 DOCSTRING_WORDS = 150
+MODULE_LINES = 620  # a file of the library does one job; past this it holds two
+README_LINES = 250  # a front page; the details live under docs/
 
 
 def module_docstring(path: Path) -> str:
@@ -180,3 +182,19 @@ def test_module_docstrings_are_a_short_paragraph() -> None:
     assert "lightning_modules/components/losses.py" in sizes and "datamodules/tokenizer.py" in sizes
     too_long = {name: words for name, words in sizes.items() if words > DOCSTRING_WORDS}
     assert not too_long, too_long
+
+
+def test_no_library_module_is_over_about_600_lines() -> None:
+    sizes = {
+        str(path.relative_to(REPO)): len(path.read_text(encoding="utf-8").splitlines())
+        for path in project_modules().values()
+        if path.name != "cli.py"
+    }
+    assert "datamodules/text/mlm_prepare.py" in sizes
+    too_long = {name: lines for name, lines in sizes.items() if lines > MODULE_LINES}
+    assert not too_long, too_long
+
+
+def test_the_readme_is_a_front_page() -> None:
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_LINES, len(lines)
