@@ -117,7 +117,7 @@ def _fit(config: str, root: Path, *overrides: str):
 def _assert_last_in_root(root: Path, step: int = 2) -> None:
     last = root / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == step
-    # nowhere else: not in the CSV logger's version folder, as the speech quickstart once wrote it
+    # nowhere else: not in the CSV logger's version folder
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.ckpt")) == [
         p.relative_to(root).as_posix() for p in sorted((root / "checkpoints").glob("*.ckpt"))
     ]
