@@ -21,10 +21,10 @@ from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY
-from tests.helpers import REPO
+from tests.helpers import cli_args
 
-MLM = str(REPO / "configs/mlm/quickstart.yaml")
-CLIP = str(REPO / "configs/clip/quickstart.yaml")
+MLM = "mlm/quickstart.yaml"
+CLIP = "clip/quickstart.yaml"
 
 
 # A system and data small enough to run a CLI fit in a second ----------------------------------------------
@@ -65,19 +65,16 @@ class TinySystem(L.LightningModule):
 
 
 def _tiny_args(root: Path, *extra: str) -> list[str]:
-    return [
+    return cli_args(
         "fit",
         f"--model={__name__}.TinySystem",
         f"--data={__name__}.TinyData",
-        "--trainer.accelerator=cpu",
         "--trainer.max_steps=3",
         "--trainer.logger=false",
         "--trainer.enable_checkpointing=false",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+        root=root,
+    )
 
 
 def _fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -128,15 +125,14 @@ def test_coco_root_without_annotations_names_the_file_not_the_link(
     # the COCO DataModule finds the missing file while training its tokenizer, for the model's vocab_size
     root = tmp_path / "coco"
     root.mkdir()
-    args = [
+    args = cli_args(
         "fit",
-        "--config",
-        CLIP,
         f"--data.init_args.root={root}",
         "--data.init_args.generate_if_missing=false",
         f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-    ]
+        config=CLIP,
+        root=tmp_path / "run",
+    )
     error = _fails(args, capsys)
     assert error.startswith(f"error: COCO captions file {root}/annotations/captions_train2017.json not found")
     assert "compute_fn" not in error and "dataloader" not in error
@@ -186,7 +182,7 @@ def _plain_pickle(tmp_path: Path) -> Path:
 )
 def test_bad_checkpoint_is_named_in_one_line(make, problem: str, tmp_path: Path, capsys) -> None:
     ckpt = make(tmp_path)
-    error = _fails(["test", "--config", MLM, f"--ckpt_path={ckpt}"], capsys)
+    error = _fails(cli_args("test", f"--ckpt_path={ckpt}", config=MLM), capsys)
     assert error.startswith(f"error: {ckpt}: {problem}"), error
 
 
@@ -198,7 +194,7 @@ def test_truncated_checkpoint_says_how_much_is_left(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "runs" / "last.ckpt"
-    error = _fails(["validate", "--config", MLM, f"--ckpt_path={missing}"], capsys)
+    error = _fails(cli_args("validate", f"--ckpt_path={missing}", config=MLM), capsys)
     assert error == f"error: checkpoint {missing} does not exist"
 
 
@@ -306,7 +302,7 @@ def test_checkpoint_names_its_system(clip_ckpt: Path) -> None:
 def test_image_text_checkpoint_given_to_the_mlm_config(
     clip_ckpt: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    error = _fails(["test", "--config", MLM, f"--ckpt_path={clip_ckpt}"], capsys)
+    error = _fails(cli_args("test", f"--ckpt_path={clip_ckpt}", config=MLM), capsys)
     assert error == f"error: {clip_ckpt}: holds ImageTextModule, the config asks for MLMPretrainingModule"
 
 

@@ -4,7 +4,6 @@ bar, and configuration errors that end in one line."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import subprocess
@@ -19,10 +18,10 @@ from lightning.pytorch.callbacks import RichProgressBar
 import cli
 from cli import main
 from lightning_modules.training.callbacks import join_wordpieces, plot_metrics_csv
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args, cli_env
 
-MLM = str(REPO / "configs/mlm/quickstart.yaml")
-WANDB = str(REPO / "configs/logger/wandb.yaml")
+MLM = "mlm/quickstart.yaml"
+WANDB = "logger/wandb.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,17 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("mlm_cache"))
 
 
-def _mlm_args(cache_dir: str, root: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        MLM,
+def _mlm_args(cache_dir: str, root: Path, *extra: str, config: tuple[str, ...] = ()) -> list[str]:
+    """`fit` of the MLM quickstart (then the `config` files) on the module's prepared corpus, under `root`."""
+    return cli_args(
+        "fit",
         f"--data.init_args.tokenizer.cache_dir={cache_dir}",
         "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
-        f"--trainer.default_root_dir={root}",
         *extra,
-    ]
+        config=[MLM, *config],
+        root=root,
+    )
 
 
 @pytest.fixture
@@ -128,18 +128,16 @@ def test_wandb_offline_run_holds_config_metrics_and_fill_mask_table(
     args = _mlm_args(
         cache_dir,
         root,
-        "--config",
-        WANDB,
         # the snippet appends WandbExamples to the experiment's callbacks; this sets it (the last in the list)
         "--trainer.callbacks.init_args.every_n_val_epochs=2",
         "--trainer.max_steps=4",
         "--trainer.val_check_interval=1",
         "--trainer.limit_val_batches=2",
-        "--trainer.enable_progress_bar=false",
         "--trainer.logger.init_args.name=experience-test",
         "--trainer.logger.init_args.tags=[quickstart, test]",
+        config=(WANDB,),
     )
-    cli_ = main(["fit", *args])
+    cli_ = main(args)
     assert cli_.trainer.progress_bar_callback is None
     # save_dir is ${trainer.default_root_dir}, resolved after the command-line override
     (run_dir,) = (root / "wandb").glob("offline-run-*")
@@ -180,12 +178,13 @@ def test_error_wandb_log_model_with_offline_flag(cache_dir: str, tmp_path: Path,
     # Lightning refuses log_model with offline=True; the message comes out as one line
     with pytest.raises(SystemExit) as exit_info:
         main(
-            [
-                "fit",
-                *_mlm_args(cache_dir, tmp_path, "--config", WANDB),
+            _mlm_args(
+                cache_dir,
+                tmp_path,
                 "--trainer.logger.init_args.offline=true",
                 "--trainer.logger.init_args.log_model=true",
-            ],
+                config=(WANDB,),
+            ),
             friendly_errors=True,
         )
     assert exit_info.value.code == 2
@@ -210,22 +209,18 @@ def test_wandb_retrieval_tables(task: str, offline_wandb: Path) -> None:
             "image",
         )
     cli_ = main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / f"configs/{task}/quickstart.yaml"),
-            "--config",
-            WANDB,
             f"--data.root={root / 'data'}",
             f"--data.tokenizer.cache_dir={root / 'cache'}",
             "--data.loader.num_workers=0",
-            f"--trainer.default_root_dir={root / 'run'}",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             "--trainer.limit_val_batches=1",
-            "--trainer.enable_progress_bar=false",
             *extra,
-        ]
+            config=[f"{task}/quickstart.yaml", WANDB],
+            root=root / "run",
+        )
     )
     (run_dir,) = (root / "run" / "wandb").glob("offline-run-*")
     tables = []
@@ -258,16 +253,14 @@ def test_csv_run_draws_png_curves_and_uses_rich_in_a_terminal(
 
     monkeypatch.setattr(cli, "_interactive_terminal", lambda: True)
     cli_ = main(
-        [
-            "fit",
-            *_mlm_args(
-                cache_dir,
-                tmp_path,
-                "--trainer.max_steps=4",
-                "--trainer.val_check_interval=2",
-                "--trainer.log_every_n_steps=1",
-            ),
-        ]
+        _mlm_args(
+            cache_dir,
+            tmp_path,
+            "--trainer.enable_progress_bar=true",  # the progress bar this test is about
+            "--trainer.max_steps=4",
+            "--trainer.val_check_interval=2",
+            "--trainer.log_every_n_steps=1",
+        )
     )
     assert isinstance(cli_.trainer.progress_bar_callback, RichProgressBar)
     csv_dir = next(tmp_path.rglob("metrics.csv")).parent
@@ -308,24 +301,22 @@ def _fails(args: list[str], capsys) -> str:
 
 def test_error_missing_dataset_path(cache_dir: str, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "enwiki-latest-pages-articles.xml.bz2"
-    error = _fails(
-        ["fit", *_mlm_args(cache_dir, tmp_path, f"--data.init_args.wikipedia=[{missing}]")], capsys
-    )
+    error = _fails(_mlm_args(cache_dir, tmp_path, f"--data.init_args.wikipedia=[{missing}]"), capsys)
     assert f"input path {missing} does not exist" in error
 
 
 def test_error_unknown_keys(cache_dir: str, tmp_path: Path, capsys) -> None:
-    error = _fails(["fit", *_mlm_args(cache_dir, tmp_path, "--model.init_args.hiden_size=64")], capsys)
+    error = _fails(_mlm_args(cache_dir, tmp_path, "--model.init_args.hiden_size=64"), capsys)
     assert "Option 'hiden_size' is not accepted" in error and "MLMPretrainingModule" in error
     typo = tmp_path / "typo.yaml"
     typo.write_text("trainer:\n  max_stepz: 3\n")
-    error = _fails(["fit", *_mlm_args(cache_dir, tmp_path, "--config", str(typo))], capsys)
+    error = _fails(_mlm_args(cache_dir, tmp_path, config=(str(typo),)), capsys)
     assert "trainer.max_stepz" in error and "--help" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_error_gpu_config_on_a_cpu_machine(cache_dir: str, tmp_path: Path, capsys) -> None:
-    error = _fails(["fit", *_mlm_args(cache_dir, tmp_path, "--trainer.accelerator=gpu")], capsys)
+    error = _fails(_mlm_args(cache_dir, tmp_path, "--trainer.accelerator=gpu"), capsys)
     assert "--trainer.accelerator cpu" in error
 
 
@@ -349,17 +340,15 @@ def test_debug_env_keeps_the_exception(
 ) -> None:
     monkeypatch.setenv("MMPRETRAIN_DEBUG", "1")
     with pytest.raises(ValueError, match="does not exist"):
-        main(
-            ["fit", *_mlm_args(cache_dir, tmp_path, "--data.init_args.wikipedia=[/nope.xml]")],
-            friendly_errors=True,
-        )
+        main(_mlm_args(cache_dir, tmp_path, "--data.init_args.wikipedia=[/nope.xml]"), friendly_errors=True)
 
 
-def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`python cli.py *args` with no input to read (a W&B login prompt would wait for one); any exit status."""
     return subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *args],
         cwd=REPO,
-        env={**os.environ, **(env or {})},
+        env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -369,7 +358,7 @@ def _run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.slow  # a subprocess run, about 7 s; test_cli_errors checks the one-line errors in-process
 def test_command_line_error_is_one_line() -> None:
-    done = _run_cli("fit", "--config", MLM, "--trainer.not_a_key", "1")
+    done = _run_cli(cli_args("fit", "--trainer.not_a_key", "1", config=MLM), cli_env())
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "error: unrecognized arguments: --trainer.not_a_key 1 (python cli.py fit --help lists the options)  "
@@ -379,19 +368,12 @@ def test_command_line_error_is_one_line() -> None:
 
 @pytest.mark.slow  # a subprocess run, about 8 s; the in-process offline W&B run stays in the default run
 def test_command_line_wandb_without_an_account(cache_dir: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # no W&B settings at all (cli_env's WANDB_MODE included) and a home without a login
+    env = {k: v for k, v in cli_env().items() if not k.startswith("WANDB_")}
     env.update(
         HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config")
     )
-    done = subprocess.run(
-        [sys.executable, str(REPO / "cli.py"), "fit", *_mlm_args(cache_dir, tmp_path, "--config", WANDB)],
-        cwd=REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = _run_cli(_mlm_args(cache_dir, tmp_path, config=(WANDB,)), env)
     assert done.returncode == 2, done.stderr[-2000:]
     error = _one_error_line(done.stderr)
     assert "W&B" in error and "WANDB_MODE=offline" in error

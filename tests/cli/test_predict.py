@@ -17,7 +17,7 @@ from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.prediction import PredictionWriter
-from tests.helpers import quiet_trainer
+from tests.helpers import cli_args, quiet_trainer
 
 N_VAL = 6
 
@@ -304,7 +304,7 @@ def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Pat
     import subprocess
     import sys
 
-    from tests.training.test_distributed import REPO, _env
+    from tests.helpers import REPO, cli_env
 
     texts = tmp_path / "captions.txt"
     texts.write_text("".join(f"caption number {i}\n" for i in range(7)))  # odd: the sampler pads a rank
@@ -326,7 +326,7 @@ def test_two_processes_write_what_one_process_writes(shapes: Path, tmp_path: Pat
             out=str(tmp_path / "two"),
         )
     )
-    env = {**_env(), "PL_DISABLE_FORK": "1"}
+    env = cli_env(PL_DISABLE_FORK="1")
     result = subprocess.run(
         [sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
@@ -352,7 +352,6 @@ def test_cli_predict_with_the_config_snippet(
     shapes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from cli import main
-    from tests.training.test_distributed import REPO
 
     monkeypatch.chdir(tmp_path)  # the snippet writes to predictions/clip_val, under the working folder
     tiny = [
@@ -365,33 +364,24 @@ def test_cli_predict_with_the_config_snippet(
         "--data.loader.num_workers=0",
         "--data.loader.eval_batch_size=4",
         f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
     ]
     # a checkpoint as users have them: one training step through the CLI
     run = main(
-        [
+        cli_args(
             "fit",
-            f"--config={REPO / 'configs/clip/quickstart.yaml'}",
             *tiny,
             "--data.loader.batch_size=8",
             "--trainer.max_steps=1",
             "--trainer.limit_val_batches=0",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-        ]
+            config="clip/quickstart.yaml",
+            root=tmp_path / "run",
+        )
     )
     ckpt = tmp_path / "clip.ckpt"
     run.trainer.save_checkpoint(ckpt)
     module = run.model.eval()
-    main(
-        [
-            "predict",
-            f"--config={REPO / 'configs/clip/quickstart.yaml'}",
-            f"--config={REPO / 'configs/predict/clip_val.yaml'}",
-            *tiny,
-            f"--ckpt_path={ckpt}",
-        ]
-    )
+    snippet = ["clip/quickstart.yaml", "predict/clip_val.yaml"]
+    main(cli_args("predict", *tiny, f"--ckpt_path={ckpt}", config=snippet))
     out = tmp_path / "predictions" / "clip_val"
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["checkpoint"] == str(ckpt) and meta["counts"]["image"] == N_VAL

@@ -26,7 +26,7 @@ from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.speech_text_module import SpeechTextModule
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import CONFIGS, cli_args, quiet_trainer
 
 # file rate and channels of the generated clips, in turn: resampled and downmixed on reading
 FORMATS = ((22050, 2, "wav"), (16000, 1, "flac"))
@@ -163,14 +163,13 @@ def test_a_manifest_without_the_configured_field_stops_with_one_line(tmp_path: P
     with pytest.raises(ManifestColumnError, match=rf"{clotho}: no column 'file_name'"):
         read_source(AudioTextSource(str(clotho), format="clotho", audio_dir="clips"))
 
-    args = [
+    args = cli_args(
         "fit",
-        f"--config={REPO / 'configs/speech/manifest.yaml'}",
         f"--data.root={tmp_path}",
         "--data.train.path=m.json",
-        "--trainer.accelerator=cpu",
         f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
-    ]
+        config="speech/manifest.yaml",
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(args, friendly_errors=True)
     assert exit_info.value.code == 2
@@ -314,10 +313,7 @@ def test_a_resumed_loader_serves_the_batches_of_the_unbroken_epoch(tmp_path: Pat
 # -- CLI and learning -----------------------------------------------------------------------------
 
 TINY_MODEL = [
-    "--trainer.accelerator=cpu",
     "--trainer.precision=32-true",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
     "--model.embed_dim=16",
     "--model.speech.size=tiny",
     "--model.speech.layers=1",
@@ -333,15 +329,18 @@ TINY_MODEL = [
 ]
 
 
-def cli_args(tmp_path: Path, config: str, root: Path) -> list[str]:
-    """The experiment's config and the folder of the data; the rest keeps the run tiny and quiet."""
-    return [
-        f"--config={REPO / 'configs/speech' / config}",
+def tiny_cli(command: str, tmp_path: Path, config: str, root: Path, *extra: str) -> list[str]:
+    """The experiment's config (under configs/speech) and the folder of the data; the rest keeps the run tiny and
+    quiet, under tmp_path; `extra` come last."""
+    return cli_args(
+        command,
         f"--data.root={root}",
         *TINY_MODEL,
         f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-    ]
+        *extra,
+        config=f"speech/{config}",
+        root=tmp_path / "run",
+    )
 
 
 def nemo_folder(folder: Path) -> Path:
@@ -355,16 +354,17 @@ def test_cli_fit_from_a_nemo_manifest_smoke(tmp_path: Path) -> None:
     """One training step and one validation from the config and the data folder."""
     from cli import main
 
-    common = cli_args(tmp_path, "manifest.yaml", nemo_folder(tmp_path / "data"))
     cli = main(
-        [
+        tiny_cli(
             "fit",
-            *common,
+            tmp_path,
+            "manifest.yaml",
+            nemo_folder(tmp_path / "data"),
             "--trainer.max_steps=1",
             "--trainer.val_check_interval=1",
             "--trainer.num_sanity_val_steps=0",
             "--trainer.logger=false",  # no metrics.csv to plot: the PNG curves cost seconds
-        ]
+        )
     )
     assert cli.trainer.global_step == 1
     assert "val/a2t_R@1" in cli.trainer.callback_metrics
@@ -374,23 +374,29 @@ def test_cli_fit_from_a_nemo_manifest_smoke(tmp_path: Path) -> None:
 def test_cli_trains_validates_and_predicts_from_a_nemo_manifest(tmp_path: Path) -> None:
     from cli import main
 
-    common = cli_args(tmp_path, "manifest.yaml", nemo_folder(tmp_path / "data"))
-    cli = main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    data = nemo_folder(tmp_path / "data")
+    cli = main(
+        tiny_cli(
+            "fit", tmp_path, "manifest.yaml", data, "--trainer.max_steps=2", "--trainer.val_check_interval=2"
+        )
+    )
     assert cli.trainer.global_step == 2
     assert cli.model.pair.text.bert.cfg.vocab_size == cli.datamodule.vocab_size
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
-    cli = main(["validate", *common, f"--ckpt_path={ckpt}"])
+    cli = main(tiny_cli("validate", tmp_path, "manifest.yaml", data, f"--ckpt_path={ckpt}"))
     assert 0.0 <= cli.trainer.callback_metrics["val/a2t_R@1"] <= 1.0
     out = tmp_path / "predictions"
     main(
-        [
+        tiny_cli(
             "predict",
-            *common,
-            f"--config={REPO / 'configs/predict/embeddings.yaml'}",
+            tmp_path,
+            "manifest.yaml",
+            data,
+            f"--config={CONFIGS / 'predict/embeddings.yaml'}",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--data.predict.split=val",
             f"--ckpt_path={ckpt}",
-        ]
+        )
     )
     import pyarrow.parquet as pq
 
@@ -408,11 +414,12 @@ def test_cli_trains_validates_and_predicts_from_a_clotho_folder(tmp_path: Path) 
     data = tmp_path / "clotho"
     for split, n, seed in (("development", 8, 6), ("validation", 4, 7), ("evaluation", 4, 8)):
         write_clotho(data, split, n, seed)
-    common = cli_args(tmp_path, "clotho.yaml", data)
-    cli = main(["fit", *common, "--trainer.max_steps=2", "--trainer.max_epochs=1"])
+    cli = main(
+        tiny_cli("fit", tmp_path, "clotho.yaml", data, "--trainer.max_steps=2", "--trainer.max_epochs=1")
+    )
     assert cli.trainer.global_step == 2
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
-    cli = main(["test", *common, f"--ckpt_path={ckpt}"])
+    cli = main(tiny_cli("test", tmp_path, "clotho.yaml", data, f"--ckpt_path={ckpt}"))
     # every caption scored: the test batches carry 4 clips and their 20 captions, and a caption's R@10 is 1
     # whenever it ranks the 4 clips
     batches = list(cli.datamodule.test_dataloader())
@@ -420,18 +427,20 @@ def test_cli_trains_validates_and_predicts_from_a_clotho_folder(tmp_path: Path) 
     assert sorted(torch.cat([b["caption_keys"] for b in batches]).tolist()) == list(range(20))
     assert cli.trainer.callback_metrics["test/t2a_R@10"] == 1.0
     assert 0.0 <= cli.trainer.callback_metrics["test/a2t_R@1"] <= 1.0
-    cli = main(["validate", *common, f"--ckpt_path={ckpt}"])
+    cli = main(tiny_cli("validate", tmp_path, "clotho.yaml", data, f"--ckpt_path={ckpt}"))
     assert {f"val/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)} <= set(cli.trainer.callback_metrics)
     out = tmp_path / "predictions"
     main(
-        [
+        tiny_cli(
             "predict",
-            *common,
-            f"--config={REPO / 'configs/predict/embeddings.yaml'}",
+            tmp_path,
+            "clotho.yaml",
+            data,
+            f"--config={CONFIGS / 'predict/embeddings.yaml'}",
             f"--trainer.callbacks.init_args.output_dir={out}",
             "--data.predict.split=val",
             f"--ckpt_path={ckpt}",
-        ]
+        )
     )
     import pyarrow.parquet as pq
 

@@ -21,9 +21,7 @@ from datamodules.text import corpora
 from datamodules.text.corpora import iter_wikipedia
 from datamodules.text.documents import ReadStats
 from datamodules.tokenizer import TextTokenizer
-from tests.helpers import REPO
-
-MLM = str(REPO / "configs/mlm/quickstart.yaml")
+from tests.helpers import cli_args
 
 # jawiki's <siteinfo> names: ファイル for File, and the English Category kept as the local name
 JA_SITEINFO = (
@@ -67,10 +65,8 @@ def dump_xml(lang: str, pages: list[tuple[str | None, str]], encoding: str | Non
 
 def _args(tmp_path: Path, wikipedia: Path, *extra: str) -> list[str]:
     """A quickstart fit of no step on `wikipedia`: reading, vocabulary, instances, then an empty fit."""
-    return [
+    return cli_args(
         "fit",
-        "--config",
-        MLM,
         f"--data.init_args.wikipedia=[{wikipedia}]",
         "--data.init_args.sample_corpus=false",
         "--data.init_args.tokenizer.vocab_size=300",
@@ -79,14 +75,14 @@ def _args(tmp_path: Path, wikipedia: Path, *extra: str) -> list[str]:
         "--data.init_args.num_proc=1",
         "--data.init_args.loader.num_workers=0",
         f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--trainer.max_steps=0",
         "--trainer.num_sanity_val_steps=0",
         "--trainer.limit_val_batches=0",
         "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
         *extra,
-    ]
+        config="mlm/quickstart.yaml",
+        root=tmp_path / "run",
+    )
 
 
 def _one_error_line(args: list[str], capsys: pytest.CaptureFixture) -> tuple[str, str]:

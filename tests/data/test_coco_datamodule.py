@@ -19,7 +19,7 @@ import datamodules.image.coco_datamodule as coco
 from datamodules.image.coco import CaptionsFileError, load_karpathy_splits, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
-from tests.helpers import REPO, data_args, quiet_trainer
+from tests.helpers import REPO, cli_args, data_args, quiet_trainer
 
 REAL = REPO.parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.image.coco_datamodule"
@@ -419,7 +419,6 @@ def test_real_coco_sample_one_eval_epoch(tmp_path: Path) -> None:
 
 # -- unreadable captions files, as the command line reports them ----------------------------------------------
 
-QUICKSTART = REPO / "configs" / "clip" / "quickstart.yaml"
 GOOD_CAPTIONS = {
     "images": [{"id": 1, "file_name": "1.jpg"}],
     "annotations": [{"id": 10, "image_id": 1, "caption": "a red square"}],
@@ -469,10 +468,16 @@ def test_cli_names_the_captions_file_and_what_is_wrong(
     captions = tmp_path / "coco" / "annotations" / "captions_train2017.json"
     captions.parent.mkdir(parents=True)
     captions.write_text(text)
-    args = ["fit", "--config", str(QUICKSTART), f"--data.root={tmp_path / 'coco'}"]
-    args += ["--data.generate_if_missing=false", f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"]
+    args = cli_args(
+        "fit",
+        f"--data.root={tmp_path / 'coco'}",
+        "--data.generate_if_missing=false",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        config="clip/quickstart.yaml",
+        root=tmp_path / "run",
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], friendly_errors=True)
+        main(args, friendly_errors=True)
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1

@@ -38,7 +38,7 @@ from datamodules.trimodal_datamodule import generate_spoken_captions
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.helpers import REPO, sha256_of_files
+from tests.helpers import cli_args, sha256_of_files
 
 STAGES = ("fit", "validate", "test")
 CAPTIONS = [
@@ -170,8 +170,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object | No
 
 def quick(config: str, stage: str, tmp_path: Path, *extra: str) -> list[str]:
     """A quickstart command cut to one batch, writing its run and caches under tmp_path."""
-    args = [stage, "--config", str(REPO / "configs" / config), *extra]
-    args += [f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.enable_progress_bar=false"]
+    args = cli_args(stage, *extra, config=config, root=tmp_path / "run")
     args += ["--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
     if stage == "fit":
         args += [

@@ -20,9 +20,9 @@ from datamodules.image.pairs import MissingColumn, read_source
 from datamodules.image.pairs_datamodule import ImageTextPairsDataModule, MixtureConfig
 from datamodules.sections import ImagesConfig, LoaderConfig, ShardsConfig, TokenizerConfig
 from datamodules.synthetic.shapes import generate_shapes_coco
-from tests.helpers import REPO
+from tests.helpers import cli_args
 
-CONFIG = str(REPO / "configs/clip/pairs.yaml")
+CONFIG = "clip/pairs.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +158,8 @@ def test_missing_column_ends_the_cli_with_status_2(shapes, tmp_path: Path, capsy
     manifest = _csv(tmp_path / "pairs.csv", shapes["val2017"][:4], header=("image", "title"))
     with pytest.raises(SystemExit) as exit_info:
         main(
-            ["fit", "--config", CONFIG, "--data.train", manifest, "--data.val", "null"], friendly_errors=True
+            cli_args("fit", "--data.train", manifest, "--data.val", "null", config=CONFIG),
+            friendly_errors=True,
         )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -244,23 +245,26 @@ def test_cli_trains_validates_and_predicts_from_one_csv(shapes, tmp_path: Path) 
     """The repository's config with the CSVs as overrides: fit, then validate and predict its checkpoint."""
     train = _csv(tmp_path / "train.csv", shapes["train2017"][:32])
     val = _csv(tmp_path / "val.csv", shapes["val2017"][:16])
-    common = [
-        "--config",
-        CONFIG,
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-        f"--data.train={train}",
-        f"--data.val={val}",
-        "--data.loader.num_workers=0",
-        "--data.loader.batch_size=16",
-        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
-    ]
-    cli = main(["fit", *common, "--trainer.max_epochs=1"])
+
+    def run(command: str, *extra: str):
+        return main(
+            cli_args(
+                command,
+                f"--data.train={train}",
+                f"--data.val={val}",
+                "--data.loader.num_workers=0",
+                "--data.loader.batch_size=16",
+                f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+                *extra,
+                config=CONFIG,
+                root=tmp_path / "run",
+            )
+        )
+
+    cli = run("fit", "--trainer.max_epochs=1")
     assert cli.trainer.global_step == 2
     ckpt = str(next((tmp_path / "run").rglob("*.ckpt")))
-    cli = main(["validate", *common, f"--ckpt_path={ckpt}"])
+    cli = run("validate", f"--ckpt_path={ckpt}")
     assert 0.0 <= float(cli.trainer.callback_metrics["val/R@mean"]) <= 1.0
     writer = tmp_path / "writer.yaml"
     out = tmp_path / "predictions"
@@ -269,7 +273,7 @@ def test_cli_trains_validates_and_predicts_from_one_csv(shapes, tmp_path: Path) 
         "    - class_path: lightning_modules.training.prediction.PredictionWriter\n"
         f"      init_args:\n        output_dir: {out}\n"
     )
-    main(["predict", *common, "--config", str(writer), f"--data.predict={val}", f"--ckpt_path={ckpt}"])
+    run("predict", "--config", str(writer), f"--data.predict={val}", f"--ckpt_path={ckpt}")
     metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["files"], metadata
 

@@ -27,7 +27,7 @@ from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from tests.cli.test_cli_errors import CLIP, _fails
-from tests.helpers import quiet_trainer
+from tests.helpers import cli_args, quiet_trainer
 
 LOGGER = "datamodules.image.shards"
 TRANSFORM = eval_transform(16)
@@ -156,22 +156,21 @@ def test_sample_without_a_caption_is_a_logged_skip(tmp_path: Path, caplog: pytes
 
 # -- before the run: one line, exit status 2 ------------------------------------------------------------------
 def _fit_args(tmp_path: Path, root: Path, shards: Path, *extra: str) -> list[str]:
-    return [
+    return cli_args(
         "fit",
-        "--config",
-        CLIP,
         f"--data.init_args.root={root}",
         "--data.init_args.generate_if_missing=false",
         f"--data.init_args.shards.urls={shards}",
         "--data.init_args.loader.num_workers=0",
         "--data.init_args.shards.retries=0",
         f"--data.init_args.tokenizer.cache_dir={tmp_path / 'cache'}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
         "--data.init_args.loader.batch_size=2",
         "--trainer.max_steps=2",  # a run that got past the checks ends soon
         "--trainer.limit_val_batches=0",
         *extra,
-    ]
+        config=CLIP,
+        root=tmp_path / "run",
+    )
 
 
 @pytest.fixture(scope="module")

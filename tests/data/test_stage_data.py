@@ -20,10 +20,8 @@ from cli import main
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
-from tests.helpers import REPO
+from tests.helpers import cli_args
 
-CONFIGS = REPO / "configs"
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 NO_STEPS = ["--trainer.max_steps=0", "--trainer.limit_val_batches=0"]
 WORDS = [
     "the",
@@ -49,18 +47,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (t
 
 def fit_checkpoint(config: str, tmp_path: Path, *args: str) -> Path:
     """Run `fit` for zero steps through the CLI and save a checkpoint: it carries the DataModule's tokenizer."""
-    run = tmp_path / "train_run"
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / config),
-            f"--trainer.default_root_dir={run}",
-            *QUIET,
-            *NO_STEPS,
-            *args,
-        ]
-    )
+    cli = main(cli_args("fit", *NO_STEPS, *args, config=config, root=tmp_path / "train_run"))
     assert cli.trainer.global_step == 0
     ckpt = tmp_path / "model.ckpt"
     cli.trainer.save_checkpoint(ckpt)
@@ -68,11 +55,7 @@ def fit_checkpoint(config: str, tmp_path: Path, *args: str) -> Path:
 
 
 def evaluate(subcommand: str, config: str, ckpt: Path, tmp_path: Path, *args: str):
-    run = tmp_path / "eval_run"
-    return main(
-        [subcommand, "--config", str(CONFIGS / config), f"--trainer.default_root_dir={run}", *QUIET, *args]
-        + [f"--ckpt_path={ckpt}"]
-    )
+    return main(cli_args(subcommand, *args, f"--ckpt_path={ckpt}", config=config, root=tmp_path / "eval_run"))
 
 
 def assert_checkpoint_tokenizer(cli, ckpt: Path) -> None:
@@ -167,10 +150,16 @@ def test_librispeech_without_training_data_or_checkpoint_says_what_to_pass(tmp_p
     generate_tone_librispeech(tmp_path / "train_root", n_train_utts=8, n_val_utts=4)
     root = tmp_path / "eval_root"
     shutil.copytree(tmp_path / "train_root/LibriSpeech/dev-clean", root / "LibriSpeech/test-clean")
-    args = ["test", "--config", str(CONFIGS / "speech/quickstart.yaml"), f"--data.root={root}"]
-    args += ["--data.test_subsets=[test-clean]", f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"]
+    args = cli_args(
+        "test",
+        f"--data.root={root}",
+        "--data.test_subsets=[test-clean]",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        config="speech/quickstart.yaml",
+        root=tmp_path / "run",
+    )
     with pytest.raises(SystemExit) as exit_info:
-        main([*args, f"--trainer.default_root_dir={tmp_path / 'run'}"], friendly_errors=True)
+        main(args, friendly_errors=True)
     assert exit_info.value.code == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert f"LibriSpeech subset(s) train-clean-100 not found under {root}/LibriSpeech" in error
@@ -297,18 +286,13 @@ FRESH_TINY = [
 def test_glue_test_and_predict_read_only_their_file(tmp_path: Path) -> None:
     texts = write_glue(tmp_path / "train_root", {"train.tsv": 16, "dev.tsv": 8})
     tokenizer = save_tokenizer(texts, tmp_path / "tokenizer")
-    args = [
-        f"--data.root={tmp_path / 'train_root'}",
-        f"--data.tokenizer.path={tokenizer}",
-        "--trainer.accelerator=cpu",
-    ]
+    args = [f"--data.root={tmp_path / 'train_root'}", f"--data.tokenizer.path={tokenizer}"]
     ckpt = fit_checkpoint("finetune/sst2.yaml", tmp_path, *args, *FRESH_TINY)
     shutil.rmtree(tmp_path / "tokenizer")  # the checkpoint carries it
     # test scores dev.tsv (GLUE's test labels are not public): a root with only that file
     write_glue(tmp_path / "dev_root", {"dev.tsv": 12}, seed=1)
-    common = ["--trainer.accelerator=cpu", *FRESH_TINY]
     cli = evaluate(
-        "test", "finetune/sst2.yaml", ckpt, tmp_path, f"--data.root={tmp_path / 'dev_root'}", *common
+        "test", "finetune/sst2.yaml", ckpt, tmp_path, f"--data.root={tmp_path / 'dev_root'}", *FRESH_TINY
     )
     assert_checkpoint_tokenizer(cli, ckpt)
     assert set(cli.datamodule.datasets) == {"val"} and len(cli.datamodule.datasets["val"]) == 12
@@ -316,7 +300,7 @@ def test_glue_test_and_predict_read_only_their_file(tmp_path: Path) -> None:
     # predict runs on test.tsv alone
     write_glue(tmp_path / "test_root", {"test.tsv": 5}, seed=2)
     cli = evaluate(
-        "predict", "finetune/sst2.yaml", ckpt, tmp_path, f"--data.root={tmp_path / 'test_root'}", *common
+        "predict", "finetune/sst2.yaml", ckpt, tmp_path, f"--data.root={tmp_path / 'test_root'}", *FRESH_TINY
     )
     assert_checkpoint_tokenizer(cli, ckpt)
     assert set(cli.datamodule.datasets) == {"predict"}
@@ -340,11 +324,7 @@ def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
     texts = write_conll(tmp_path / "train_root/train.txt", 16)
     texts += write_conll(tmp_path / "train_root/valid.txt", 8, seed=1)
     tokenizer = save_tokenizer(texts, tmp_path / "tokenizer")
-    args = [
-        f"--data.root={tmp_path / 'train_root'}",
-        f"--data.tokenizer.path={tokenizer}",
-        "--trainer.accelerator=cpu",
-    ]
+    args = [f"--data.root={tmp_path / 'train_root'}", f"--data.tokenizer.path={tokenizer}"]
     ckpt = fit_checkpoint("finetune/conll2003.yaml", tmp_path, *args, *FRESH_TINY)
     write_conll(tmp_path / "test_root/test.txt", 6, seed=2)
     cli = evaluate(
@@ -353,7 +333,6 @@ def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
         ckpt,
         tmp_path,
         f"--data.root={tmp_path / 'test_root'}",
-        "--trainer.accelerator=cpu",
         *FRESH_TINY,
     )
     assert_checkpoint_tokenizer(cli, ckpt)
@@ -367,7 +346,6 @@ def test_conll_test_and_validate_read_only_their_file(tmp_path: Path) -> None:
         ckpt,
         tmp_path,
         f"--data.root={tmp_path / 'val_root'}",
-        "--trainer.accelerator=cpu",
         *FRESH_TINY,
     )
     assert_checkpoint_tokenizer(cli, ckpt)

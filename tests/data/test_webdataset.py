@@ -34,7 +34,7 @@ from tests.data.test_coco_datamodule import (
     TRUNCATED,
     write_fixture,
 )
-from tests.helpers import REPO, data_args, quiet_trainer
+from tests.helpers import CONFIGS, REPO, data_args, quiet_trainer
 
 REAL = REPO.parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.image.shards"
@@ -375,6 +375,6 @@ def test_real_coco_sample_converts_and_reads_back(tmp_path: Path) -> None:
 
 def test_shards_config_parses_smoke(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(REPO / "configs/clip/coco_shards_vit_b16.yaml"), "--print_config"])
+        cli_main(["fit", "--config", str(CONFIGS / "clip/coco_shards_vit_b16.yaml"), "--print_config"])
     assert exit_info.value.code in (None, 0)
     assert "shards:\n      urls: /data/coco_shards/train\n" in capsys.readouterr().out

@@ -17,7 +17,7 @@ from datamodules.text.documents import DEFAULT_HIDDEN_NAMESPACES, ReadStats, hid
 from datamodules.text.mlm_datamodule import MLMDataModule
 from datamodules.text.wikiclean import to_plain_text, wikitext_to_text
 from datamodules.tokenizer import TextTokenizer, build_tokenizer
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args
 
 # ------------------------------------------------------------------------------------------ fixtures
 
@@ -198,14 +198,13 @@ def test_empty_wikipedia_folder_fails_before_a_tokenizer_is_trained(tmp_path: Pa
     (folder / "AA").mkdir(parents=True)
     (folder / ".DS_Store").write_text("x")  # hidden: ignored
     cache = tmp_path / "cache"
-    args = [
+    args = cli_args(
         "fit",
-        "--config",
-        str(REPO / "configs/mlm/quickstart.yaml"),
         f"--data.init_args.wikipedia=[{folder}]",
         f"--data.init_args.tokenizer.cache_dir={cache}",
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
-    ]
+        config="mlm/quickstart.yaml",
+        root=tmp_path / "run",
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(args, friendly_errors=True)
     assert exit_info.value.code == 2
