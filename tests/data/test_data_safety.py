@@ -412,8 +412,8 @@ def test_trimodal_quickstart_does_not_speak_captions_into_a_speech_folder(
 def test_mlm_quickstart_never_replaces_a_wikipedia_folder_in_its_cache(
     stage: str, wikipedia: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """The sample corpus goes to <cache_dir>/sample_corpus; a folder of one's own there is not replaced by it
-    (the generator used to remove it whole)."""
+    """The sample corpus goes to <cache_dir>/sample_corpus; a folder of one's own there is never removed or
+    replaced by the generator."""
     before = sha256_of_files(wikipedia)
     args = quick("mlm/quickstart.yaml", stage, tmp_path, f"--data.tokenizer.cache_dir={wikipedia.parent}")
     cli, error = run_cli(args, capsys)
