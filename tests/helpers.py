@@ -13,6 +13,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 # the repository's root: configs, notebooks and cli.py are found from it
 REPO = Path(__file__).resolve().parents[1]
@@ -113,3 +115,59 @@ def run_cli(args: list[str], *, timeout: int = 600, cwd: Path = REPO, env: dict 
     )
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     return done
+
+
+@contextmanager
+def world_of_one(tmp_path: Path) -> Iterator[object]:
+    """A gloo process group of this process alone and its device mesh: FSDP2 and DTensors in one process."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+class ResumableBatches:
+    """A fixed list of batches, one epoch, that Lightning checkpoints and resumes mid-epoch (`state_dict`): the
+    resumed run goes on with the batch an unbroken one would take next."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict]:
+        while self.consumed < len(self.batches):
+            self.consumed += 1
+            yield self.batches[self.consumed - 1]
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed = state["consumed"]
+
+
+def fit_batches(
+    module: L.LightningModule,
+    batches: list[dict],
+    steps: int,
+    root: Path,
+    ckpt: Path | None = None,
+    **trainer_kwargs,
+) -> L.Trainer:
+    """Fit `module` on `batches` (ResumableBatches) up to global step `steps`, from `ckpt` if given: a quiet trainer
+    under `root` with no validation and no checkpoint callback, so that runs compare step for step."""
+    trainer = quiet_trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, ResumableBatches(batches), ckpt_path=ckpt)
+    return trainer

@@ -29,9 +29,8 @@ from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.checkpoints import read_checkpoint
 from lightning_modules.training.ema import EMACallback, EMAConfig, averaged_tensors, ema_of
 from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
-from tests.helpers import free_port, quiet_trainer
+from tests.helpers import fit_batches, free_port, quiet_trainer, world_of_one
 from tests.training.test_contrastive_ddp import IMAGE, TEXT, VOCAB, image_text_batches
-from tests.training.test_fsdp2_contrastive import ResumableBatches, world_of_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,26 +66,13 @@ class RecordWeights(L.Callback):
         self.after_step.append({k: v.detach().clone() for k, v in averaged_tensors(pl_module).items()})
 
 
-def _fit(module: L.LightningModule, steps: int, root: Path, ckpt: Path | None = None, **kwargs) -> L.Trainer:
-    trainer = quiet_trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_checkpointing=False,
-        default_root_dir=root,
-        **kwargs,
-    )
-    trainer.fit(module, ResumableBatches(_batches()), ckpt_path=ckpt)
-    return trainer
-
-
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory: pytest.TempPathFactory, one_thread_module: None) -> dict:
     """STEPS steps in one go, the weights after each and the last checkpoint (on one thread, as the tests that
     compare with it: thread counts change float sums)."""
     root = tmp_path_factory.mktemp("ema_unbroken")
     module, record = _system(), RecordWeights()
-    trainer = _fit(module, STEPS, root, callbacks=[record])
+    trainer = fit_batches(module, _batches(), STEPS, root, callbacks=[record])
     trainer.save_checkpoint(root / "last.ckpt")
     return {"module": module, "weights": record.after_step, "ckpt": root / "last.ckpt"}
 
@@ -121,10 +107,10 @@ def test_the_average_is_the_hand_computed_one(unbroken: dict) -> None:
 
 
 def test_an_interrupted_run_resumes_the_average_exactly(unbroken: dict, tmp_path: Path) -> None:
-    first = _fit(_system(), 3, tmp_path / "first")  # stops after step 3, the update
+    first = fit_batches(_system(), _batches(), 3, tmp_path / "first")  # stops after step 3, the update
     first.save_checkpoint(tmp_path / "step3.ckpt")
     resumed = _system()
-    _fit(resumed, STEPS, tmp_path / "resumed", ckpt=tmp_path / "step3.ckpt")
+    fit_batches(resumed, _batches(), STEPS, tmp_path / "resumed", ckpt=tmp_path / "step3.ckpt")
     ema, reference = ema_of(resumed), ema_of(unbroken["module"])
     assert ema.names == reference.names
     for name, mine, theirs in zip(ema.names, ema.average, reference.average):
@@ -184,7 +170,7 @@ def test_export_writes_the_average_and_refuses_a_checkpoint_without_one(
     for key, value in averaged.items():
         assert torch.equal(written[key], value), key
     plain = tmp_path / "plain.ckpt"
-    trainer = _fit(_system(ema=None), 1, tmp_path / "plain")
+    trainer = fit_batches(_system(ema=None), _batches(), 1, tmp_path / "plain")
     trainer.save_checkpoint(plain)
     with pytest.raises(ValueError, match="holds no EMA weights"):
         export(["--ckpt_path", str(plain), "--out", str(tmp_path / "x.pt"), "--ema"])
@@ -275,16 +261,9 @@ def _rank(rank: int, kind: str, root: str, port: int) -> None:
 
     def fit(steps: int, ckpt: Path | None) -> L.LightningModule:
         module = _system()
-        trainer = quiet_trainer(
-            max_steps=steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            enable_checkpointing=False,
-            strategy=strategy(),
-            devices=2,
+        trainer = fit_batches(
+            module, batches, steps, out, ckpt, use_distributed_sampler=False, strategy=strategy(), devices=2
         )
-        trainer.fit(module, ResumableBatches(batches), ckpt_path=ckpt)
         trainer.save_checkpoint(out / f"{kind}_{steps}.ckpt")
         return module
 

@@ -7,10 +7,7 @@ on two fake ranks and this file that every process joins the report's one collec
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +17,7 @@ import yaml
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.helpers import REPO, free_port, quiet_trainer, single_thread
+from tests.helpers import CONFIGS, cli_args, cli_env, quiet_trainer, run_cli, single_thread
 from tests.models.test_eval_protocols import write_cifar, write_karpathy
 
 CIFAR_TEST_IMAGES = 21  # odd: two processes get 11 each, one image twice
@@ -58,31 +55,11 @@ def image_text_checkpoint(tmp: Path) -> tuple[Path, Path]:
     return ckpt, karpathy
 
 
-def evaluate(root: Path, devices: int, *args: str) -> dict:
+def evaluate(root: Path, devices: int, config: str | list[str], *args: str) -> dict:
     """`python cli.py test ...` in a process of its own (two under DDP); the results.json it writes."""
     distributed = ["--trainer.strategy=ddp"] if devices > 1 else []
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "WANDB_MODE": "disabled",
-    }
-    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):  # a fresh launch, not a rank of ours
-        env.pop(key, None)
-    command = [
-        sys.executable,
-        str(REPO / "cli.py"),
-        "test",
-        *args,
-        "--trainer.accelerator=cpu",
-        f"--trainer.devices={devices}",
-        *distributed,
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={root}",
-    ]
-    done = subprocess.run(command, cwd=root.parent, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    command = cli_args("test", *args, f"--trainer.devices={devices}", *distributed, config=config, root=root)
+    done = run_cli(command, cwd=root.parent, env=cli_env(MASTER_ADDR="127.0.0.1"))
     joined = range(devices) if devices > 1 else []  # Lightning logs each process joining the process group
     for rank in joined:
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{devices}" in done.stderr, done.stderr[-3000:]
@@ -146,8 +123,6 @@ def test_cifar10_zero_shot_in_two_processes_gives_the_one_process_numbers(
     ckpt, _ = clip_checkpoint
     write_cifar(tmp_path / "cifar", n_test=CIFAR_TEST_IMAGES)
     cifar = [
-        "--config",
-        str(REPO / "configs/eval/cifar10_zeroshot.yaml"),
         "--model.init_args.init_clip=null",
         f"--model.init_args.ckpt_path={ckpt}",
         f"--data.init_args.root={tmp_path / 'cifar'}",
@@ -155,8 +130,8 @@ def test_cifar10_zero_shot_in_two_processes_gives_the_one_process_numbers(
         "--data.init_args.loader.batch_size=4",  # several batches a process, the last one short
         "--data.init_args.loader.num_workers=0",
     ]
-    one = evaluate(tmp_path / "one", 1, *cifar)
-    two = evaluate(tmp_path / "two", 2, *cifar)
+    one = evaluate(tmp_path / "one", 1, "eval/cifar10_zeroshot.yaml", *cifar)
+    two = evaluate(tmp_path / "two", 2, "eval/cifar10_zeroshot.yaml", *cifar)
     keys = {"test/zero_shot_acc", "test/zero_shot_acc_top5", "test/zero_shot_mean_per_class_recall"}
     report("cifar10", one, two, keys)
     assert_same_numbers(one, two, keys)
@@ -183,8 +158,6 @@ def test_zero_shot_with_an_undecodable_image_in_two_processes_gives_the_one_proc
     broken = sorted((root / "test" / "green_circle").iterdir())[0]
     broken.write_bytes(b"not an image")
     shapes = [
-        "--config",
-        str(REPO / "configs/zeroshot/shapes.yaml"),
         f"--model.init_args.ckpt_path={ckpt}",
         f"--data.init_args.root={root}",
         "--data.init_args.generate_if_missing=false",
@@ -193,8 +166,8 @@ def test_zero_shot_with_an_undecodable_image_in_two_processes_gives_the_one_proc
         "--trainer.logger=false",
         "--trainer.callbacks+=lightning_modules.training.evaluation.EvaluationReport",
     ]
-    one = evaluate(tmp_path / "one", 1, *shapes)
-    two = evaluate(tmp_path / "two", 2, *shapes)
+    one = evaluate(tmp_path / "one", 1, "zeroshot/shapes.yaml", *shapes)
+    two = evaluate(tmp_path / "two", 2, "zeroshot/shapes.yaml", *shapes)
     keys = {"test/zero_shot_acc", "test/zero_shot_mean_per_class_recall", "test/skipped_items"}
     report("shapes folder", one, two, keys)
     assert_same_numbers(one, two, keys)
@@ -211,8 +184,6 @@ def test_flickr30k_retrieval_in_two_processes_gives_the_one_process_numbers(
 ) -> None:
     ckpt, karpathy = clip_checkpoint
     flickr = [
-        "--config",
-        str(REPO / "configs/eval/flickr30k_retrieval.yaml"),
         "--model.init_args.init_clip=null",
         f"--model.init_args.ckpt_path={ckpt}",
         f"--data.init_args.root={karpathy.parent}",
@@ -223,8 +194,8 @@ def test_flickr30k_retrieval_in_two_processes_gives_the_one_process_numbers(
         "--data.init_args.loader.eval_batch_size=2",  # 4 batches of images, the last one short
         "--data.init_args.loader.num_workers=0",
     ]
-    one = evaluate(tmp_path / "one", 1, *flickr)
-    two = evaluate(tmp_path / "two", 2, *flickr)
+    one = evaluate(tmp_path / "one", 1, "eval/flickr30k_retrieval.yaml", *flickr)
+    two = evaluate(tmp_path / "two", 2, "eval/flickr30k_retrieval.yaml", *flickr)
     recalls = {f"test/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)}
     report("flickr30k", one, two, recalls)
     assert_same_numbers(one, two, recalls | {"test/R@mean"})
@@ -250,10 +221,8 @@ def speech_text_checkpoint(tmp: Path) -> tuple[Path, Path]:
     shutil.copytree(libri / "dev-clean", libri / "test-clean")  # LibriSpeech's test-clean layout
     with single_thread():
         cli = main(
-            [
+            cli_args(
                 "fit",
-                "--config",
-                str(REPO / "configs/speech/quickstart.yaml"),
                 f"--data.root={tmp / 'tones'}",
                 f"--data.tokenizer.cache_dir={tmp / 'cache'}",
                 "--data.tokenizer.vocab_size=100",
@@ -269,9 +238,9 @@ def speech_text_checkpoint(tmp: Path) -> tuple[Path, Path]:
                 "--trainer.max_steps=1",
                 "--trainer.limit_val_batches=0",
                 "--trainer.enable_checkpointing=false",
-                "--trainer.enable_progress_bar=false",
-                f"--trainer.default_root_dir={tmp / 'fit'}",
-            ]
+                config="speech/quickstart.yaml",
+                root=tmp / "fit",
+            )
         )
         ckpt = tmp / "speech.ckpt"
         cli.trainer.save_checkpoint(ckpt)
@@ -287,7 +256,7 @@ def test_librispeech_test_clean_retrieval_in_two_processes_gives_the_one_process
     from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler, LibriSpeechDataModule
 
     ckpt, root = speech_text_checkpoint(tmp_path / "speech")
-    config = yaml.safe_load((REPO / "configs/speech/quickstart.yaml").read_text())
+    config = yaml.safe_load((CONFIGS / "speech/quickstart.yaml").read_text())
     batching = {**config["data"]["init_args"]["batching"], "num_buckets": 3}
     dm = LibriSpeechDataModule(
         str(root),
@@ -305,18 +274,15 @@ def test_librispeech_test_clean_retrieval_in_two_processes_gives_the_one_process
     assert len(durations) == LIBRISPEECH_TEST_UTTERANCES
     assert sum(len(batch) for shard in shards for batch in shard) > len(durations)  # a batch evaluated twice
     libri = [
-        "--config",
-        str(REPO / "configs/speech/quickstart.yaml"),
-        "--config",
-        str(REPO / "configs/eval/librispeech_test_clean.yaml"),
         f"--ckpt_path={ckpt}",
         f"--data.root={root}",
         "--data.context_length=16",
         "--data.batching.num_buckets=3",  # 3 batches: the second process repeats one
         "--data.loader.num_workers=0",
     ]
-    one = evaluate(tmp_path / "one", 1, *libri)
-    two = evaluate(tmp_path / "two", 2, *libri)
+    configs = ["speech/quickstart.yaml", "eval/librispeech_test_clean.yaml"]
+    one = evaluate(tmp_path / "one", 1, configs, *libri)
+    two = evaluate(tmp_path / "two", 2, configs, *libri)
     recalls = {f"test/{d}_R@{k}" for d in ("a2t", "t2a") for k in (1, 5, 10)}
     report("librispeech test-clean", one, two, recalls)
     assert_same_numbers(one, two, recalls | {"test/R@mean"})

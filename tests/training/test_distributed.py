@@ -8,7 +8,6 @@ follow the same trajectory as 1 rank x batch 2B, up to float summation order.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +16,18 @@ import pytest
 import torch
 
 from cli import main
-from tests.helpers import REPO, free_port
+from tests.helpers import CONFIGS, REPO, cli_args, cli_env, free_port, run_cli
 
-QUICKSTART = str(REPO / "configs/mlm/quickstart.yaml")
 STEPS = 6
 # Float sums in another order (two half-batches, an all-reduce) move the loss by ~1e-6; this leaves margin while a
 # real difference (a per-rank mean instead of the global one, another sample order) moves it by 1e-3 or more.
 RTOL = 2e-5
+# two gloo processes under FSDP2, float32 so that the runs compare exactly
+FSDP2 = (
+    "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
+    "--trainer.strategy.param_dtype=float32",
+    "--trainer.devices=2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +35,14 @@ def cache_dir(tmp_path_factory) -> str:
     """The sample corpus prepared once, in-process, so the subprocesses only read it."""
     cache = tmp_path_factory.mktemp("mlm_cache")
     root = tmp_path_factory.mktemp("prepare_run")
-    main(["fit", *_args(str(cache), root, batch_size=4), "--trainer.max_steps=1"])
+    main(_fit_args(str(cache), root, 4, "--trainer.max_steps=1"))
     return str(cache)
 
 
-def _args(cache: str, root: Path, batch_size: int) -> list[str]:
-    return [
-        "--config",
-        QUICKSTART,
+def _fit_args(cache: str, root: Path, batch_size: int, *extra: str) -> list[str]:
+    """`cli.py fit` of the MLM quickstart, 2 layers without dropout, STEPS steps each logged, no validation."""
+    return cli_args(
+        "fit",
         f"--data.init_args.tokenizer.cache_dir={cache}",
         "--data.init_args.loader.num_workers=0",
         "--data.init_args.num_proc=1",
@@ -46,24 +50,17 @@ def _args(cache: str, root: Path, batch_size: int) -> list[str]:
         "--model.init_args.encoder.dropout=0",
         "--model.init_args.encoder.attention_dropout=0",
         "--model.init_args.encoder.layers=2",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
         "--trainer.limit_val_batches=0",
         "--trainer.log_every_n_steps=1",
         f"--trainer.max_steps={STEPS}",
-    ]
+        *extra,
+        config="mlm/quickstart.yaml",
+        root=root,
+    )
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    # a free port for Lightning's own launcher, so parallel test runs do not collide
-    env["MASTER_PORT"] = str(free_port())
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 300) -> None:
-    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stderr[-3000:]
+# tests/cli/test_predict.py imports it
+_env = cli_env
 
 
 def _losses(root: Path) -> list[float]:
@@ -82,7 +79,7 @@ def _final_state(root: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process_double_batch(cache_dir: str, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("single")
-    _run([sys.executable, "cli.py", "fit", *_args(cache_dir, root, batch_size=16)])
+    run_cli(_fit_args(cache_dir, root, 16), timeout=300)
     return root
 
 
@@ -100,12 +97,7 @@ def _assert_same_run(root: Path, reference: Path) -> None:
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(
     cache_dir: str, one_process_double_batch: Path, tmp_path: Path
 ) -> None:
-    ddp = [
-        "--trainer.accelerator=cpu",
-        "--trainer.strategy=ddp",
-        "--trainer.devices=2",
-    ]
-    _run([sys.executable, "cli.py", "fit", *_args(cache_dir, tmp_path, batch_size=8), *ddp])
+    run_cli(_fit_args(cache_dir, tmp_path, 8, "--trainer.strategy=ddp", "--trainer.devices=2"), timeout=300)
     _assert_same_run(tmp_path, one_process_double_batch)
 
 
@@ -116,30 +108,16 @@ def test_torchrun_two_nodes_on_localhost(
     """Two "nodes" of one process each, started by torchrun as on two machines; Lightning reads the torchelastic
     environment (rank, world size, master address) and runs DDP across them."""
     port = str(free_port())
-    args = [
-        *_args(cache_dir, tmp_path, batch_size=8),
-        "--trainer.accelerator=cpu",
-        "--trainer.strategy=ddp",
-        "--trainer.devices=1",
-        "--trainer.num_nodes=2",
-    ]
+    args = _fit_args(
+        cache_dir, tmp_path, 8, "--trainer.strategy=ddp", "--trainer.devices=1", "--trainer.num_nodes=2"
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    master = ["--master-addr=127.0.0.1", f"--master-port={port}"]
     nodes = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                "--nproc-per-node=1",
-                f"--node-rank={rank}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "cli.py",
-                "fit",
-                *args,
-            ],
+            [*torchrun, f"--node-rank={rank}", *master, "cli.py", *args],
             cwd=REPO,
-            env=_env(),
+            env=cli_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -168,7 +146,7 @@ def test_torchrun_two_nodes_on_localhost(
 def test_strategy_snippets_compose_with_experiment_configs(
     experiment: str, snippet: str, strategy: str, capsys: pytest.CaptureFixture
 ) -> None:
-    snippet_file = REPO / "configs" / "strategy" / f"{snippet}.yaml"
+    snippet_file = CONFIGS / "strategy" / f"{snippet}.yaml"
     with pytest.raises(SystemExit) as exit_info:  # in this process: printing needs no fresh interpreter
         main(["fit", "--config", str(REPO / experiment), "--config", str(snippet_file), "--print_config"])
     assert exit_info.value.code in (None, 0)
@@ -186,17 +164,11 @@ def test_fsdp2_two_processes_equal_one_process_and_consolidate(
     """FSDP2 (`fully_shard` per block, gloo on CPU, float32 so the runs compare exactly) trains as DDP does: the
     same losses and, after `cli.py consolidate` turns its sharded last checkpoint into one file, the same weights.
     The bf16 compute policy of configs/strategy/fsdp2.yaml needs a GPU to be checked."""
-    fsdp2 = [
-        "--trainer.accelerator=cpu",
-        "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
-        "--trainer.strategy.param_dtype=float32",
-        "--trainer.devices=2",
-    ]
-    _run([sys.executable, "cli.py", "fit", *_args(cache_dir, tmp_path, batch_size=8), *fsdp2])
+    run_cli(_fit_args(cache_dir, tmp_path, 8, *FSDP2), timeout=300)
     (folder,) = [p for p in tmp_path.rglob("last.ckpt")]
     assert folder.is_dir() and (folder / ".metadata").is_file()  # sharded: one file per rank
     out = tmp_path / "consolidated.ckpt"
-    _run([sys.executable, "cli.py", "consolidate", "--ckpt_path", str(folder), "--out", str(out)])
+    run_cli(["consolidate", "--ckpt_path", str(folder), "--out", str(out)], timeout=300)
     ours, theirs = _losses(tmp_path), _losses(one_process_double_batch)
     assert len(ours) == STEPS
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=RTOL, atol=0)

@@ -14,16 +14,12 @@ import copy
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
@@ -35,7 +31,7 @@ from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY, read_checkpoint
 from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
-from tests.helpers import free_port, quiet_trainer, single_thread
+from tests.helpers import fit_batches, free_port, quiet_trainer, single_thread, world_of_one
 from tests.training.test_contrastive_ddp import (
     IMAGE,
     SYSTEMS,
@@ -46,16 +42,6 @@ from tests.training.test_contrastive_ddp import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@contextmanager
-def world_of_one(tmp_path: Path) -> Iterator[object]:
-    """A gloo process group of this process alone and its device mesh."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
 
 
 def _registered(module: torch.nn.Module) -> set[str]:
@@ -180,30 +166,6 @@ STEPS = 4  # one epoch: the first run stops and checkpoints after two steps, the
 DEADLINE_S = 300
 
 
-class ResumableBatches:
-    """A fixed list of batches, one epoch, that Lightning checkpoints and resumes mid-epoch (`state_dict`): the
-    resumed run goes on with the batch an unbroken one would take next."""
-
-    def __init__(self, batches: list[dict]) -> None:
-        self.batches = batches
-        self.consumed = 0
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict]:
-        while self.consumed < len(self.batches):
-            self.consumed += 1
-            yield self.batches[self.consumed - 1]
-        self.consumed = 0
-
-    def state_dict(self) -> dict:
-        return {"consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.consumed = state["consumed"]
-
-
 def _loader(batches: list[dict]) -> DataLoader:
     return DataLoader(batches, batch_size=None)
 
@@ -258,17 +220,17 @@ def _fit(
     root: Path, batches: list[dict], system: str, steps: int, ckpt: Path | None = None, **kwargs
 ) -> None:
     """Train on `batches` up to global step `steps`, from `ckpt` if given, and write `root/last.ckpt`."""
-    trainer = quiet_trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
+    callbacks = [RecordLoss(root / "losses.json")]
+    trainer = fit_batches(
+        _system(system),
+        batches,
+        steps,
+        root,
+        ckpt,
         use_distributed_sampler=False,
-        enable_checkpointing=False,
-        callbacks=[RecordLoss(root / "losses.json")],
-        default_root_dir=root,
+        callbacks=callbacks,
         **kwargs,
     )
-    trainer.fit(_system(system), ResumableBatches(batches), ckpt_path=ckpt)
     trainer.save_checkpoint(root / "last.ckpt")
 
 

@@ -28,7 +28,7 @@ from lightning_modules.training.nonfinite import SkipNonFiniteSteps
 from lightning_modules.training.preemption import PreemptionCheckpoint
 from lightning_modules.training.strategies import shard_units
 from lightning_modules.training.throughput import Throughput, batch_counts, peak_tflops_of
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import REPO, cli_args, quiet_trainer
 from tests.training.test_resilience import LENGTH, RandomMLMBatches, loader, tiny_mlm
 
 
@@ -351,12 +351,10 @@ def _quickstart_on_cuda(name: str, tmp_path: Path, *extra: str):
         generate_shapes_coco(tmp_path / "shapes", n_train=64, n_val=8, image_size=32)
         data += [f"--data.init_args.root={tmp_path / 'shapes'}", "--data.init_args.loader.batch_size=8"]
     return main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / f"configs/{name}/quickstart.yaml"),
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
             "--trainer.accelerator=cuda",
+            "--trainer.enable_progress_bar=true",  # the CLI's loss progress bar is among the callbacks watched
             "--trainer.devices=1",
             "--trainer.max_steps=9",
             "--trainer.log_every_n_steps=5",
@@ -365,7 +363,9 @@ def _quickstart_on_cuda(name: str, tmp_path: Path, *extra: str):
             "--trainer.callbacks+=tests.training.test_gpu_path.SyncDebug",
             *data,
             *extra,
-        ]
+            config=f"{name}/quickstart.yaml",
+            root=tmp_path / "run",
+        )
     )
 
 

@@ -20,17 +20,7 @@ from lightning_modules.training.lightning_private import (
     restore_sigterm_broadcast,
     silence_sigterm_broadcast,
 )
-
-
-def _trainer() -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+from tests.helpers import cli_args, quiet_trainer
 
 
 def test_the_private_names_exist_with_the_signatures_we_call() -> None:
@@ -48,7 +38,7 @@ def test_lightning_still_calls_them_where_we_replace_them() -> None:
 def test_sigterm_broadcast_is_silenced_and_restored_on_a_real_loop(monkeypatch) -> None:
     broadcasts = []
     monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: broadcasts.append(src))
-    trainer = _trainer()
+    trainer = quiet_trainer(devices=1, enable_checkpointing=False)
     loop = trainer.fit_loop.epoch_loop
     loop._broadcast_sigterm_tensor()
     assert broadcasts == [0]  # Lightning's own broadcasts rank 0's flag
@@ -65,7 +55,7 @@ def test_sigterm_broadcast_is_silenced_and_restored_on_a_real_loop(monkeypatch) 
 def test_a_missing_private_name_is_a_one_line_error_naming_it_and_the_version(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=rf"lightning {L.__version__} has no object\._gone,"):
         require_private(object(), "_gone")
-    trainer = _trainer()
+    trainer = quiet_trainer(devices=1, enable_checkpointing=False)
     monkeypatch.delattr(_TrainingEpochLoop, SIGTERM_BROADCAST)
     with pytest.raises(RuntimeError, match=rf"no _TrainingEpochLoop\.{SIGTERM_BROADCAST},"):
         silence_sigterm_broadcast(trainer)
@@ -79,7 +69,6 @@ def test_a_checkpoint_saved_from_python_is_read_into_the_configs_model(tmp_path,
     # hyper-parameters as a bare LightningModule's and fails; ours takes the config's system
     from cli import PretrainCLI, main
     from lightning_modules.speech_text_module import SpeechTextModule
-    from tests.helpers import REPO
 
     monkeypatch.setattr(PretrainCLI, "instantiate_classes", lambda self: None)
     monkeypatch.setattr(PretrainCLI, "_run_subcommand", lambda self, subcommand: None)
@@ -88,8 +77,9 @@ def test_a_checkpoint_saved_from_python_is_read_into_the_configs_model(tmp_path,
     assert "_class_path" not in model.hparams  # as saved from Python
     path = tmp_path / "notebook.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, path)
-    config = str(REPO / "configs/speech/quickstart.yaml")
-    cli = main(["test", "--config", config, "--ckpt_path", str(path), "--trainer.logger=false"])
+    cli = main(
+        cli_args("test", "--ckpt_path", str(path), "--trainer.logger=false", config="speech/quickstart.yaml")
+    )
     model_cfg = cli.config.test.model
     assert model_cfg.class_path == "lightning_modules.speech_text_module.SpeechTextModule"
     assert (model_cfg.init_args.vocab_size, model_cfg.init_args.embed_dim) == (

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from datamodules.loading import ResumableBatchDataLoader, ResumableDataLoader, ResumableSampler
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler
 from datamodules.synthetic.tones import generate_tone_librispeech
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args, cli_env
 from tests.resume_helpers import read_records
 
 
@@ -191,17 +191,15 @@ def _fit(
         f"        path: {run / 'ids'}\n"
         f"        kill_at_step: {'null' if kill_at is None else kill_at}\n"
     )
-    args = [sys.executable, "cli.py", "fit", "--config", config, "--config", str(extra), *overrides]
-    args += [
-        f"--trainer.default_root_dir={run}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.logger=false",
-    ]
-    if ckpt is not None:
-        args.append(f"--ckpt_path={ckpt}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONHASHSEED": "0"}
+    resume = [] if ckpt is None else [f"--ckpt_path={ckpt}"]
+    args = cli_args("fit", *overrides, "--trainer.logger=false", *resume, config=[config, extra], root=run)
     proc = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        [sys.executable, str(REPO / "cli.py"), *args],
+        cwd=REPO,
+        env=cli_env(PYTHONHASHSEED="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         out, _ = proc.communicate(timeout=240)
@@ -251,7 +249,7 @@ def _assert_resume_is_exact(
         assert losses == expected, f"rank {rank}"
 
 
-MLM_CONFIG = str(REPO / "configs/mlm/quickstart.yaml")
+MLM_CONFIG = "mlm/quickstart.yaml"
 MLM_STEPS = 16
 
 
@@ -306,7 +304,6 @@ def test_mlm_ddp_kill9_and_resume_matches_unbroken_run(mlm_straight, tmp_path: P
     overrides = _mlm_overrides(cache, 1) + [
         "--trainer.strategy=ddp",
         "--trainer.devices=2",
-        "--trainer.accelerator=cpu",
         "--data.init_args.loader.batch_size=128",  # per rank: the same 7-step epochs
     ]
     _fit(tmp_path / "straight", MLM_CONFIG, 100, overrides)
@@ -343,7 +340,7 @@ def test_speech_kill9_and_resume_matches_unbroken_run(tmp_path: Path) -> None:
         "--trainer.max_steps=10",
         "--trainer.limit_val_batches=0",
     ]
-    config = str(REPO / "configs/speech/quickstart.yaml")
+    config = "speech/quickstart.yaml"
     _fit(tmp_path / "straight", config, 100, overrides)
     _fit(tmp_path / "killed", config, 5, overrides, kill_at=7)
     _fit(tmp_path / "resumed", config, 5, overrides, ckpt=tmp_path / "killed/checkpoints/last.ckpt")

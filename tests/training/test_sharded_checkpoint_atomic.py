@@ -21,7 +21,8 @@ from cli import main
 from lightning_modules.training import strategies
 from lightning_modules.training.checkpoints import read_sharded_model
 from lightning_modules.training.strategies import FSDP2Strategy
-from tests.training.test_distributed import STEPS, _args, _run
+from tests.helpers import run_cli
+from tests.training.test_distributed import FSDP2, STEPS, _fit_args
 
 # one process, no process group: torch.distributed.checkpoint then writes as a single rank, and says so
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
@@ -162,28 +163,21 @@ def test_only_the_frameworks_own_leftovers_are_touched(tmp_path: Path) -> None:
 def mlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The sample corpus prepared once, in this process, so the two-process runs only read it."""
     cache = tmp_path_factory.mktemp("mlm_cache")
-    main(
-        ["fit", *_args(str(cache), tmp_path_factory.mktemp("prepare"), batch_size=4), "--trainer.max_steps=1"]
-    )
+    main(_fit_args(str(cache), tmp_path_factory.mktemp("prepare"), 4, "--trainer.max_steps=1"))
     return str(cache)
 
 
 # slow (two gloo processes, two short fits); the default run simulates the ranks' agreement in one process above
 @pytest.mark.slow
 def test_fsdp2_two_processes_replace_last_ckpt_and_resume(mlm_cache: str, tmp_path: Path) -> None:
-    fsdp2 = [
-        "--trainer.accelerator=cpu",
-        "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
-        "--trainer.strategy.param_dtype=float32",
-        "--trainer.devices=2",
-    ]
-    fit = [sys.executable, "cli.py", "fit", *_args(mlm_cache, tmp_path, batch_size=8), *fsdp2]
-    _run(fit)
+    fit = _fit_args(mlm_cache, tmp_path, 8, *FSDP2)
+    run_cli(fit, timeout=300)
     (last,) = tmp_path.rglob("last.ckpt")
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
     first = read_sharded_model(last)
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == STEPS
-    _run([*fit, "--ckpt_path=last", f"--trainer.max_steps={STEPS + 3}"])  # replaces last.ckpt with both ranks
+    # replaces last.ckpt with both ranks
+    run_cli([*fit, "--ckpt_path=last", f"--trainer.max_steps={STEPS + 3}"], timeout=300)
     assert torch.load(last / "meta.pt", weights_only=True)["global_step"] == STEPS + 3
     second = read_sharded_model(last)
     assert second.keys() == first.keys() and any(not torch.equal(second[k], first[k]) for k in first)
