@@ -59,10 +59,6 @@ def _fit_args(cache: str, root: Path, batch_size: int, *extra: str) -> list[str]
     )
 
 
-# tests/cli/test_predict.py imports it
-_env = cli_env
-
-
 def _losses(root: Path) -> list[float]:
     """train/loss per step from the CSV logger (rank 0 writes it; the value is already the global mean)."""
     (path,) = root.rglob("metrics.csv")
