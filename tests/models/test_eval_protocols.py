@@ -30,7 +30,7 @@ from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, 
 from lightning_modules.linear_probe import DEFAULT_WEIGHT_DECAYS, held_out, linear_probe, read_features
 from lightning_modules.training.evaluation import caption_set_protocol
 from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -209,18 +209,15 @@ def cli_eval(config: str, tmp_path: Path, *overrides: str):
     from cli import main
 
     return main(
-        [
+        cli_args(
             "test",
-            "--config",
-            str(REPO / "configs/eval" / config),
-            "--trainer.accelerator=cpu",
             "--trainer.devices=1",
-            "--trainer.enable_progress_bar=false",
             "--trainer.logger=false",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
             "--data.init_args.images.image_size=32",
             *overrides,
-        ]
+            config=f"eval/{config}",
+            root=tmp_path / "run",
+        )
     )
 
 
@@ -606,18 +603,14 @@ def test_librispeech_test_clean_config_stacks_on_the_speech_run_and_reports_its_
     libri = generate_tone_librispeech(tmp_path / "tones", n_train_utts=8, n_val_utts=6)
     shutil.copytree(libri / "dev-clean", libri / "test-clean")  # the layout of LibriSpeech's test-clean
     main(
-        [
+        cli_args(
             "test",
-            "--config",
-            str(REPO / "configs/speech/quickstart.yaml"),
-            "--config",
-            str(REPO / "configs/eval/librispeech_test_clean.yaml"),
             f"--data.root={tmp_path / 'tones'}",
             f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
             "--data.loader.num_workers=0",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-        ]
+            config=["speech/quickstart.yaml", "eval/librispeech_test_clean.yaml"],
+            root=tmp_path / "run",
+        )
     )
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     data = results["protocol"]["data"]
@@ -639,20 +632,17 @@ def test_cli_probe_on_features_written_once_by_predict(tiny_open_clip: Path, tmp
     write_cifar(tmp_path / "cifar", n_test=12)
     out = tmp_path / "features"
     main(
-        [
+        cli_args(
             "predict",
-            "--config",
-            str(REPO / "configs/eval/probe_features.yaml"),
-            "--trainer.accelerator=cpu",
-            "--trainer.enable_progress_bar=false",
             f"--trainer.callbacks.init_args.output_dir={out}",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
             f"--data.init_args.root={tmp_path / 'cifar'}",
             "--data.init_args.images.image_size=32",
             "--data.init_args.loader.num_workers=0",
             f"--model.init_args.init_clip.name={TINY}",
             f"--model.init_args.init_clip.path={tiny_open_clip}",
-        ]
+            config="eval/probe_features.yaml",
+            root=tmp_path / "run",
+        )
     )
     splits = read_features(out)
     assert {r: len(y) for r, (_, y) in splits.items()} == {"train": 20, "test": 12}

@@ -24,7 +24,7 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.speech_text_module import SpeechTextModule
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args
 from tests.models.test_pretrained_text_speech import bert_folder, roberta_folder, speech_folder
 
 TOL = 1e-4
@@ -329,21 +329,18 @@ def test_quickstart_runs_export_with_equal_embeddings(tmp_path: Path, task: str)
         data = ["--data.batching.max_duration=6", "--data.batching.max_batch_seconds=8"]
     root = tmp_path / "run"
     main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / "configs" / task / "quickstart.yaml"),
-            f"--trainer.default_root_dir={root}",
             "--trainer.max_steps=2",
             "--trainer.num_sanity_val_steps=0",
             "--trainer.val_check_interval=2",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false",
             f"--data.root={tmp_path / 'data'}",
             f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
             "--data.loader.num_workers=0",
             *data,
-        ]
+            config=f"{task}/quickstart.yaml",
+            root=root,
+        )
     )
     last = root / "checkpoints" / "last.ckpt"
     main(["export", "--ckpt_path", str(last), "--out", str(tmp_path / "out")])

@@ -26,9 +26,8 @@ from lightning_modules.components.ner_metrics import EntityF1, entity_spans
 from lightning_modules.finetune_module import SequenceClassificationModule, TokenClassificationModule
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.training.llrd import llrd_param_groups
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import CONFIGS, REPO, cli_args, quiet_trainer
 
-CONFIGS = REPO / "configs/finetune"
 REAL = REPO.parent / "shared/data/real"
 
 
@@ -199,36 +198,34 @@ def mlm_ckpt(tmp_path_factory) -> Path:
     return folder / "last.ckpt"
 
 
-def _fit_args(config: str, ckpt: Path, root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(CONFIGS / config),
+def _finetune(command: str, config: str, ckpt: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    """`cli.py <command>` of configs/finetune/<config> from the MLM checkpoint `ckpt` on the task files in `data`."""
+    return cli_args(
+        command,
         f"--model.init_ckpt={ckpt}",
-        f"--data.root={root}",
-        "--trainer.accelerator=cpu",
-        f"--trainer.default_root_dir={out}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        f"--data.root={data}",
         "--trainer.log_every_n_steps=5",
         *extra,
-    ]
+        config=f"finetune/{config}",
+        root=root,
+    )
 
 
 # learning --------------------------------------------------------------------------------------------------
 def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_sst2(tmp_path / "SST-2")
-    args = _fit_args("sst2.yaml", mlm_ckpt, tmp_path / "SST-2", tmp_path / "run", "--model.optimizer.lr=1e-3")
-    cli = main(["fit", *args, "--trainer.max_epochs=3", "--data.loader.batch_size=32"])
+    task = ("sst2.yaml", mlm_ckpt, tmp_path / "SST-2", tmp_path / "run", "--model.optimizer.lr=1e-3")
+    cli = main(_finetune("fit", *task, "--trainer.max_epochs=3", "--data.loader.batch_size=32"))
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"SST-2-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
     assert acc >= majority + 0.25
     assert 0.0 < float(cli.trainer.callback_metrics["val/f1"]) <= 1.0
     # the test stage scores dev.tsv (GLUE test files have no labels) with the best checkpoint
     best = cli.trainer.checkpoint_callback.best_model_path
-    cli = main(["test", *args, f"--ckpt_path={best}"])
+    cli = main(_finetune("test", *task, f"--ckpt_path={best}"))
     assert float(cli.trainer.callback_metrics["test/acc"]) >= majority + 0.25
     # predict runs on test.tsv; predictions keep the file's index. The fine-tuned checkpoint holds the tokenizer.
-    cli = main(["predict", *args, f"--ckpt_path={best}", f"--data.tokenizer.path={best}"])
+    cli = main(_finetune("predict", *task, f"--ckpt_path={best}", f"--data.tokenizer.path={best}"))
     out = cli.trainer.predict_loop.predictions
     index = torch.cat([b["index"] for b in out]).tolist()
     predicted = torch.cat([b["prediction"] for b in out]).tolist()
@@ -241,15 +238,18 @@ def test_sst2_like_task_learns_from_mlm_checkpoint(mlm_ckpt: Path, tmp_path: Pat
 @pytest.mark.slow  # about 5 s; the SST-2-like and CoNLL-like learning tests stay in the default run
 def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     majority = write_mrpc(tmp_path / "MRPC")
-    args = _fit_args("mrpc.yaml", mlm_ckpt, tmp_path / "MRPC", tmp_path / "run", "--model.optimizer.lr=1e-3")
     cli = main(
-        [
+        _finetune(
             "fit",
-            *args,
+            "mrpc.yaml",
+            mlm_ckpt,
+            tmp_path / "MRPC",
+            tmp_path / "run",
+            "--model.optimizer.lr=1e-3",
             "--trainer.max_epochs=4",
             "--data.loader.batch_size=32",
             "--model.optimizer.layer_decay=0.8",
-        ]
+        )
     )
     acc = float(cli.trainer.callback_metrics["val/acc"])
     print(f"MRPC-like dev accuracy {acc:.3f}, majority class {majority:.3f}")
@@ -261,10 +261,8 @@ def test_mrpc_like_pair_task_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
 
 def test_conll_like_ner_learns(mlm_ckpt: Path, tmp_path: Path) -> None:
     write_conll(tmp_path / "conll")
-    args = _fit_args(
-        "conll2003.yaml", mlm_ckpt, tmp_path / "conll", tmp_path / "run", "--model.optimizer.lr=1e-3"
-    )
-    cli = main(["fit", *args, "--trainer.max_epochs=4", "--data.loader.batch_size=32"])
+    task = ("conll2003.yaml", mlm_ckpt, tmp_path / "conll", tmp_path / "run", "--model.optimizer.lr=1e-3")
+    cli = main(_finetune("fit", *task, "--trainer.max_epochs=4", "--data.loader.batch_size=32"))
     m = cli.trainer.callback_metrics
     print({k: round(float(v), 3) for k, v in m.items() if k.startswith("val/")})
     # all-O scores 0; the generated entities are easy once learned
@@ -505,7 +503,8 @@ def test_real_sst2_dev_reads_cleanly() -> None:
 
 @pytest.mark.parametrize("config", ["sst2.yaml", "mrpc.yaml", "conll2003.yaml"])
 def test_configs_take_the_tokenizer_from_init_ckpt(config: str, capsys) -> None:
+    path = CONFIGS / "finetune" / config
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / config), "--model.init_ckpt=/x/mlm.ckpt", "--print_config"])
+        main(["fit", "--config", str(path), "--model.init_ckpt=/x/mlm.ckpt", "--print_config"])
     printed = capsys.readouterr().out
     assert "init_ckpt: /x/mlm.ckpt" in printed and "tokenizer:\n      path: /x/mlm.ckpt\n" in printed

@@ -16,7 +16,7 @@ from lightning_modules.components.image_tower import ImageTower, ImageTowerConfi
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule, image_text_from_checkpoint
 from lightning_modules.mlm_module import MLMPretrainingModule
-from tests.helpers import REPO
+from tests.helpers import REPO, cli_args
 
 VOCAB = 60
 
@@ -240,9 +240,6 @@ def test_learns_shape_retrieval_far_above_chance(tiny_clip: dict) -> None:
 
 def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
     common = [
-        "--config",
-        str(REPO / "configs/clip/quickstart.yaml"),
-        f"--trainer.default_root_dir={tmp_path / 'run'}",
         f"--data.root={tmp_path / 'shapes'}",
         f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
         "--data.loader.num_workers=0",
@@ -250,12 +247,16 @@ def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
         "--trainer.limit_val_batches=1",
         "--trainer.limit_test_batches=1",
     ]
-    cli = main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+
+    def args(command: str, *extra: str) -> list[str]:
+        return cli_args(command, *common, *extra, config="clip/quickstart.yaml", root=tmp_path / "run")
+
+    cli = main(args("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2"))
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
     assert "val/i2t_R@5" in cli.trainer.callback_metrics
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 2
-    cli = main(["test", *common, f"--ckpt_path={last}"])
+    cli = main(args("test", f"--ckpt_path={last}"))
     assert "test/t2i_R@10" in cli.trainer.callback_metrics
 
 

@@ -33,13 +33,13 @@ from lightning_modules.training.hparams import (
     sections_from_flat,
 )
 from lightning_modules.training.optim import OptimizerConfig
-from tests.helpers import REPO
+from tests.helpers import CONFIGS, cli_args
 
 TASKS = ["mlm/bert_base.yaml", "finetune/sst2.yaml", "clip/quickstart.yaml", "speech/quickstart.yaml"]
 TASKS += ["trimodal/quickstart.yaml"]
 TRAINING = sorted(
-    p.relative_to(REPO / "configs").as_posix()
-    for p in (REPO / "configs").glob("*/*.yaml")
+    p.relative_to(CONFIGS).as_posix()
+    for p in CONFIGS.glob("*/*.yaml")
     if {"max_steps", "max_epochs"} & ((yaml.safe_load(p.read_text()) or {}).get("trainer") or {}).keys()
 )
 
@@ -48,7 +48,7 @@ def printed(config: str, *overrides: str) -> dict:
     """The config `fit --print_config` shows, with `overrides`."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        main(["fit", "--config", str(REPO / "configs" / config), *overrides, "--print_config"])
+        main(["fit", "--config", str(CONFIGS / config), *overrides, "--print_config"])
     return yaml.safe_load(out.getvalue())
 
 
@@ -260,7 +260,7 @@ def test_checkpoint_with_flat_hyperparameters_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", TRAINING)
 def test_no_config_repeats_the_checkpoint_writers(config: str) -> None:
     """The configs leave the writers to the CLI's `checkpoint` and `last_checkpoint` sections."""
-    raw = yaml.safe_load((REPO / "configs" / config).read_text())
+    raw = yaml.safe_load((CONFIGS / config).read_text())
     callbacks = (raw.get("trainer") or {}).get("callbacks") or []
     assert not [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")], config
 
@@ -277,14 +277,10 @@ def test_a_callback_given_on_the_command_line_keeps_the_writers(callbacks: str, 
     root = tmp_path / "run"
     # the config's monitor and step interval, one changed on the command line
     cli = main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / "configs" / "clip" / "quickstart.yaml"),
-            f"--trainer.default_root_dir={root}",
             "--trainer.max_steps=0",
             "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_progress_bar=false",
             f"--data.root={tmp_path / 'shapes'}",
             f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
             "--data.loader.num_workers=0",
@@ -292,7 +288,9 @@ def test_a_callback_given_on_the_command_line_keeps_the_writers(callbacks: str, 
             "--model.text.layers=1",
             "--last_checkpoint.every_n_train_steps=7",
             callbacks,
-        ]
+            config="clip/quickstart.yaml",
+            root=root,
+        )
     )
     writers = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
     shown = [(w.monitor, w.mode, w.save_last, w._every_n_train_steps) for w in writers]

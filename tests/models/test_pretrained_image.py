@@ -22,7 +22,7 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.components.towers import CheckpointMismatch, TowerInit
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.helpers import REPO
+from tests.helpers import cli_args
 
 open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -494,17 +494,13 @@ def test_lit_from_exported_image_tower_learns(tiny_clip: dict, tmp_path: Path) -
 
 
 # the configs on CPU with tiny overrides ---------------------------------------------------------------------------
-CONFIGS = REPO / "configs" / "clip"
 _CPU = [
-    "--trainer.accelerator=cpu",
     "--trainer.devices=1",
     "--trainer.strategy=auto",
     "--trainer.precision=32-true",
     "--trainer.max_steps=2",
     "--trainer.limit_val_batches=1",
     "--trainer.num_sanity_val_steps=0",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
     "--data.generate_if_missing=true",
     "--data.loader.num_workers=0",
     "--data.loader.batch_size=4",
@@ -513,6 +509,19 @@ _CPU = [
     "--data.context_length=77",
     "--model.init_args.image.image_size=32",
 ]
+
+
+def _fit_on_cpu(config: str, tmp_path: Path, *extra: str) -> list[str]:
+    """`cli.py fit` of configs/clip/<config> for 2 CPU steps at 32 pixels on the shapes set, writing under
+    tmp_path/run."""
+    return cli_args(
+        "fit",
+        *_CPU,
+        f"--data.root={_shapes(tmp_path)}",
+        *extra,
+        config=f"clip/{config}",
+        root=tmp_path / "run",
+    )
 
 
 def _shapes(tmp_path: Path) -> Path:
@@ -527,18 +536,14 @@ def test_coco_openclip_config_fine_tunes_on_cpu_smoke(open_clip_ckpt: Path, tmp_
     from cli import main
 
     cli = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "coco_openclip_vit_b32.yaml"),
-            *_CPU,
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            f"--data.root={_shapes(tmp_path)}",
+        _fit_on_cpu(
+            "coco_openclip_vit_b32.yaml",
+            tmp_path,
             f"--data.tokenizer.path=open_clip:{TINY_OPEN_CLIP}",
             f"--model.init_args.init_clip.name={TINY_OPEN_CLIP}",
             f"--model.init_args.init_clip.path={open_clip_ckpt}",
             "--model.init_args.embed_dim=32",
-        ]
+        )
     )
     assert cli.model.hparams.vocab_size == 49408
     assert cli.trainer.global_step == 2 and "val/i2t_R@5" in cli.trainer.callback_metrics
@@ -560,13 +565,9 @@ def test_coco_lit_config_trains_only_the_text_tower_on_cpu_smoke(
     from cli import main
 
     cli = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "coco_lit.yaml"),
-            *_CPU,
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            f"--data.root={_shapes(tmp_path)}",
+        _fit_on_cpu(
+            "coco_lit.yaml",
+            tmp_path,
             "--data.tokenizer.path=null",
             "--data.tokenizer.vocab_size=100",
             f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
@@ -577,7 +578,7 @@ def test_coco_lit_config_trains_only_the_text_tower_on_cpu_smoke(
             "--model.init_args.text.size=tiny",
             "--model.init_args.text.heads=2",
             "--model.init_args.embed_dim=32",
-        ]
+        )
     )
     ref = open_clip.create_model(TINY_OPEN_CLIP, pretrained=str(open_clip_ckpt)).visual.state_dict()
     ours = cli.model.pair.image.backbone.visual.state_dict()

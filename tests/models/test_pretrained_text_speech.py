@@ -19,7 +19,7 @@ from lightning_modules.components.hf_towers import HFSpeechTower, HFTextTower, T
 from lightning_modules.components.speech_tower import SpeechTowerConfig, build_speech_tower
 from lightning_modules.components.text_tower import TextTower, TextTowerConfig, build_text_tower
 from lightning_modules.components.towers import TowerInit, read_state_dict
-from tests.helpers import REPO, padded_batch
+from tests.helpers import cli_args, padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -360,55 +360,30 @@ def test_librispeech_hubert_config_runs_on_cpu(tmp_path: Path) -> None:
     hubert, text = speech_folder(tmp_path, "hubert"), roberta_folder(tmp_path)
     generate_tone_librispeech(tmp_path / "tones", n_train_utts=16, n_val_utts=8)
     cli = main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / "configs" / "speech" / "librispeech_hubert.yaml"),
-            "--model.speech.init.path",
-            str(hubert),
-            "--model.text.init.path",
-            str(text),
-            "--model.embed_dim",
-            "16",
-            "--data.root",
-            str(tmp_path / "tones"),
-            "--data.tokenizer.path",
-            str(text),
-            "--data.tokenizer.cache_dir",
-            str(tmp_path / "cache"),
-            "--data.loader.num_workers",
-            "0",
-            "--data.context_length",
-            "64",  # the tiny RoBERTa's position table
-            "--data.train_subsets",
-            "[train-clean-100]",
-            "--data.val_subsets",
-            "[dev-clean]",
-            "--data.batching.max_batch_seconds",
-            "8",
-            "--data.batching.max_duration",
-            "4",
-            "--data.batching.num_buckets",
-            "2",
-            "--trainer.accelerator",
-            "cpu",
-            "--trainer.devices",
-            "1",
-            "--trainer.strategy",
-            "auto",
-            "--trainer.precision",
-            "32-true",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "run"),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
+            f"--model.speech.init.path={hubert}",
+            f"--model.text.init.path={text}",
+            "--model.embed_dim=16",
+            f"--data.root={tmp_path / 'tones'}",
+            f"--data.tokenizer.path={text}",
+            f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+            "--data.loader.num_workers=0",
+            "--data.context_length=64",  # the tiny RoBERTa's position table
+            "--data.train_subsets=[train-clean-100]",
+            "--data.val_subsets=[dev-clean]",
+            "--data.batching.max_batch_seconds=8",
+            "--data.batching.max_duration=4",
+            "--data.batching.num_buckets=2",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.precision=32-true",
+            "--trainer.max_steps=2",
+            "--trainer.limit_val_batches=1",
+            "--trainer.val_check_interval=2",
+            config="speech/librispeech_hubert.yaml",
+            root=tmp_path / "run",
+        )
     )
     assert cli.trainer.global_step == 2
     pair = cli.model.pair

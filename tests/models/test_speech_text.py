@@ -27,7 +27,7 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.speech_text_module import SpeechTextModule
-from tests.helpers import REPO, padded_batch, quiet_trainer
+from tests.helpers import cli_args, padded_batch, quiet_trainer
 
 VOCAB = 120
 STEPS = 80  # of the learning test
@@ -253,9 +253,7 @@ def test_learns_tone_retrieval_far_above_chance(tmp_path: Path) -> None:
     )
     start = time.perf_counter()
     trainer.fit(model, dm)
-    evaluator = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, use_distributed_sampler=False
-    )
+    evaluator = quiet_trainer(use_distributed_sampler=False)
     metrics = evaluator.validate(model, dm, verbose=False)[0]
     chance = 5 / len(set(dm.datasets["val"].text_ids))
     print(
@@ -273,23 +271,18 @@ def test_cli_fit_then_test_smoke(tmp_path: Path) -> None:
     generate_tone_librispeech(
         tmp_path / "tones", n_train_utts=24, n_val_utts=8
     )  # the CLI keeps a present set
-    common = [
-        "--config",
-        str(REPO / "configs" / "speech" / "quickstart.yaml"),
-        "--data.root",
-        str(tmp_path / "tones"),
-        "--data.tokenizer.cache_dir",
-        str(tmp_path / "cache"),
-        "--data.loader.num_workers",
-        "0",
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-        "--trainer.enable_progress_bar",
-        "false",
+    data = [
+        f"--data.root={tmp_path / 'tones'}",
+        f"--data.tokenizer.cache_dir={tmp_path / 'cache'}",
+        "--data.loader.num_workers=0",
     ]
-    cli = main(["fit", *common, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2"])
+
+    def args(command: str, *extra: str) -> list[str]:
+        return cli_args(command, *data, *extra, config="speech/quickstart.yaml", root=tmp_path / "run")
+
+    cli = main(args("fit", "--trainer.max_steps=2", "--trainer.val_check_interval=2"))
     assert cli.trainer.global_step == 2
     assert cli.model.pair.text.bert.cfg.vocab_size == cli.datamodule.vocab_size  # linked from the tokenizer
     last = next((tmp_path / "run").rglob("last.ckpt"))
-    cli = main(["test", *common, "--ckpt_path", str(last)])
+    cli = main(args("test", f"--ckpt_path={last}"))
     assert "test/a2t_R@5" in cli.trainer.callback_metrics

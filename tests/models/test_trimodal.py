@@ -23,7 +23,7 @@ from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.trimodal_module import TriModalModule
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import cli_args, quiet_trainer
 
 STEPS_SHORT = 120  # the default run's version of the learning test
 
@@ -285,12 +285,8 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
     shapes_with_speech(tmp_path, n_train=16, n_val=4, per_image=(1, 1))  # the CLI keeps present sets
     data = "--data.init_args"
     cli = main(
-        [
+        cli_args(
             "fit",
-            "--config",
-            str(REPO / "configs/trimodal/quickstart.yaml"),
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.enable_progress_bar=false",
             "--trainer.max_steps=2",
             "--trainer.val_check_interval=2",
             f"{data}.tokenizer.cache_dir={tmp_path / 'cache'}",
@@ -300,7 +296,9 @@ def test_cli_fit_smoke(tmp_path: Path) -> None:
             f"{data}.speech_text.root={tmp_path / 'speech'}",
             f'{data}.speech_text.batching={{"max_duration": 10, "max_batch_seconds": 20, "num_buckets": 4}}',
             f"{data}.speech_text.loader.num_workers=0",
-        ]
+            config="trimodal/quickstart.yaml",
+            root=tmp_path / "run",
+        )
     )
     assert cli.trainer.global_step == 2
     assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size  # linked from the shared tokenizer

@@ -26,7 +26,7 @@ from lightning_modules.linear_probe import (
 )
 from lightning_modules.speech_text_module import SpeechTextModule
 from lightning_modules.zero_shot import ZeroShotClassifier, class_embeddings, fill_template, load_image_text
-from tests.helpers import REPO, quiet_trainer
+from tests.helpers import cli_args, quiet_trainer
 
 SHAPES_TEMPLATES = ["a {}", "a picture of a {}", "there is a {}", "a {} on a gray background", "a single {}"]
 TEST_SHAPES = ("circle", "square", "cross")  # x all 8 colours: 24 classes
@@ -130,16 +130,14 @@ def test_checkpoint_from_before_the_tower_sections_is_refused_by_name(tmp_path: 
 
 def test_cli_zero_shot_test_smoke(clip_run: dict, tmp_path: Path) -> None:
     cli = main(
-        [
+        cli_args(
             "test",
-            "--config",
-            str(REPO / "configs/zeroshot/shapes.yaml"),
             f"--model.init_args.ckpt_path={clip_run['ckpt']}",
             f"--data.root={clip_run['classes']}",
             "--data.images.image_size=32",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--trainer.enable_progress_bar=false",
-        ]
+            config="zeroshot/shapes.yaml",
+            root=tmp_path / "run",
+        )
     )
     metrics = cli.trainer.callback_metrics
     assert 0.0 <= metrics["test/zero_shot_acc"].item() <= metrics["test/zero_shot_acc_top5"].item() <= 1.0
