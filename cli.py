@@ -9,6 +9,7 @@ status 2 (`MMPRETRAIN_DEBUG=1` shows the traceback); see `docs/usage.md`."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -407,6 +408,37 @@ COMMANDS = {
 }
 
 
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def section_nulls_as_dicts(argv: list[str]) -> list[str]:
+    """`--data.tokenizer.path=null` (a field of a section of the model or the DataModule set to None) as
+    `--data={"init_args": {"tokenizer": {"path": null}}}`, merged field by field like the dotted form. jsonargparse
+    re-reads such a dotted override of a subclass argument from the text `--key={value}`, which makes None the
+    string "None" (and an error for `int | None`); tests/cli/test_cli_overrides.py fails once it no longer does."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        spaced = not eq and i + 1 < len(argv) and argv[i + 1] in YAML_NULLS
+        parts = key[2:].split(".") if key.startswith("--") else []
+        fields = parts[2:] if parts[1:2] == ["init_args"] else parts[1:]
+        if (
+            parts[:1] in (["model"], ["data"])
+            and len(fields) >= 2
+            and (value in YAML_NULLS if eq else spaced)
+        ):
+            nested: Any = None
+            for name in reversed(fields):
+                nested = {name: nested}
+            out.append(f"--{parts[0]}={json.dumps({'init_args': nested})}")
+            i += 2 if spaced else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def _prog(args: ArgsType) -> str:
     """The command as the user typed it, for messages that suggest one: the console script or `python cli.py`."""
     name = Path(sys.argv[0]).name
@@ -423,6 +455,13 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
     )
     prog = _prog(args)
     run_started = RunStarted()
+    if (
+        section_nulls_as_dicts(argv) != argv
+    ):  # in sys.argv when read from there: Lightning warns of both given
+        if args is None:
+            sys.argv[1:] = section_nulls_as_dicts(argv)
+        else:
+            args = section_nulls_as_dicts(argv)
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:], prog)
