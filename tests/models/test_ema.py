@@ -312,10 +312,14 @@ def test_mlm_cli_trains_validates_and_exports_the_average(tmp_path: Path) -> Non
     """Through the CLI: `--model.init_args.ema.*` parses, the checkpoint holds the average, validate and test of
     the checkpoint score it, and `export-hf --ema` writes it."""
     from cli import main
-    from tests.models.test_mlm_training import _cli_args
+    from tests.models.test_mlm_training import _quickstart
 
-    args = _cli_args(str(tmp_path / "cache"), tmp_path, "--model.init_args.ema.decay=0.5")
-    main(["fit", *args, "--trainer.max_steps=4", "--trainer.limit_val_batches=0"])
+    def args(command: str, *extra: str) -> list[str]:
+        return _quickstart(
+            command, str(tmp_path / "cache"), tmp_path, "--model.init_args.ema.decay=0.5", *extra
+        )
+
+    main(args("fit", "--trainer.max_steps=4", "--trainer.limit_val_batches=0"))
     ckpt_path = next(tmp_path.rglob("last.ckpt"))
     ckpt = read_checkpoint(ckpt_path)
     assert ckpt["hyper_parameters"]["ema"]["decay"] == 0.5
@@ -340,7 +344,7 @@ def test_mlm_cli_trains_validates_and_exports_the_average(tmp_path: Path) -> Non
         if variant is not None:
             path = tmp_path / f"{name}.ckpt"
             torch.save(variant, path)
-        cli = main(["validate", *args, f"--ckpt_path={path}"])
+        cli = main(args("validate", f"--ckpt_path={path}"))
         losses[name] = float(cli.trainer.callback_metrics["val/loss"])
     assert losses["ema"] != losses["raw"]
     assert losses["ema"] == losses["averaged"]  # validation scored the average
