@@ -49,8 +49,9 @@ TRAIN = (
 PREPARE = (
     "import sys\n"
     "from datamodules.text.mlm_datamodule import MLMDataModule\n"
-    "dm = MLMDataModule(bookcorpus=[sys.argv[1]], cache_dir=sys.argv[2], num_proc=int(sys.argv[3]),\n"
-    "    tokenizer_vocab_size=300, max_seq_length=64, val_fraction=0.2, num_workers=0)\n"
+    "dm = MLMDataModule(bookcorpus=[sys.argv[1]], num_proc=int(sys.argv[3]),\n"
+    "    tokenizer={'cache_dir': sys.argv[2], 'vocab_size': 300},\n"
+    "    examples={'max_seq_length': 64, 'val_fraction': 0.2}, loader={'num_workers': 0})\n"
     "dm.prepare_data()\n"
 )
 
