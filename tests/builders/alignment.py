@@ -19,17 +19,11 @@ from lightning_modules.speech_text_module import SpeechTextModule
 from lightning_modules.trimodal_module import TriModalModule
 
 VOCAB = 50
-
-
 # no dropout, no SpecAugment: the two runs draw their random numbers in different orders
 IMAGE = ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2)
-
-
 SPEECH = SpeechTowerConfig(
     "tiny", layers=1, hidden=32, heads=2, dropout=0.0, n_mels=16, conv_channels=4, freq_masks=0, time_masks=0
 )
-
-
 TEXT = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, max_len=16)
 
 

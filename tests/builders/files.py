@@ -83,8 +83,6 @@ def write_karpathy(root: Path, kind: str, n_test: int = 4, n_train: int = 2) -> 
 
 
 LOGGER = "datamodules.image.shards"
-
-
 TRANSFORM = eval_transform(16)
 
 
@@ -113,15 +111,9 @@ def captioned(n: int, first: int = 0) -> list[dict[str, bytes]]:
 
 
 RED = (200, 30, 30)
-
-
 # Fixture ids: 1-8 plain RGB JPEGs, then one of each awkward case.
 GOOD_RGB = list(range(1, 9))
-
-
 GRAY, CMYK, PNG_AS_JPG, PALETTE_PNG, CORRUPT, TRUNCATED, MISSING = range(9, 16)
-
-
 READABLE = [*GOOD_RGB, GRAY, CMYK, PNG_AS_JPG, PALETTE_PNG]
 
 

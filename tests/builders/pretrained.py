@@ -63,8 +63,6 @@ def roberta_folder(root: Path) -> Path:
 
 # 320 samples (20 ms) a frame, as the real models: a 3 s utterance gives 150 frames, not thousands
 SPEECH_CONV = dict(conv_dim=(16,) * 4, conv_kernel=(10, 3, 3, 3), conv_stride=(5, 4, 4, 4), conv_bias=False)
-
-
 SPEECH_BODY = dict(
     hidden_size=32,
     num_hidden_layers=2,
