@@ -49,6 +49,11 @@ def write_cifar(root: Path, n_test: int = 12, seed: int = 0) -> tuple[np.ndarray
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def write_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 32)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
+
+
 def write_karpathy(root: Path, kind: str, n_test: int = 4, n_train: int = 2) -> Path:
     """A Karpathy split file in its exact layout (dataset_coco.json: filepath and cocoid; dataset_flickr30k.json:
     filename and imgid only) with its images; test images have 5 captions, one has 6."""
@@ -208,8 +213,3 @@ def write_books(path: Path, n_docs: int, seed: int = 0) -> None:
 def shapes_with_speech(root: Path, n_train: int, n_val: int, per_image: tuple[int, int] = (2, 1)) -> None:
     generate_shapes_coco(root / "shapes", n_train=n_train, n_val=n_val, image_size=32)
     generate_spoken_captions(root / "shapes", root / "speech", per_image)
-
-
-def write_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 32)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
