@@ -21,10 +21,10 @@ from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.mlm_module import MLMPretrainingModule
 from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY
+from tests.builders.runs import CLIP, fails
 from tests.helpers import cli_args
 
 MLM = "mlm/quickstart.yaml"
-CLIP = "clip/quickstart.yaml"
 
 
 # A system and data small enough to run a CLI fit in a second ----------------------------------------------
@@ -77,19 +77,6 @@ def _tiny_args(root: Path, *extra: str) -> list[str]:
     )
 
 
-def _fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    """The one `error:` line of a CLI call that must end with exit status 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(args, friendly_errors=True)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in err, err
-    # torch's advice for files weights_only refuses must never reach the user
-    assert "weights_only" not in err
-    return errors[0].removesuffix("  [MMPRETRAIN_DEBUG=1 shows the traceback]")
-
-
 # Before and after the first batch --------------------------------------------------------------------------
 def test_tiny_fit_runs_smoke(tmp_path: Path) -> None:
     cli_ = main(_tiny_args(tmp_path), friendly_errors=True)
@@ -98,7 +85,7 @@ def test_tiny_fit_runs_smoke(tmp_path: Path) -> None:
 
 def test_error_in_the_data_setup_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # raised inside trainer.fit, but before the first batch: an input error
-    error = _fails(
+    error = fails(
         _tiny_args(tmp_path, "--data.setup_error=split file /data/train.tsv does not exist"), capsys
     )
     assert error == "error: split file /data/train.tsv does not exist"
@@ -115,7 +102,7 @@ def test_error_during_training_keeps_its_traceback(tmp_path: Path, capsys: pytes
 def test_error_while_linking_the_vocabulary_shows_the_original_message(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    error = _fails(_tiny_args(tmp_path, "--data.vocab_error=corpus /data/books.txt does not exist"), capsys)
+    error = fails(_tiny_args(tmp_path, "--data.vocab_error=corpus /data/books.txt does not exist"), capsys)
     assert error == "error: corpus /data/books.txt does not exist"
 
 
@@ -133,7 +120,7 @@ def test_coco_root_without_annotations_names_the_file_not_the_link(
         config=CLIP,
         root=tmp_path / "run",
     )
-    error = _fails(args, capsys)
+    error = fails(args, capsys)
     assert error.startswith(f"error: COCO captions file {root}/annotations/captions_train2017.json not found")
     assert "compute_fn" not in error and "dataloader" not in error
 
@@ -182,7 +169,7 @@ def _plain_pickle(tmp_path: Path) -> Path:
 )
 def test_bad_checkpoint_is_named_in_one_line(make, problem: str, tmp_path: Path, capsys) -> None:
     ckpt = make(tmp_path)
-    error = _fails(cli_args("test", f"--ckpt_path={ckpt}", config=MLM), capsys)
+    error = fails(cli_args("test", f"--ckpt_path={ckpt}", config=MLM), capsys)
     assert error.startswith(f"error: {ckpt}: {problem}"), error
 
 
@@ -194,7 +181,7 @@ def test_truncated_checkpoint_says_how_much_is_left(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     missing = tmp_path / "runs" / "last.ckpt"
-    error = _fails(cli_args("validate", f"--ckpt_path={missing}", config=MLM), capsys)
+    error = fails(cli_args("validate", f"--ckpt_path={missing}", config=MLM), capsys)
     assert error == f"error: checkpoint {missing} does not exist"
 
 
@@ -302,19 +289,19 @@ def test_checkpoint_names_its_system(clip_ckpt: Path) -> None:
 def test_image_text_checkpoint_given_to_the_mlm_config(
     clip_ckpt: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    error = _fails(cli_args("test", f"--ckpt_path={clip_ckpt}", config=MLM), capsys)
+    error = fails(cli_args("test", f"--ckpt_path={clip_ckpt}", config=MLM), capsys)
     assert error == f"error: {clip_ckpt}: holds ImageTextModule, the config asks for MLMPretrainingModule"
 
 
 def test_export_hf_refuses_another_system(clip_ckpt: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "hf"
-    error = _fails(["export-hf", f"--ckpt_path={clip_ckpt}", f"--out={out}"], capsys)
+    error = fails(["export-hf", f"--ckpt_path={clip_ckpt}", f"--out={out}"], capsys)
     assert error == f"error: {clip_ckpt}: holds ImageTextModule, export-hf asks for MLMPretrainingModule"
     assert not out.exists()
 
 
 def test_export_hf_missing_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    error = _fails(["export-hf", f"--ckpt_path={tmp_path / 'nope.ckpt'}", f"--out={tmp_path}"], capsys)
+    error = fails(["export-hf", f"--ckpt_path={tmp_path / 'nope.ckpt'}", f"--out={tmp_path}"], capsys)
     assert error == f"error: checkpoint {tmp_path / 'nope.ckpt'} does not exist"
 
 

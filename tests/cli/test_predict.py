@@ -17,6 +17,8 @@ from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.prediction import PredictionWriter
+from tests.builders.alignment import TINY
+from tests.builders.files import shapes_with_speech
 from tests.helpers import cli_args, quiet_trainer
 
 N_VAL = 6
@@ -399,7 +401,6 @@ def test_cli_predict_with_the_config_snippet(
 def test_trimodal_embeds_all_four_kinds_in_one_space(tmp_path: Path) -> None:
     from datamodules.trimodal_datamodule import TriModalDataModule
     from lightning_modules.trimodal_module import TriModalModule
-    from tests.models.test_trimodal import TINY, shapes_with_speech
 
     shapes_with_speech(tmp_path, n_train=12, n_val=3)
     image_text = dict(

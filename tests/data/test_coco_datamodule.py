@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 from collections import Counter, defaultdict
@@ -19,73 +18,22 @@ import datamodules.image.coco_datamodule as coco
 from datamodules.image.coco import CaptionsFileError, load_karpathy_splits, read_rgb
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.synthetic.shapes import COLOURS, generate_shapes_coco
+from tests.builders.files import (
+    CMYK,
+    CORRUPT,
+    GRAY,
+    MISSING,
+    PALETTE_PNG,
+    PNG_AS_JPG,
+    READABLE,
+    RED,
+    TRUNCATED,
+    write_fixture,
+)
 from tests.helpers import REPO, cli_args, data_args, quiet_trainer
 
 REAL = REPO.parent / "shared" / "data" / "real" / "coco"
 LOGGER = "datamodules.image.coco_datamodule"
-RED = (200, 30, 30)
-# Fixture ids: 1-8 plain RGB JPEGs, then one of each awkward case.
-GOOD_RGB = list(range(1, 9))
-GRAY, CMYK, PNG_AS_JPG, PALETTE_PNG, CORRUPT, TRUNCATED, MISSING = range(9, 16)
-READABLE = [*GOOD_RGB, GRAY, CMYK, PNG_AS_JPG, PALETTE_PNG]
-
-
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def _image_bytes(image_id: int, rng: np.random.Generator) -> bytes | None:
-    # Left half red, right half noise: colour conversions show in the left half.
-    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
-    pixels[:, :20] = RED
-    image = Image.fromarray(pixels)
-    if image_id == GRAY:
-        return _encode(image.convert("L"), "JPEG")
-    if image_id == CMYK:
-        return _encode(image.convert("CMYK"), "JPEG", quality=95)
-    if image_id in (PNG_AS_JPG, PALETTE_PNG):
-        return _encode(
-            image.convert("P", palette=Image.Palette.ADAPTIVE) if image_id == PALETTE_PNG else image, "PNG"
-        )
-    if image_id == CORRUPT:
-        return b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
-    if image_id == TRUNCATED:
-        data = _encode(image, "JPEG", quality=95)
-        return data[: len(data) // 2]
-    if image_id == MISSING:
-        return None
-    return _encode(image, "JPEG", quality=95)
-
-
-def write_fixture(root: Path, split: str = "val2017") -> dict[int, int]:
-    """A COCO-format split in which every caption names its image ("photo 7 shows ..."), with 5 to 7 captions
-    per image, the awkward files above and one caption for an image id that does not exist.
-
-    Returns caption id -> image id.
-    """
-    rng = np.random.default_rng(0)
-    (root / split).mkdir(parents=True)
-    images, annotations, owner = [], [], {}
-    for image_id in range(1, 16):
-        file_name = f"{image_id:012d}.png" if image_id == PALETTE_PNG else f"{image_id:012d}.jpg"
-        data = _image_bytes(image_id, rng)
-        if data is not None:
-            (root / split / file_name).write_bytes(data)
-        images.append({"id": image_id, "file_name": file_name, "width": 40, "height": 30})
-        for k in range(5 + image_id % 3):
-            caption_id = 100 * image_id + k
-            # Ragged whitespace, as in the real files, which cleaning must collapse.
-            annotations.append(
-                {"id": caption_id, "image_id": image_id, "caption": f" photo {image_id}\n shows  thing {k} "}
-            )
-            owner[caption_id] = image_id
-    annotations.append({"id": 99999, "image_id": 999, "caption": "a caption for no image"})
-    data = {"info": {}, "licenses": [], "images": images, "annotations": annotations}
-    (root / "annotations").mkdir()
-    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(data))
-    return owner
 
 
 @pytest.fixture

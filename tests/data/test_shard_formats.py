@@ -4,18 +4,14 @@ captions and files that are not tars (one `error:` line before the run), samples
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
-import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
-from datamodules.image.coco import eval_transform
 from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.image.shards.listing import expand_shards
 from datamodules.image.shards.members import iter_tar_samples, read_shard
@@ -26,35 +22,9 @@ from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.cli.test_cli_errors import CLIP, _fails
+from tests.builders.files import LOGGER, TRANSFORM, captioned, png, write_tar
+from tests.builders.runs import CLIP, fails
 from tests.helpers import cli_args, quiet_trainer
-
-LOGGER = "datamodules.image.shards"
-TRANSFORM = eval_transform(16)
-
-
-def png(k: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (40 * k % 256, 0, 0)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def write_tar(path: Path, samples: list[dict[str, bytes]], mode: str = "w") -> Path:
-    """A shard of `samples` ({"__key__": key, ext: bytes, ...}) written with tarfile; mode "w:gz" compresses."""
-    with tarfile.open(path, mode) as tar:
-        for sample in samples:
-            for ext, data in sample.items():
-                if ext != "__key__":
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def captioned(n: int, first: int = 0) -> list[dict[str, bytes]]:
-    return [
-        {"__key__": f"{k:06d}", "png": png(k), "txt": f"photo {k}".encode()} for k in range(first, first + n)
-    ]
 
 
 def classification_shard(path: Path, n: int = 6) -> Path:
@@ -187,7 +157,7 @@ def test_shards_without_captions_are_one_line(
     shard = classification_shard(tmp_path / "shards" / "cls-000000.tar")
     root = annotated if vocabulary == "annotations" else tmp_path / "empty"
     root.mkdir(exist_ok=True)
-    error = _fails(_fit_args(tmp_path, root, shard.parent), capsys)
+    error = fails(_fit_args(tmp_path, root, shard.parent), capsys)
     assert error == (
         f"error: {shard}: no caption in its first samples for data.shards.caption_key='txt' (sample 000000 holds cls, "
         "png): set data.shards.caption_key to the member holding the caption (txt, ...) or json:FIELD for a field of "
@@ -204,7 +174,7 @@ def test_shard_that_is_not_a_tar_is_one_line(
     (shards / "bad-000000.tar").write_bytes(b"<html>403 Forbidden</html>\n" * 40)
     root = annotated if vocabulary == "annotations" else tmp_path / "empty"
     root.mkdir(exist_ok=True)
-    error = _fails(_fit_args(tmp_path, root, shards), capsys)
+    error = fails(_fit_args(tmp_path, root, shards), capsys)
     # counted (annotations: no sizes file) or read for its captions (no annotations): the file and what it is
     bad = shards / "bad-000000.tar"
     assert error.startswith(f"error: {bad}: cannot count its samples: ") or error.startswith(

@@ -20,42 +20,11 @@ from cli import main
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
 from datamodules.tokenizer import TextTokenizer
+from tests.builders.files import sentences, write_books
+from tests.builders.runs import evaluate, fit_checkpoint
 from tests.helpers import cli_args
 
-NO_STEPS = ["--trainer.max_steps=0", "--trainer.limit_val_batches=0"]
-WORDS = [
-    "the",
-    "a",
-    "river",
-    "castle",
-    "market",
-    "forest",
-    "harbour",
-    "valley",
-    "old",
-    "new",
-    "green",
-    "slow",
-    "bright",
-    "loud",
-    "calm",
-]
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
-
-
-def fit_checkpoint(config: str, tmp_path: Path, *args: str) -> Path:
-    """Run `fit` for zero steps through the CLI and save a checkpoint: it carries the DataModule's tokenizer."""
-    cli = main(cli_args("fit", *NO_STEPS, *args, config=config, root=tmp_path / "train_run"))
-    assert cli.trainer.global_step == 0
-    ckpt = tmp_path / "model.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
-    return ckpt
-
-
-def evaluate(subcommand: str, config: str, ckpt: Path, tmp_path: Path, *args: str):
-    return main(cli_args(subcommand, *args, f"--ckpt_path={ckpt}", config=config, root=tmp_path / "eval_run"))
 
 
 def assert_checkpoint_tokenizer(cli, ckpt: Path) -> None:
@@ -67,10 +36,6 @@ def assert_checkpoint_tokenizer(cli, ckpt: Path) -> None:
     text = "the old castle by the bright harbour"
     assert tok.encode_batch([text]) == [saved.encode(text, add_special_tokens=False).ids]
     assert cli.model.hparams.vocab_size == saved.get_vocab_size()
-
-
-def sentences(rng: random.Random, n: int) -> list[str]:
-    return [" ".join(rng.choices(WORDS, k=rng.randint(3, 8))) for _ in range(n)]
 
 
 def save_tokenizer(texts: list[str], folder: Path) -> Path:
@@ -164,13 +129,6 @@ def test_librispeech_without_training_data_or_checkpoint_says_what_to_pass(tmp_p
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert f"LibriSpeech subset(s) train-clean-100 not found under {root}/LibriSpeech" in error
     assert "subsets found: test-clean" in error and "pass --ckpt_path" in error
-
-
-def write_books(path: Path, n_docs: int, seed: int = 0) -> None:
-    rng = random.Random(seed)
-    docs = ["\n".join(s + " ." for s in sentences(rng, rng.randint(4, 8))) for _ in range(n_docs)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
 
 
 def test_mlm_test_and_validate_read_only_their_prepared_split(tmp_path: Path) -> None:

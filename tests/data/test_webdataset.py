@@ -25,15 +25,7 @@ from datamodules.synthetic.shapes import generate_shapes_coco
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
-from tests.data.test_coco_datamodule import (
-    CORRUPT,
-    MISSING,
-    PALETTE_PNG,
-    PNG_AS_JPG,
-    READABLE,
-    TRUNCATED,
-    write_fixture,
-)
+from tests.builders.files import CORRUPT, MISSING, PALETTE_PNG, PNG_AS_JPG, READABLE, TRUNCATED, write_fixture
 from tests.helpers import CONFIGS, REPO, data_args, quiet_trainer
 
 REAL = REPO.parent / "shared" / "data" / "real" / "coco"

@@ -29,8 +29,9 @@ from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.checkpoints import read_checkpoint
 from lightning_modules.training.ema import EMACallback, EMAConfig, averaged_tensors, ema_of
 from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
+from tests.builders.alignment import IMAGE, SPEECH, TEXT, VOCAB, image_text_batches
+from tests.builders.runs import quickstart
 from tests.helpers import fit_batches, free_port, quiet_trainer, world_of_one
-from tests.training.test_contrastive_ddp import IMAGE, TEXT, VOCAB, image_text_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,7 +183,6 @@ def test_every_system_takes_the_section() -> None:
     from lightning_modules.mlm_module import MLMPretrainingModule
     from lightning_modules.speech_text_module import SpeechTextModule
     from lightning_modules.trimodal_module import TriModalModule
-    from tests.training.test_contrastive_ddp import SPEECH
 
     systems = [
         MLMPretrainingModule(VOCAB, EncoderShape("tiny", layers=1, hidden=64, heads=2), ema=EMAConfig()),
@@ -312,10 +312,9 @@ def test_mlm_cli_trains_validates_and_exports_the_average(tmp_path: Path) -> Non
     """Through the CLI: `--model.init_args.ema.*` parses, the checkpoint holds the average, validate and test of
     the checkpoint score it, and `export-hf --ema` writes it."""
     from cli import main
-    from tests.models.test_mlm_training import _quickstart
 
     def args(command: str, *extra: str) -> list[str]:
-        return _quickstart(
+        return quickstart(
             command, str(tmp_path / "cache"), tmp_path, "--model.init_args.ema.decay=0.5", *extra
         )
 

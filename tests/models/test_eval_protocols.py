@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
 import lightning as L
@@ -30,6 +29,7 @@ from lightning_modules.image_text_module import ImageTextModule, ImageTextPair, 
 from lightning_modules.linear_probe import DEFAULT_WEIGHT_DECAYS, held_out, linear_probe, read_features
 from lightning_modules.training.evaluation import caption_set_protocol
 from lightning_modules.zero_shot import ZeroShotClassifier, ZeroShotScores
+from tests.builders.files import write_cifar, write_jpeg, write_karpathy
 from tests.helpers import REPO, cli_args
 
 open_clip = pytest.importorskip("open_clip")
@@ -116,40 +116,6 @@ def reference_open_clip(path: Path, name: str = TINY):
     return model, open_clip.get_tokenizer(name)
 
 
-def write_cifar(root: Path, n_test: int = 12, seed: int = 0) -> tuple[np.ndarray, list[int]]:
-    """CIFAR-10 in torchvision's layout: cifar-10-batches-py/ with 5 training batches, test_batch and
-    batches.meta, pickled dicts as distributed. Returns the test images (N, 3, 32, 32) and labels."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-    def batch(n: int, label: str) -> tuple[np.ndarray, list[int]]:
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = [int(x) for x in rng.integers(0, 10, n)]
-        entry = {
-            "batch_label": label,
-            "labels": labels,
-            "data": data,
-            "filenames": [f"{i}.png" for i in range(n)],
-        }
-        return entry, data, labels
-
-    for i in range(1, 6):
-        entry, _, _ = batch(4, f"training batch {i} of 5")
-        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(entry))
-    entry, data, labels = batch(n_test, "testing batch 1 of 1")
-    (folder / "test_batch").write_bytes(pickle.dumps(entry))
-    meta = {"num_cases_per_batch": 10000, "label_names": names, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def write_jpeg(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 32)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, format="PNG")
-
-
 WNIDS = ("n01440764", "n01443537", "n15075141")  # tench, goldfish, toilet tissue: labels 0, 1, 999
 
 
@@ -170,39 +136,6 @@ def write_imagenet(root: Path, per_class: int = 2) -> dict[str, int]:
     (root / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
     (root / "val.txt").write_text("".join(f"{n} {y}\n" for n, y in labels.items()))
     return labels
-
-
-def write_karpathy(root: Path, kind: str, n_test: int = 4, n_train: int = 2) -> Path:
-    """A Karpathy split file in its exact layout (dataset_coco.json: filepath and cocoid; dataset_flickr30k.json:
-    filename and imgid only) with its images; test images have 5 captions, one has 6."""
-    images, sentid = [], 0
-    for i in range(n_test + n_train):
-        split = "test" if i < n_test else "train"
-        count = 6 if i == 1 else 5
-        sentences = []
-        for j in range(count):
-            raw = f"A photo number {i} with caption {j}."
-            sentences.append(
-                {"tokens": raw.lower().strip(".").split(), "raw": raw, "imgid": i, "sentid": sentid}
-            )
-            sentid += 1
-        entry = {
-            "sentids": [s["sentid"] for s in sentences],
-            "imgid": i,
-            "sentences": sentences,
-            "split": split,
-        }
-        if kind == "coco":
-            folder = "val2014" if split == "test" else "train2014"
-            entry |= {"filepath": folder, "filename": f"COCO_{folder}_{i:012d}.jpg", "cocoid": 1000 + i}
-            write_jpeg(root / folder / entry["filename"], np.random.default_rng(100 + i))
-        else:
-            entry |= {"filename": f"{1000000 + i}.jpg"}
-            write_jpeg(root / entry["filename"], np.random.default_rng(100 + i))
-        images.append(entry)
-    path = root / f"dataset_{kind}.json"
-    path.write_text(json.dumps({"images": images, "dataset": kind}))
-    return path
 
 
 def cli_eval(config: str, tmp_path: Path, *overrides: str):

@@ -17,8 +17,8 @@ import yaml
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.image_text_module import ImageTextModule
+from tests.builders.files import write_cifar, write_karpathy
 from tests.helpers import CONFIGS, cli_args, cli_env, quiet_trainer, run_cli, single_thread
-from tests.models.test_eval_protocols import write_cifar, write_karpathy
 
 CIFAR_TEST_IMAGES = 21  # odd: two processes get 11 each, one image twice
 # 36 captions (one image has 6); two processes get 4 images each, one image (with its captions) twice

@@ -24,8 +24,8 @@ from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.components.towers import TowerInit
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.speech_text_module import SpeechTextModule
+from tests.builders.pretrained import bert_folder, roberta_folder, speech_folder
 from tests.helpers import REPO, cli_args
-from tests.models.test_pretrained_text_speech import bert_folder, roberta_folder, speech_folder
 
 TOL = 1e-4
 CAPTIONS = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -17,17 +17,18 @@ from torch.utils.data import DataLoader
 
 import lightning_modules.contrastive_module as contrastive_module
 import lightning_modules.training.nonfinite as nonfinite
-from lightning_modules.components.contrastive import ContrastiveLossConfig, PairEmbeddings
-from lightning_modules.components.image_tower import ImageTowerConfig
+from lightning_modules.components.contrastive import PairEmbeddings
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
-from lightning_modules.contrastive_module import ContrastiveModule, OptimizerConfig
-from lightning_modules.image_text_module import ImageTextModule
+from lightning_modules.contrastive_module import ContrastiveModule
 from lightning_modules.speech_text_module import SpeechTextModule
 from lightning_modules.training.nonfinite import NonFiniteLossError
+from tests.builders.alignment import IMAGE_TEXT_VOCAB, image_text, sections
+from tests.builders.callbacks import CountCollectives
 from tests.helpers import quiet_trainer
 
-VOCAB = 60
+VOCAB = IMAGE_TEXT_VOCAB  # the batches' token ids, within image_text()'s vocabulary
+
 # chunked and whole-batch passes run other matmul shapes and sum gradients in another order: fp32 reassociation
 GRAD_TOL = dict(atol=1e-5, rtol=1e-4)
 # Adam moves a weight by about lr * sign(g) once |g| >> eps, even where g is float noise around zero (attention's
@@ -36,35 +37,6 @@ ADAM_EPS = 1e-3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
-
-
-def sections(kwargs: dict) -> dict:
-    """The tests' flat settings sorted into the module's config sections."""
-    out = {"grad_cache_chunks": kwargs.pop("grad_cache_chunks", 1)}
-    if "loss" in kwargs:
-        kwargs["name"] = kwargs.pop("loss")
-    for name, cls in (("loss", ContrastiveLossConfig), ("optimizer", OptimizerConfig)):
-        names = {f.name for f in fields(cls)}
-        out[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-    assert not kwargs, f"no section takes {sorted(kwargs)}"
-    return out
-
-
-def image_text(dropout: float = 0.0, gradient_checkpointing: bool = False, **kwargs) -> ImageTextModule:
-    torch.manual_seed(0)
-    image = ImageTowerConfig(
-        "vit_tiny", 16, layers=1, width=32, heads=2, dropout=dropout, attention_dropout=dropout
-    )
-    text = TextTowerConfig(
-        "tiny",
-        layers=1,
-        hidden=32,
-        heads=2,
-        dropout=dropout,
-        max_len=16,
-        gradient_checkpointing=gradient_checkpointing,
-    )
-    return ImageTextModule(image, text, vocab_size=VOCAB, embed_dim=16, **sections(kwargs))
 
 
 def image_text_batch(image_ids: list[int], seed: int = 0) -> dict:
@@ -446,8 +418,6 @@ def test_ddp_two_ranks_with_grad_cache_match_one_process_plain(tmp_path: Path, m
 def test_ddp_grad_cache_step_has_one_small_all_reduce(tmp_path: Path, monkeypatch) -> None:
     """Per gradient-cached step under DDP (2 gloo ranks): one all-reduce of the logged loss and the non-finite
     flag, and the loss's four all-gathers (row counts, a, b, group ids), besides DDP's gradient buckets."""
-    from tests.training.test_gpu_path import CountCollectives
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     batches = [image_text_batch(GROUPS[:3], seed=s) for s in range(4)]
     counter = CountCollectives(tmp_path)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from lightning_modules.components.encoder import Dropout
 from lightning_modules.components.lm_loss import linear_cross_entropy
+from tests.builders.mlm import tiny_mlm
 
 
 def _problem(n: int, vocab: int = 97, d: int = 24, seed: int = 0):
@@ -136,7 +137,6 @@ def test_fp16_takes_the_plain_path_that_loss_scaling_protects() -> None:
 def test_module_mlm_accuracy_weights_every_masked_token_once() -> None:
     """val/mlm_acc over batches with different numbers of masked tokens is hits / masked tokens overall."""
     from lightning_modules.mlm_module import IGNORE_INDEX
-    from tests.training.test_resilience import tiny_mlm
 
     module = tiny_mlm(dropout=0.0, attention_dropout=0.0).eval()
     with torch.no_grad():

@@ -11,7 +11,8 @@ import torch
 from cli import main
 from datamodules.text.mlm_datamodule import MLMDataModule
 from lightning_modules.mlm_module import MLMPretrainingModule
-from tests.helpers import cli_args, quiet_trainer
+from tests.builders.runs import quickstart
+from tests.helpers import quiet_trainer
 
 
 @pytest.fixture(scope="module")
@@ -20,22 +21,9 @@ def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("mlm_cache"))
 
 
-def _quickstart(command: str, cache_dir: str, root: Path, *extra: str) -> list[str]:
-    """`cli.py <command>` of configs/mlm/quickstart.yaml on the module's prepared corpus, writing under `root`."""
-    return cli_args(
-        command,
-        f"--data.init_args.tokenizer.cache_dir={cache_dir}",
-        "--data.init_args.loader.num_workers=0",
-        "--data.init_args.num_proc=1",
-        *extra,
-        config="mlm/quickstart.yaml",
-        root=root,
-    )
-
-
 def test_cli_fit_validate_test_smoke(cache_dir: str, tmp_path: Path) -> None:
     cli = main(
-        _quickstart("fit", cache_dir, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2")
+        quickstart("fit", cache_dir, tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2")
     )
     assert cli.trainer.global_step == 4
     metrics = cli.trainer.callback_metrics
@@ -46,9 +34,9 @@ def test_cli_fit_validate_test_smoke(cache_dir: str, tmp_path: Path) -> None:
     csv = next(tmp_path.rglob("metrics.csv"))
     assert "val/mlm_acc" in csv.read_text().splitlines()[0]
 
-    cli = main(_quickstart("validate", cache_dir, tmp_path, f"--ckpt_path={ckpt}"))
+    cli = main(quickstart("validate", cache_dir, tmp_path, f"--ckpt_path={ckpt}"))
     assert "val/mlm_acc" in cli.trainer.callback_metrics
-    cli = main(_quickstart("test", cache_dir, tmp_path, f"--ckpt_path={ckpt}"))
+    cli = main(quickstart("test", cache_dir, tmp_path, f"--ckpt_path={ckpt}"))
     test_metrics = cli.trainer.callback_metrics
     assert {"test/loss", "test/mlm_acc", "test/perplexity", "test/nsp_acc"} <= set(test_metrics)
     # perplexity is exp of the masked-token cross-entropy
@@ -57,13 +45,13 @@ def test_cli_fit_validate_test_smoke(cache_dir: str, tmp_path: Path) -> None:
 
 def test_cli_rejects_unknown_key(cache_dir: str, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
-        main(_quickstart("fit", cache_dir, tmp_path, "--model.init_args.not_a_field=3"))
+        main(quickstart("fit", cache_dir, tmp_path, "--model.init_args.not_a_field=3"))
     assert "not_a_field" in capsys.readouterr().err
 
 
 def test_cli_export_hf(cache_dir: str, tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    main(_quickstart("fit", cache_dir, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"))
+    main(quickstart("fit", cache_dir, tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0"))
     ckpt = next(tmp_path.rglob("last.ckpt"))
     out = tmp_path / "hf"
     main(["export-hf", f"--ckpt_path={ckpt}", f"--out={out}"])

@@ -33,6 +33,9 @@ from lightning_modules.training.hparams import (
     sections_from_flat,
 )
 from lightning_modules.training.optim import OptimizerConfig
+from tests.builders.alignment import image_text
+from tests.builders.files import write_books
+from tests.builders.runs import evaluate, fit_checkpoint
 from tests.helpers import CONFIGS, cli_args
 
 TASKS = ["mlm/bert_base.yaml", "finetune/sst2.yaml", "clip/quickstart.yaml", "speech/quickstart.yaml"]
@@ -125,8 +128,6 @@ def check_writers(shown: dict) -> None:
 
 
 def test_each_systems_optimizer_takes_its_section() -> None:
-    from tests.models.test_grad_cache import image_text
-
     tiny = {"size": "tiny", "layers": 1, "hidden": 32, "heads": 2}
     systems = [
         MLMPretrainingModule(
@@ -149,8 +150,6 @@ def test_each_systems_optimizer_takes_its_section() -> None:
 
 
 def test_alignment_systems_refuse_layer_decay() -> None:
-    from tests.models.test_grad_cache import image_text
-
     with pytest.raises(ValueError, match="layer_decay applies to the one BERT encoder"):
         image_text(layer_decay=0.8)
 
@@ -305,8 +304,6 @@ def test_a_callback_given_on_the_command_line_keeps_the_writers(callbacks: str, 
 def test_cli_test_reads_a_checkpoint_with_flat_hyperparameters(tmp_path: Path) -> None:
     """`test --ckpt_path` reads the checkpoint's hyper-parameters into the config (Lightning's `_parse_ckpt_path`):
     flat ones come in as the sections."""
-    from tests.data.test_stage_data import evaluate, fit_checkpoint, write_books
-
     books = tmp_path / "corpus" / "books_large_p1.txt"
     write_books(books, n_docs=40)
     data = [

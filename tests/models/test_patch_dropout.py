@@ -17,7 +17,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from lightning_modules.components.clip_import import HFVision, OpenClipVision, TorchvisionBackbone
 from lightning_modules.components.image_tower import ImageTower, ImageTowerConfig, PatchDropout
 from lightning_modules.image_text_module import ImageTextModule
-from tests.training.test_contrastive_ddp import TEXT, VOCAB, image_text_batches
+from tests.builders.alignment import TEXT, VOCAB, image_text_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

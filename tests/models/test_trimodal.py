@@ -16,41 +16,23 @@ from datamodules.image.coco_datamodule import CocoCaptionsDataModule
 from datamodules.speech.librispeech import read_transcripts
 from datamodules.synthetic.shapes import generate_shapes_coco
 from datamodules.synthetic.tones import generate_tone_librispeech
-from datamodules.trimodal_datamodule import TriModalDataModule, caption_words, generate_spoken_captions
+from datamodules.trimodal_datamodule import TriModalDataModule, caption_words
 from lightning_modules.components.contrastive import ContrastiveLossConfig
 from lightning_modules.components.image_tower import ImageTowerConfig
 from lightning_modules.components.speech_tower import SpeechTowerConfig
 from lightning_modules.components.text_tower import TextTowerConfig
 from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.trimodal_module import TriModalModule
+from tests.builders.alignment import TINY
+from tests.builders.files import shapes_with_speech
 from tests.helpers import cli_args, quiet_trainer
 
 STEPS_SHORT = 120  # the default run's version of the learning test
 
 VOCAB = 120
-TINY = dict(
-    embed_dim=32,
-    image=ImageTowerConfig("vit_tiny", image_size=32, layers=1),
-    speech=SpeechTowerConfig(
-        "tiny",
-        layers=1,
-        hidden=64,
-        heads=2,
-        conv_channels=8,
-        dropout=0.0,
-        freq_masks=0,  # no SpecAugment: the gradient test compares repeated forward passes
-        time_masks=0,
-    ),
-    text=TextTowerConfig("tiny", layers=1, hidden=64, heads=2, max_len=32),
-)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/helpers.single_thread)
-
-
-def shapes_with_speech(root: Path, n_train: int, n_val: int, per_image: tuple[int, int] = (2, 1)) -> None:
-    generate_shapes_coco(root / "shapes", n_train=n_train, n_val=n_val, image_size=32)
-    generate_spoken_captions(root / "shapes", root / "speech", per_image)
 
 
 def datamodule(root: Path, speech_root: Path | None = None, **kw) -> TriModalDataModule:

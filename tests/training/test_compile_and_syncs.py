@@ -22,8 +22,8 @@ from lightning_modules.components.bert import SparseLayout
 from lightning_modules.training.callbacks import LossTQDMProgressBar
 from lightning_modules.training.preemption import PreemptionCheckpoint
 from lightning_modules.training.throughput import Throughput, peak_tflops_of
+from tests.builders.mlm import RandomMLMBatches, loader, tiny_mlm
 from tests.helpers import REPO, quiet_trainer
-from tests.training.test_resilience import RandomMLMBatches, loader, tiny_mlm
 
 
 class CountingBackend:

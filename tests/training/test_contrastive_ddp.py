@@ -11,7 +11,7 @@ gradient-caching step of the two-tower systems.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -24,62 +24,12 @@ from lightning import LightningModule
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_modules.components.image_tower import ImageTowerConfig
-from lightning_modules.components.speech_tower import SpeechTowerConfig
-from lightning_modules.components.text_tower import TextTowerConfig
-from lightning_modules.image_text_module import ImageTextModule
-from lightning_modules.speech_text_module import SpeechTextModule
-from lightning_modules.trimodal_module import TriModalModule
+from tests.builders.alignment import SYSTEMS
 from tests.helpers import single_thread
 
-VOCAB = 50
 DEADLINE_S = 120  # a hang would otherwise block the suite; a normal run takes seconds
 # two half-batches and an all-reduce sum in another order than one process: fp32 reassociation
 TOL = dict(rtol=1e-5, atol=1e-5)
-# no dropout, no SpecAugment: the two runs draw their random numbers in different orders
-IMAGE = ImageTowerConfig("vit_tiny", image_size=16, layers=1, width=32, heads=2)
-SPEECH = SpeechTowerConfig(
-    "tiny", layers=1, hidden=32, heads=2, dropout=0.0, n_mels=16, conv_channels=4, freq_masks=0, time_masks=0
-)
-TEXT = TextTowerConfig("tiny", layers=1, hidden=32, heads=2, max_len=16)
-
-
-def image_text_batches(g: torch.Generator) -> tuple[dict, dict]:
-    """A training batch (4 pairs, two captions of image 1) and an evaluation batch (2 images, 5 captions)."""
-    train = {
-        "images": torch.randn(4, 3, 16, 16, generator=g),
-        "input_ids": torch.randint(5, VOCAB, (4, 6), generator=g),
-        "attention_mask": torch.ones(4, 6, dtype=torch.bool),
-        "image_ids": torch.tensor([1, 2, 1, 3]),
-        "caption_ids": torch.arange(100, 104),
-        "skipped": 0,
-    }
-    val = {
-        "images": torch.randn(2, 3, 16, 16, generator=g),
-        "input_ids": torch.randint(5, VOCAB, (5, 6), generator=g),
-        "attention_mask": torch.ones(5, 6, dtype=torch.bool),
-        "image_ids": torch.tensor([7, 8]),
-        "caption_ids": torch.arange(200, 205),
-        "caption_image_ids": torch.tensor([7, 7, 7, 8, 8]),
-        "skipped": 0,
-    }
-    return train, val
-
-
-def speech_text_batch(g: torch.Generator, text_ids: list[int]) -> dict:
-    n = len(text_ids)
-    lengths = torch.tensor([3000 - 400 * i for i in range(n)])
-    waves = 0.1 * torch.randn(n, 3000, generator=g) * (torch.arange(3000)[None, :] < lengths[:, None])
-    return {
-        "waveforms": waves,
-        "wave_lengths": lengths,
-        "input_ids": torch.randint(5, VOCAB, (n, 6), generator=g),
-        "attention_mask": torch.ones(n, 6, dtype=torch.bool),
-        "utt_keys": torch.arange(n) + 10 * text_ids[0],
-        "text_ids": torch.tensor(text_ids),
-        "transcripts": [f"t{i}" for i in text_ids],
-        "skipped": 0,
-    }
 
 
 def emptied(batch: dict) -> dict:
@@ -90,33 +40,6 @@ def emptied(batch: dict) -> dict:
         if torch.is_tensor(v)
     }
     return {**out, "transcripts": [], "skipped": 3} if "transcripts" in batch else {**out, "skipped": 3}
-
-
-def image_text() -> tuple[LightningModule, dict, list[dict]]:
-    torch.manual_seed(0)
-    train, val = image_text_batches(torch.Generator().manual_seed(1))
-    return ImageTextModule(IMAGE, TEXT, vocab_size=VOCAB, embed_dim=16), train, [val]
-
-
-def speech_text() -> tuple[LightningModule, dict, list[dict]]:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(2)
-    train, val = speech_text_batch(g, [1, 2, 1, 3]), speech_text_batch(g, [4, 5, 6])
-    return SpeechTextModule(SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16), train, [val]
-
-
-def trimodal() -> tuple[LightningModule, dict, list[dict]]:
-    (_, image_train, (image_val,)), (_, speech_train, (speech_val,)) = image_text(), speech_text()
-    torch.manual_seed(0)
-    module = TriModalModule(IMAGE, SPEECH, TEXT, vocab_size=VOCAB, embed_dim=16, speech_text_weight=2.0)
-    return module, {"image_text": image_train, "speech_text": speech_train}, [image_val, speech_val]
-
-
-SYSTEMS: dict[str, Callable[[], tuple[LightningModule, dict, list[dict]]]] = {
-    "image_text": image_text,
-    "speech_text": speech_text,
-    "trimodal": trimodal,
-}
 
 
 class TrainingStep(nn.Module):

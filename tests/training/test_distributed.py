@@ -16,18 +16,12 @@ import pytest
 import torch
 
 from cli import main
-from tests.helpers import CONFIGS, REPO, cli_args, cli_env, free_port, run_cli
+from tests.builders.runs import FSDP2, STEPS, fit_args
+from tests.helpers import CONFIGS, REPO, cli_env, free_port, run_cli
 
-STEPS = 6
 # Float sums in another order (two half-batches, an all-reduce) move the loss by ~1e-6; this leaves margin while a
 # real difference (a per-rank mean instead of the global one, another sample order) moves it by 1e-3 or more.
 RTOL = 2e-5
-# two gloo processes under FSDP2, float32 so that the runs compare exactly
-FSDP2 = (
-    "--trainer.strategy=lightning_modules.training.strategies.FSDP2Strategy",
-    "--trainer.strategy.param_dtype=float32",
-    "--trainer.devices=2",
-)
 
 
 @pytest.fixture(scope="module")
@@ -35,28 +29,8 @@ def cache_dir(tmp_path_factory) -> str:
     """The sample corpus prepared once, in-process, so the subprocesses only read it."""
     cache = tmp_path_factory.mktemp("mlm_cache")
     root = tmp_path_factory.mktemp("prepare_run")
-    main(_fit_args(str(cache), root, 4, "--trainer.max_steps=1"))
+    main(fit_args(str(cache), root, 4, "--trainer.max_steps=1"))
     return str(cache)
-
-
-def _fit_args(cache: str, root: Path, batch_size: int, *extra: str) -> list[str]:
-    """`cli.py fit` of the MLM quickstart, 2 layers without dropout, STEPS steps each logged, no validation."""
-    return cli_args(
-        "fit",
-        f"--data.init_args.tokenizer.cache_dir={cache}",
-        "--data.init_args.loader.num_workers=0",
-        "--data.init_args.num_proc=1",
-        f"--data.init_args.loader.batch_size={batch_size}",
-        "--model.init_args.encoder.dropout=0",
-        "--model.init_args.encoder.attention_dropout=0",
-        "--model.init_args.encoder.layers=2",
-        "--trainer.limit_val_batches=0",
-        "--trainer.log_every_n_steps=1",
-        f"--trainer.max_steps={STEPS}",
-        *extra,
-        config="mlm/quickstart.yaml",
-        root=root,
-    )
 
 
 def _losses(root: Path) -> list[float]:
@@ -75,7 +49,7 @@ def _final_state(root: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def one_process_double_batch(cache_dir: str, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("single")
-    run_cli(_fit_args(cache_dir, root, 16), timeout=300)
+    run_cli(fit_args(cache_dir, root, 16), timeout=300)
     return root
 
 
@@ -93,7 +67,7 @@ def _assert_same_run(root: Path, reference: Path) -> None:
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(
     cache_dir: str, one_process_double_batch: Path, tmp_path: Path
 ) -> None:
-    run_cli(_fit_args(cache_dir, tmp_path, 8, "--trainer.strategy=ddp", "--trainer.devices=2"), timeout=300)
+    run_cli(fit_args(cache_dir, tmp_path, 8, "--trainer.strategy=ddp", "--trainer.devices=2"), timeout=300)
     _assert_same_run(tmp_path, one_process_double_batch)
 
 
@@ -104,7 +78,7 @@ def test_torchrun_two_nodes_on_localhost(
     """Two "nodes" of one process each, started by torchrun as on two machines; Lightning reads the torchelastic
     environment (rank, world size, master address) and runs DDP across them."""
     port = str(free_port())
-    args = _fit_args(
+    args = fit_args(
         cache_dir, tmp_path, 8, "--trainer.strategy=ddp", "--trainer.devices=1", "--trainer.num_nodes=2"
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
@@ -160,7 +134,7 @@ def test_fsdp2_two_processes_equal_one_process_and_consolidate(
     """FSDP2 (`fully_shard` per block, gloo on CPU, float32 so the runs compare exactly) trains as DDP does: the
     same losses and, after `cli.py consolidate` turns its sharded last checkpoint into one file, the same weights.
     The bf16 compute policy of configs/strategy/fsdp2.yaml needs a GPU to be checked."""
-    run_cli(_fit_args(cache_dir, tmp_path, 8, *FSDP2), timeout=300)
+    run_cli(fit_args(cache_dir, tmp_path, 8, *FSDP2), timeout=300)
     (folder,) = [p for p in tmp_path.rglob("last.ckpt")]
     assert folder.is_dir() and (folder / ".metadata").is_file()  # sharded: one file per rank
     out = tmp_path / "consolidated.ckpt"

@@ -31,8 +31,8 @@ from lightning_modules.contrastive_module import OptimizerConfig
 from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training.checkpoints import SYSTEM_CLASS_KEY, read_checkpoint
 from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
-from tests.helpers import fit_batches, free_port, quiet_trainer, single_thread, world_of_one
-from tests.training.test_contrastive_ddp import (
+from tests.builders.alignment import (
+    BF16_TOL,
     IMAGE,
     SYSTEMS,
     TEXT,
@@ -40,6 +40,7 @@ from tests.training.test_contrastive_ddp import (
     image_text_batches,
     speech_text_batch,
 )
+from tests.helpers import fit_batches, free_port, quiet_trainer, single_thread, world_of_one
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,11 +58,6 @@ def _registered(module: torch.nn.Module) -> set[str]:
 
 def _pairs(module: torch.nn.Module) -> list[ContrastivePair]:
     return [m for m in module.modules() if isinstance(m, ContrastivePair)]
-
-
-# bf16 weights and activations against float32 ones: the loss moves by ~1e-2 relative (8 bits of mantissa);
-# a wrong plan (a tower left unsharded, a pair's temperature from the other pair) moves it by far more
-BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
 
 @pytest.mark.parametrize("system", list(SYSTEMS))

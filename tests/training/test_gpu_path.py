@@ -28,48 +28,9 @@ from lightning_modules.training.nonfinite import SkipNonFiniteSteps
 from lightning_modules.training.preemption import PreemptionCheckpoint
 from lightning_modules.training.strategies import shard_units
 from lightning_modules.training.throughput import Throughput, batch_counts, peak_tflops_of
+from tests.builders.callbacks import CountCollectives
+from tests.builders.mlm import LENGTH, NaNAtCalls, RandomMLMBatches, loader, tiny_mlm
 from tests.helpers import REPO, cli_args, quiet_trainer
-from tests.training.test_resilience import LENGTH, RandomMLMBatches, loader, tiny_mlm
-
-
-class CountCollectives(L.Callback):
-    """Counts the Python-level collectives (all-reduce, all-gather, broadcast, ...) each training step issues,
-    from one batch start to the next, and writes them per rank to `folder`. DDP's gradient buckets go through
-    its C++ reducer and are not counted: they are the work, not the overhead."""
-
-    NAMES = (
-        "all_reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "broadcast",
-        "all_gather_object",
-        "barrier",
-    )
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.steps: list[list[list]] = []
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.steps.append([])
-        for name in self.NAMES:
-            original = getattr(dist, name)
-
-            def counted(*args, _name=name, _original=original, **kwargs):
-                tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                if self.steps:
-                    self.steps[-1].append([_name, tensor.numel() if tensor is not None else -1])
-                return _original(*args, **kwargs)
-
-            setattr(dist, name, counted)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append(
-            []
-        )  # the next step's window opens here: Lightning's loop work before the batch counts
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.steps))
 
 
 @pytest.mark.slow  # about 15 s; test_rank_decisions checks the per-step decisions with fake collectives in the default run
@@ -600,7 +561,6 @@ def test_nonfinite_rows_are_read_at_logging_steps_and_at_the_end(tmp_path: Path)
     """Between logging steps the skips are only counted on the device; the run stops at the next read, here the
     end of training, naming the longest row, and no NaN step updated the weights."""
     from lightning_modules.training.nonfinite import NonFiniteLossError
-    from tests.training.test_resilience import NaNAtCalls
 
     model = tiny_mlm(NaNAtCalls, nan_calls=set(range(1, 10)), max_nonfinite_in_row=3)
     t = quiet_trainer(max_steps=10, log_every_n_steps=50, limit_val_batches=0, default_root_dir=tmp_path)

@@ -31,10 +31,9 @@ from lightning_modules.image_text_module import ImageTextModule
 from lightning_modules.training import strategies
 from lightning_modules.training.strategies import FSDP2Strategy, apply_fsdp2
 from lightning_modules.trimodal_module import TriModalModule
-from tests.data.test_shard_formats import LOGGER, TRANSFORM, captioned, write_tar
+from tests.builders.alignment import BF16_TOL, IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB, image_text_batches
+from tests.builders.files import LOGGER, TRANSFORM, captioned, write_tar
 from tests.helpers import quiet_trainer, world_of_one
-from tests.training.test_contrastive_ddp import IMAGE, SPEECH, SYSTEMS, TEXT, VOCAB, image_text_batches
-from tests.training.test_fsdp2_contrastive import BF16_TOL
 
 
 def _uint8_images(batch: dict, g: torch.Generator) -> dict:

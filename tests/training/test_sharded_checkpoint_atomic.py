@@ -21,8 +21,8 @@ from cli import main
 from lightning_modules.training import strategies
 from lightning_modules.training.checkpoints import read_sharded_model
 from lightning_modules.training.strategies import FSDP2Strategy
+from tests.builders.runs import FSDP2, STEPS, fit_args
 from tests.helpers import run_cli
-from tests.training.test_distributed import FSDP2, STEPS, _fit_args
 
 # one process, no process group: torch.distributed.checkpoint then writes as a single rank, and says so
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
@@ -163,14 +163,14 @@ def test_only_the_frameworks_own_leftovers_are_touched(tmp_path: Path) -> None:
 def mlm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The sample corpus prepared once, in this process, so the two-process runs only read it."""
     cache = tmp_path_factory.mktemp("mlm_cache")
-    main(_fit_args(str(cache), tmp_path_factory.mktemp("prepare"), 4, "--trainer.max_steps=1"))
+    main(fit_args(str(cache), tmp_path_factory.mktemp("prepare"), 4, "--trainer.max_steps=1"))
     return str(cache)
 
 
 # slow (two gloo processes, two short fits); the default run simulates the ranks' agreement in one process above
 @pytest.mark.slow
 def test_fsdp2_two_processes_replace_last_ckpt_and_resume(mlm_cache: str, tmp_path: Path) -> None:
-    fit = _fit_args(mlm_cache, tmp_path, 8, *FSDP2)
+    fit = fit_args(mlm_cache, tmp_path, 8, *FSDP2)
     run_cli(fit, timeout=300)
     (last,) = tmp_path.rglob("last.ckpt")
     assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
