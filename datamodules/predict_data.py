@@ -153,6 +153,28 @@ class UtteranceItems(Dataset):
         return {"waveform": item["waveform"], "audio_key": key, "texts": [item["text"]], "text_keys": [key]}
 
 
+class ClipItems(Dataset):
+    """An audio-text split (an `AudioTextDataset`) as predict items: each clip with all its captions; keys
+    = the clip's key and `<clip key>#<n>` for its n-th caption (from 1)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        clip, item = self.dataset.clips[i], self.dataset[i]
+        if item is None:
+            return {"unreadable": clip.path}
+        return {
+            "waveform": item["waveform"],
+            "audio_key": clip.key,
+            "texts": item["texts"],
+            "text_keys": [f"{clip.key}#{n}" for n in range(1, len(item["texts"]) + 1)],
+        }
+
+
 class PredictCollate:
     """Items (see the module docstring) to one batch; unreadable files are dropped and listed."""
 

@@ -1,6 +1,6 @@
 """The clips of an audio-text split as training and evaluation items: `AudioTextDataset` (decoding, one caption
 drawn per epoch or all of them), `AudioTextCollator` (padding and tokenising; clips that share a caption are one
-group) and `ClipItems` (audio only, for predictions). The sources are read by manifests.py."""
+group). The sources are read by manifests.py; predict_data.py makes the clips predict items."""
 
 from __future__ import annotations
 
@@ -150,25 +150,3 @@ class AudioTextCollator:
                 torch.tensor(per_clip, dtype=torch.long)
             )
         return batch
-
-
-class ClipItems(Dataset):
-    """A split's clips as predict items (`datamodules/predict_data.py`): each clip with all its captions; keys
-    = the clip's key and `<clip key>#<n>` for its n-th caption (from 1)."""
-
-    def __init__(self, dataset: AudioTextDataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        clip, item = self.dataset.clips[i], self.dataset[i]
-        if item is None:
-            return {"unreadable": clip.path}
-        return {
-            "waveform": item["waveform"],
-            "audio_key": clip.key,
-            "texts": item["texts"],
-            "text_keys": [f"{clip.key}#{n}" for n in range(1, len(item["texts"]) + 1)],
-        }

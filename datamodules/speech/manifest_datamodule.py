@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from datamodules.loading import SPLIT_STAGE, ResumableBatchDataLoader, stage_splits
 from datamodules.mixture import MixtureSampler
 from datamodules.sections import LoaderConfig, TokenizerConfig
-from datamodules.speech.audio_text_data import AudioTextCollator, AudioTextDataset, ClipItems
+from datamodules.speech.audio_text_data import AudioTextCollator, AudioTextDataset
 from datamodules.speech.librispeech_datamodule import DurationBucketBatchSampler
 from datamodules.speech.manifests import PROBLEMS, AudioClip, AudioTextSource, read_source
 from datamodules.tokenizer import TextTokenizer
@@ -373,7 +373,7 @@ class AudioTextDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> list[DataLoader]:
         """One loader per input given (see `datamodules/predict_data.py` for the batches)."""
-        from datamodules.predict_data import PredictCollate, audio_text_predict_loaders
+        from datamodules.predict_data import ClipItems, PredictCollate, audio_text_predict_loaders
 
         inputs = self.predict_inputs
         return audio_text_predict_loaders(
