@@ -455,13 +455,12 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
     )
     prog = _prog(args)
     run_started = RunStarted()
-    if (
-        section_nulls_as_dicts(argv) != argv
-    ):  # in sys.argv when read from there: Lightning warns of both given
+    rewritten = section_nulls_as_dicts(argv)
+    if rewritten != argv:  # back where the arguments came from: Lightning warns when given both
         if args is None:
-            sys.argv[1:] = section_nulls_as_dicts(argv)
+            sys.argv[1:] = rewritten
         else:
-            args = section_nulls_as_dicts(argv)
+            args = rewritten
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:], prog)
