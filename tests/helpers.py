@@ -78,7 +78,7 @@ def data_args(defaults: dict, overrides: dict) -> dict:
 
 def cli_args(
     command: str, *extra: str, config: str | Path | Iterable[str | Path] = (), root: Path | None = None
-):
+) -> list[str]:
     """The arguments of `cli.py <command>`: each config file (a name under configs/ or a path), a CPU trainer that
     prints no progress bar or model summary and writes under `root`, then `extra`, which come last and so win.
     Loggers stay as the config sets them: some tests read the CSV logger's metrics."""

@@ -156,7 +156,7 @@ def assert_untouched(root: Path, before: dict[str, str]) -> None:
     assert not added, f"written into {root}: {added}"
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object | None, str | None]:
+def run_or_error(args: list[str], capsys: pytest.CaptureFixture) -> tuple[object | None, str | None]:
     """(the CLI, None) when the command ran, (None, its one error line) when it stopped with one."""
     capsys.readouterr()
     try:
@@ -316,7 +316,7 @@ def test_clip_quickstart_on_a_genuine_coco_val_folder(
         "--data.loader.num_workers=0",
         "--data.test_split=val2017",
     ]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     # no training captions to train a vocabulary on, and the synthetic set is not written in their place
     assert cli is None and f"{coco_val} holds other data" in error
     assert "set data.generate_if_missing false to read it as it is, or point data.root to an empty" in error
@@ -336,7 +336,7 @@ def test_clip_quickstart_tests_on_the_genuine_val_split(
         "--data.test_split=val2017",
         "--data.loader.num_workers=0",
     ]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert error is None
     records = cli.datamodule.records("test")
     assert sorted(r.image_id for r in records) == [139, 285, 632]
@@ -354,7 +354,7 @@ def test_speech_quickstart_on_genuine_librispeech_subsets(
     before = sha256_of_files(root)
     args = quick("speech/quickstart.yaml", stage, tmp_path, f"--data.root={root}")
     args += [f"--data.tokenizer.cache_dir={tmp_path / 'cache'}", "--data.loader.num_workers=0"]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert cli is None
     if layout == "LibriSpeech tree":  # read as LibriSpeech: the subsets the config asks for are missing
         assert "train-clean-100 not found" in error and "subsets found: test-clean" in error
@@ -370,7 +370,7 @@ def test_speech_quickstart_tests_on_the_genuine_subset(
     args = quick("speech/quickstart.yaml", "test", tmp_path, f"--data.root={librispeech}")
     args += [f"--data.tokenizer.cache_dir={tmp_path / 'cache'}", "--data.loader.num_workers=0"]
     args += [f"--data.{split}_subsets=[test-clean]" for split in ("train", "val", "test")]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert error is None
     transcripts = sorted(u.transcript for u in cli.datamodule.datasets["test"].utterances)
     assert transcripts == sorted(TRANSCRIPTS)
@@ -387,7 +387,7 @@ def test_trimodal_quickstart_on_genuine_coco_and_librispeech(
         "trimodal/quickstart.yaml", stage, tmp_path, f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"
     )
     args += [f"--data.image_text.root={coco_val}", f"--data.speech_text.root={librispeech}"]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert cli is None and f"{coco_val} holds other data" in error and "data.image_text.root" in error
     for root, files in before.items():
         assert_untouched(root, files)
@@ -402,7 +402,7 @@ def test_trimodal_quickstart_does_not_speak_captions_into_a_speech_folder(
         "trimodal/quickstart.yaml", "fit", tmp_path, f"--data.tokenizer.cache_dir={tmp_path / 'cache'}"
     )
     args += [f"--data.image_text.root={shapes}", f"--data.speech_text.root={librispeech_subsets}"]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert cli is None and f"{librispeech_subsets} holds other data" in error
     assert "point data.speech_text.root to an empty or new folder" in error
     assert_untouched(librispeech_subsets, before)
@@ -416,7 +416,7 @@ def test_mlm_quickstart_never_replaces_a_wikipedia_folder_in_its_cache(
     replaced by the generator."""
     before = sha256_of_files(wikipedia)
     args = quick("mlm/quickstart.yaml", stage, tmp_path, f"--data.tokenizer.cache_dir={wikipedia.parent}")
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert cli is None and f"{wikipedia} holds other data" in error and "data.tokenizer.cache_dir" in error
     assert_untouched(wikipedia, before)
     assert sorted(p.name for p in wikipedia.parent.iterdir()) == ["sample_corpus"]
@@ -439,7 +439,7 @@ def test_mlm_quickstart_validates_on_the_genuine_dump(
         "--data.examples.val_fraction=0.3",
         "--data.examples.test_fraction=0.0",
     ]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     assert error is None
     index = json.loads((cli.datamodule.folder / "index.json").read_text())
     assert index["inputs"] == [str(dump.resolve())]  # the genuine dump, not the bundled sample
@@ -471,7 +471,7 @@ def test_zero_shot_config_on_a_genuine_imagefolder(
     before = sha256_of_files(imagefolder)
     args = quick("zeroshot/shapes.yaml", stage, tmp_path, f"--data.root={imagefolder}")
     args += [f"--model.init_args.ckpt_path={clip_checkpoint}"]
-    cli, error = run_cli(args, capsys)
+    cli, error = run_or_error(args, capsys)
     if stage == "test":  # read as it is: its own classes, not generated shapes
         assert error is None and cli.datamodule.class_names == ["cat", "dog"]
         assert len(cli.datamodule.dataset("test")) == 4
