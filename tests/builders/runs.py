@@ -70,7 +70,9 @@ def fails(args: list[str], capsys: pytest.CaptureFixture) -> str:
     assert len(errors) == 1 and "Traceback" not in err, err
     # torch's advice for files weights_only refuses must never reach the user
     assert "weights_only" not in err
-    return errors[0].removesuffix("  [MMPRETRAIN_DEBUG=1 shows the traceback]")
+    hint = "  [MMPRETRAIN_DEBUG=1 shows the traceback]"  # how to see the traceback, said on the error line
+    assert errors[0].endswith(hint), errors[0]
+    return errors[0].removesuffix(hint)
 
 
 def quickstart(command: str, cache_dir: str, root: Path, *extra: str) -> list[str]:

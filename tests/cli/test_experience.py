@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 import cli
 from cli import main
 from lightning_modules.training.callbacks import join_wordpieces, plot_metrics_csv
+from tests.builders.runs import fails
 from tests.helpers import REPO, cli_args, cli_env
 
 MLM = "mlm/quickstart.yaml"
@@ -292,31 +293,24 @@ def _one_error_line(err: str) -> str:
     return errors[0]
 
 
-def _fails(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args, friendly_errors=True)
-    assert exit_info.value.code == 2
-    return _one_error_line(capsys.readouterr().err)
-
-
 def test_error_missing_dataset_path(cache_dir: str, tmp_path: Path, capsys) -> None:
     missing = tmp_path / "enwiki-latest-pages-articles.xml.bz2"
-    error = _fails(_mlm_args(cache_dir, tmp_path, f"--data.init_args.wikipedia=[{missing}]"), capsys)
+    error = fails(_mlm_args(cache_dir, tmp_path, f"--data.init_args.wikipedia=[{missing}]"), capsys)
     assert f"input path {missing} does not exist" in error
 
 
 def test_error_unknown_keys(cache_dir: str, tmp_path: Path, capsys) -> None:
-    error = _fails(_mlm_args(cache_dir, tmp_path, "--model.init_args.hiden_size=64"), capsys)
+    error = fails(_mlm_args(cache_dir, tmp_path, "--model.init_args.hiden_size=64"), capsys)
     assert "Option 'hiden_size' is not accepted" in error and "MLMPretrainingModule" in error
     typo = tmp_path / "typo.yaml"
     typo.write_text("trainer:\n  max_stepz: 3\n")
-    error = _fails(_mlm_args(cache_dir, tmp_path, config=(str(typo),)), capsys)
+    error = fails(_mlm_args(cache_dir, tmp_path, config=(str(typo),)), capsys)
     assert "trainer.max_stepz" in error and "--help" in error
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_error_gpu_config_on_a_cpu_machine(cache_dir: str, tmp_path: Path, capsys) -> None:
-    error = _fails(_mlm_args(cache_dir, tmp_path, "--trainer.accelerator=gpu"), capsys)
+    error = fails(_mlm_args(cache_dir, tmp_path, "--trainer.accelerator=gpu"), capsys)
     assert "--trainer.accelerator cpu" in error
 
 
