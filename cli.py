@@ -88,6 +88,11 @@ WRITERS = {"checkpoint": BEST, "last_checkpoint": LAST}
 
 class PretrainCLI(LightningCLI):
     def parse_arguments(self, parser, args: ArgsType) -> None:
+        # rewritten where they came from: Lightning warns when given both args and sys.argv
+        if args is None:
+            sys.argv[1:] = section_nulls_as_dicts(sys.argv[1:])
+        elif isinstance(args, (list, tuple)):
+            args = section_nulls_as_dicts(list(args))
         super().parse_arguments(parser, args)
         # Lightning reads the hyper-parameters of --ckpt_path right after parsing: a file that is no checkpoint
         # of this framework, or one of another system, is named here, before it is unpickled
@@ -455,12 +460,6 @@ def main(args: ArgsType = None, friendly_errors: bool | None = None) -> Pretrain
     )
     prog = _prog(args)
     run_started = RunStarted()
-    rewritten = section_nulls_as_dicts(argv)
-    if rewritten != argv:  # back where the arguments came from: Lightning warns when given both
-        if args is None:
-            sys.argv[1:] = rewritten
-        else:
-            args = rewritten
     try:
         if argv and argv[0] in COMMANDS:
             COMMANDS[argv[0]](argv[1:], prog)
